@@ -1,0 +1,209 @@
+"""`ChatModel`: a loaded ChatGLM model with its tokenizer, chat format and generation defaults.
+
+This is the core API that every surface (ModelScope pipeline, CLI, server) wraps. It knows nothing
+of those surfaces.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import prompts
+from .errors import ContextLengthError, InputError
+from .generation import SamplingParams, TextDeltas, generate_tokens
+
+# The official chat() defaults of each generation (spec §5).
+FAMILY_DEFAULTS = {
+    'glm1': dict(max_length=2048, do_sample=True, top_p=0.7, temperature=0.95),
+    'glm2': dict(max_length=8192, do_sample=True, top_p=0.8, temperature=0.8),
+    'glm3': dict(max_length=8192, do_sample=True, top_p=0.8, temperature=0.8),
+}
+
+
+class ChatModel:
+    def __init__(self, model, tokenizer, config, model_dir: str, context_length: Optional[int] = None,
+                 generation: Optional[dict] = None, name: Optional[str] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.family = config.family
+        self.model_dir = model_dir
+        self.name = name or model_dir
+        self.context_length = min(context_length or config.seq_length, config.seq_length)
+        defaults = SamplingParams(stop_ids=tuple(tokenizer.stop_ids), **FAMILY_DEFAULTS[self.family])
+        self.defaults = SamplingParams.from_kwargs(defaults, **(generation or {}))
+
+    def __repr__(self):
+        return (f'ChatModel({self.name!r}, family={self.family}, device={self.device}, '
+                f'dtype={self.dtype}, context_length={self.context_length})')
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.word_embeddings.weight.dtype
+
+    # -- raw model access ---------------------------------------------------------------------------
+    def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """Float logits [batch, seq, vocab] for ids [batch, seq] (or [seq]); left padding = mask 0."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        mask = None if attention_mask is None else torch.as_tensor(attention_mask).reshape(ids.shape)
+        with torch.inference_mode():
+            return self.model.full_logits(ids.to(self.device), mask)
+
+    def sampling(self, **gen) -> SamplingParams:
+        return SamplingParams.from_kwargs(self.defaults, **gen)
+
+    def generate(self, input_ids, max_new_tokens: Optional[int] = None, **gen) -> List[int]:
+        """New token ids of one sequence (the stop id included when reached)."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).tolist()
+        return self.generate_batch([ids], max_new_tokens=max_new_tokens, **gen)[0]
+
+    def generate_batch(self, prompts_ids: Sequence[Sequence[int]], **gen) -> List[List[int]]:
+        """Left-padded batched generation; one list of new ids per prompt."""
+        params = self.sampling(**gen)
+        outputs: List[List[int]] = [[] for _ in prompts_ids]
+        for step in generate_tokens(self.model, [list(p) for p in prompts_ids], params,
+                                    self.tokenizer.pad_id, self.tokenizer.vocab_size):
+            for row, token in enumerate(step):
+                if token is not None:
+                    outputs[row].append(token)
+        return outputs
+
+    # -- chat ---------------------------------------------------------------------------------------
+    def build_inputs(self, query: str, history=None, role: str = 'user', system: Optional[str] = None,
+                     tools: Optional[list] = None) -> List[int]:
+        """The ids the model sees for one chat turn (no truncation)."""
+        messages, _ = self._conversation(query, history, role, system, tools)
+        return self._encode(messages)
+
+    def chat(self, query: str, history=None, **kwargs) -> Tuple[Union[str, dict], list]:
+        """One turn: -> (response, history with this turn appended)."""
+        response, new_history = '', history
+        for response, new_history in self.stream_chat(query, history, **kwargs):
+            pass
+        return response, new_history
+
+    def stream_chat(self, query: str, history=None, role: str = 'user', system: Optional[str] = None,
+                    tools: Optional[list] = None, **gen) -> Iterator[Tuple[Union[str, dict], list]]:
+        """Yield (response so far, history with this turn) as tokens arrive."""
+        turn = self.start_turn(query, history, role=role, system=system, tools=tools, **gen)
+        yielded = False
+        for _ in turn:
+            yielded = True
+            yield turn.response, turn.history
+        if not yielded:
+            yield turn.response, turn.history
+
+    def start_turn(self, query: str, history=None, role: str = 'user', system: Optional[str] = None,
+                   tools: Optional[list] = None, **gen) -> 'ChatTurn':
+        """A turn whose iteration yields text deltas; `.response`/`.history` hold the state so far."""
+        messages, as_pairs = self._conversation(query, history, role, system, tools)
+        params = self.sampling(**gen)
+        ids, params = self._fit(messages, params)
+        return ChatTurn(self, ids, params, messages, as_pairs, history)
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _conversation(self, query, history, role, system, tools):
+        if not isinstance(query, str):
+            raise InputError(f'the query must be a string, got {type(query).__name__}')
+        if role not in ('user', 'observation'):
+            raise InputError(f'role must be "user" or "observation" (a tool result), got {role!r}')
+        messages, as_pairs = prompts.normalize_history(history)
+        if (system is not None or tools) and not (messages and messages[0]['role'] == 'system'):
+            if self.family != 'glm3':
+                raise InputError(f'{self.family} has no system prompt or tools; use a ChatGLM3 model')
+            head = {'role': 'system', 'content': system or ''}
+            if tools:
+                head['tools'] = tools
+            messages.insert(0, head)
+            as_pairs = False
+        return messages + [{'role': role, 'content': query}], as_pairs
+
+    def _encode(self, messages) -> List[int]:
+        tok = self.tokenizer
+        if self.family == 'glm3':
+            return prompts.glm3_ids(tok, messages)
+        pairs = prompts.to_pairs(messages, self.family)
+        query = pairs.pop()[0]
+        if self.family == 'glm2':
+            return tok.prefix_ids + tok.encode(prompts.glm2_prompt(query, pairs))
+        return tok.encode(prompts.glm1_prompt(query, pairs)) + tok.suffix_ids
+
+    def _fit(self, messages, params: SamplingParams):
+        """Encode, dropping the oldest rounds until prompt + reply fit the context window."""
+        limit = self.context_length if params.max_length is None else min(self.context_length, params.max_length)
+        reserve = params.max_new_tokens if params.max_new_tokens is not None else 1
+        budget = limit - reserve
+        history, current = prompts.rounds(messages[:-1]), messages[-1:]
+        while True:
+            ids = self._encode([m for r in history for m in r] + current)
+            if len(ids) <= budget:
+                break
+            droppable = [i for i, r in enumerate(history) if r[0]['role'] != 'system']
+            if not droppable:
+                raise ContextLengthError(
+                    f'the prompt is {len(ids)} tokens but only {budget} fit ({limit} context tokens minus '
+                    f'{reserve} reserved for the reply); shorten the query'
+                    + (' or system prompt' if history else '')
+                    + (', lower max_new_tokens' if params.max_new_tokens else '')
+                    + f', or raise max_length (at most {self.config.seq_length} for this model)')
+            del history[droppable[0]]
+        new_tokens = limit - len(ids)
+        if params.max_new_tokens is not None:
+            new_tokens = min(new_tokens, params.max_new_tokens)
+        return ids, replace(params, max_new_tokens=new_tokens)
+
+    def _reply(self, output_ids: List[int], messages):
+        """Decoded, post-processed reply and the history entries it adds."""
+        tok = self.tokenizer
+        if self.family == 'glm3':
+            if output_ids and output_ids[-1] in tok.stop_ids:
+                output_ids = output_ids[:-1]
+            return prompts.glm3_response(tok.decode(output_ids), messages)
+        text = tok.decode(output_ids)
+        reply = prompts.glm2_response(text) if self.family == 'glm2' else prompts.glm1_response(text)
+        return reply, [{'role': 'assistant', 'content': reply}]
+
+
+class ChatTurn:
+    """One generation in progress. Iterate it for text deltas of the raw reply; after (or during)
+    iteration, `.response` is the post-processed reply and `.history` the updated history."""
+
+    def __init__(self, chat: ChatModel, ids: List[int], params: SamplingParams, messages, as_pairs, history):
+        self.chat, self.prompt_ids, self.params = chat, ids, params
+        self.messages, self.as_pairs, self.original_history = messages, as_pairs, history
+        self.output_ids: List[int] = []
+        self.finish_reason: Optional[str] = None
+        self.response, self.history = self._state()
+
+    def __iter__(self) -> Iterator[str]:
+        deltas = TextDeltas(self.chat.tokenizer.decode)
+        stop_ids = set(self.params.stop_ids)
+        for step in generate_tokens(self.chat.model, [self.prompt_ids], self.params,
+                                    self.chat.tokenizer.pad_id, self.chat.tokenizer.vocab_size):
+            token = step[0]
+            self.output_ids.append(token)
+            if token in stop_ids:
+                self.finish_reason = 'stop'
+                break
+            delta = deltas.push(token)
+            if delta:
+                self.response, self.history = self._state()
+                yield delta
+        self.finish_reason = self.finish_reason or 'length'
+        self.response, self.history = self._state()
+
+    def _state(self):
+        reply, added = self.chat._reply(self.output_ids, self.messages[:-1])
+        if self.as_pairs:
+            pairs = [tuple(p) for p in (self.original_history or [])]
+            return reply, pairs + [(self.messages[-1]['content'], reply)]
+        return reply, copy.deepcopy(self.messages) + added

@@ -1,0 +1,129 @@
+"""Read the weights of a hub-layout model directory, one shard at a time (formats spec §2).
+
+Layouts understood, in order of preference:
+    model.safetensors.index.json + model-0000i-of-0000n.safetensors
+    model.safetensors
+    pytorch_model.bin.index.json + pytorch_model-0000i-of-0000n.bin
+    pytorch_model.bin
+
+`load_weights` copies each tensor straight into an already-allocated parameter of the target dtype
+and device, so peak memory is the final model plus one (memory-mapped) shard. Pickles are opened
+with `weights_only=True`. Every failure names the file and what to do about it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections import defaultdict
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from .errors import CheckpointError
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def weight_files(model_dir: str) -> Tuple[List[str], Dict[str, str]]:
+    """The shard paths of a model directory and the index's key -> file map ({} without an index)."""
+    for index_name, single_name in (('model.safetensors.index.json', 'model.safetensors'),
+                                    ('pytorch_model.bin.index.json', 'pytorch_model.bin')):
+        index_path = os.path.join(model_dir, index_name)
+        if os.path.exists(index_path):
+            try:
+                with open(index_path, encoding='utf-8') as f:
+                    weight_map = json.load(f)['weight_map']
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f'{index_path} is corrupt ({e!r}); download it again') from None
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not os.path.exists(os.path.join(model_dir, s))]
+            if missing:
+                raise CheckpointError(
+                    f'{os.path.join(model_dir, missing[0])} is missing ({len(missing)} of {len(shards)} '
+                    f'shards named by {index_name} are absent); the download is incomplete, fetch it again')
+            return [os.path.join(model_dir, s) for s in shards], weight_map
+        single = os.path.join(model_dir, single_name)
+        if os.path.exists(single):
+            return [single], {}
+    raise CheckpointError(
+        f'no weights in {model_dir}: expected model.safetensors[.index.json] or '
+        'pytorch_model.bin[.index.json]; download the full model repository')
+
+
+def read_shard(path: str) -> Dict[str, torch.Tensor]:
+    """All tensors of one shard, on CPU, memory-mapped where the format allows."""
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(path, device='cpu')
+        # Zip-format pickles (torch >= 1.6) can be memory-mapped; legacy ones cannot.
+        mmap = zipfile.is_zipfile(path)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except Exception as e:   # safetensors, zipfile and pickle each raise their own types
+        size = os.path.getsize(path)
+        raise CheckpointError(f'{path} could not be read ({type(e).__name__}: {e}); the file '
+                              f'({size} bytes) is truncated or corrupt, download it again') from None
+
+
+def iter_checkpoint(model_dir: str) -> Iterator[Tuple[str, Dict[str, torch.Tensor]]]:
+    """(shard path, tensors) for each shard; the caller drops a shard before the next is read."""
+    shards, _ = weight_files(model_dir)
+    for path in shards:
+        yield path, read_shard(path)
+
+
+def load_weights(model: torch.nn.Module, model_dir: str, map_key: Callable[[str], Optional[str]],
+                 convert: Optional[Callable] = None) -> None:
+    """Fill every parameter of `model` from the checkpoint in `model_dir`.
+
+    map_key: hub key -> parameter name (None = a key the model ignores).
+    convert: optional hook (name, tensor, param) -> tensor for parameters that need more than a
+    dtype cast (quantize-on-load uses it).
+    """
+    params = dict(model.named_parameters())
+    filled = set()
+    unexpected = defaultdict(list)
+    _, weight_map = weight_files(model_dir)
+    for path, tensors in iter_checkpoint(model_dir):
+        for key, tensor in tensors.items():
+            name = map_key(key)
+            if name is None:
+                continue
+            param = params.get(name)
+            if param is None:
+                unexpected[path].append(key)
+                continue
+            if convert is not None:
+                tensor = convert(name, tensor, param)
+            _check_tensor(path, key, tensor, param)
+            with torch.no_grad():
+                param.copy_(tensor)
+            filled.add(name)
+        del tensors
+    missing = [n for n in params if n not in filled]
+    if missing:
+        hint = ''
+        if weight_map:
+            files = sorted({weight_map.get(k) for k in weight_map if map_key(k) in missing} - {None})
+            hint = f' (the index places them in {files})' if files else ''
+        raise CheckpointError(
+            f'{model_dir} lacks {len(missing)} weights the model needs, e.g. {missing[:3]}{hint}; '
+            'the checkpoint is incomplete or belongs to a different model or config.json')
+    if unexpected:
+        path, keys = next(iter(unexpected.items()))
+        raise CheckpointError(f'{path} holds weights this model does not have, e.g. {keys[:3]}; '
+                              'config.json does not match the weights (wrong variant?)')
+
+
+def _check_tensor(path: str, key: str, tensor: torch.Tensor, param: torch.Tensor):
+    if tensor.shape != param.shape:
+        raise CheckpointError(f'{path}: {key} has shape {tuple(tensor.shape)} but config.json implies '
+                              f'{tuple(param.shape)}; the weights and config.json are from different models')
+    if param.dtype in FLOAT_DTYPES and tensor.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f'{path}: {key} is stored as {tensor.dtype}, expected a float16/bfloat16/'
+                              'float32 weight; the file is corrupt or a quantized checkpoint whose '
+                              'config.json lacks quantization_bit')
+    if param.dtype == torch.int8 and tensor.dtype != torch.int8:
+        raise CheckpointError(f'{path}: {key} is stored as {tensor.dtype}, expected quantized int8 weights '
+                              '(config.json says quantization_bit); the checkpoint is not pre-quantized')

@@ -1,0 +1,170 @@
+"""Our decode loop: logits processing, sampling, batching and streaming.
+
+The model side is two calls (see `models/glm2.py`):
+    logits, state = model.prefill(input_ids, attention_mask, max_new_tokens)   # [b, V]
+    logits = model.decode(next_ids, state)                                     # [b, V]
+Everything about choosing tokens lives here and is the same for every family.
+
+Logits are processed in the order transformers uses, so greedy and seeded sampling behave like the
+official `generate`: repetition penalty, then temperature, top-k, top-p.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields, replace
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: Optional[int] = None   # new tokens; wins over max_length when both are set
+    max_length: Optional[int] = None       # prompt + new tokens
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop_ids: Sequence[int] = field(default_factory=tuple)
+    seed: Optional[int] = None
+
+    @classmethod
+    def from_kwargs(cls, defaults: 'SamplingParams', **kwargs) -> 'SamplingParams':
+        """`defaults` updated with generation kwargs; unknown names are an error, not ignored."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in kwargs if k not in names)
+        if unknown:
+            raise TypeError(f'unknown generation argument(s) {unknown}; valid ones are {sorted(names)}')
+        params = replace(defaults, **{k: v for k, v in kwargs.items() if v is not None})
+        params.validate()
+        return params
+
+    def validate(self):
+        if self.max_new_tokens is not None and self.max_new_tokens < 0:
+            raise ValueError(f'max_new_tokens must be >= 0, got {self.max_new_tokens}')
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f'max_length must be >= 1, got {self.max_length}')
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f'temperature must be > 0 when sampling, got {self.temperature} '
+                             '(use do_sample=False for greedy decoding)')
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f'top_p must be in (0, 1], got {self.top_p}')
+        if self.top_k < 0:
+            raise ValueError(f'top_k must be >= 0, got {self.top_k}')
+        if not self.repetition_penalty > 0:
+            raise ValueError(f'repetition_penalty must be > 0, got {self.repetition_penalty}')
+
+    def new_token_budget(self, prompt_len: int) -> int:
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        if self.max_length is not None:
+            return max(self.max_length - prompt_len, 0)
+        raise ValueError('set max_new_tokens or max_length')
+
+
+def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams,
+                   vocab_limit: int) -> torch.Tensor:
+    """logits [b, V] (fp32) -> processed scores; seen [b, n] = ids so far (prompt + generated)."""
+    logits = logits.float().clone()
+    logits[:, vocab_limit:] = float('-inf')   # padded embedding rows are not tokens
+    if params.repetition_penalty != 1.0 and seen.numel():
+        picked = logits.gather(1, seen)
+        picked = torch.where(picked < 0, picked * params.repetition_penalty,
+                             picked / params.repetition_penalty)
+        logits.scatter_(1, seen, picked)
+    if not params.do_sample:
+        return logits
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - params.top_p)
+        drop[:, -1] = False   # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float('-inf'))
+    return logits
+
+
+def choose(scores: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]):
+    if not params.do_sample:
+        return scores.argmax(dim=-1)
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def left_pad(prompts: List[List[int]], pad_id: int):
+    """-> input_ids [b, s], attention_mask [b, s] (1 = token, 0 = padding on the left)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        if p:
+            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate_tokens(model, prompts: List[List[int]], params: SamplingParams, pad_id: int,
+                    vocab_limit: int) -> Iterator[List[Optional[int]]]:
+    """Yield, per step, the new token of each sequence (None once a sequence has finished).
+
+    A sequence finishes on a stop id (which is yielded) or when its budget of new tokens is spent.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError('every prompt needs at least one token')
+    budget = params.new_token_budget(max(len(p) for p in prompts))
+    if budget == 0:
+        return
+    device = model.device
+    input_ids, mask = left_pad(prompts, pad_id)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    generator = None
+    if params.do_sample and params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    stop = torch.tensor(sorted(set(params.stop_ids)) or [-1], device=device)
+    seen = input_ids.masked_fill(mask == 0, pad_id)
+    logits, state = model.prefill(input_ids, mask, budget)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    warned = False
+    for step in range(budget):
+        broken = ~torch.isfinite(logits.float()).all(dim=-1)
+        scores = process_logits(logits, seen, params, vocab_limit)
+        next_ids = choose(scores.masked_fill(broken[:, None], 0.0), params, generator)
+        if bool(broken.any()):
+            # NaN/inf logits mean the forward overflowed (typically fp16 activations). Whatever we
+            # picked would be noise; end those sequences instead.
+            if not warned:
+                logger.warning('the model produced NaN/inf logits (fp16 overflow?); ending the affected '
+                               'sequence(s). Load the model in bfloat16 or float32 to avoid this.')
+                warned = True
+            next_ids = torch.where(broken, stop[0].clamp(min=0), next_ids)
+        out = [None if f else int(t) for f, t in zip(finished.tolist(), next_ids.tolist())]
+        yield out
+        finished |= torch.isin(next_ids, stop) | broken
+        if bool(finished.all()) or step == budget - 1:
+            return
+        seen = torch.cat([seen, next_ids[:, None]], dim=1)
+        logits = model.decode(next_ids, state)
+
+
+class TextDeltas:
+    """Turn a growing list of token ids into text deltas, never splitting a UTF-8 character."""
+
+    def __init__(self, decode):
+        self.decode = decode
+        self.ids: List[int] = []
+        self.text = ''
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith('\ufffd'):   # an incomplete multi-byte character: wait for its other bytes
+            return ''
+        delta, self.text = text[len(self.text):] if text.startswith(self.text) else text, text
+        return delta

@@ -1,0 +1,111 @@
+"""`load()`: from a hub id, a local directory or a YAML configuration to a ready `ChatModel`.
+
+    load('ZhipuAI/chatglm2-6b', revision='master')   # downloaded through ModelScope's snapshot_download
+    load('/models/chatglm3-6b')                       # a local directory in the hub layout
+    load('chatglm2-6b-32k')                            # a configuration from configuration/
+    load('configuration/chatglm3-6b.yaml', device='cpu', dtype='bfloat16')
+
+The model is built on the `meta` device (no memory), allocated once in the target dtype and device,
+then filled shard by shard: peak memory is the final model plus one shard.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Union
+
+import torch
+
+from . import configurations
+from .chat import ChatModel
+from .checkpoint import load_weights
+from .config import load_config
+from .errors import CheckpointError
+from .tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {
+    'float32': torch.float32, 'fp32': torch.float32, 'float': torch.float32,
+    'float16': torch.float16, 'fp16': torch.float16, 'half': torch.float16,
+    'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
+}
+DEFAULT_DTYPE = {'cpu': 'float32', 'cuda': 'float16'}
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    if device is None or str(device) == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    name = str(device).replace('gpu', 'cuda')   # ModelScope spells CUDA devices 'gpu' / 'gpu:0'
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f'unknown device {device!r}; use "cpu", "cuda", "cuda:N" or "auto"') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError(f'device {device!r} asks for a CUDA GPU but torch sees none '
+                           f'(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); '
+                           'use device="cpu"')
+    return dev
+
+
+def resolve_dtype(dtype, device: torch.device, policy=None) -> torch.dtype:
+    if dtype is None or dtype == 'auto':
+        dtype = policy.get(device.type) if isinstance(policy, dict) else policy
+        dtype = dtype or DEFAULT_DTYPE.get(device.type, 'float32')
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).replace('torch.', '')]
+    except KeyError:
+        raise ValueError(f'unknown dtype {dtype!r}; use one of float32, bfloat16, float16') from None
+
+
+def resolve_model_dir(model: str, revision: Optional[str]) -> str:
+    """A local directory as it is; a hub id through ModelScope's snapshot_download."""
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model):
+        raise CheckpointError(f'{model} is a file; pass the model directory that holds config.json, '
+                              'or a YAML configuration (*.yaml)')
+    parts = model.split('/')
+    if len(parts) != 2 or not all(parts):
+        raise CheckpointError(
+            f'{model!r} is neither a local directory, a hub id like "ZhipuAI/chatglm2-6b", nor a known '
+            f'configuration ({", ".join(sorted(configurations.available()))})')
+    from modelscope.hub.snapshot_download import snapshot_download   # only hub ids need it
+    logger.info('downloading %s (revision %s) from the ModelScope hub', model, revision or 'master')
+    return snapshot_download(model, revision=revision or 'master')
+
+
+def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
+         quantization_bit: Optional[int] = None, family: Optional[str] = None,
+         context_length: Optional[int] = None, generation: Optional[dict] = None) -> ChatModel:
+    """Load a ChatGLM chat model. `model` is a hub id, a hub-layout directory or a configuration."""
+    cfg_path = configurations.find(model)
+    spec = configurations.read(cfg_path) if cfg_path else configurations.Configuration(name=model, model=model)
+    model_dir = resolve_model_dir(spec.model, revision or spec.revision)
+    dev = resolve_device(device or spec.device)
+    dt = resolve_dtype(dtype, dev, spec.dtype)
+    config = load_config(model_dir, family or spec.family)
+    bits = quantization_bit if quantization_bit is not None else spec.quantization_bit
+    if bits or config.quantization_bit:
+        raise CheckpointError(f'{model_dir}: int{bits or config.quantization_bit} quantized GLM blocks are '
+                              'not supported by this release yet; load an fp16/bf16 checkpoint')
+    if config.family == 'glm1':
+        raise CheckpointError(f'{model_dir} is a ChatGLM-6B (first generation) checkpoint, which this '
+                              'release cannot run yet; use a ChatGLM2/ChatGLM3 model')
+    tokenizer = load_tokenizer(model_dir, config.family, config.vocab_size, config)
+    net = build_model(config, dt, dev)
+    load_weights(net, model_dir, net.checkpoint_key)
+    gen = dict(spec.generation or {})
+    gen.update(generation or {})
+    return ChatModel(net.eval(), tokenizer, config, model_dir,
+                     context_length=context_length or spec.context_length, generation=gen, name=spec.name)
+
+
+def build_model(config, dtype: torch.dtype, device: torch.device):
+    """The architecture for `config`, allocated (uninitialised) in `dtype` on `device`."""
+    from .models.glm2 import GLM2Model
+    with torch.device('meta'):
+        net = GLM2Model(config)
+    return net.to(dtype).to_empty(device=device)

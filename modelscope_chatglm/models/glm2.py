@@ -1,0 +1,269 @@
+"""The ChatGLM2-6B / ChatGLM3-6B transformer, in plain PyTorch (formats spec §3.2).
+
+Shapes: b = batch, s = new tokens in this call, t = all tokens the cache holds after it,
+H = query heads, G = key/value groups (multi-query attention), d = head dim, D = hidden size.
+Tensors are batch-first here ([b, s, D]); the reference is sequence-first, which changes nothing.
+
+A block is pre-norm:
+    x = x + attention(rmsnorm(x))
+    x = x + swiglu_mlp(rmsnorm(x))
+Attention is multi-query with G groups: query head h reads K/V group h // (H/G). RoPE rotates the
+first half of each head (d/2 dims) as interleaved pairs; the second half passes through.
+
+Module names follow the hub checkpoints (`self_attention.query_key_value`, `mlp.dense_h_to_4h`, ...)
+so that a state-dict key maps to a parameter by dropping the `transformer.`/`encoder.`/`embedding.`
+prefixes (see `checkpoint_key`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Mean of squares in fp32 whatever the model dtype, as the reference does.
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of position * theta_i for the rotated half of each head, computed in fp32."""
+
+    def __init__(self, rotary_dim: int, base: float, position_divisor: float):
+        super().__init__()
+        self.rotary_dim, self.base, self.position_divisor = rotary_dim, base, position_divisor
+
+    def forward(self, position_ids: torch.Tensor):
+        """position_ids [b, s] -> cos, sin [b, s, rotary_dim/2] in fp32."""
+        # theta_i = base^(-2i/rotary_dim), written as the reference does so fp32 tables agree bit
+        # for bit. 32 numbers: recomputing them per call costs nothing and keeps no buffer to load.
+        steps = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=position_ids.device)
+        theta = 1.0 / (self.base ** (steps / self.rotary_dim))
+        positions = position_ids.to(torch.float32) / self.position_divisor
+        angles = positions[..., None] * theta
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, s, heads, d]; rotate dims [0, 2*cos.size(-1)) as pairs (x[2i], x[2i+1])."""
+    rot = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    pairs = x_rot.float().unflatten(-1, (rot // 2, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    return torch.cat([rotated.to(x.dtype), x_pass], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        # Rows of the fused projection: [Q for all heads | K for all groups | V for all groups].
+        self.query_key_value = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.add_qkv_bias)
+        self.dense = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        self.split_sizes = (q_size, kv_size, kv_size)
+
+    def forward(self, x, cos, sin, layer: int, cache: KVCache, attn_mask: Optional[torch.Tensor]):
+        b, s, _ = x.shape
+        q, k, v = self.query_key_value(x).split(self.split_sizes, dim=-1)
+        q = apply_rotary(q.view(b, s, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(b, s, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim)
+        # The cache keeps the compact G-group K/V (post-RoPE): [b, G, t, d].
+        k, v = cache.append(layer, k.transpose(1, 2), v.transpose(1, 2))
+        q = q.transpose(1, 2)                                           # [b, H, s, d]
+        if attn_mask is None:   # no padding: plain causal (prefill) or all-visible (one new token)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+        return self.dense(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: the first half of dense_h_to_4h is the gate, the second half the value."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False)
+        self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.self_attention = SelfAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, layer, cache, attn_mask):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, layer, cache, attn_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class PrefixEncoder(nn.Module):
+    """P-tuning v2: a learned K/V prefix of `pre_seq_len` tokens for every layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        kv_size = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim
+        self.embedding = nn.Embedding(cfg.pre_seq_len, kv_size)
+        self.trans = nn.Sequential(nn.Linear(kv_size, cfg.hidden_size), nn.Tanh(),
+                                   nn.Linear(cfg.hidden_size, kv_size)) if cfg.prefix_projection else None
+
+    def forward(self, batch: int):
+        """-> [layers, 2 (k, v), b, G, pre_seq_len, d]"""
+        cfg = self.cfg
+        prefix = self.embedding.weight
+        if self.trans is not None:
+            prefix = self.trans(prefix)
+        prefix = prefix.view(cfg.pre_seq_len, cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim)
+        return prefix.permute(1, 2, 3, 0, 4)[:, :, None].expand(-1, -1, batch, -1, -1, -1)
+
+
+class GLM2Model(nn.Module):
+    """Token ids in, hidden states or logits out. Generation lives in `generation.py`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(cfg.head_dim // 2, cfg.rope_base, cfg.rope_position_divisor)
+        self.layers = nn.ModuleList(GLMBlock(cfg) for _ in range(cfg.num_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.output_layer = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.prefix_encoder = PrefixEncoder(cfg) if cfg.pre_seq_len else None
+
+    # -- checkpoint mapping -------------------------------------------------------------------------
+    @staticmethod
+    def checkpoint_key(key: str) -> Optional[str]:
+        """Hub state-dict key -> our parameter name; None for keys the forward never reads."""
+        if key.endswith('rotary_pos_emb.inv_freq'):
+            return None     # the table is recomputed from the config (spec §2.3)
+        for prefix in ('transformer.encoder.', 'transformer.embedding.', 'transformer.'):
+            if key.startswith(prefix):
+                return key[len(prefix):]
+        return key
+
+    # -- forward -----------------------------------------------------------------------------------
+    def new_cache(self, batch: int, max_tokens: int, dtype=None, device=None) -> KVCache:
+        """A KV cache for `max_tokens` positions, holding the P-tuning prefix if there is one."""
+        cfg = self.cfg
+        param = self.word_embeddings.weight
+        pre = cfg.pre_seq_len or 0
+        cache = KVCache(cfg.num_layers, batch, cfg.num_kv_heads, pre + max_tokens, cfg.head_dim,
+                        dtype or param.dtype, device or param.device)
+        if pre:
+            prefix = self.prefix_encoder(batch).to(cache.dtype)
+            for layer in range(cfg.num_layers):
+                cache.append(layer, prefix[layer, 0], prefix[layer, 1])
+            cache.commit(pre)
+        return cache
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
+                key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run `input_ids` [b, s] through the blocks, appending their K/V to `cache`.
+
+        position_ids [b, s]: RoPE positions. key_padding [b, t] (bool, True = real token) covers every
+        position the cache will hold after this call, the P-tuning prefix excluded; None = no padding.
+        Returns the final hidden states [b, s, D] (after the final norm).
+        """
+        b, s = input_ids.shape
+        x = self.word_embeddings(input_ids)
+        cos, sin = self.rotary(position_ids)
+        attn_mask = self._attention_mask(b, s, cache.length, key_padding, x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, i, cache, attn_mask)
+        cache.commit(s)
+        return self.final_layernorm(x)
+
+    def _attention_mask(self, b, s, past, key_padding, device) -> Optional[torch.Tensor]:
+        """[b, 1, s, past+s] bool, True = may attend; None when causal order alone decides."""
+        pre = self.cfg.pre_seq_len or 0
+        if key_padding is None or bool(key_padding.all()):
+            if past == pre or s == 1:
+                return None if pre == 0 or s == 1 else self._causal(s, past, device)[None, None]
+            return self._causal(s, past, device)[None, None]
+        t = past + s
+        visible = torch.ones(b, t, dtype=torch.bool, device=device)
+        visible[:, pre:] = key_padding.to(device)
+        mask = self._causal(s, past, device)[None] & visible[:, None, :]
+        if past == pre:
+            # A padding query row would see no key at all (NaN); let it see everything, as the
+            # reference does. Its output is never used.
+            mask |= ~visible[:, past:, None]
+        return mask[:, None]
+
+    @staticmethod
+    def _causal(s, past, device):
+        q = torch.arange(past, past + s, device=device)[:, None]
+        k = torch.arange(past + s, device=device)[None, :]
+        return k <= q
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.output_layer(hidden)
+
+    # -- the two calls the decode loop makes (generation.py) ----------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.word_embeddings.weight.device
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], max_new_tokens: int):
+        """Run left-padded prompts [b, s]; -> logits of the last position [b, V] (fp32), decode state."""
+        b, s = input_ids.shape
+        positions, padding = positions_and_padding(input_ids, attention_mask)
+        cache = self.new_cache(b, s + max_new_tokens)
+        hidden = self(input_ids, positions, cache, padding)
+        state = DecodeState(cache, padding, positions[:, -1] + 1)
+        return self.logits(hidden[:, -1]).float(), state
+
+    def decode(self, next_ids: torch.Tensor, state: 'DecodeState') -> torch.Tensor:
+        """Feed one new token per sequence [b]; -> next logits [b, V] (fp32)."""
+        if state.padding is not None:
+            state.padding = F.pad(state.padding, (0, 1), value=True)
+        hidden = self(next_ids[:, None], state.next_position[:, None], state.cache, state.padding)
+        state.next_position = state.next_position + 1
+        return self.logits(hidden[:, -1]).float()
+
+    def full_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Logits at every position [b, s, V] (fp32), for scoring and parity tests."""
+        positions, padding = positions_and_padding(input_ids, attention_mask)
+        cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
+        return self.logits(self(input_ids, positions, cache, padding)).float()
+
+
+@dataclass
+class DecodeState:
+    cache: KVCache
+    padding: Optional[torch.Tensor]      # [b, t] bool, True = real token; None = no padding
+    next_position: torch.Tensor          # [b] RoPE position of the next token
+
+
+def positions_and_padding(input_ids, attention_mask):
+    """RoPE positions count real tokens only: left padding gets 0, then 0, 1, 2, ... (as the
+    reference tokenizer pads position_ids)."""
+    b, s = input_ids.shape
+    if attention_mask is None or bool(attention_mask.all()):
+        return torch.arange(s, device=input_ids.device).expand(b, s), None
+    mask = attention_mask.to(input_ids.device).bool()
+    return (mask.long().cumsum(-1) - 1).clamp(min=0), mask

@@ -1,0 +1,37 @@
+"""A key/value cache allocated once and written in place.
+
+The reference grows its cache by concatenation at every step (a copy of the whole cache per token).
+Here each layer owns one [b, heads, capacity, d] buffer for K and one for V; a forward writes its new
+positions at `length` and reads the prefix [0, length + s). All layers append during one forward,
+then `commit(s)` advances the shared length.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (batch, num_kv_heads, capacity, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.capacity = capacity
+        self.length = 0          # positions filled and committed
+        self.dtype = dtype
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [b, heads, s, d] after the committed positions; return this layer's full K, V."""
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise RuntimeError(f'KV cache overflow: {end} positions needed, {self.capacity} allocated')
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def commit(self, s: int):
+        self.length += s
+
+    def truncate(self, length: int):
+        """Forget every position from `length` on (the buffers are reused)."""
+        self.length = min(self.length, length)

@@ -1,0 +1,215 @@
+"""Tiny random ChatGLM checkpoints in the exact hub layout, built offline in about a second.
+
+They feed the offline demo, the tests and the benchmarks: the same files a hub download holds
+(config.json, sharded pytorch_model-*.bin or model-*.safetensors with their index, tokenizer.model,
+tokenizer_config.json, configuration.json), only small. The tokenizer is a real SentencePiece model
+trained on the spot with the settings of the real one (formats spec §4.4).
+
+    python -m modelscope_chatglm.tiny /tmp/tiny-glm2 --family glm2
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+from typing import Dict, Optional
+
+import torch
+
+CORPUS = """\
+你好，我是一个人工智能助手。很高兴认识你！
+清华大学是中国著名的高等学府，位于北京市海淀区。
+请介绍一下你自己。我可以回答问题、写文章、翻译和编程。
+今天天气很好，我们去公园散步吧。
+Hello! How can I help you today? I am a helpful assistant.
+The quick brown fox jumps over the lazy dog. 1234567890
+Python is a programming language: def main(): print("hello world")
+机器学习和深度学习是人工智能的重要分支。
+问：你好\n答：你好！有什么可以帮助你的吗？
+[Round 1]\n\n问：介绍下清华大学\n\n答：清华大学是一所综合性大学。
+ChatGLM is a bilingual (Chinese-English) chat model based on the GLM architecture.
+北京、上海、广州和深圳是中国的大城市。
+Let's write some code: for i in range(10): total += i * 2
+模型的参数量为六十亿，支持中英双语对话。
+What is the capital of France? Paris is the capital of France.
+我喜欢读书、听音乐和旅行。你呢？
+"""
+
+GLM1_SPECIALS = ['[MASK]', '[gMASK]', '[sMASK]', '<unused_0>', '<sop>', '<eop>', '<ENC>', '<dBLOCK>']
+GLM1_USER_SYMBOLS = ['<n>', '<|tab|>'] + [f'<|blank_{n}|>' for n in range(2, 81)]
+
+
+def train_sentencepiece(family: str, vocab_size: int = 900) -> bytes:
+    """A small SentencePiece model with the id layout of the family's real tokenizer."""
+    import sentencepiece as spm
+    lines = [line for line in CORPUS.replace('\\n', '\n').splitlines() if line.strip()] * 4
+    common = dict(model_type='bpe', vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=True,
+                  split_digits=True, character_coverage=1.0, add_dummy_prefix=True,
+                  remove_extra_whitespaces=False, minloglevel=2, num_threads=1)
+    if family == 'glm1':
+        common.update(normalization_rule_name='nmt_nfkc', unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+                      pad_piece='<pad>', user_defined_symbols=GLM1_USER_SYMBOLS,
+                      control_symbols=GLM1_SPECIALS)
+    else:
+        common.update(normalization_rule_name='identity', allow_whitespace_only_pieces=True,
+                      unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, **common)
+    return out.getvalue()
+
+
+def glm2_config(n_words: int, family: str, hidden_size=64, num_layers=2, num_heads=4, kv_channels=16,
+                groups=2, ffn_hidden_size=96, seq_length=2048, rope_ratio: Optional[float] = None,
+                padded_vocab_size: Optional[int] = None, torch_dtype='float16', pre_seq_len=None,
+                prefix_projection=False) -> dict:
+    """config.json of a ChatGLM2/3 repo (spec §1.3), scaled down."""
+    vocab = padded_vocab_size or n_words
+    cfg = {
+        '_name_or_path': 'THUDM/chatglm3-6b' if family == 'glm3' else 'THUDM/chatglm2-6b',
+        'model_type': 'chatglm', 'architectures': ['ChatGLMModel'],
+        'auto_map': {'AutoConfig': 'configuration_chatglm.ChatGLMConfig',
+                     'AutoModel': 'modeling_chatglm.ChatGLMForConditionalGeneration',
+                     'AutoModelForCausalLM': 'modeling_chatglm.ChatGLMForConditionalGeneration',
+                     'AutoModelForSeq2SeqLM': 'modeling_chatglm.ChatGLMForConditionalGeneration'},
+        'add_bias_linear': False, 'add_qkv_bias': True, 'apply_query_key_layer_scaling': True,
+        'apply_residual_connection_post_layernorm': False, 'attention_dropout': 0.0,
+        'attention_softmax_in_fp32': True, 'bias_dropout_fusion': True, 'ffn_hidden_size': ffn_hidden_size,
+        'fp32_residual_connection': False, 'hidden_dropout': 0.0, 'hidden_size': hidden_size,
+        'kv_channels': kv_channels, 'layernorm_epsilon': 1e-05, 'multi_query_attention': True,
+        'multi_query_group_num': groups, 'num_attention_heads': num_heads, 'num_layers': num_layers,
+        'original_rope': True, 'padded_vocab_size': vocab, 'vocab_size': vocab, 'post_layer_norm': True,
+        'rmsnorm': True, 'seq_length': seq_length, 'use_cache': True, 'torch_dtype': torch_dtype,
+        'transformers_version': '4.30.2', 'tie_word_embeddings': False, 'eos_token_id': 2,
+        'pad_token_id': 0, 'quantization_bit': 0, 'pre_seq_len': pre_seq_len,
+        'prefix_projection': prefix_projection,
+    }
+    if rope_ratio is not None:
+        cfg['rope_ratio'] = rope_ratio
+    return cfg
+
+
+def glm2_state_dict(cfg: dict, seed: int = 0, dtype=torch.float16) -> Dict[str, torch.Tensor]:
+    """Random weights under the hub's key names and shapes (spec §2.3)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, ffn, vocab = cfg['hidden_size'], cfg['ffn_hidden_size'], cfg['padded_vocab_size']
+    q_size = cfg['num_attention_heads'] * cfg['kv_channels']
+    kv_size = cfg['multi_query_group_num'] * cfg['kv_channels']
+
+    def linear(out_f, in_f):
+        return torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
+
+    def norm(n):
+        return 1.0 + 0.1 * torch.randn(n, generator=g)
+
+    sd = {'transformer.embedding.word_embeddings.weight': torch.randn(vocab, hidden, generator=g),
+          'transformer.rotary_pos_emb.inv_freq': 1.0 / (10000 ** (torch.arange(0, cfg['kv_channels'] // 2, 2)
+                                                                 / (cfg['kv_channels'] // 2)))}
+    for i in range(cfg['num_layers']):
+        p = f'transformer.encoder.layers.{i}.'
+        sd[p + 'input_layernorm.weight'] = norm(hidden)
+        sd[p + 'self_attention.query_key_value.weight'] = linear(q_size + 2 * kv_size, hidden)
+        sd[p + 'self_attention.query_key_value.bias'] = 0.1 * torch.randn(q_size + 2 * kv_size, generator=g)
+        sd[p + 'self_attention.dense.weight'] = linear(hidden, q_size)
+        sd[p + 'post_attention_layernorm.weight'] = norm(hidden)
+        sd[p + 'mlp.dense_h_to_4h.weight'] = linear(2 * ffn, hidden)
+        sd[p + 'mlp.dense_4h_to_h.weight'] = linear(hidden, ffn)
+    sd['transformer.encoder.final_layernorm.weight'] = norm(hidden)
+    sd['transformer.output_layer.weight'] = linear(vocab, hidden) * 4.0   # peaked logits: clear argmax
+    if cfg.get('pre_seq_len'):
+        kv = cfg['num_layers'] * 2 * kv_size
+        sd['transformer.prefix_encoder.embedding.weight'] = torch.randn(cfg['pre_seq_len'], kv, generator=g)
+        if cfg.get('prefix_projection'):
+            sd['transformer.prefix_encoder.trans.0.weight'] = linear(hidden, kv)
+            sd['transformer.prefix_encoder.trans.0.bias'] = torch.zeros(hidden)
+            sd['transformer.prefix_encoder.trans.2.weight'] = linear(kv, hidden)
+            sd['transformer.prefix_encoder.trans.2.bias'] = torch.zeros(kv)
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+def save_shards(state_dict: Dict[str, torch.Tensor], out_dir: str, fmt: str = 'bin', shards: int = 2):
+    """Write `state_dict` as the hub does: `shards` files plus an index (1 shard = a single file)."""
+    keys = list(state_dict)
+    per = math.ceil(len(keys) / shards)
+    groups = [keys[i:i + per] for i in range(0, len(keys), per)]
+    if fmt == 'safetensors':
+        from safetensors.torch import save_file
+        single, pattern, index_name = 'model.safetensors', 'model-{:05d}-of-{:05d}.safetensors', \
+            'model.safetensors.index.json'
+
+        def write(tensors, path):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={'format': 'pt'})
+    elif fmt == 'bin':
+        single, pattern, index_name = 'pytorch_model.bin', 'pytorch_model-{:05d}-of-{:05d}.bin', \
+            'pytorch_model.bin.index.json'
+
+        def write(tensors, path):
+            torch.save(tensors, path)
+    else:
+        raise ValueError(f'unknown weight format {fmt!r}; use "bin" or "safetensors"')
+    if len(groups) == 1:
+        write(state_dict, os.path.join(out_dir, single))
+        return
+    weight_map = {}
+    for n, group in enumerate(groups, start=1):
+        name = pattern.format(n, len(groups))
+        write({k: state_dict[k] for k in group}, os.path.join(out_dir, name))
+        weight_map.update({k: name for k in group})
+    total = sum(v.numel() * v.element_size() for v in state_dict.values())
+    with open(os.path.join(out_dir, index_name), 'w') as f:
+        json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
+
+
+def build(out_dir: str, family: str = 'glm2', fmt: str = 'bin', shards: int = 2, seed: int = 0,
+          pipeline_type: Optional[str] = None, sp_model: Optional[bytes] = None, **config_overrides) -> str:
+    """Write a tiny random checkpoint of `family` ('glm2' or 'glm3') to `out_dir`; return it."""
+    if family not in ('glm2', 'glm3'):
+        raise ValueError(f'tiny checkpoints exist for glm2 and glm3, not {family!r}')
+    os.makedirs(out_dir, exist_ok=True)
+    sp_model = sp_model or train_sentencepiece(family)
+    with open(os.path.join(out_dir, 'tokenizer.model'), 'wb') as f:
+        f.write(sp_model)
+    import sentencepiece as spm
+    n_sp = spm.SentencePieceProcessor(model_proto=sp_model).GetPieceSize()
+    n_words = n_sp + (9 if family == 'glm3' else 5)
+    dtype_name = config_overrides.pop('torch_dtype', 'float16')
+    cfg = glm2_config(n_words, family, torch_dtype=dtype_name, **config_overrides)
+    _write_json(out_dir, 'config.json', cfg)
+    tok_cfg = {'remove_space': False, 'do_lower_case': False, 'padding_side': 'left',
+               'tokenizer_class': 'ChatGLMTokenizer',
+               'auto_map': {'AutoTokenizer': ['tokenization_chatglm.ChatGLMTokenizer', None]}}
+    if family == 'glm3':
+        # Later ChatGLM3 revisions ship this chat template; it is how a directory shows it is v3.
+        tok_cfg['chat_template'] = ("{% for message in messages %}{% if loop.first %}[gMASK]sop<|{{ "
+                                    "message['role'] }}|>\n {{ message['content'] }}{% else %}<|{{ "
+                                    "message['role'] }}|>\n {{ message['content'] }}{% endif %}{% endfor %}"
+                                    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    _write_json(out_dir, 'tokenizer_config.json', tok_cfg)
+    _write_json(out_dir, 'generation_config.json', {'eos_token_id': 2, 'pad_token_id': 0})
+    _write_json(out_dir, 'configuration.json', {
+        'framework': 'pytorch', 'task': 'chat', 'allow_remote': True,
+        'model': {'type': 'chatglm2-6b'},
+        'pipeline': {'type': pipeline_type or 'chatglm2_6b-text-generation'}})
+    save_shards(glm2_state_dict(cfg, seed, getattr(torch, dtype_name)), out_dir, fmt, shards)
+    return out_dir
+
+
+def _write_json(out_dir, name, data):
+    with open(os.path.join(out_dir, name), 'w', encoding='utf-8') as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('out_dir')
+    ap.add_argument('--family', default='glm2', choices=['glm2', 'glm3'])
+    ap.add_argument('--format', default='bin', choices=['bin', 'safetensors'])
+    ap.add_argument('--shards', type=int, default=2)
+    ap.add_argument('--seed', type=int, default=0)
+    args = ap.parse_args(argv)
+    print(build(args.out_dir, args.family, args.format, args.shards, args.seed))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,195 @@
+"""ChatGLM tokenizers, directly over `sentencepiece` (formats spec §4).
+
+No transformers base class: their internals changed under the reference tokenizers three times
+(4.34, 4.45, 5.x). Each tokenizer here is a SentencePiece model plus a short list of special tokens.
+
+- GLM2Tokenizer: `tokenizer.model` + 5 specials appended after the SP pieces
+  ([MASK] [gMASK] [sMASK] sop eop). Decoding blanks every special.
+- GLM3Tokenizer: the same + the 4 role tokens (<|system|> <|user|> <|assistant|> <|observation|>).
+  Decoding renders specials as their text, which the chat post-processing relies on.
+- GLM1Tokenizer: `ice_text.model`, whitespace pre-processing, specials inside the SP model.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, Iterable, List, Optional
+
+import sentencepiece
+
+from .errors import CheckpointError
+
+
+def _load_sp(path: str) -> sentencepiece.SentencePieceProcessor:
+    if not os.path.exists(path):
+        raise CheckpointError(f'{path} is missing: the tokenizer model must sit next to config.json')
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.Load(path)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f'{path} is not a valid SentencePiece model ({e}); download it again') from None
+    return sp
+
+
+class GLM2Tokenizer:
+    """ChatGLM2-6B tokenizer. Ids of plain text are SentencePiece ids; specials follow them."""
+
+    family = 'glm2'
+    SPECIAL_TOKENS = ('[MASK]', '[gMASK]', '[sMASK]', 'sop', 'eop')
+
+    def __init__(self, model_file: str):
+        self.model_file = model_file
+        self.sp = _load_sp(model_file)
+        self.num_sp_pieces = self.sp.GetPieceSize()
+        self.special_ids: Dict[str, int] = {
+            token: self.num_sp_pieces + i for i, token in enumerate(self.SPECIAL_TOKENS)}
+        self.special_tokens: Dict[int, str] = {i: t for t, i in self.special_ids.items()}
+        self.vocab_size = self.num_sp_pieces + len(self.SPECIAL_TOKENS)
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        self.pad_id = self.sp.unk_id()   # ChatGLM2 pads with <unk> (id 0)
+
+    def __getitem__(self, token: str) -> int:
+        """Id of a special token, e.g. `tok['[gMASK]']`."""
+        return self.special_ids[token]
+
+    @property
+    def prefix_ids(self) -> List[int]:
+        """What the model expects before any prompt: [gMASK] sop."""
+        return [self['[gMASK]'], self['sop']]
+
+    @property
+    def stop_ids(self) -> List[int]:
+        return [self.eos_id]
+
+    def encode(self, text: str) -> List[int]:
+        """Ids of plain text, without the [gMASK]/sop prefix."""
+        if not isinstance(text, str):
+            raise TypeError(f'encode() takes a str, got {type(text).__name__}')
+        return self.sp.EncodeAsIds(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        drop = {self.bos_id, self.eos_id, self.pad_id}
+        return self.sp.DecodeIds([int(i) for i in ids
+                                  if int(i) < self.num_sp_pieces and int(i) not in drop and int(i) >= 0])
+
+
+class GLM3Tokenizer(GLM2Tokenizer):
+    """ChatGLM3-6B tokenizer: GLM2's plus role tokens; specials decode to their text."""
+
+    family = 'glm3'
+    SPECIAL_TOKENS = GLM2Tokenizer.SPECIAL_TOKENS + (
+        '<|system|>', '<|user|>', '<|assistant|>', '<|observation|>')
+
+    @property
+    def stop_ids(self) -> List[int]:
+        return [self.eos_id, self['<|user|>'], self['<|observation|>']]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        text, run = [], []
+        for i in (int(i) for i in ids):
+            if i in self.special_tokens:
+                text.append(self.sp.DecodeIds(run))
+                text.append(self.special_tokens[i])
+                run = []
+            elif 0 <= i < self.num_sp_pieces:
+                run.append(i)
+        text.append(self.sp.DecodeIds(run))
+        return ''.join(text)
+
+    def encode_message(self, role: str, content: str, metadata: str = '') -> List[int]:
+        """One chat message: <|role|> metadata \\n content (spec §4.3)."""
+        return [self[f'<|{role}|>']] + self.encode(f'{metadata}\n') + self.encode(content)
+
+
+class GLM1Tokenizer:
+    """ChatGLM-6B `ice_text.model` tokenizer (spec §4.1).
+
+    Newlines, tabs and runs of spaces are rewritten to placeholder pieces before SentencePiece sees
+    the text, and back after decoding. [gMASK], <sop>, <eop> live inside the SP model.
+    """
+
+    family = 'glm1'
+    MAX_BLANK = 80
+
+    def __init__(self, model_file: str, num_image_tokens: int = 0,
+                 special_ids: Optional[Dict[str, int]] = None):
+        self.model_file = model_file
+        self.sp = _load_sp(model_file)
+        self.num_sp_pieces = self.sp.GetPieceSize()
+        self.offset = num_image_tokens
+        self.vocab_size = self.num_sp_pieces + num_image_tokens
+        ids = {t: self.sp.PieceToId(t) + num_image_tokens for t in ('[MASK]', '[gMASK]', '<sop>', '<eop>')}
+        ids.update(special_ids or {})
+        self.special_ids = ids
+        self.bos_id, self.eos_id = ids['<sop>'], ids['<eop>']
+        self.pad_id = self.sp.pad_id() + num_image_tokens if self.sp.pad_id() >= 0 else 3
+        self._blank_re = re.compile(r' {2,%d}' % self.MAX_BLANK)
+        self._placeholder_re = re.compile(r'<n>|<\|tab\|>|<\|blank_(\d+)\|>')
+
+    def __getitem__(self, token: str) -> int:
+        return self.special_ids[token]
+
+    @property
+    def prefix_ids(self) -> List[int]:
+        return []
+
+    @property
+    def suffix_ids(self) -> List[int]:
+        return [self['[gMASK]'], self['<sop>']]
+
+    @property
+    def stop_ids(self) -> List[int]:
+        return [self.eos_id]
+
+    def _preprocess(self, text: str) -> str:
+        text = text.replace('\n', '<n>').replace('\t', '<|tab|>')
+        # Greedy left-to-right runs of up to 80 spaces: 85 spaces -> <|blank_80|> + <|blank_5|>.
+        return self._blank_re.sub(lambda m: f'<|blank_{len(m.group())}|>', text)
+
+    def encode(self, text: str) -> List[int]:
+        if not isinstance(text, str):
+            raise TypeError(f'encode() takes a str, got {type(text).__name__}')
+        return [i + self.offset for i in self.sp.EncodeAsIds(self._preprocess(text))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        pieces = [int(i) - self.offset for i in ids]
+        pieces = [i for i in pieces if 0 <= i < self.num_sp_pieces and i + self.offset != self.pad_id]
+        text = self.sp.DecodeIds(pieces)
+
+        def restore(m):
+            if m.group() == '<n>':
+                return '\n'
+            if m.group() == '<|tab|>':
+                return '\t'
+            return ' ' * int(m.group(1))
+        return self._placeholder_re.sub(restore, text)
+
+
+def load_tokenizer(model_dir: str, family: str, config_vocab_size: Optional[int] = None, config=None):
+    """The tokenizer of a hub-layout directory, checked against the model's embedding size."""
+    if family == 'glm1':
+        tok_cfg_path = os.path.join(model_dir, 'tokenizer_config.json')
+        num_image_tokens = 20000   # the class default of the pre-slim tokenizer (spec §1.1)
+        if os.path.exists(tok_cfg_path):
+            from .config import read_json
+            num_image_tokens = int(read_json(tok_cfg_path).get('num_image_tokens', 20000))
+        tok = GLM1Tokenizer(os.path.join(model_dir, 'ice_text.model'), num_image_tokens)
+        if config is not None:
+            expect = {'[MASK]': config.mask_token_id, '[gMASK]': config.gmask_token_id,
+                      '<sop>': config.bos_token_id, '<eop>': config.eos_token_id}
+            wrong = {t: (tok[t], i) for t, i in expect.items() if i is not None and tok[t] != i}
+            if wrong:
+                raise CheckpointError(
+                    f'{tok.model_file} and {os.path.join(model_dir, "config.json")} disagree on special ids '
+                    f'(token: tokenizer id, config id) {wrong}; check num_image_tokens in tokenizer_config.json '
+                    'or use the tokenizer from the same model revision')
+    else:
+        cls = GLM3Tokenizer if family == 'glm3' else GLM2Tokenizer
+        tok = cls(os.path.join(model_dir, 'tokenizer.model'))
+    if config_vocab_size is not None and tok.vocab_size > config_vocab_size:
+        raise CheckpointError(
+            f'{tok.model_file} has {tok.vocab_size} tokens (with specials) but the embedding in '
+            f'{os.path.join(model_dir, "config.json")} has only {config_vocab_size} rows: the tokenizer '
+            'and the config come from different models; use the files of one model revision')
+    return tok
