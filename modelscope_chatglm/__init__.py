@@ -22,4 +22,8 @@ def load(model, revision=None, device=None, dtype=None, quantization_bit=None, *
                  quantization_bit=quantization_bit, **kwargs)
 
 
+from .modelscope_plugin import install as _install_modelscope_plugin  # noqa: E402
+
+_install_modelscope_plugin()
+
 __all__ = ['load', 'CheckpointError', 'ContextLengthError', 'InputError', '__version__']

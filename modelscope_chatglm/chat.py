@@ -6,8 +6,8 @@ of those surfaces.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -91,10 +91,9 @@ class ChatModel:
             pass
         return response, new_history
 
-    def stream_chat(self, query: str, history=None, role: str = 'user', system: Optional[str] = None,
-                    tools: Optional[list] = None, **gen) -> Iterator[Tuple[Union[str, dict], list]]:
+    def stream_chat(self, query: str, history=None, **kwargs) -> Iterator[Tuple[Union[str, dict], list]]:
         """Yield (response so far, history with this turn) as tokens arrive."""
-        turn = self.start_turn(query, history, role=role, system=system, tools=tools, **gen)
+        turn = self.turn(query, history, **kwargs)
         yielded = False
         for _ in turn:
             yielded = True
@@ -102,13 +101,25 @@ class ChatModel:
         if not yielded:
             yield turn.response, turn.history
 
-    def start_turn(self, query: str, history=None, role: str = 'user', system: Optional[str] = None,
-                   tools: Optional[list] = None, **gen) -> 'ChatTurn':
-        """A turn whose iteration yields text deltas; `.response`/`.history` hold the state so far."""
+    def turn(self, query: str, history=None, **kwargs) -> 'ChatTurn':
+        """A turn to iterate for text deltas (what servers stream); see `ChatTurn`."""
+        return ChatTurn(self, self.prepare(query, history, **kwargs))
+
+    def prepare(self, query: str, history=None, role: str = 'user', system: Optional[str] = None,
+                tools: Optional[list] = None, **gen) -> 'ChatRequest':
+        """Validate a turn, build its prompt ids (dropping the oldest rounds that do not fit) and
+        resolve its sampling parameters. `respond` turns the generated ids into the reply."""
         messages, as_pairs = self._conversation(query, history, role, system, tools)
-        params = self.sampling(**gen)
-        ids, params = self._fit(messages, params)
-        return ChatTurn(self, ids, params, messages, as_pairs, history)
+        ids, params = self._fit(messages, self.sampling(**gen))
+        return ChatRequest(ids, params, messages, as_pairs, history)
+
+    def respond(self, request: 'ChatRequest', output_ids: List[int]) -> Tuple[Union[str, dict], list]:
+        """Generated ids -> (post-processed response, history with this turn appended)."""
+        reply, added = self._reply(output_ids, request.messages[:-1])
+        if request.as_pairs:
+            pairs = [tuple(p) for p in (request.history or [])]
+            return reply, pairs + [(request.messages[-1]['content'], reply)]
+        return reply, copy.deepcopy(request.messages) + added
 
     # -- internals ----------------------------------------------------------------------------------
     def _conversation(self, query, history, role, system, tools):
@@ -173,22 +184,31 @@ class ChatModel:
         return reply, [{'role': 'assistant', 'content': reply}]
 
 
-class ChatTurn:
-    """One generation in progress. Iterate it for text deltas of the raw reply; after (or during)
-    iteration, `.response` is the post-processed reply and `.history` the updated history."""
+@dataclass
+class ChatRequest:
+    input_ids: List[int]          # the prompt, after truncation
+    params: SamplingParams        # max_new_tokens already fitted to the context window
+    messages: list                # the conversation including the new query
+    as_pairs: bool                # return history as (query, response) pairs
+    history: Any                  # the history as the caller gave it
 
-    def __init__(self, chat: ChatModel, ids: List[int], params: SamplingParams, messages, as_pairs, history):
-        self.chat, self.prompt_ids, self.params = chat, ids, params
-        self.messages, self.as_pairs, self.original_history = messages, as_pairs, history
+
+class ChatTurn:
+    """One generation in progress. Iterating it yields text deltas of the reply; meanwhile and after,
+    `.response` is the post-processed reply so far and `.history` the updated history."""
+
+    def __init__(self, chat: ChatModel, request: ChatRequest):
+        self.chat, self.request = chat, request
         self.output_ids: List[int] = []
         self.finish_reason: Optional[str] = None
-        self.response, self.history = self._state()
+        self.response, self.history = chat.respond(request, [])
 
     def __iter__(self) -> Iterator[str]:
-        deltas = TextDeltas(self.chat.tokenizer.decode)
-        stop_ids = set(self.params.stop_ids)
-        for step in generate_tokens(self.chat.model, [self.prompt_ids], self.params,
-                                    self.chat.tokenizer.pad_id, self.chat.tokenizer.vocab_size):
+        tok = self.chat.tokenizer
+        deltas = TextDeltas(tok.decode)
+        stop_ids = set(self.request.params.stop_ids)
+        for step in generate_tokens(self.chat.model, [self.request.input_ids], self.request.params,
+                                    tok.pad_id, tok.vocab_size):
             token = step[0]
             self.output_ids.append(token)
             if token in stop_ids:
@@ -196,14 +216,7 @@ class ChatTurn:
                 break
             delta = deltas.push(token)
             if delta:
-                self.response, self.history = self._state()
+                self.response, self.history = self.chat.respond(self.request, self.output_ids)
                 yield delta
         self.finish_reason = self.finish_reason or 'length'
-        self.response, self.history = self._state()
-
-    def _state(self):
-        reply, added = self.chat._reply(self.output_ids, self.messages[:-1])
-        if self.as_pairs:
-            pairs = [tuple(p) for p in (self.original_history or [])]
-            return reply, pairs + [(self.messages[-1]['content'], reply)]
-        return reply, copy.deepcopy(self.messages) + added
+        self.response, self.history = self.chat.respond(self.request, self.output_ids)

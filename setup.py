@@ -1,0 +1,33 @@
+"""modelscope-chatglm: ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B chat models for ModelScope."""
+from setuptools import find_packages, setup
+
+setup(
+    name='modelscope-chatglm',
+    version='0.1.0',
+    description='ChatGLM chat models (ChatGLM2/3, ChatGLM-6B) as a ModelScope Tasks.chat pipeline',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.9',
+    packages=find_packages(include=['modelscope_chatglm', 'modelscope_chatglm.*']) +
+    ['modelscope_chatglm.configuration'],
+    # The YAML configurations live at the top of the repository and ship inside the package.
+    package_dir={'modelscope_chatglm.configuration': 'configuration'},
+    package_data={'modelscope_chatglm.configuration': ['*.yaml'],
+                  'modelscope_chatglm.modelscope_plugin': ['configuration.json']},
+    install_requires=[
+        'torch>=2.5',            # SDPA with grouped K/V (enable_gqa)
+        'sentencepiece>=0.1.99',
+        'safetensors>=0.4',
+        'pyyaml>=6',
+        'numpy',
+        # ModelScope and what its pipeline modules import (the bare wheel does not declare them)
+        'modelscope>=1.9',
+        'addict', 'datasets', 'pillow', 'simplejson', 'sortedcontainers',
+    ],
+    extras_require={
+        'test': ['pytest>=7'],
+    },
+    entry_points={'console_scripts': ['modelscope-chatglm=modelscope_chatglm.cli:main']},
+    license='Apache-2.0',
+    classifiers=['Programming Language :: Python :: 3', 'License :: OSI Approved :: Apache Software License'],
+)
