@@ -7,6 +7,7 @@ JOB.json: {"model_dir": ..., "rope": "divide"|"base", "cases": [...]}, each case
     {"kind": "logits", "name": ..., "prompts": [[ids], ...]}      left-padded as the tokenizer pads
     {"kind": "greedy", "name": ..., "prompt": [ids], "max_new_tokens": n}
     {"kind": "chat", "name": ..., "queries": [...], "max_new_tokens": n}   greedy multi-turn _chat
+    {"kind": "tokenize", "name": ..., "texts": [...]}       -> [[ids, decode(ids)], ...]
 OUT.pt: {name: tensor | list}.
 """
 import json
@@ -68,6 +69,9 @@ def main(job_path, out_path):
                                                 max_length=2048, max_new_tokens=case['max_new_tokens'])
                 replies.append(response)
             out[case['name']] = replies
+        elif case['kind'] == 'tokenize':
+            out[case['name']] = [[ids, tokenizer.decode(ids)] for ids in
+                                 (tokenizer.encode(t, add_special_tokens=False) for t in case['texts'])]
         else:
             raise ValueError(case['kind'])
     torch.save(out, out_path)

@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny checkpoints in the hub layout, and the reference implementation as an oracle.
+
+The reference (ModelScope's `models/nlp/chatglm2`, transformers 4.40.2) runs in a side venv as a
+subprocess. Its python is $CHATGLM_REFERENCE_PYTHON, else .venv-ref/bin/python in the repository.
+Without it the parity tests skip, unless $CHATGLM_REQUIRE_REFERENCE=1 (CI sets it) makes that a failure.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from modelscope_chatglm import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ORACLE = os.path.join(ROOT, 'tests', 'reference', 'chatglm2_oracle.py')
+
+
+@pytest.fixture(scope='session')
+def sp_models():
+    """One trained SentencePiece model per tokenizer kind, shared by every checkpoint."""
+    return {'glm2': tiny.train_sentencepiece('glm2')}
+
+
+@pytest.fixture(scope='session')
+def make_checkpoint(tmp_path_factory, sp_models):
+    """make_checkpoint(name, family='glm2', fmt='bin', shards=2, **config) -> directory (cached)."""
+    built = {}
+
+    def make(name, family='glm2', fmt='bin', shards=2, seed=0, **config):
+        if name not in built:
+            out = str(tmp_path_factory.mktemp(name))
+            built[name] = tiny.build(out, family=family, fmt=fmt, shards=shards, seed=seed,
+                                     sp_model=sp_models['glm2'], **config)
+        return built[name]
+    return make
+
+
+@pytest.fixture(scope='session')
+def glm2_dir(make_checkpoint):
+    return make_checkpoint('glm2-bin', 'glm2', 'bin', shards=3)
+
+
+@pytest.fixture(scope='session')
+def glm3_dir(make_checkpoint):
+    return make_checkpoint('glm3-st', 'glm3', 'safetensors', shards=2)
+
+
+@pytest.fixture(scope='session')
+def glm2_model(glm2_dir):
+    import modelscope_chatglm
+    return modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32')
+
+
+@pytest.fixture(scope='session')
+def glm3_model(glm3_dir):
+    import modelscope_chatglm
+    return modelscope_chatglm.load(glm3_dir, device='cpu', dtype='float32')
+
+
+def reference_python():
+    candidates = [os.environ.get('CHATGLM_REFERENCE_PYTHON'), os.path.join(ROOT, '.venv-ref', 'bin', 'python')]
+    for c in candidates:
+        if c and os.path.exists(c):
+            return c
+    return None
+
+
+@pytest.fixture(scope='session')
+def reference(tmp_path_factory):
+    """reference(job) -> what tests/reference/chatglm2_oracle.py computed for it."""
+    python = reference_python()
+    if python is None:
+        if os.environ.get('CHATGLM_REQUIRE_REFERENCE') == '1':
+            pytest.fail('the reference venv is missing; set CHATGLM_REFERENCE_PYTHON (see .ci/run)')
+        pytest.skip('no reference venv (.venv-ref); .ci/run builds one')
+    counter = [0]
+
+    def run(job):
+        counter[0] += 1
+        work = tmp_path_factory.mktemp(f'oracle{counter[0]}')
+        job_path, out_path = work / 'job.json', work / 'out.pt'
+        job_path.write_text(json.dumps(job, ensure_ascii=False))
+        env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH',)}
+        proc = subprocess.run([python, ORACLE, str(job_path), str(out_path)], capture_output=True,
+                              text=True, env=env, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f'reference oracle failed:\n{proc.stderr[-4000:]}')
+        return torch.load(out_path)
+    return run
+
+
+def pytest_report_header(config):
+    return f'reference python: {reference_python()}; python {sys.version.split()[0]}, torch {torch.__version__}'

@@ -1,0 +1,192 @@
+"""Chat formats, truncation, tool calls, streaming and the decode loop on tiny real models."""
+import json
+import logging
+
+import pytest
+import torch
+
+import modelscope_chatglm
+from modelscope_chatglm import ContextLengthError, InputError
+from modelscope_chatglm.prompts import glm3_response, parse_tool_call
+
+GREEDY = dict(do_sample=False)
+
+
+# -- prompts --------------------------------------------------------------------------------------------
+def test_glm2_prompt_is_the_official_format(glm2_model):
+    tok = glm2_model.tokenizer
+    ids = glm2_model.build_inputs('介绍下清华大学', [('你好', '你好！')])
+    text = '[Round 1]\n\n问：你好\n\n答：你好！\n\n[Round 2]\n\n问：介绍下清华大学\n\n答：'
+    assert ids == tok.prefix_ids + tok.encode(text)
+    assert glm2_model.build_inputs('你好') == tok.prefix_ids + tok.encode('[Round 1]\n\n问：你好\n\n答：')
+
+
+def test_glm3_input_ids_follow_the_spec(glm3_model):
+    tok = glm3_model.tokenizer
+    n = tok.num_sp_pieces
+    gmask, sop, system, user, assistant, observation = n + 1, n + 3, n + 5, n + 6, n + 7, n + 8
+    # spec §4.3: [gMASK] sop <|user|> encode("\n") encode(query) <|assistant|>
+    assert glm3_model.build_inputs('你好') == [gmask, sop, user] + tok.encode('\n') + tok.encode('你好') + [assistant]
+    tools = [{'name': 'get_weather', 'parameters': {'city': {'type': 'string'}}}]
+    history = [{'role': 'user', 'content': 'weather?'},
+               {'role': 'assistant', 'metadata': 'get_weather', 'content': "```python\ntool_call(city='北京')\n```"}]
+    ids = glm3_model.build_inputs('{"temp": 20}', history, role='observation', system='Be brief.', tools=tools)
+    expected = [gmask, sop, system] + tok.encode('\n') + tok.encode(
+        'Be brief.\n' + json.dumps(tools, indent=4, ensure_ascii=False))
+    expected += [user] + tok.encode('\n') + tok.encode('weather?')
+    expected += [assistant] + tok.encode('get_weather\n') + tok.encode("```python\ntool_call(city='北京')\n```")
+    expected += [observation] + tok.encode('\n') + tok.encode('{"temp": 20}') + [assistant]
+    assert ids == expected
+
+
+def test_glm2_rejects_roles_it_does_not_have(glm2_model):
+    with pytest.raises(InputError, match='no system prompt'):
+        glm2_model.chat('hi', system='be nice')
+    with pytest.raises(InputError, match='no observation role'):
+        glm2_model.chat('hi', [{'role': 'observation', 'content': 'x'}])
+
+
+# -- truncation -----------------------------------------------------------------------------------------
+def test_oldest_rounds_are_dropped_to_fit(glm2_dir):
+    model = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32', context_length=120)
+    history = [(f'question number {i} about 清华大学', f'answer number {i}') for i in range(10)]
+    request = model.prepare('the newest question', history, max_new_tokens=16)
+    assert len(request.input_ids) <= 120 - 16
+    text = model.tokenizer.decode(request.input_ids)
+    assert 'question number 9' in text and 'question number 0' not in text
+    assert text.endswith('问：the newest question\n\n答：') and text.startswith('[Round 1]')
+    # The history the caller keeps is not truncated.
+    response, new_history = model.chat('the newest question', history, max_new_tokens=4, **GREEDY)
+    assert len(new_history) == 11 and new_history[:10] == history
+
+
+def test_query_alone_too_long_is_a_clear_error(glm2_dir):
+    model = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32', context_length=64)
+    with pytest.raises(ContextLengthError, match=r'the prompt is \d+ tokens but only \d+ fit.*shorten the query'):
+        model.chat('很长的问题 ' * 40, [('a', 'b')])
+    with pytest.raises(ContextLengthError, match='lower max_new_tokens'):
+        model.chat('hi', max_new_tokens=60)
+
+
+def test_glm3_truncation_keeps_the_system_prompt(glm3_dir):
+    model = modelscope_chatglm.load(glm3_dir, device='cpu', dtype='float32', context_length=100)
+    history = [{'role': 'system', 'content': 'SYSTEM RULES'}]
+    for i in range(8):
+        history += [{'role': 'user', 'content': f'q{i} 清华大学'}, {'role': 'assistant', 'content': f'a{i}'}]
+    text = model.tokenizer.decode(model.prepare('newest', history, max_new_tokens=8).input_ids)
+    assert 'SYSTEM RULES' in text and 'q7' in text and 'q0' not in text
+
+
+# -- chat and streaming -----------------------------------------------------------------------------------
+def test_history_shapes_round_trip(glm2_model, glm3_model):
+    r, h = glm2_model.chat('你好', [], max_new_tokens=6, **GREEDY)
+    assert h == [('你好', r)] and isinstance(h, list)
+    r, h = glm3_model.chat('你好', max_new_tokens=6, **GREEDY)
+    assert h == [('你好', r)]
+    r, h = glm3_model.chat('你好', [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}],
+                           max_new_tokens=6, **GREEDY)
+    assert h[-2] == {'role': 'user', 'content': '你好'} and h[-1]['role'] == 'assistant'
+    assert h[-1]['content'] == r
+
+
+@pytest.mark.parametrize('history,match', [
+    ('not a list', 'must be a list'),
+    ([('only one',)], r'history\[0\]'),
+    ([{'role': 'robot', 'content': 'x'}], 'role'),
+    ([('q', 'r'), {'role': 'user', 'content': 'x'}], 'mixes'),
+])
+def test_malformed_history(glm2_model, history, match):
+    with pytest.raises(InputError, match=match):
+        glm2_model.chat('hi', history)
+
+
+def test_stream_chat_grows_to_the_chat_reply(glm2_model):
+    steps = list(glm2_model.stream_chat('你好', [], max_new_tokens=12, **GREEDY))
+    assert len(steps) > 1
+    texts = [s[0] for s in steps]
+    assert all(b.startswith(a.strip()) or len(b) >= len(a) for a, b in zip(texts, texts[1:]))
+    final, history = glm2_model.chat('你好', [], max_new_tokens=12, **GREEDY)
+    assert texts[-1] == final and steps[-1][1] == history
+
+
+def test_turn_deltas_concatenate_to_the_raw_reply(glm2_model):
+    turn = glm2_model.turn('你好', max_new_tokens=12, **GREEDY)
+    deltas = list(turn)
+    ids = turn.output_ids
+    assert ''.join(deltas) == glm2_model.tokenizer.decode(ids)
+    assert turn.finish_reason in ('stop', 'length') and turn.response == ''.join(deltas).strip()
+
+
+# -- tool calls, parsed without eval --------------------------------------------------------------------------
+def test_tool_call_is_parsed_without_eval():
+    system = [{'role': 'system', 'content': '', 'tools': [{'name': 'get_weather'}]}]
+    out = "get_weather\n```python\ntool_call(city='北京', days=3, units=None)\n```"
+    reply, added = glm3_response(out, system)
+    assert reply == {'name': 'get_weather', 'parameters': {'city': '北京', 'days': 3, 'units': None}}
+    assert added == [{'role': 'assistant', 'metadata': 'get_weather', 'content': out.split('\n', 1)[1]}]
+    evil = "get_weather\n```python\ntool_call(x=__import__('os').system('touch /tmp/pwned'))\n```"
+    reply, _ = glm3_response(evil, system)
+    assert reply['name'] == 'get_weather' and 'parameters' not in reply   # kept as text, never run
+    assert parse_tool_call("print('hi')") is None
+    # Without declared tools it is an interpreter/plain call: name + content.
+    reply, _ = glm3_response('interpreter\n```python\nprint(1)\n```', [])
+    assert reply == {'name': 'interpreter', 'content': '```python\nprint(1)\n```'}
+    reply, added = glm3_response('\n 你好 [[训练时间]]', [])
+    assert reply == '你好 2023年' and added[0]['metadata'] == ''
+
+
+# -- the decode loop ------------------------------------------------------------------------------------------
+def test_sampling_options(glm2_model):
+    ids = glm2_model.build_inputs('你好')
+    greedy = glm2_model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert glm2_model.generate(ids, max_new_tokens=10, do_sample=True, top_k=1) == greedy
+    a = glm2_model.generate(ids, max_new_tokens=10, do_sample=True, temperature=1.5, seed=3)
+    b = glm2_model.generate(ids, max_new_tokens=10, do_sample=True, temperature=1.5, seed=3)
+    assert a == b
+    assert len(glm2_model.generate(ids, max_length=len(ids) + 4, do_sample=False)) == 4
+    # A stop id ends generation and is returned.
+    stopped = glm2_model.generate(ids, max_new_tokens=10, do_sample=False, stop_ids=[greedy[3]])
+    assert stopped == greedy[:greedy.index(greedy[3]) + 1]
+    # The repetition penalty changes what greedy picks once tokens repeat.
+    penalised = glm2_model.generate(ids, max_new_tokens=10, do_sample=False, repetition_penalty=50.0)
+    assert len(set(penalised)) == len(penalised)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(temperature=0), 'temperature must be > 0'), (dict(top_p=1.5), 'top_p'),
+    (dict(top_k=-1), 'top_k'), (dict(beams=2), 'unknown generation argument'),
+    (dict(repetition_penalty=0), 'repetition_penalty'),
+])
+def test_bad_generation_options(glm2_model, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        glm2_model.generate([1, 2, 3], max_new_tokens=2, **kwargs)
+
+
+def test_batched_generation_equals_one_by_one(glm2_model):
+    prompts = [glm2_model.build_inputs(q) for q in ('你好', '介绍下清华大学和北京大学的历史', 'hi')]
+    batched = glm2_model.generate_batch(prompts, max_new_tokens=8, do_sample=False)
+    single = [glm2_model.generate(p, max_new_tokens=8, do_sample=False) for p in prompts]
+    assert batched == single
+
+
+def test_padded_vocabulary_rows_are_never_generated(make_checkpoint):
+    model_dir = make_checkpoint('glm2-padded', 'glm2', 'bin', shards=1, padded_vocab_size=960)
+    model = modelscope_chatglm.load(model_dir, device='cpu', dtype='float32')
+    assert model.config.vocab_size == 960 > model.tokenizer.vocab_size
+    with torch.no_grad():   # make the padding rows the most likely "tokens"
+        model.model.output_layer.weight[model.tokenizer.vocab_size:] *= 1000
+    ids = model.build_inputs('你好')
+    assert model.logits(ids)[0, -1].argmax() >= model.tokenizer.vocab_size
+    out = model.generate(ids, max_new_tokens=20, do_sample=True, seed=0)
+    assert out and all(t < model.tokenizer.vocab_size for t in out)
+    model.chat('你好', max_new_tokens=8)   # decodes without an out-of-range error
+
+
+def test_nan_logits_end_the_reply_with_a_warning(glm2_dir, caplog):
+    model = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32')
+    with torch.no_grad():
+        model.model.layers[0].mlp.dense_4h_to_h.weight[0, 0] = float('nan')
+    with caplog.at_level(logging.WARNING):
+        response, history = model.chat('你好', max_new_tokens=10, do_sample=True)
+    assert 'NaN/inf logits' in caplog.text
+    assert model.generate(model.build_inputs('你好'), max_new_tokens=10) == [model.tokenizer.eos_id]

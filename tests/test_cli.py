@@ -1,0 +1,44 @@
+"""The command line, run as a user runs it (a real subprocess)."""
+import os
+import subprocess
+import sys
+
+
+def run_cli(*args, cache, stdin=None, timeout=300):
+    env = dict(os.environ, MODELSCOPE_CHATGLM_CACHE=str(cache))
+    return subprocess.run([sys.executable, '-m', 'modelscope_chatglm.cli', *args], input=stdin,
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_demo_runs_offline_through_the_pipeline(tmp_path):
+    out = run_cli('demo', cache=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert 'pipeline(task=Tasks.chat) -> ChatPipeline' in out.stdout
+    assert out.stdout.count('user: ') == 3 and 'history has 3 turns' in out.stdout
+    assert 'streaming the next reply' in out.stdout and 'done in' in out.stdout
+    built = tmp_path / 'demo-glm2-tiny'
+    assert (built / 'model.safetensors.index.json').exists() and (built / 'tokenizer.model').exists()
+    # The second run reuses the cached checkpoint.
+    mtime = (built / 'tokenizer.model').stat().st_mtime
+    assert run_cli('demo', '--family', 'glm3', cache=tmp_path).returncode == 0
+    assert run_cli('demo', cache=tmp_path).returncode == 0
+    assert (built / 'tokenizer.model').stat().st_mtime == mtime
+
+
+def test_chat_reads_stdin_and_handles_clear(glm2_dir, tmp_path):
+    out = run_cli('chat', '--model', glm2_dir, '--device', 'cpu', '--max-new-tokens', '6',
+                  cache=tmp_path, stdin='你好\nclear\nhello again\nexit\n')
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count('ChatGLM: ') == 2 and '(history cleared)' in out.stdout
+
+
+def test_configs_lists_the_shipped_configurations(tmp_path):
+    out = run_cli('configs', cache=tmp_path)
+    assert out.returncode == 0
+    for name in ('chatglm2-6b', 'chatglm2-6b-32k', 'chatglm3-6b', 'chatglm3-6b-32k'):
+        assert name in out.stdout
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    out = run_cli('chat', '--model', str(tmp_path / 'nowhere'), cache=tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith('error: ') and 'Traceback' not in out.stderr
