@@ -91,9 +91,6 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     if bits or config.quantization_bit:
         raise CheckpointError(f'{model_dir}: int{bits or config.quantization_bit} quantized GLM blocks are '
                               'not supported by this release yet; load an fp16/bf16 checkpoint')
-    if config.family == 'glm1':
-        raise CheckpointError(f'{model_dir} is a ChatGLM-6B (first generation) checkpoint, which this '
-                              'release cannot run yet; use a ChatGLM2/ChatGLM3 model')
     tokenizer = load_tokenizer(model_dir, config.family, config.vocab_size, config)
     net = build_model(config, dt, dev)
     load_weights(net, model_dir, net.checkpoint_key)
@@ -105,7 +102,10 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
 
 def build_model(config, dtype: torch.dtype, device: torch.device):
     """The architecture for `config`, allocated (uninitialised) in `dtype` on `device`."""
-    from .models.glm2 import GLM2Model
+    if config.family == 'glm1':
+        from .models.glm1 import GLM1Model as Architecture
+    else:
+        from .models.glm2 import GLM2Model as Architecture
     with torch.device('meta'):
-        net = GLM2Model(config)
+        net = Architecture(config)
     return net.to(dtype).to_empty(device=device)

@@ -1,6 +1,7 @@
 """Tiny random ChatGLM checkpoints in the exact hub layout, built offline in about a second.
 
-They feed the offline demo, the tests and the benchmarks: the same files a hub download holds
+ChatGLM-6B (glm1: `ice_text.model`, fp16 linears + fp32 LayerNorms, separate `lm_head.weight`) and
+ChatGLM2/3 (glm2/glm3: `tokenizer.model`, one dtype). They feed the offline demo, the tests and the benchmarks: the same files a hub download holds
 (config.json, sharded pytorch_model-*.bin or model-*.safetensors with their index, tokenizer.model,
 tokenizer_config.json, configuration.json), only small. The tokenizer is a real SentencePiece model
 trained on the spot with the settings of the real one (formats spec §4.4).
@@ -128,6 +129,77 @@ def glm2_state_dict(cfg: dict, seed: int = 0, dtype=torch.float16) -> Dict[str, 
     return {k: v.to(dtype) for k, v in sd.items()}
 
 
+def glm1_config(special_ids: Dict[str, int], vocab_size: int, hidden_size=64, num_layers=2, num_heads=4,
+                inner_hidden_size=160, max_sequence_length=2048, pre_seq_len=None,
+                prefix_projection=False) -> dict:
+    """config.json of the ChatGLM-6B repo (spec §1.1), scaled down; special ids from the SP model."""
+    return {
+        '_name_or_path': 'THUDM/chatglm-6b', 'model_type': 'chatglm', 'architectures': ['ChatGLMModel'],
+        'auto_map': {'AutoConfig': 'configuration_chatglm.ChatGLMConfig',
+                     'AutoModel': 'modeling_chatglm.ChatGLMForConditionalGeneration',
+                     'AutoModelForSeq2SeqLM': 'modeling_chatglm.ChatGLMForConditionalGeneration'},
+        'bos_token_id': special_ids['<sop>'], 'eos_token_id': special_ids['<eop>'],
+        'mask_token_id': special_ids['[MASK]'], 'gmask_token_id': special_ids['[gMASK]'],
+        'pad_token_id': special_ids['<pad>'], 'hidden_size': hidden_size, 'inner_hidden_size': inner_hidden_size,
+        'layernorm_epsilon': 1e-05, 'max_sequence_length': max_sequence_length, 'num_attention_heads': num_heads,
+        'num_layers': num_layers, 'position_encoding_2d': True, 'torch_dtype': 'float16',
+        'transformers_version': '4.23.1', 'use_cache': True, 'vocab_size': vocab_size,
+        'pre_seq_len': pre_seq_len, 'prefix_projection': prefix_projection,
+    }
+
+
+def glm1_state_dict(cfg: dict, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Random weights as the v1 hub files store them (spec §2.1): fp16 linears, biases and inv_freq,
+    fp32 LayerNorms, and a separate `lm_head.weight` equal to the word embedding."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, inner, vocab = cfg['hidden_size'], cfg['inner_hidden_size'], cfg['vocab_size']
+    head_dim = hidden // cfg['num_attention_heads']
+    half, full = torch.float16, torch.float32
+
+    def linear(out_f, in_f, gain=1.0):
+        return (gain * torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)).to(half)
+
+    def bias(n):
+        return (0.1 * torch.randn(n, generator=g)).to(half)
+
+    embedding = torch.randn(vocab, hidden, generator=g).to(half)
+    sd = {'transformer.word_embeddings.weight': embedding}
+    for i in range(cfg['num_layers']):
+        p = f'transformer.layers.{i}.'
+        sd[p + 'input_layernorm.weight'] = (1.0 + 0.1 * torch.randn(hidden, generator=g)).to(full)
+        sd[p + 'input_layernorm.bias'] = (0.1 * torch.randn(hidden, generator=g)).to(full)
+        sd[p + 'attention.rotary_emb.inv_freq'] = (1.0 / (10000 ** (torch.arange(0, head_dim // 2, 2).float()
+                                                                    / (head_dim // 2)))).to(half)
+        sd[p + 'attention.query_key_value.weight'] = linear(3 * hidden, hidden)
+        sd[p + 'attention.query_key_value.bias'] = bias(3 * hidden)
+        # Gains so the branches compete with the alpha-scaled residual: a random model whose output
+        # is just its input token would make the greedy tests trivial.
+        sd[p + 'attention.dense.weight'] = linear(hidden, hidden, gain=12.0)
+        sd[p + 'attention.dense.bias'] = bias(hidden)
+        sd[p + 'post_attention_layernorm.weight'] = (1.0 + 0.1 * torch.randn(hidden, generator=g)).to(full)
+        sd[p + 'post_attention_layernorm.bias'] = (0.1 * torch.randn(hidden, generator=g)).to(full)
+        sd[p + 'mlp.dense_h_to_4h.weight'] = linear(inner, hidden)
+        sd[p + 'mlp.dense_h_to_4h.bias'] = bias(inner)
+        sd[p + 'mlp.dense_4h_to_h.weight'] = linear(hidden, inner, gain=12.0)
+        sd[p + 'mlp.dense_4h_to_h.bias'] = bias(hidden)
+    sd['transformer.final_layernorm.weight'] = (1.0 + 0.1 * torch.randn(hidden, generator=g)).to(full)
+    sd['transformer.final_layernorm.bias'] = (0.1 * torch.randn(hidden, generator=g)).to(full)
+    if cfg.get('pre_seq_len'):
+        kv = cfg['num_layers'] * 2 * hidden
+        if cfg.get('prefix_projection'):
+            sd['transformer.prefix_encoder.embedding.weight'] = torch.randn(cfg['pre_seq_len'], hidden,
+                                                                            generator=g).to(half)
+            sd['transformer.prefix_encoder.trans.0.weight'] = linear(hidden, hidden)
+            sd['transformer.prefix_encoder.trans.0.bias'] = bias(hidden)
+            sd['transformer.prefix_encoder.trans.2.weight'] = linear(kv, hidden)
+            sd['transformer.prefix_encoder.trans.2.bias'] = bias(kv)
+        else:
+            sd['transformer.prefix_encoder.embedding.weight'] = torch.randn(cfg['pre_seq_len'], kv,
+                                                                            generator=g).to(half)
+    sd['lm_head.weight'] = embedding.clone()
+    return sd
+
+
 def save_shards(state_dict: Dict[str, torch.Tensor], out_dir: str, fmt: str = 'bin', shards: int = 2):
     """Write `state_dict` as the hub does: `shards` files plus an index (1 shard = a single file)."""
     keys = list(state_dict)
@@ -163,11 +235,13 @@ def save_shards(state_dict: Dict[str, torch.Tensor], out_dir: str, fmt: str = 'b
 
 def build(out_dir: str, family: str = 'glm2', fmt: str = 'bin', shards: int = 2, seed: int = 0,
           pipeline_type: Optional[str] = None, sp_model: Optional[bytes] = None, **config_overrides) -> str:
-    """Write a tiny random checkpoint of `family` ('glm2' or 'glm3') to `out_dir`; return it."""
-    if family not in ('glm2', 'glm3'):
-        raise ValueError(f'tiny checkpoints exist for glm2 and glm3, not {family!r}')
+    """Write a tiny random checkpoint of `family` ('glm1', 'glm2' or 'glm3') to `out_dir`; return it."""
+    if family not in ('glm1', 'glm2', 'glm3'):
+        raise ValueError(f'tiny checkpoints exist for glm1, glm2 and glm3, not {family!r}')
     os.makedirs(out_dir, exist_ok=True)
     sp_model = sp_model or train_sentencepiece(family)
+    if family == 'glm1':
+        return _build_glm1(out_dir, fmt, shards, seed, sp_model, pipeline_type, **config_overrides)
     with open(os.path.join(out_dir, 'tokenizer.model'), 'wb') as f:
         f.write(sp_model)
     import sentencepiece as spm
@@ -195,6 +269,27 @@ def build(out_dir: str, family: str = 'glm2', fmt: str = 'bin', shards: int = 2,
     return out_dir
 
 
+def _build_glm1(out_dir, fmt, shards, seed, sp_model, pipeline_type, **config_overrides) -> str:
+    import sentencepiece as spm
+    with open(os.path.join(out_dir, 'ice_text.model'), 'wb') as f:
+        f.write(sp_model)
+    sp = spm.SentencePieceProcessor(model_proto=sp_model)
+    special_ids = {t: sp.PieceToId(t) for t in GLM1_SPECIALS + ['<pad>']}
+    cfg = glm1_config(special_ids, sp.GetPieceSize(), **config_overrides)
+    _write_json(out_dir, 'config.json', cfg)
+    _write_json(out_dir, 'tokenizer_config.json', {
+        'name_or_path': 'THUDM/chatglm-6b', 'bos_token': '<sop>', 'eos_token': '<eop>', 'end_token': '</s>',
+        'gmask_token': '[gMASK]', 'mask_token': '[MASK]', 'pad_token': '<pad>', 'unk_token': '<unk>',
+        'remove_space': False, 'do_lower_case': False, 'num_image_tokens': 0, 'padding_side': 'left',
+        'tokenizer_class': 'ChatGLMTokenizer',
+        'auto_map': {'AutoTokenizer': ['tokenization_chatglm.ChatGLMTokenizer', None]}})
+    _write_json(out_dir, 'configuration.json', {
+        'framework': 'pytorch', 'task': 'chat', 'allow_remote': True, 'model': {'type': 'chatglm6b'},
+        'pipeline': {'type': pipeline_type or 'chatglm6b-text-generation'}})
+    save_shards(glm1_state_dict(cfg, seed), out_dir, fmt, shards)
+    return out_dir
+
+
 def _write_json(out_dir, name, data):
     with open(os.path.join(out_dir, name), 'w', encoding='utf-8') as f:
         json.dump(data, f, indent=2, ensure_ascii=False)
@@ -203,7 +298,7 @@ def _write_json(out_dir, name, data):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('out_dir')
-    ap.add_argument('--family', default='glm2', choices=['glm2', 'glm3'])
+    ap.add_argument('--family', default='glm2', choices=['glm1', 'glm2', 'glm3'])
     ap.add_argument('--format', default='bin', choices=['bin', 'safetensors'])
     ap.add_argument('--shards', type=int, default=2)
     ap.add_argument('--seed', type=int, default=0)

@@ -15,7 +15,7 @@ import torch
 from modelscope_chatglm import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORACLE = os.path.join(ROOT, 'tests', 'reference', 'chatglm2_oracle.py')
+ORACLE = os.path.join(ROOT, 'tests', 'reference', 'oracle.py')
 
 
 @pytest.fixture(scope='session')

@@ -1,9 +1,11 @@
-"""Run ModelScope's reference ChatGLM2 code on a model directory and save what it computes.
+"""Run ModelScope's reference ChatGLM code on a model directory and save what it computes.
 
 This script runs in the side venv (transformers==4.40.2 + modelscope + CPU torch), never in ours:
-    python chatglm2_oracle.py JOB.json OUT.pt
+    python oracle.py JOB.json OUT.pt
 
-JOB.json: {"model_dir": ..., "rope": "divide"|"base", "cases": [...]}, each case one of
+JOB.json: {"model_dir": ..., "family": "glm1"|"glm2", "rope": "divide"|"base", "cases": [...]}.
+glm1 runs `modelscope/models/nlp/chatglm`, glm2 (also for ChatGLM3 checkpoints) `.../chatglm2`.
+Each case is one of
     {"kind": "logits", "name": ..., "prompts": [[ids], ...]}      left-padded as the tokenizer pads
     {"kind": "greedy", "name": ..., "prompt": [ids], "max_new_tokens": n}
     {"kind": "chat", "name": ..., "queries": [...], "max_new_tokens": n}   greedy multi-turn _chat
@@ -16,7 +18,11 @@ import sys
 import torch
 
 
-def load(model_dir, rope):
+def load(model_dir, family, rope):
+    if family == 'glm1':
+        from modelscope.models.nlp.chatglm.text_generation import ChatGLMForConditionalGeneration
+        model = ChatGLMForConditionalGeneration._instantiate(model_dir=model_dir, torch_dtype=torch.float32)
+        return model.float().eval(), model.tokenizer
     from modelscope.models.nlp.chatglm2.text_generation import ChatGLM2ForConditionalGeneration
     from modelscope.models.nlp.chatglm2.tokenization import ChatGLM2Tokenizer
     model = ChatGLM2ForConditionalGeneration._instantiate(model_dir=model_dir, torch_dtype=torch.float32)
@@ -34,6 +40,12 @@ def load(model_dir, rope):
     return model, tokenizer
 
 
+def glm1_batch(tokenizer, prompts):
+    """The v1 tokenizer's own padding: 2D position ids and the bool prefix/causal mask."""
+    batch = tokenizer.pad({'input_ids': prompts}, padding=True, return_tensors='pt')
+    return batch['input_ids'], batch['attention_mask'], batch['position_ids']
+
+
 def left_pad(prompts):
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -49,10 +61,19 @@ def left_pad(prompts):
 @torch.no_grad()
 def main(job_path, out_path):
     job = json.load(open(job_path))
-    model, tokenizer = load(job['model_dir'], job.get('rope', 'divide'))
+    family = job.get('family', 'glm2')
+    model, tokenizer = load(job['model_dir'], family, job.get('rope', 'divide'))
+    eos, pad = (model.config.eos_token_id, model.config.pad_token_id) if family == 'glm1' else (2, 0)
     out = {}
     for case in job['cases']:
-        if case['kind'] == 'logits':
+        if case['kind'] == 'logits' and family == 'glm1':
+            if len(case['prompts']) == 1:   # the model derives mask and positions itself
+                logits = model(input_ids=torch.tensor(case['prompts'])).logits
+            else:
+                ids, mask, pos = glm1_batch(tokenizer, case['prompts'])
+                logits = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits
+            out[case['name']] = logits.float()
+        elif case['kind'] == 'logits':
             ids, mask, pos = left_pad(case['prompts'])
             padded = not bool(mask.all())
             logits = model(input_ids=ids, position_ids=pos, attention_mask=mask if padded else None).logits
@@ -60,7 +81,7 @@ def main(job_path, out_path):
         elif case['kind'] == 'greedy':
             ids = torch.tensor([case['prompt']])
             gen = model.generate(input_ids=ids, max_new_tokens=case['max_new_tokens'], do_sample=False,
-                                 use_cache=True, eos_token_id=2, pad_token_id=0)
+                                 use_cache=True, eos_token_id=eos, pad_token_id=pad)
             out[case['name']] = gen[0, ids.shape[1]:].tolist()
         elif case['kind'] == 'chat':
             history, replies = [], []
