@@ -94,7 +94,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog='modelscope-chatglm', description='ChatGLM chat models for ModelScope')
     sub = ap.add_subparsers(dest='command', required=True)
     p = sub.add_parser('demo', help='offline demo on a tiny random checkpoint through pipeline()')
-    p.add_argument('--family', default='glm2', choices=['glm2', 'glm3'])
+    p.add_argument('--family', default='glm2', choices=['glm1', 'glm2', 'glm3'])
     p.add_argument('--max-new-tokens', type=int, default=16)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser('chat', help='interactive chat in the terminal')

@@ -275,7 +275,7 @@ def _build_glm1(out_dir, fmt, shards, seed, sp_model, pipeline_type, **config_ov
         f.write(sp_model)
     sp = spm.SentencePieceProcessor(model_proto=sp_model)
     special_ids = {t: sp.PieceToId(t) for t in GLM1_SPECIALS + ['<pad>']}
-    cfg = glm1_config(special_ids, sp.GetPieceSize(), **config_overrides)
+    cfg = glm1_config(special_ids, config_overrides.pop('vocab_size', sp.GetPieceSize()), **config_overrides)
     _write_json(out_dir, 'config.json', cfg)
     _write_json(out_dir, 'tokenizer_config.json', {
         'name_or_path': 'THUDM/chatglm-6b', 'bos_token': '<sop>', 'eos_token': '<eop>', 'end_token': '</s>',

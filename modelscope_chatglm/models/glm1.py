@@ -166,7 +166,7 @@ class GLM1Model(nn.Module):
         return self.word_embeddings.weight.device
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.word_embeddings.weight.t()
+        return F.linear(hidden, self.word_embeddings.weight)   # the tied head, as a [V, D] linear
 
     def new_cache(self, batch: int, max_tokens: int) -> KVCache:
         cfg = self.cfg
