@@ -73,15 +73,15 @@ def iter_checkpoint(model_dir: str) -> Iterator[Tuple[str, Dict[str, torch.Tenso
         yield path, read_shard(path)
 
 
-def load_weights(model: torch.nn.Module, model_dir: str, map_key: Callable[[str], Optional[str]],
-                 convert: Optional[Callable] = None) -> None:
+def load_weights(model: torch.nn.Module, model_dir: str, map_key: Callable[[str], Optional[str]]) -> None:
     """Fill every parameter of `model` from the checkpoint in `model_dir`.
 
-    map_key: hub key -> parameter name (None = a key the model ignores).
-    convert: optional hook (name, tensor, param) -> tensor for parameters that need more than a
-    dtype cast (quantize-on-load uses it).
+    map_key: hub key -> parameter name (None = a key the model ignores). A float weight arriving for a
+    quantized module (one with `load_float_weight`, int8 parameters) is quantized on the spot: the
+    float matrix exists for one tensor at a time, never for the whole model.
     """
     params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     filled = set()
     unexpected = defaultdict(list)
     _, weight_map = weight_files(model_dir)
@@ -94,8 +94,13 @@ def load_weights(model: torch.nn.Module, model_dir: str, map_key: Callable[[str]
             if param is None:
                 unexpected[path].append(key)
                 continue
-            if convert is not None:
-                tensor = convert(name, tensor, param)
+            owner_name, _, leaf = name.rpartition('.')
+            owner = modules.get(owner_name)
+            if leaf == 'weight' and hasattr(owner, 'load_float_weight') and tensor.dtype in FLOAT_DTYPES:
+                _check_quantizable(path, key, tensor, owner)
+                owner.load_float_weight(tensor)
+                filled.update((name, owner_name + '.weight_scale'))
+                continue
             _check_tensor(path, key, tensor, param)
             with torch.no_grad():
                 param.copy_(tensor)
@@ -114,6 +119,13 @@ def load_weights(model: torch.nn.Module, model_dir: str, map_key: Callable[[str]
         path, keys = next(iter(unexpected.items()))
         raise CheckpointError(f'{path} holds weights this model does not have, e.g. {keys[:3]}; '
                               'config.json does not match the weights (wrong variant?)')
+
+
+def _check_quantizable(path: str, key: str, tensor: torch.Tensor, module):
+    expected = (module.out_features, module.in_features)
+    if tuple(tensor.shape) != expected:
+        raise CheckpointError(f'{path}: {key} has shape {tuple(tensor.shape)} but config.json implies '
+                              f'{expected}; the weights and config.json are from different models')
 
 
 def _check_tensor(path: str, key: str, tensor: torch.Tensor, param: torch.Tensor):

@@ -88,11 +88,9 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     dt = resolve_dtype(dtype, dev, spec.dtype)
     config = load_config(model_dir, family or spec.family)
     bits = quantization_bit if quantization_bit is not None else spec.quantization_bit
-    if bits or config.quantization_bit:
-        raise CheckpointError(f'{model_dir}: int{bits or config.quantization_bit} quantized GLM blocks are '
-                              'not supported by this release yet; load an fp16/bf16 checkpoint')
+    bits = resolve_quantization(model_dir, config, bits)
     tokenizer = load_tokenizer(model_dir, config.family, config.vocab_size, config)
-    net = build_model(config, dt, dev)
+    net = build_model(config, dt, dev, bits)
     load_weights(net, model_dir, net.checkpoint_key)
     gen = dict(spec.generation or {})
     gen.update(generation or {})
@@ -100,12 +98,31 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
                      context_length=context_length or spec.context_length, generation=gen, name=spec.name)
 
 
-def build_model(config, dtype: torch.dtype, device: torch.device):
-    """The architecture for `config`, allocated (uninitialised) in `dtype` on `device`."""
+def resolve_quantization(model_dir: str, config, requested: Optional[int]) -> int:
+    """Bits of the GLM blocks: the checkpoint's own (pre-quantized) or `requested` (quantize on load)."""
+    stored = config.quantization_bit
+    if config.raw.get('quantization_embeddings'):
+        raise CheckpointError(f'{model_dir}/config.json sets quantization_embeddings (a "-qe" checkpoint with '
+                              'quantized embeddings), which is not supported; use the int4/int8 repos without '
+                              '"-qe", or quantize an fp16 checkpoint on load')
+    if requested not in (None, 0, 4, 8):
+        raise ValueError(f'quantization_bit must be 8 or 4, got {requested!r}')
+    if stored and requested and requested != stored:
+        raise CheckpointError(f'{model_dir} holds int{stored} weights; it cannot be loaded as int{requested} '
+                              '(quantize the fp16 checkpoint instead)')
+    return stored or requested or 0
+
+
+def build_model(config, dtype: torch.dtype, device: torch.device, bits: int = 0):
+    """The architecture for `config`, allocated (uninitialised) in `dtype` on `device`; with `bits`,
+    its GLM blocks' linears are int8/int4 `QuantizedLinear`s."""
     if config.family == 'glm1':
         from .models.glm1 import GLM1Model as Architecture
     else:
         from .models.glm2 import GLM2Model as Architecture
     with torch.device('meta'):
-        net = Architecture(config)
-    return net.to(dtype).to_empty(device=device)
+        net = Architecture(config).to(dtype)
+    if bits:
+        from .quantization import quantize_linears
+        quantize_linears(net, bits, dtype, device)
+    return net.to_empty(device=device)

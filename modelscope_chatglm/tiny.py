@@ -200,6 +200,26 @@ def glm1_state_dict(cfg: dict, seed: int = 0) -> Dict[str, torch.Tensor]:
     return sd
 
 
+QUANTIZED = {'glm1': ('attention.query_key_value', 'attention.dense', 'mlp.dense_h_to_4h', 'mlp.dense_4h_to_h'),
+             'glm2': ('self_attention.query_key_value', 'self_attention.dense', 'mlp.dense_h_to_4h',
+                      'mlp.dense_4h_to_h')}
+
+
+def quantize_state_dict(sd: Dict[str, torch.Tensor], family: str, bits: int) -> Dict[str, torch.Tensor]:
+    """The THUDM int8/int4 layout (spec §2.2/§2.4): each block's four linears become int8 `weight`
+    (int4: packed [out, in/2]) + fp16 `weight_scale` (+ the bias, unchanged); the rest stays float."""
+    from .quantization import quantize
+    suffixes = tuple(f'.{name}.weight' for name in QUANTIZED['glm1' if family == 'glm1' else 'glm2'])
+    out = {}
+    for key, tensor in sd.items():
+        if key.endswith(suffixes) and '.layers.' in key:
+            q, scale = quantize(tensor.to(torch.float16), bits)
+            out[key], out[key[:-len('weight')] + 'weight_scale'] = q, scale
+        else:
+            out[key] = tensor
+    return out
+
+
 def save_shards(state_dict: Dict[str, torch.Tensor], out_dir: str, fmt: str = 'bin', shards: int = 2):
     """Write `state_dict` as the hub does: `shards` files plus an index (1 shard = a single file)."""
     keys = list(state_dict)
@@ -248,7 +268,9 @@ def build(out_dir: str, family: str = 'glm2', fmt: str = 'bin', shards: int = 2,
     n_sp = spm.SentencePieceProcessor(model_proto=sp_model).GetPieceSize()
     n_words = n_sp + (9 if family == 'glm3' else 5)
     dtype_name = config_overrides.pop('torch_dtype', 'float16')
+    bits = config_overrides.pop('quantization_bit', 0)
     cfg = glm2_config(n_words, family, torch_dtype=dtype_name, **config_overrides)
+    cfg['quantization_bit'] = bits
     _write_json(out_dir, 'config.json', cfg)
     tok_cfg = {'remove_space': False, 'do_lower_case': False, 'padding_side': 'left',
                'tokenizer_class': 'ChatGLMTokenizer',
@@ -265,7 +287,10 @@ def build(out_dir: str, family: str = 'glm2', fmt: str = 'bin', shards: int = 2,
         'framework': 'pytorch', 'task': 'chat', 'allow_remote': True,
         'model': {'type': 'chatglm2-6b'},
         'pipeline': {'type': pipeline_type or 'chatglm2_6b-text-generation'}})
-    save_shards(glm2_state_dict(cfg, seed, getattr(torch, dtype_name)), out_dir, fmt, shards)
+    state_dict = glm2_state_dict(cfg, seed, getattr(torch, dtype_name))
+    if bits:
+        state_dict = quantize_state_dict(state_dict, family, bits)
+    save_shards(state_dict, out_dir, fmt, shards)
     return out_dir
 
 
@@ -275,7 +300,10 @@ def _build_glm1(out_dir, fmt, shards, seed, sp_model, pipeline_type, **config_ov
         f.write(sp_model)
     sp = spm.SentencePieceProcessor(model_proto=sp_model)
     special_ids = {t: sp.PieceToId(t) for t in GLM1_SPECIALS + ['<pad>']}
+    bits = config_overrides.pop('quantization_bit', 0)
     cfg = glm1_config(special_ids, config_overrides.pop('vocab_size', sp.GetPieceSize()), **config_overrides)
+    if bits:
+        cfg.update(quantization_bit=bits, quantization_embeddings=False)
     _write_json(out_dir, 'config.json', cfg)
     _write_json(out_dir, 'tokenizer_config.json', {
         'name_or_path': 'THUDM/chatglm-6b', 'bos_token': '<sop>', 'eos_token': '<eop>', 'end_token': '</s>',
@@ -286,7 +314,10 @@ def _build_glm1(out_dir, fmt, shards, seed, sp_model, pipeline_type, **config_ov
     _write_json(out_dir, 'configuration.json', {
         'framework': 'pytorch', 'task': 'chat', 'allow_remote': True, 'model': {'type': 'chatglm6b'},
         'pipeline': {'type': pipeline_type or 'chatglm6b-text-generation'}})
-    save_shards(glm1_state_dict(cfg, seed), out_dir, fmt, shards)
+    state_dict = glm1_state_dict(cfg, seed)
+    if bits:
+        state_dict = quantize_state_dict(state_dict, 'glm1', bits)
+    save_shards(state_dict, out_dir, fmt, shards)
     return out_dir
 
 
@@ -302,8 +333,10 @@ def main(argv=None):
     ap.add_argument('--format', default='bin', choices=['bin', 'safetensors'])
     ap.add_argument('--shards', type=int, default=2)
     ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--quantization-bit', type=int, default=0, choices=[0, 4, 8])
     args = ap.parse_args(argv)
-    print(build(args.out_dir, args.family, args.format, args.shards, args.seed))
+    print(build(args.out_dir, args.family, args.format, args.shards, args.seed,
+                quantization_bit=args.quantization_bit))
 
 
 if __name__ == '__main__':

@@ -144,6 +144,9 @@ class DecodeState:
 
 
 class GLM1Model(nn.Module):
+    # The four linears of each block that int8/int4 checkpoints quantize (relative to a GLMBlock).
+    QUANTIZED_LINEARS = ('attention.query_key_value', 'attention.dense', 'mlp.dense_h_to_4h', 'mlp.dense_4h_to_h')
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg

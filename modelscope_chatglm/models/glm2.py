@@ -144,6 +144,10 @@ class PrefixEncoder(nn.Module):
 class GLM2Model(nn.Module):
     """Token ids in, hidden states or logits out. Generation lives in `generation.py`."""
 
+    # The four linears of each block that int8/int4 checkpoints quantize (relative to a GLMBlock).
+    QUANTIZED_LINEARS = ('self_attention.query_key_value', 'self_attention.dense',
+                         'mlp.dense_h_to_4h', 'mlp.dense_4h_to_h')
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg

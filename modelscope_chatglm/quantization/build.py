@@ -1,0 +1,174 @@
+"""Compile the C kernels on first use, cache the library, load it with ctypes.
+
+- The library is built with the machine's compiler for the machine's CPU (`-O3 -march=native
+  -fopenmp`), into a per-user cache dir ($MODELSCOPE_CHATGLM_KERNEL_CACHE, else
+  $XDG_CACHE_HOME/modelscope_chatglm/kernels, else ~/.cache/...). Its file name carries a hash of the
+  source, the flags, the compiler's version and the CPU, so a valid cached library is loaded as is
+  and a changed source, compiler or CPU gets its own build.
+- The compiler writes to a temporary file that is renamed into place: two processes compiling at
+  once both succeed, and nobody ever loads a half-written library.
+- A read-only cache dir falls back to a temporary dir; a compiler without OpenMP gets a
+  single-threaded build; no compiler at all returns None, and the caller falls back to torch with
+  one clear warning.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import List, Optional
+
+logger = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels', 'quant_kernels.c')
+_lock = threading.Lock()
+_state = {'loaded': False, 'lib': None}
+
+
+def cache_dir() -> str:
+    explicit = os.environ.get('MODELSCOPE_CHATGLM_KERNEL_CACHE')
+    if explicit:
+        return explicit
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(base, 'modelscope_chatglm', 'kernels')
+
+
+def find_compiler() -> Optional[str]:
+    for name in (os.environ.get('CC'), 'gcc', 'cc', 'clang'):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """The CPU model and feature flags (a -march=native build is only valid on the same CPU)."""
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
+            lines = [line for line in f if line.startswith(('model name', 'flags', 'Features'))]
+        return ''.join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, '--version'], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return cc
+
+
+def compile_flags(openmp: bool) -> List[str]:
+    flags = ['-O3', '-march=native', '-fPIC', '-shared', '-std=c11']
+    if openmp:
+        flags += ['-Xpreprocessor', '-fopenmp', '-lomp'] if sys.platform == 'darwin' else ['-fopenmp']
+    return flags
+
+
+def library_path(cc: str, openmp: bool, directory: str) -> str:
+    with open(SOURCE, 'rb') as f:
+        source = f.read()
+    key = hashlib.sha256(b'\0'.join([source, ' '.join(compile_flags(openmp)).encode(),
+                                     _compiler_version(cc).encode(), _cpu_signature().encode()]))
+    return os.path.join(directory, f'quant_kernels-{key.hexdigest()[:16]}{"" if openmp else "-serial"}.so')
+
+
+def _writable_dir() -> str:
+    for d in (cache_dir(), os.path.join(tempfile.gettempdir(), f'modelscope_chatglm-kernels-{os.getuid()}')):
+        try:
+            os.makedirs(d, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=d, delete=True)
+            probe.close()
+            return d
+        except OSError:
+            logger.info('kernel cache dir %s is not writable; trying the next one', d)
+    raise OSError('no writable directory for the compiled kernels')
+
+
+def _compile(cc: str, openmp: bool, target: str) -> None:
+    """Compile into a temporary file next to `target`, then rename it into place atomically."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix='.build-', suffix='.so')
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, SOURCE, *compile_flags(openmp), '-o', tmp], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.strip()[-2000:] or f'{cc} exited with {proc.returncode}')
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _try_load(path: str):
+    try:
+        return _declare(ctypes.CDLL(path))
+    except OSError:
+        return None
+
+
+def load_library():
+    """The compiled kernel library (a ctypes.CDLL), or None when it cannot be built here."""
+    with _lock:
+        if _state['loaded']:
+            return _state['lib']
+        _state['loaded'] = True
+        _state['lib'] = _build_and_load()
+        return _state['lib']
+
+
+def _build_and_load():
+    if os.environ.get('MODELSCOPE_CHATGLM_NO_KERNELS') == '1':
+        return None
+    cc = find_compiler()
+    if cc is None:
+        logger.warning('no C compiler found (gcc/cc/clang on PATH, or $CC): quantized layers run on the '
+                       'slower pure-torch path. Install gcc (e.g. apt-get install gcc) for the fast CPU kernels.')
+        return None
+    directory = _writable_dir()
+    for openmp in (True, False):
+        for candidate_dir in {directory, cache_dir()}:   # a library another user cached is fine too
+            path = library_path(cc, openmp, candidate_dir)
+            if os.path.exists(path):
+                lib = _try_load(path)
+                if lib is not None:
+                    return lib
+        path = library_path(cc, openmp, directory)
+        try:
+            _compile(cc, openmp, path)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            if openmp:
+                logger.warning('compiling the CPU kernels with OpenMP failed (%s); building them '
+                               'single-threaded', str(e).splitlines()[-1] if str(e) else e)
+                continue
+            logger.warning('compiling the CPU kernels failed: %s\nquantized layers run on the slower '
+                           'pure-torch path', e)
+            return None
+        lib = _try_load(path)
+        if lib is not None:
+            logger.info('compiled the CPU kernels (%s) into %s', lib.kernel_isa().decode(), path)
+            return lib
+    return None
+
+
+def _declare(lib):
+    """argtypes for every exported function (ctypes then converts ints and pointers for us)."""
+    p, i = ctypes.c_void_p, ctypes.c_int
+    for name in ('q8_gemv', 'q4_gemv'):
+        getattr(lib, name).argtypes = [p, i, i, p, p, p, p, i, i]
+        getattr(lib, name).restype = None
+    for name in ('q8_gemv_ref', 'q4_gemv_ref'):
+        getattr(lib, name).argtypes = [p, i, i, p, p, p, p, i]
+        getattr(lib, name).restype = None
+    for name in ('q8_dequant_rows_f32', 'q8_dequant_rows_bf16', 'q4_dequant_rows_f32', 'q4_dequant_rows_bf16'):
+        getattr(lib, name).argtypes = [p, p, i, i, i, p, i]
+        getattr(lib, name).restype = None
+    lib.kernel_isa.restype = ctypes.c_char_p
+    lib.kernel_openmp.restype = ctypes.c_int
+    return lib

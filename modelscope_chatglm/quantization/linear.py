@@ -1,0 +1,110 @@
+"""`QuantizedLinear`: the int8/int4 replacement for the four linears of each GLM block.
+
+Parameters mirror the hub files: `weight` (int8 [out, in], or int4 packed [out, in/2]),
+`weight_scale` [out], optional `bias` [out].
+
+Forward, by where the weights live:
+- CPU with the compiled kernels (build.py): up to DECODE_ROWS rows of x go through the fused GEMV,
+  which streams the quantized weights once (no dequantised copy); longer inputs (prefill) dequantise
+  row tiles of W into a small reused buffer and multiply with torch (bf16 tiles for a bf16 model, so
+  oneDNN can use AMX; fp32 tiles otherwise). The whole W is never materialised.
+- CUDA, or CPU without a compiler: the same tiled dequantise-and-multiply in torch. It needs no
+  custom kernel image, so it runs on every GPU torch supports (H100/H200 included).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import formats
+from .build import load_library
+
+DECODE_ROWS = 8          # rows of x up to which the GEMV kernel wins over tiles + matmul
+TILE_ELEMENTS = 1 << 22  # dequantised tile size (4M weights: 8 MB in bf16)
+
+
+class QuantizedLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, bias: bool, dtype=None,
+                 scale_dtype=None, device=None):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f'quantization_bit must be 8 or 4, got {bits}')
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        packed = in_features // 2 if bits == 4 else in_features
+        self.weight = nn.Parameter(torch.empty(out_features, packed, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=scale_dtype or dtype, device=device),
+                                         requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    def extra_repr(self):
+        return f'in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}'
+
+    @torch.no_grad()
+    def load_float_weight(self, weight: torch.Tensor):
+        """Quantize-on-load: fill `weight` and `weight_scale` from a float [out, in] matrix."""
+        q, scale = formats.quantize(weight, self.bits)
+        self.weight.copy_(q)
+        self.weight_scale.copy_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        lib = load_library() if x.device.type == 'cpu' else None
+        if lib is not None and x2.shape[0] <= DECODE_ROWS:
+            y = self._gemv(lib, x2)
+        else:
+            y = self._tiled_matmul(lib, x2)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _gemv(self, lib, x2):
+        xf = x2.float().contiguous()
+        y = torch.empty(xf.shape[0], self.out_features, dtype=torch.float32)
+        scale = self.weight_scale if self.weight_scale.dtype == torch.float32 else self.weight_scale.float()
+        bias = None if self.bias is None else self.bias.float().contiguous()
+        kernel = lib.q4_gemv if self.bits == 4 else lib.q8_gemv
+        kernel(xf.data_ptr(), xf.shape[0], self.in_features, self.weight.data_ptr(), scale.data_ptr(),
+               None if bias is None else bias.data_ptr(), y.data_ptr(), self.out_features,
+               torch.get_num_threads())
+        return y.to(x2.dtype)
+
+    def _tiled_matmul(self, lib, x2):
+        """x2 @ dequant(W).T, one tile of rows of W at a time."""
+        compute = x2.dtype if x2.dtype in (torch.bfloat16, torch.float32) or x2.is_cuda else torch.float32
+        xc = x2.to(compute)
+        rows = max(1, min(self.out_features, TILE_ELEMENTS // self.in_features))
+        out = torch.empty(x2.shape[0], self.out_features, dtype=compute, device=x2.device)
+        tile = torch.empty(rows, self.in_features, dtype=compute, device=x2.device)
+        for n0 in range(0, self.out_features, rows):
+            n1 = min(n0 + rows, self.out_features)
+            w = self._dequantize_rows(lib, n0, n1, tile[:n1 - n0], compute)
+            out[:, n0:n1] = F.linear(xc, w)
+        if self.bias is not None:
+            out += self.bias.to(compute)
+        return out.to(x2.dtype)
+
+    def _dequantize_rows(self, lib, n0, n1, tile, dtype):
+        if lib is None:
+            return formats.dequantize(self.weight[n0:n1], self.weight_scale[n0:n1], self.bits, dtype)
+        scale = self.weight_scale.float()
+        name = f'q{self.bits}_dequant_rows_{"bf16" if dtype == torch.bfloat16 else "f32"}'
+        getattr(lib, name)(self.weight.data_ptr(), scale.data_ptr(), n0, n1, self.in_features, tile.data_ptr(),
+                           torch.get_num_threads())
+        return tile
+
+
+def quantize_linears(model: nn.Module, bits: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Swap the GLM blocks' linears (named by `model.QUANTIZED_LINEARS`) for QuantizedLinear modules.
+
+    Call on a model built on the meta device, before its weights are loaded. On CPU the scales are
+    kept in fp32 (what the kernels read); on GPU in the model dtype."""
+    scale_dtype = torch.float32 if device.type == 'cpu' else dtype
+    for layer in model.layers:
+        for path in model.QUANTIZED_LINEARS:
+            parent_name, _, name = path.rpartition('.')
+            parent = layer.get_submodule(parent_name)
+            old = getattr(parent, name)
+            setattr(parent, name, QuantizedLinear(old.in_features, old.out_features, bits, old.bias is not None,
+                                                  dtype=dtype, scale_dtype=scale_dtype, device=torch.device('meta')))

@@ -1,0 +1,289 @@
+"""int8/int4 GLM blocks: formats, the compiled C kernels, loading, parity and the build's fallbacks."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import modelscope_chatglm
+from modelscope_chatglm import tiny
+from modelscope_chatglm.checkpoint import iter_checkpoint
+from modelscope_chatglm.quantization import QuantizedLinear, dequantize, pack_int4, quantize, unpack_int4
+from modelscope_chatglm.quantization.build import load_library
+
+SHAPES = [(1, 64, 48), (3, 200, 37), (1, 4096, 33), (8, 1000, 130), (5, 96, 1)]   # (M, K, N): odd N, K % 64 != 0
+
+
+@pytest.fixture(scope='module')
+def lib():
+    library = load_library()
+    assert library is not None, 'the CPU kernels must compile on the test machines (gcc is installed)'
+    return library
+
+
+# -- formats ------------------------------------------------------------------------------------------------
+def test_int4_packing_is_bit_exact_against_the_spec():
+    q = torch.tensor([[-7, 7, 0, -1, 3, -8]], dtype=torch.int8)
+    packed = pack_int4(q)
+    # high nibble = even column, low nibble = odd column, two's complement
+    assert packed.view(torch.uint8).tolist() == [[0x97, 0x0F, 0x38]]
+    assert torch.equal(unpack_int4(packed), q)
+    every = torch.arange(-8, 8, dtype=torch.int8)
+    grid = torch.cartesian_prod(every, every).reshape(1, -1)      # all 256 byte values
+    assert torch.equal(unpack_int4(pack_int4(grid)), grid)
+    # unpacking as the spec describes: high = byte >> 4 (arithmetic), low = (byte << 4 as u8) >> 4
+    for byte in range(256):
+        b = torch.tensor([[byte]], dtype=torch.uint8).view(torch.int8)
+        signed = byte - 256 if byte > 127 else byte
+        low = ((byte << 4) & 0xFF)
+        low = (low - 256 if low > 127 else low) >> 4
+        assert unpack_int4(b).tolist() == [[signed >> 4, low]]
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_quantize_follows_the_reference_rule(bits):
+    w = torch.randn(37, 64, dtype=torch.float16)
+    q, scale = quantize(w, bits)
+    expect_scale = w.abs().max(dim=-1).values / (2 ** (bits - 1) - 1)
+    expect_q = torch.round(w / expect_scale[:, None]).to(torch.int8)
+    assert torch.equal(scale, expect_scale) and scale.dtype == torch.float16
+    assert torch.equal(unpack_int4(q) if bits == 4 else q, expect_q)
+    assert int(expect_q.abs().max()) == 2 ** (bits - 1) - 1
+    rel = (dequantize(q, scale, bits) - w.float()).abs().max() / w.abs().max()
+    assert rel < (0.01 if bits == 8 else 0.1)
+
+
+# -- kernels: SIMD = scalar reference = torch --------------------------------------------------------------
+def run(lib, name, x, q, scale, bias, n):
+    y = torch.empty(x.shape[0], n)
+    args = [x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(), scale.data_ptr(),
+            None if bias is None else bias.data_ptr(), y.data_ptr(), n]
+    getattr(lib, name)(*args, *([] if name.endswith('_ref') else [torch.get_num_threads()]))
+    return y
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+@pytest.mark.parametrize('M,K,N', SHAPES)
+def test_gemv_kernel_equals_scalar_reference_and_torch(lib, bits, M, K, N):
+    if bits == 4 and K % 2:
+        pytest.skip('int4 needs an even K')
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    w = torch.randn(N, K, generator=g)
+    q, scale = quantize(w, bits)
+    scale = scale.float()
+    x = torch.randn(M, K, generator=g)
+    bias = torch.randn(N, generator=g)
+    expected = x.double() @ dequantize(q, scale, bits, torch.float64).t() + bias.double()
+    fast = run(lib, f'q{bits}_gemv', x, q, scale, bias, N)
+    ref = run(lib, f'q{bits}_gemv_ref', x, q, scale, bias, N)
+    tol = 1e-4 * (1 + expected.abs().max().item())
+    assert (fast.double() - expected).abs().max() < tol
+    assert (ref.double() - expected).abs().max() < tol
+    assert (fast - ref).abs().max() < tol
+    no_bias = run(lib, f'q{bits}_gemv', x, q, scale, None, N)
+    assert torch.allclose(no_bias + bias, fast, atol=tol)
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_dequantized_tiles_match_torch(lib, bits):
+    w = torch.randn(70, 96)
+    q, scale = quantize(w, bits)
+    scale = scale.float()
+    full = dequantize(q, scale, bits)
+    out = torch.empty(30, 96)
+    getattr(lib, f'q{bits}_dequant_rows_f32')(q.data_ptr(), scale.data_ptr(), 20, 50, 96, out.data_ptr(), 2)
+    assert torch.equal(out, full[20:50])
+    out16 = torch.empty(30, 96, dtype=torch.bfloat16)
+    getattr(lib, f'q{bits}_dequant_rows_bf16')(q.data_ptr(), scale.data_ptr(), 20, 50, 96, out16.data_ptr(), 2)
+    assert torch.equal(out16, full[20:50].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('rows', [1, 5, 40])   # GEMV and tiled prefill paths
+def test_quantized_linear_paths_agree(lib, bits, dtype, rows, monkeypatch):
+    layer = QuantizedLinear(128, 300, bits, bias=True, dtype=dtype, scale_dtype=torch.float32)
+    w = torch.randn(300, 128)
+    layer.load_float_weight(w)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(300))
+    x = torch.randn(2, rows, 128).to(dtype)
+    expected = torch.nn.functional.linear(x.float(), dequantize(layer.weight, layer.weight_scale, bits),
+                                          layer.bias.float())
+    fast = layer(x)
+    assert fast.shape == (2, rows, 300) and fast.dtype == dtype
+    tol = 2e-2 * expected.abs().max().item() if dtype == torch.bfloat16 else 1e-4 * expected.abs().max().item()
+    assert (fast.float() - expected).abs().max() < tol
+    monkeypatch.setattr('modelscope_chatglm.quantization.linear.load_library', lambda: None)   # no compiler
+    assert (layer(x).float() - expected).abs().max() < tol
+
+
+# -- models ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def quantized_dirs(tmp_path_factory, sp_models):
+    """Pre-quantized tiny checkpoints (THUDM layout), their fp16 source, and a glm1 one."""
+    root = tmp_path_factory.mktemp('quant')
+    dirs = {'fp16': tiny.build(str(root / 'fp16'), 'glm2', 'bin', 2, seed=11, sp_model=sp_models['glm2'])}
+    for bits in (8, 4):
+        dirs[bits] = tiny.build(str(root / f'int{bits}'), 'glm2', 'bin', 2, seed=11, sp_model=sp_models['glm2'],
+                                quantization_bit=bits)
+    return dirs
+
+
+def dequantized_copy(quant_dir, out_dir, bits):
+    """The same model with its quantized linears dequantized to fp32: what the reference runs."""
+    shutil.copytree(quant_dir, out_dir, ignore=shutil.ignore_patterns('*.bin', '*.json'))
+    for name in ('tokenizer_config.json', 'configuration.json', 'generation_config.json'):
+        if os.path.exists(os.path.join(quant_dir, name)):
+            shutil.copy(os.path.join(quant_dir, name), out_dir)
+    cfg = json.load(open(os.path.join(quant_dir, 'config.json')))
+    # fp32 in the config too: the reference builds its modules in config.torch_dtype, and fp16 modules
+    # would round the dequantized values it is given.
+    cfg.update(quantization_bit=0, torch_dtype='float32')
+    json.dump(cfg, open(os.path.join(out_dir, 'config.json'), 'w'))
+    state = {}
+    for _, tensors in iter_checkpoint(quant_dir):
+        state.update(tensors)
+    out = {}
+    for key, t in state.items():
+        if key.endswith('.weight_scale'):
+            continue
+        scale_key = key[:-len('weight')] + 'weight_scale'
+        out[key] = dequantize(t, state[scale_key], bits) if scale_key in state else t.float()
+    tiny.save_shards(out, out_dir, 'bin', 1)
+    return out_dir
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_prequantized_checkpoint_matches_reference_on_dequantized_weights(quantized_dirs, tmp_path, reference, bits):
+    model = modelscope_chatglm.load(quantized_dirs[bits], device='cpu', dtype='float32')
+    layer = model.model.layers[0]
+    assert isinstance(layer.mlp.dense_h_to_4h, QuantizedLinear) and layer.mlp.dense_h_to_4h.bits == bits
+    assert layer.self_attention.query_key_value.weight_scale.dtype == torch.float32    # fp16 in the file
+    assert model.model.word_embeddings.weight.dtype == torch.float32                  # not quantized
+    ref_dir = dequantized_copy(quantized_dirs[bits], str(tmp_path / 'deq'), bits)
+    prompt = model.build_inputs('你好，请介绍一下你自己。' + ' The quick brown fox.' * 3)
+    ref = reference({'model_dir': ref_dir, 'cases': [
+        {'kind': 'logits', 'name': 'logits', 'prompts': [prompt]},
+        {'kind': 'greedy', 'name': 'greedy', 'prompt': prompt, 'max_new_tokens': 16}]})
+    diff = (model.logits(prompt) - ref['logits']).abs().max().item()
+    print(f'\n[int{bits}] max |logit diff| vs reference on dequantized weights: {diff:.3g}')
+    assert diff < 5e-3
+    assert model.generate(prompt, max_new_tokens=16, do_sample=False) == ref['greedy']
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_quantize_on_load_equals_prequantized(quantized_dirs, bits):
+    pre = modelscope_chatglm.load(quantized_dirs[bits], device='cpu', dtype='float32')
+    onload = modelscope_chatglm.load(quantized_dirs['fp16'], device='cpu', dtype='float32', quantization_bit=bits)
+    for a, b in zip(pre.model.state_dict().values(), onload.model.state_dict().values()):
+        assert torch.equal(a, b)
+    prompt = pre.build_inputs('你好')
+    assert torch.equal(pre.logits(prompt), onload.logits(prompt))
+
+
+def test_chatglm6b_int4_and_int8(tmp_path):
+    sp = tiny.train_sentencepiece('glm1')
+    fp = modelscope_chatglm.load(tiny.build(str(tmp_path / 'fp'), 'glm1', 'bin', 2, sp_model=sp),
+                                 device='cpu', dtype='float32')
+    for bits in (8, 4):
+        d = tiny.build(str(tmp_path / f'q{bits}'), 'glm1', 'bin', 2, sp_model=sp, quantization_bit=bits)
+        q = modelscope_chatglm.load(d, device='cpu', dtype='float32')
+        assert q.model.layers[1].attention.query_key_value.bits == bits
+        prompt = q.build_inputs('你好')
+        rel = ((q.logits(prompt) - fp.logits(prompt)).abs().max() / fp.logits(prompt).abs().max()).item()
+        assert rel < (0.05 if bits == 8 else 0.5)
+        q.chat('你好', max_new_tokens=6)
+
+
+def test_bfloat16_quantized_model_runs_prefill_and_decode(quantized_dirs):
+    model = modelscope_chatglm.load(quantized_dirs[8], device='cpu', dtype='bfloat16')
+    ref = modelscope_chatglm.load(quantized_dirs[8], device='cpu', dtype='float32')
+    prompt = model.build_inputs('你好，请介绍一下你自己。' * 3)
+    rel = ((model.logits(prompt) - ref.logits(prompt)).abs().max() / ref.logits(prompt).abs().max()).item()
+    assert rel < 0.05
+    assert len(model.generate(prompt, max_new_tokens=5, do_sample=False, stop_ids=[])) == 5
+
+
+def test_quantization_errors(quantized_dirs, tmp_path):
+    with pytest.raises(ValueError, match='must be 8 or 4'):
+        modelscope_chatglm.load(quantized_dirs['fp16'], quantization_bit=3)
+    with pytest.raises(modelscope_chatglm.CheckpointError, match='holds int8 weights'):
+        modelscope_chatglm.load(quantized_dirs[8], quantization_bit=4)
+    d = tmp_path / 'qe'
+    shutil.copytree(quantized_dirs[4], d)
+    cfg = json.load(open(d / 'config.json'))
+    cfg['quantization_embeddings'] = True
+    json.dump(cfg, open(d / 'config.json', 'w'))
+    with pytest.raises(modelscope_chatglm.CheckpointError, match='quantization_embeddings'):
+        modelscope_chatglm.load(str(d))
+    d = tmp_path / 'noq'
+    shutil.copytree(quantized_dirs[8], d)
+    cfg = json.load(open(d / 'config.json'))
+    cfg['quantization_bit'] = 0
+    json.dump(cfg, open(d / 'config.json', 'w'))
+    with pytest.raises(modelscope_chatglm.CheckpointError, match='config.json lacks quantization_bit'):
+        modelscope_chatglm.load(str(d))
+
+
+# -- the build: cache, concurrency, no compiler ----------------------------------------------------------------
+PROBE = textwrap.dedent('''
+    import logging, sys, time
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s %(message)s')
+    from modelscope_chatglm.quantization import build
+    t = time.time()
+    lib = build.load_library()
+    print('RESULT', None if lib is None else lib.kernel_isa().decode(), round(time.time() - t, 3))
+''')
+
+
+def probe(env, cache):
+    env = dict(os.environ, MODELSCOPE_CHATGLM_KERNEL_CACHE=str(cache), **env)
+    return subprocess.Popen([sys.executable, '-c', PROBE], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_compiling_at_once_both_succeed_and_the_cache_is_reused(tmp_path):
+    cache = tmp_path / 'kernels'
+    procs = [probe({}, cache) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for out in outs:
+        assert 'RESULT avx' in out or 'RESULT scalar' in out, out
+    libs = [f for f in os.listdir(cache) if f.endswith('.so')]
+    assert len(libs) == 1 and not [f for f in os.listdir(cache) if f.startswith('.build-')]
+    mtime = os.path.getmtime(cache / libs[0])
+    out = probe({}, cache).communicate(timeout=300)[0]
+    assert 'compiled the CPU kernels' not in out and 'RESULT' in out   # loaded, not rebuilt
+    assert os.path.getmtime(cache / libs[0]) == mtime
+
+
+def test_without_a_compiler_torch_takes_over_with_one_warning(tmp_path, quantized_dirs):
+    empty = tmp_path / 'empty-path'
+    empty.mkdir()
+    env = {'PATH': str(empty), 'CC': ''}   # python is started by its full path; gcc/cc/clang are not found
+    code = PROBE + textwrap.dedent(f'''
+        import modelscope_chatglm
+        m = modelscope_chatglm.load({quantized_dirs[4]!r}, device='cpu', dtype='float32')
+        print('REPLY', len(m.generate(m.build_inputs('hi'), max_new_tokens=3, do_sample=False, stop_ids=[])))
+    ''')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, MODELSCOPE_CHATGLM_KERNEL_CACHE=str(tmp_path / 'c'), **env))
+    out = proc.stdout + proc.stderr
+    assert 'RESULT None' in out and 'REPLY 3' in out, out
+    assert out.count('no C compiler found') == 1
+
+
+def test_read_only_cache_falls_back_to_a_temp_dir(tmp_path):
+    if os.geteuid() == 0:
+        cache = '/proc/modelscope-chatglm-readonly'   # not writable even for root
+    else:
+        cache = tmp_path / 'ro'
+        cache.mkdir()
+        os.chmod(cache, 0o500)
+    out = probe({}, cache).communicate(timeout=300)[0]
+    assert 'RESULT avx' in out or 'RESULT scalar' in out, out
+    assert 'not writable' in out
