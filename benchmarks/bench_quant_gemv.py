@@ -1,0 +1,124 @@
+"""Per-layer int8/int4 linear speed on the ChatGLM2-6B shapes, against torch fp32 and the THUDM CPU path.
+
+Decode (M = 1): GB/s of weight bytes streamed per call (int8: 1 byte/weight, int4: 0.5, fp32: 4), and
+the time ratio to torch fp32 `F.linear` measured in the same run. Each method cycles through enough
+copies of the weights (>= 512 MB) that they come from DRAM, not from the CPU caches.
+Prefill (M = 256, 1024): GFLOP/s (2*M*N*K per call) of the tiled path (bf16 tiles + oneDNN/AMX for a
+bf16 model, fp32 tiles + MKL for an fp32 one) against fp32 and bf16 dense `F.linear`.
+
+    python benchmarks/bench_quant_gemv.py [--threads 2]
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from modelscope_chatglm.quantization import QuantizedLinear, dequantize  # noqa: E402
+from modelscope_chatglm.quantization.build import load_library  # noqa: E402
+
+SHAPES = {'qkv 4608x4096': (4608, 4096), 'dense 4096x4096': (4096, 4096),
+          'h_to_4h 27392x4096': (27392, 4096), '4h_to_h 4096x13696': (4096, 13696)}
+POOL_BYTES = 512 << 20
+
+
+def timed(fn, copies, min_seconds=1.0, min_calls=5):
+    """Median and best seconds per call, rotating over `copies` (each a tuple of args)."""
+    times, i, start = [], 0, time.perf_counter()
+    fn(*copies[0])
+    while len(times) < min_calls or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
+        fn(*copies[i % len(copies)])
+        times.append(time.perf_counter() - t)
+        i += 1
+    return statistics.median(times), min(times)
+
+
+def quantized_layers(n, k, bits, count, dtype=torch.float32):
+    layers = []
+    for _ in range(count):
+        layer = QuantizedLinear(k, n, bits, bias=False, dtype=dtype, scale_dtype=torch.float32)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randint(-127 if bits == 8 else -128, 128, layer.weight.shape, dtype=torch.int8))
+            layer.weight_scale.copy_(torch.rand(n) * 0.01)
+        layers.append(layer)
+    return layers
+
+
+def thudm_linear(x, layer):
+    """The reference CPU path: dequantize the whole W to fp32 on every call, then matmul."""
+    return F.linear(x, dequantize(layer.weight, layer.weight_scale, layer.bits))
+
+
+def decode_table(threads):
+    print(f'\nDecode, M = 1, {threads} threads: median ms per call (GB/s of weights at the median; best GB/s)')
+    print(f'{"shape":20s} {"method":28s} {"ms":>8s} {"GB/s":>7s} {"best":>7s} {"vs fp32":>8s}')
+    x = torch.randn(1, 4096)
+    for name, (n, k) in SHAPES.items():
+        x = torch.randn(1, k)
+        fp32_bytes = n * k * 4
+        dense = [(torch.randn(n, k),) for _ in range(max(2, POOL_BYTES // fp32_bytes))]
+        rows = []
+        med, best = timed(lambda w: F.linear(x, w), dense)
+        rows.append(('torch fp32 F.linear', fp32_bytes, med, best))
+        fp32_ms = med
+        del dense
+        for bits in (8, 4):
+            nbytes = n * k * bits // 8
+            layers = [(layer,) for layer in quantized_layers(n, k, bits, max(2, POOL_BYTES // nbytes))]
+            med, best = timed(lambda layer: layer(x), layers)
+            rows.append((f'int{bits} C GEMV ({load_library().kernel_isa().decode()})', nbytes, med, best))
+            if bits == 8:
+                med, best = timed(lambda layer: thudm_linear(x, layer), layers[:4], min_seconds=0.5, min_calls=3)
+                rows.append(('int8 THUDM dequantize-all', nbytes, med, best))
+            del layers
+        for method, nbytes, med, best in rows:
+            print(f'{name:20s} {method:28s} {med * 1e3:8.2f} {nbytes / med / 1e9:7.1f} {nbytes / best / 1e9:7.1f} '
+                  f'{fp32_ms / med:7.2f}x')
+
+
+def prefill_table(threads):
+    print(f'\nPrefill, {threads} threads: GFLOP/s (median)')
+    print(f'{"shape":20s} {"M":>5s} {"fp32 dense":>11s} {"bf16 dense":>11s} {"int8 fp32 tiles":>16s} '
+          f'{"int8 bf16 tiles":>16s} {"int4 bf16 tiles":>16s}')
+    for name, (n, k) in SHAPES.items():
+        for m in (256, 1024):
+            flops = 2 * m * n * k
+            x32, x16 = torch.randn(m, k), torch.randn(m, k).bfloat16()
+            w32 = [(torch.randn(n, k),)]
+            w16 = [(w32[0][0].bfloat16(),)]
+            cells = [timed(lambda w: F.linear(x32, w), w32, 0.5, 2)[0],
+                     timed(lambda w: F.linear(x16, w), w16, 0.5, 2)[0]]
+            del w32, w16
+            q8 = [(layer,) for layer in quantized_layers(n, k, 8, 1, torch.float32)]
+            cells.append(timed(lambda layer: layer(x32), q8, 0.5, 2)[0])
+            q8 = [(layer,) for layer in quantized_layers(n, k, 8, 1, torch.bfloat16)]
+            cells.append(timed(lambda layer: layer(x16), q8, 0.5, 2)[0])
+            q4 = [(layer,) for layer in quantized_layers(n, k, 4, 1, torch.bfloat16)]
+            cells.append(timed(lambda layer: layer(x16), q4, 0.5, 2)[0])
+            print(f'{name:20s} {m:5d} ' + ' '.join(f'{flops / t / 1e9:{w}.0f}' for t, w in
+                                                   zip(cells, (11, 11, 16, 16, 16))))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--threads', type=int, default=os.cpu_count())
+    ap.add_argument('--skip-prefill', action='store_true')
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lib = load_library()
+    if lib is None:
+        sys.exit('the C kernels could not be built here (see the warning above)')
+    print(f'kernels: {lib.kernel_isa().decode()}, OpenMP: {bool(lib.kernel_openmp())}, torch {torch.__version__}')
+    with torch.inference_mode():
+        decode_table(args.threads)
+        if not args.skip_prefill:
+            prefill_table(args.threads)
+
+
+if __name__ == '__main__':
+    main()
