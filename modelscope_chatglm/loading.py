@@ -31,6 +31,9 @@ DTYPES = {
     'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
 }
 DEFAULT_DTYPE = {'cpu': 'float32', 'cuda': 'float16'}
+# With int8/int4 blocks on CPU, bf16 activations let prefill use the AMX/AVX-512 bf16 units and halve
+# the unquantized embedding and head; the decode kernels accumulate in fp32 either way.
+DEFAULT_QUANTIZED_DTYPE = {'cpu': 'bfloat16', 'cuda': 'float16'}
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -48,10 +51,10 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype, device: torch.device, policy=None) -> torch.dtype:
+def resolve_dtype(dtype, device: torch.device, policy=None, quantized: bool = False) -> torch.dtype:
     if dtype is None or dtype == 'auto':
         dtype = policy.get(device.type) if isinstance(policy, dict) else policy
-        dtype = dtype or DEFAULT_DTYPE.get(device.type, 'float32')
+        dtype = dtype or (DEFAULT_QUANTIZED_DTYPE if quantized else DEFAULT_DTYPE).get(device.type, 'float32')
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
@@ -85,10 +88,10 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     spec = configurations.read(cfg_path) if cfg_path else configurations.Configuration(name=model, model=model)
     model_dir = resolve_model_dir(spec.model, revision or spec.revision)
     dev = resolve_device(device or spec.device)
-    dt = resolve_dtype(dtype, dev, spec.dtype)
     config = load_config(model_dir, family or spec.family)
     bits = quantization_bit if quantization_bit is not None else spec.quantization_bit
     bits = resolve_quantization(model_dir, config, bits)
+    dt = resolve_dtype(dtype, dev, spec.dtype, quantized=bool(bits))
     tokenizer = load_tokenizer(model_dir, config.family, config.vocab_size, config)
     net = build_model(config, dt, dev, bits)
     load_weights(net, model_dir, net.checkpoint_key)

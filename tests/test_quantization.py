@@ -287,3 +287,19 @@ def test_read_only_cache_falls_back_to_a_temp_dir(tmp_path):
     out = probe({}, cache).communicate(timeout=300)[0]
     assert 'RESULT avx' in out or 'RESULT scalar' in out, out
     assert 'not writable' in out
+
+
+def test_quantization_through_yaml_pipeline_and_defaults(quantized_dirs, tmp_path):
+    import modelscope_chatglm  # noqa: F401  (registers with ModelScope)
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+    model = modelscope_chatglm.load(quantized_dirs['fp16'], device='cpu', quantization_bit=4)
+    assert model.dtype == torch.bfloat16 and model.model.layers[0].mlp.dense_4h_to_h.bits == 4
+    yaml_path = tmp_path / 'q8.yaml'
+    yaml_path.write_text(f'model: {quantized_dirs["fp16"]}\nquantization_bit: 8\ndtype: float32\n')
+    from_yaml = modelscope_chatglm.load(str(yaml_path))
+    assert from_yaml.model.layers[0].self_attention.dense.bits == 8 and from_yaml.dtype == torch.float32
+    pipe = pipeline(task=Tasks.chat, model=quantized_dirs['fp16'], quantization_bit=8, dtype='float32')
+    assert pipe.chat_model.model.layers[1].self_attention.dense.bits == 8
+    out = pipe({'text': '你好', 'history': []}, max_new_tokens=4, do_sample=False)
+    assert out['response'] == from_yaml.chat('你好', max_new_tokens=4, do_sample=False)[0]

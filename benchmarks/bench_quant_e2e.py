@@ -1,0 +1,142 @@
+"""End-to-end int8/int4 decode on a full-size ChatGLM2-6B-shaped checkpoint, quantized while loading.
+
+Builds (once, ~12.5 GB on disk) a checkpoint with the real ChatGLM2-6B shapes (28 layers, hidden 4096,
+ffn 13696, vocab 65024) and random fp16 weights in the hub layout (7 `.bin` shards + index), then, each
+in a fresh process: load with `quantization_bit=8|4` (quantize on load), and report
+  - load time, peak RSS during the load, RSS once loaded,
+  - prefill time for the prompt, decode tokens/s (greedy, stop ids off),
+  - the THUDM-style CPU path (dequantize each whole W to fp32 on every call, then matmul) on the same
+    int8 model, for the baseline ratio (a couple of tokens: it is slow).
+
+    python benchmarks/bench_quant_e2e.py --dir /var/tmp/chatglm2-6b-random [--modes int8,int4]
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+LAYERS_PER_SHARD = 4
+
+
+def build(path):
+    """The checkpoint, written shard by shard so building it never holds more than one shard."""
+    import math
+    import torch
+    from modelscope_chatglm import tiny
+    if os.path.exists(os.path.join(path, '.complete')):
+        return
+    os.makedirs(path, exist_ok=True)
+    sp = tiny.train_sentencepiece('glm2')
+    open(os.path.join(path, 'tokenizer.model'), 'wb').write(sp)
+    cfg = tiny.glm2_config(1000, 'glm2', hidden_size=4096, num_layers=28, num_heads=32, kv_channels=128, groups=2,
+                           ffn_hidden_size=13696, seq_length=32768, padded_vocab_size=65024)
+    json.dump(cfg, open(os.path.join(path, 'config.json'), 'w'), indent=2)
+    for name in ('tokenizer_config.json', 'configuration.json'):
+        json.dump({'padding_side': 'left'} if name.startswith('tok') else
+                  {'framework': 'pytorch', 'task': 'chat'}, open(os.path.join(path, name), 'w'))
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) / math.sqrt(shape[-1])).half()
+
+    shards = math.ceil(28 / LAYERS_PER_SHARD)
+    weight_map = {}
+    for s in range(shards):
+        sd = {}
+        if s == 0:
+            sd['transformer.embedding.word_embeddings.weight'] = torch.randn(65024, 4096, generator=g).half()
+        for i in range(s * LAYERS_PER_SHARD, min(28, (s + 1) * LAYERS_PER_SHARD)):
+            p = f'transformer.encoder.layers.{i}.'
+            sd[p + 'input_layernorm.weight'] = torch.ones(4096).half()
+            sd[p + 'self_attention.query_key_value.weight'] = rand(4608, 4096)
+            sd[p + 'self_attention.query_key_value.bias'] = torch.zeros(4608).half()
+            sd[p + 'self_attention.dense.weight'] = rand(4096, 4096)
+            sd[p + 'post_attention_layernorm.weight'] = torch.ones(4096).half()
+            sd[p + 'mlp.dense_h_to_4h.weight'] = rand(27392, 4096)
+            sd[p + 'mlp.dense_4h_to_h.weight'] = rand(4096, 13696)
+        if s == shards - 1:
+            sd['transformer.encoder.final_layernorm.weight'] = torch.ones(4096).half()
+            sd['transformer.output_layer.weight'] = rand(65024, 4096)
+        name = f'pytorch_model-{s + 1:05d}-of-{shards:05d}.bin'
+        torch.save(sd, os.path.join(path, name))
+        weight_map.update({k: name for k in sd})
+        print(f'  wrote {name}', flush=True)
+    json.dump({'metadata': {}, 'weight_map': weight_map},
+              open(os.path.join(path, 'pytorch_model.bin.index.json'), 'w'), indent=2)
+    open(os.path.join(path, '.complete'), 'w').close()
+
+
+def rss_gb():
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) / 1e6
+    return float('nan')
+
+
+def child(path, bits, dtype, new_tokens, baseline):
+    import torch
+    import modelscope_chatglm
+    from modelscope_chatglm.generation import generate_tokens
+    from modelscope_chatglm.quantization import QuantizedLinear, dequantize
+    t = time.perf_counter()
+    chat = modelscope_chatglm.load(path, device='cpu', dtype=dtype, quantization_bit=bits)
+    load_s = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    loaded = rss_gb()
+    if baseline:
+        def dequantize_all(self, x):   # what the reference's CPU path does on every call
+            w = dequantize(self.weight, self.weight_scale, self.bits)
+            y = torch.nn.functional.linear(x.float(), w, None if self.bias is None else self.bias.float())
+            return y.to(x.dtype)
+        QuantizedLinear.forward = dequantize_all
+    prompt = chat.build_inputs('你好，请介绍一下你自己。' * 2)
+    params = chat.sampling(max_new_tokens=new_tokens + 1, do_sample=False, stop_ids=[])
+    times, start = [], time.perf_counter()
+    for _ in generate_tokens(chat.model, [prompt], params, 0, chat.tokenizer.vocab_size):
+        times.append(time.perf_counter() - start)
+    return {'load_s': load_s, 'peak_rss_gb': peak, 'rss_gb': loaded, 'prompt': len(prompt),
+            'prefill_s': times[0], 'decode_tok_s': new_tokens / (times[-1] - times[0])}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--dir', default=os.path.join('/var/tmp', 'chatglm2-6b-random'))
+    ap.add_argument('--modes', default='int8:float32,int4:float32,int8:bfloat16,int4:bfloat16,baseline-int8:float32')
+    ap.add_argument('--new', type=int, default=16)
+    ap.add_argument('--child', default=None)
+    args = ap.parse_args()
+    if args.child:
+        kind, dtype = args.child.split(':')
+        baseline = kind.startswith('baseline')
+        bits = int(kind.rsplit('int', 1)[1])
+        print(json.dumps(child(args.dir, bits, dtype, 2 if baseline else args.new, baseline)))
+        return
+    t = time.perf_counter()
+    build(args.dir)
+    print(f'checkpoint: {args.dir} (ChatGLM2-6B shapes, 28 layers, random fp16 weights, '
+          f'{time.perf_counter() - t:.0f}s to build or find)\n')
+    print(f'{"mode":24s} {"load s":>7s} {"peak RSS GB":>12s} {"RSS GB":>7s} {"prefill s":>10s} {"decode tok/s":>13s}')
+    results = {}
+    for mode in args.modes.split(','):
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--dir', args.dir, '--child', mode,
+                               '--new', str(args.new)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f'{mode}: failed\n{proc.stderr[-3000:]}')
+            continue
+        r = results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f'{mode:24s} {r["load_s"]:7.1f} {r["peak_rss_gb"]:12.2f} {r["rss_gb"]:7.2f} {r["prefill_s"]:10.2f} '
+              f'{r["decode_tok_s"]:13.3f}   (prompt {r["prompt"]} tokens)', flush=True)
+    if 'baseline-int8:float32' in results and 'int8:float32' in results:
+        ratio = results['int8:float32']['decode_tok_s'] / results['baseline-int8:float32']['decode_tok_s']
+        print(f'\nint8 decode, our kernels vs the THUDM dequantize-whole-W path: {ratio:.1f}x')
+
+
+if __name__ == '__main__':
+    main()
