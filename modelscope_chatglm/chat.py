@@ -13,7 +13,7 @@ import torch
 
 from . import prompts
 from .errors import ContextLengthError, InputError
-from .generation import SamplingParams, TextDeltas, generate_tokens
+from .generation import PromptCache, SamplingParams, TextDeltas, generate_tokens
 
 # The official chat() defaults of each generation (spec §5).
 FAMILY_DEFAULTS = {
@@ -35,6 +35,9 @@ class ChatModel:
         self.context_length = min(context_length or config.seq_length, config.seq_length)
         defaults = SamplingParams(stop_ids=tuple(tokenizer.stop_ids), **FAMILY_DEFAULTS[self.family])
         self.defaults = SamplingParams.from_kwargs(defaults, **(generation or {}))
+        # Chat turns keep the last conversation's KV cache: turn N+1 prefills only its new tokens.
+        # (ChatGLM-6B cannot: its prompt prefix is attended bidirectionally, so K/V change as it grows.)
+        self.prompt_cache = PromptCache()
 
     def __repr__(self):
         return (f'ChatModel({self.name!r}, family={self.family}, device={self.device}, '
@@ -208,7 +211,7 @@ class ChatTurn:
         deltas = TextDeltas(tok.decode)
         stop_ids = set(self.request.params.stop_ids)
         for step in generate_tokens(self.chat.model, [self.request.input_ids], self.request.params,
-                                    tok.pad_id, tok.vocab_size):
+                                    tok.pad_id, tok.vocab_size, prompt_cache=self.chat.prompt_cache):
             token = step[0]
             self.output_ids.append(token)
             if token in stop_ids:

@@ -11,6 +11,7 @@ official `generate`: repetition penalty, then temperature, top-k, top-p.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field, fields, replace
 from typing import Iterator, List, Optional, Sequence
 
@@ -109,12 +110,47 @@ def left_pad(prompts: List[List[int]], pad_id: int):
     return ids, mask
 
 
+class PromptCache:
+    """The KV cache of the last conversation, kept so that the next turn only prefills what is new.
+
+    A chat turn's prompt repeats the whole history; the cache holds the K/V of the previous prompt and
+    reply. The longest common prefix of the cached tokens and the new prompt is kept, the rest cut off,
+    so an edited or truncated history simply reuses less. One conversation at a time: a turn that finds
+    the cache busy (another thread generating) runs without it.
+    """
+
+    def __init__(self):
+        self.ids: List[int] = []      # tokens whose K/V the cache holds
+        self.state = None
+        self.lock = threading.Lock()
+        self.reused = 0               # prompt tokens the last turn did not have to prefill
+
+    def prefill(self, model, prompt: List[int], budget: int):
+        keep = 0
+        if self.state is not None:
+            limit = min(len(self.ids), len(prompt) - 1)   # at least one new token gives the logits
+            while keep < limit and self.ids[keep] == prompt[keep]:
+                keep += 1
+        ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
+        if keep:
+            logits = model.extend(self.state, keep, ids[:, keep:], budget)
+        else:
+            logits, self.state = model.prefill(ids, None, budget)
+        self.ids, self.reused = list(prompt), keep
+        return logits, self.state
+
+    def clear(self):
+        self.ids, self.state, self.reused = [], None, 0
+
+
 @torch.inference_mode()
 def generate_tokens(model, prompts: List[List[int]], params: SamplingParams, pad_id: int,
-                    vocab_limit: int) -> Iterator[List[Optional[int]]]:
+                    vocab_limit: int, prompt_cache: Optional[PromptCache] = None) -> Iterator[List[Optional[int]]]:
     """Yield, per step, the new token of each sequence (None once a sequence has finished).
 
     A sequence finishes on a stop id (which is yielded) or when its budget of new tokens is spent.
+    With `prompt_cache` (one prompt, a model with `supports_prefix_reuse`), the prompt's cached prefix
+    is reused and the cache keeps this generation for the next call.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError('every prompt needs at least one token')
@@ -124,13 +160,28 @@ def generate_tokens(model, prompts: List[List[int]], params: SamplingParams, pad
     device = model.device
     input_ids, mask = left_pad(prompts, pad_id)
     input_ids, mask = input_ids.to(device), mask.to(device)
+    seen = input_ids.masked_fill(mask == 0, pad_id)
+    use_cache = prompt_cache is not None and len(prompts) == 1 and getattr(model, 'supports_prefix_reuse', False) \
+        and prompt_cache.lock.acquire(blocking=False)
+    try:
+        if use_cache:
+            logits, state = prompt_cache.prefill(model, prompts[0], budget)
+        else:
+            logits, state = model.prefill(input_ids, mask, budget)
+        yield from _decode_loop(model, logits, state, seen, params, budget, vocab_limit, prompt_cache
+                                if use_cache else None)
+    finally:
+        if use_cache:
+            prompt_cache.lock.release()
+
+
+def _decode_loop(model, logits, state, seen, params, budget, vocab_limit, prompt_cache):
+    device = seen.device
     generator = None
     if params.do_sample and params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     stop = torch.tensor(sorted(set(params.stop_ids)) or [-1], device=device)
-    seen = input_ids.masked_fill(mask == 0, pad_id)
-    logits, state = model.prefill(input_ids, mask, budget)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    finished = torch.zeros(seen.shape[0], dtype=torch.bool, device=device)
     warned = False
     for step in range(budget):
         broken = ~torch.isfinite(logits.float()).all(dim=-1)
@@ -151,6 +202,8 @@ def generate_tokens(model, prompts: List[List[int]], params: SamplingParams, pad
             return
         seen = torch.cat([seen, next_ids[:, None]], dim=1)
         logits = model.decode(next_ids, state)
+        if prompt_cache is not None:
+            prompt_cache.ids.append(int(next_ids[0]))
 
 
 class TextDeltas:

@@ -212,10 +212,9 @@ class GLM2Model(nn.Module):
         visible = torch.ones(b, t, dtype=torch.bool, device=device)
         visible[:, pre:] = key_padding.to(device)
         mask = self._causal(s, past, device)[None] & visible[:, None, :]
-        if past == pre:
-            # A padding query row would see no key at all (NaN); let it see everything, as the
-            # reference does. Its output is never used.
-            mask |= ~visible[:, past:, None]
+        # A padding query row would see no key at all (NaN); let it see everything, as the reference
+        # does. Its output is never used.
+        mask |= ~visible[:, past:, None]
         return mask[:, None]
 
     @staticmethod
@@ -227,19 +226,44 @@ class GLM2Model(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.output_layer(hidden)
 
-    # -- the two calls the decode loop makes (generation.py) ----------------------------------------
+    # -- the calls the decode loop makes (generation.py) ---------------------------------------------
     @property
     def device(self) -> torch.device:
         return self.word_embeddings.weight.device
+
+    # Prompt tokens per forward during prefill. Activations then stay bounded whatever the prompt
+    # length (the SwiGLU intermediate alone is 2 x 13696 values per token); attention over the cached
+    # positions runs in SDPA's flash kernel, which never materialises the score matrix.
+    prefill_chunk = 512
+    supports_prefix_reuse = True   # causal attention: the K/V of a prefix do not depend on what follows
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], max_new_tokens: int):
         """Run left-padded prompts [b, s]; -> logits of the last position [b, V] (fp32), decode state."""
         b, s = input_ids.shape
         positions, padding = positions_and_padding(input_ids, attention_mask)
-        cache = self.new_cache(b, s + max_new_tokens)
-        hidden = self(input_ids, positions, cache, padding)
-        state = DecodeState(cache, padding, positions[:, -1] + 1)
-        return self.logits(hidden[:, -1]).float(), state
+        state = DecodeState(self.new_cache(b, s + max_new_tokens), padding, positions[:, -1] + 1)
+        return self._run_chunks(input_ids, positions, state), state
+
+    def extend(self, state: 'DecodeState', keep: int, new_ids: torch.Tensor, max_new_tokens: int):
+        """Reuse the first `keep` cached tokens of a single-sequence `state` (the P-tuning prefix not
+        counted) and run `new_ids` [1, s] after them: -> next logits [1, V]. Only the new tokens cost."""
+        pre = self.cfg.pre_seq_len or 0
+        s = new_ids.shape[1]
+        state.cache.truncate(pre + keep)
+        state.cache.reserve(pre + keep + s + max_new_tokens)
+        positions = torch.arange(keep, keep + s, device=new_ids.device)[None]
+        state.next_position = positions[:, -1] + 1
+        return self._run_chunks(new_ids, positions, state)
+
+    def _run_chunks(self, input_ids, positions, state: 'DecodeState'):
+        pre = self.cfg.pre_seq_len or 0
+        hidden = None
+        for start in range(0, input_ids.shape[1], self.prefill_chunk):
+            end = min(start + self.prefill_chunk, input_ids.shape[1])
+            filled = state.cache.length - pre
+            padding = None if state.padding is None else state.padding[:, :filled + end - start]
+            hidden = self(input_ids[:, start:end], positions[:, start:end], state.cache, padding)
+        return self.logits(hidden[:, -1]).float()
 
     def decode(self, next_ids: torch.Tensor, state: 'DecodeState') -> torch.Tensor:
         """Feed one new token per sequence [b]; -> next logits [b, V] (fp32)."""

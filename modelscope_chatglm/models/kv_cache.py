@@ -3,7 +3,8 @@
 The reference grows its cache by concatenation at every step (a copy of the whole cache per token).
 Here each layer owns one [b, heads, capacity, d] buffer for K and one for V; a forward writes its new
 positions at `length` and reads the prefix [0, length + s). All layers append during one forward,
-then `commit(s)` advances the shared length.
+then `commit(s)` advances the shared length. A cache kept across chat turns is cut back with
+`truncate` and grown with `reserve` (in blocks, so a conversation reallocates rarely).
 """
 from __future__ import annotations
 
@@ -35,3 +36,18 @@ class KVCache:
     def truncate(self, length: int):
         """Forget every position from `length` on (the buffers are reused)."""
         self.length = min(self.length, length)
+
+    def reserve(self, capacity: int, block: int = 1024):
+        """Make room for `capacity` positions, keeping the filled ones."""
+        if capacity <= self.capacity:
+            return
+        capacity = -(-capacity // block) * block
+        for buffers in (self.k, self.v):
+            for layer, old in enumerate(buffers):
+                new = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])
+                new[:, :, :self.length] = old[:, :, :self.length]
+                buffers[layer] = new
+        self.capacity = capacity
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
