@@ -25,7 +25,9 @@ setup(
         'addict', 'datasets', 'pillow', 'simplejson', 'sortedcontainers',
     ],
     extras_require={
-        'test': ['pytest>=7'],
+        'serve': ['fastapi>=0.110', 'uvicorn>=0.29', 'sse-starlette>=2'],
+        'web': ['gradio>=5'],
+        'test': ['pytest>=7', 'httpx', 'openai>=1', 'pexpect', 'playwright'],
     },
     entry_points={'console_scripts': ['modelscope-chatglm=modelscope_chatglm.cli:main']},
     license='Apache-2.0',

@@ -17,7 +17,6 @@ vocab 65024, rope_ratio 16) with random fp16 weights in the hub layout, and --la
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -50,18 +49,28 @@ def kv_bytes_per_token(layers, act_bytes=2):
     return layers * 2 * 2 * 128 * act_bytes      # K and V, 2 groups of 128 dims
 
 
+def peak_rss(reset=False):
+    """This process's peak RSS in bytes (VmHWM); reset=True restarts the measurement (Linux).
+    (getrusage's ru_maxrss cannot be reset and even carries the parent's peak across fork+exec.)"""
+    if reset:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM'))
+
+
 def child_prefill(path, bits, n):
     import torch
     import modelscope_chatglm
+    peak_rss(reset=True)
     chat = modelscope_chatglm.load(path, device='cpu', quantization_bit=bits)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    loaded = peak_rss(reset=True)
     prompt = [(i * 7919) % 60000 + 100 for i in range(n)]
     t = time.perf_counter()
     with torch.inference_mode():
         _, state = chat.model.prefill(torch.tensor([prompt]), None, 1)
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {'seconds': seconds, 'peak': peak, 'loaded_peak': base, 'kv': state.cache.nbytes()}
+    return {'seconds': seconds, 'peak': peak_rss(), 'loaded_peak': loaded, 'kv': state.cache.nbytes()}
 
 
 def child_turn(path, history_tokens):

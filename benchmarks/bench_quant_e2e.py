@@ -13,7 +13,6 @@ in a fresh process: load with `quantization_bit=8|4` (quantize on load), and rep
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -72,6 +71,16 @@ def build(path):
     open(os.path.join(path, '.complete'), 'w').close()
 
 
+def peak_rss_gb(reset=False):
+    """Peak RSS (VmHWM) of this process in GB; reset=True restarts it. getrusage's ru_maxrss would carry
+    the parent's peak across fork+exec (the parent may have just built the checkpoint)."""
+    if reset:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) / 1e6 for line in f if line.startswith('VmHWM'))
+
+
 def rss_gb():
     with open('/proc/self/status') as f:
         for line in f:
@@ -85,10 +94,11 @@ def child(path, bits, dtype, new_tokens, baseline):
     import modelscope_chatglm
     from modelscope_chatglm.generation import generate_tokens
     from modelscope_chatglm.quantization import QuantizedLinear, dequantize
+    peak_rss_gb(reset=True)
     t = time.perf_counter()
     chat = modelscope_chatglm.load(path, device='cpu', dtype=dtype, quantization_bit=bits)
     load_s = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    peak = peak_rss_gb()
     loaded = rss_gb()
     if baseline:
         def dequantize_all(self, x):   # what the reference's CPU path does on every call

@@ -107,20 +107,22 @@ class _PageReleaser:
         self.madvise(start, end - start, self.MADV_DONTNEED)
 
 
-def load_weights(model: torch.nn.Module, model_dir: str, map_key: Callable[[str], Optional[str]]) -> None:
+def load_weights(model: torch.nn.Module, model_dir: str, map_key: Callable[[str], Optional[str]],
+                 progress: Optional[Callable[[int, int, str], None]] = None) -> None:
     """Fill every parameter of `model` from the checkpoint in `model_dir`.
 
     map_key: hub key -> parameter name (None = a key the model ignores). A float weight arriving for a
     quantized module (one with `load_float_weight`, int8 parameters) is quantized on the spot: the
     float matrix exists for one tensor at a time, never for the whole model.
+    progress(done, total, path) is called after each shard.
     """
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     release = _PageReleaser()
     filled = set()
     unexpected = defaultdict(list)
-    _, weight_map = weight_files(model_dir)
-    for path, tensors in iter_checkpoint(model_dir):
+    shards, weight_map = weight_files(model_dir)
+    for done, (path, tensors) in enumerate(iter_checkpoint(model_dir), start=1):
         mapped = path.endswith('.bin') and zipfile.is_zipfile(path)   # read_shard memory-maps these
         for key, tensor in tensors.items():
             name = map_key(key)
@@ -144,6 +146,8 @@ def load_weights(model: torch.nn.Module, model_dir: str, map_key: Callable[[str]
             if mapped:
                 release(tensor)
         del tensors
+        if progress is not None:
+            progress(done, len(shards), path)
     missing = [n for n in params if n not in filled]
     if missing:
         hint = ''

@@ -2,6 +2,8 @@
 
     modelscope-chatglm demo                      offline: tiny random checkpoint -> ModelScope pipeline
     modelscope-chatglm chat --config chatglm3-6b interactive chat, streamed
+    modelscope-chatglm serve --config chatglm3-6b OpenAI-compatible HTTP server (extra [serve])
+    modelscope-chatglm web --config chatglm3-6b   chat page in the browser (extra [web])
     modelscope-chatglm configs                   the YAML configurations this install knows
 """
 from __future__ import annotations
@@ -54,25 +56,63 @@ def cmd_demo(args):
     print(f'\n\ndone in {time.time() - t0:.1f}s')
 
 
-def cmd_chat(args):
+def load_from_args(args):
     from .loading import load
-    model = load(args.config or args.model, revision=args.revision, device=args.device, dtype=args.dtype)
-    print(f'{model}\nType a message; "clear" resets the history, "exit" quits.')
+    t = time.time()
+    print(f'loading {args.config or args.model} ...', file=sys.stderr, flush=True)
+    model = load(args.config or args.model, revision=args.revision, device=args.device, dtype=args.dtype,
+                 quantization_bit=args.quantize, progress=progress_bar)
+    print(f'loaded {model} in {time.time() - t:.1f}s', file=sys.stderr, flush=True)
+    return model
+
+
+def progress_bar(done: int, total: int, path: str):
+    """Shard-by-shard loading progress on stderr (downloads show ModelScope's own bars)."""
+    width = 30
+    filled = width * done // total
+    print(f'\r  [{"#" * filled}{"." * (width - filled)}] {done}/{total} {os.path.basename(path)}',
+          end='\n' if done == total else '', file=sys.stderr, flush=True)
+
+
+def read_message(prompt: str):
+    """One message; a line ending in a backslash continues on the next line. None at end of input."""
+    lines = []
+    while True:
+        try:
+            line = input(prompt if not lines else '... ')
+        except EOFError:
+            return '\n'.join(lines) if lines else None
+        if line.endswith('\\'):
+            lines.append(line[:-1])
+            continue
+        lines.append(line)
+        return '\n'.join(lines)
+
+
+def cmd_chat(args):
+    model = load_from_args(args)
+    print('Type a message (end a line with \\ to continue it); "clear" resets the history, "exit" quits, '
+          'Ctrl-C stops a reply.')
     history = []
     while True:
         try:
-            query = input('\nuser: ').strip()
-        except EOFError:
+            query = read_message('\nuser: ')
+        except KeyboardInterrupt:   # Ctrl-C at the prompt: a fresh prompt, as in a shell
+            print()
+            continue
+        if query is None or query.strip() in ('exit', 'stop', 'quit'):
             break
-        if query in ('exit', 'stop'):
-            break
-        if query == 'clear':
+        if query.strip() == 'clear':
             history = []
             print('(history cleared)')
             continue
-        if not query:
+        if not query.strip():
             continue
-        turn = model.turn(query, history, max_new_tokens=args.max_new_tokens)
+        try:
+            turn = model.turn(query, history, max_new_tokens=args.max_new_tokens)
+        except ValueError as e:
+            print(f'error: {e}')
+            continue
         print('ChatGLM: ', end='', flush=True)
         try:
             for delta in turn:
@@ -81,6 +121,24 @@ def cmd_chat(args):
             print(' [interrupted]', end='')
         history = turn.history
         print()
+
+
+def cmd_web(args):
+    try:
+        from .web import serve_web
+        import gradio  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f'the web UI needs the [web] extra ({e}); pip install "modelscope-chatglm[web]"')
+    serve_web(load_from_args(args), host=args.host, port=args.port)
+
+
+def cmd_serve(args):
+    try:
+        from .serve.server import serve
+    except ImportError as e:
+        raise RuntimeError(f'the server needs the [serve] extra ({e}); pip install "modelscope-chatglm[serve]"')
+    serve(load_from_args(args), host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
+          model_name=args.name)
 
 
 def cmd_configs(args):
@@ -97,15 +155,26 @@ def main(argv=None):
     p.add_argument('--family', default='glm2', choices=['glm1', 'glm2', 'glm3'])
     p.add_argument('--max-new-tokens', type=int, default=16)
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser('chat', help='interactive chat in the terminal')
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument('--config', help='a configuration name or YAML path')
-    src.add_argument('--model', help='a hub id or a model directory')
-    p.add_argument('--revision')
-    p.add_argument('--device')
-    p.add_argument('--dtype')
-    p.add_argument('--max-new-tokens', type=int, default=None)
-    p.set_defaults(func=cmd_chat)
+    for name, func, help_text in (('chat', cmd_chat, 'interactive chat in the terminal'),
+                                  ('serve', cmd_serve, 'OpenAI-compatible HTTP server'),
+                                  ('web', cmd_web, 'chat page in the browser')):
+        p = sub.add_parser(name, help=help_text)
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument('--config', help='a configuration name or YAML path')
+        src.add_argument('--model', help='a hub id or a model directory')
+        p.add_argument('--revision')
+        p.add_argument('--device', help='auto | cpu | cuda | cuda:N')
+        p.add_argument('--dtype', help='float32 | bfloat16 | float16')
+        p.add_argument('--quantize', type=int, choices=[4, 8], default=None, help='quantize the blocks on load')
+        p.set_defaults(func=func)
+        if name == 'chat':
+            p.add_argument('--max-new-tokens', type=int, default=None)
+        else:
+            p.add_argument('--host', default='127.0.0.1')
+            p.add_argument('--port', type=int, default=8000 if name == 'serve' else 7860)
+        if name == 'serve':
+            p.add_argument('--name', default=None, help='model name reported by /v1/models')
+            p.add_argument('--max-body-bytes', type=int, default=1 << 20)
     p = sub.add_parser('configs', help='list the YAML configurations')
     p.set_defaults(func=cmd_configs)
     args = ap.parse_args(argv)

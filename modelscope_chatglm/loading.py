@@ -82,8 +82,10 @@ def resolve_model_dir(model: str, revision: Optional[str]) -> str:
 
 def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
          quantization_bit: Optional[int] = None, family: Optional[str] = None,
-         context_length: Optional[int] = None, generation: Optional[dict] = None) -> ChatModel:
-    """Load a ChatGLM chat model. `model` is a hub id, a hub-layout directory or a configuration."""
+         context_length: Optional[int] = None, generation: Optional[dict] = None,
+         progress=None) -> ChatModel:
+    """Load a ChatGLM chat model. `model` is a hub id, a hub-layout directory or a configuration.
+    progress(done, total, path), if given, is called after each weight shard."""
     cfg_path = configurations.find(model)
     spec = configurations.read(cfg_path) if cfg_path else configurations.Configuration(name=model, model=model)
     model_dir = resolve_model_dir(spec.model, revision or spec.revision)
@@ -94,7 +96,7 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     dt = resolve_dtype(dtype, dev, spec.dtype, quantized=bool(bits))
     tokenizer = load_tokenizer(model_dir, config.family, config.vocab_size, config)
     net = build_model(config, dt, dev, bits)
-    load_weights(net, model_dir, net.checkpoint_key)
+    load_weights(net, model_dir, net.checkpoint_key, progress)
     gen = dict(spec.generation or {})
     gen.update(generation or {})
     return ChatModel(net.eval(), tokenizer, config, model_dir,

@@ -41,4 +41,32 @@ def test_configs_lists_the_shipped_configurations(tmp_path):
 
 def test_errors_are_one_clear_line(tmp_path):
     out = run_cli('chat', '--model', str(tmp_path / 'nowhere'), cache=tmp_path)
-    assert out.returncode == 2 and out.stderr.startswith('error: ') and 'Traceback' not in out.stderr
+    assert out.returncode == 2 and 'Traceback' not in out.stderr
+    assert [line for line in out.stderr.splitlines() if line.startswith('error: ')][0].count('neither') == 1
+
+
+def test_chat_in_a_real_terminal_streams_clears_and_survives_ctrl_c(glm2_dir, tmp_path):
+    pexpect = __import__('pytest').importorskip('pexpect')
+    env = dict(os.environ, MODELSCOPE_CHATGLM_CACHE=str(tmp_path), PYTHONUNBUFFERED='1')
+    child = pexpect.spawn(sys.executable, ['-m', 'modelscope_chatglm.cli', 'chat', '--model', glm2_dir,
+                                           '--device', 'cpu', '--max-new-tokens', '1500'],
+                          encoding='utf-8', timeout=120, env=env)
+    child.expect('user: ')
+    child.sendline('hi\\')            # a trailing backslash continues the message on the next line
+    child.expect(r'\.\.\. ')
+    child.sendline('there')
+    child.expect('ChatGLM: ')
+    child.expect('user: ')            # the whole reply arrived
+    child.sendline('clear')
+    child.expect(r'\(history cleared\)')
+    child.expect('user: ')
+    child.sendline('你好')            # this reply runs to 1500 tokens: interrupt it while it streams
+    child.expect('ChatGLM: ')
+    child.expect(r'\S{10}')           # the first pieces are on screen before the reply is complete
+    child.sendintr()
+    child.expect(r'\[interrupted\]')
+    child.expect('user: ')            # still running, back at the prompt
+    child.sendline('exit')
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

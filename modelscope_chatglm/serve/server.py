@@ -1,0 +1,271 @@
+"""OpenAI-compatible HTTP server over one `ChatModel` (extra `[serve]`: FastAPI, uvicorn, sse-starlette).
+
+    GET  /health                 {"status": "ok", "model", "queued", "active", "completed", "cancelled"}
+    GET  /v1/models              the served model
+    POST /v1/chat/completions    OpenAI chat completions, with `stream: true` as SSE chunks + [DONE];
+                                 ChatGLM3 tools map to `tools` / `tool_calls`
+    POST /                       the classic ChatGLM API: {prompt, history, max_length, top_p,
+                                 temperature} -> {response, history, status, time}
+
+Bad requests get a 4xx with a message (422 for fields of the wrong type, 400 for content the model
+cannot take, 413 for bodies over --max-body-bytes); the server keeps serving either way.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette.sse import EventSourceResponse
+
+from ..chat import ChatModel
+from ..errors import ContextLengthError, InputError
+from .engine import Engine, Job, Result
+
+
+# -- request bodies ------------------------------------------------------------------------------------
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str = '{}'
+
+
+class ToolCall(BaseModel):
+    id: Optional[str] = None
+    type: Literal['function'] = 'function'
+    function: ToolCallFunction
+
+
+class Message(BaseModel):
+    role: Literal['system', 'user', 'assistant', 'tool', 'function', 'observation']
+    content: Optional[Union[str, List[Dict[str, Any]]]] = None
+    tool_calls: Optional[List[ToolCall]] = None
+    name: Optional[str] = None
+    tool_call_id: Optional[str] = None
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra='ignore')
+    model: Optional[str] = None
+    messages: List[Message] = Field(min_length=1)
+    stream: bool = False
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    stop: Optional[Union[str, List[str]]] = None
+    seed: Optional[int] = None
+    tools: Optional[List[Dict[str, Any]]] = None
+
+
+class ClassicRequest(BaseModel):
+    model_config = ConfigDict(extra='ignore')
+    prompt: str
+    history: List[List[str]] = []
+    max_length: Optional[int] = Field(default=None, ge=1)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    temperature: Optional[float] = Field(default=None, gt=0)
+
+
+# -- OpenAI messages <-> ChatGLM conversations ----------------------------------------------------------
+def _text(content) -> str:
+    if content is None:
+        return ''
+    if isinstance(content, str):
+        return content
+    return ''.join(part.get('text', '') for part in content if part.get('type') == 'text')
+
+
+def to_conversation(req: ChatCompletionRequest):
+    """-> (query, history as role messages, role of the query, system prompt, tools)."""
+    messages = []
+    for m in req.messages:
+        if m.role == 'assistant' and m.tool_calls:
+            call = m.tool_calls[0].function
+            args = json.loads(call.arguments or '{}')
+            code = 'tool_call(' + ', '.join(f'{k}={v!r}' for k, v in args.items()) + ')'
+            messages.append({'role': 'assistant', 'metadata': call.name, 'content': f'```python\n{code}\n```'})
+        else:
+            role = {'tool': 'observation', 'function': 'observation'}.get(m.role, m.role)
+            messages.append({'role': role, 'content': _text(m.content)})
+    last = messages.pop()
+    if last['role'] not in ('user', 'observation'):
+        raise InputError(f'the last message must come from the user or a tool, not {last["role"]!r}')
+    tools = [t.get('function', t) for t in req.tools] if req.tools else None
+    system = None
+    if messages and messages[0]['role'] == 'system':
+        system = messages.pop(0)['content']
+    return last['content'], messages, last['role'], system, tools
+
+
+def generation_options(req) -> dict:
+    options = {}
+    if req.temperature is not None:
+        if req.temperature == 0:
+            options['do_sample'] = False
+        else:
+            options['temperature'] = req.temperature
+    if req.top_p is not None:
+        options['top_p'] = req.top_p
+    if getattr(req, 'max_tokens', None) is not None:
+        options['max_new_tokens'] = req.max_tokens
+    if getattr(req, 'seed', None) is not None:
+        options['seed'] = req.seed
+    return options
+
+
+def _message(result: Result) -> dict:
+    if isinstance(result.response, dict):   # a ChatGLM3 tool call
+        args = result.response.get('parameters', {'content': result.response.get('content')})
+        return {'role': 'assistant', 'content': None, 'tool_calls': [{
+            'id': f'call_{uuid.uuid4().hex[:16]}', 'type': 'function',
+            'function': {'name': result.response['name'], 'arguments': json.dumps(args, ensure_ascii=False)}}]}
+    return {'role': 'assistant', 'content': result.response}
+
+
+def _finish_reason(result: Result) -> str:
+    return 'tool_calls' if isinstance(result.response, dict) else result.finish_reason
+
+
+def _usage(result: Result) -> dict:
+    return {'prompt_tokens': result.prompt_tokens, 'completion_tokens': result.completion_tokens,
+            'total_tokens': result.prompt_tokens + result.completion_tokens}
+
+
+def _error(status: int, message: str, kind: str = 'invalid_request_error') -> JSONResponse:
+    return JSONResponse(status_code=status, content={'error': {'message': message, 'type': kind}})
+
+
+# -- the app ---------------------------------------------------------------------------------------------
+def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+    app = FastAPI(title='modelscope-chatglm', version='1')
+    engine = Engine(chat)
+    name = model_name or chat.name
+    app.state.engine = engine
+
+    @app.middleware('http')
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get('content-length')
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            return _error(413, f'request body of {length} bytes is over the limit of {max_body_bytes}')
+        if request.method == 'POST' and length is None:   # chunked upload: count as it arrives
+            body = b''
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_body_bytes:
+                    return _error(413, f'request body is over the limit of {max_body_bytes} bytes')
+            request._body = body
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        problems = '; '.join(f'{".".join(str(p) for p in e["loc"][1:]) or "body"}: {e["msg"]}' for e in exc.errors())
+        return _error(422, f'invalid request: {problems}')
+
+    @app.get('/health')
+    async def health():
+        return {'status': 'ok', 'model': name, 'queued': engine.queued, **engine.stats}
+
+    @app.get('/v1/models')
+    async def models():
+        return {'object': 'list', 'data': [{'id': name, 'object': 'model', 'created': 0,
+                                             'owned_by': 'modelscope-chatglm'}]}
+
+    @app.post('/v1/chat/completions')
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        try:
+            query, history, role, system, tools = to_conversation(req)
+            options = dict(generation_options(req), role=role, system=system, tools=tools)
+            chat.prepare(query, history, **options)   # validate now: errors become a 400, not a broken stream
+        except (InputError, ContextLengthError, ValueError, TypeError) as e:
+            return _error(400, str(e))
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        job = engine.submit(Job(query, history, options, stops))
+        created, cid = int(time.time()), f'chatcmpl-{uuid.uuid4().hex}'
+        if not req.stream:
+            try:
+                result = await _wait(job)
+            except Exception as e:
+                return _error(400, str(e))
+            return {'id': cid, 'object': 'chat.completion', 'created': created, 'model': name,
+                    'choices': [{'index': 0, 'message': _message(result), 'finish_reason': _finish_reason(result)}],
+                    'usage': _usage(result)}
+
+        def chunk(delta, finish=None, usage=None):
+            body = {'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': name,
+                    'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]}
+            if usage is not None:
+                body['usage'] = usage
+            return json.dumps(body, ensure_ascii=False)
+
+        async def events():
+            # ChatGLM3 starts a reply with a metadata line: empty for text, the tool's name for a call.
+            # Hold the text until that line is complete, and stream nothing of a tool call but the call.
+            pending, mode = '', 'text' if chat.family != 'glm3' else None
+            try:
+                yield chunk({'role': 'assistant', 'content': ''})
+                while True:
+                    kind, value = await job.events.get()
+                    if kind == 'delta':
+                        if mode is None:
+                            pending += value
+                            if '\n' not in pending:
+                                continue
+                            metadata, _, value = pending.partition('\n')
+                            mode = 'tool' if metadata.strip() else 'text'
+                            value = value.lstrip()
+                        if mode == 'text' and value:
+                            yield chunk({'content': value})
+                    elif kind == 'done':
+                        if isinstance(value.response, dict):
+                            yield chunk({'tool_calls': [dict(_message(value)['tool_calls'][0], index=0)]})
+                        yield chunk({}, _finish_reason(value), _usage(value))
+                        yield '[DONE]'
+                        return
+                    else:
+                        yield json.dumps({'error': {'message': str(value), 'type': 'server_error'}})
+                        yield '[DONE]'
+                        return
+            finally:
+                job.cancelled.set()   # the client is gone (or the stream ended): free the worker
+
+        return EventSourceResponse(events(), ping=15)
+
+    @app.post('/')
+    async def classic(req: ClassicRequest):
+        options = generation_options(req)
+        if req.max_length is not None:
+            options['max_length'] = req.max_length
+        history = [tuple(h) for h in req.history]
+        if any(len(h) != 2 for h in history):
+            return _error(400, 'history must be a list of [query, response] pairs')
+        try:
+            chat.prepare(req.prompt, history, **options)
+        except (InputError, ContextLengthError, ValueError, TypeError) as e:
+            return _error(400, str(e))
+        result = await _wait(engine.submit(Job(req.prompt, history, options)))
+        return {'response': result.response, 'history': [list(h) for h in result.history], 'status': 200,
+                'time': time.strftime('%Y-%m-%d %H:%M:%S')}
+
+    return app
+
+
+async def _wait(job: Job) -> Result:
+    try:
+        while True:
+            kind, value = await job.events.get()
+            if kind == 'done':
+                return value
+            if kind == 'error':
+                raise value
+    finally:
+        job.cancelled.set()
+
+
+def serve(chat: ChatModel, host: str = '127.0.0.1', port: int = 8000, max_body_bytes: int = 1 << 20,
+          model_name: Optional[str] = None):
+    import uvicorn
+    uvicorn.run(create_app(chat, model_name, max_body_bytes), host=host, port=port, log_level='info')

@@ -1,0 +1,203 @@
+"""The OpenAI-compatible server as a real process on 127.0.0.1, driven by the official `openai` client
+and by raw HTTP."""
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+httpx = pytest.importorskip('httpx')
+openai = pytest.importorskip('openai')
+pytest.importorskip('fastapi')
+
+from modelscope_chatglm.serve.server import ChatCompletionRequest, Result, _message, to_conversation  # noqa: E402
+
+GREEDY = dict(temperature=0, max_tokens=8)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def server(glm2_dir, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp('server') / 'server.log'
+    proc = subprocess.Popen([sys.executable, '-m', 'modelscope_chatglm.cli', 'serve', '--model', glm2_dir,
+                             '--device', 'cpu', '--dtype', 'float32', '--port', str(port), '--name', 'tiny-glm2',
+                             '--max-body-bytes', '20000'], stdout=open(log, 'w'), stderr=subprocess.STDOUT)
+    base = f'http://127.0.0.1:{port}'
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f'{base}/health', timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+        assert proc.poll() is None, log.read_text()
+    else:
+        proc.kill()
+        pytest.fail(f'server did not start:\n{log.read_text()}')
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope='module')
+def client(server):
+    return openai.OpenAI(base_url=f'{server}/v1', api_key='not-needed', max_retries=0)
+
+
+def expected(glm2_model, query, history=(), n=8):
+    return glm2_model.chat(query, list(history), do_sample=False, max_new_tokens=n)[0]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ['tiny-glm2']
+    health = httpx.get(f'{server}/health').json()
+    assert health['status'] == 'ok' and health['model'] == 'tiny-glm2'
+
+
+def test_openai_client_non_streaming(client, glm2_model):
+    reply = client.chat.completions.create(model='tiny-glm2', messages=[{'role': 'user', 'content': '你好'}],
+                                           **GREEDY)
+    assert reply.choices[0].message.content == expected(glm2_model, '你好')
+    assert reply.choices[0].finish_reason in ('stop', 'length')
+    prompt_tokens = len(glm2_model.build_inputs('你好'))
+    assert reply.usage.prompt_tokens == prompt_tokens and 0 < reply.usage.completion_tokens <= 8
+    # history in OpenAI form becomes the ChatGLM rounds
+    messages = [{'role': 'user', 'content': '你好'}, {'role': 'assistant', 'content': 'hi'},
+                {'role': 'user', 'content': '介绍下清华大学'}]
+    reply = client.chat.completions.create(model='tiny-glm2', messages=messages, **GREEDY)
+    assert reply.choices[0].message.content == expected(glm2_model, '介绍下清华大学', [('你好', 'hi')])
+
+
+def test_openai_client_streaming(client, glm2_model):
+    stream = client.chat.completions.create(model='tiny-glm2', messages=[{'role': 'user', 'content': '你好'}],
+                                            stream=True, **GREEDY)
+    chunks = list(stream)
+    text = ''.join(c.choices[0].delta.content or '' for c in chunks if c.choices)
+    assert text.strip() == expected(glm2_model, '你好')
+    assert chunks[0].choices[0].delta.role == 'assistant'
+    assert chunks[-1].choices[0].finish_reason in ('stop', 'length')
+
+
+def test_sse_framing(server):
+    body = {'messages': [{'role': 'user', 'content': 'hi'}], 'stream': True, **GREEDY}
+    with httpx.stream('POST', f'{server}/v1/chat/completions', json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers['content-type'].startswith('text/event-stream')
+        data = [line[len('data: '):] for line in r.iter_lines() if line.startswith('data: ')]
+    assert data[-1] == '[DONE]'
+    payloads = [json.loads(d) for d in data[:-1]]
+    assert all(p['object'] == 'chat.completion.chunk' for p in payloads)
+    assert payloads[-1]['usage']['completion_tokens'] > 0
+
+
+def test_stop_strings_cut_the_reply(client, glm2_model):
+    full = expected(glm2_model, '你好', n=12)
+    stop = full[3:5]
+    reply = client.chat.completions.create(model='tiny-glm2', messages=[{'role': 'user', 'content': '你好'}],
+                                           temperature=0, max_tokens=12, stop=[stop])
+    assert reply.choices[0].message.content == full[:full.index(stop)].strip()
+    assert reply.choices[0].finish_reason == 'stop'
+
+
+def test_fifty_concurrent_streaming_clients_get_their_own_answers(server, glm2_model):
+    queries = [f'问题 {i}: tell me about {i}' for i in range(50)]
+    answers = {q: expected(glm2_model, q) for q in queries}
+    results, errors = {}, []
+
+    def ask(q):
+        try:
+            body = {'messages': [{'role': 'user', 'content': q}], 'stream': True, **GREEDY}
+            text = ''
+            with httpx.stream('POST', f'{server}/v1/chat/completions', json=body, timeout=300) as r:
+                for line in r.iter_lines():
+                    if line.startswith('data: ') and line != 'data: [DONE]':
+                        choice = json.loads(line[6:])['choices'][0]
+                        text += choice['delta'].get('content') or ''
+            results[q] = text.strip()
+        except Exception as e:   # collected and reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in queries]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors[:3]
+    assert results == answers
+
+
+def test_client_disconnect_cancels_its_generation(server):
+    before = httpx.get(f'{server}/health').json()
+    body = {'messages': [{'role': 'user', 'content': '你好'}], 'stream': True, 'temperature': 0, 'max_tokens': 1500}
+    with httpx.stream('POST', f'{server}/v1/chat/completions', json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if '"content"' in line and '"content": ""' not in line:
+                break   # the first real delta: now hang up
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        health = httpx.get(f'{server}/health').json()
+        if health['cancelled'] > before['cancelled'] and health['active'] == 0:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f'the abandoned generation kept the worker busy: {health}')
+    ok = httpx.post(f'{server}/v1/chat/completions', json={'messages': [{'role': 'user', 'content': 'hi'}],
+                                                           **GREEDY}, timeout=30)
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize('body,status,needle', [
+    (b'{"messages": [', 422, 'invalid request'),
+    (b'{}', 422, 'messages'),
+    (b'{"messages": "hi"}', 422, 'messages'),
+    (b'{"messages": [{"role": "robot", "content": "x"}]}', 422, 'role'),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": 9}', 422, 'temperature'),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 422, 'max_tokens'),
+    (b'{"messages": [{"role": "assistant", "content": "x"}]}', 400, 'last message'),
+    (b'{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]}', 400, 'system'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x' * 30000}]}).encode(), 413, 'limit'),
+])
+def test_bad_requests_get_4xx_and_the_server_lives(server, body, status, needle):
+    r = httpx.post(f'{server}/v1/chat/completions', content=body, headers={'content-type': 'application/json'},
+                   timeout=30)
+    assert r.status_code == status, r.text
+    assert needle in r.json()['error']['message']
+    assert httpx.get(f'{server}/health').status_code == 200
+
+
+def test_classic_chatglm_api(server, glm2_model):
+    r = httpx.post(f'{server}/', json={'prompt': '你好', 'history': [], 'max_length': 2048, 'top_p': 0.7,
+                                       'temperature': 0.95}, timeout=60)
+    assert r.status_code == 200
+    body = r.json()
+    assert body['status'] == 200 and body['history'][-1][0] == '你好' and body['history'][-1][1] == body['response']
+    assert len(body['time']) == 19
+    bad = httpx.post(f'{server}/', json={'prompt': 'x', 'history': [['only one']]}, timeout=30)
+    assert bad.status_code in (400, 422)
+
+
+def test_chatglm3_tools_map_to_openai_tool_calls():
+    req = ChatCompletionRequest(messages=[
+        {'role': 'system', 'content': 'Answer briefly.'},
+        {'role': 'user', 'content': '北京天气?'},
+        {'role': 'assistant', 'content': None, 'tool_calls': [
+            {'id': 'c1', 'type': 'function', 'function': {'name': 'get_weather', 'arguments': '{"city": "北京"}'}}]},
+        {'role': 'tool', 'tool_call_id': 'c1', 'content': '{"temp": 20}'}],
+        tools=[{'type': 'function', 'function': {'name': 'get_weather', 'parameters': {}}}])
+    query, history, role, system, tools = to_conversation(req)
+    assert (query, role, system) == ('{"temp": 20}', 'observation', 'Answer briefly.')
+    assert history[1] == {'role': 'assistant', 'metadata': 'get_weather',
+                          'content': "```python\ntool_call(city='北京')\n```"}
+    assert tools == [{'name': 'get_weather', 'parameters': {}}]
+    message = _message(Result({'name': 'get_weather', 'parameters': {'city': '上海'}}, [], 1, 1, 'stop'))
+    call = message['tool_calls'][0]
+    assert call['type'] == 'function' and call['function']['name'] == 'get_weather'
+    assert json.loads(call['function']['arguments']) == {'city': '上海'}

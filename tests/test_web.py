@@ -1,0 +1,90 @@
+"""The chat page, served locally and driven in headless Chromium (Debian's chromium + Playwright)."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip('gradio')
+sync_api = pytest.importorskip('playwright.sync_api')
+httpx = pytest.importorskip('httpx')
+
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
+ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.ci-artifacts')
+
+if CHROMIUM is None:
+    if os.environ.get('CHATGLM_REQUIRE_BROWSER') == '1':
+        raise RuntimeError('chromium is not installed (apt-get install chromium); .ci/run installs it')
+    pytest.skip('no chromium on PATH (.ci/run installs it)', allow_module_level=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def web(glm2_dir, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp('web') / 'web.log'
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED='False', NO_PROXY='127.0.0.1,localhost')
+    proc = subprocess.Popen([sys.executable, '-m', 'modelscope_chatglm.cli', 'web', '--model', glm2_dir,
+                             '--device', 'cpu', '--dtype', 'float32', '--port', str(port)],
+                            stdout=open(log, 'w'), stderr=subprocess.STDOUT, env=env)
+    url = f'http://127.0.0.1:{port}/'
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+        assert proc.poll() is None, log.read_text()
+    else:
+        proc.kill()
+        pytest.fail(f'the web UI did not start:\n{log.read_text()}')
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_type_a_message_and_see_the_streamed_reply(web, glm2_model):
+    # Greedy (temperature 0) so the page must show exactly what the model says.
+    expected = glm2_model.chat('你好', do_sample=False, max_new_tokens=16)[0]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+            '--disable-sync', '--no-first-run', '--disable-quic'])
+        page = browser.new_page(viewport={'width': 1100, 'height': 900})
+        page.goto(web, wait_until='domcontentloaded')
+        page.get_by_placeholder('Type a message...').wait_for(timeout=60000)
+        box = page.locator('textarea').first   # the placeholder goes once a conversation exists
+        page.get_by_text('Additional Inputs').click()
+        for label, value in (('max new tokens', '16'), ('temperature (0 = greedy)', '0')):
+            field = page.get_by_label(f'number input for {label}')
+            field.fill(value)
+            field.press('Enter')
+        box.fill('你好')
+        box.press('Enter')
+        # The reply streams into a bot bubble; Retry appears once it is complete.
+        page.wait_for_function('(t) => [...document.querySelectorAll(".bot")].some(e => e.innerText.includes(t))',
+                               arg=expected[:6], timeout=60000)
+        page.get_by_role('button', name='Retry').wait_for(timeout=60000)
+        shown = ' '.join(page.locator('.bot').all_inner_texts())
+        assert expected[:6] in shown
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        shot = os.path.join(ARTIFACTS, 'web-chat.png')
+        page.screenshot(path=shot, full_page=True)
+        assert os.path.getsize(shot) > 10000
+        # a second turn sees the history; then Clear empties the conversation
+        box.fill('介绍下清华大学')
+        box.press('Enter')
+        page.wait_for_function('() => document.querySelectorAll(".bot").length >= 2', timeout=60000)
+        page.get_by_role('button', name='Retry').wait_for(timeout=60000)
+        page.get_by_role('button', name='Clear').click()
+        page.wait_for_function('() => document.querySelectorAll(".bot").length === 0', timeout=30000)
+        browser.close()
