@@ -109,11 +109,12 @@ class ChatModel:
         return ChatTurn(self, self.prepare(query, history, **kwargs))
 
     def prepare(self, query: str, history=None, role: str = 'user', system: Optional[str] = None,
-                tools: Optional[list] = None, **gen) -> 'ChatRequest':
+                tools: Optional[list] = None, truncate_query: bool = False, **gen) -> 'ChatRequest':
         """Validate a turn, build its prompt ids (dropping the oldest rounds that do not fit) and
-        resolve its sampling parameters. `respond` turns the generated ids into the reply."""
+        resolve its sampling parameters. `respond` turns the generated ids into the reply.
+        A query that alone does not fit is an error, or with truncate_query=True loses its beginning."""
         messages, as_pairs = self._conversation(query, history, role, system, tools)
-        ids, params = self._fit(messages, self.sampling(**gen))
+        ids, params = self._fit(messages, self.sampling(**gen), truncate_query)
         return ChatRequest(ids, params, messages, as_pairs, history)
 
     def respond(self, request: 'ChatRequest', output_ids: List[int]) -> Tuple[Union[str, dict], list]:
@@ -151,7 +152,7 @@ class ChatModel:
             return tok.prefix_ids + tok.encode(prompts.glm2_prompt(query, pairs))
         return tok.encode(prompts.glm1_prompt(query, pairs)) + tok.suffix_ids
 
-    def _fit(self, messages, params: SamplingParams):
+    def _fit(self, messages, params: SamplingParams, truncate_query: bool = False):
         """Encode, dropping the oldest rounds until prompt + reply fit the context window."""
         limit = self.context_length if params.max_length is None else min(self.context_length, params.max_length)
         reserve = params.max_new_tokens if params.max_new_tokens is not None else 1
@@ -162,10 +163,16 @@ class ChatModel:
             if len(ids) <= budget:
                 break
             droppable = [i for i, r in enumerate(history) if r[0]['role'] != 'system']
+            if not droppable and truncate_query and current[0]['content']:
+                # Keep the end of the query (usually the actual question) and cut its beginning.
+                query_ids = self.tokenizer.encode(current[0]['content'])
+                cut = min(len(query_ids), len(ids) - budget + 1)
+                current = [dict(current[0], content=self.tokenizer.decode(query_ids[cut:]))]
+                continue
             if not droppable:
                 raise ContextLengthError(
                     f'the prompt is {len(ids)} tokens but only {budget} fit ({limit} context tokens minus '
-                    f'{reserve} reserved for the reply); shorten the query'
+                    f'{reserve} reserved for the reply); shorten the query (or pass truncate_query=True)'
                     + (' or system prompt' if history else '')
                     + (', lower max_new_tokens' if params.max_new_tokens else '')
                     + f', or raise max_length (at most {self.config.seq_length} for this model)')

@@ -92,5 +92,31 @@ def reference(tmp_path_factory):
     return run
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def start_service(args, url, log_path, env=None, timeout=180):
+    """Start `python -m modelscope_chatglm.cli ARGS` and wait until GET `url` answers 200."""
+    import time
+    import httpx
+    proc = subprocess.Popen([sys.executable, '-m', 'modelscope_chatglm.cli', *args], env=env,
+                            stdout=open(log_path, 'w'), stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    pytest.fail(f'{" ".join(args[:1])} did not start:\n{open(log_path).read()[-4000:]}')
+
+
 def pytest_report_header(config):
     return f'reference python: {reference_python()}; python {sys.version.split()[0]}, torch {torch.__version__}'

@@ -128,3 +128,15 @@ def test_kv_cache_reserve_keeps_the_filled_positions():
     assert full_k.shape[2] == 4 and torch.equal(full_k[:, :, :3], k[:, :, :3])
     with pytest.raises(RuntimeError, match='overflow'):
         cache.append(0, torch.zeros(1, 2, 40, 4), torch.zeros(1, 2, 40, 4))
+
+
+def test_query_truncation_on_request(glm2_dir):
+    chat = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32', context_length=80)
+    query = 'a long preamble that will not fit ' * 10 + 'the question at the end'
+    with pytest.raises(modelscope_chatglm.ContextLengthError, match='truncate_query=True'):
+        chat.prepare(query, [('q', 'r')], max_new_tokens=8)
+    request = chat.prepare(query, [('q', 'r')], max_new_tokens=8, truncate_query=True)
+    assert len(request.input_ids) <= 80 - 8
+    text = chat.tokenizer.decode(request.input_ids)
+    assert text.rstrip().endswith('the question at the end\n\n答：'.rstrip()) and '[Round 1]' in text
+    assert '答：r' not in text and text.count('[Round') == 1   # the older round went first

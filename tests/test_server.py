@@ -1,13 +1,11 @@
 """The OpenAI-compatible server as a real process on 127.0.0.1, driven by the official `openai` client
 and by raw HTTP."""
 import json
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
+from conftest import free_port, start_service
 
 httpx = pytest.importorskip('httpx')
 openai = pytest.importorskip('openai')
@@ -18,32 +16,13 @@ from modelscope_chatglm.serve.server import ChatCompletionRequest, Result, _mess
 GREEDY = dict(temperature=0, max_tokens=8)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def server(glm2_dir, tmp_path_factory):
     port = free_port()
-    log = tmp_path_factory.mktemp('server') / 'server.log'
-    proc = subprocess.Popen([sys.executable, '-m', 'modelscope_chatglm.cli', 'serve', '--model', glm2_dir,
-                             '--device', 'cpu', '--dtype', 'float32', '--port', str(port), '--name', 'tiny-glm2',
-                             '--max-body-bytes', '20000'], stdout=open(log, 'w'), stderr=subprocess.STDOUT)
-    base = f'http://127.0.0.1:{port}'
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f'{base}/health', timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-        assert proc.poll() is None, log.read_text()
-    else:
-        proc.kill()
-        pytest.fail(f'server did not start:\n{log.read_text()}')
-    yield base
+    proc = start_service(['serve', '--model', glm2_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port),
+                          '--name', 'tiny-glm2', '--max-body-bytes', '20000'], f'http://127.0.0.1:{port}/health',
+                         tmp_path_factory.mktemp('server') / 'server.log')
+    yield f'http://127.0.0.1:{port}'
     proc.terminate()
     proc.wait(timeout=30)
 

@@ -1,12 +1,10 @@
 """The chat page, served locally and driven in headless Chromium (Debian's chromium + Playwright)."""
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
+from conftest import free_port, start_service
 
 pytest.importorskip('gradio')
 sync_api = pytest.importorskip('playwright.sync_api')
@@ -21,33 +19,13 @@ if CHROMIUM is None:
     pytest.skip('no chromium on PATH (.ci/run installs it)', allow_module_level=True)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def web(glm2_dir, tmp_path_factory):
     port = free_port()
-    log = tmp_path_factory.mktemp('web') / 'web.log'
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED='False', NO_PROXY='127.0.0.1,localhost')
-    proc = subprocess.Popen([sys.executable, '-m', 'modelscope_chatglm.cli', 'web', '--model', glm2_dir,
-                             '--device', 'cpu', '--dtype', 'float32', '--port', str(port)],
-                            stdout=open(log, 'w'), stderr=subprocess.STDOUT, env=env)
-    url = f'http://127.0.0.1:{port}/'
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-        assert proc.poll() is None, log.read_text()
-    else:
-        proc.kill()
-        pytest.fail(f'the web UI did not start:\n{log.read_text()}')
-    yield url
+    proc = start_service(['web', '--model', glm2_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port)],
+                         f'http://127.0.0.1:{port}/', tmp_path_factory.mktemp('web') / 'web.log', env=env)
+    yield f'http://127.0.0.1:{port}/'
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -81,10 +59,17 @@ def test_type_a_message_and_see_the_streamed_reply(web, glm2_model):
         page.screenshot(path=shot, full_page=True)
         assert os.path.getsize(shot) > 10000
         # a second turn sees the history; then Clear empties the conversation
+        second = glm2_model.chat('介绍下清华大学', [('你好', expected)], do_sample=False, max_new_tokens=16)[0]
         box.fill('介绍下清华大学')
         box.press('Enter')
-        page.wait_for_function('() => document.querySelectorAll(".bot").length >= 2', timeout=60000)
-        page.get_by_role('button', name='Retry').wait_for(timeout=60000)
-        page.get_by_role('button', name='Clear').click()
-        page.wait_for_function('() => document.querySelectorAll(".bot").length === 0', timeout=30000)
+        page.wait_for_function('(t) => { const b = document.querySelectorAll(".bot");'
+                               ' return b.length >= 2 && b[b.length - 1].innerText.includes(t); }',
+                               arg=second[:6], timeout=60000)
+        deadline = time.time() + 60
+        while page.locator('.bot').count() and time.time() < deadline:
+            clear = page.get_by_role('button', name='Clear')
+            if clear.count():
+                clear.first.click()
+            page.wait_for_timeout(500)
+        assert page.locator('.bot').count() == 0
         browser.close()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import kv_cache
 from .kv_cache import KVCache
 
 
@@ -114,7 +115,6 @@ class PrefixEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
         kv_size = cfg.num_layers * 2 * cfg.hidden_size
         if cfg.prefix_projection:
             self.embedding = nn.Embedding(cfg.pre_seq_len, cfg.hidden_size)
@@ -124,14 +124,10 @@ class PrefixEncoder(nn.Module):
             self.embedding = nn.Embedding(cfg.pre_seq_len, kv_size)
             self.trans = None
 
-    def forward(self, batch: int):
-        """-> [layers, 2 (k, v), b, H, pre_seq_len, d]"""
-        cfg = self.cfg
+    def forward(self) -> torch.Tensor:
+        """-> [pre_seq_len, layers * 2 * heads * d]"""
         prefix = self.embedding.weight
-        if self.trans is not None:
-            prefix = self.trans(prefix)
-        prefix = prefix.view(cfg.pre_seq_len, cfg.num_layers, 2, cfg.num_heads, cfg.head_dim)
-        return prefix.permute(1, 2, 3, 0, 4)[:, :, None].expand(-1, -1, batch, -1, -1, -1)
+        return prefix if self.trans is None else self.trans(prefix)
 
 
 @dataclass
@@ -172,16 +168,8 @@ class GLM1Model(nn.Module):
         return F.linear(hidden, self.word_embeddings.weight)   # the tied head, as a [V, D] linear
 
     def new_cache(self, batch: int, max_tokens: int) -> KVCache:
-        cfg = self.cfg
-        pre = cfg.pre_seq_len or 0
-        cache = KVCache(cfg.num_layers, batch, cfg.num_heads, pre + max_tokens, cfg.head_dim,
-                        self.word_embeddings.weight.dtype, self.device)
-        if pre:
-            prefix = self.prefix_encoder(batch).to(cache.dtype)
-            for layer in range(cfg.num_layers):
-                cache.append(layer, prefix[layer, 0], prefix[layer, 1])
-            cache.commit(pre)
-        return cache
+        return kv_cache.allocate(self.cfg, self.cfg.num_heads, batch, max_tokens, self.word_embeddings.weight.dtype,
+                                 self.device, self.prefix_encoder)
 
     def forward(self, input_ids, positions, block_positions, cache: KVCache, visible) -> torch.Tensor:
         """input_ids/positions/block_positions [b, s]; visible [b, 1, s, t] bool (True = may attend,

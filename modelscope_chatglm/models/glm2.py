@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import kv_cache
 from .kv_cache import KVCache
 
 
@@ -125,20 +126,15 @@ class PrefixEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
         kv_size = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim
         self.embedding = nn.Embedding(cfg.pre_seq_len, kv_size)
         self.trans = nn.Sequential(nn.Linear(kv_size, cfg.hidden_size), nn.Tanh(),
                                    nn.Linear(cfg.hidden_size, kv_size)) if cfg.prefix_projection else None
 
-    def forward(self, batch: int):
-        """-> [layers, 2 (k, v), b, G, pre_seq_len, d]"""
-        cfg = self.cfg
+    def forward(self) -> torch.Tensor:
+        """-> [pre_seq_len, layers * 2 * heads * d]"""
         prefix = self.embedding.weight
-        if self.trans is not None:
-            prefix = self.trans(prefix)
-        prefix = prefix.view(cfg.pre_seq_len, cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim)
-        return prefix.permute(1, 2, 3, 0, 4)[:, :, None].expand(-1, -1, batch, -1, -1, -1)
+        return prefix if self.trans is None else self.trans(prefix)
 
 
 class GLM2Model(nn.Module):
@@ -170,19 +166,10 @@ class GLM2Model(nn.Module):
         return key
 
     # -- forward -----------------------------------------------------------------------------------
-    def new_cache(self, batch: int, max_tokens: int, dtype=None, device=None) -> KVCache:
+    def new_cache(self, batch: int, max_tokens: int) -> KVCache:
         """A KV cache for `max_tokens` positions, holding the P-tuning prefix if there is one."""
-        cfg = self.cfg
-        param = self.word_embeddings.weight
-        pre = cfg.pre_seq_len or 0
-        cache = KVCache(cfg.num_layers, batch, cfg.num_kv_heads, pre + max_tokens, cfg.head_dim,
-                        dtype or param.dtype, device or param.device)
-        if pre:
-            prefix = self.prefix_encoder(batch).to(cache.dtype)
-            for layer in range(cfg.num_layers):
-                cache.append(layer, prefix[layer, 0], prefix[layer, 1])
-            cache.commit(pre)
-        return cache
+        return kv_cache.allocate(self.cfg, self.cfg.num_kv_heads, batch, max_tokens, self.word_embeddings.weight.dtype,
+                                 self.device, self.prefix_encoder)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
                 key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -51,3 +51,23 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def prefix_to_kv(prefix: torch.Tensor, num_layers: int, num_heads: int, head_dim: int, batch: int):
+    """P-tuning v2: the prefix encoder's [pre_seq_len, layers * 2 * heads * d] output, laid out as the
+    reference splits it, -> [layers, 2 (k, v), b, heads, pre_seq_len, d]."""
+    prefix = prefix.view(prefix.shape[0], num_layers, 2, num_heads, head_dim)
+    return prefix.permute(1, 2, 3, 0, 4)[:, :, None].expand(-1, -1, batch, -1, -1, -1)
+
+
+def allocate(cfg, num_heads: int, batch: int, max_tokens: int, dtype, device, prefix_encoder=None) -> KVCache:
+    """A cache for `max_tokens` positions per sequence; with P-tuning, its first positions hold the
+    learned prefix (as already-rotated keys and values, which is how the reference feeds it)."""
+    pre = cfg.pre_seq_len or 0
+    cache = KVCache(cfg.num_layers, batch, num_heads, pre + max_tokens, cfg.head_dim, dtype, device)
+    if pre:
+        kv = prefix_to_kv(prefix_encoder(), cfg.num_layers, num_heads, cfg.head_dim, batch).to(dtype)
+        for layer in range(cfg.num_layers):
+            cache.append(layer, kv[layer, 0], kv[layer, 1])
+        cache.commit(pre)
+    return cache
