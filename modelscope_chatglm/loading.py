@@ -87,7 +87,11 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     """Load a ChatGLM chat model. `model` is a hub id, a hub-layout directory or a configuration.
     progress(done, total, path), if given, is called after each weight shard."""
     cfg_path = configurations.find(model)
-    spec = configurations.read(cfg_path) if cfg_path else configurations.Configuration(name=model, model=model)
+    if cfg_path:
+        spec = configurations.read(cfg_path)
+    else:   # named after the hub id, or after the directory
+        name = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+        spec = configurations.Configuration(name=name, model=model)
     model_dir = resolve_model_dir(spec.model, revision or spec.revision)
     dev = resolve_device(device or spec.device)
     config = load_config(model_dir, family or spec.family)
