@@ -5,14 +5,11 @@ import shutil
 
 import pytest
 import torch
+from parity import run_parity
 
 import modelscope_chatglm
 from modelscope_chatglm import CheckpointError, tiny
-from modelscope_chatglm.generation import left_pad
 from modelscope_chatglm.prompts import glm1_response
-
-TOL = 1e-4
-
 
 @pytest.fixture(scope='session')
 def glm1_sp():
@@ -27,43 +24,6 @@ def glm1_dir(tmp_path_factory, glm1_sp):
 @pytest.fixture(scope='session')
 def glm1_model(glm1_dir):
     return modelscope_chatglm.load(glm1_dir, device='cpu', dtype='float32')
-
-
-def compare_logits(model, ref, name, prompts, pad_id):
-    ids, mask = left_pad(prompts, pad_id)
-    ours = model.logits(ids, mask if len(prompts) > 1 else None)
-    valid = mask.bool()
-    diff = (ours - ref[name])[valid].abs().max().item()
-    print(f'\n[parity glm1] {name}: max |logit diff| = {diff:.3g} over {int(valid.sum())} positions')
-    assert diff < TOL
-
-
-def run_parity(model, model_dir, reference, with_chat=True):
-    tok = model.tokenizer
-    single = model.build_inputs('你好，请介绍一下你自己。', [('你好', '你好！有什么可以帮助你的吗？')])
-    short = model.build_inputs('hi')
-    long = model.build_inputs('介绍下清华大学。' + 'The quick brown fox jumps over the lazy dog. 1234 ' * 40)
-    assert len(long) > 300
-    greedy_prompt = model.build_inputs('你好')
-    queries = ['你好', '介绍下清华大学', 'Tell me a joke about   spaces\tand tabs.']
-    cases = [{'kind': 'logits', 'name': 'single', 'prompts': [single]},
-             {'kind': 'logits', 'name': 'batch', 'prompts': [short, single]},
-             {'kind': 'logits', 'name': 'long', 'prompts': [long]},
-             {'kind': 'greedy', 'name': 'greedy', 'prompt': greedy_prompt, 'max_new_tokens': 24}]
-    if with_chat:
-        cases.append({'kind': 'chat', 'name': 'chat', 'queries': queries, 'max_new_tokens': 20})
-    ref = reference({'model_dir': model_dir, 'family': 'glm1', 'cases': cases})
-    compare_logits(model, ref, 'single', [single], tok.pad_id)
-    compare_logits(model, ref, 'batch', [short, single], tok.pad_id)
-    compare_logits(model, ref, 'long', [long], tok.pad_id)
-    assert model.generate(greedy_prompt, max_new_tokens=24, do_sample=False) == ref['greedy']
-    if with_chat:
-        history, replies = [], []
-        for q in queries:
-            response, history = model.chat(q, history, do_sample=False, max_new_tokens=20)
-            replies.append(response)
-        assert replies == ref['chat']
-    return ref
 
 
 def test_chatglm6b_matches_reference(glm1_model, glm1_dir, reference):
