@@ -97,11 +97,13 @@ class ChatModel:
     def stream_chat(self, query: str, history=None, **kwargs) -> Iterator[Tuple[Union[str, dict], list]]:
         """Yield (response so far, history with this turn) as tokens arrive."""
         turn = self.turn(query, history, **kwargs)
-        yielded = False
+        last = None
         for _ in turn:
-            yielded = True
+            last = turn.response
             yield turn.response, turn.history
-        if not yielded:
+        if last is None or turn.response != last:
+            # The end of the reply produced no visible delta (e.g. a stop token, or the last bytes of
+            # a character cut off by max_new_tokens): the final state still counts.
             yield turn.response, turn.history
 
     def turn(self, query: str, history=None, **kwargs) -> 'ChatTurn':
@@ -230,3 +232,6 @@ class ChatTurn:
                 yield delta
         self.finish_reason = self.finish_reason or 'length'
         self.response, self.history = self.chat.respond(self.request, self.output_ids)
+        rest = deltas.flush()
+        if rest:
+            yield rest

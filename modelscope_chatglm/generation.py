@@ -219,5 +219,12 @@ class TextDeltas:
         text = self.decode(self.ids)
         if text.endswith('\ufffd'):   # an incomplete multi-byte character: wait for its other bytes
             return ''
+        return self._advance(text)
+
+    def flush(self) -> str:
+        """What is still held back once generation has ended (an incomplete character, as U+FFFD)."""
+        return self._advance(self.decode(self.ids))
+
+    def _advance(self, text: str) -> str:
         delta, self.text = text[len(self.text):] if text.startswith(self.text) else text, text
         return delta

@@ -107,11 +107,14 @@ def test_pipeline_turns_reuse_the_cache(glm2_dir):
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
     pipe = pipeline(task=Tasks.chat, model=glm2_dir)
-    out = pipe({'text': '你好', 'history': []}, **GREEDY)
-    # The pipeline's forward goes through ChatModel.generate, which is stateless; the streaming API
-    # shares the chat cache.
-    deltas = list(pipe.stream({'text': '介绍下清华大学', 'history': out['history']}, **GREEDY))
-    assert deltas and pipe.chat_model.prompt_cache.ids
+    fresh = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32')
+    fresh.prompt_cache = None
+    history = []
+    for query in ('你好', '介绍下清华大学', '再见'):
+        out = pipe({'text': query, 'history': history}, **GREEDY)
+        assert out['response'] == fresh.chat(query, history, **GREEDY)[0]
+        history = out['history']
+    assert pipe.chat_model.prompt_cache.reused > 0
 
 
 def test_kv_cache_reserve_keeps_the_filled_positions():

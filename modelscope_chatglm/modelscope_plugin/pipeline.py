@@ -57,7 +57,7 @@ class ChatGLMForChat(TorchModel):
         self.model_dir = chat_model.model_dir
 
     def forward(self, input_ids, **gen):
-        """Generate for one prompt: -> {'output_ids': [...]}."""
+        """Generate for one prompt: -> {'output_ids': [...]} (ModelScope's Model.__call__ runs this)."""
         return {'output_ids': self.chat_model.generate(input_ids, **gen)}
 
 
@@ -121,9 +121,12 @@ class ChatPipeline(Pipeline):
         return self.preprocessor(inputs, **params)
 
     def forward(self, inputs: Dict[str, Any], **forward_params) -> Dict[str, Any]:
-        request = inputs['request']
-        ids = self.chat_model.generate(request.input_ids, **_as_kwargs(request.params))
-        return {'request': request, 'output_ids': ids}
+        """Generate the reply ids (through the chat model's KV cache: a follow-up turn only prefills
+        what is new)."""
+        turn = ChatTurn(self.chat_model, inputs['request'])
+        for _ in turn:
+            pass
+        return {'request': inputs['request'], 'output_ids': turn.output_ids}
 
     def postprocess(self, inputs: Dict[str, Any], **kwargs) -> Dict[str, Any]:
         response, history = self.chat_model.respond(inputs['request'], inputs['output_ids'])
@@ -175,10 +178,6 @@ def parse_input(data):
         raise InputError(f'"history" must be a list of (query, response) pairs, got '
                          f'{type(history).__name__}; pass [] to start a conversation')
     return data['text'], list(history), turn
-
-
-def _as_kwargs(params: SamplingParams) -> dict:
-    return {k: getattr(params, k) for k in GENERATION_KEYS}
 
 
 def _check_beams(num_beams):
