@@ -303,3 +303,14 @@ def test_quantization_through_yaml_pipeline_and_defaults(quantized_dirs, tmp_pat
     assert pipe.chat_model.model.layers[1].self_attention.dense.bits == 8
     out = pipe({'text': '你好', 'history': []}, max_new_tokens=4, do_sample=False)
     assert out['response'] == from_yaml.chat('你好', max_new_tokens=4, do_sample=False)[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('bits', [8, 4])
+def test_gpu_quantized_model_matches_cpu(quantized_dirs, bits):
+    cpu = modelscope_chatglm.load(quantized_dirs[bits], device='cpu', dtype='float32')
+    gpu = modelscope_chatglm.load(quantized_dirs[bits], device='cuda', dtype='float16')
+    prompt = cpu.build_inputs('你好，请介绍一下你自己。')
+    a, b = cpu.logits(prompt), gpu.logits(prompt).cpu()
+    assert ((a - b).abs().max() / a.abs().max()).item() < 0.05
+    assert len(gpu.generate(prompt, max_new_tokens=4, do_sample=False, stop_ids=[])) == 4
