@@ -39,8 +39,7 @@ def test_chatglm6b_ptuning_prefix_matches_reference(tmp_path, glm1_sp, reference
 
 
 def test_pipeline_chat_matches_reference(glm1_dir, reference):
-    import modelscope_chatglm  # noqa: F401
-    from modelscope.pipelines import pipeline
+    from modelscope.pipelines import pipeline   # modelscope_chatglm, imported above, registered with it
     from modelscope.utils.constant import Tasks
     cfg = json.load(open(os.path.join(glm1_dir, 'configuration.json')))
     assert cfg['model']['type'] == 'chatglm6b' and cfg['pipeline']['type'] == 'chatglm6b-text-generation'

@@ -232,7 +232,6 @@ class GLM1Model(nn.Module):
         return self.logits(hidden[:, -1]).float(), state
 
     def decode(self, next_ids, state: DecodeState):
-        b = next_ids.shape[0]
         state.padding = F.pad(state.padding, (0, 1), value=True)
         positions = state.mask_position[:, None]
         block_positions = (state.length - state.sop_index + 1)[:, None]
