@@ -24,6 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from memory import peak_rss  # noqa: E402  (benchmarks/memory.py)
 
 LAYERS_28 = 28
 PARAMS_PER_LAYER = 4608 * 4096 + 4096 * 4096 + 27392 * 4096 + 4096 * 13696   # the four quantized linears
@@ -47,16 +48,6 @@ def weights_bytes(layers, bits, act_bytes=2):
 
 def kv_bytes_per_token(layers, act_bytes=2):
     return layers * 2 * 2 * 128 * act_bytes      # K and V, 2 groups of 128 dims
-
-
-def peak_rss(reset=False):
-    """This process's peak RSS in bytes (VmHWM); reset=True restarts the measurement (Linux).
-    (getrusage's ru_maxrss cannot be reset and even carries the parent's peak across fork+exec.)"""
-    if reset:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-    with open('/proc/self/status') as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM'))
 
 
 def child_prefill(path, bits, n):

@@ -19,6 +19,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from memory import peak_rss, rss  # noqa: E402  (benchmarks/memory.py)
 
 LAYERS_PER_SHARD = 4
 
@@ -71,35 +72,17 @@ def build(path):
     open(os.path.join(path, '.complete'), 'w').close()
 
 
-def peak_rss_gb(reset=False):
-    """Peak RSS (VmHWM) of this process in GB; reset=True restarts it. getrusage's ru_maxrss would carry
-    the parent's peak across fork+exec (the parent may have just built the checkpoint)."""
-    if reset:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-    with open('/proc/self/status') as f:
-        return next(int(line.split()[1]) / 1e6 for line in f if line.startswith('VmHWM'))
-
-
-def rss_gb():
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1]) / 1e6
-    return float('nan')
-
-
 def child(path, bits, dtype, new_tokens, baseline):
     import torch
     import modelscope_chatglm
     from modelscope_chatglm.generation import generate_tokens
     from modelscope_chatglm.quantization import QuantizedLinear, dequantize
-    peak_rss_gb(reset=True)
+    peak_rss(reset=True)
     t = time.perf_counter()
     chat = modelscope_chatglm.load(path, device='cpu', dtype=dtype, quantization_bit=bits)
     load_s = time.perf_counter() - t
-    peak = peak_rss_gb()
-    loaded = rss_gb()
+    peak = peak_rss() / 1e9
+    loaded = rss() / 1e9
     if baseline:
         def dequantize_all(self, x):   # what the reference's CPU path does on every call
             w = dequantize(self.weight, self.weight_scale, self.bits)

@@ -18,7 +18,6 @@ from typing import Optional
 from .errors import CheckpointError
 
 FAMILIES = ('glm1', 'glm2', 'glm3')
-GLM3_ROLE_TOKENS = ('<|system|>', '<|user|>', '<|assistant|>', '<|observation|>')
 
 
 @dataclass

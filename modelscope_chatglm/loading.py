@@ -98,7 +98,7 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     bits = quantization_bit if quantization_bit is not None else spec.quantization_bit
     bits = resolve_quantization(model_dir, config, bits)
     dt = resolve_dtype(dtype, dev, spec.dtype, quantized=bool(bits))
-    tokenizer = load_tokenizer(model_dir, config.family, config.vocab_size, config)
+    tokenizer = load_tokenizer(model_dir, config)
     net = build_model(config, dt, dev, bits)
     load_weights(net, model_dir, net.checkpoint_key, progress)
     gen = dict(spec.generation or {})

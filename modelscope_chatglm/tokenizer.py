@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List
 
 import sentencepiece
 
@@ -112,15 +112,13 @@ class GLM1Tokenizer:
     family = 'glm1'
     MAX_BLANK = 80
 
-    def __init__(self, model_file: str, num_image_tokens: int = 0,
-                 special_ids: Optional[Dict[str, int]] = None):
+    def __init__(self, model_file: str, num_image_tokens: int = 0):
         self.model_file = model_file
         self.sp = _load_sp(model_file)
         self.num_sp_pieces = self.sp.GetPieceSize()
         self.offset = num_image_tokens
         self.vocab_size = self.num_sp_pieces + num_image_tokens
         ids = {t: self.sp.PieceToId(t) + num_image_tokens for t in ('[MASK]', '[gMASK]', '<sop>', '<eop>')}
-        ids.update(special_ids or {})
         self.special_ids = ids
         self.bos_id, self.eos_id = ids['<sop>'], ids['<eop>']
         self.pad_id = self.sp.pad_id() + num_image_tokens if self.sp.pad_id() >= 0 else 3
@@ -166,8 +164,10 @@ class GLM1Tokenizer:
         return self._placeholder_re.sub(restore, text)
 
 
-def load_tokenizer(model_dir: str, family: str, config_vocab_size: Optional[int] = None, config=None):
-    """The tokenizer of a hub-layout directory, checked against the model's embedding size."""
+def load_tokenizer(model_dir: str, config):
+    """The tokenizer of a hub-layout directory (family from `config`), checked against the model's
+    special ids and embedding size."""
+    family = config.family
     if family == 'glm1':
         tok_cfg_path = os.path.join(model_dir, 'tokenizer_config.json')
         num_image_tokens = 20000   # the class default of the pre-slim tokenizer (spec §1.1)
@@ -175,21 +175,20 @@ def load_tokenizer(model_dir: str, family: str, config_vocab_size: Optional[int]
             from .config import read_json
             num_image_tokens = int(read_json(tok_cfg_path).get('num_image_tokens', 20000))
         tok = GLM1Tokenizer(os.path.join(model_dir, 'ice_text.model'), num_image_tokens)
-        if config is not None:
-            expect = {'[MASK]': config.mask_token_id, '[gMASK]': config.gmask_token_id,
-                      '<sop>': config.bos_token_id, '<eop>': config.eos_token_id}
-            wrong = {t: (tok[t], i) for t, i in expect.items() if i is not None and tok[t] != i}
-            if wrong:
-                raise CheckpointError(
-                    f'{tok.model_file} and {os.path.join(model_dir, "config.json")} disagree on special ids '
-                    f'(token: tokenizer id, config id) {wrong}; check num_image_tokens in tokenizer_config.json '
-                    'or use the tokenizer from the same model revision')
+        expect = {'[MASK]': config.mask_token_id, '[gMASK]': config.gmask_token_id,
+                  '<sop>': config.bos_token_id, '<eop>': config.eos_token_id}
+        wrong = {t: (tok[t], i) for t, i in expect.items() if i is not None and tok[t] != i}
+        if wrong:
+            raise CheckpointError(
+                f'{tok.model_file} and {os.path.join(model_dir, "config.json")} disagree on special ids '
+                f'(token: tokenizer id, config id) {wrong}; check num_image_tokens in tokenizer_config.json '
+                'or use the tokenizer from the same model revision')
     else:
         cls = GLM3Tokenizer if family == 'glm3' else GLM2Tokenizer
         tok = cls(os.path.join(model_dir, 'tokenizer.model'))
-    if config_vocab_size is not None and tok.vocab_size > config_vocab_size:
+    if tok.vocab_size > config.vocab_size:
         raise CheckpointError(
             f'{tok.model_file} has {tok.vocab_size} tokens (with specials) but the embedding in '
-            f'{os.path.join(model_dir, "config.json")} has only {config_vocab_size} rows: the tokenizer '
+            f'{os.path.join(model_dir, "config.json")} has only {config.vocab_size} rows: the tokenizer '
             'and the config come from different models; use the files of one model revision')
     return tok

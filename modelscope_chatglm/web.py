@@ -23,17 +23,10 @@ def _text(content) -> str:
     return ''
 
 
-def to_pairs(history) -> list:
-    """gradio's role messages -> ChatGLM (query, response) pairs."""
-    pairs, query = [], None
-    for message in history or []:
-        role, text = message.get('role'), _text(message.get('content'))
-        if role == 'user':
-            query = text
-        elif role == 'assistant' and query is not None:
-            pairs.append((query, text))
-            query = None
-    return pairs
+def to_messages(history) -> list:
+    """gradio's chat history -> the role messages ChatModel takes (text parts only)."""
+    return [{'role': m['role'], 'content': _text(m.get('content'))} for m in history or []
+            if m.get('role') in ('user', 'assistant')]
 
 
 def build_app(chat: ChatModel, title: str = 'ChatGLM'):
@@ -47,7 +40,7 @@ def build_app(chat: ChatModel, title: str = 'ChatGLM'):
         else:
             options['do_sample'] = False
         with lock:
-            turn = chat.turn(_text(message), to_pairs(history), **options)
+            turn = chat.turn(_text(message), to_messages(history), **options)
             text = ''
             for delta in turn:
                 text += delta

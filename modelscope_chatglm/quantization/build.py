@@ -114,7 +114,10 @@ def _try_load(path: str):
 
 
 def load_library():
-    """The compiled kernel library (a ctypes.CDLL), or None when it cannot be built here."""
+    """The compiled kernel library (a ctypes.CDLL), or None when it cannot be built here.
+    Called on every quantized forward: after the first call it is a dict lookup, no lock."""
+    if _state['loaded']:
+        return _state['lib']
     with _lock:
         if _state['loaded']:
             return _state['lib']
