@@ -27,7 +27,8 @@ setup(
     extras_require={
         'serve': ['fastapi>=0.110', 'uvicorn>=0.29', 'sse-starlette>=2'],
         'web': ['gradio>=5'],
-        'test': ['pytest>=7', 'httpx', 'openai>=1', 'pexpect', 'playwright'],
+        # triton: the GPU kernels' tests run it on CPU as an interpreter (CUDA builds of torch ship it)
+        'test': ['pytest>=7', 'httpx', 'openai>=1', 'pexpect', 'playwright', 'triton; platform_system == "Linux"'],
     },
     entry_points={'console_scripts': ['modelscope-chatglm=modelscope_chatglm.cli:main']},
     license='Apache-2.0',

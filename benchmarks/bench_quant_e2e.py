@@ -19,58 +19,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from fullsize import build  # noqa: E402  (benchmarks/fullsize.py)
 from memory import peak_rss, rss  # noqa: E402  (benchmarks/memory.py)
-
-LAYERS_PER_SHARD = 4
-
-
-def build(path):
-    """The checkpoint, written shard by shard so building it never holds more than one shard."""
-    import math
-    import torch
-    from modelscope_chatglm import tiny
-    if os.path.exists(os.path.join(path, '.complete')):
-        return
-    os.makedirs(path, exist_ok=True)
-    sp = tiny.train_sentencepiece('glm2')
-    open(os.path.join(path, 'tokenizer.model'), 'wb').write(sp)
-    cfg = tiny.glm2_config(1000, 'glm2', hidden_size=4096, num_layers=28, num_heads=32, kv_channels=128, groups=2,
-                           ffn_hidden_size=13696, seq_length=32768, padded_vocab_size=65024)
-    json.dump(cfg, open(os.path.join(path, 'config.json'), 'w'), indent=2)
-    for name in ('tokenizer_config.json', 'configuration.json'):
-        json.dump({'padding_side': 'left'} if name.startswith('tok') else
-                  {'framework': 'pytorch', 'task': 'chat'}, open(os.path.join(path, name), 'w'))
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*shape):
-        return (torch.randn(*shape, generator=g) / math.sqrt(shape[-1])).half()
-
-    shards = math.ceil(28 / LAYERS_PER_SHARD)
-    weight_map = {}
-    for s in range(shards):
-        sd = {}
-        if s == 0:
-            sd['transformer.embedding.word_embeddings.weight'] = torch.randn(65024, 4096, generator=g).half()
-        for i in range(s * LAYERS_PER_SHARD, min(28, (s + 1) * LAYERS_PER_SHARD)):
-            p = f'transformer.encoder.layers.{i}.'
-            sd[p + 'input_layernorm.weight'] = torch.ones(4096).half()
-            sd[p + 'self_attention.query_key_value.weight'] = rand(4608, 4096)
-            sd[p + 'self_attention.query_key_value.bias'] = torch.zeros(4608).half()
-            sd[p + 'self_attention.dense.weight'] = rand(4096, 4096)
-            sd[p + 'post_attention_layernorm.weight'] = torch.ones(4096).half()
-            sd[p + 'mlp.dense_h_to_4h.weight'] = rand(27392, 4096)
-            sd[p + 'mlp.dense_4h_to_h.weight'] = rand(4096, 13696)
-        if s == shards - 1:
-            sd['transformer.encoder.final_layernorm.weight'] = torch.ones(4096).half()
-            sd['transformer.output_layer.weight'] = rand(65024, 4096)
-        name = f'pytorch_model-{s + 1:05d}-of-{shards:05d}.bin'
-        torch.save(sd, os.path.join(path, name))
-        weight_map.update({k: name for k in sd})
-        print(f'  wrote {name}', flush=True)
-    json.dump({'metadata': {}, 'weight_map': weight_map},
-              open(os.path.join(path, 'pytorch_model.bin.index.json'), 'w'), indent=2)
-    open(os.path.join(path, '.complete'), 'w').close()
-
 
 def child(path, bits, dtype, new_tokens, baseline):
     import torch

@@ -61,7 +61,8 @@ def load_from_args(args):
     t = time.time()
     print(f'loading {args.config or args.model} ...', file=sys.stderr, flush=True)
     model = load(args.config or args.model, revision=args.revision, device=args.device, dtype=args.dtype,
-                 quantization_bit=args.quantize, progress=progress_bar)
+                 quantization_bit=args.quantize, progress=progress_bar,
+                 cuda_graphs=False if args.no_cuda_graphs else None)
     print(f'loaded {model} in {time.time() - t:.1f}s', file=sys.stderr, flush=True)
     return model
 
@@ -166,6 +167,8 @@ def main(argv=None):
         p.add_argument('--device', help='auto | cpu | cuda | cuda:N')
         p.add_argument('--dtype', help='float32 | bfloat16 | float16')
         p.add_argument('--quantize', type=int, choices=[4, 8], default=None, help='quantize the blocks on load')
+        p.add_argument('--no-cuda-graphs', action='store_true',
+                       help='on a GPU, launch decode kernels one by one instead of replaying CUDA graphs')
         p.set_defaults(func=func)
         if name == 'chat':
             p.add_argument('--max-new-tokens', type=int, default=None)

@@ -83,9 +83,10 @@ def resolve_model_dir(model: str, revision: Optional[str]) -> str:
 def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
          quantization_bit: Optional[int] = None, family: Optional[str] = None,
          context_length: Optional[int] = None, generation: Optional[dict] = None,
-         progress=None) -> ChatModel:
+         progress=None, cuda_graphs: Optional[bool] = None) -> ChatModel:
     """Load a ChatGLM chat model. `model` is a hub id, a hub-layout directory or a configuration.
-    progress(done, total, path), if given, is called after each weight shard."""
+    progress(done, total, path), if given, is called after each weight shard. cuda_graphs: replay
+    decode steps from CUDA graphs on a GPU (ChatGLM2/3; default on, or MODELSCOPE_CHATGLM_CUDA_GRAPHS=0)."""
     cfg_path = configurations.find(model)
     if cfg_path:
         spec = configurations.read(cfg_path)
@@ -101,6 +102,10 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     tokenizer = load_tokenizer(model_dir, config)
     net = build_model(config, dt, dev, bits)
     load_weights(net, model_dir, net.checkpoint_key, progress)
+    if hasattr(net, 'cuda_graphs'):
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get('MODELSCOPE_CHATGLM_CUDA_GRAPHS', '1') not in ('0', 'false', 'no', '')
+        net.cuda_graphs = bool(cuda_graphs)
     gen = dict(spec.generation or {})
     gen.update(generation or {})
     return ChatModel(net.eval(), tokenizer, config, model_dir,

@@ -63,12 +63,12 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.num_heads * cfg.head_dim)
         self.dense = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
 
-    def forward(self, x, pos_tables, block_tables, layer: int, cache: KVCache, visible):
+    def forward(self, x, pos_tables, block_tables, kv, visible):
         b, s, _ = x.shape
         q, k, v = self.query_key_value(x).view(b, s, self.num_heads, 3 * self.head_dim).chunk(3, dim=-1)
         q = apply_2d_rotary(q, pos_tables, block_tables)
         k = apply_2d_rotary(k, pos_tables, block_tables)
-        k, v = cache.append(layer, k.transpose(1, 2), v.transpose(1, 2))     # [b, H, t, d]
+        k, v = kv.update(k.transpose(1, 2), v.transpose(1, 2))                # [b, H, t, d]
         q = q.transpose(1, 2) / (math.sqrt(self.head_dim) * self.coeff)
         scores = q @ k.transpose(-1, -2)                                      # [b, H, s, t]
         if visible is not None:
@@ -103,9 +103,9 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, pos_tables, block_tables, layer, cache, visible):
+    def forward(self, x, pos_tables, block_tables, kv, visible):
         h = self.input_layernorm(x)
-        x = self.alpha * h + self.attention(h, pos_tables, block_tables, layer, cache, visible)
+        x = self.alpha * h + self.attention(h, pos_tables, block_tables, kv, visible)
         m = self.post_attention_layernorm(x)
         return self.alpha * m + self.mlp(m)
 
@@ -178,7 +178,7 @@ class GLM1Model(nn.Module):
         pos_tables = rotary_tables(positions, self.rotary_dim)
         block_tables = rotary_tables(block_positions, self.rotary_dim)
         for i, layer in enumerate(self.layers):
-            x = layer(x, pos_tables, block_tables, i, cache, visible)
+            x = layer(x, pos_tables, block_tables, cache.layer(i), visible)
         cache.commit(input_ids.shape[1])
         return self.final_layernorm(x)
 

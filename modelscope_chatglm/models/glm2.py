@@ -22,8 +22,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from ..config import ModelConfig
+from ..triton_support import optional
 from . import kv_cache
 from .kv_cache import KVCache
 
@@ -35,9 +37,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Mean of squares in fp32 whatever the model dtype, as the reference does.
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
+        if x.is_cuda and (ops := optional('models.triton_ops')) is not None:
+            return ops.rms_norm(x, self.weight, self.eps)     # the same math, one kernel
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Mean of squares in fp32 whatever the model dtype, as the reference does.
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return (weight * (x * torch.rsqrt(variance + eps))).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -79,20 +87,62 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(q_size, cfg.hidden_size, bias=False)
         self.split_sizes = (q_size, kv_size, kv_size)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache, attn_mask: Optional[torch.Tensor]):
+    def forward(self, x, cos, sin, kv, attn_mask):
         b, s, _ = x.shape
-        q, k, v = self.query_key_value(x).split(self.split_sizes, dim=-1)
-        q = apply_rotary(q.view(b, s, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(b, s, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(b, s, self.num_kv_heads, self.head_dim)
-        # The cache keeps the compact G-group K/V (post-RoPE): [b, G, t, d].
-        k, v = cache.append(layer, k.transpose(1, 2), v.transpose(1, 2))
-        q = q.transpose(1, 2)                                           # [b, H, s, d]
-        if attn_mask is None:   # no padding: plain causal (prefill) or all-visible (one new token)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=True)
+        qkv = self.query_key_value(x)
+        if qkv.is_cuda and (ops := optional('models.triton_ops')) is not None:
+            # Q and K heads are adjacent in each row: rotate them all in place, in one kernel.
+            ops.rotary_qk_(qkv, cos, sin, self.num_heads + self.num_kv_heads, self.head_dim)
+            q, k, v = (t.view(b, s, -1, self.head_dim) for t in qkv.split(self.split_sizes, dim=-1))
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+            q, k, v = qkv.split(self.split_sizes, dim=-1)
+            q = apply_rotary(q.view(b, s, self.num_heads, self.head_dim), cos, sin)
+            k = apply_rotary(k.view(b, s, self.num_kv_heads, self.head_dim), cos, sin)
+            v = v.view(b, s, self.num_kv_heads, self.head_dim)
+        # The cache keeps the compact G-group K/V (post-RoPE): [b, G, t, d].
+        k, v = kv.update(k.transpose(1, 2), v.transpose(1, 2))
+        out = attend(q.transpose(1, 2), k, v, attn_mask)               # [b, H, s, d]
         return self.dense(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def attend(q, k, v, attn_mask):
+    """Softmax attention of q [b, H, s, d] over the G-group k, v [b, G, t, d] -> [b, H, s, d].
+
+    attn_mask: None (no padding: plain causal when s > 1 and nothing is cached, else all visible),
+    a bool [b, 1, s, t] (True = may attend), a lower-right `CausalBias` (a chunk after cached
+    positions, on CUDA), or a `DecodeWindow` (the static decode step)."""
+    b, heads, s, d = q.shape
+    groups = k.shape[1]
+    if isinstance(attn_mask, DecodeWindow):
+        if q.is_cuda and (ops := optional('models.triton_ops')) is not None:
+            out = ops.decode_attention(q.reshape(b, heads, d), k, v, attn_mask.slot, attn_mask.key_ok)
+            return out.view(b, heads, 1, d)
+        attn_mask = attn_mask.mask()
+    if attn_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=True)
+    if isinstance(attn_mask, CausalBias):
+        # The fused kernels take a lower-right causal bias but not grouped K/V: expand the groups.
+        k, v = (t.repeat_interleave(heads // groups, dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if s == 1:
+        # One query per head: the H/G heads of a group read the same K/V, so lay them out as H/G
+        # query rows of G heads. Plain SDPA then takes the mask without expanding K/V per head.
+        out = F.scaled_dot_product_attention(q.view(b, groups, heads // groups, d), k, v, attn_mask=attn_mask)
+        return out.reshape(b, heads, 1, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+
+
+@dataclass
+class DecodeWindow:
+    """One query per sequence over the first `width` cache positions: those at or before `slot` (a
+    1-element device tensor) where key_ok [b, width] is True. All shapes fixed, values on the device."""
+    slot: torch.Tensor
+    key_ok: torch.Tensor
+
+    def mask(self) -> torch.Tensor:
+        """The same as a bool mask [b, 1, 1, width]."""
+        width = self.key_ok.shape[1]
+        return (self.key_ok & (torch.arange(width, device=self.key_ok.device) <= self.slot))[:, None, None, :]
 
 
 class MLP(nn.Module):
@@ -116,8 +166,8 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layer, cache, attn_mask):
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, layer, cache, attn_mask)
+    def forward(self, x, cos, sin, kv, attn_mask):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, kv, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -184,16 +234,34 @@ class GLM2Model(nn.Module):
         cos, sin = self.rotary(position_ids)
         attn_mask = self._attention_mask(b, s, cache.length, key_padding, x.device)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, i, cache, attn_mask)
+            x = layer(x, cos, sin, cache.layer(i), attn_mask)
         cache.commit(s)
         return self.final_layernorm(x)
+
+    def decode_static(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot: torch.Tensor,
+                      key_ok: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence, written at cache position `slot` (a 1-element long tensor);
+        attends over the first key_ok.shape[1] cache positions, those with key_ok [b, width] True and
+        at or before the slot. -> next logits [b, V] (fp32).
+
+        Every shape is fixed by (batch, width) and every changing value lives in a device tensor, so
+        this is the step that CUDA graphs capture (cuda_graphs.py). It does not commit: the caller
+        advances cache.length."""
+        x = self.word_embeddings(ids[:, None])
+        cos, sin = self.rotary(positions[:, None])
+        window = DecodeWindow(slot, key_ok)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.at_slot(i, slot, key_ok.shape[1]), window)
+        return self.logits(self.final_layernorm(x)[:, -1]).float()
 
     def _attention_mask(self, b, s, past, key_padding, device) -> Optional[torch.Tensor]:
         """[b, 1, s, past+s] bool, True = may attend; None when causal order alone decides."""
         pre = self.cfg.pre_seq_len or 0
         if key_padding is None or bool(key_padding.all()):
-            if past == pre or s == 1:
-                return None if pre == 0 or s == 1 else self._causal(s, past, device)[None, None]
+            if s == 1 or past == pre == 0:
+                return None
+            if device.type == 'cuda':   # the fused kernels take this without materialising a mask
+                return causal_lower_right(s, past + s)
             return self._causal(s, past, device)[None, None]
         t = past + s
         visible = torch.ones(b, t, dtype=torch.bool, device=device)
@@ -220,9 +288,12 @@ class GLM2Model(nn.Module):
 
     # Prompt tokens per forward during prefill. Activations then stay bounded whatever the prompt
     # length (the SwiGLU intermediate alone is 2 x 13696 values per token); attention over the cached
-    # positions runs in SDPA's flash kernel, which never materialises the score matrix.
-    prefill_chunk = 512
+    # positions runs in SDPA's fused kernels, which never materialise the score matrix. A GPU takes
+    # larger chunks: fewer, fuller matrix products.
+    PREFILL_CHUNK = {'cpu': 512, 'cuda': 8192}
+    prefill_chunk: Optional[int] = None   # set to override PREFILL_CHUNK
     supports_prefix_reuse = True   # causal attention: the K/V of a prefix do not depend on what follows
+    cuda_graphs = True             # decode steps on CUDA replay captured graphs (cuda_graphs.py)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], max_new_tokens: int):
         """Run left-padded prompts [b, s]; -> logits of the last position [b, V] (fp32), decode state."""
@@ -245,15 +316,26 @@ class GLM2Model(nn.Module):
     def _run_chunks(self, input_ids, positions, state: 'DecodeState'):
         pre = self.cfg.pre_seq_len or 0
         hidden = None
-        for start in range(0, input_ids.shape[1], self.prefill_chunk):
-            end = min(start + self.prefill_chunk, input_ids.shape[1])
+        chunk = self.prefill_chunk or self.PREFILL_CHUNK.get(self.device.type, 512)
+        for start in range(0, input_ids.shape[1], chunk):
+            end = min(start + chunk, input_ids.shape[1])
             filled = state.cache.length - pre
             padding = None if state.padding is None else state.padding[:, :filled + end - start]
             hidden = self(input_ids[:, start:end], positions[:, start:end], state.cache, padding)
         return self.logits(hidden[:, -1]).float()
 
     def decode(self, next_ids: torch.Tensor, state: 'DecodeState') -> torch.Tensor:
-        """Feed one new token per sequence [b]; -> next logits [b, V] (fp32)."""
+        """Feed one new token per sequence [b]; -> next logits [b, V] (fp32).
+
+        On CUDA this is the static step (`decode_static`), replayed from CUDA graphs unless
+        `cuda_graphs` is off: the same kernels either way, so graphs change no result."""
+        if next_ids.is_cuda:
+            from .cuda_graphs import decode_with_graphs
+            return decode_with_graphs(self, next_ids, state, capture=self.cuda_graphs)
+        return self.decode_dynamic(next_ids, state)
+
+    def decode_dynamic(self, next_ids: torch.Tensor, state: 'DecodeState') -> torch.Tensor:
+        """`decode` through the ordinary forward: shapes grow with the cache."""
         if state.padding is not None:
             state.padding = F.pad(state.padding, (0, 1), value=True)
         hidden = self(next_ids[:, None], state.next_position[:, None], state.cache, state.padding)
@@ -272,6 +354,7 @@ class DecodeState:
     cache: KVCache
     padding: Optional[torch.Tensor]      # [b, t] bool, True = real token; None = no padding
     next_position: torch.Tensor          # [b] RoPE position of the next token
+    graphs: Optional[object] = None      # cuda_graphs.GraphedDecoder of this cache, once captured
 
 
 def positions_and_padding(input_ids, attention_mask):

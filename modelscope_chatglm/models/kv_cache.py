@@ -5,6 +5,11 @@ Here each layer owns one [b, heads, capacity, d] buffer for K and one for V; a f
 positions at `length` and reads the prefix [0, length + s). All layers append during one forward,
 then `commit(s)` advances the shared length. A cache kept across chat turns is cut back with
 `truncate` and grown with `reserve` (in blocks, so a conversation reallocates rarely).
+
+An attention layer sees its own slice of the cache through a handle with one method,
+`update(k, v) -> (all K, all V)`: `layer(i)` appends after the committed positions (eager forwards),
+`at_slot(i, slot, width)` writes at a position held in a device tensor and always returns the first
+`width` positions, so the shapes never change and a CUDA graph can replay the step.
 """
 from __future__ import annotations
 
@@ -30,6 +35,12 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def layer(self, layer: int) -> '_Appender':
+        return _Appender(self, layer)
+
+    def at_slot(self, layer: int, slot: torch.Tensor, width: int) -> '_SlotWriter':
+        return _SlotWriter(self.k[layer], self.v[layer], slot, width)
+
     def commit(self, s: int):
         self.length += s
 
@@ -51,6 +62,28 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class _Appender:
+    def __init__(self, cache: KVCache, layer: int):
+        self.cache, self.index = cache, layer
+
+    def update(self, k, v):
+        return self.cache.append(self.index, k, v)
+
+
+class _SlotWriter:
+    """Writes one new position per sequence at `slot` (a 1-element long tensor on the cache's device);
+    returns the first `width` positions. Positions past the slot hold stale or unset values: the
+    attention mask hides them."""
+
+    def __init__(self, k, v, slot, width):
+        self.k, self.v, self.slot, self.width = k, v, slot, width
+
+    def update(self, k, v):
+        self.k.index_copy_(2, self.slot, k)
+        self.v.index_copy_(2, self.slot, v)
+        return self.k[:, :, :self.width], self.v[:, :, :self.width]
 
 
 def prefix_to_kv(prefix: torch.Tensor, num_layers: int, num_heads: int, head_dim: int, batch: int):

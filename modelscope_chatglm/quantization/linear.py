@@ -8,8 +8,10 @@ Forward, by where the weights live:
   which streams the quantized weights once (no dequantised copy); longer inputs (prefill) dequantise
   row tiles of W into a small reused buffer and multiply with torch (bf16 tiles for a bf16 model, so
   oneDNN can use AMX; fp32 tiles otherwise). The whole W is never materialised.
-- CUDA, or CPU without a compiler: the same tiled dequantise-and-multiply in torch. It needs no
-  custom kernel image, so it runs on every GPU torch supports (H100/H200 included).
+- CUDA: Triton kernels that dequantise in registers (triton_kernels.py): a streaming GEMV for
+  decode, tensor-core tiles for prefill. Without Triton (it ships with CUDA builds of torch), the
+  tiled dequantise-and-multiply in torch below.
+- CPU without a compiler: the same tiled dequantise-and-multiply in torch.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import formats
+from ..triton_support import optional
 from .build import load_library
 
 DECODE_ROWS = 8          # rows of x up to which the GEMV kernel wins over tiles + matmul
@@ -45,13 +48,18 @@ class QuantizedLinear(nn.Module):
     @torch.no_grad()
     def load_float_weight(self, weight: torch.Tensor):
         """Quantize-on-load: fill `weight` and `weight_scale` from a float [out, in] matrix."""
-        q, scale = formats.quantize(weight, self.bits)
+        # On the module's own device: a GPU quantizes a 6B model in seconds, a CPU in fp16 would not.
+        q, scale = formats.quantize(weight.to(self.weight.device), self.bits)
         self.weight.copy_(q)
         self.weight_scale.copy_(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        kernels = optional('quantization.triton_kernels') if x.is_cuda else None
+        if kernels is not None:
+            y = kernels.quantized_linear(x2, self.weight, self.weight_scale, self.bias, self.bits)
+            return y.reshape(*shape[:-1], self.out_features)
         lib = load_library() if x.device.type == 'cpu' else None
         if lib is not None and x2.shape[0] <= DECODE_ROWS:
             y = self._gemv(lib, x2)
