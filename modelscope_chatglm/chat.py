@@ -11,16 +11,10 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import prompts
+from . import chat_formats
 from .errors import ContextLengthError, InputError
+from .families import get_family
 from .generation import PromptCache, SamplingParams, TextDeltas, generate_tokens
-
-# The official chat() defaults of each generation (spec §5).
-FAMILY_DEFAULTS = {
-    'glm1': dict(max_length=2048, do_sample=True, top_p=0.7, temperature=0.95),
-    'glm2': dict(max_length=8192, do_sample=True, top_p=0.8, temperature=0.8),
-    'glm3': dict(max_length=8192, do_sample=True, top_p=0.8, temperature=0.8),
-}
 
 
 class ChatModel:
@@ -29,11 +23,13 @@ class ChatModel:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.family = config.family
+        self.family = config.family                   # its name: 'glm1' | 'glm2' | 'glm3'
+        family = get_family(self.family)
+        self.format = family.chat_format              # prompt ids in, reply out (chat_formats.py)
         self.model_dir = model_dir
         self.name = name or model_dir
         self.context_length = min(context_length or config.seq_length, config.seq_length)
-        defaults = SamplingParams(stop_ids=tuple(tokenizer.stop_ids), **FAMILY_DEFAULTS[self.family])
+        defaults = SamplingParams(stop_ids=tuple(tokenizer.stop_ids), **family.generation_defaults)
         self.defaults = SamplingParams.from_kwargs(defaults, **(generation or {}))
         # Chat turns keep the last conversation's KV cache: turn N+1 prefills only its new tokens.
         # (ChatGLM-6B cannot: its prompt prefix is attended bidirectionally, so K/V change as it grows.)
@@ -133,10 +129,10 @@ class ChatModel:
             raise InputError(f'the query must be a string, got {type(query).__name__}')
         if role not in ('user', 'observation'):
             raise InputError(f'role must be "user" or "observation" (a tool result), got {role!r}')
-        messages, as_pairs = prompts.normalize_history(history)
+        messages, as_pairs = chat_formats.normalize_history(history)
         if (system is not None or tools) and not (messages and messages[0]['role'] == 'system'):
-            if self.family != 'glm3':
-                raise InputError(f'{self.family} has no system prompt or tools; use a ChatGLM3 model')
+            if not self.format.supports_system:
+                raise InputError(f'{self.format.title} has no system prompt or tools; use a ChatGLM3 model')
             head = {'role': 'system', 'content': system or ''}
             if tools:
                 head['tools'] = tools
@@ -145,21 +141,14 @@ class ChatModel:
         return messages + [{'role': role, 'content': query}], as_pairs
 
     def _encode(self, messages) -> List[int]:
-        tok = self.tokenizer
-        if self.family == 'glm3':
-            return prompts.glm3_ids(tok, messages)
-        pairs = prompts.to_pairs(messages, self.family)
-        query = pairs.pop()[0]
-        if self.family == 'glm2':
-            return tok.prefix_ids + tok.encode(prompts.glm2_prompt(query, pairs))
-        return tok.encode(prompts.glm1_prompt(query, pairs)) + tok.suffix_ids
+        return self.format.encode(self.tokenizer, messages)
 
     def _fit(self, messages, params: SamplingParams, truncate_query: bool = False):
         """Encode, dropping the oldest rounds until prompt + reply fit the context window."""
         limit = self.context_length if params.max_length is None else min(self.context_length, params.max_length)
         reserve = params.max_new_tokens if params.max_new_tokens is not None else 1
         budget = limit - reserve
-        history, current = prompts.rounds(messages[:-1]), messages[-1:]
+        history, current = chat_formats.rounds(messages[:-1]), messages[-1:]
         while True:
             ids = self._encode([m for r in history for m in r] + current)
             if len(ids) <= budget:
@@ -186,14 +175,7 @@ class ChatModel:
 
     def _reply(self, output_ids: List[int], messages):
         """Decoded, post-processed reply and the history entries it adds."""
-        tok = self.tokenizer
-        if self.family == 'glm3':
-            if output_ids and output_ids[-1] in tok.stop_ids:
-                output_ids = output_ids[:-1]
-            return prompts.glm3_response(tok.decode(output_ids), messages)
-        text = tok.decode(output_ids)
-        reply = prompts.glm2_response(text) if self.family == 'glm2' else prompts.glm1_response(text)
-        return reply, [{'role': 'assistant', 'content': reply}]
+        return self.format.parse(self.tokenizer, output_ids, messages)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Read the weights of a hub-layout model directory, one shard at a time (formats spec §2).
+"""Read the weights of a hub-layout model directory, one shard at a time (docs/formats.md §2).
 
 Layouts understood, in order of preference:
     model.safetensors.index.json + model-0000i-of-0000n.safetensors

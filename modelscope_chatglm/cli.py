@@ -143,17 +143,18 @@ def cmd_serve(args):
 
 
 def cmd_configs(args):
-    from . import configurations
-    for name, path in sorted(configurations.available().items()):
-        spec = configurations.read(path)
+    from . import yaml_configs
+    for name, path in sorted(yaml_configs.available().items()):
+        spec = yaml_configs.read(path)
         print(f'{name:20s} {spec.model:28s} {spec.description}')
 
 
 def main(argv=None):
+    from .families import FAMILIES
     ap = argparse.ArgumentParser(prog='modelscope-chatglm', description='ChatGLM chat models for ModelScope')
     sub = ap.add_subparsers(dest='command', required=True)
     p = sub.add_parser('demo', help='offline demo on a tiny random checkpoint through pipeline()')
-    p.add_argument('--family', default='glm2', choices=['glm1', 'glm2', 'glm3'])
+    p.add_argument('--family', default='glm2', choices=list(FAMILIES))
     p.add_argument('--max-new-tokens', type=int, default=16)
     p.set_defaults(func=cmd_demo)
     for name, func, help_text in (('chat', cmd_chat, 'interactive chat in the terminal'),

@@ -1,6 +1,6 @@
 """Our decode loop: logits processing, sampling, batching and streaming.
 
-The model side is two calls (see `models/glm2.py`):
+The model side is two calls (the contract: `models/base.py`):
     logits, state = model.prefill(input_ids, attention_mask, max_new_tokens)   # [b, V]
     logits = model.decode(next_ids, state)                                     # [b, V]
 Everything about choosing tokens lives here and is the same for every family.
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Iterator, List, Optional, Sequence
 
 import torch
+
+from .models.base import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ class PromptCache:
 
 
 @torch.inference_mode()
-def generate_tokens(model, prompts: List[List[int]], params: SamplingParams, pad_id: int,
+def generate_tokens(model: CausalLM, prompts: List[List[int]], params: SamplingParams, pad_id: int,
                     vocab_limit: int, prompt_cache: Optional[PromptCache] = None) -> Iterator[List[Optional[int]]]:
     """Yield, per step, the new token of each sequence (None once a sequence has finished).
 
@@ -161,7 +163,7 @@ def generate_tokens(model, prompts: List[List[int]], params: SamplingParams, pad
     input_ids, mask = left_pad(prompts, pad_id)
     input_ids, mask = input_ids.to(device), mask.to(device)
     seen = input_ids.masked_fill(mask == 0, pad_id)
-    use_cache = prompt_cache is not None and len(prompts) == 1 and getattr(model, 'supports_prefix_reuse', False) \
+    use_cache = prompt_cache is not None and len(prompts) == 1 and model.supports_prefix_reuse \
         and prompt_cache.lock.acquire(blocking=False)
     try:
         if use_cache:

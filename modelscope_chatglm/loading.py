@@ -16,10 +16,12 @@ from typing import Optional, Union
 
 import torch
 
-from . import configurations
+from . import yaml_configs
 from .chat import ChatModel
 from .checkpoint import load_weights
-from .config import load_config
+from .families import get_family
+from .model_config import load_config
+from .models.base import CausalLM
 from .errors import CheckpointError
 from .tokenizer import load_tokenizer
 
@@ -74,7 +76,7 @@ def resolve_model_dir(model: str, revision: Optional[str]) -> str:
     if len(parts) != 2 or not all(parts):
         raise CheckpointError(
             f'{model!r} is neither a local directory, a hub id like "ZhipuAI/chatglm2-6b", nor a known '
-            f'configuration ({", ".join(sorted(configurations.available()))})')
+            f'configuration ({", ".join(sorted(yaml_configs.available()))})')
     from modelscope.hub.snapshot_download import snapshot_download   # only hub ids need it
     logger.info('downloading %s (revision %s) from the ModelScope hub', model, revision or 'master')
     return snapshot_download(model, revision=revision or 'master')
@@ -87,12 +89,12 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     """Load a ChatGLM chat model. `model` is a hub id, a hub-layout directory or a configuration.
     progress(done, total, path), if given, is called after each weight shard. cuda_graphs: replay
     decode steps from CUDA graphs on a GPU (ChatGLM2/3; default on, or MODELSCOPE_CHATGLM_CUDA_GRAPHS=0)."""
-    cfg_path = configurations.find(model)
+    cfg_path = yaml_configs.find(model)
     if cfg_path:
-        spec = configurations.read(cfg_path)
+        spec = yaml_configs.read(cfg_path)
     else:   # named after the hub id, or after the directory
         name = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
-        spec = configurations.Configuration(name=name, model=model)
+        spec = yaml_configs.Configuration(name=name, model=model)
     model_dir = resolve_model_dir(spec.model, revision or spec.revision)
     dev = resolve_device(device or spec.device)
     config = load_config(model_dir, family or spec.family)
@@ -130,12 +132,10 @@ def resolve_quantization(model_dir: str, config, requested: Optional[int]) -> in
 def build_model(config, dtype: torch.dtype, device: torch.device, bits: int = 0):
     """The architecture for `config`, allocated (uninitialised) in `dtype` on `device`; with `bits`,
     its GLM blocks' linears are int8/int4 `QuantizedLinear`s."""
-    if config.family == 'glm1':
-        from .models.glm1 import GLM1Model as Architecture
-    else:
-        from .models.glm2 import GLM2Model as Architecture
+    Architecture = get_family(config.family).model_class()
     with torch.device('meta'):
         net = Architecture(config).to(dtype)
+    assert isinstance(net, CausalLM), f'{Architecture.__name__} does not implement models/base.py CausalLM' 
     if bits:
         from .quantization import quantize_linears
         quantize_linears(net, bits, dtype, device)

@@ -4,7 +4,7 @@ ChatGLM-6B (glm1: `ice_text.model`, fp16 linears + fp32 LayerNorms, separate `lm
 ChatGLM2/3 (glm2/glm3: `tokenizer.model`, one dtype). They feed the offline demo, the tests and the benchmarks: the same files a hub download holds
 (config.json, sharded pytorch_model-*.bin or model-*.safetensors with their index, tokenizer.model,
 tokenizer_config.json, configuration.json), only small. The tokenizer is a real SentencePiece model
-trained on the spot with the settings of the real one (formats spec §4.4).
+trained on the spot with the settings of the real one (formats docs/formats.md §4.4).
 
     python -m modelscope_chatglm.tiny /tmp/tiny-glm2 --family glm2
 """
@@ -18,6 +18,8 @@ import os
 from typing import Dict, Optional
 
 import torch
+
+from .families import FAMILIES, get_family
 
 CORPUS = """\
 你好，我是一个人工智能助手。很高兴认识你！
@@ -65,7 +67,7 @@ def glm2_config(n_words: int, family: str, hidden_size=64, num_layers=2, num_hea
                 groups=2, ffn_hidden_size=96, seq_length=2048, rope_ratio: Optional[float] = None,
                 padded_vocab_size: Optional[int] = None, torch_dtype='float16', pre_seq_len=None,
                 prefix_projection=False) -> dict:
-    """config.json of a ChatGLM2/3 repo (spec §1.3), scaled down."""
+    """config.json of a ChatGLM2/3 repo (docs/formats.md §1.3), scaled down."""
     vocab = padded_vocab_size or n_words
     cfg = {
         '_name_or_path': 'THUDM/chatglm3-6b' if family == 'glm3' else 'THUDM/chatglm2-6b',
@@ -92,7 +94,7 @@ def glm2_config(n_words: int, family: str, hidden_size=64, num_layers=2, num_hea
 
 
 def glm2_state_dict(cfg: dict, seed: int = 0, dtype=torch.float16) -> Dict[str, torch.Tensor]:
-    """Random weights under the hub's key names and shapes (spec §2.3)."""
+    """Random weights under the hub's key names and shapes (docs/formats.md §2.3)."""
     g = torch.Generator().manual_seed(seed)
     hidden, ffn, vocab = cfg['hidden_size'], cfg['ffn_hidden_size'], cfg['padded_vocab_size']
     q_size = cfg['num_attention_heads'] * cfg['kv_channels']
@@ -132,7 +134,7 @@ def glm2_state_dict(cfg: dict, seed: int = 0, dtype=torch.float16) -> Dict[str, 
 def glm1_config(special_ids: Dict[str, int], vocab_size: int, hidden_size=64, num_layers=2, num_heads=4,
                 inner_hidden_size=160, max_sequence_length=2048, pre_seq_len=None,
                 prefix_projection=False) -> dict:
-    """config.json of the ChatGLM-6B repo (spec §1.1), scaled down; special ids from the SP model."""
+    """config.json of the ChatGLM-6B repo (docs/formats.md §1.1), scaled down; special ids from the SP model."""
     return {
         '_name_or_path': 'THUDM/chatglm-6b', 'model_type': 'chatglm', 'architectures': ['ChatGLMModel'],
         'auto_map': {'AutoConfig': 'configuration_chatglm.ChatGLMConfig',
@@ -149,7 +151,7 @@ def glm1_config(special_ids: Dict[str, int], vocab_size: int, hidden_size=64, nu
 
 
 def glm1_state_dict(cfg: dict, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """Random weights as the v1 hub files store them (spec §2.1): fp16 linears, biases and inv_freq,
+    """Random weights as the v1 hub files store them (docs/formats.md §2.1): fp16 linears, biases and inv_freq,
     fp32 LayerNorms, and a separate `lm_head.weight` equal to the word embedding."""
     g = torch.Generator().manual_seed(seed)
     hidden, inner, vocab = cfg['hidden_size'], cfg['inner_hidden_size'], cfg['vocab_size']
@@ -200,16 +202,11 @@ def glm1_state_dict(cfg: dict, seed: int = 0) -> Dict[str, torch.Tensor]:
     return sd
 
 
-QUANTIZED = {'glm1': ('attention.query_key_value', 'attention.dense', 'mlp.dense_h_to_4h', 'mlp.dense_4h_to_h'),
-             'glm2': ('self_attention.query_key_value', 'self_attention.dense', 'mlp.dense_h_to_4h',
-                      'mlp.dense_4h_to_h')}
-
-
 def quantize_state_dict(sd: Dict[str, torch.Tensor], family: str, bits: int) -> Dict[str, torch.Tensor]:
-    """The THUDM int8/int4 layout (spec §2.2/§2.4): each block's four linears become int8 `weight`
+    """The THUDM int8/int4 layout (docs/formats.md §2.2/§2.4): each block's four linears become int8 `weight`
     (int4: packed [out, in/2]) + fp16 `weight_scale` (+ the bias, unchanged); the rest stays float."""
     from .quantization import quantize
-    suffixes = tuple(f'.{name}.weight' for name in QUANTIZED['glm1' if family == 'glm1' else 'glm2'])
+    suffixes = tuple(f'.{name}.weight' for name in get_family(family).model_class().QUANTIZED_LINEARS)
     out = {}
     for key, tensor in sd.items():
         if key.endswith(suffixes) and '.layers.' in key:
@@ -256,8 +253,7 @@ def save_shards(state_dict: Dict[str, torch.Tensor], out_dir: str, fmt: str = 'b
 def build(out_dir: str, family: str = 'glm2', fmt: str = 'bin', shards: int = 2, seed: int = 0,
           pipeline_type: Optional[str] = None, sp_model: Optional[bytes] = None, **config_overrides) -> str:
     """Write a tiny random checkpoint of `family` ('glm1', 'glm2' or 'glm3') to `out_dir`; return it."""
-    if family not in ('glm1', 'glm2', 'glm3'):
-        raise ValueError(f'tiny checkpoints exist for glm1, glm2 and glm3, not {family!r}')
+    record = get_family(family)
     os.makedirs(out_dir, exist_ok=True)
     sp_model = sp_model or train_sentencepiece(family)
     if family == 'glm1':
@@ -266,7 +262,7 @@ def build(out_dir: str, family: str = 'glm2', fmt: str = 'bin', shards: int = 2,
         f.write(sp_model)
     import sentencepiece as spm
     n_sp = spm.SentencePieceProcessor(model_proto=sp_model).GetPieceSize()
-    n_words = n_sp + (9 if family == 'glm3' else 5)
+    n_words = n_sp + len(record.tokenizer.SPECIAL_TOKENS)
     dtype_name = config_overrides.pop('torch_dtype', 'float16')
     bits = config_overrides.pop('quantization_bit', 0)
     cfg = glm2_config(n_words, family, torch_dtype=dtype_name, **config_overrides)
@@ -329,7 +325,7 @@ def _write_json(out_dir, name, data):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('out_dir')
-    ap.add_argument('--family', default='glm2', choices=['glm1', 'glm2', 'glm3'])
+    ap.add_argument('--family', default='glm2', choices=list(FAMILIES))
     ap.add_argument('--format', default='bin', choices=['bin', 'safetensors'])
     ap.add_argument('--shards', type=int, default=2)
     ap.add_argument('--seed', type=int, default=0)

@@ -1,4 +1,4 @@
-"""ChatGLM tokenizers, directly over `sentencepiece` (formats spec §4).
+"""ChatGLM tokenizers, directly over `sentencepiece` (docs/formats.md §4).
 
 No transformers base class: their internals changed under the reference tokenizers three times
 (4.34, 4.45, 5.x). Each tokenizer here is a SentencePiece model plus a short list of special tokens.
@@ -34,8 +34,11 @@ def _load_sp(path: str) -> sentencepiece.SentencePieceProcessor:
 class GLM2Tokenizer:
     """ChatGLM2-6B tokenizer. Ids of plain text are SentencePiece ids; specials follow them."""
 
-    family = 'glm2'
     SPECIAL_TOKENS = ('[MASK]', '[gMASK]', '[sMASK]', 'sop', 'eop')
+
+    @classmethod
+    def from_dir(cls, model_dir: str, config) -> 'GLM2Tokenizer':
+        return cls(os.path.join(model_dir, 'tokenizer.model'))
 
     def __init__(self, model_file: str):
         self.model_file = model_file
@@ -77,7 +80,6 @@ class GLM2Tokenizer:
 class GLM3Tokenizer(GLM2Tokenizer):
     """ChatGLM3-6B tokenizer: GLM2's plus role tokens; specials decode to their text."""
 
-    family = 'glm3'
     SPECIAL_TOKENS = GLM2Tokenizer.SPECIAL_TOKENS + (
         '<|system|>', '<|user|>', '<|assistant|>', '<|observation|>')
 
@@ -98,19 +100,38 @@ class GLM3Tokenizer(GLM2Tokenizer):
         return ''.join(text)
 
     def encode_message(self, role: str, content: str, metadata: str = '') -> List[int]:
-        """One chat message: <|role|> metadata \\n content (spec §4.3)."""
+        """One chat message: <|role|> metadata \\n content (docs/formats.md §4.3)."""
         return [self[f'<|{role}|>']] + self.encode(f'{metadata}\n') + self.encode(content)
 
 
 class GLM1Tokenizer:
-    """ChatGLM-6B `ice_text.model` tokenizer (spec §4.1).
+    """ChatGLM-6B `ice_text.model` tokenizer (docs/formats.md §4.1).
 
     Newlines, tabs and runs of spaces are rewritten to placeholder pieces before SentencePiece sees
     the text, and back after decoding. [gMASK], <sop>, <eop> live inside the SP model.
     """
 
-    family = 'glm1'
     MAX_BLANK = 80
+
+    @classmethod
+    def from_dir(cls, model_dir: str, config) -> 'GLM1Tokenizer':
+        """`ice_text.model`, its id offset from tokenizer_config.json, checked against the special ids
+        in config.json."""
+        tok_cfg_path = os.path.join(model_dir, 'tokenizer_config.json')
+        num_image_tokens = 20000   # the class default of the pre-slim tokenizer (docs/formats.md §1.1)
+        if os.path.exists(tok_cfg_path):
+            from .model_config import read_json
+            num_image_tokens = int(read_json(tok_cfg_path).get('num_image_tokens', 20000))
+        tok = cls(os.path.join(model_dir, 'ice_text.model'), num_image_tokens)
+        expect = {'[MASK]': config.mask_token_id, '[gMASK]': config.gmask_token_id,
+                  '<sop>': config.bos_token_id, '<eop>': config.eos_token_id}
+        wrong = {t: (tok[t], i) for t, i in expect.items() if i is not None and tok[t] != i}
+        if wrong:
+            raise CheckpointError(
+                f'{tok.model_file} and {os.path.join(model_dir, "config.json")} disagree on special ids '
+                f'(token: tokenizer id, config id) {wrong}; check num_image_tokens in tokenizer_config.json '
+                'or use the tokenizer from the same model revision')
+        return tok
 
     def __init__(self, model_file: str, num_image_tokens: int = 0):
         self.model_file = model_file
@@ -165,27 +186,10 @@ class GLM1Tokenizer:
 
 
 def load_tokenizer(model_dir: str, config):
-    """The tokenizer of a hub-layout directory (family from `config`), checked against the model's
-    special ids and embedding size."""
-    family = config.family
-    if family == 'glm1':
-        tok_cfg_path = os.path.join(model_dir, 'tokenizer_config.json')
-        num_image_tokens = 20000   # the class default of the pre-slim tokenizer (spec §1.1)
-        if os.path.exists(tok_cfg_path):
-            from .config import read_json
-            num_image_tokens = int(read_json(tok_cfg_path).get('num_image_tokens', 20000))
-        tok = GLM1Tokenizer(os.path.join(model_dir, 'ice_text.model'), num_image_tokens)
-        expect = {'[MASK]': config.mask_token_id, '[gMASK]': config.gmask_token_id,
-                  '<sop>': config.bos_token_id, '<eop>': config.eos_token_id}
-        wrong = {t: (tok[t], i) for t, i in expect.items() if i is not None and tok[t] != i}
-        if wrong:
-            raise CheckpointError(
-                f'{tok.model_file} and {os.path.join(model_dir, "config.json")} disagree on special ids '
-                f'(token: tokenizer id, config id) {wrong}; check num_image_tokens in tokenizer_config.json '
-                'or use the tokenizer from the same model revision')
-    else:
-        cls = GLM3Tokenizer if family == 'glm3' else GLM2Tokenizer
-        tok = cls(os.path.join(model_dir, 'tokenizer.model'))
+    """The tokenizer of a hub-layout directory (its class from config.family), checked against the
+    model's embedding size."""
+    from .families import get_family
+    tok = get_family(config.family).tokenizer.from_dir(model_dir, config)
     if tok.vocab_size > config.vocab_size:
         raise CheckpointError(
             f'{tok.model_file} has {tok.vocab_size} tokens (with specials) but the embedding in '

@@ -7,7 +7,7 @@ import torch
 
 import modelscope_chatglm
 from modelscope_chatglm import ContextLengthError, InputError
-from modelscope_chatglm.prompts import glm3_response, parse_tool_call
+from modelscope_chatglm.chat_formats import glm3_response, parse_tool_call
 
 GREEDY = dict(do_sample=False)
 
@@ -25,7 +25,7 @@ def test_glm3_input_ids_follow_the_spec(glm3_model):
     tok = glm3_model.tokenizer
     n = tok.num_sp_pieces
     gmask, sop, system, user, assistant, observation = n + 1, n + 3, n + 5, n + 6, n + 7, n + 8
-    # spec §4.3: [gMASK] sop <|user|> encode("\n") encode(query) <|assistant|>
+    # docs/formats.md §4.3: [gMASK] sop <|user|> encode("\n") encode(query) <|assistant|>
     assert glm3_model.build_inputs('你好') == [gmask, sop, user] + tok.encode('\n') + tok.encode('你好') + [assistant]
     tools = [{'name': 'get_weather', 'parameters': {'city': {'type': 'string'}}}]
     history = [{'role': 'user', 'content': 'weather?'},

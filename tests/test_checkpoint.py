@@ -9,7 +9,7 @@ import torch
 import modelscope_chatglm
 from modelscope_chatglm import CheckpointError, tiny
 from modelscope_chatglm.checkpoint import weight_files
-from modelscope_chatglm.config import detect_family, load_config
+from modelscope_chatglm.model_config import detect_family, load_config
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from parity import run_parity
 
 import modelscope_chatglm
 from modelscope_chatglm import CheckpointError, tiny
-from modelscope_chatglm.prompts import glm1_response
+from modelscope_chatglm.chat_formats import glm1_response
 
 @pytest.fixture(scope='session')
 def glm1_sp():
@@ -136,6 +136,6 @@ def test_image_token_offset_of_early_revisions(tmp_path, glm1_dir):
 
 def test_family_and_configuration(glm1_dir):
     assert modelscope_chatglm.load(glm1_dir).family == 'glm1'
-    from modelscope_chatglm import configurations
-    spec = configurations.read(configurations.find('chatglm-6b'))
+    from modelscope_chatglm import yaml_configs
+    spec = yaml_configs.read(yaml_configs.find('chatglm-6b'))
     assert spec.family == 'glm1' and spec.model == 'ZhipuAI/ChatGLM-6B' and spec.context_length == 2048

@@ -95,11 +95,11 @@ def test_yaml_configuration_by_path_and_by_name(glm2_dir, glm2_model, tmp_path, 
 
 
 def test_shipped_configurations_are_valid():
-    from modelscope_chatglm import configurations
-    found = configurations.available()
+    from modelscope_chatglm import yaml_configs
+    found = yaml_configs.available()
     assert {'chatglm2-6b', 'chatglm2-6b-32k', 'chatglm3-6b', 'chatglm3-6b-32k'} <= set(found)
     for name, path in found.items():
-        spec = configurations.read(path)
+        spec = yaml_configs.read(path)
         assert spec.family in ('glm1', 'glm2', 'glm3') and spec.model.count('/') == 1, name
         assert spec.context_length and spec.revision, name
 

@@ -1,4 +1,4 @@
-"""The first-generation ChatGLM-6B (GLM-6B block), in plain PyTorch (formats spec §3.1).
+"""The first-generation ChatGLM-6B (GLM-6B block), in plain PyTorch (formats docs/formats.md §3.1).
 
 Shapes: b = batch, s = new tokens in this call, t = all tokens the cache holds after it,
 H = heads, d = head dim, D = hidden size, alpha = sqrt(2 * 28) (see RESIDUAL_ALPHA).
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..model_config import ModelConfig
 from . import kv_cache
 from .kv_cache import KVCache
 
@@ -140,8 +140,11 @@ class DecodeState:
 
 
 class GLM1Model(nn.Module):
+    """Implements models/base.py's CausalLM."""
     # The four linears of each block that int8/int4 checkpoints quantize (relative to a GLMBlock).
     QUANTIZED_LINEARS = ('attention.query_key_value', 'attention.dense', 'mlp.dense_h_to_4h', 'mlp.dense_4h_to_h')
+    # The prompt before <sop> is attended bidirectionally: its K/V change whenever it grows.
+    supports_prefix_reuse = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -242,6 +245,10 @@ class GLM1Model(nn.Module):
         hidden = self(next_ids[:, None], positions, block_positions, state.cache, visible)
         state.length += 1
         return self.logits(hidden[:, -1]).float()
+
+    def extend(self, state, keep, new_ids, max_new_tokens):
+        raise NotImplementedError('ChatGLM-6B cannot reuse cached K/V across prompts: its prompt prefix is '
+                                  'attended bidirectionally, so the K/V of a prefix change as the prompt grows')
 
     def full_logits(self, input_ids, attention_mask):
         padding, sop_index, _, positions, block_positions = self._structure(input_ids, attention_mask)

@@ -1,4 +1,4 @@
-"""The ChatGLM2-6B / ChatGLM3-6B transformer, in plain PyTorch (formats spec §3.2).
+"""The ChatGLM2-6B / ChatGLM3-6B transformer, in plain PyTorch (formats docs/formats.md §3.2).
 
 Shapes: b = batch, s = new tokens in this call, t = all tokens the cache holds after it,
 H = query heads, G = key/value groups (multi-query attention), d = head dim, D = hidden size.
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-from ..config import ModelConfig
+from ..model_config import ModelConfig
 from ..triton_support import optional
 from . import kv_cache
 from .kv_cache import KVCache
@@ -188,7 +188,8 @@ class PrefixEncoder(nn.Module):
 
 
 class GLM2Model(nn.Module):
-    """Token ids in, hidden states or logits out. Generation lives in `generation.py`."""
+    """Token ids in, hidden states or logits out; implements models/base.py's CausalLM. Generation
+    lives in `generation.py`."""
 
     # The four linears of each block that int8/int4 checkpoints quantize (relative to a GLMBlock).
     QUANTIZED_LINEARS = ('self_attention.query_key_value', 'self_attention.dense',
@@ -209,7 +210,7 @@ class GLM2Model(nn.Module):
     def checkpoint_key(key: str) -> Optional[str]:
         """Hub state-dict key -> our parameter name; None for keys the forward never reads."""
         if key.endswith('rotary_pos_emb.inv_freq'):
-            return None     # the table is recomputed from the config (spec §2.3)
+            return None     # the table is recomputed from the config (docs/formats.md §2.3)
         for prefix in ('transformer.encoder.', 'transformer.embedding.', 'transformer.'):
             if key.startswith(prefix):
                 return key[len(prefix):]

@@ -113,9 +113,9 @@ def _wrap(builder):
 def route_to_us(task, model) -> bool:
     if task not in (None,) + TASKS or not isinstance(model, str):
         return False
-    from .. import configurations
+    from .. import yaml_configs
     try:
-        if configurations.find(model):
+        if yaml_configs.find(model):
             return True
     except FileNotFoundError:
         return True   # a .yaml path that does not exist: our pipeline reports it clearly

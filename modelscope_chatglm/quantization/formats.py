@@ -1,4 +1,4 @@
-"""Weight-only int8/int4 formats of the ChatGLM quantized checkpoints (formats spec §2.2, §2.4, §6).
+"""Weight-only int8/int4 formats of the ChatGLM quantized checkpoints (docs/formats.md §2.2, §2.4, §6).
 
 Per output row r of a weight W [out, in]:
     scale[r] = max_c |W[r, c]| / (2^(bits-1) - 1)          (127 for int8, 7 for int4; no zero point)

@@ -204,7 +204,7 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
         async def events():
             # ChatGLM3 starts a reply with a metadata line: empty for text, the tool's name for a call.
             # Hold the text until that line is complete, and stream nothing of a tool call but the call.
-            pending, mode = '', 'text' if chat.family != 'glm3' else None
+            pending, mode = '', None if chat.format.reply_starts_with_metadata else 'text'
             try:
                 yield chunk({'role': 'assistant', 'content': ''})
                 while True:

@@ -1,8 +1,12 @@
-"""Chat formats of the three generations (formats spec §5): messages -> token ids, output -> reply.
+"""Chat formats of the three generations (docs/formats.md §5): messages -> token ids, output -> reply.
 
 A conversation is a list of messages {'role': 'system'|'user'|'assistant'|'observation',
 'content': str, optional 'metadata', optional 'tools'}. The classic ChatGLM history, a list of
 (query, response) pairs, converts to and from it.
+
+Each generation's format is one `ChatFormat` object (GLM1Format, GLM2Format, GLM3Format) with two
+methods: `encode(tokenizer, messages) -> ids` and `parse(tokenizer, output_ids, messages) -> (reply,
+the assistant messages it adds)`. `families.py` says which generation uses which.
 """
 from __future__ import annotations
 
@@ -48,12 +52,12 @@ def normalize_history(history) -> Tuple[List[Message], bool]:
     return messages, pairs is not False
 
 
-def to_pairs(messages: List[Message], family: str) -> List[Tuple[str, str]]:
+def to_pairs(messages: List[Message], title: str) -> List[Tuple[str, str]]:
     """Messages -> (query, response) pairs, for the glm1/glm2 prompts that only know those."""
     pairs, query = [], None
     for m in messages:
         if m['role'] == 'system':
-            raise InputError(f'{family} has no system role; put the instruction into the first query, '
+            raise InputError(f'{title} has no system role; put the instruction into the first query, '
                              'or use a ChatGLM3 model')
         if m['role'] == 'user':
             if query is not None:
@@ -63,7 +67,7 @@ def to_pairs(messages: List[Message], family: str) -> List[Tuple[str, str]]:
             pairs.append((query or '', _text(m['content'])))
             query = None
         else:
-            raise InputError(f'{family} has no {m["role"]} role; only ChatGLM3 models take tool results')
+            raise InputError(f'{title} has no {m["role"]} role; only ChatGLM3 models take tool results')
     if query is not None:
         pairs.append((query, ''))
     return pairs
@@ -118,7 +122,7 @@ def glm2_response(text: str) -> str:
 
 # -- glm3: ChatGLM3-6B ---------------------------------------------------------------------------------
 def glm3_ids(tokenizer, messages: List[Message]) -> List[int]:
-    """[gMASK] sop, then <|role|> metadata \\n content per message, then <|assistant|> (spec §4.3)."""
+    """[gMASK] sop, then <|role|> metadata \\n content per message, then <|assistant|> (docs/formats.md §4.3)."""
     ids = list(tokenizer.prefix_ids)
     for m in messages:
         content = _text(m['content'])
@@ -173,3 +177,68 @@ def parse_tool_call(code: str):
         return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
     except (ValueError, SyntaxError, TypeError):
         return None
+
+
+# -- the formats as objects ----------------------------------------------------------------------------
+class ChatFormat:
+    """How one generation turns a conversation into prompt ids and generated ids into a reply."""
+    title = ''                            # the generation's name, for messages
+    supports_system = False               # system prompt, tools, tool results (the observation role)
+    reply_starts_with_metadata = False    # each reply message begins with a metadata line (ChatGLM3)
+
+    def encode(self, tokenizer, messages: List[Message]) -> List[int]:
+        raise NotImplementedError
+
+    def parse(self, tokenizer, output_ids: List[int], messages: List[Message]) \
+            -> Tuple[Union[str, dict], List[Message]]:
+        """-> (reply, the assistant messages it adds to the history). `messages`: the conversation
+        before the reply's query."""
+        raise NotImplementedError
+
+
+class _PairsFormat(ChatFormat):
+    """glm1/glm2: a text prompt of [Round N] question/answer pairs; the reply is plain text."""
+    prompt = staticmethod(glm2_prompt)
+    response = staticmethod(glm2_response)
+
+    def encode(self, tokenizer, messages):
+        pairs = to_pairs(messages, self.title)
+        query = pairs.pop()[0]
+        return self.wrap(tokenizer, tokenizer.encode(self.prompt(query, pairs)))
+
+    def wrap(self, tokenizer, ids: List[int]) -> List[int]:
+        return ids
+
+    def parse(self, tokenizer, output_ids, messages):
+        reply = self.response(tokenizer.decode(output_ids))
+        return reply, [{'role': 'assistant', 'content': reply}]
+
+
+class GLM1Format(_PairsFormat):
+    title = 'ChatGLM-6B'
+    prompt = staticmethod(glm1_prompt)
+    response = staticmethod(glm1_response)
+
+    def wrap(self, tokenizer, ids):
+        return ids + tokenizer.suffix_ids      # text [gMASK] <sop>
+
+
+class GLM2Format(_PairsFormat):
+    title = 'ChatGLM2-6B'
+
+    def wrap(self, tokenizer, ids):
+        return tokenizer.prefix_ids + ids      # [gMASK] sop text
+
+
+class GLM3Format(ChatFormat):
+    title = 'ChatGLM3-6B'
+    supports_system = True
+    reply_starts_with_metadata = True
+
+    def encode(self, tokenizer, messages):
+        return glm3_ids(tokenizer, messages)
+
+    def parse(self, tokenizer, output_ids, messages):
+        if output_ids and output_ids[-1] in tokenizer.stop_ids:
+            output_ids = output_ids[:-1]
+        return glm3_response(tokenizer.decode(output_ids), messages)

@@ -1,8 +1,10 @@
-"""What a ChatGLM checkpoint is: read `config.json` and decide the family.
+"""A checkpoint's `config.json` -> `ModelConfig`, and which generation (family) a directory holds.
 
-The hub ships one `config.json` schema per generation, and the same keys mean different things across
-generations (see the formats spec, §1). This module turns the file into a small, explicit
-`ModelConfig` that the model code reads, and decides which family a directory holds:
+Not to be confused with our YAML configurations (`yaml_configs.py`, the files in `configuration/`) or
+ModelScope's `configuration.json` (`modelscope_plugin/`). The hub ships one `config.json` schema per
+generation, and the same keys mean different things across generations (docs/formats.md §1). This
+module turns the file into a small, explicit `ModelConfig` that the model code reads, and decides
+which family a directory holds:
 
 - glm1: ChatGLM-6B (`position_encoding_2d`, `inner_hidden_size`, `ice_text.model`)
 - glm2: ChatGLM2-6B / -32K (`multi_query_attention`, `padded_vocab_size`)
@@ -16,8 +18,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .errors import CheckpointError
-
-FAMILIES = ('glm1', 'glm2', 'glm3')
 
 
 @dataclass
@@ -33,8 +33,8 @@ class ModelConfig:
     seq_length: int             # positions the model was built for
     layernorm_epsilon: float = 1e-5
     add_qkv_bias: bool = True
-    # RoPE scaling. The key `rope_ratio` has two meanings (spec §1.5): ChatGLM2-32K divides the
-    # positions by it, ChatGLM3-32K multiplies the RoPE base by it. We store the resolved numbers.
+    # RoPE scaling. The key `rope_ratio` has two meanings (docs/formats.md §1.5): ChatGLM2-32K divides
+    # the positions by it, ChatGLM3-32K multiplies the RoPE base by it. We store the resolved numbers.
     rope_position_divisor: float = 1.0
     rope_base: float = 10000.0
     pre_seq_len: Optional[int] = None
@@ -85,21 +85,19 @@ def detect_family(model_dir: str, cfg: dict) -> str:
 
 
 def load_config(model_dir: str, family: Optional[str] = None) -> ModelConfig:
+    from .families import get_family
     cfg = read_json(os.path.join(model_dir, 'config.json'))
-    family = family or detect_family(model_dir, cfg)
-    if family not in FAMILIES:
-        raise ValueError(f'unknown family {family!r}; expected one of {FAMILIES}')
-    if family == 'glm1':
-        return _glm1_config(cfg)
-    return _glm2_config(cfg, family)
+    record = get_family(family or detect_family(model_dir, cfg))
+    return record.read_config(cfg, record)
 
 
-def _glm2_config(cfg: dict, family: str) -> ModelConfig:
+def glm2_config(cfg: dict, family) -> ModelConfig:
+    """config.json of a ChatGLM2/3 checkpoint; `family` is its `families.Family` record."""
     try:
         num_heads = cfg['num_attention_heads']
         rope_ratio = float(cfg.get('rope_ratio') or 1.0)
         return ModelConfig(
-            family=family,
+            family=family.name,
             num_layers=cfg['num_layers'],
             hidden_size=cfg['hidden_size'],
             num_heads=num_heads,
@@ -110,8 +108,8 @@ def _glm2_config(cfg: dict, family: str) -> ModelConfig:
             seq_length=cfg.get('seq_length', 2048),
             layernorm_epsilon=cfg.get('layernorm_epsilon', 1e-5),
             add_qkv_bias=bool(cfg.get('add_qkv_bias', False) or cfg.get('add_bias_linear', False)),
-            rope_position_divisor=rope_ratio if family == 'glm2' else 1.0,
-            rope_base=10000.0 * (rope_ratio if family == 'glm3' else 1.0),
+            rope_position_divisor=rope_ratio if family.rope_ratio_scales == 'positions' else 1.0,
+            rope_base=10000.0 * (rope_ratio if family.rope_ratio_scales == 'base' else 1.0),
             pre_seq_len=cfg.get('pre_seq_len'),
             prefix_projection=bool(cfg.get('prefix_projection', False)),
             quantization_bit=int(cfg.get('quantization_bit') or 0),
@@ -125,11 +123,12 @@ def _glm2_config(cfg: dict, family: str) -> ModelConfig:
                               'the file is incomplete or from another model') from None
 
 
-def _glm1_config(cfg: dict) -> ModelConfig:
+def glm1_config(cfg: dict, family) -> ModelConfig:
+    """config.json of a ChatGLM-6B checkpoint."""
     try:
         num_heads = cfg['num_attention_heads']
         return ModelConfig(
-            family='glm1',
+            family=family.name,
             num_layers=cfg['num_layers'],
             hidden_size=cfg['hidden_size'],
             num_heads=num_heads,

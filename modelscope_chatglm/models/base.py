@@ -1,0 +1,45 @@
+"""What the rest of the package asks of a model: the contract between an architecture
+(glm1.py, glm2.py) and the decode loop (generation.py), the loader (loading.py, checkpoint.py) and
+`ChatModel`. Written down as a Protocol; each architecture implements all of it.
+
+    logits, state = model.prefill(input_ids, attention_mask, max_new_tokens)   # [b, V], state
+    logits = model.decode(next_ids, state)                                     # [b, V]
+    logits = model.extend(state, keep, new_ids, max_new_tokens)                # prefix reuse
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol, Tuple, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    cfg: Any                                  # model_config.ModelConfig
+    # The linears of each block (names relative to a block) that int8/int4 checkpoints quantize.
+    QUANTIZED_LINEARS: Tuple[str, ...]
+    # Whether the K/V of a prompt's prefix stay valid when the prompt grows (causal attention).
+    # Only then may the decode loop reuse a cached conversation through `extend`.
+    supports_prefix_reuse: bool
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @staticmethod
+    def checkpoint_key(key: str) -> Optional[str]:
+        """Hub state-dict key -> parameter name; None for keys the forward never reads."""
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                max_new_tokens: int) -> Tuple[torch.Tensor, Any]:
+        """Left-padded prompts [b, s] (mask 1 = token) -> (next-token logits [b, V] fp32, decode state)
+        with room for max_new_tokens more tokens."""
+
+    def decode(self, next_ids: torch.Tensor, state: Any) -> torch.Tensor:
+        """One new token per sequence [b] -> next logits [b, V] (fp32)."""
+
+    def extend(self, state: Any, keep: int, new_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Keep the first `keep` cached tokens of a one-sequence state, run new_ids [1, s] after them
+        -> next logits [1, V]. Only where supports_prefix_reuse."""
+
+    def full_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Logits at every position [b, s, V] (fp32), for scoring and parity tests."""
