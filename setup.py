@@ -12,8 +12,10 @@ setup(
     ['modelscope_chatglm.configuration'],
     # The YAML configurations live at the top of the repository and ship inside the package.
     package_dir={'modelscope_chatglm.configuration': 'configuration'},
+    # Every file the code opens at run time (tests/test_install.py checks the wheel against the tree).
     package_data={'modelscope_chatglm.configuration': ['*.yaml'],
-                  'modelscope_chatglm.modelscope_plugin': ['configuration.json']},
+                  'modelscope_chatglm.modelscope_plugin': ['configuration.json'],
+                  'modelscope_chatglm.quantization': ['kernels/*.c']},
     install_requires=[
         'torch>=2.5',            # SDPA with grouped K/V (enable_gqa)
         'sentencepiece>=0.1.99',

@@ -121,8 +121,14 @@ def load_library():
     with _lock:
         if _state['loaded']:
             return _state['lib']
+        try:
+            _state['lib'] = _build_and_load()
+        except Exception as e:   # whatever it was, say so once: later calls must not fail silently
+            logger.warning('the CPU kernels could not be built or loaded (%s: %s); quantized layers run on the '
+                           'slower pure-torch path. Check that %s exists (reinstall the package if not) and that '
+                           '$MODELSCOPE_CHATGLM_KERNEL_CACHE or ~/.cache is writable.', type(e).__name__, e, SOURCE)
+            _state['lib'] = None
         _state['loaded'] = True
-        _state['lib'] = _build_and_load()
         return _state['lib']
 
 
