@@ -19,8 +19,8 @@ SOURCE_PACKAGE = os.path.join(ROOT, 'modelscope_chatglm')
 
 
 def test_the_tests_import_the_installed_package():
-    where = os.path.dirname(os.path.abspath(modelscope_chatglm.__file__))
-    from_checkout = os.path.commonpath([where, ROOT]) == ROOT
+    where = os.path.dirname(os.path.realpath(modelscope_chatglm.__file__))
+    from_checkout = where == os.path.realpath(SOURCE_PACKAGE)    # (the venv may live inside the checkout)
     if os.environ.get('CHATGLM_REQUIRE_INSTALLED') != '1':
         pytest.skip(f'running against {where} (.ci/run tests the installed wheel)')
     assert not from_checkout, f'modelscope_chatglm was imported from the checkout ({where}), not the installed wheel'
