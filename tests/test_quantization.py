@@ -1,6 +1,8 @@
 """int8/int4 GLM blocks: formats, the compiled C kernels, loading, parity and the build's fallbacks."""
+import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import modelscope_chatglm
 from modelscope_chatglm import tiny
 from modelscope_chatglm.checkpoint import iter_checkpoint
 from modelscope_chatglm.quantization import QuantizedLinear, dequantize, pack_int4, quantize, unpack_int4
+from modelscope_chatglm.quantization import build
 from modelscope_chatglm.quantization.build import load_library
 
 SHAPES = [(1, 64, 48), (3, 200, 37), (1, 4096, 33), (8, 1000, 130), (5, 96, 1)]   # (M, K, N): odd N, K % 64 != 0
@@ -23,6 +26,22 @@ def lib():
     library = load_library()
     assert library is not None, 'the CPU kernels must compile on the test machines (gcc is installed)'
     return library
+
+
+# Every instruction-set branch of quant_kernels.c, whatever this CPU would pick: -march=native, AVX2+FMA
+# (x86-64-v3) and the plain scalar code (x86-64).
+ISA_VARIANTS = {'native': None, 'x86-64-v3': 'avx2', 'x86-64': 'scalar'}
+
+
+@pytest.fixture(scope='module', params=list(ISA_VARIANTS))
+def isa_lib(request, tmp_path_factory):
+    if request.param == 'native':
+        return load_library()
+    if platform.machine() not in ('x86_64', 'AMD64'):
+        pytest.skip('the x86-64 instruction-set variants need an x86-64 CPU')
+    variant = build.build_variant(request.param, str(tmp_path_factory.mktemp('isa')))
+    assert variant.kernel_isa().decode() == ISA_VARIANTS[request.param]
+    return variant
 
 
 # -- formats ------------------------------------------------------------------------------------------------
@@ -68,7 +87,8 @@ def run(lib, name, x, q, scale, bias, n):
 
 @pytest.mark.parametrize('bits', [8, 4])
 @pytest.mark.parametrize('M,K,N', SHAPES)
-def test_gemv_kernel_equals_scalar_reference_and_torch(lib, bits, M, K, N):
+def test_gemv_kernel_equals_scalar_reference_and_torch(isa_lib, bits, M, K, N):
+    lib = isa_lib
     g = torch.Generator().manual_seed(M * 1000 + K + N)
     w = torch.randn(N, K, generator=g)
     q, scale = quantize(w, bits)
@@ -87,7 +107,8 @@ def test_gemv_kernel_equals_scalar_reference_and_torch(lib, bits, M, K, N):
 
 
 @pytest.mark.parametrize('bits', [8, 4])
-def test_dequantized_tiles_match_torch(lib, bits):
+def test_dequantized_tiles_match_torch(isa_lib, bits):
+    lib = isa_lib
     w = torch.randn(70, 96)
     q, scale = quantize(w, bits)
     scale = scale.float()
@@ -285,6 +306,65 @@ def test_read_only_cache_falls_back_to_a_temp_dir(tmp_path):
     out = probe({}, cache).communicate(timeout=300)[0]
     assert 'RESULT avx' in out or 'RESULT scalar' in out, out
     assert 'not writable' in out
+
+
+def built_library(cache):
+    out = probe({}, cache).communicate(timeout=300)[0]
+    assert 'RESULT avx' in out or 'RESULT scalar' in out, out
+    libs = [cache / f for f in os.listdir(cache) if f.endswith('.so')]
+    assert len(libs) == 1, libs
+    return libs[0], out
+
+
+def test_a_truncated_cached_library_is_rebuilt_not_loaded(tmp_path):
+    """A crash mid-write or a full disk leaves a short .so; dlopen on it can die with SIGBUS."""
+    cache = tmp_path / 'kernels'
+    path, _ = built_library(cache)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:20000])
+    again, out = built_library(cache)
+    assert again == path and 'does not match the size and digest' in out
+    assert path.stat().st_size == len(whole)
+
+
+def plant(directory, marker):
+    """A library with a constructor, under the name the loader would look for: loading it writes marker."""
+    cc = build.find_compiler()
+    target = build.library_path(cc, True, str(directory))
+    src = directory / 'evil.c'
+    src.write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void planted(void) '
+                   f'{{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
+    subprocess.run([cc, str(src), '-shared', '-fPIC', '-o', target], check=True)
+    data = open(target, 'rb').read()
+    with open(target + '.sha256', 'w') as f:   # the attacker can write the digest record too
+        f.write(f'{len(data)} {hashlib.sha256(data).hexdigest()}')
+    return target
+
+
+def test_a_cache_dir_others_can_write_is_refused(tmp_path):
+    cache = tmp_path / 'shared-cache'
+    cache.mkdir()
+    marker = tmp_path / 'PLANTED-CODE-RAN'
+    plant(cache, marker)
+    os.chmod(cache, 0o777)
+    (tmp_path / 'tmp').mkdir()
+    out = probe({'TMPDIR': str(tmp_path / 'tmp')}, cache).communicate(timeout=300)[0]   # the fallback goes here
+    assert not marker.exists(), out
+    assert 'is writable by others' in out and ('RESULT avx' in out or 'RESULT scalar' in out), out
+
+
+def test_a_cache_dir_owned_by_someone_else_is_refused(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip('making a directory owned by another user needs root')
+    cache = tmp_path / 'foreign-cache'
+    cache.mkdir()
+    marker = tmp_path / 'PLANTED-CODE-RAN'
+    plant(cache, marker)
+    os.chown(cache, 12345, 12345)
+    os.chmod(cache, 0o755)
+    out = probe({}, cache).communicate(timeout=300)[0]
+    assert not marker.exists(), out
+    assert 'belongs to uid 12345' in out and ('RESULT avx' in out or 'RESULT scalar' in out), out
 
 
 def test_quantization_through_yaml_pipeline_and_defaults(quantized_dirs, tmp_path):

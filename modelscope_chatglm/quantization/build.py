@@ -7,9 +7,13 @@
   and a changed source, compiler or CPU gets its own build.
 - The compiler writes to a temporary file that is renamed into place: two processes compiling at
   once both succeed, and nobody ever loads a half-written library.
-- A read-only cache dir falls back to a temporary dir; a compiler without OpenMP gets a
-  single-threaded build; no compiler at all returns None, and the caller falls back to torch with
-  one clear warning.
+- Loading a library runs its code, so the cache must be ours alone: a cache dir is created 0700 and
+  refused (one warning, then the next candidate) unless it is a real directory owned by this user that
+  nobody else can write. Each library's size and SHA-256 are recorded next to it when it is built, and
+  a library is only loaded when they match: a truncated or altered file is rebuilt, never dlopen'ed.
+- A read-only or refused cache dir falls back to a private dir under $TMPDIR; a compiler without
+  OpenMP gets a single-threaded build; no compiler at all returns None, and the caller falls back to
+  torch with one clear warning.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -64,49 +69,98 @@ def _compiler_version(cc: str) -> str:
         return cc
 
 
-def compile_flags(openmp: bool) -> List[str]:
-    flags = ['-O3', '-march=native', '-fPIC', '-shared', '-std=c11']
+def compile_flags(openmp: bool, march: str = 'native') -> List[str]:
+    flags = ['-O3', f'-march={march}', '-fPIC', '-shared', '-std=c11']
     if openmp:
         flags += ['-Xpreprocessor', '-fopenmp', '-lomp'] if sys.platform == 'darwin' else ['-fopenmp']
     return flags
 
 
-def library_path(cc: str, openmp: bool, directory: str) -> str:
+def library_path(cc: str, openmp: bool, directory: str, march: str = 'native') -> str:
     with open(SOURCE, 'rb') as f:
         source = f.read()
-    key = hashlib.sha256(b'\0'.join([source, ' '.join(compile_flags(openmp)).encode(),
+    key = hashlib.sha256(b'\0'.join([source, ' '.join(compile_flags(openmp, march)).encode(),
                                      _compiler_version(cc).encode(), _cpu_signature().encode()]))
-    return os.path.join(directory, f'quant_kernels-{key.hexdigest()[:16]}{"" if openmp else "-serial"}.so')
+    suffix = ('' if openmp else '-serial') + ('' if march == 'native' else f'-{march}')
+    return os.path.join(directory, f'quant_kernels-{key.hexdigest()[:16]}{suffix}.so')
+
+
+def private_dir(path: str) -> str:
+    """`path`, created 0700 if missing; PermissionError unless it is a real directory owned by this
+    user that nobody else can write (a library planted there would run as us)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f'{path} is not a directory (a symbolic link?)')
+    if hasattr(os, 'getuid') and st.st_uid != os.getuid():
+        raise PermissionError(f'{path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()})')
+    if st.st_mode & 0o022:
+        raise PermissionError(f'{path} is writable by others (mode {oct(st.st_mode & 0o777)})')
+    return path
 
 
 def _writable_dir() -> str:
-    for d in (cache_dir(), os.path.join(tempfile.gettempdir(), f'modelscope_chatglm-kernels-{os.getuid()}')):
+    candidates = (cache_dir(), os.path.join(tempfile.gettempdir(), f'modelscope_chatglm-kernels-{os.getuid()}'))
+    for d in candidates:
         try:
-            os.makedirs(d, exist_ok=True)
+            private_dir(d)
             probe = tempfile.NamedTemporaryFile(dir=d, delete=True)
             probe.close()
             return d
+        except PermissionError as e:
+            logger.warning('not using %s for the compiled kernels: %s. Remove it, or point '
+                           '$MODELSCOPE_CHATGLM_KERNEL_CACHE at a directory of your own (mode 700).', d, e)
         except OSError:
             logger.info('kernel cache dir %s is not writable; trying the next one', d)
-    raise OSError('no writable directory for the compiled kernels')
+    raise OSError(f'no private, writable directory for the compiled kernels among {list(candidates)}')
 
 
-def _compile(cc: str, openmp: bool, target: str) -> None:
-    """Compile into a temporary file next to `target`, then rename it into place atomically."""
+def _digest(path: str) -> str:
+    with open(path, 'rb') as f:
+        data = f.read()
+    return f'{len(data)} {hashlib.sha256(data).hexdigest()}'
+
+
+def _compile(cc: str, openmp: bool, target: str, march: str = 'native') -> None:
+    """Compile into a temporary file next to `target`, record its size and digest, then rename both
+    into place atomically."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix='.build-', suffix='.so')
     os.close(fd)
+    record = tmp + '.sha256'
     try:
-        proc = subprocess.run([cc, SOURCE, *compile_flags(openmp), '-o', tmp], capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run([cc, SOURCE, *compile_flags(openmp, march), '-o', tmp], capture_output=True,
+                              text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip()[-2000:] or f'{cc} exited with {proc.returncode}')
+        with open(record, 'w') as f:
+            f.write(_digest(tmp))
+        os.replace(record, target + '.sha256')
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for leftover in (tmp, record):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def _verified(path: str) -> bool:
+    """The library is ours (a regular file we own, that nobody else can write) and has the size and
+    digest recorded when it was built."""
+    try:
+        st = os.lstat(path)
+        with open(path + '.sha256') as f:
+            recorded = f.read().strip()
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o022 or (hasattr(os, 'getuid') and st.st_uid != os.getuid()):
+        return False
+    return _digest(path) == recorded
 
 
 def _try_load(path: str):
+    if not _verified(path):
+        logger.warning('the cached kernel library %s does not match the size and digest recorded when it was '
+                       'built (a crash while writing it, a full disk, or tampering); rebuilding it', path)
+        return None
     try:
         return _declare(ctypes.CDLL(path))
     except OSError:
@@ -132,6 +186,18 @@ def load_library():
         return _state['lib']
 
 
+def build_variant(march: str, directory: str, openmp: bool = True):
+    """The kernels compiled for `march` (e.g. 'x86-64-v3' for AVX2, 'x86-64' for the scalar code) into
+    `directory`: how the tests reach the instruction-set branches this CPU would not pick."""
+    cc = find_compiler()
+    if cc is None:
+        raise RuntimeError('no C compiler found')
+    path = library_path(cc, openmp, private_dir(directory), march)
+    if not (os.path.exists(path) and _verified(path)):
+        _compile(cc, openmp, path, march)
+    return _declare(ctypes.CDLL(path))
+
+
 def _build_and_load():
     if os.environ.get('MODELSCOPE_CHATGLM_NO_KERNELS') == '1':
         return None
@@ -142,13 +208,11 @@ def _build_and_load():
         return None
     directory = _writable_dir()
     for openmp in (True, False):
-        for candidate_dir in {directory, cache_dir()}:   # a library another user cached is fine too
-            path = library_path(cc, openmp, candidate_dir)
-            if os.path.exists(path):
-                lib = _try_load(path)
-                if lib is not None:
-                    return lib
         path = library_path(cc, openmp, directory)
+        if os.path.exists(path):
+            lib = _try_load(path)
+            if lib is not None:
+                return lib
         try:
             _compile(cc, openmp, path)
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
