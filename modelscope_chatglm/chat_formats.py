@@ -161,21 +161,22 @@ def glm3_response(text: str, messages: List[Message]) -> Tuple[Union[str, dict],
 
 
 def parse_tool_call(code: str):
-    """`tool_call(a=1, b="x")` -> {'a': 1, 'b': 'x'}, with literals only; None if it is anything else.
+    """`tool_call(a=1, b="x")` -> {'a': 1, 'b': 'x'}, with JSON-able literals only; None if it is
+    anything else.
 
-    The official code `eval`s this text, which runs whatever the model wrote. We parse it.
+    The official code `eval`s this text, which runs whatever the model wrote. We parse it, and treat it
+    as hostile: the model's output can be steered by whatever the prompt contains.
     """
     try:
         tree = ast.parse(code.strip(), mode='eval')
-    except SyntaxError:
-        return None
-    call = tree.body
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == 'tool_call'
-            and not call.args):
-        return None
-    try:
-        return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
-    except (ValueError, SyntaxError, TypeError):
+        call = tree.body
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == 'tool_call'
+                and not call.args):
+            return None
+        params = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
+        json.dumps(params)   # sets, complex numbers, bytes, non-str keys: not a tool call we can pass on
+        return params
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
         return None
 
 

@@ -11,6 +11,8 @@ official `generate`: repetition penalty, then temperature, top-k, top-p.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import threading
 from dataclasses import dataclass, field, fields, replace
 from typing import Iterator, List, Optional, Sequence
@@ -46,6 +48,23 @@ class SamplingParams:
         return params
 
     def validate(self):
+        for name, kind, text in (('max_new_tokens', int, 'an integer'), ('max_length', int, 'an integer'),
+                                 ('top_k', int, 'an integer'), ('seed', int, 'an integer'),
+                                 ('temperature', (int, float), 'a number'), ('top_p', (int, float), 'a number'),
+                                 ('repetition_penalty', (int, float), 'a number')):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise ValueError(f'{name} must be {text}, got {value!r} ({type(value).__name__})')
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f'do_sample must be True or False, got {self.do_sample!r}')
+        if not isinstance(self.stop_ids, (list, tuple)) or not all(
+                isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in self.stop_ids):
+            raise ValueError(f'stop_ids must be a list of non-negative token ids, got {self.stop_ids!r}')
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f'seed must be in [0, 2**63), got {self.seed}')
+        for name in ('temperature', 'top_p', 'repetition_penalty'):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f'{name} must be finite, got {getattr(self, name)!r}')
         if self.max_new_tokens is not None and self.max_new_tokens < 0:
             raise ValueError(f'max_new_tokens must be >= 0, got {self.max_new_tokens}')
         if self.max_length is not None and self.max_length < 1:
@@ -134,9 +153,13 @@ class PromptCache:
             while keep < limit and self.ids[keep] == prompt[keep]:
                 keep += 1
         ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
+        # Record what the cache is sure to hold before running: if the run is interrupted (Ctrl-C, an
+        # error between chunks), positions past `keep` hold K/V of tokens that `ids` must not claim.
         if keep:
+            self.ids = self.ids[:keep]
             logits = model.extend(self.state, keep, ids[:, keep:], budget)
         else:
+            self.ids, self.state = [], None
             logits, self.state = model.prefill(ids, None, budget)
         self.ids, self.reused = list(prompt), keep
         return logits, self.state

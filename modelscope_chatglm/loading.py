@@ -33,9 +33,20 @@ DTYPES = {
     'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
 }
 DEFAULT_DTYPE = {'cpu': 'float32', 'cuda': 'float16'}
-# With int8/int4 blocks on CPU, bf16 activations let prefill use the AMX/AVX-512 bf16 units and halve
-# the unquantized embedding and head; the decode kernels accumulate in fp32 either way.
-DEFAULT_QUANTIZED_DTYPE = {'cpu': 'bfloat16', 'cuda': 'float16'}
+# With int8/int4 blocks on a CPU with native bf16 matrix units (AMX, AVX512-BF16, Arm BF16), bf16
+# activations speed up prefill and halve the unquantized embedding and head; elsewhere bf16 is emulated
+# and slow, so quantized models stay fp32 there. The decode kernels accumulate in fp32 either way.
+DEFAULT_QUANTIZED_DTYPE = {'cuda': 'float16'}
+NATIVE_BF16_FLAGS = {'amx_bf16', 'avx512_bf16', 'bf16'}    # /proc/cpuinfo flags (x86) / Features (Arm)
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
+            words = {w for line in f if line.startswith(('flags', 'Features')) for w in line.split()}
+    except OSError:
+        return False
+    return bool(words & NATIVE_BF16_FLAGS)
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -56,6 +67,8 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
 def resolve_dtype(dtype, device: torch.device, policy=None, quantized: bool = False) -> torch.dtype:
     if dtype is None or dtype == 'auto':
         dtype = policy.get(device.type) if isinstance(policy, dict) else policy
+        if not dtype and quantized and device.type == 'cpu':
+            dtype = 'bfloat16' if cpu_has_native_bf16() else 'float32'
         dtype = dtype or (DEFAULT_QUANTIZED_DTYPE if quantized else DEFAULT_DTYPE).get(device.type, 'float32')
     if isinstance(dtype, torch.dtype):
         return dtype

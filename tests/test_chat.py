@@ -135,6 +135,19 @@ def test_tool_call_is_parsed_without_eval():
     assert reply == '你好 2023年' and added[0]['metadata'] == ''
 
 
+@pytest.mark.parametrize('code', [
+    'tool_call(a=' + '[' * 100000 + ']' * 100000 + ')',     # nesting that overflows the parser
+    'tool_call(a={1, 2})', 'tool_call(a=1j)', "tool_call(a=b'x')", 'tool_call(a={(1, 2): 3})',
+])
+def test_hostile_tool_calls_are_refused_not_raised(code):
+    """Model output is steerable by the prompt: what cannot become JSON arguments is no tool call."""
+    assert parse_tool_call(code) is None
+    system = [{'role': 'system', 'content': '', 'tools': [{'name': 'f'}]}]
+    reply, _ = glm3_response(f'f\n```python\n{code}\n```', system)
+    assert reply['name'] == 'f' and 'parameters' not in reply
+    json.dumps(reply)
+
+
 # -- the decode loop ------------------------------------------------------------------------------------------
 def test_sampling_options(glm2_model):
     ids = glm2_model.build_inputs('你好')
@@ -156,10 +169,51 @@ def test_sampling_options(glm2_model):
     (dict(temperature=0), 'temperature must be > 0'), (dict(top_p=1.5), 'top_p'),
     (dict(top_k=-1), 'top_k'), (dict(beams=2), 'unknown generation argument'),
     (dict(repetition_penalty=0), 'repetition_penalty'),
+    # the wrong types are clear errors too, not raw TypeErrors or silently truthy values
+    (dict(max_new_tokens='5'), "max_new_tokens must be an integer, got '5'"),
+    (dict(max_new_tokens=2.5), 'max_new_tokens must be an integer'),
+    (dict(do_sample='no'), "do_sample must be True or False, got 'no'"),
+    (dict(stop_ids=[None]), 'stop_ids must be a list of non-negative token ids'),
+    (dict(stop_ids=5), 'stop_ids must be a list'),
+    (dict(temperature='hot'), 'temperature must be a number'),
+    (dict(top_p=float('nan')), 'top_p must be finite'),
+    (dict(seed=10 ** 23), r'seed must be in \[0, 2\*\*63\)'),
+    (dict(seed=True), 'seed must be an integer'),
 ])
 def test_bad_generation_options(glm2_model, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        glm2_model.generate([1, 2, 3], max_new_tokens=2, **kwargs)
+        glm2_model.generate([1, 2, 3], **{'max_new_tokens': 2, **kwargs})
+
+
+def test_an_interrupted_prefill_leaves_no_wrong_kv_in_the_prompt_cache(glm2_dir):
+    """Ctrl-C (or an error) between prefill chunks: the cache must not claim the tokens it was about
+    to overwrite. Turn 2 diverges from turn 1 and is interrupted; turn 3 repeats turn 1's prompt and
+    must get the logits of a fresh run, not K/V that turn 2 half-wrote."""
+    from modelscope_chatglm.generation import PromptCache, generate_tokens
+    chat = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32')
+    model, cache = chat.model, PromptCache()
+    model.prefill_chunk = 8
+    params = chat.sampling(max_new_tokens=1, do_sample=False)
+    first = chat.build_inputs('介绍下清华大学和北京大学的历史，以及它们的著名校友。' * 2)
+    diverging = first[:10] + chat.tokenizer.encode('完全不同的问题，而且很长很长很长很长很长很长。' * 3)
+    list(generate_tokens(model, [first], params, 0, chat.tokenizer.vocab_size, prompt_cache=cache))
+    chunks, forward = [0], model.forward
+
+    def interrupted(*args, **kwargs):
+        chunks[0] += 1
+        if chunks[0] == 2:                 # the second chunk of turn 2 never finishes
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+    model.forward = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        list(generate_tokens(model, [diverging], params, 0, chat.tokenizer.vocab_size, prompt_cache=cache))
+    model.forward = forward
+    again = first + chat.tokenizer.encode('再说一次')
+    with torch.inference_mode():
+        logits, _ = cache.prefill(model, again, 4)
+        fresh, _ = model.prefill(torch.tensor([again]), None, 4)
+    assert cache.reused <= 10
+    assert (logits - fresh).abs().max().item() < 1e-4
 
 
 def test_batched_generation_equals_one_by_one(glm2_model):

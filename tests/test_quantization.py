@@ -219,6 +219,16 @@ def test_chatglm6b_int4_and_int8(tmp_path):
         q.chat('你好', max_new_tokens=6)
 
 
+@pytest.mark.parametrize('native', [True, False])
+def test_quantized_cpu_default_dtype_follows_the_cpu(quantized_dirs, monkeypatch, native):
+    """bf16 only where the CPU multiplies it natively (AMX, AVX512-BF16); emulated bf16 is slow."""
+    from modelscope_chatglm import loading
+    monkeypatch.setattr(loading, 'cpu_has_native_bf16', lambda: native)
+    model = modelscope_chatglm.load(quantized_dirs[8], device='cpu')
+    assert model.dtype == (torch.bfloat16 if native else torch.float32)
+    assert modelscope_chatglm.load(quantized_dirs['fp16'], device='cpu').dtype == torch.float32   # unquantized
+
+
 def test_bfloat16_quantized_model_runs_prefill_and_decode(quantized_dirs):
     model = modelscope_chatglm.load(quantized_dirs[8], device='cpu', dtype='bfloat16')
     ref = modelscope_chatglm.load(quantized_dirs[8], device='cpu', dtype='float32')
@@ -371,8 +381,10 @@ def test_quantization_through_yaml_pipeline_and_defaults(quantized_dirs, tmp_pat
     import modelscope_chatglm  # noqa: F401  (registers with ModelScope)
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
+    from modelscope_chatglm.loading import cpu_has_native_bf16
     model = modelscope_chatglm.load(quantized_dirs['fp16'], device='cpu', quantization_bit=4)
-    assert model.dtype == torch.bfloat16 and model.model.layers[0].mlp.dense_4h_to_h.bits == 4
+    default = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert model.dtype == default and model.model.layers[0].mlp.dense_4h_to_h.bits == 4
     yaml_path = tmp_path / 'q8.yaml'
     yaml_path.write_text(f'model: {quantized_dirs["fp16"]}\nquantization_bit: 8\ndtype: float32\n')
     from_yaml = modelscope_chatglm.load(str(yaml_path))

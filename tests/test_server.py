@@ -36,6 +36,30 @@ def expected(glm2_model, query, history=(), n=8):
     return glm2_model.chat(query, list(history), do_sample=False, max_new_tokens=n)[0]
 
 
+@pytest.fixture(scope='module')
+def glm3_server(glm3_dir, tmp_path_factory):
+    port = free_port()
+    proc = start_service(['serve', '--model', glm3_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port)],
+                         f'http://127.0.0.1:{port}/health', tmp_path_factory.mktemp('server3') / 'server.log')
+    yield f'http://127.0.0.1:{port}'
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_chatglm3_streamed_text_equals_the_non_streamed_text(glm3_server, glm3_model):
+    """A ChatGLM3 reply starts with a metadata line; a reply with no newline at all is all text and
+    must not be dropped from the stream."""
+    client = openai.OpenAI(base_url=f'{glm3_server}/v1', api_key='x', max_retries=0)
+    for query, n in (('你好', 3), ('你好', 12), ('hello', 6), ('介绍下清华大学', 20)):
+        messages = [{'role': 'user', 'content': query}]
+        whole = client.chat.completions.create(model='m', messages=messages, temperature=0, max_tokens=n)
+        streamed = ''.join(c.choices[0].delta.content or '' for c in client.chat.completions.create(
+            model='m', messages=messages, temperature=0, max_tokens=n, stream=True))
+        assert streamed == whole.choices[0].message.content == glm3_model.chat(
+            query, do_sample=False, max_new_tokens=n)[0]
+    assert any(len(glm3_model.chat(q, do_sample=False, max_new_tokens=n)[0]) for q, n in (('你好', 3), ('hello', 6)))
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ['tiny-glm2']
     health = httpx.get(f'{server}/health').json()
@@ -143,6 +167,9 @@ def test_client_disconnect_cancels_its_generation(server):
     (b'{"messages": [{"role": "assistant", "content": "x"}]}', 400, 'last message'),
     (b'{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]}', 400, 'system'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x' * 30000}]}).encode(), 413, 'limit'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'stop': ['a', 'b', 'c', 'd', 'e']}).encode(), 400,
+     'at most 4'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'seed': 10 ** 23}).encode(), 400, 'seed'),
 ])
 def test_bad_requests_get_4xx_and_the_server_lives(server, body, status, needle):
     r = httpx.post(f'{server}/v1/chat/completions', content=body, headers={'content-type': 'application/json'},

@@ -71,6 +71,9 @@ class ClassicRequest(BaseModel):
 
 
 # -- OpenAI messages <-> ChatGLM conversations ----------------------------------------------------------
+MAX_STOP_STRINGS = 4      # OpenAI's limit; each stop string is searched in the reply after every token
+
+
 def _text(content) -> str:
     if content is None:
         return ''
@@ -183,6 +186,9 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
         except (InputError, ContextLengthError, ValueError, TypeError) as e:
             return _error(400, str(e))
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            return _error(400, f'stop takes at most {MAX_STOP_STRINGS} strings (as in the OpenAI API), got '
+                               f'{len(stops)}; send fewer')
         job = engine.submit(Job(query, history, options, stops))
         created, cid = int(time.time()), f'chatcmpl-{uuid.uuid4().hex}'
         if not req.stream:
@@ -220,6 +226,9 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
                         if mode == 'text' and value:
                             yield chunk({'content': value})
                     elif kind == 'done':
+                        if mode is None and isinstance(value.response, str) and value.response:
+                            # The metadata line never ended: the whole reply is text, none of it sent yet.
+                            yield chunk({'content': value.response})
                         if isinstance(value.response, dict):
                             yield chunk({'tool_calls': [dict(_message(value)['tool_calls'][0], index=0)]})
                         yield chunk({}, _finish_reason(value), _usage(value))
