@@ -36,20 +36,42 @@ def expected(glm2_model, query, history=(), n=8):
     return glm2_model.chat(query, list(history), do_sample=False, max_new_tokens=n)[0]
 
 
+API_KEY = 'test-key-7f3a'
+AUTH = {'Authorization': f'Bearer {API_KEY}'}
+
+
 @pytest.fixture(scope='module')
 def glm3_server(glm3_dir, tmp_path_factory):
+    """A ChatGLM3 server that wants an API key (given through the environment)."""
+    import os
     port = free_port()
     proc = start_service(['serve', '--model', glm3_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port)],
-                         f'http://127.0.0.1:{port}/health', tmp_path_factory.mktemp('server3') / 'server.log')
+                         f'http://127.0.0.1:{port}/health', tmp_path_factory.mktemp('server3') / 'server.log',
+                         env=dict(os.environ, MODELSCOPE_CHATGLM_API_KEY=API_KEY))
     yield f'http://127.0.0.1:{port}'
     proc.terminate()
     proc.wait(timeout=30)
 
 
+def test_api_key_is_required_where_set(glm3_server, server):
+    body = {'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 2, 'temperature': 0}
+    for headers in ({}, {'Authorization': 'Bearer wrong'}, {'Authorization': API_KEY}):
+        r = httpx.post(f'{glm3_server}/v1/chat/completions', json=body, headers=headers, timeout=60)
+        assert r.status_code == 401 and 'API key' in r.json()['error']['message']
+        assert r.headers['www-authenticate'] == 'Bearer'
+    assert httpx.get(f'{glm3_server}/v1/models').status_code == 401
+    assert httpx.post(f'{glm3_server}/', json={'prompt': 'hi'}).status_code == 401
+    assert httpx.get(f'{glm3_server}/health').status_code == 200          # probes need no key
+    assert httpx.post(f'{glm3_server}/v1/chat/completions', json=body, headers=AUTH, timeout=60).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f'{glm3_server}/v1', api_key='wrong', max_retries=0).models.list()
+    assert httpx.post(f'{server}/v1/chat/completions', json=body, timeout=60).status_code == 200   # no key: open
+
+
 def test_chatglm3_streamed_text_equals_the_non_streamed_text(glm3_server, glm3_model):
     """A ChatGLM3 reply starts with a metadata line; a reply with no newline at all is all text and
     must not be dropped from the stream."""
-    client = openai.OpenAI(base_url=f'{glm3_server}/v1', api_key='x', max_retries=0)
+    client = openai.OpenAI(base_url=f'{glm3_server}/v1', api_key=API_KEY, max_retries=0)
     for query, n in (('你好', 3), ('你好', 12), ('hello', 6), ('介绍下清华大学', 20)):
         messages = [{'role': 'user', 'content': query}]
         whole = client.chat.completions.create(model='m', messages=messages, temperature=0, max_tokens=n)
@@ -58,6 +80,34 @@ def test_chatglm3_streamed_text_equals_the_non_streamed_text(glm3_server, glm3_m
         assert streamed == whole.choices[0].message.content == glm3_model.chat(
             query, do_sample=False, max_new_tokens=n)[0]
     assert any(len(glm3_model.chat(q, do_sample=False, max_new_tokens=n)[0]) for q, n in (('你好', 3), ('hello', 6)))
+
+
+def test_a_huge_conversation_does_not_stall_the_server(glm3_server):
+    """2,000 short rounds (~150 KB): truncating them to the context window is encoded off the event
+    loop, in O(log n) passes; /health keeps answering meanwhile."""
+    messages = []
+    for i in range(2000):
+        messages += [{'role': 'user', 'content': f'第{i}个问题'}, {'role': 'assistant', 'content': f'第{i}个回答'}]
+    messages.append({'role': 'user', 'content': '你好'})
+    latencies, done = [], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            start = time.perf_counter()
+            assert httpx.get(f'{glm3_server}/health', timeout=30).status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.05)
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        r = httpx.post(f'{glm3_server}/v1/chat/completions', timeout=300, headers=AUTH,
+                       json={'messages': messages, 'max_tokens': 4, 'temperature': 0})
+    finally:
+        done.set()
+        poller.join()
+    assert r.status_code == 200, r.text
+    assert r.json()['usage']['prompt_tokens'] <= 2048      # the oldest rounds were dropped to fit
+    assert len(latencies) >= 3 and max(latencies) < 1.0, latencies
 
 
 def test_models_and_health(server, client):
@@ -170,6 +220,7 @@ def test_client_disconnect_cancels_its_generation(server):
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'stop': ['a', 'b', 'c', 'd', 'e']}).encode(), 400,
      'at most 4'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'seed': 10 ** 23}).encode(), 400, 'seed'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'n': 3}).encode(), 400, 'one choice per request'),
 ])
 def test_bad_requests_get_4xx_and_the_server_lives(server, body, status, needle):
     r = httpx.post(f'{server}/v1/chat/completions', content=body, headers={'content-type': 'application/json'},

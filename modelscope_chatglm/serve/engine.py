@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..chat import ChatModel, ChatTurn
+from ..chat import ChatModel, ChatRequest, ChatTurn
 
 
 @dataclass
@@ -28,9 +28,7 @@ class Result:
 
 @dataclass
 class Job:
-    query: str
-    history: list
-    options: dict
+    request: ChatRequest      # validated and encoded by the handler (off the event loop)
     stop: List[str] = field(default_factory=list)
     loop: Optional[asyncio.AbstractEventLoop] = None
     events: Optional[asyncio.Queue] = None
@@ -76,7 +74,7 @@ class Engine:
                 self.stats['active'] = 0
 
     def _run(self, job: Job) -> Result:
-        turn: ChatTurn = self.chat.turn(job.query, job.history, **job.options)
+        turn = ChatTurn(self.chat, job.request)
         text, finish = '', None
         for delta in turn:
             if job.cancelled.is_set():

@@ -12,6 +12,8 @@ cannot take, 413 for bodies over --max-body-bytes); the server keeps serving eit
 """
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -59,6 +61,7 @@ class ChatCompletionRequest(BaseModel):
     stop: Optional[Union[str, List[str]]] = None
     seed: Optional[int] = None
     tools: Optional[List[Dict[str, Any]]] = None
+    n: int = Field(default=1, ge=1)
 
 
 class ClassicRequest(BaseModel):
@@ -143,11 +146,24 @@ def _error(status: int, message: str, kind: str = 'invalid_request_error') -> JS
 
 
 # -- the app ---------------------------------------------------------------------------------------------
-def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20,
+               api_key: Optional[str] = None) -> FastAPI:
+    """api_key: when set, every route but /health wants `Authorization: Bearer <api_key>`."""
     app = FastAPI(title='modelscope-chatglm', version='1')
     engine = Engine(chat)
     name = model_name or chat.name
     app.state.engine = engine
+
+    @app.middleware('http')
+    async def check_api_key(request: Request, call_next):
+        if api_key and request.url.path != '/health':
+            scheme, _, given = request.headers.get('authorization', '').partition(' ')
+            if scheme.lower() != 'bearer' or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+                response = _error(401, 'missing or wrong API key: send the header "Authorization: Bearer <key>" '
+                                       'with the key the server was started with (--api-key)', 'invalid_api_key')
+                response.headers['WWW-Authenticate'] = 'Bearer'
+                return response
+        return await call_next(request)
 
     @app.middleware('http')
     async def limit_body(request: Request, call_next):
@@ -179,17 +195,22 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
 
     @app.post('/v1/chat/completions')
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        try:
-            query, history, role, system, tools = to_conversation(req)
-            options = dict(generation_options(req), role=role, system=system, tools=tools)
-            chat.prepare(query, history, **options)   # validate now: errors become a 400, not a broken stream
-        except (InputError, ContextLengthError, ValueError, TypeError) as e:
-            return _error(400, str(e))
+        if req.n > 1:
+            return _error(400, f'n={req.n}: one choice per request is supported; send {req.n} requests '
+                               '(each with its own seed for different samples)')
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > MAX_STOP_STRINGS:
             return _error(400, f'stop takes at most {MAX_STOP_STRINGS} strings (as in the OpenAI API), got '
                                f'{len(stops)}; send fewer')
-        job = engine.submit(Job(query, history, options, stops))
+        try:
+            query, history, role, system, tools = to_conversation(req)
+            options = dict(generation_options(req), role=role, system=system, tools=tools)
+            # Validate and encode now (errors become a 400, not a broken stream), in a thread: a long
+            # conversation takes real time to encode and must not stall the other clients.
+            prepared = await asyncio.to_thread(chat.prepare, query, history, **options)
+        except (InputError, ContextLengthError, ValueError, TypeError) as e:
+            return _error(400, str(e))
+        job = engine.submit(Job(prepared, stops))
         created, cid = int(time.time()), f'chatcmpl-{uuid.uuid4().hex}'
         if not req.stream:
             try:
@@ -252,10 +273,10 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
         if any(len(h) != 2 for h in history):
             return _error(400, 'history must be a list of [query, response] pairs')
         try:
-            chat.prepare(req.prompt, history, **options)
+            prepared = await asyncio.to_thread(chat.prepare, req.prompt, history, **options)
         except (InputError, ContextLengthError, ValueError, TypeError) as e:
             return _error(400, str(e))
-        result = await _wait(engine.submit(Job(req.prompt, history, options)))
+        result = await _wait(engine.submit(Job(prepared)))
         return {'response': result.response, 'history': [list(h) for h in result.history], 'status': 200,
                 'time': time.strftime('%Y-%m-%d %H:%M:%S')}
 
@@ -275,6 +296,6 @@ async def _wait(job: Job) -> Result:
 
 
 def serve(chat: ChatModel, host: str = '127.0.0.1', port: int = 8000, max_body_bytes: int = 1 << 20,
-          model_name: Optional[str] = None):
+          model_name: Optional[str] = None, api_key: Optional[str] = None):
     import uvicorn
-    uvicorn.run(create_app(chat, model_name, max_body_bytes), host=host, port=port, log_level='info')
+    uvicorn.run(create_app(chat, model_name, max_body_bytes, api_key), host=host, port=port, log_level='info')
