@@ -139,7 +139,8 @@ def cmd_serve(args):
     except ImportError as e:
         raise RuntimeError(f'the server needs the [serve] extra ({e}); pip install "modelscope-chatglm[serve]"')
     serve(load_from_args(args), host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
-          model_name=args.name, api_key=args.api_key or os.environ.get('MODELSCOPE_CHATGLM_API_KEY') or None)
+          model_name=args.name, api_key=args.api_key or os.environ.get('MODELSCOPE_CHATGLM_API_KEY') or None,
+          max_queue=args.max_queue)
 
 
 def cmd_configs(args):
@@ -179,6 +180,8 @@ def main(argv=None):
         if name == 'serve':
             p.add_argument('--name', default=None, help='model name reported by /v1/models')
             p.add_argument('--max-body-bytes', type=int, default=1 << 20)
+            p.add_argument('--max-queue', type=int, default=100,
+                           help='requests that may wait for the model; more get 503 + Retry-After (default 100)')
             p.add_argument('--api-key', help='require "Authorization: Bearer KEY" on every route but /health '
                                              '(default: $MODELSCOPE_CHATGLM_API_KEY; none: open)')
     p = sub.add_parser('configs', help='list the YAML configurations')

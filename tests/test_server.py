@@ -110,6 +110,58 @@ def test_a_huge_conversation_does_not_stall_the_server(glm3_server):
     assert len(latencies) >= 3 and max(latencies) < 1.0, latencies
 
 
+def test_a_non_stream_client_that_hangs_up_is_cancelled(server):
+    before = httpx.get(f'{server}/health').json()
+    body = {'messages': [{'role': 'user', 'content': '你好'}], 'temperature': 0, 'max_tokens': 1500}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f'{server}/v1/chat/completions', json=body, timeout=1.0)   # gives up, closes the socket
+    wait_for_cancellation(server, before)
+
+
+def wait_for_cancellation(server, before, seconds=30):
+    """Until /health counts one more cancelled job and the worker is idle, or fail."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        health = httpx.get(f'{server}/health').json()
+        if health['cancelled'] > before['cancelled'] and health['active'] == 0:
+            return
+        time.sleep(0.1)
+    pytest.fail(f'the abandoned generation kept the worker busy: {health}')
+
+
+def test_a_busy_server_says_so_and_sigterm_ends_it_within_seconds(glm2_dir, tmp_path):
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+    port = free_port()
+    proc = start_service(['serve', '--model', glm2_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port),
+                          '--max-queue', '1'], f'http://127.0.0.1:{port}/health', tmp_path / 'busy.log')
+    url = f'http://127.0.0.1:{port}/v1/chat/completions'
+    body = {'messages': [{'role': 'user', 'content': '你好'}], 'temperature': 0, 'max_tokens': 1500}
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(httpx.post, url, json=body, timeout=120) for _ in range(6)]
+            busy, deadline = [], time.time() + 60
+            while not busy and time.time() < deadline:
+                busy = [f.result() for f in futures if f.done() and f.exception() is None
+                        and f.result().status_code == 503]
+                time.sleep(0.1)
+            assert busy, 'six requests against --max-queue 1: some must be turned away'
+            assert busy[0].headers['retry-after'] == '5' and '--max-queue 1' in busy[0].json()['error']['message']
+            start = time.time()
+            proc.send_signal(signal.SIGTERM)       # one generating, one queued: neither may hold the exit
+            proc.wait(timeout=20)
+            assert time.time() - start < 10
+            for f in futures:
+                try:
+                    f.result(timeout=20)           # an answer or a dropped connection, never a hang
+                except httpx.HTTPError:
+                    pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ['tiny-glm2']
     health = httpx.get(f'{server}/health').json()
@@ -194,14 +246,7 @@ def test_client_disconnect_cancels_its_generation(server):
         for line in r.iter_lines():
             if '"content"' in line and '"content": ""' not in line:
                 break   # the first real delta: now hang up
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        health = httpx.get(f'{server}/health').json()
-        if health['cancelled'] > before['cancelled'] and health['active'] == 0:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail(f'the abandoned generation kept the worker busy: {health}')
+    wait_for_cancellation(server, before)
     ok = httpx.post(f'{server}/v1/chat/completions', json={'messages': [{'role': 'user', 'content': 'hi'}],
                                                            **GREEDY}, timeout=30)
     assert ok.status_code == 200

@@ -38,15 +38,24 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
 
+class QueueFull(Exception):
+    """More jobs are waiting than the engine takes (`max_queue`)."""
+
+
 class Engine:
-    def __init__(self, chat: ChatModel):
+    def __init__(self, chat: ChatModel, max_queue: int = 100):
         self.chat = chat
+        self.max_queue = max_queue
         self.jobs: 'queue.Queue[Job]' = queue.Queue()
+        self.current: Optional[Job] = None
         self.stats = {'completed': 0, 'cancelled': 0, 'failed': 0, 'active': 0}
         self.thread = threading.Thread(target=self._work, name='chatglm-engine', daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> Job:
+        if self.jobs.qsize() >= self.max_queue:
+            raise QueueFull(f'the server is busy: {self.jobs.qsize()} requests are waiting (--max-queue '
+                            f'{self.max_queue}); retry later')
         job.loop = asyncio.get_running_loop()
         job.events = asyncio.Queue()
         self.jobs.put(job)
@@ -56,6 +65,17 @@ class Engine:
     def queued(self) -> int:
         return self.jobs.qsize()
 
+    def cancel_all(self):
+        """Shutting down: the running job stops at its next token, queued ones never start."""
+        while True:
+            try:
+                self.jobs.get_nowait().cancelled.set()
+                self.stats['cancelled'] += 1
+            except queue.Empty:
+                break
+        if self.current is not None:
+            self.current.cancelled.set()
+
     def _work(self):
         while True:
             job = self.jobs.get()
@@ -63,6 +83,7 @@ class Engine:
                 self.stats['cancelled'] += 1
                 continue
             self.stats['active'] = 1
+            self.current = job
             try:
                 result = self._run(job)
                 self.stats['cancelled' if result.finish_reason == 'cancelled' else 'completed'] += 1
@@ -72,6 +93,7 @@ class Engine:
                 job.emit('error', e)
             finally:
                 self.stats['active'] = 0
+                self.current = None
 
     def _run(self, job: Job) -> Result:
         turn = ChatTurn(self.chat, job.request)

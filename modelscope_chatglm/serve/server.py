@@ -13,6 +13,7 @@ cannot take, 413 for bodies over --max-body-bytes); the server keeps serving eit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -27,7 +28,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from ..chat import ChatModel
 from ..errors import ContextLengthError, InputError
-from .engine import Engine, Job, Result
+from .engine import Engine, Job, QueueFull, Result
 
 
 # -- request bodies ------------------------------------------------------------------------------------
@@ -147,10 +148,17 @@ def _error(status: int, message: str, kind: str = 'invalid_request_error') -> JS
 
 # -- the app ---------------------------------------------------------------------------------------------
 def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20,
-               api_key: Optional[str] = None) -> FastAPI:
-    """api_key: when set, every route but /health wants `Authorization: Bearer <api_key>`."""
-    app = FastAPI(title='modelscope-chatglm', version='1')
-    engine = Engine(chat)
+               api_key: Optional[str] = None, max_queue: int = 100) -> FastAPI:
+    """api_key: when set, every route but /health wants `Authorization: Bearer <api_key>`.
+    max_queue: requests that may wait for the model; more get a 503 with Retry-After."""
+    engine = Engine(chat, max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.cancel_all()   # shutting down (SIGTERM): nothing queued starts, the running job stops
+
+    app = FastAPI(title='modelscope-chatglm', version='1', lifespan=lifespan)
     name = model_name or chat.name
     app.state.engine = engine
 
@@ -210,13 +218,18 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
             prepared = await asyncio.to_thread(chat.prepare, query, history, **options)
         except (InputError, ContextLengthError, ValueError, TypeError) as e:
             return _error(400, str(e))
-        job = engine.submit(Job(prepared, stops))
+        try:
+            job = engine.submit(Job(prepared, stops))
+        except QueueFull as e:
+            return _busy(str(e))
         created, cid = int(time.time()), f'chatcmpl-{uuid.uuid4().hex}'
         if not req.stream:
             try:
-                result = await _wait(job)
-            except Exception as e:
-                return _error(400, str(e))
+                result = await _wait(job, request)
+            except ClientGone:
+                return _error(499, 'the client closed the connection')
+            except Exception as e:   # the request was valid: a failure now is the server's
+                return _error(500, f'{type(e).__name__}: {e}', 'server_error')
             return {'id': cid, 'object': 'chat.completion', 'created': created, 'model': name,
                     'choices': [{'index': 0, 'message': _message(result), 'finish_reason': _finish_reason(result)}],
                     'usage': _usage(result)}
@@ -265,7 +278,7 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
         return EventSourceResponse(events(), ping=15)
 
     @app.post('/')
-    async def classic(req: ClassicRequest):
+    async def classic(req: ClassicRequest, request: Request):
         options = generation_options(req)
         if req.max_length is not None:
             options['max_length'] = req.max_length
@@ -276,26 +289,67 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
             prepared = await asyncio.to_thread(chat.prepare, req.prompt, history, **options)
         except (InputError, ContextLengthError, ValueError, TypeError) as e:
             return _error(400, str(e))
-        result = await _wait(engine.submit(Job(prepared)))
+        try:
+            job = engine.submit(Job(prepared))
+        except QueueFull as e:
+            return _busy(str(e))
+        try:
+            result = await _wait(job, request)
+        except ClientGone:
+            return _error(499, 'the client closed the connection')
+        except Exception as e:
+            return _error(500, f'{type(e).__name__}: {e}', 'server_error')
         return {'response': result.response, 'history': [list(h) for h in result.history], 'status': 200,
                 'time': time.strftime('%Y-%m-%d %H:%M:%S')}
 
     return app
 
 
-async def _wait(job: Job) -> Result:
+class ClientGone(Exception):
+    pass
+
+
+async def _wait(job: Job, request: Request) -> Result:
+    """The job's result; ClientGone (and the job cancelled) as soon as the client hangs up."""
+    gone = asyncio.ensure_future(_disconnect(request))
     try:
         while True:
-            kind, value = await job.events.get()
+            event = asyncio.ensure_future(job.events.get())
+            await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not event.done():
+                event.cancel()
+                raise ClientGone()
+            kind, value = event.result()
             if kind == 'done':
                 return value
             if kind == 'error':
                 raise value
     finally:
+        gone.cancel()
         job.cancelled.set()
 
 
+async def _disconnect(request: Request):
+    """Returns when the client closes the connection. (Request.is_disconnected polls with a zero
+    timeout, which never sees the disconnect through the HTTP middlewares: wait for it instead.)"""
+    while (await request.receive())['type'] != 'http.disconnect':
+        pass
+
+
+def _busy(message: str) -> JSONResponse:
+    response = _error(503, message, 'server_busy')
+    response.headers['Retry-After'] = '5'
+    return response
+
+
+SHUTDOWN_GRACE_S = 3
+
+
 def serve(chat: ChatModel, host: str = '127.0.0.1', port: int = 8000, max_body_bytes: int = 1 << 20,
-          model_name: Optional[str] = None, api_key: Optional[str] = None):
+          model_name: Optional[str] = None, api_key: Optional[str] = None, max_queue: int = 100):
     import uvicorn
-    uvicorn.run(create_app(chat, model_name, max_body_bytes, api_key), host=host, port=port, log_level='info')
+    # SIGTERM: stop accepting, give open requests SHUTDOWN_GRACE_S, then cancel them (their jobs stop
+    # at the next token) and everything still queued.
+    uvicorn.run(create_app(chat, model_name, max_body_bytes, api_key, max_queue), host=host, port=port,
+                log_level='info', timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+
