@@ -147,6 +147,9 @@ class ChatModel:
         """Encode, dropping the oldest rounds until prompt + reply fit the context window."""
         limit = self.context_length if params.max_length is None else min(self.context_length, params.max_length)
         reserve = params.max_new_tokens if params.max_new_tokens is not None else 1
+        if reserve >= limit:
+            raise ContextLengthError(f'max_new_tokens={reserve} leaves no room for the prompt in the {limit}-token '
+                                     f'context window; ask for fewer new tokens')
         budget = limit - reserve
         history, current = chat_formats.rounds(messages[:-1]), messages[-1:]
         droppable = [i for i, r in enumerate(history) if r[0]['role'] != 'system']

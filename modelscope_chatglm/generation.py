@@ -99,7 +99,9 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingPar
         logits.scatter_(1, seen, picked)
     if not params.do_sample:
         return logits
-    logits = logits / params.temperature
+    # Shift the best score to 0 before dividing: the same distribution, but a tiny temperature then
+    # sharpens it towards greedy instead of overflowing to inf - inf = NaN.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float('-inf'))

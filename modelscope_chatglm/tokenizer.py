@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List
 
 import sentencepiece
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 
 
 def _load_sp(path: str) -> sentencepiece.SentencePieceProcessor:
@@ -29,6 +29,18 @@ def _load_sp(path: str) -> sentencepiece.SentencePieceProcessor:
     except (OSError, RuntimeError) as e:
         raise CheckpointError(f'{path} is not a valid SentencePiece model ({e}); download it again') from None
     return sp
+
+
+def _checked(text) -> str:
+    """Text SentencePiece can take: a str of Unicode scalar values (no lone surrogates)."""
+    if not isinstance(text, str):
+        raise TypeError(f'encode() takes a str, got {type(text).__name__}')
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError as e:
+        raise InputError(f'the text is not valid Unicode: it holds {e.object[e.start:e.end]!r}, a lone surrogate '
+                         '(half of a UTF-16 pair); send well-formed text') from None
+    return text
 
 
 class GLM2Tokenizer:
@@ -67,9 +79,7 @@ class GLM2Tokenizer:
 
     def encode(self, text: str) -> List[int]:
         """Ids of plain text, without the [gMASK]/sop prefix."""
-        if not isinstance(text, str):
-            raise TypeError(f'encode() takes a str, got {type(text).__name__}')
-        return self.sp.EncodeAsIds(text)
+        return self.sp.EncodeAsIds(_checked(text))
 
     def decode(self, ids: Iterable[int]) -> str:
         drop = {self.bos_id, self.eos_id, self.pad_id}
@@ -167,9 +177,7 @@ class GLM1Tokenizer:
         return self._blank_re.sub(lambda m: f'<|blank_{len(m.group())}|>', text)
 
     def encode(self, text: str) -> List[int]:
-        if not isinstance(text, str):
-            raise TypeError(f'encode() takes a str, got {type(text).__name__}')
-        return [i + self.offset for i in self.sp.EncodeAsIds(self._preprocess(text))]
+        return [i + self.offset for i in self.sp.EncodeAsIds(self._preprocess(_checked(text)))]
 
     def decode(self, ids: Iterable[int]) -> str:
         pieces = [int(i) - self.offset for i in ids]

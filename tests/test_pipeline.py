@@ -55,8 +55,16 @@ def test_generation_options_at_call_time(pipe):
     s1 = pipe({'text': '你好', 'history': []}, max_new_tokens=12, do_sample=True, temperature=1.3, seed=1)
     s2 = pipe({'text': '你好', 'history': []}, max_new_tokens=12, do_sample=True, temperature=1.3, seed=1)
     assert s1 == s2
-    # The built-in pipeline's input-dict options still work.
-    assert pipe({'text': '你好', 'history': [], 'do_sample': False, 'max_length': 200}) is not None
+    # The built-in pipeline's input-dict options work, as they do there.
+    prompt = len(pipe.chat_model.build_inputs('你好'))
+    from_dict = pipe({'text': '你好', 'history': [], 'do_sample': False, 'max_length': prompt + 2})
+    assert from_dict['response'] == short['response']
+    assert pipe({'text': '你好', 'history': [], 'do_sample': False, 'max_length': prompt + 12}) == longer
+    sampled = [pipe({'text': '你好', 'history': [], 'temperature': t, 'top_p': 0.9}, max_new_tokens=12, seed=5)
+               for t in (0.05, 1.9)]
+    assert sampled[0]['response'] == longer['response'] != sampled[1]['response']   # near-greedy vs hot
+    with pytest.raises(ValueError, match='beam search is not supported'):
+        pipe({'text': 'hi', 'history': [], 'num_beams': 4})
 
 
 @pytest.mark.parametrize('data,match', [
@@ -132,6 +140,19 @@ def test_stream_through_the_pipeline(pipe):
     deltas = list(pipe.stream({'text': '你好', 'history': []}, **GREEDY))
     full = pipe({'text': '你好', 'history': []}, **GREEDY)
     assert ''.join(deltas).strip() == full['response'] == pipe.last['response']
+
+
+def test_interleaved_streams_keep_their_own_results(pipe):
+    a, b = pipe.stream({'text': '你好', 'history': []}, **GREEDY), pipe.stream({'text': 'hello', 'history': []}, **GREEDY)
+    deltas = {'a': [], 'b': []}
+    for da, db in zip(a, b):                     # both advance in turn
+        deltas['a'].append(da)
+        deltas['b'].append(db)
+    deltas['a'] += list(a)
+    deltas['b'] += list(b)
+    assert a.last['response'] == pipe({'text': '你好', 'history': []}, **GREEDY)['response']
+    assert b.last['response'] == pipe({'text': 'hello', 'history': []}, **GREEDY)['response']
+    assert a.last['history'][0][0] == '你好' and b.last['history'][0][0] == 'hello'
 
 
 def test_import_is_light_and_registers_lazily():

@@ -162,6 +162,74 @@ def test_a_busy_server_says_so_and_sigterm_ends_it_within_seconds(glm2_dir, tmp_
             proc.wait()
 
 
+def test_a_vanishing_temperature_samples_like_greedy(server, glm2_model):
+    """temperature 1e-45 used to overflow the logits to NaN (a 500); now it is all but greedy."""
+    greedy = expected(glm2_model, '你好', n=8)
+    r = httpx.post(f'{server}/v1/chat/completions', timeout=60, json={
+        'messages': [{'role': 'user', 'content': '你好'}], 'temperature': 1e-45, 'max_tokens': 8})
+    assert r.status_code == 200 and r.json()['choices'][0]['message']['content'] == greedy
+    r = httpx.post(f'{server}/', json={'prompt': '你好', 'temperature': 1e-45, 'max_length': 64}, timeout=60)
+    assert r.status_code == 200 and r.json()['response'].startswith(greedy)
+
+
+def hostile_bodies(seed: int, count: int):
+    """A seeded stream of malformed and hostile request bodies: valid ones with a field replaced by
+    junk (wrong types, extreme numbers, odd Unicode), fields dropped or added, raw broken JSON."""
+    import random
+    rng = random.Random(seed)
+    junk = [None, True, -1, 0, 2 ** 63, 10 ** 30, -1e308, 1e-45, float('inf'), 'x', '', '\ud800', '\x00' * 50,
+            'é' * 3000, [], [1, 2], {}, {'a': [{'b': None}]}, [[[[[]]]]], '{"']
+    fields = ['messages', 'temperature', 'top_p', 'max_tokens', 'stop', 'seed', 'stream', 'tools', 'n', 'model']
+    for i in range(count):
+        body = {'messages': [{'role': 'user', 'content': rng.choice(['你好', 'hi', 'a' * 500, '\u200b\n\t'])}],
+                'max_tokens': rng.choice([1, 2, 3]), 'temperature': 0}
+        kind = rng.random()
+        if kind < 0.5:
+            body[rng.choice(fields)] = rng.choice(junk)
+        elif kind < 0.65:
+            body['messages'][0][rng.choice(['role', 'content', 'name', 'tool_calls'])] = rng.choice(junk)
+        elif kind < 0.75:
+            body.pop(rng.choice(list(body)))
+        elif kind < 0.85:
+            body['messages'].insert(0, {'role': rng.choice(['assistant', 'tool', 'system', 'user', 'x']),
+                                        'content': rng.choice(junk + ['ok']), 'tool_calls': rng.choice(
+                                            [None, [{'function': {'name': 'f', 'arguments': rng.choice(
+                                                ['[1]', '{', '1', '{"a": 1}', '"s"'])}}]])})
+        else:
+            yield ('/' if i % 2 else '/v1/chat/completions'), json.dumps(body)[:rng.randrange(1, 60)].encode()
+            continue
+        try:
+            text = json.dumps(body, allow_nan=True)
+        except (TypeError, ValueError):
+            continue
+        yield ('/' if rng.random() < 0.15 else '/v1/chat/completions'), text.encode('utf-8', 'surrogatepass')
+
+
+def test_fuzzed_requests_never_get_an_unexpected_500_and_health_stays_fast(server):
+    latencies, done, statuses = [], threading.Event(), {}
+
+    def poll():
+        while not done.is_set():
+            start = time.perf_counter()
+            assert httpx.get(f'{server}/health', timeout=30).status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.05)
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        for path, body in hostile_bodies(seed=20261122, count=300):
+            r = httpx.post(server + path, content=body, headers={'content-type': 'application/json'}, timeout=120)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code in (200, 400, 413, 422), (r.status_code, body[:300], r.text[:300])
+            if r.status_code != 200:
+                assert r.json()['error']['message'], r.text      # every rejection says what is wrong
+    finally:
+        done.set()
+        poller.join()
+    assert sum(statuses.values()) >= 250 and statuses.get(200, 0) > 10 and statuses.get(422, 0) > 10, statuses
+    assert max(latencies) < 1.0, max(latencies)
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ['tiny-glm2']
     health = httpx.get(f'{server}/health').json()
@@ -266,6 +334,13 @@ def test_client_disconnect_cancels_its_generation(server):
      'at most 4'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'seed': 10 ** 23}).encode(), 400, 'seed'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'n': 3}).encode(), 400, 'one choice per request'),
+    (b'{"messages": [{"role": "user", "content": "\\ud800 x"}]}', 400, 'lone surrogate'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'max_tokens': 10 ** 12}).encode(), 400, 'no room'),
+    (json.dumps({'messages': [
+        {'role': 'user', 'content': 'x'},
+        {'role': 'assistant', 'content': None,
+         'tool_calls': [{'id': '1', 'type': 'function', 'function': {'name': 'f', 'arguments': '[1, 2]'}}]},
+        {'role': 'tool', 'content': 'r', 'tool_call_id': '1'}]}).encode(), 400, 'must be a JSON object'),
 ])
 def test_bad_requests_get_4xx_and_the_server_lives(server, body, status, needle):
     r = httpx.post(f'{server}/v1/chat/completions', content=body, headers={'content-type': 'application/json'},

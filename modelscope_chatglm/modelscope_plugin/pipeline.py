@@ -73,7 +73,7 @@ class ChatPreprocessor(Preprocessor):
 
     def __call__(self, data, **gen) -> Dict[str, Any]:
         query, history, turn = parse_input(data)
-        request = self.chat_model.prepare(query, history, **turn, **gen)
+        request = self.chat_model.prepare(query, history, **{**turn, **gen})   # call options win
         return {'request': request}
 
 
@@ -132,17 +132,36 @@ class ChatPipeline(Pipeline):
         response, history = self.chat_model.respond(inputs['request'], inputs['output_ids'])
         return {'response': response, 'history': history}
 
-    def stream(self, data, **params) -> Iterator[str]:
-        """Text deltas of the reply as it is generated; `.last` holds the final output dict."""
+    def stream(self, data, **params) -> 'ReplyStream':
+        """Iterate for the text deltas of the reply as it is generated; afterwards the stream's
+        `.last` (and the pipeline's, for the stream that finished last) is the final output dict."""
         self._check_input(data)
         pre, _, _ = self._sanitize_parameters(**params)
-        turn = ChatTurn(self.chat_model, self.preprocess(data, **pre)['request'])
+        return ReplyStream(self, ChatTurn(self.chat_model, self.preprocess(data, **pre)['request']))
+
+
+class ReplyStream:
+    """One streamed reply, an iterator of text deltas (it runs once, like a generator). Each stream
+    keeps its own result in `.last`, so interleaved streams never mix."""
+
+    def __init__(self, pipeline: 'ChatPipeline', turn: ChatTurn):
+        self.last = None
+        self._deltas = self._run(pipeline, turn)
+
+    def __iter__(self) -> 'ReplyStream':
+        return self
+
+    def __next__(self) -> str:
+        return next(self._deltas)
+
+    def _run(self, pipeline, turn) -> Iterator[str]:
         yield from turn
-        self.last = {'response': turn.response, 'history': turn.history}
+        self.last = pipeline.last = {'response': turn.response, 'history': turn.history}
 
 
 def parse_input(data):
-    """Pipeline input -> (query, history, turn options), or InputError saying how to fix it."""
+    """Pipeline input -> (query, history, turn options: system/tools/role and generation options given in
+    the dict), or InputError saying how to fix it."""
     if isinstance(data, str):
         return data, [], {}
     if not isinstance(data, dict):
@@ -153,6 +172,9 @@ def parse_input(data):
         raise InputError(f'unknown input key(s) {unknown}; use "text" + "history" (+ "system", "tools", '
                          '"role"), or "messages"; pass generation options as pipeline keyword arguments')
     turn = {k: data[k] for k in TURN_KEYS if k in data}
+    # Generation options in the input dict, where ModelScope's own ChatGLM pipelines read them.
+    turn.update({k: data[k] for k in LEGACY_INPUT_KEYS if k in data and k != 'num_beams'})
+    _check_beams(data.get('num_beams', 1))
     if 'messages' in data:
         if 'text' in data or 'history' in data:
             raise InputError('give either "messages" or "text" + "history", not both')

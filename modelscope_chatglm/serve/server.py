@@ -93,6 +93,8 @@ def to_conversation(req: ChatCompletionRequest):
         if m.role == 'assistant' and m.tool_calls:
             call = m.tool_calls[0].function
             args = json.loads(call.arguments or '{}')
+            if not isinstance(args, dict):
+                raise InputError(f'tool call {call.name!r}: arguments must be a JSON object, got {call.arguments!r}')
             code = 'tool_call(' + ', '.join(f'{k}={v!r}' for k, v in args.items()) + ')'
             messages.append({'role': 'assistant', 'metadata': call.name, 'content': f'```python\n{code}\n```'})
         else:
@@ -186,6 +188,11 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
                     return _error(413, f'request body is over the limit of {max_body_bytes} bytes')
             request._body = body
         return await call_next(request)
+
+    @app.exception_handler(Exception)
+    async def fault(request: Request, exc: Exception):
+        # Whatever slipped past the checks above is our fault: say so in the OpenAI error shape.
+        return _error(500, f'internal error ({type(exc).__name__}: {exc})', 'server_error')
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
