@@ -158,37 +158,33 @@ class ChatModel:
             gone = set(droppable[:dropped])
             return self._encode([m for i, r in enumerate(history) if i not in gone for m in r] + last)
 
-        # The prompt only shrinks as more of the oldest rounds go: find the fewest drops that fit by
-        # bisection (O(log n) encodes of the conversation, not one per dropped round).
-        ids = encode(0, current)
-        if len(ids) > budget:
-            low, high = 0, len(droppable)          # encode(low) does not fit; is encode(high) the answer?
-            top = encode(high, current)
-            if len(top) > budget:
-                low, ids = high, top
-            else:
-                while high - low > 1:
-                    middle = (low + high) // 2
+        dropped, ids = 0, encode(0, current)
+        if len(ids) > budget and droppable:
+            # Every dropped round shortens the prompt: bisect for the fewest drops that fit (O(log n)
+            # encodes of the conversation, not one per dropped round).
+            low, dropped = 0, len(droppable)          # dropping `low` rounds is too few
+            ids = encode(dropped, current)
+            if len(ids) <= budget:
+                while dropped - low > 1:
+                    middle = (low + dropped) // 2
                     attempt = encode(middle, current)
                     if len(attempt) <= budget:
-                        high, top = middle, attempt
+                        dropped, ids = middle, attempt
                     else:
                         low = middle
-                ids = top
-            dropped = high if len(ids) <= budget else len(droppable)
-            while len(ids) > budget:
-                if not (truncate_query and current[0]['content']):
-                    raise ContextLengthError(
-                        f'the prompt is {len(ids)} tokens but only {budget} fit ({limit} context tokens minus '
-                        f'{reserve} reserved for the reply); shorten the query (or pass truncate_query=True)'
-                        + (' or system prompt' if len(droppable) < len(history) else '')
-                        + (', lower max_new_tokens' if params.max_new_tokens else '')
-                        + f', or raise max_length (at most {self.config.seq_length} for this model)')
-                # Keep the end of the query (usually the actual question) and cut its beginning.
-                query_ids = self.tokenizer.encode(current[0]['content'])
-                cut = min(len(query_ids), len(ids) - budget + 1)
-                current = [dict(current[0], content=self.tokenizer.decode(query_ids[cut:]))]
-                ids = encode(dropped, current)
+        while len(ids) > budget:
+            if not (truncate_query and current[0]['content']):
+                raise ContextLengthError(
+                    f'the prompt is {len(ids)} tokens but only {budget} fit ({limit} context tokens minus '
+                    f'{reserve} reserved for the reply); shorten the query (or pass truncate_query=True)'
+                    + (' or system prompt' if len(droppable) < len(history) else '')
+                    + (', lower max_new_tokens' if params.max_new_tokens else '')
+                    + f', or raise max_length (at most {self.config.seq_length} for this model)')
+            # Keep the end of the query (usually the actual question) and cut its beginning.
+            query_ids = self.tokenizer.encode(current[0]['content'])
+            cut = min(len(query_ids), len(ids) - budget + 1)
+            current = [dict(current[0], content=self.tokenizer.decode(query_ids[cut:]))]
+            ids = encode(dropped, current)
         new_tokens = limit - len(ids)
         if params.max_new_tokens is not None:
             new_tokens = min(new_tokens, params.max_new_tokens)
