@@ -44,8 +44,16 @@ def test_type_a_message_and_see_the_streamed_reply(web, glm2_model):
         page.get_by_text('Additional Inputs').click()
         for label, value in (('max new tokens', '16'), ('temperature (0 = greedy)', '0')):
             field = page.get_by_label(f'number input for {label}')
-            field.fill(value)
-            field.press('Enter')
+            for _ in range(40):   # a fill that lands before the page has settled is overwritten: redo it
+                field.fill(value)
+                field.press('Enter')
+                page.wait_for_timeout(250)
+                if field.input_value() == value:
+                    break
+            assert field.input_value() == value, f'{label} stayed {field.input_value()}'
+        page.wait_for_timeout(500)
+        assert [page.get_by_label(f'number input for {label}').input_value()
+                for label in ('max new tokens', 'temperature (0 = greedy)')] == ['16', '0']
         box.fill('你好')
         box.press('Enter')
         # The reply streams into a bot bubble; Retry appears once it is complete.
