@@ -30,8 +30,8 @@ def have_triton():
         import triton  # noqa: F401
     except ImportError:
         if os.environ.get('CHATGLM_REQUIRE_TRITON') == '1':
-            pytest.fail('triton is not installed; .ci/run installs the [gpu] extra')
-        pytest.skip('triton is not installed (pip install ".[gpu]")')
+            pytest.fail('triton is not installed; .ci/run installs it with the [test] extra')
+        pytest.skip('triton is not installed (pip install ".[test]", or triton itself)')
 
 
 KERNEL_CHECK = r'''

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server as a real process on 127.0.0.1, driven by the official `openai` client
 and by raw HTTP."""
+import contextlib
 import json
 import threading
 import time
@@ -82,6 +83,28 @@ def test_chatglm3_streamed_text_equals_the_non_streamed_text(glm3_server, glm3_m
     assert any(len(glm3_model.chat(q, do_sample=False, max_new_tokens=n)[0]) for q, n in (('你好', 3), ('hello', 6)))
 
 
+@contextlib.contextmanager
+def health_latencies(server):
+    """Poll /health every 50 ms while the block runs; yields the list of response times (s)."""
+    latencies, done, failures = [], threading.Event(), []
+
+    def poll():
+        while not done.is_set():
+            start = time.perf_counter()
+            if httpx.get(f'{server}/health', timeout=30).status_code != 200:
+                failures.append(time.perf_counter() - start)
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.05)
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        yield latencies
+    finally:
+        done.set()
+        poller.join()
+    assert not failures, f'/health failed {len(failures)} times'
+
+
 def test_a_huge_conversation_does_not_stall_the_server(glm3_server):
     """2,000 short rounds (~150 KB): truncating them to the context window is encoded off the event
     loop, in O(log n) passes; /health keeps answering meanwhile."""
@@ -89,22 +112,9 @@ def test_a_huge_conversation_does_not_stall_the_server(glm3_server):
     for i in range(2000):
         messages += [{'role': 'user', 'content': f'第{i}个问题'}, {'role': 'assistant', 'content': f'第{i}个回答'}]
     messages.append({'role': 'user', 'content': '你好'})
-    latencies, done = [], threading.Event()
-
-    def poll():
-        while not done.is_set():
-            start = time.perf_counter()
-            assert httpx.get(f'{glm3_server}/health', timeout=30).status_code == 200
-            latencies.append(time.perf_counter() - start)
-            time.sleep(0.05)
-    poller = threading.Thread(target=poll)
-    poller.start()
-    try:
+    with health_latencies(glm3_server) as latencies:
         r = httpx.post(f'{glm3_server}/v1/chat/completions', timeout=300, headers=AUTH,
                        json={'messages': messages, 'max_tokens': 4, 'temperature': 0})
-    finally:
-        done.set()
-        poller.join()
     assert r.status_code == 200, r.text
     assert r.json()['usage']['prompt_tokens'] <= 2048      # the oldest rounds were dropped to fit
     assert len(latencies) >= 3 and max(latencies) < 1.0, latencies
@@ -206,26 +216,14 @@ def hostile_bodies(seed: int, count: int):
 
 
 def test_fuzzed_requests_never_get_an_unexpected_500_and_health_stays_fast(server):
-    latencies, done, statuses = [], threading.Event(), {}
-
-    def poll():
-        while not done.is_set():
-            start = time.perf_counter()
-            assert httpx.get(f'{server}/health', timeout=30).status_code == 200
-            latencies.append(time.perf_counter() - start)
-            time.sleep(0.05)
-    poller = threading.Thread(target=poll)
-    poller.start()
-    try:
+    statuses = {}
+    with health_latencies(server) as latencies:
         for path, body in hostile_bodies(seed=20261122, count=300):
             r = httpx.post(server + path, content=body, headers={'content-type': 'application/json'}, timeout=120)
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             assert r.status_code in (200, 400, 413, 422), (r.status_code, body[:300], r.text[:300])
             if r.status_code != 200:
                 assert r.json()['error']['message'], r.text      # every rejection says what is wrong
-    finally:
-        done.set()
-        poller.join()
     assert sum(statuses.values()) >= 250 and statuses.get(200, 0) > 10 and statuses.get(422, 0) > 10, statuses
     assert max(latencies) < 1.0, max(latencies)
 
