@@ -32,12 +32,17 @@ DTYPES = {
     'float16': torch.float16, 'fp16': torch.float16, 'half': torch.float16,
     'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
 }
-DEFAULT_DTYPE = {'cpu': 'float32', 'cuda': 'float16'}
-# With int8/int4 blocks on a CPU with native bf16 matrix units (AMX, AVX512-BF16, Arm BF16), bf16
-# activations speed up prefill and halve the unquantized embedding and head; elsewhere bf16 is emulated
-# and slow, so quantized models stay fp32 there. The decode kernels accumulate in fp32 either way.
-DEFAULT_QUANTIZED_DTYPE = {'cuda': 'float16'}
 NATIVE_BF16_FLAGS = {'amx_bf16', 'avx512_bf16', 'bf16'}    # /proc/cpuinfo flags (x86) / Features (Arm)
+
+
+def default_dtype(device: torch.device, quantized: bool) -> str:
+    """float16 on a GPU; float32 on a CPU, except for int8/int4 models on a CPU with native bf16 matrix
+    units (AMX, AVX512-BF16, Arm BF16): there bf16 activations speed up prefill and halve the unquantized
+    embedding and head, while elsewhere bf16 is emulated and slow. The decode kernels accumulate in
+    fp32 either way."""
+    if device.type == 'cuda':
+        return 'float16'
+    return 'bfloat16' if quantized and device.type == 'cpu' and cpu_has_native_bf16() else 'float32'
 
 
 def cpu_has_native_bf16() -> bool:
@@ -67,9 +72,7 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
 def resolve_dtype(dtype, device: torch.device, policy=None, quantized: bool = False) -> torch.dtype:
     if dtype is None or dtype == 'auto':
         dtype = policy.get(device.type) if isinstance(policy, dict) else policy
-        if not dtype and quantized and device.type == 'cpu':
-            dtype = 'bfloat16' if cpu_has_native_bf16() else 'float32'
-        dtype = dtype or (DEFAULT_QUANTIZED_DTYPE if quantized else DEFAULT_DTYPE).get(device.type, 'float32')
+        dtype = dtype or default_dtype(device, quantized)
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
