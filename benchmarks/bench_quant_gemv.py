@@ -3,10 +3,13 @@
 Decode (M = 1): GB/s of weight bytes streamed per call (int8: 1 byte/weight, int4: 0.5, fp32: 4), and
 the time ratio to torch fp32 `F.linear` measured in the same run. Each method cycles through enough
 copies of the weights (>= 512 MB) that they come from DRAM, not from the CPU caches.
+Rows (M = 1 ... 64, batched decode and short prompts): the time of one block's four linears through the
+C kernel, median [min-max], its ratio to M = 1, and the tiled path (dequantized tiles + matmul) at the
+same M for comparison, all in one run.
 Prefill (M = 256, 1024): GFLOP/s (2*M*N*K per call) of the tiled path (bf16 tiles + oneDNN/AMX for a
 bf16 model, fp32 tiles + MKL for an fp32 one) against fp32 and bf16 dense `F.linear`.
 
-    python benchmarks/bench_quant_gemv.py [--threads 2]
+    python benchmarks/bench_quant_gemv.py [--threads 2] [--only decode|rows|prefill]
 """
 import argparse
 import os
@@ -26,8 +29,9 @@ SHAPES = {'qkv 4608x4096': (4608, 4096), 'dense 4096x4096': (4096, 4096),
 POOL_BYTES = 512 << 20
 
 
-def timed(fn, copies, min_seconds=1.0, min_calls=5):
-    """Median and best seconds per call, rotating over `copies` (each a tuple of args)."""
+def timed(fn, copies, min_seconds=1.0, min_calls=5, spread=False):
+    """Median and best seconds per call (and the worst, with spread=True), rotating over `copies` (each
+    a tuple of args)."""
     times, i, start = [], 0, time.perf_counter()
     fn(*copies[0])
     while len(times) < min_calls or time.perf_counter() - start < min_seconds:
@@ -35,6 +39,8 @@ def timed(fn, copies, min_seconds=1.0, min_calls=5):
         fn(*copies[i % len(copies)])
         times.append(time.perf_counter() - t)
         i += 1
+    if spread:
+        return statistics.median(times), min(times), max(times)
     return statistics.median(times), min(times)
 
 
@@ -81,6 +87,33 @@ def decode_table(threads):
                   f'{fp32_ms / med:7.2f}x')
 
 
+def rows_table(threads, repeats=9):
+    """One block's four linears (the ChatGLM2-6B shapes) at M rows, each layer in its own copies."""
+    from modelscope_chatglm.quantization import linear
+    print(f'\nRows, {threads} threads: ms for one block\'s 4 linears, median [min-max] of {repeats}; '
+          'x M=1: ratio to one row; tiled: dequantized tiles + matmul at the same M')
+    print(f'{"bits":>4s} {"M":>3s} {"kernel ms":>22s} {"x M=1":>6s} {"tiled ms":>9s}')
+    for bits in (8, 4):
+        nbytes = sum(n * k * bits // 8 for n, k in SHAPES.values())
+        blocks = [[quantized_layers(n, k, bits, 1)[0] for n, k in SHAPES.values()]
+                  for _ in range(max(2, POOL_BYTES // nbytes))]
+        base = None
+        for m in (1, 2, 4, 8, 16, 32, 64):
+            xs = {k: torch.randn(m, k) for _, k in SHAPES.values()}
+
+            def block(layers):
+                for layer in layers:
+                    layer(xs[layer.in_features])
+            med, best, worst = timed(block, [(b,) for b in blocks], min_seconds=0, min_calls=repeats, spread=True)
+            base = base or med
+            saved, linear.DECODE_ROWS = linear.DECODE_ROWS, 0      # force the tiled path
+            tiled = timed(block, [(b,) for b in blocks[:2]], min_seconds=0, min_calls=3)[0]
+            linear.DECODE_ROWS = saved
+            print(f'{bits:4d} {m:3d} {med * 1e3:8.1f} [{best * 1e3:5.1f}-{worst * 1e3:5.1f}] {med / base:6.2f} '
+                  f'{tiled * 1e3:9.1f}')
+        del blocks
+
+
 def prefill_table(threads):
     print(f'\nPrefill, {threads} threads: GFLOP/s (median)')
     print(f'{"shape":20s} {"M":>5s} {"fp32 dense":>11s} {"bf16 dense":>11s} {"int8 fp32 tiles":>16s} '
@@ -107,7 +140,7 @@ def prefill_table(threads):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--threads', type=int, default=os.cpu_count())
-    ap.add_argument('--skip-prefill', action='store_true')
+    ap.add_argument('--only', choices=['decode', 'rows', 'prefill'])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lib = load_library()
@@ -115,9 +148,9 @@ def main():
         sys.exit('the C kernels could not be built here (see the warning above)')
     print(f'kernels: {lib.kernel_isa().decode()}, OpenMP: {bool(lib.kernel_openmp())}, torch {torch.__version__}')
     with torch.inference_mode():
-        decode_table(args.threads)
-        if not args.skip_prefill:
-            prefill_table(args.threads)
+        for name, table in (('decode', decode_table), ('rows', rows_table), ('prefill', prefill_table)):
+            if args.only in (None, name):
+                table(args.threads)
 
 
 if __name__ == '__main__':

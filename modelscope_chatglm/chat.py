@@ -6,6 +6,7 @@ of those surfaces.
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -34,6 +35,10 @@ class ChatModel:
         # Chat turns keep the last conversation's KV cache: turn N+1 prefills only its new tokens.
         # (ChatGLM-6B cannot: its prompt prefix is attended bidirectionally, so K/V change as it grows.)
         self.prompt_cache = PromptCache()
+        from .adapters import adapter_names
+        self.adapters = adapter_names(model)   # LoRA adapters held unmerged, selectable per request
+        self._batcher = None                 # chat_batch's scheduler, made on first use
+        self._batch_lock = threading.Lock()
 
     def __repr__(self):
         return (f'ChatModel({self.name!r}, family={self.family}, device={self.device}, '
@@ -122,6 +127,40 @@ class ChatModel:
             pairs = [tuple(p) for p in (request.history or [])]
             return reply, pairs + [(request.messages[-1]['content'], reply)]
         return reply, copy.deepcopy(request.messages) + added
+
+    # -- many at once (continuous batching, batching.py) ----------------------------------------------
+    def scheduler(self, max_batch: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
+                  prefill_chunk: Optional[int] = None):
+        """A continuous-batching scheduler over this model (what `serve` runs); see batching.py."""
+        from . import batching
+        return batching.Scheduler(self.model, self.tokenizer.vocab_size, max_batch or batching.DEFAULT_MAX_BATCH,
+                                  kv_cache_bytes, prefill_chunk)
+
+    def chat_batch(self, queries: Sequence[Union[str, dict]], **gen) -> List[Tuple[Union[str, dict], list]]:
+        """Several turns generated together: each item is a query string or a dict of `chat` arguments
+        ({'query', 'history', 'system', 'tools', 'role'}); gen = generation options for all.
+        -> [(response, history), ...] in order. Greedy replies equal what `chat` gives one by one."""
+        requests = []
+        for item in queries:
+            turn = {'query': item} if isinstance(item, str) else dict(item)
+            if not isinstance(turn.get('query'), str):
+                raise InputError(f'chat_batch takes query strings or dicts with a "query" string, got {item!r}')
+            requests.append(self.prepare(**turn, **gen))
+        return [self.respond(r, ids) for r, ids in zip(requests, self.generate_requests(requests))]
+
+    def generate_requests(self, requests: Sequence['ChatRequest']) -> List[List[int]]:
+        """The reply ids of prepared turns, generated as one continuous batch."""
+        if not requests:
+            return []
+        with self._batch_lock:
+            if self._batcher is None:   # kept: its prefix cache serves the next turns of these chats
+                self._batcher = self.scheduler()
+            seqs = [self._batcher.submit(r.input_ids, r.params) for r in requests]
+            self._batcher.run_until_done(seqs)
+        for seq in seqs:
+            if seq.error is not None:
+                raise seq.error
+        return [s.output for s in seqs]
 
     # -- internals ----------------------------------------------------------------------------------
     def _conversation(self, query, history, role, system, tools):

@@ -108,13 +108,18 @@ class _PageReleaser:
 
 
 def load_weights(model: torch.nn.Module, model_dir: str, map_key: Callable[[str], Optional[str]],
-                 progress: Optional[Callable[[int, int, str], None]] = None) -> None:
+                 progress: Optional[Callable[[int, int, str], None]] = None,
+                 transform: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
+                 required: Optional[Callable[[str], bool]] = None) -> None:
     """Fill every parameter of `model` from the checkpoint in `model_dir`.
 
     map_key: hub key -> parameter name (None = a key the model ignores). A float weight arriving for a
     quantized module (one with `load_float_weight`, int8 parameters) is quantized on the spot: the
     float matrix exists for one tensor at a time, never for the whole model.
     progress(done, total, path) is called after each shard.
+    transform(name, tensor) -> tensor, if given, runs on each tensor first (a LoRA merged while loading).
+    required(name): the parameters this checkpoint must fill (default: all; a P-tuning prefix comes
+    from its own checkpoint).
     """
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
@@ -132,6 +137,9 @@ def load_weights(model: torch.nn.Module, model_dir: str, map_key: Callable[[str]
             if param is None:
                 unexpected[path].append(key)
                 continue
+            source = tensor
+            if transform is not None:
+                tensor = transform(name, tensor)
             owner_name, _, leaf = name.rpartition('.')
             owner = modules.get(owner_name)
             if leaf == 'weight' and hasattr(owner, 'load_float_weight') and tensor.dtype in FLOAT_DTYPES:
@@ -144,11 +152,11 @@ def load_weights(model: torch.nn.Module, model_dir: str, map_key: Callable[[str]
                     param.copy_(tensor)
                 filled.add(name)
             if mapped:
-                release(tensor)
+                release(source)
         del tensors
         if progress is not None:
             progress(done, len(shards), path)
-    missing = [n for n in params if n not in filled]
+    missing = [n for n in params if n not in filled and (required is None or required(n))]
     if missing:
         hint = ''
         if weight_map:

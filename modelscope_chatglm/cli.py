@@ -62,9 +62,30 @@ def load_from_args(args):
     print(f'loading {args.config or args.model} ...', file=sys.stderr, flush=True)
     model = load(args.config or args.model, revision=args.revision, device=args.device, dtype=args.dtype,
                  quantization_bit=args.quantize, progress=progress_bar,
-                 cuda_graphs=False if args.no_cuda_graphs else None)
+                 cuda_graphs=False if args.no_cuda_graphs else None,
+                 adapter=adapter_argument(args.adapter, several=args.command == 'serve'),
+                 adapter_revision=args.adapter_revision)
     print(f'loaded {model} in {time.time() - t:.1f}s', file=sys.stderr, flush=True)
     return model
+
+
+def adapter_argument(values, several: bool):
+    """--adapter values -> None, one PATH (merged into the model), or {NAME: PATH} (served side by side)."""
+    if not values:
+        return None
+    named, plain = {}, []
+    for value in values:
+        name, sep, path = value.partition('=')
+        if sep and name and path and '/' not in name and os.sep not in name and not os.path.exists(value):
+            named[name] = path
+        else:
+            plain.append(value)
+    if plain and (named or len(plain) > 1):
+        raise ValueError('give one --adapter PATH (applied to the model), or --adapter NAME=PATH for each of '
+                         'several adapters served side by side')
+    if named and not several:
+        raise ValueError('NAME=PATH adapters are for serve (a request picks one by name); give one --adapter PATH')
+    return plain[0] if plain else named
 
 
 def progress_bar(done: int, total: int, path: str):
@@ -140,7 +161,8 @@ def cmd_serve(args):
         raise RuntimeError(f'the server needs the [serve] extra ({e}); pip install "modelscope-chatglm[serve]"')
     serve(load_from_args(args), host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
           model_name=args.name, api_key=args.api_key or os.environ.get('MODELSCOPE_CHATGLM_API_KEY') or None,
-          max_queue=args.max_queue)
+          max_queue=args.max_queue, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+          kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30))
 
 
 def cmd_configs(args):
@@ -148,6 +170,20 @@ def cmd_configs(args):
     for name, path in sorted(yaml_configs.available().items()):
         spec = yaml_configs.read(path)
         print(f'{name:20s} {spec.model:28s} {spec.description}')
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not 0 < value < float('inf'):
+        raise argparse.ArgumentTypeError(f'must be > 0, got {value}')
+    return value
 
 
 def main(argv=None):
@@ -169,6 +205,11 @@ def main(argv=None):
         p.add_argument('--device', help='auto | cpu | cuda | cuda:N')
         p.add_argument('--dtype', help='float32 | bfloat16 | float16')
         p.add_argument('--quantize', type=int, choices=[4, 8], default=None, help='quantize the blocks on load')
+        p.add_argument('--adapter', action='append', metavar='[NAME=]PATH',
+                       help='a LoRA (peft, ms-swift) or P-tuning v2 checkpoint directory or hub id on top of '
+                            'the model; serve: NAME=PATH, repeated, holds several LoRA adapters over one base '
+                            '(a request\'s "model" picks one)')
+        p.add_argument('--adapter-revision', help='revision of a hub-id adapter')
         p.add_argument('--no-cuda-graphs', action='store_true',
                        help='on a GPU, launch decode kernels one by one instead of replaying CUDA graphs')
         p.set_defaults(func=func)
@@ -182,8 +223,16 @@ def main(argv=None):
             p.add_argument('--max-body-bytes', type=int, default=1 << 20)
             p.add_argument('--max-queue', type=int, default=100,
                            help='requests that may wait for the model; more get 503 + Retry-After (default 100)')
-            p.add_argument('--api-key', help='require "Authorization: Bearer KEY" on every route but /health '
-                                             '(default: $MODELSCOPE_CHATGLM_API_KEY; none: open)')
+            p.add_argument('--api-key', help='require "Authorization: Bearer KEY" on every route but /health and '
+                                             '/metrics (default: $MODELSCOPE_CHATGLM_API_KEY; none: open)')
+            p.add_argument('--max-batch', type=_positive_int, default=None,
+                           help='most sequences decoded together (default 16; 1 = one request at a time)')
+            p.add_argument('--kv-cache-gb', type=_positive_float, default=None,
+                           help='GiB for the K/V of running sequences and the prefix cache (default: a quarter '
+                                'of free RAM up to 16, or half of free GPU memory); a request waits until its '
+                                'K/V fit')
+            p.add_argument('--prefill-chunk', type=_positive_int, default=None,
+                           help='prompt tokens prefilled per step between decode steps (default 128 on CPU, 1024 on GPU)')
     p = sub.add_parser('configs', help='list the YAML configurations')
     p.set_defaults(func=cmd_configs)
     args = ap.parse_args(argv)

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import yaml_configs
+from . import adapters, yaml_configs
 from .chat import ChatModel
 from .checkpoint import load_weights
 from .families import get_family
@@ -101,10 +101,17 @@ def resolve_model_dir(model: str, revision: Optional[str]) -> str:
 def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
          quantization_bit: Optional[int] = None, family: Optional[str] = None,
          context_length: Optional[int] = None, generation: Optional[dict] = None,
-         progress=None, cuda_graphs: Optional[bool] = None) -> ChatModel:
+         progress=None, cuda_graphs: Optional[bool] = None, adapter=None,
+         adapter_revision: Optional[str] = None, merge_adapter: Optional[bool] = None) -> ChatModel:
     """Load a ChatGLM chat model. `model` is a hub id, a hub-layout directory or a configuration.
     progress(done, total, path), if given, is called after each weight shard. cuda_graphs: replay
-    decode steps from CUDA graphs on a GPU (ChatGLM2/3; default on, or MODELSCOPE_CHATGLM_CUDA_GRAPHS=0)."""
+    decode steps from CUDA graphs on a GPU (ChatGLM2/3; default on, or MODELSCOPE_CHATGLM_CUDA_GRAPHS=0).
+
+    adapter: a fine-tuned adapter on top (adapters.py): a LoRA directory (peft, ms-swift) or a P-tuning
+    v2 checkpoint-N directory, or a hub id (with adapter_revision). A LoRA is merged into the weights
+    while loading (before quantize-on-load), unless the base is pre-quantized or merge_adapter=False:
+    then it runs beside the linears, unmerged. A dict {name: path} holds several LoRA adapters over one
+    base, unmerged, selected per request by name (`ChatModel.adapters`)."""
     cfg_path = yaml_configs.find(model)
     if cfg_path:
         spec = yaml_configs.read(cfg_path)
@@ -118,8 +125,31 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     bits = resolve_quantization(model_dir, config, bits)
     dt = resolve_dtype(dtype, dev, spec.dtype, quantized=bool(bits))
     tokenizer = load_tokenizer(model_dir, config)
+    wanted = adapter if adapter is not None else spec.adapter
+    named = dict(wanted) if isinstance(wanted, dict) else {None: wanted} if wanted else {}
+    bad = [n for n in named if n is not None and (not isinstance(n, str) or not n.strip())]
+    if bad:
+        raise ValueError(f'adapter names must be non-empty strings, got {bad}')
+    paths = {name: adapters.resolve(path, adapter_revision or spec.adapter_revision) for name, path in named.items()}
+    ptuning = {name: adapters.read_ptuning(path) for name, path in paths.items() if adapters.is_ptuning(path)}
+    if ptuning:
+        if len(named) > 1:
+            raise ValueError('a P-tuning checkpoint changes the whole model (its prefix); load one at a time '
+                             '(serve several LoRA adapters by name instead)')
+        config = adapters.with_prefix(config, next(iter(ptuning.values())))
     net = build_model(config, dt, dev, bits)
-    load_weights(net, model_dir, net.checkpoint_key, progress)
+    loras = {name: adapters.read(path, net) for name, path in paths.items() if name not in ptuning}
+    merge = (merge_adapter is not False and not config.quantization_bit and list(loras) == [None])
+    transform = adapters.merge_transform(loras[None]) if merge else None
+    load_weights(net, model_dir, net.checkpoint_key, progress, transform=transform,
+                 required=(lambda n: not n.startswith('prefix_encoder.')) if ptuning else None)
+    if merge:
+        adapters.check_merged(transform, loras[None])
+    else:
+        for name, lora in loras.items():
+            adapters.attach(net, lora, name or '', dt, dev, default=name is None)
+    for p in ptuning.values():
+        adapters.load_prefix(net, p)
     if hasattr(net, 'cuda_graphs'):
         if cuda_graphs is None:
             cuda_graphs = os.environ.get('MODELSCOPE_CHATGLM_CUDA_GRAPHS', '1') not in ('0', 'false', 'no', '')

@@ -9,6 +9,7 @@
     context_length: 8192              # prompt + reply budget; oldest rounds are dropped beyond it
     quantization_bit: null            # 8 or 4 quantizes the GLM blocks on load
     generation: {do_sample: true, top_p: 0.8, temperature: 0.8}
+    adapter: ./my-lora                # optional: a LoRA or P-tuning v2 checkpoint on top (or {name: path})
 
 A configuration is named by its path, or by its file name without `.yaml` (`chatglm2-6b`).
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
 KEYS = ('name', 'model', 'revision', 'family', 'device', 'dtype', 'context_length', 'quantization_bit',
-        'generation', 'description')
+        'generation', 'description', 'adapter', 'adapter_revision')
 
 
 @dataclass
@@ -34,6 +35,8 @@ class Configuration:
     quantization_bit: Optional[int] = None
     generation: Dict[str, object] = field(default_factory=dict)
     description: str = ''
+    adapter: Union[str, Dict[str, str], None] = None   # a LoRA / P-tuning directory or hub id (adapters.py)
+    adapter_revision: Optional[str] = None
     path: Optional[str] = None
 
 
@@ -82,6 +85,13 @@ def read(path: str) -> Configuration:
         raise ValueError(f'{path}: the key "model" (a hub id or a model directory) is required')
     data.setdefault('name', os.path.splitext(os.path.basename(path))[0])
     model = str(data['model'])
+    here = os.path.dirname(os.path.abspath(path))
     if model.startswith(('./', '../')):   # relative directories are relative to the YAML file
-        data['model'] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), model))
+        data['model'] = os.path.normpath(os.path.join(here, model))
+    adapter = data.get('adapter')
+    if isinstance(adapter, str) and adapter.startswith(('./', '../')):
+        data['adapter'] = os.path.normpath(os.path.join(here, adapter))
+    elif isinstance(adapter, dict):
+        data['adapter'] = {k: os.path.normpath(os.path.join(here, v)) if str(v).startswith(('./', '../')) else v
+                           for k, v in adapter.items()}
     return Configuration(path=path, **data)

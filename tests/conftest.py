@@ -49,6 +49,22 @@ def glm3_dir(make_checkpoint):
 
 
 @pytest.fixture(scope='session')
+def glm1_sp():
+    return tiny.train_sentencepiece('glm1')
+
+
+@pytest.fixture(scope='session')
+def glm1_dir(tmp_path_factory, glm1_sp):
+    return tiny.build(str(tmp_path_factory.mktemp('glm1')), 'glm1', 'bin', shards=3, sp_model=glm1_sp)
+
+
+@pytest.fixture(scope='session')
+def glm1_model(glm1_dir):
+    import modelscope_chatglm
+    return modelscope_chatglm.load(glm1_dir, device='cpu', dtype='float32')
+
+
+@pytest.fixture(scope='session')
 def glm2_model(glm2_dir):
     import modelscope_chatglm
     return modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32')

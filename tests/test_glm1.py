@@ -11,20 +11,6 @@ import modelscope_chatglm
 from modelscope_chatglm import CheckpointError, tiny
 from modelscope_chatglm.chat_formats import glm1_response
 
-@pytest.fixture(scope='session')
-def glm1_sp():
-    return tiny.train_sentencepiece('glm1')
-
-
-@pytest.fixture(scope='session')
-def glm1_dir(tmp_path_factory, glm1_sp):
-    return tiny.build(str(tmp_path_factory.mktemp('glm1')), 'glm1', 'bin', shards=3, sp_model=glm1_sp)
-
-
-@pytest.fixture(scope='session')
-def glm1_model(glm1_dir):
-    return modelscope_chatglm.load(glm1_dir, device='cpu', dtype='float32')
-
 
 def test_chatglm6b_matches_reference(glm1_model, glm1_dir, reference):
     ref = run_parity(glm1_model, glm1_dir, reference)

@@ -18,7 +18,8 @@ from modelscope_chatglm.quantization import QuantizedLinear, dequantize, pack_in
 from modelscope_chatglm.quantization import build
 from modelscope_chatglm.quantization.build import load_library
 
-SHAPES = [(1, 64, 48), (3, 200, 37), (1, 4096, 33), (8, 1000, 130), (5, 96, 1)]   # (M, K, N): odd N, K % 64 != 0
+# (M, K, N): odd N, K % 64 != 0, K over one 1024-float buffer chunk, M up to the 64 rows the kernel takes
+SHAPES = [(1, 64, 48), (3, 200, 37), (1, 4096, 33), (8, 1000, 130), (5, 96, 1), (2, 2500, 9), (64, 1104, 21)]
 
 
 @pytest.fixture(scope='module')
@@ -107,6 +108,20 @@ def test_gemv_kernel_equals_scalar_reference_and_torch(isa_lib, bits, M, K, N):
 
 
 @pytest.mark.parametrize('bits', [8, 4])
+@pytest.mark.parametrize('K', [200, 2056, 4096])
+def test_a_row_gets_the_same_bits_whatever_else_is_in_the_call(isa_lib, bits, K):
+    """Batched decode must give each sequence exactly what it gets alone: row m of an M-row call equals
+    the 1-row call on that row, bit for bit, for every M the kernel takes."""
+    g = torch.Generator().manual_seed(K + bits)
+    q, scale = quantize(torch.randn(45, K, generator=g), bits)
+    scale = scale.float()
+    x = torch.randn(64, K, generator=g)
+    alone = torch.cat([run(isa_lib, f'q{bits}_gemv', x[m:m + 1], q, scale, None, 45) for m in range(64)])
+    for M in (2, 3, 4, 7, 16, 64):
+        assert torch.equal(run(isa_lib, f'q{bits}_gemv', x[:M], q, scale, None, 45), alone[:M]), M
+
+
+@pytest.mark.parametrize('bits', [8, 4])
 def test_dequantized_tiles_match_torch(isa_lib, bits):
     lib = isa_lib
     w = torch.randn(70, 96)
@@ -123,7 +138,7 @@ def test_dequantized_tiles_match_torch(isa_lib, bits):
 
 @pytest.mark.parametrize('bits', [8, 4])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('rows', [1, 5, 40])   # GEMV and tiled prefill paths
+@pytest.mark.parametrize('rows', [1, 5, 20, 40])   # 2-40 rows: the kernel; 80: tiled prefill
 def test_quantized_linear_paths_agree(lib, bits, dtype, rows, monkeypatch):
     layer = QuantizedLinear(128, 300, bits, bias=True, dtype=dtype, scale_dtype=torch.float32)
     w = torch.randn(300, 128)

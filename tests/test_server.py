@@ -376,3 +376,124 @@ def test_chatglm3_tools_map_to_openai_tool_calls():
     call = message['tool_calls'][0]
     assert call['type'] == 'function' and call['function']['name'] == 'get_weather'
     assert json.loads(call['function']['arguments']) == {'city': '上海'}
+
+
+# -- many users at once (continuous batching) -------------------------------------------------------------
+def metrics_of(url):
+    """/metrics as {name: value} (the one model label dropped)."""
+    text = httpx.get(f'{url}/metrics').text
+    return {line.split('{')[0]: float(line.rsplit(' ', 1)[1]) for line in text.splitlines()
+            if line and not line.startswith('#')}
+
+
+def concurrent_replies(url, queries, max_tokens=24, history=()):
+    """Greedy replies of simultaneous streaming requests, in order."""
+    replies, errors = [None] * len(queries), []
+
+    def ask(i):
+        try:
+            messages = [m for q, a in history for m in ({'role': 'user', 'content': q},
+                                                         {'role': 'assistant', 'content': a})]
+            body = {'messages': messages + [{'role': 'user', 'content': queries[i]}], 'stream': True,
+                    'temperature': 0, 'max_tokens': max_tokens}
+            with httpx.stream('POST', f'{url}/v1/chat/completions', json=body, timeout=300) as r:
+                text = ''.join(json.loads(line[6:])['choices'][0]['delta'].get('content') or ''
+                               for line in r.iter_lines() if line.startswith('data: ') and line != 'data: [DONE]'
+                               and json.loads(line[6:])['choices'])
+            replies[i] = text.strip()
+        except Exception as e:   # collected and reported below
+            errors.append(repr(e))
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(queries))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors[:3]
+    return replies
+
+
+@pytest.fixture(scope='module')
+def serial_server(glm2_dir, tmp_path_factory):
+    """One request at a time, a tiny KV budget and 4-token prefill chunks."""
+    port = free_port()
+    proc = start_service(['serve', '--model', glm2_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port),
+                          '--max-batch', '1', '--kv-cache-gb', '0.0002', '--prefill-chunk', '4'],
+                         f'http://127.0.0.1:{port}/health', tmp_path_factory.mktemp('serial') / 'server.log')
+    yield f'http://127.0.0.1:{port}'
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_max_batch_decides_how_many_requests_share_the_steps(server, serial_server, glm2_model):
+    queries = [f'batch question {i}' for i in range(4)]
+    answers = [expected(glm2_model, q, n=64) for q in queries]
+    steps = {}
+    for url in (server, serial_server):
+        before = metrics_of(url)['chatglm_steps_total']
+        assert concurrent_replies(url, queries, max_tokens=64) == answers
+        steps[url] = metrics_of(url)['chatglm_steps_total'] - before
+    # One after the other takes about four requests' worth of steps; together, little more than one's
+    # (the requests reach the server a few steps apart).
+    assert steps[serial_server] > 2 * steps[server]
+    assert metrics_of(serial_server)['chatglm_max_batch'] == 1 and metrics_of(server)['chatglm_max_batch'] == 16
+
+
+def test_prefill_chunk_and_kv_budget_options_take_effect(serial_server, glm2_model):
+    query = 'a longer question ' * 6
+    before = metrics_of(serial_server)['chatglm_steps_total']
+    body = {'messages': [{'role': 'user', 'content': query}], 'temperature': 0, 'max_tokens': 2}
+    r = httpx.post(f'{serial_server}/v1/chat/completions', json=body, timeout=60)
+    assert r.status_code == 200
+    usage = r.json()['usage']
+    prefilled = usage['prompt_tokens'] - usage['prompt_tokens_details']['cached_tokens']
+    assert prefilled > 40 and metrics_of(serial_server)['chatglm_steps_total'] - before >= prefilled / 4
+    assert metrics_of(serial_server)['chatglm_kv_budget_bytes'] == int(0.0002 * 2**30)
+    # A request whose K/V alone exceed the budget is a clear 400 naming the option.
+    r = httpx.post(f'{serial_server}/v1/chat/completions', timeout=60, json={
+        'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 2000})
+    assert r.status_code == 400 and '--kv-cache-gb' in r.json()['error']['message']
+
+
+def test_metrics_and_usage_report_the_prefix_cache(server, glm2_model):
+    first = httpx.post(f'{server}/v1/chat/completions', timeout=60, json={
+        'messages': [{'role': 'user', 'content': 'remember the number 42, please'}], 'temperature': 0,
+        'max_tokens': 6}).json()
+    reply = first['choices'][0]['message']['content']
+    before = metrics_of(server)
+    back = httpx.post(f'{server}/v1/chat/completions', timeout=60, json={
+        'messages': [{'role': 'user', 'content': 'remember the number 42, please'},
+                     {'role': 'assistant', 'content': reply}, {'role': 'user', 'content': 'which number?'}],
+        'temperature': 0, 'max_tokens': 6}).json()
+    after = metrics_of(server)
+    cached = back['usage']['prompt_tokens_details']['cached_tokens']
+    assert cached >= first['usage']['prompt_tokens'] - 1
+    assert after['chatglm_cached_prompt_tokens_total'] - before['chatglm_cached_prompt_tokens_total'] == cached
+    assert after['chatglm_prompt_tokens_total'] - before['chatglm_prompt_tokens_total'] == back['usage']['prompt_tokens']
+    assert 0 < after['chatglm_prefix_cache_hit_rate'] <= 1 and after['chatglm_prefix_cache_entries'] >= 1
+    assert after['chatglm_kv_prefix_cache_bytes'] > 0 and after['chatglm_running'] == 0
+    text = httpx.get(f'{server}/metrics').text
+    assert '# TYPE chatglm_generated_tokens_total counter' in text and 'model="tiny-glm2"' in text
+
+
+@pytest.mark.parametrize('name', ['glm1', 'glm3', 'glm2-int4'])
+def test_concurrent_greedy_clients_each_get_the_single_client_reply(name, request, make_checkpoint, tmp_path):
+    import modelscope_chatglm
+    if name == 'glm1':
+        model_dir = request.getfixturevalue('glm1_dir')
+    elif name == 'glm3':
+        model_dir = request.getfixturevalue('glm3_dir')
+    else:
+        model_dir = make_checkpoint('serve-int4', 'glm2', 'safetensors', shards=1, quantization_bit=4)
+    chat = modelscope_chatglm.load(model_dir, device='cpu', dtype='float32')
+    queries = [f'question number {i}, about {"abc" * i}' for i in range(8)]
+    history = [('你好', 'hello there')]
+    answers = [chat.chat(q, list(history), do_sample=False, max_new_tokens=24)[0] for q in queries]
+    port = free_port()
+    proc = start_service(['serve', '--model', model_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port)],
+                         f'http://127.0.0.1:{port}/health', tmp_path / 'server.log')
+    try:
+        url = f'http://127.0.0.1:{port}'
+        assert concurrent_replies(url, queries, history=history) == answers
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

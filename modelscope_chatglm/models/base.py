@@ -5,6 +5,12 @@
     logits, state = model.prefill(input_ids, attention_mask, max_new_tokens)   # [b, V], state
     logits = model.decode(next_ids, state)                                     # [b, V]
     logits = model.extend(state, keep, new_ids, max_new_tokens)                # prefix reuse
+
+Continuous batching (batching.py) runs each sequence on a state of its own and puts the new tokens
+of many sequences through one forward:
+    state = model.start(prompt_ids, max_new_tokens)
+    model.adopt_prefix(state, other_cache, keep)                               # prefix sharing
+    logits = model.forward_ragged([(state, ids), (state2, ids2), ...])        # [n, V]
 """
 from __future__ import annotations
 
@@ -40,6 +46,13 @@ class CausalLM(Protocol):
     def extend(self, state: Any, keep: int, new_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Keep the first `keep` cached tokens of a one-sequence state, run new_ids [1, s] after them
         -> next logits [1, V]. Only where supports_prefix_reuse."""
+
+    def start(self, prompt, max_new_tokens: int) -> Any:
+        """A one-sequence decode state with room for the prompt and max_new_tokens; runs nothing."""
+
+    def forward_ragged(self, parts) -> torch.Tensor:
+        """parts = [(state, new ids), ...] of different sequences -> logits of each part's last token
+        [n, V] (fp32); a sequence's result does not depend on the other parts."""
 
     def full_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits at every position [b, s, V] (fp32), for scoring and parity tests."""

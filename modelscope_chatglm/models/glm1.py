@@ -26,7 +26,7 @@ from torch import nn
 
 from ..model_config import ModelConfig
 from . import kv_cache
-from .kv_cache import KVCache
+from .kv_cache import KVCache, Ragged
 
 
 def rotary_tables(positions: torch.Tensor, rotary_dim: int):
@@ -68,14 +68,21 @@ class SelfAttention(nn.Module):
         q, k, v = self.query_key_value(x).view(b, s, self.num_heads, 3 * self.head_dim).chunk(3, dim=-1)
         q = apply_2d_rotary(q, pos_tables, block_tables)
         k = apply_2d_rotary(k, pos_tables, block_tables)
-        k, v = kv.update(k.transpose(1, 2), v.transpose(1, 2))                # [b, H, t, d]
-        q = q.transpose(1, 2) / (math.sqrt(self.head_dim) * self.coeff)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)    # [b, H, s, d]
+        if isinstance(kv, Ragged):     # rows of several sequences: each attends over its own cache
+            out = kv.attend(q, k, v, self.attend)
+        else:
+            out = self.attend(q, *kv.update(k, v), visible)
+        return self.dense(out.transpose(1, 2).reshape(b, s, -1))
+
+    def attend(self, q, k, v, visible):
+        """q [b, H, s, d] over the cached k, v [b, H, t, d]; visible [b, 1, s, t] or None."""
+        q = q / (math.sqrt(self.head_dim) * self.coeff)
         scores = q @ k.transpose(-1, -2)                                      # [b, H, s, t]
         if visible is not None:
             scores = scores.masked_fill(~visible, -10000.0)
         probs = torch.softmax(scores.float() * self.coeff, dim=-1).to(v.dtype)
-        out = (probs @ v).transpose(1, 2).reshape(b, s, -1)
-        return self.dense(out)
+        return probs @ v
 
 
 class MLP(nn.Module):
@@ -245,6 +252,47 @@ class GLM1Model(nn.Module):
         hidden = self(next_ids[:, None], positions, block_positions, state.cache, visible)
         state.length += 1
         return self.logits(hidden[:, -1]).float()
+
+    # -- continuous batching (batching.py) -----------------------------------------------------------
+    def start(self, prompt, max_new_tokens: int) -> DecodeState:
+        """The decode state of one sequence; its first part in `forward_ragged` must be the whole prompt
+        (the prefix before <sop> is attended bidirectionally, so it cannot be prefilled in chunks)."""
+        ids = torch.as_tensor([list(prompt)], dtype=torch.long, device=self.device)
+        padding, sop_index, mask_position, _, _ = self._structure(ids, None)
+        return DecodeState(self.new_cache(1, ids.shape[1] + max_new_tokens), padding, sop_index, mask_position, 0)
+
+    def forward_ragged(self, parts) -> torch.Tensor:
+        """New tokens of several sequences in one forward: parts = [(one sequence's state, ids), ...], each
+        either its whole prompt (the state is fresh) or one decode token. The linears see all rows at
+        once; attention runs per sequence. -> logits of each part's last token [n, V] (fp32)."""
+        device = self.device
+        lengths, positions, blocks, masks = [], [], [], []
+        for state, ids in parts:
+            ids = torch.as_tensor([list(ids)], dtype=torch.long, device=device)
+            if state.length == 0:
+                padding, sop_index, _, pos, block = self._structure(ids, None)
+                masks.append(self._prefill_visibility(padding, sop_index))
+            else:
+                if ids.shape[1] != 1:
+                    raise ValueError('after its prompt, a ChatGLM-6B sequence takes one token per step')
+                pos = state.mask_position[:, None]
+                block = (state.length - state.sop_index + 1)[:, None]
+                masks.append(None)
+            lengths.append(ids.shape[1])
+            positions.append(pos)
+            blocks.append(block)
+        ids = torch.cat([torch.as_tensor(list(ids), dtype=torch.long) for _, ids in parts]).to(device)[None]
+        x = self.word_embeddings(ids)
+        pos_tables = rotary_tables(torch.cat(positions, dim=1), self.rotary_dim)
+        block_tables = rotary_tables(torch.cat(blocks, dim=1), self.rotary_dim)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, pos_tables, block_tables, Ragged([st.cache.layer(i) for st, _ in parts], lengths, masks),
+                      None)
+        for (state, _), n in zip(parts, lengths):
+            state.cache.commit(n)
+            state.length += n
+        last = torch.tensor(lengths, device=device).cumsum(0) - 1
+        return self.logits(self.final_layernorm(x[0, last])).float()
 
     def extend(self, state, keep, new_ids, max_new_tokens):
         raise NotImplementedError('ChatGLM-6B cannot reuse cached K/V across prompts: its prompt prefix is '

@@ -27,7 +27,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 from ..model_config import ModelConfig
 from ..triton_support import optional
 from . import kv_cache
-from .kv_cache import KVCache
+from .kv_cache import KVCache, Ragged
 
 
 class RMSNorm(nn.Module):
@@ -100,8 +100,11 @@ class SelfAttention(nn.Module):
             k = apply_rotary(k.view(b, s, self.num_kv_heads, self.head_dim), cos, sin)
             v = v.view(b, s, self.num_kv_heads, self.head_dim)
         # The cache keeps the compact G-group K/V (post-RoPE): [b, G, t, d].
-        k, v = kv.update(k.transpose(1, 2), v.transpose(1, 2))
-        out = attend(q.transpose(1, 2), k, v, attn_mask)               # [b, H, s, d]
+        if isinstance(kv, Ragged):     # rows of several sequences: each attends over its own cache
+            out = kv.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attend)
+        else:
+            k, v = kv.update(k.transpose(1, 2), v.transpose(1, 2))
+            out = attend(q.transpose(1, 2), k, v, attn_mask)           # [b, H, s, d]
         return self.dense(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -324,6 +327,37 @@ class GLM2Model(nn.Module):
             padding = None if state.padding is None else state.padding[:, :filled + end - start]
             hidden = self(input_ids[:, start:end], positions[:, start:end], state.cache, padding)
         return self.logits(hidden[:, -1]).float()
+
+    # -- continuous batching (batching.py): sequences of their own lengths side by side --------------
+    def start(self, prompt, max_new_tokens: int) -> 'DecodeState':
+        """The decode state of one sequence with room for the prompt and max_new_tokens; nothing runs yet."""
+        return DecodeState(self.new_cache(1, len(prompt) + max_new_tokens), None,
+                           torch.zeros(1, dtype=torch.long, device=self.device))
+
+    def adopt_prefix(self, state: 'DecodeState', source: KVCache, keep: int):
+        """Start a fresh `state` from the first `keep` tokens another sequence's cache holds."""
+        state.cache.copy_prefix(source, (self.cfg.pre_seq_len or 0) + keep)
+        state.next_position = torch.full((1,), keep, dtype=torch.long, device=self.device)
+
+    def forward_ragged(self, parts) -> torch.Tensor:
+        """New tokens of several sequences in one forward: parts = [(one sequence's state, ids [s]), ...].
+        The linears see every row at once (the weights are read once for all), attention runs per
+        sequence over its own cache. -> logits of each part's last token [n, V] (fp32)."""
+        device = self.device
+        lengths = [len(ids) for _, ids in parts]
+        ids = torch.cat([torch.as_tensor(ids, dtype=torch.long) for _, ids in parts]).to(device)[None]
+        positions = torch.cat([st.next_position + torch.arange(n, device=device)
+                               for (st, _), n in zip(parts, lengths)])[None]
+        masks = [self._attention_mask(1, n, st.cache.length, None, device) for (st, _), n in zip(parts, lengths)]
+        x = self.word_embeddings(ids)
+        cos, sin = self.rotary(positions)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, Ragged([st.cache.layer(i) for st, _ in parts], lengths, masks), None)
+        for (st, _), n in zip(parts, lengths):
+            st.cache.commit(n)
+            st.next_position = st.next_position + n
+        last = torch.tensor(lengths, device=device).cumsum(0) - 1
+        return self.logits(self.final_layernorm(x[0, last])).float()
 
     def decode(self, next_ids: torch.Tensor, state: 'DecodeState') -> torch.Tensor:
         """Feed one new token per sequence [b]; -> next logits [b, V] (fp32).

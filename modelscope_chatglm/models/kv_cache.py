@@ -60,6 +60,21 @@ class KVCache:
                 buffers[layer] = new
         self.capacity = capacity
 
+    def copy_prefix(self, source: 'KVCache', length: int):
+        """Take the first `length` positions from another cache of the same model (prefix sharing)."""
+        for mine, theirs in zip(self.k + self.v, source.k + source.v):
+            mine[:, :, :length] = theirs[:, :, :length]
+        self.length = length
+
+    def trimmed(self) -> 'KVCache':
+        """A copy holding just the filled positions (what a prefix cache keeps of a finished sequence)."""
+        out = KVCache.__new__(KVCache)
+        out.k = [t[:, :, :self.length].clone() for t in self.k]
+        out.v = [t[:, :, :self.length].clone() for t in self.v]
+        out.capacity = out.length = self.length
+        out.dtype = self.dtype
+        return out
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
@@ -84,6 +99,26 @@ class _SlotWriter:
         self.k.index_copy_(2, self.slot, k)
         self.v.index_copy_(2, self.slot, v)
         return self.k[:, :, :self.width], self.v[:, :, :self.width]
+
+
+class Ragged:
+    """The new rows of several sequences side by side in one [1, N] batch, each sequence with its own
+    cache handle and attention mask. The linears of a block run on all N rows at once; attention is
+    the one per-sequence step: `attend` splits the rows, appends each sequence's K/V to its cache and
+    attends over that cache alone, so a sequence's result does not depend on its neighbours."""
+
+    def __init__(self, handles, lengths, masks):
+        self.handles, self.lengths, self.masks = handles, lengths, masks
+
+    def attend(self, q, k, v, attend_fn):
+        """q [1, heads, N, d], k/v [1, kv_heads, N, d] -> [1, heads, N, d]"""
+        out, start = [], 0
+        for handle, n, mask in zip(self.handles, self.lengths, self.masks):
+            rows = slice(start, start + n)
+            keys, values = handle.update(k[:, :, rows], v[:, :, rows])
+            out.append(attend_fn(q[:, :, rows], keys, values, mask))
+            start += n
+        return torch.cat(out, dim=2)
 
 
 def prefix_to_kv(prefix: torch.Tensor, num_layers: int, num_heads: int, head_dim: int, batch: int):

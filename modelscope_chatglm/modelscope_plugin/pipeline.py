@@ -4,6 +4,7 @@
     pipe({'text': '你好', 'history': []})          -> {'response': ..., 'history': [(q, r), ...]}
     pipe({'messages': [{'role': 'user', 'content': '你好'}]}) -> history as role messages
     pipe(inputs, max_new_tokens=64, do_sample=False)     generation options at call time
+    pipe([inputs1, inputs2, ...])                        a list: generated together (continuous batching)
     for delta in pipe.stream(inputs): ...                text deltas as they are generated
 
 preprocess = validate + prompt + tokenize + truncate history (ChatPreprocessor),
@@ -46,12 +47,12 @@ class ChatGLMForChat(TorchModel):
     """A ChatGLM model as a ModelScope `Model` (what `Model.from_pretrained` returns)."""
 
     def __init__(self, model_dir: str = None, chat_model: ChatModel = None, revision=None, dtype=None,
-                 quantization_bit=None, device=None, **kwargs):
+                 quantization_bit=None, device=None, adapter=None, adapter_revision=None, **kwargs):
         super().__init__(model_dir or chat_model.model_dir)
         if chat_model is None:
             from ..loading import load
             chat_model = load(model_dir, revision=revision, device=_device(device), dtype=dtype,
-                              quantization_bit=quantization_bit)
+                              quantization_bit=quantization_bit, adapter=adapter, adapter_revision=adapter_revision)
         self.chat_model = chat_model
         self.model = chat_model.model            # registered as a submodule: .eval()/.to() reach it
         self.model_dir = chat_model.model_dir
@@ -79,14 +80,16 @@ class ChatPreprocessor(Preprocessor):
 
 class ChatPipeline(Pipeline):
     def __init__(self, model, preprocessor=None, device='gpu', revision=None, dtype=None,
-                 quantization_bit=None, **kwargs):
+                 quantization_bit=None, adapter=None, adapter_revision=None, **kwargs):
         """`model`: a hub id, a hub-layout directory, a YAML configuration (path or name), a
-        `ChatModel` from `modelscope_chatglm.load`, or a `ChatGLMForChat`."""
+        `ChatModel` from `modelscope_chatglm.load`, or a `ChatGLMForChat`. `adapter`: a LoRA or P-tuning
+        v2 checkpoint (directory or hub id) on top (see modelscope_chatglm.load)."""
         if isinstance(model, ChatModel):
             model = ChatGLMForChat(chat_model=model)
         elif isinstance(model, str):
             model = ChatGLMForChat(model, revision=revision or kwargs.get('model_revision'), dtype=dtype,
-                                   quantization_bit=quantization_bit, device=device)
+                                   quantization_bit=quantization_bit, device=device, adapter=adapter,
+                                   adapter_revision=adapter_revision)
         elif not isinstance(model, ChatGLMForChat):
             raise TypeError(f'{PIPELINE_NAME} takes a model id, directory, configuration or loaded '
                             f'ChatGLM model, got {type(model).__name__}')
@@ -102,6 +105,21 @@ class ChatPipeline(Pipeline):
                          device=_ms_device(self.chat_model), auto_collate=False, **passthrough)
         # The model is already where load() put it; stop ModelScope from moving it again.
         self._model_prepare = True
+
+    def __call__(self, input, *args, **kwargs):
+        if isinstance(input, list):
+            return self.batch(input, **kwargs)
+        return super().__call__(input, *args, **kwargs)
+
+    def batch(self, inputs: list, **params) -> list:
+        """Several chat inputs generated together (one continuous batch, not a loop); -> one output
+        dict per input, in order. Greedy replies equal those of calling the pipeline on each."""
+        for data in inputs:
+            self._check_input(data)
+        pre, _, _ = self._sanitize_parameters(**params)
+        requests = [self.preprocess(data, **pre)['request'] for data in inputs]
+        outputs = self.chat_model.generate_requests(requests)
+        return [self.postprocess({'request': r, 'output_ids': ids}) for r, ids in zip(requests, outputs)]
 
     def _get_framework(self):
         return Frameworks.torch

@@ -4,8 +4,8 @@ Parameters mirror the hub files: `weight` (int8 [out, in], or int4 packed [out, 
 `weight_scale` [out], optional `bias` [out].
 
 Forward, by where the weights live:
-- CPU with the compiled kernels (build.py): up to DECODE_ROWS rows of x go through the fused GEMV,
-  which streams the quantized weights once (no dequantised copy); longer inputs (prefill) dequantise
+- CPU with the compiled kernels (build.py): up to DECODE_ROWS rows of x go through the fused kernel,
+  which streams the quantized weights once for all rows (no dequantised copy); longer inputs (prefill) dequantise
   row tiles of W into a small reused buffer and multiply with torch (bf16 tiles for a bf16 model, so
   oneDNN can use AMX; fp32 tiles otherwise). The whole W is never materialised.
 - CUDA: Triton kernels that dequantise in registers (triton_kernels.py): a streaming GEMV for
@@ -23,7 +23,9 @@ from . import formats
 from ..triton_support import optional
 from .build import load_library
 
-DECODE_ROWS = 8          # rows of x up to which the GEMV kernel wins over tiles + matmul
+# Rows of x up to which the compiled kernel runs (batched decode, short prompts): it gives each row the
+# same bits whatever the other rows are. Longer inputs (prefill) take dequantized tiles + matmul.
+DECODE_ROWS = 64
 TILE_ELEMENTS = 1 << 22  # dequantised tile size (4M weights: 8 MB in bf16)
 
 

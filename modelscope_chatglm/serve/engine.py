@@ -1,20 +1,23 @@
-"""One model, many clients: a worker thread that runs chat turns one at a time.
-
-HTTP handlers (async) submit a `Job` and read its events; the worker (a plain thread, so generation
-never blocks the event loop) runs the turn and pushes events back onto the loop:
+"""One model, many clients: HTTP handlers submit `Job`s, one engine thread steps the continuous-batching
+scheduler (batching.py) and pushes each job's events back onto the event loop:
     ('delta', text) ... then ('done', Result) or ('error', exception)
-Jobs queue in arrival order, so concurrent requests never share generation state. A job whose client
-went away is cancelled between two tokens, which frees the worker for the next one.
+The thread is the only one that runs the model, so generation never blocks the event loop. A job whose
+client went away is cancelled: its sequence leaves the batch at the next step and its memory is free.
 """
 from __future__ import annotations
 
 import asyncio
-import queue
+import logging
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..chat import ChatModel, ChatRequest, ChatTurn
+from ..chat import ChatModel, ChatRequest
+from ..generation import TextDeltas
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,6 +27,7 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str        # 'stop' | 'length' | 'cancelled'
+    cached_tokens: int = 0    # prompt tokens whose K/V came from the prefix cache
 
 
 @dataclass
@@ -32,10 +36,18 @@ class Job:
     stop: List[str] = field(default_factory=list)
     loop: Optional[asyncio.AbstractEventLoop] = None
     events: Optional[asyncio.Queue] = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    adapter: Optional[str] = None   # a LoRA adapter the model holds (the request's `model` names it)
+    seq: object = None        # its batching.Sequence once submitted
+    text: str = ''
+    stopped_by_string: bool = False
 
     def emit(self, kind, value):
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def cancel(self):
+        """The client is gone (or the stream ended): leave the batch at the next step."""
+        if self.seq is not None:
+            self.seq.cancel()
 
 
 class QueueFull(Exception):
@@ -43,84 +55,101 @@ class QueueFull(Exception):
 
 
 class Engine:
-    def __init__(self, chat: ChatModel, max_queue: int = 100):
+    def __init__(self, chat: ChatModel, max_queue: int = 100, max_batch: Optional[int] = None,
+                 kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None):
         self.chat = chat
         self.max_queue = max_queue
-        self.jobs: 'queue.Queue[Job]' = queue.Queue()
-        self.current: Optional[Job] = None
-        self.stats = {'completed': 0, 'cancelled': 0, 'failed': 0, 'active': 0}
+        self.scheduler = chat.scheduler(max_batch, kv_cache_bytes, prefill_chunk)
+        self.started = time.time()
+        self._rate = deque(maxlen=64)     # (time, generated tokens) after recent steps: tokens/s
         self.thread = threading.Thread(target=self._work, name='chatglm-engine', daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> Job:
-        if self.jobs.qsize() >= self.max_queue:
-            raise QueueFull(f'the server is busy: {self.jobs.qsize()} requests are waiting (--max-queue '
+        """Raises QueueFull, or batching.KVBudgetError for a request that can never fit."""
+        waiting = len(self.scheduler.waiting)
+        if waiting >= self.max_queue:
+            raise QueueFull(f'the server is busy: {waiting} requests are waiting (--max-queue '
                             f'{self.max_queue}); retry later')
         job.loop = asyncio.get_running_loop()
         job.events = asyncio.Queue()
-        self.jobs.put(job)
+        deltas = TextDeltas(self.chat.tokenizer.decode)
+        stop_ids = set(job.request.params.stop_ids)
+
+        def on_token(seq, token):
+            if token in stop_ids:
+                return False
+            return self._text(job, deltas.push(token))
+
+        def on_finish(seq):
+            self._finish(job, seq, deltas)
+
+        job.seq = self.scheduler.submit(job.request.input_ids, job.request.params, on_token, on_finish, job.adapter)
         return job
 
-    @property
-    def queued(self) -> int:
-        return self.jobs.qsize()
+    def stats(self) -> dict:
+        snap = self.scheduler.snapshot()
+        snap.update(queued=snap['waiting'], active=snap['running'], tokens_per_second=self.tokens_per_second(),
+                    uptime_seconds=time.time() - self.started)
+        return snap
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last steps (up to 64, within the last 30 s)."""
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._rate if now - t < 30]
+        if len(recent) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = recent[0], recent[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
     def cancel_all(self):
-        """Shutting down: the running job stops at its next token, queued ones never start."""
-        while True:
-            try:
-                self.jobs.get_nowait().cancelled.set()
-                self.stats['cancelled'] += 1
-            except queue.Empty:
-                break
-        if self.current is not None:
-            self.current.cancelled.set()
+        """Shutting down: running sequences stop at the next step, queued ones never start."""
+        self.scheduler.cancel_all()
 
+    # -- the engine thread ----------------------------------------------------------------------------
     def _work(self):
         while True:
-            job = self.jobs.get()
-            if job.cancelled.is_set():
-                self.stats['cancelled'] += 1
-                continue
-            self.stats['active'] = 1
-            self.current = job
+            self.scheduler.wait_for_work()
             try:
-                result = self._run(job)
-                self.stats['cancelled' if result.finish_reason == 'cancelled' else 'completed'] += 1
-                job.emit('done', result)
-            except Exception as e:   # a bad request must not take the worker down
-                self.stats['failed'] += 1
-                job.emit('error', e)
-            finally:
-                self.stats['active'] = 0
-                self.current = None
+                self.scheduler.step()
+            except Exception:   # a bug in scheduling: log it, keep serving
+                logger.exception('scheduler step failed')
+                time.sleep(0.1)
+            self._rate.append((time.monotonic(), self.scheduler.stats['generated_tokens']))
 
-    def _run(self, job: Job) -> Result:
-        turn = ChatTurn(self.chat, job.request)
-        text, finish = '', None
-        for delta in turn:
-            if job.cancelled.is_set():
-                finish = 'cancelled'
-                break
-            text += delta
-            hit = _first_stop(text, job.stop)
-            if hit is not None:   # an OpenAI `stop` string: cut the reply there
-                if hit > len(text) - len(delta):
-                    job.emit('delta', delta[:hit - (len(text) - len(delta))])
-                text, finish = text[:hit], 'stop'
-                break
-            job.emit('delta', delta)
-        response, history = turn.response, turn.history
-        if finish == 'stop' and isinstance(response, str):
-            response = text.strip()
+    def _text(self, job: Job, delta: str) -> bool:
+        """Send a text delta, cut at an OpenAI `stop` string; -> True when one was hit (stop here)."""
+        if not delta:
+            return False
+        start = len(job.text)
+        job.text += delta
+        hits = [job.text.find(s) for s in job.stop if s and s in job.text]
+        if hits:
+            cut = min(hits)
+            if cut > start:
+                job.emit('delta', job.text[start:cut])
+            job.text, job.stopped_by_string = job.text[:cut], True
+            return True
+        job.emit('delta', delta)
+        return False
+
+    def _finish(self, job: Job, seq, deltas: TextDeltas):
+        if seq.error is not None:
+            job.emit('error', seq.error)
+            return
+        if not job.stopped_by_string and seq.finish_reason != 'cancelled':
+            self._text(job, deltas.flush())   # an incomplete character at the end, as U+FFFD
+        try:
+            response, history = self.chat.respond(job.request, seq.output)
+        except Exception as e:   # parsing the model's output must never take the engine down
+            job.emit('error', e)
+            return
+        finish = 'stop' if job.stopped_by_string else seq.finish_reason
+        if job.stopped_by_string and isinstance(response, str):
+            response = job.text.strip()
             history = history[:-1] + [_with_reply(history[-1], response)]
-        return Result(response, history, len(turn.request.input_ids), len(turn.output_ids),
-                      finish or turn.finish_reason)
-
-
-def _first_stop(text: str, stops: List[str]) -> Optional[int]:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
+        job.emit('done', Result(response, history, len(job.request.input_ids), len(seq.output), finish,
+                                seq.reused))
 
 
 def _with_reply(last, reply):

@@ -1,7 +1,9 @@
 """OpenAI-compatible HTTP server over one `ChatModel` (extra `[serve]`: FastAPI, uvicorn, sse-starlette).
 
-    GET  /health                 {"status": "ok", "model", "queued", "active", "completed", "cancelled"}
-    GET  /v1/models              the served model
+    GET  /health                 {"status": "ok", "model", running/queued sequences, KV cache use, ...}
+    GET  /metrics                the same as Prometheus text (running and queued sequences, KV pool
+                                 use, prefix-cache hit rate, tokens and tokens/s)
+    GET  /v1/models              the served model and the LoRA adapters it holds (`model` picks one)
     POST /v1/chat/completions    OpenAI chat completions, with `stream: true` as SSE chunks + [DONE];
                                  ChatGLM3 tools map to `tools` / `tool_calls`
     POST /                       the classic ChatGLM API: {prompt, history, max_length, top_p,
@@ -22,12 +24,13 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
 from ..chat import ChatModel
 from ..errors import ContextLengthError, InputError
+from ..batching import KVBudgetError
 from .engine import Engine, Job, QueueFull, Result
 
 
@@ -141,7 +144,9 @@ def _finish_reason(result: Result) -> str:
 
 def _usage(result: Result) -> dict:
     return {'prompt_tokens': result.prompt_tokens, 'completion_tokens': result.completion_tokens,
-            'total_tokens': result.prompt_tokens + result.completion_tokens}
+            'total_tokens': result.prompt_tokens + result.completion_tokens,
+            # as OpenAI reports prompt caching: the prompt tokens whose K/V the prefix cache held
+            'prompt_tokens_details': {'cached_tokens': result.cached_tokens}}
 
 
 def _error(status: int, message: str, kind: str = 'invalid_request_error') -> JSONResponse:
@@ -150,15 +155,17 @@ def _error(status: int, message: str, kind: str = 'invalid_request_error') -> JS
 
 # -- the app ---------------------------------------------------------------------------------------------
 def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20,
-               api_key: Optional[str] = None, max_queue: int = 100) -> FastAPI:
-    """api_key: when set, every route but /health wants `Authorization: Bearer <api_key>`.
-    max_queue: requests that may wait for the model; more get a 503 with Retry-After."""
-    engine = Engine(chat, max_queue)
+               api_key: Optional[str] = None, max_queue: int = 100, max_batch: Optional[int] = None,
+               kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None) -> FastAPI:
+    """api_key: when set, every route but /health and /metrics wants `Authorization: Bearer <api_key>`.
+    max_queue: requests that may wait for the model; more get a 503 with Retry-After.
+    max_batch, kv_cache_bytes, prefill_chunk: the continuous-batching scheduler's (batching.py)."""
+    engine = Engine(chat, max_queue, max_batch, kv_cache_bytes, prefill_chunk)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        engine.cancel_all()   # shutting down (SIGTERM): nothing queued starts, the running job stops
+        engine.cancel_all()   # shutting down (SIGTERM): nothing queued starts, running sequences stop
 
     app = FastAPI(title='modelscope-chatglm', version='1', lifespan=lifespan)
     name = model_name or chat.name
@@ -166,7 +173,7 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
 
     @app.middleware('http')
     async def check_api_key(request: Request, call_next):
-        if api_key and request.url.path != '/health':
+        if api_key and request.url.path not in ('/health', '/metrics'):
             scheme, _, given = request.headers.get('authorization', '').partition(' ')
             if scheme.lower() != 'bearer' or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
                 response = _error(401, 'missing or wrong API key: send the header "Authorization: Bearer <key>" '
@@ -201,12 +208,28 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
 
     @app.get('/health')
     async def health():
-        return {'status': 'ok', 'model': name, 'queued': engine.queued, **engine.stats}
+        return {'status': 'ok', 'model': name, **engine.stats()}
+
+    @app.get('/metrics')
+    async def metrics():
+        return PlainTextResponse(prometheus_text(engine.stats(), name),
+                                 media_type='text/plain; version=0.0.4; charset=utf-8')
 
     @app.get('/v1/models')
     async def models():
-        return {'object': 'list', 'data': [{'id': name, 'object': 'model', 'created': 0,
-                                             'owned_by': 'modelscope-chatglm'}]}
+        base = {'id': name, 'object': 'model', 'created': 0, 'owned_by': 'modelscope-chatglm'}
+        # LoRA adapters held over the base (--adapter NAME=PATH): a request's `model` picks one.
+        return {'object': 'list', 'data': [base] + [dict(base, id=a, root=a, parent=name) for a in chat.adapters]}
+
+    def pick_adapter(requested: Optional[str]) -> Optional[str]:
+        """The adapter a request's `model` names; None = the base. Without adapters any name is the base
+        (clients often send a fixed model name); with them, an unknown name is an error, not the base."""
+        if not chat.adapters or requested in (None, '', name):
+            return None
+        if requested in chat.adapters:
+            return requested
+        raise UnknownModel(f'model {requested!r} does not exist here; this server has {[name] + chat.adapters} '
+                           '(GET /v1/models lists them)')
 
     @app.post('/v1/chat/completions')
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -218,6 +241,10 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
             return _error(400, f'stop takes at most {MAX_STOP_STRINGS} strings (as in the OpenAI API), got '
                                f'{len(stops)}; send fewer')
         try:
+            adapter = pick_adapter(req.model)
+        except UnknownModel as e:
+            return _error(404, str(e), 'model_not_found')
+        try:
             query, history, role, system, tools = to_conversation(req)
             options = dict(generation_options(req), role=role, system=system, tools=tools)
             # Validate and encode now (errors become a 400, not a broken stream), in a thread: a long
@@ -226,9 +253,11 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
         except (InputError, ContextLengthError, ValueError, TypeError) as e:
             return _error(400, str(e))
         try:
-            job = engine.submit(Job(prepared, stops))
+            job = engine.submit(Job(prepared, stops, adapter=adapter))
         except QueueFull as e:
             return _busy(str(e))
+        except KVBudgetError as e:
+            return _error(400, str(e))
         created, cid = int(time.time()), f'chatcmpl-{uuid.uuid4().hex}'
         if not req.stream:
             try:
@@ -280,7 +309,7 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
                         yield '[DONE]'
                         return
             finally:
-                job.cancelled.set()   # the client is gone (or the stream ended): free the worker
+                job.cancel()   # the client is gone (or the stream ended): leave the batch
 
         return EventSourceResponse(events(), ping=15)
 
@@ -300,6 +329,8 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
             job = engine.submit(Job(prepared))
         except QueueFull as e:
             return _busy(str(e))
+        except KVBudgetError as e:
+            return _error(400, str(e))
         try:
             result = await _wait(job, request)
         except ClientGone:
@@ -313,6 +344,10 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
 
 
 class ClientGone(Exception):
+    pass
+
+
+class UnknownModel(Exception):
     pass
 
 
@@ -333,7 +368,7 @@ async def _wait(job: Job, request: Request) -> Result:
                 raise value
     finally:
         gone.cancel()
-        job.cancelled.set()
+        job.cancel()
 
 
 async def _disconnect(request: Request):
@@ -349,14 +384,47 @@ def _busy(message: str) -> JSONResponse:
     return response
 
 
+# name -> (Prometheus type, help) of what /metrics reports, from Engine.stats().
+METRICS = {
+    'running': ('gauge', 'sequences in the running batch'),
+    'waiting': ('gauge', 'requests waiting to join the batch'),
+    'max_batch': ('gauge', 'most sequences decoded together (--max-batch)'),
+    'kv_budget_bytes': ('gauge', 'memory for K/V of running sequences and the prefix cache (--kv-cache-gb)'),
+    'kv_reserved_bytes': ('gauge', 'K/V memory reserved by running sequences'),
+    'kv_prefix_cache_bytes': ('gauge', 'K/V memory held by the prefix cache'),
+    'prefix_cache_entries': ('gauge', 'finished sequences whose K/V the prefix cache keeps'),
+    'prefix_cache_hit_rate': ('gauge', 'share of prompt tokens taken from the prefix cache'),
+    'prompt_tokens': ('counter', 'prompt tokens of admitted requests'),
+    'cached_prompt_tokens': ('counter', 'prompt tokens whose K/V came from the prefix cache'),
+    'generated_tokens': ('counter', 'tokens generated'),
+    'completed': ('counter', 'requests finished by a stop or their length'),
+    'cancelled': ('counter', 'requests cancelled (client gone, shutdown)'),
+    'failed': ('counter', 'requests that failed in the engine'),
+    'preempted': ('counter', 'sequences preempted (memory freed, prefilled again) for lack of KV memory'),
+    'steps': ('counter', 'scheduler iterations'),
+    'tokens_per_second': ('gauge', 'generated tokens per second over the last steps'),
+}
+
+
+def prometheus_text(stats: dict, model: str) -> str:
+    label = '{model="' + model.replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n') + '"}'
+    lines = []
+    for key, (kind, text) in METRICS.items():
+        metric = f'chatglm_{key}' + ('_total' if kind == 'counter' else '')
+        lines += [f'# HELP {metric} {text}', f'# TYPE {metric} {kind}', f'{metric}{label} {float(stats[key])!r}']
+    return '\n'.join(lines) + '\n'
+
+
 SHUTDOWN_GRACE_S = 3
 
 
 def serve(chat: ChatModel, host: str = '127.0.0.1', port: int = 8000, max_body_bytes: int = 1 << 20,
-          model_name: Optional[str] = None, api_key: Optional[str] = None, max_queue: int = 100):
+          model_name: Optional[str] = None, api_key: Optional[str] = None, max_queue: int = 100,
+          max_batch: Optional[int] = None, kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None):
     import uvicorn
     # SIGTERM: stop accepting, give open requests SHUTDOWN_GRACE_S, then cancel them (their jobs stop
     # at the next token) and everything still queued.
-    uvicorn.run(create_app(chat, model_name, max_body_bytes, api_key, max_queue), host=host, port=port,
+    app = create_app(chat, model_name, max_body_bytes, api_key, max_queue, max_batch, kv_cache_bytes, prefill_chunk)
+    uvicorn.run(app, host=host, port=port,
                 log_level='info', timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 

@@ -10,6 +10,13 @@ Each case is one of
     {"kind": "greedy", "name": ..., "prompt": [ids], "max_new_tokens": n}
     {"kind": "chat", "name": ..., "queries": [...], "max_new_tokens": n}   greedy multi-turn _chat
     {"kind": "tokenize", "name": ..., "texts": [...]}       -> [[ids, decode(ids)], ...]
+Optional top-level keys:
+    "adapter": {"kind": "lora", "path": DIR}                          peft's PeftModel.from_pretrained
+               {"kind": "ptuning", "path": DIR, "pre_seq_len": n, "prefix_projection": bool}
+                                                                      as THUDM's ptuning/main.py loads it
+    "make_lora": {"out": DIR, "r", "alpha", "targets", "rslora", "safe", "seed"}
+                                                                      write a LoRA adapter with peft (random A, B)
+    "save_merged": DIR                                                peft merge_and_unload, saved in the hub layout
 OUT.pt: {name: tensor | list}.
 """
 import json
@@ -58,11 +65,64 @@ def left_pad(prompts):
     return ids, mask, pos
 
 
+def with_ptuning(job, family):
+    """The model as ptuning/main.py runs a checkpoint: the base with pre_seq_len/prefix_projection in its
+    config, then the checkpoint's prefix encoder loaded over it."""
+    import os
+    import shutil
+    import tempfile
+    spec = job['adapter']
+    work = tempfile.mkdtemp()
+    for name in os.listdir(job['model_dir']):
+        os.symlink(os.path.join(job['model_dir'], name), os.path.join(work, name))
+    config = json.load(open(os.path.join(job['model_dir'], 'config.json')))
+    config.update(pre_seq_len=spec['pre_seq_len'], prefix_projection=spec['prefix_projection'])
+    os.remove(os.path.join(work, 'config.json'))
+    json.dump(config, open(os.path.join(work, 'config.json'), 'w'))
+    model, tokenizer = load(work, family, job.get('rope', 'divide'))
+    prefix = torch.load(os.path.join(spec['path'], 'pytorch_model.bin'), weights_only=True)
+    model.transformer.prefix_encoder.load_state_dict(
+        {k[len('transformer.prefix_encoder.'):]: v for k, v in prefix.items()})
+    shutil.rmtree(work)
+    return model.float().eval(), tokenizer
+
+
+def make_lora(model, spec):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(spec.get('seed', 0))
+    config = LoraConfig(r=spec['r'], lora_alpha=spec['alpha'], target_modules=spec['targets'], lora_dropout=0.0,
+                        init_lora_weights=False, use_rslora=spec.get('rslora', False))
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(spec['out'], safe_serialization=spec.get('safe', True))
+
+
 @torch.no_grad()
 def main(job_path, out_path):
     job = json.load(open(job_path))
     family = job.get('family', 'glm2')
-    model, tokenizer = load(job['model_dir'], family, job.get('rope', 'divide'))
+    adapter = job.get('adapter') or {}
+    if adapter.get('kind') == 'ptuning':
+        model, tokenizer = with_ptuning(job, family)
+    else:
+        model, tokenizer = load(job['model_dir'], family, job.get('rope', 'divide'))
+    if 'make_lora' in job:
+        make_lora(model, job['make_lora'])
+        torch.save({}, out_path)
+        return
+    if adapter.get('kind') == 'lora':
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter['path']).eval()
+    if 'save_merged' in job:   # the merged weights (fp32) and the base's other files: a hub-layout model
+        import os
+        import shutil
+        from safetensors.torch import save_file
+        out = job['save_merged']
+        os.makedirs(out)
+        merged = model.merge_and_unload()
+        save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, os.path.join(out, 'model.safetensors'))
+        for name in os.listdir(job['model_dir']):
+            if not name.endswith(('.bin', '.safetensors', '.index.json')):
+                shutil.copy(os.path.join(job['model_dir'], name), out)
     eos, pad = (model.config.eos_token_id, model.config.pad_token_id) if family == 'glm1' else (2, 0)
     out = {}
     for case in job['cases']:

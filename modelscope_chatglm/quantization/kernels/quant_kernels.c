@@ -4,12 +4,14 @@
  *   y[m, n] = scale[n] * sum_k x[m, k] * Q[n, k] + bias[n]
  *
  * Q is int8 [N, K], or int4 packed [N, K/2] with the HIGH nibble = even column (formats.py).
- * x is fp32 [M, K]; y is fp32 [M, N]. M is small (decode: 1, batched decode: a few rows).
+ * x is fp32 [M, K]; y is fp32 [M, N]. M is small: decode (1), batched decode and short prompts (<= 64).
  *
- * The weights are streamed once per call and never dequantised into a buffer: each 16/32 weights
- * are widened to fp32 in registers and fused into the dot product, so decode runs at memory
- * bandwidth. For each kernel there is a plain scalar reference (`*_ref`) next to the SIMD version;
- * the test suite checks that they agree, on every machine the build lands on.
+ * The weights are streamed once per call for all M rows and never dequantised into a copy: each vector
+ * of weights is widened to fp32 in registers and multiplied by up to X_ROWS rows of x at once (decode
+ * runs at memory bandwidth; a batch pays the conversion once per X_ROWS rows). Each row of y is summed
+ * in the same order whatever M is (see "The summation order"), so batching never changes a result.
+ * For each kernel there is a plain scalar reference (`*_ref`) next to the SIMD version; the test suite
+ * checks that they agree, on every instruction set the build can target here.
  *
  * The SIMD path is chosen when this file is compiled (-march=native): AVX-512 (F+BW), else AVX2+FMA,
  * else the scalar code. Rows are split across OpenMP threads (`nthreads` follows torch's setting).
@@ -73,179 +75,173 @@ void q4_gemv_ref(const float *x, int M, int K, const int8_t *W, const float *sca
         }
 }
 
-/* ---- dot products of one fp32 vector with one quantized row (SIMD) ----------------------------- */
+/* ---- one vector type for every instruction set ------------------------------------------------ */
+/* vf holds VW floats: 16 (AVX-512), 8 (AVX2) or 1 (scalar). Every kernel below is written once on it. */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-
-static inline float dot_q8(const float *x, const int8_t *w, int K) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    int k = 0;
-    for (; k + 32 <= K; k += 32) {
-        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
-        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + 16))));
-        a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + k), a0);
-        a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + k + 16), a1);
-    }
-    float acc = hsum(_mm512_add_ps(a0, a1));
-    for (; k < K; k++) acc += x[k] * (float)w[k];
-    return acc;
+#define VW 16
+typedef __m512 vf;
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vhsum(vf v) { return _mm512_reduce_add_ps(v); }
+static inline vf load_q8(const int8_t *w) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
 }
-
-/* x_even / x_odd: x split by column parity, so a byte's two nibbles meet contiguous x values. */
-static inline float dot_q4(const float *x_even, const float *x_odd, const int8_t *w, int KB) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    int j = 0;
-    for (; j + 16 <= KB; j += 16) {
-        __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + j)));  /* sign-extended */
-        __m512 hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4));
-        __m512 lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
-        a0 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x_even + j), a0);
-        a1 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x_odd + j), a1);
-    }
-    float acc = hsum(_mm512_add_ps(a0, a1));
-    for (; j < KB; j++) acc += x_even[j] * (float)int4_high(w[j]) + x_odd[j] * (float)int4_low(w[j]);
-    return acc;
+static inline void load_q4(const int8_t *w, vf *hi, vf *lo) {   /* VW bytes -> 2*VW weights */
+    __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w));   /* sign-extended bytes */
+    *hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4));
+    *lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
 }
-/* Four rows at once: each x chunk is loaded once for four weight rows, so x (which for K = 13696
- * no longer fits in L1) costs a quarter of the cache traffic. */
-static inline void dot4_q8(const float *x, const int8_t *w, size_t stride, int K, float out[4]) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int k = 0;
-    for (; k + 16 <= K; k += 16) {
-        __m512 xv = _mm512_loadu_ps(x + k);
-#define ROW(r, acc) acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32( \
-            _mm_loadu_si128((const __m128i *)(w + (r) * stride + k)))), xv, acc)
-        ROW(0, a0); ROW(1, a1); ROW(2, a2); ROW(3, a3);
-#undef ROW
-    }
-    out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
-    for (; k < K; k++)
-        for (int r = 0; r < 4; r++) out[r] += x[k] * (float)w[r * stride + k];
-}
-
-static inline void dot4_q4(const float *x_even, const float *x_odd, const int8_t *w, size_t stride, int KB,
-                           float out[4]) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    int j = 0;
-    for (; j + 16 <= KB; j += 16) {
-        __m512 xe = _mm512_loadu_ps(x_even + j), xo = _mm512_loadu_ps(x_odd + j);
-        for (int r = 0; r < 4; r++) {
-            __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + r * stride + j)));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4)), xe, acc[r]);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28)), xo, acc[r]);
-        }
-    }
-    for (int r = 0; r < 4; r++) {
-        out[r] = hsum(acc[r]);
-        for (int jj = j; jj < KB; jj++) {
-            int8_t b = w[r * stride + jj];
-            out[r] += x_even[jj] * (float)int4_high(b) + x_odd[jj] * (float)int4_low(b);
-        }
-    }
-}
-#define HAVE_DOT4 1
 #elif defined(__AVX2__) && defined(__FMA__)
-static inline float hsum(__m256 v) {
+#define VW 8
+typedef __m256 vf;
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vhsum(vf v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
 }
-
-static inline __m256 load8_q8(const int8_t *w) {
+static inline vf load_q8(const int8_t *w) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
 }
-
-static inline float dot_q8(const float *x, const int8_t *w, int K) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int k = 0;
-    for (; k + 16 <= K; k += 16) {
-        a0 = _mm256_fmadd_ps(load8_q8(w + k), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(load8_q8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-    }
-    float acc = hsum(_mm256_add_ps(a0, a1));
-    for (; k < K; k++) acc += x[k] * (float)w[k];
-    return acc;
-}
-
-static inline float dot_q4(const float *x_even, const float *x_odd, const int8_t *w, int KB) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int j = 0;
-    for (; j + 8 <= KB; j += 8) {
-        __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + j)));
-        __m256 hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
-        __m256 lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
-        a0 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x_even + j), a0);
-        a1 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x_odd + j), a1);
-    }
-    float acc = hsum(_mm256_add_ps(a0, a1));
-    for (; j < KB; j++) acc += x_even[j] * (float)int4_high(w[j]) + x_odd[j] * (float)int4_low(w[j]);
-    return acc;
+static inline void load_q4(const int8_t *w, vf *hi, vf *lo) {
+    __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w));
+    *hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
+    *lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
 }
 #else
-static inline float dot_q8(const float *x, const int8_t *w, int K) {
-    float acc = 0.0f;
-    for (int k = 0; k < K; k++) acc += x[k] * (float)w[k];
-    return acc;
-}
-
-static inline float dot_q4(const float *x_even, const float *x_odd, const int8_t *w, int KB) {
-    float acc = 0.0f;
-    for (int j = 0; j < KB; j++) acc += x_even[j] * (float)int4_high(w[j]) + x_odd[j] * (float)int4_low(w[j]);
-    return acc;
-}
+#define VW 1
+typedef float vf;
+static inline vf vzero(void) { return 0.0f; }
+static inline vf vload(const float *p) { return *p; }
+static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+static inline float vhsum(vf v) { return v; }
+static inline vf load_q8(const int8_t *w) { return (float)*w; }
+static inline void load_q4(const int8_t *w, vf *hi, vf *lo) { *hi = (float)int4_high(*w); *lo = (float)int4_low(*w); }
 #endif
 
-/* ---- GEMV: the decode path ------------------------------------------------------------------- */
+/*
+ * The summation order, the same for every number of rows M: y[m, n] accumulates in one vector per
+ * (m, n), VW weights at a time in increasing k (int4: per VW bytes, the high nibbles against the even
+ * columns, then the low nibbles against the odd ones), then the horizontal sum, then the scalar tail.
+ * So a row's result never depends on the other rows in the call: a sequence decoded in a batch gets
+ * exactly the numbers it gets alone. The scalar build (VW = 1) is the plain sequential sum.
+ *
+ * int4 activations are rearranged once per call ("interleaved"): for each block of VW bytes, the VW
+ * even columns then the VW odd ones, so the kernel reads x in the order it consumes it.
+ */
+static void interleave_q4(const float *x, int K, float *out) {
+    const int KB = K / 2, full = KB - KB % VW;
+    for (int j0 = 0; j0 < full; j0 += VW)
+        for (int i = 0; i < VW; i++) {
+            out[2 * j0 + i] = x[2 * (j0 + i)];
+            out[2 * j0 + VW + i] = x[2 * (j0 + i) + 1];
+        }
+    for (int j = full; j < KB; j++) { out[2 * j] = x[2 * j]; out[2 * j + 1] = x[2 * j + 1]; }
+}
+
+/* Up to ROW_BLOCK weight rows against up to X_ROWS rows of x: each weight vector is widened in registers
+ * once and multiplied by all of them (X_ROWS x ROW_BLOCK accumulators + X_ROWS x values + one weight
+ * vector fill the 16 AVX2 registers). More rows of x take more passes over the same ROW_BLOCK weight
+ * rows, which by then sit in L1/L2: DRAM sees the weights once per call. out[m * ROW_BLOCK + r]. */
+#define X_ROWS 3
+
+static inline void rows_q8(const float *x, size_t ldx, int mb, const int8_t *w, size_t stride, int K, int rows,
+                           float *out) {
+    vf acc[X_ROWS][ROW_BLOCK];
+    for (int m = 0; m < X_ROWS; m++)
+        for (int r = 0; r < ROW_BLOCK; r++) acc[m][r] = vzero();
+    int k = 0;
+    for (; k + VW <= K; k += VW) {
+        vf xv[X_ROWS];
+        for (int m = 0; m < mb; m++) xv[m] = vload(x + m * ldx + k);
+        for (int r = 0; r < rows; r++) {
+            vf wv = load_q8(w + r * stride + k);
+            for (int m = 0; m < mb; m++) acc[m][r] = vfma(wv, xv[m], acc[m][r]);
+        }
+    }
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < rows; r++) {
+            float d = vhsum(acc[m][r]);
+            for (int kk = k; kk < K; kk++) d += x[m * ldx + kk] * (float)w[r * stride + kk];
+            out[m * ROW_BLOCK + r] = d;
+        }
+}
+
+static inline void rows_q4(const float *xi, size_t ldx, int mb, const int8_t *w, size_t stride, int KB, int rows,
+                           float *out) {
+    vf acc[X_ROWS][ROW_BLOCK];
+    for (int m = 0; m < X_ROWS; m++)
+        for (int r = 0; r < ROW_BLOCK; r++) acc[m][r] = vzero();
+    int j = 0;
+    for (; j + VW <= KB; j += VW)
+        for (int r = 0; r < rows; r++) {
+            vf hi, lo;
+            load_q4(w + r * stride + j, &hi, &lo);
+            for (int m = 0; m < mb; m++) {
+                acc[m][r] = vfma(hi, vload(xi + m * ldx + 2 * j), acc[m][r]);
+                acc[m][r] = vfma(lo, vload(xi + m * ldx + 2 * j + VW), acc[m][r]);
+            }
+        }
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < rows; r++) {
+            const float *xm = xi + m * ldx;
+            float d = vhsum(acc[m][r]);
+            for (int jj = j; jj < KB; jj++) {
+                int8_t b = w[r * stride + jj];
+                d += xm[2 * jj] * (float)int4_high(b) + xm[2 * jj + 1] * (float)int4_low(b);
+            }
+            out[m * ROW_BLOCK + r] = d;
+        }
+}
+
+/* ---- GEMV / skinny GEMM: decode and batched decode ------------------------------------------- */
+
+static void gemv(const float *x, int M, int K, const int8_t *W, int bits, const float *scale, const float *bias,
+                 float *y, int N, int nthreads) {
+    const int KB = bits == 4 ? K / 2 : K, blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
+    const float *xs = x;
+    float *xi = NULL;
+    if (bits == 4) {   /* rearrange each x row once: see interleave_q4 */
+        xi = (float *)malloc(sizeof(float) * (size_t)M * K);
+        for (int m = 0; m < M; m++) interleave_q4(x + (size_t)m * K, K, xi + (size_t)m * K);
+        xs = xi;
+    }
+    (void)nthreads;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *d = (float *)malloc(sizeof(float) * (size_t)M * ROW_BLOCK);   /* per thread */
+#pragma omp for schedule(static)
+        for (int blk = 0; blk < blocks; blk++) {
+            const int n0 = blk * ROW_BLOCK, rows = n0 + ROW_BLOCK < N ? ROW_BLOCK : N - n0;
+            for (int m0 = 0; m0 < M; m0 += X_ROWS) {
+                const int mb = M - m0 < X_ROWS ? M - m0 : X_ROWS;
+                const float *xm = xs + (size_t)m0 * K;
+                const int8_t *w = W + (size_t)n0 * KB;
+                if (bits == 4) rows_q4(xm, (size_t)K, mb, w, (size_t)KB, KB, rows, d + m0 * ROW_BLOCK);
+                else rows_q8(xm, (size_t)K, mb, w, (size_t)KB, KB, rows, d + m0 * ROW_BLOCK);
+            }
+            for (int m = 0; m < M; m++)
+                for (int r = 0; r < rows; r++)
+                    y[(size_t)m * N + n0 + r] = d[m * ROW_BLOCK + r] * scale[n0 + r] + (bias ? bias[n0 + r] : 0.0f);
+        }
+        free(d);
+    }
+    free(xi);
+}
 
 void q8_gemv(const float *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
              float *y, int N, int nthreads) {
-    const int blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
-    (void)nthreads;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int blk = 0; blk < blocks; blk++) {
-        const int n0 = blk * ROW_BLOCK, n1 = n0 + ROW_BLOCK < N ? n0 + ROW_BLOCK : N;
-        for (int m = 0; m < M; m++) {
-            float dots[ROW_BLOCK];
-#ifdef HAVE_DOT4
-            if (n1 - n0 == 4) {
-                dot4_q8(x + (size_t)m * K, W + (size_t)n0 * K, (size_t)K, K, dots);
-            } else
-#endif
-            for (int n = n0; n < n1; n++) dots[n - n0] = dot_q8(x + (size_t)m * K, W + (size_t)n * K, K);
-            for (int n = n0; n < n1; n++) y[(size_t)m * N + n] = dots[n - n0] * scale[n] + (bias ? bias[n] : 0.0f);
-        }
-    }
+    gemv(x, M, K, W, 8, scale, bias, y, N, nthreads);
 }
 
 void q4_gemv(const float *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
              float *y, int N, int nthreads) {
-    const int KB = K / 2, blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
-    /* De-interleave each x row once: x_split[m] = [x[0], x[2], ... | x[1], x[3], ...]. */
-    float *x_split = (float *)malloc(sizeof(float) * (size_t)M * K);
-    for (int m = 0; m < M; m++)
-        for (int j = 0; j < KB; j++) {
-            x_split[(size_t)m * K + j] = x[(size_t)m * K + 2 * j];
-            x_split[(size_t)m * K + KB + j] = x[(size_t)m * K + 2 * j + 1];
-        }
-    (void)nthreads;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int blk = 0; blk < blocks; blk++) {
-        const int n0 = blk * ROW_BLOCK, n1 = n0 + ROW_BLOCK < N ? n0 + ROW_BLOCK : N;
-        for (int m = 0; m < M; m++) {
-            const float *xe = x_split + (size_t)m * K, *xo = xe + KB;
-            float dots[ROW_BLOCK];
-#ifdef HAVE_DOT4
-            if (n1 - n0 == 4) {
-                dot4_q4(xe, xo, W + (size_t)n0 * KB, (size_t)KB, KB, dots);
-            } else
-#endif
-            for (int n = n0; n < n1; n++) dots[n - n0] = dot_q4(xe, xo, W + (size_t)n * KB, KB);
-            for (int n = n0; n < n1; n++) y[(size_t)m * N + n] = dots[n - n0] * scale[n] + (bias ? bias[n] : 0.0f);
-        }
-    }
-    free(x_split);
+    gemv(x, M, K, W, 4, scale, bias, y, N, nthreads);
 }
 
 /* ---- dequantised row tiles: the prefill path ------------------------------------------------- */

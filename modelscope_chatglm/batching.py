@@ -1,0 +1,497 @@
+"""Continuous batching: many generations share every forward pass (iteration-level scheduling).
+
+A `Scheduler` owns the sequences. Each `step()`:
+  1. forgets cancelled sequences: their KV memory is free at once;
+  2. admits waiting requests in arrival order while the batch has room and their K/V fit the memory
+     budget (least recently used prefix-cache entries are evicted first; a request that does not fit
+     waits, and so do the ones behind it). A new sequence starts from the longest prefix of its prompt
+     whose K/V some finished or running sequence holds, and prefills only the rest;
+  3. prefills up to `prefill_chunk` prompt tokens of the oldest sequences still prefilling, so a long
+     prompt is spread over several steps instead of freezing everyone else;
+  4. decodes one token of every sequence past its prompt, all in one forward (`forward_ragged`): the
+     weights are streamed once for the whole batch.
+Attention runs per sequence and every other layer is row-wise, so a sequence's tokens do not depend
+on its neighbours: a greedy or seeded reply is the same alone and in a batch.
+
+Memory: every byte of K/V counts against one budget: running sequences' caches (their capacity) and
+the prefix cache. A sequence is admitted with room for its prompt and Scheduler.GROW_TOKENS more, and its cache
+doubles (up to prompt + max_new_tokens) when full. When the budget has no room for that, the least
+recently used prefix-cache entries go first, then the most recently admitted sequence is preempted:
+its memory is freed and it goes back to the head of the queue, to be prefilled again (prompt plus the
+tokens it already generated) when there is room. So a request that omits max_tokens does not hold a
+whole context window of memory, and the budget is never overrun. A finished sequence's K/V (trimmed
+to what it filled) stays in the prefix cache until its bytes are needed.
+
+The scheduler knows nothing of HTTP or threads beyond one lock: `submit` and `Sequence.cancel` may
+be called from any thread, `step` from one. Tokens reach the caller through `on_token(seq, token)`,
+called on the stepping thread.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence as Seq
+
+import torch
+
+from . import adapters
+from .errors import ContextLengthError
+from .generation import SamplingParams, choose, process_logits
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 16
+# Prompt tokens prefilled per step, by device: it bounds how long the other streams wait for their next
+# token (on a 2-core CPU a full-size model prefills ~12 tokens/s), while big enough to keep the matrix
+# units busy.
+DEFAULT_PREFILL_CHUNK = {'cpu': 128, 'cuda': 1024}
+
+
+class Sequence:
+    """One generation: its prompt, sampling parameters, the tokens so far and where it stands."""
+
+    def __init__(self, prompt: Seq[int], params: SamplingParams, on_token: Optional[Callable] = None,
+                 on_finish: Optional[Callable] = None, adapter: Optional[str] = None):
+        self.prompt = list(prompt)
+        self.params = params
+        self.adapter = adapter      # a LoRA adapter held by the model (adapters.py); None = the base
+        # Both called on the stepping thread: on_token(seq, token) -> True to stop here (a stop string),
+        # on_finish(seq) once finish_reason is set.
+        self.on_token, self.on_finish = on_token, on_finish
+        self.budget = params.new_token_budget(len(self.prompt))
+        self.output: List[int] = []
+        self.finish_reason: Optional[str] = None   # 'stop' | 'length' | 'cancelled' | 'error'
+        self.error: Optional[BaseException] = None
+        self.done = threading.Event()
+        # What goes through prefill before decoding: the prompt, or after a preemption the prompt and
+        # all but the last generated token (that one is fed by the next decode step).
+        self.fill = self.prompt
+        self.reused = 0             # tokens of `fill` whose K/V came from the prefix cache
+        self.prefilled = 0          # tokens of `fill` whose K/V are in this sequence's cache
+        self.state = None           # the model's decode state, while running
+        self.kv_bytes = 0           # K/V memory reserved while running (its cache's capacity)
+        self.arrival = time.monotonic()
+        self.generator = None
+        self._cancelled = False
+
+    def cancel(self):
+        """Stop at the next step; safe from any thread."""
+        self._cancelled = True
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def cached_tokens(self, pre: int) -> List[int]:
+        """The tokens whose K/V this running sequence's cache holds (the last output is not fed yet)."""
+        filled = self.state.cache.length - pre
+        return (self.prompt + self.output)[:filled]
+
+
+@dataclass
+class _Entry:
+    tokens: torch.Tensor      # int64 [n]
+    cache: object             # kv_cache.KVCache holding exactly those n tokens (+ a P-tuning prefix)
+    nbytes: int
+    adapter: Optional[str]    # the K/V were computed through this LoRA adapter
+
+
+class PrefixCache:
+    """K/V of finished sequences by their tokens, least recently used first out.
+
+    An entry whose tokens are a prefix of a newer one is dropped (a conversation's turn N is a prefix of
+    turn N+1), so a returning conversation costs one entry."""
+
+    def __init__(self):
+        self.entries: 'OrderedDict[int, _Entry]' = OrderedDict()
+        self._next = 0
+        self.nbytes = 0     # kept as a number: /health reads it from another thread
+
+    def longest(self, prompt: torch.Tensor, adapter: Optional[str]):
+        """-> (tokens in common, entry key) for the entry (of the same adapter) sharing the longest prefix
+        with `prompt`."""
+        best, best_key = 0, None
+        for key, entry in self.entries.items():
+            if entry.adapter != adapter:
+                continue
+            n = common_prefix(entry.tokens, prompt)
+            if n > best:
+                best, best_key = n, key
+        return best, best_key
+
+    def touch(self, key):
+        self.entries.move_to_end(key)
+
+    def add(self, tokens: List[int], cache, adapter: Optional[str] = None) -> int:
+        """Keep `cache` (already trimmed) for `tokens`; -> bytes added (0 if a longer entry covers it)."""
+        new = torch.tensor(tokens, dtype=torch.long)
+        for key, entry in list(self.entries.items()):
+            if entry.adapter != adapter:
+                continue
+            n = common_prefix(entry.tokens, new)
+            if n == len(new):            # an existing entry already holds all of it
+                self.touch(key)
+                return 0
+            if n == len(entry.tokens):   # the new one holds all of the old
+                self.nbytes -= self.entries.pop(key).nbytes
+        entry = _Entry(new, cache, cache.nbytes(), adapter)
+        self.entries[self._next] = entry
+        self._next += 1
+        self.nbytes += entry.nbytes
+        return entry.nbytes
+
+    def evict_oldest(self) -> int:
+        """Drop the least recently used entry; -> bytes freed (0 when empty)."""
+        if not self.entries:
+            return 0
+        _, entry = self.entries.popitem(last=False)
+        self.nbytes -= entry.nbytes
+        return entry.nbytes
+
+    def clear(self):
+        self.entries.clear()
+        self.nbytes = 0
+
+
+def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(len(a), len(b))
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0]) if len(differ) else n
+
+
+class KVBudgetError(ContextLengthError):
+    """A request whose K/V alone exceed the whole KV memory budget."""
+
+
+class Scheduler:
+    GROW_TOKENS = 256      # room for new tokens a sequence is admitted with; its cache then doubles as needed
+
+    def __init__(self, model, vocab_limit: int, max_batch: int = DEFAULT_MAX_BATCH,
+                 kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None):
+        if max_batch < 1:
+            raise ValueError(f'max_batch must be >= 1, got {max_batch}')
+        if prefill_chunk is None:
+            prefill_chunk = DEFAULT_PREFILL_CHUNK.get(model.device.type, DEFAULT_PREFILL_CHUNK['cpu'])
+        if prefill_chunk < 1:
+            raise ValueError(f'prefill_chunk must be >= 1, got {prefill_chunk}')
+        self.model = model
+        self.vocab_limit = vocab_limit
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        cfg = model.cfg
+        self.pre = cfg.pre_seq_len or 0
+        dtype = model.word_embeddings.weight.dtype
+        self.bytes_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+        self.budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(model.device)
+        # ChatGLM-6B attends its prompt bidirectionally: a prefix's K/V change as the prompt grows.
+        self.prefix_cache = PrefixCache() if model.supports_prefix_reuse else None
+        self.adapters = adapters.adapter_names(model)   # LoRA adapters a request may pick
+        self.waiting: 'deque[Sequence]' = deque()
+        self.running: List[Sequence] = []
+        self.reserved = 0           # K/V bytes of running sequences
+        self.lock = threading.Lock()
+        self.work = threading.Condition(self.lock)
+        self.stats: Dict[str, float] = dict(prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0,
+                                            steps=0, completed=0, cancelled=0, failed=0, preempted=0)
+
+    # -- from any thread ----------------------------------------------------------------------------
+    def submit(self, prompt: Seq[int], params: SamplingParams, on_token: Optional[Callable] = None,
+               on_finish: Optional[Callable] = None, adapter: Optional[str] = None) -> Sequence:
+        if not prompt:
+            raise ValueError('a prompt needs at least one token')
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f'no adapter named {adapter!r}; this model holds {self.adapters or "none"}')
+        seq = Sequence(prompt, params, on_token, on_finish, adapter)
+        need = self.kv_bytes(len(seq.prompt) + seq.budget)
+        if need > self.budget:
+            raise KVBudgetError(
+                f'this request needs {need / 2**20:.1f} MiB of KV cache ({len(seq.prompt)} prompt + '
+                f'{seq.budget} new tokens) but the KV cache budget is {self.budget / 2**20:.1f} MiB; ask '
+                f'for fewer new tokens (max_tokens) or raise the budget (--kv-cache-gb)')
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        with self.work:
+            self.waiting.append(seq)
+            self.work.notify_all()
+        return seq
+
+    def kv_bytes(self, tokens: int) -> int:
+        return (self.pre + tokens) * self.bytes_per_token
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def wait_for_work(self, timeout: Optional[float] = None) -> bool:
+        with self.work:
+            return self.work.wait_for(self.has_work, timeout)
+
+    def cancel_all(self):
+        with self.lock:
+            seqs = list(self.waiting) + list(self.running)
+        for seq in seqs:
+            seq.cancel()
+
+    def snapshot(self) -> Dict[str, float]:
+        """Counters and gauges for /health and /metrics."""
+        cached = self.prefix_cache.nbytes if self.prefix_cache else 0
+        prompt = self.stats['prompt_tokens']
+        return dict(self.stats, running=len(self.running), waiting=len(self.waiting), max_batch=self.max_batch,
+                    kv_budget_bytes=self.budget, kv_reserved_bytes=self.reserved, kv_prefix_cache_bytes=cached,
+                    prefix_cache_entries=len(self.prefix_cache.entries) if self.prefix_cache else 0,
+                    prefix_cache_hit_rate=self.stats['cached_prompt_tokens'] / prompt if prompt else 0.0)
+
+    # -- the stepping thread ------------------------------------------------------------------------
+    def run_until_done(self, seqs: List[Sequence]):
+        while not all(s.finished for s in seqs):
+            self.step()
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One iteration; -> whether anything ran."""
+        self._drop_cancelled()
+        self._admit()
+        prefill = self._prefill_parts()
+        if prefill:
+            self._forward(prefill, prefill=True)
+        decoding = [(s, [s.output[-1]]) for s in self._with_room(
+            [s for s in self.running if s.output and not s.finished and s.prefilled == len(s.fill)])]
+        if decoding:
+            self._forward(decoding, prefill=False)
+        self.stats['steps'] += 1
+        return bool(prefill or decoding)
+
+    def _drop_cancelled(self):
+        with self.lock:
+            for seq in [s for s in self.waiting if s._cancelled]:
+                self.waiting.remove(seq)
+                self._finish(seq, 'cancelled', keep_cache=False)
+        for seq in [s for s in self.running if s._cancelled]:
+            self._finish(seq, 'cancelled', keep_cache=False)
+
+    def _admit(self):
+        while len(self.running) < self.max_batch:
+            with self.lock:
+                if not self.waiting:
+                    return
+                seq = self.waiting[0]
+                capacity = self._initial_capacity(seq)
+                need = self.kv_bytes(capacity)
+                if not self._make_room(need):
+                    return   # it waits for running sequences to finish; so do the ones behind it
+                self.waiting.popleft()
+            self._start(seq, capacity, need)
+
+    def _initial_capacity(self, seq: Sequence) -> int:
+        """Tokens of cache a sequence starts with: what it prefills and GROW_TOKENS more."""
+        return min(len(seq.fill) + self.GROW_TOKENS, len(seq.prompt) + seq.budget)
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Evict prefix-cache entries until `nbytes` more fit the budget; -> whether they fit."""
+        while self.reserved + self._cached_bytes() + nbytes > self.budget:
+            if not self._evict():
+                return False
+        return True
+
+    def _with_room(self, seqs: List[Sequence]) -> List[Sequence]:
+        """The sequences (oldest first) whose caches have room for one more token, growing full ones;
+        when the budget cannot take a growth, the newest running sequence is preempted (which may be
+        one of `seqs`, then it is left out)."""
+        ready = []
+        for seq in seqs:
+            while seq.state is not None and seq.state.cache.length >= seq.state.cache.capacity:
+                cache = seq.state.cache
+                filled = cache.capacity - self.pre
+                capacity = min(max(2 * filled, filled + self.GROW_TOKENS), len(seq.prompt) + seq.budget)
+                extra = self.kv_bytes(capacity) - seq.kv_bytes
+                if extra <= 0:   # cannot happen: an unfinished sequence has new tokens left in its budget
+                    raise RuntimeError(f'KV cache of a sequence is full at its maximum ({capacity} tokens)')
+                if self._make_room(extra):
+                    cache.reserve(self.pre + capacity, block=1)
+                    seq.kv_bytes += extra
+                    self.reserved += extra
+                else:
+                    self._preempt(self.running[-1])
+            if seq.state is not None:
+                ready.append(seq)
+        return ready
+
+    def _preempt(self, seq: Sequence):
+        """Free a running sequence's memory and queue it first again; it is prefilled anew later."""
+        logger.info('KV budget full: preempting a sequence of %d tokens (it will be prefilled again)',
+                    len(seq.prompt) + len(seq.output))
+        self.running.remove(seq)
+        self.reserved -= seq.kv_bytes
+        seq.state, seq.kv_bytes = None, 0
+        seq.fill = seq.prompt + seq.output[:-1]
+        seq.prefilled = seq.reused = 0
+        self.stats['preempted'] += 1
+        with self.lock:
+            self.waiting.appendleft(seq)
+
+    def _cached_bytes(self) -> int:
+        return self.prefix_cache.nbytes if self.prefix_cache else 0
+
+    def _evict(self) -> bool:
+        return bool(self.prefix_cache and self.prefix_cache.evict_oldest())
+
+    def _start(self, seq: Sequence, capacity: int, need: int):
+        if seq.fill is seq.prompt:    # (a preempted sequence coming back is not new)
+            self.stats['prompt_tokens'] += len(seq.prompt)
+        if seq.budget == 0:
+            self._finish(seq, 'length', keep_cache=False)
+            return
+        try:
+            seq.state = self.model.start(seq.fill, capacity - len(seq.fill))
+        except Exception as e:   # e.g. a ChatGLM-6B prompt without [gMASK]/<sop>
+            seq.error = e
+            self._finish(seq, 'error', keep_cache=False)
+            return
+        seq.kv_bytes = need
+        self.reserved += need
+        self.running.append(seq)
+
+    def _longest_prefix(self, seq: Sequence):
+        """(tokens, cache) of the longest prefix of seq.fill that a finished or running sequence holds
+        (at least one token is left to prefill: its logits give the next token)."""
+        if self.prefix_cache is None or len(seq.fill) < 2:
+            return 0, None
+        prompt = torch.tensor(seq.fill, dtype=torch.long)
+        best, key = self.prefix_cache.longest(prompt, seq.adapter)
+        source = self.prefix_cache.entries[key].cache if key is not None else None
+        for other in self.running:
+            if other is not seq and other.state is not None and other.adapter == seq.adapter:
+                n = common_prefix(torch.tensor(other.cached_tokens(self.pre), dtype=torch.long), prompt)
+                if n > best:
+                    best, key, source = n, None, other.state.cache
+        if key is not None and best:
+            self.prefix_cache.touch(key)
+        return min(best, len(seq.fill) - 1), source
+
+    def _prefill_parts(self):
+        """Prompt chunks of the oldest sequences still prefilling, up to prefill_chunk tokens in all
+        (a ChatGLM-6B prompt goes whole: its prefix is attended bidirectionally).
+
+        Before its chunk runs, a sequence takes the longest cached prefix of its prompt; one whose
+        prompt shares a long prefix (SHARED_WAIT tokens or more) with an older sequence that has not
+        computed it yet waits for it, so a system prompt that 8 new conversations share is prefilled once."""
+        parts, tokens, ahead = [], 0, []
+        for seq in self.running:
+            left = len(seq.fill) - seq.prefilled
+            if left == 0 or seq.finished:
+                continue
+            keep, source = self._longest_prefix(seq)
+            if keep > seq.prefilled:
+                self.model.adopt_prefix(seq.state, source, keep)
+                if seq.fill is seq.prompt:
+                    self.stats['cached_prompt_tokens'] += keep - seq.prefilled
+                seq.prefilled = seq.reused = keep
+                left = len(seq.fill) - keep
+            if self._waits_for(seq, ahead):
+                ahead.append(seq)
+                continue
+            ahead.append(seq)
+            room = self.prefill_chunk - tokens
+            if room <= 0:
+                break
+            n = left if not self.model.supports_prefix_reuse else min(left, room)
+            if parts and n > room:
+                break
+            parts.append((seq, seq.fill[seq.prefilled:seq.prefilled + n]))
+            tokens += n
+        return parts
+
+    SHARED_WAIT = 64
+
+    def _waits_for(self, seq: Sequence, ahead: List[Sequence]) -> bool:
+        if self.prefix_cache is None:
+            return False
+        for other in ahead:
+            if other.adapter != seq.adapter:
+                continue
+            shared = common_prefix(torch.tensor(other.fill), torch.tensor(seq.fill))
+            if shared - seq.prefilled >= self.SHARED_WAIT and other.prefilled < shared:
+                return True
+        return False
+
+    def _forward(self, parts, prefill: bool):
+        try:
+            with adapters.rows([(seq.adapter, len(ids)) for seq, ids in parts]):
+                logits = self.model.forward_ragged([(seq.state, ids) for seq, ids in parts])
+        except Exception as e:   # a failing forward ends its sequences, never the scheduler
+            logger.exception('forward failed; ending %d sequence(s)', len(parts))
+            for seq, _ in parts:
+                seq.error = e
+                self._finish(seq, 'error', keep_cache=False)
+            return
+        for row, (seq, ids) in enumerate(parts):
+            if prefill:
+                seq.prefilled += len(ids)
+                if seq.prefilled < len(seq.fill) or seq.output:
+                    continue    # more to prefill; or a preempted sequence back: its next token is known
+            self._sample(seq, logits[row:row + 1])
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor):
+        params = seq.params
+        if not bool(torch.isfinite(logits).all()):
+            # The forward overflowed (fp16 activations, typically): any token would be noise.
+            seq.error = FloatingPointError('the model produced NaN/inf logits (fp16 overflow?); load it in '
+                                           'bfloat16 or float32')
+            self._finish(seq, 'error', keep_cache=False)
+            return
+        seen = torch.tensor([seq.prompt + seq.output], dtype=torch.long, device=logits.device) \
+            if params.repetition_penalty != 1.0 else logits.new_zeros((1, 0), dtype=torch.long)
+        token = int(choose(process_logits(logits, seen, params, self.vocab_limit), params, seq.generator)[0])
+        seq.output.append(token)
+        self.stats['generated_tokens'] += 1
+        stop_here = False
+        if seq.on_token is not None:
+            try:
+                stop_here = seq.on_token(seq, token)
+            except Exception as e:   # the consumer failed: end this sequence only
+                seq.error = e
+                self._finish(seq, 'error', keep_cache=False)
+                return
+        if stop_here or token in params.stop_ids:
+            self._finish(seq, 'stop')
+        elif len(seq.output) >= seq.budget:
+            self._finish(seq, 'length')
+
+    def _finish(self, seq: Sequence, reason: str, keep_cache: bool = True):
+        if seq.finished:
+            return
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.reserved -= seq.kv_bytes
+            if keep_cache and self.prefix_cache is not None and seq.state.cache.length > self.pre:
+                # Keep what it computed for the next turn of this conversation (or a shared prefix).
+                with self.lock:
+                    self.prefix_cache.add(seq.cached_tokens(self.pre), seq.state.cache.trimmed(), seq.adapter)
+                    while self.reserved + self._cached_bytes() > self.budget and self._evict():
+                        pass
+            seq.state, seq.kv_bytes = None, 0
+        key = {'stop': 'completed', 'length': 'completed', 'cancelled': 'cancelled', 'error': 'failed'}[reason]
+        self.stats[key] += 1
+        if seq.on_finish is not None:
+            try:
+                seq.on_finish(seq)
+            except Exception:
+                logger.exception('on_finish failed')
+        seq.done.set()
+
+
+def default_kv_budget(device: torch.device) -> int:
+    """Memory for K/V when none is given: a quarter of the free memory (at most 16 GiB) on a CPU, half of
+    the free GPU memory on CUDA."""
+    if device.type == 'cuda':
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        available = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError):
+        available = 8 << 30
+    return int(min(available // 4, 16 << 30))

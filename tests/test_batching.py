@@ -1,0 +1,213 @@
+"""Continuous batching (batching.py): sequences decoded together give what each gives alone; the prefix
+cache, the KV budget, cancellation, seeded sampling, chat_batch and list inputs to the pipeline."""
+import pytest
+import torch
+
+import modelscope_chatglm
+from modelscope_chatglm.batching import KVBudgetError, Scheduler
+
+QUERIES = ['你好', 'hello world, how are you today?', 'a b c d e f g h i j k l m n o p', 'x', '介绍下清华大学']
+
+
+@pytest.fixture(scope='module')
+def models(glm1_model, glm2_model, glm3_model, make_checkpoint):
+    quantized = {f'glm{v}-int{bits}': modelscope_chatglm.load(
+        make_checkpoint(f'glm{v}-int{bits}', f'glm{v}', 'safetensors', shards=1, quantization_bit=bits),
+        device='cpu', dtype='float32') for v, bits in ((2, 4), (3, 8))}
+    return {'glm1': glm1_model, 'glm2': glm2_model, 'glm3': glm3_model, **quantized}
+
+
+def solo(chat, prompt, n, **gen):
+    return chat.generate(prompt, max_new_tokens=n, **dict(dict(do_sample=False), **gen))
+
+
+def run(sched, prompts, params):
+    seqs = [sched.submit(p, params) for p in prompts]
+    sched.run_until_done(seqs)
+    return seqs
+
+
+@pytest.mark.parametrize('name', ['glm1', 'glm2', 'glm3', 'glm2-int4', 'glm3-int8'])
+def test_batched_greedy_equals_each_alone(models, name):
+    chat = models[name]
+    prompts = [chat.build_inputs(q) for q in QUERIES]
+    # Two at a time and 5-token prefill chunks: sequences join and leave the batch mid-way, and prompts
+    # are spread over several steps between decode steps.
+    sched = chat.scheduler(max_batch=2, prefill_chunk=5)
+    budgets = [24, 9, 17, 30, 5]
+    seqs = [sched.submit(p, chat.sampling(max_new_tokens=n, do_sample=False)) for p, n in zip(prompts, budgets)]
+    most_running = 0
+    while not all(s.finished for s in seqs):
+        sched.step()
+        most_running = max(most_running, len(sched.running))
+    assert most_running == 2
+    for seq, prompt, n in zip(seqs, prompts, budgets):
+        assert seq.output == solo(chat, prompt, n), name
+        assert seq.finish_reason in ('stop', 'length')
+    assert sched.reserved == 0 and not sched.running
+
+
+def test_max_batch_one_is_serial_and_batching_takes_fewer_steps(glm2_model):
+    prompts = [glm2_model.build_inputs(q) for q in QUERIES]
+    params = glm2_model.sampling(max_new_tokens=12, do_sample=False)
+    serial, batched = glm2_model.scheduler(max_batch=1), glm2_model.scheduler(max_batch=8)
+    outputs = [[s.output for s in run(sched, prompts, params)] for sched in (serial, batched)]
+    assert outputs[0] == outputs[1]
+    # A step prefills (giving the first token) and then decodes: 11 steps per request one at a time,
+    # about one request's worth together.
+    assert serial.stats['steps'] >= 5 * 11 and batched.stats['steps'] <= 13
+
+
+def test_a_prefix_cache_hit_gives_the_logits_of_a_cold_prefill(glm2_model):
+    model = glm2_model.model
+    first = glm2_model.build_inputs('hello world, how are you today?')
+    sched = glm2_model.scheduler()
+    seq = run(sched, [first], glm2_model.sampling(max_new_tokens=6, do_sample=False))[0]
+    follow = first + seq.output[:-1] + glm2_model.tokenizer.encode('and then?')
+    with torch.inference_mode():
+        state = model.start(follow, 4)
+        keep, source = sched._longest_prefix(type(seq)(follow, seq.params))
+        assert keep == len(first) + len(seq.output) - 1
+        model.adopt_prefix(state, source, keep)
+        warm = model.forward_ragged([(state, follow[keep:])])[0]
+        cold = model.full_logits(torch.tensor([follow]), None)[0, -1]
+    torch.testing.assert_close(warm, cold, rtol=0, atol=1e-5)
+    # Through the scheduler: the returning turn prefills only its new tokens, same greedy reply.
+    again = run(sched, [follow], glm2_model.sampling(max_new_tokens=10, do_sample=False))[0]
+    assert again.reused == keep and again.output == solo(glm2_model, follow, 10)
+    assert len(sched.prefix_cache.entries) == 1    # turn 2 holds all of turn 1: one entry is kept
+
+
+def test_a_shared_system_prompt_is_prefilled_once(glm3_model):
+    system = ' '.join(f'rule {i}: be kind.' for i in range(40))
+    prompts = [glm3_model.build_inputs(q, system=system) for q in QUERIES[:4]]
+    shared = min(len(p) for p in prompts)
+    while len({tuple(p[:shared]) for p in prompts}) > 1:
+        shared -= 1
+    assert shared > 100
+    sched = glm3_model.scheduler(max_batch=8, prefill_chunk=64)
+    seqs = run(sched, prompts, glm3_model.sampling(max_new_tokens=8, do_sample=False))
+    # All four arrive together; the first prefills the system prompt, the others wait for it and copy.
+    assert [s.reused >= shared - 1 for s in seqs] == [False, True, True, True]
+    assert sched.stats['prompt_tokens'] - sched.stats['cached_prompt_tokens'] < sum(len(p) for p in prompts) - 2 * shared
+    for seq, prompt in zip(seqs, prompts):
+        assert seq.output == solo(glm3_model, prompt, 8)
+
+
+def test_chatglm6b_batches_but_never_shares_prefixes(glm1_model):
+    prompt = glm1_model.build_inputs('hello world, how are you today?')
+    sched = glm1_model.scheduler()
+    run(sched, [prompt, prompt], glm1_model.sampling(max_new_tokens=4, do_sample=False))
+    assert sched.prefix_cache is None and sched.stats['cached_prompt_tokens'] == 0
+
+
+def test_the_kv_budget_holds_under_a_burst_of_long_prompts(glm2_model):
+    prompts = [glm2_model.build_inputs(f'{q} ' * 30) for q in QUERIES] * 2
+    params = glm2_model.sampling(max_new_tokens=16, do_sample=False)
+    probe = glm2_model.scheduler()
+    per_request = max(probe.kv_bytes(len(p) + 16) for p in prompts)
+    sched = glm2_model.scheduler(max_batch=16, kv_cache_bytes=int(per_request * 2.5))
+    seqs = [sched.submit(p, params) for p in prompts]
+    most_running, most_waiting = 0, 0
+    while not all(s.finished for s in seqs):
+        sched.step()
+        assert sched.reserved + sched.prefix_cache.nbytes <= sched.budget
+        most_running, most_waiting = max(most_running, len(sched.running)), max(most_waiting, len(sched.waiting))
+    assert 2 <= most_running < len(prompts) and most_waiting >= len(prompts) - most_running   # they waited for room
+    assert [s.output for s in seqs] == [solo(glm2_model, p, 16) for p in prompts]
+    with pytest.raises(KVBudgetError, match='kv-cache-gb'):
+        sched.submit(prompts[0], glm2_model.sampling(max_new_tokens=4000, do_sample=False))
+
+
+@pytest.mark.parametrize('name', ['glm1', 'glm2'])
+def test_caches_grow_as_needed_and_a_full_budget_preempts_the_newest(models, name):
+    """Sequences start small and grow; when the budget cannot take a growth, the newest sequence is
+    preempted (memory freed, prefilled again later) and every reply is still the one it gets alone."""
+    chat = models[name]
+    prompts = [chat.build_inputs(q) for q in QUERIES[:4]]
+    params = chat.sampling(max_new_tokens=40, do_sample=False)
+    probe = chat.scheduler()
+    sched = chat.scheduler(kv_cache_bytes=probe.kv_bytes(2 * max(len(p) for p in prompts) + 60))
+    sched.GROW_TOKENS = 4
+    seqs = [sched.submit(p, params) for p in prompts]
+    capacities = set()
+    while not all(s.finished for s in seqs):
+        sched.step()
+        cached = sched.prefix_cache.nbytes if sched.prefix_cache else 0
+        assert sched.reserved + cached <= sched.budget
+        assert sched.reserved == sum(s.kv_bytes for s in sched.running)
+        capacities |= {s.state.cache.capacity for s in sched.running}
+    assert len(capacities) > 2 and sched.stats['preempted'] > 0
+    assert [s.output for s in seqs] == [solo(chat, p, 40) for p in prompts]
+    assert sched.stats['prompt_tokens'] == sum(len(p) for p in prompts)   # a preempted one is not new
+
+
+def test_cancelling_mid_batch_frees_its_memory_at_once(glm2_model):
+    prompts = [glm2_model.build_inputs(q) for q in QUERIES[:3]]
+    params = glm2_model.sampling(max_new_tokens=20, do_sample=False)
+    sched = glm2_model.scheduler()
+    seqs = [sched.submit(p, params) for p in prompts]
+    for _ in range(4):
+        sched.step()
+    assert len(sched.running) == 3
+    before, freed = sched.reserved, seqs[1].kv_bytes
+    seqs[1].cancel()
+    sched.step()
+    assert freed > 0 and sched.reserved == before - freed
+    assert seqs[1].finish_reason == 'cancelled' and seqs[1] not in sched.running
+    sched.run_until_done(seqs)
+    assert seqs[0].output == solo(glm2_model, prompts[0], 20) and seqs[2].output == solo(glm2_model, prompts[2], 20)
+    assert len(sched.prefix_cache.entries) == 2     # a cancelled sequence leaves nothing behind
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(glm3_model):
+    prompts = [glm3_model.build_inputs(q) for q in QUERIES[:4]]
+    gen = dict(do_sample=True, temperature=0.9, top_p=0.8, top_k=40, repetition_penalty=1.1)
+    alone = [solo(glm3_model, p, 12, seed=100 + i, **gen) for i, p in enumerate(prompts)]
+    sched = glm3_model.scheduler()
+    seqs = [sched.submit(p, glm3_model.sampling(max_new_tokens=12, seed=100 + i, **gen)) for i, p in enumerate(prompts)]
+    sched.run_until_done(seqs)
+    assert [s.output for s in seqs] == alone
+    assert len({tuple(a) for a in alone}) > 1
+
+
+def test_a_failing_consumer_ends_only_its_own_sequence(glm2_model):
+    prompts = [glm2_model.build_inputs(q) for q in QUERIES[:2]]
+    params = glm2_model.sampling(max_new_tokens=6, do_sample=False)
+    sched = glm2_model.scheduler()
+
+    def explode(seq, token):
+        raise RuntimeError('consumer went away')
+    bad = sched.submit(prompts[0], params, on_token=explode)
+    good = sched.submit(prompts[1], params)
+    sched.run_until_done([bad, good])
+    assert bad.finish_reason == 'error' and 'went away' in str(bad.error)
+    assert good.output == solo(glm2_model, prompts[1], 6) and sched.reserved == 0
+
+
+def test_scheduler_rejects_bad_settings(glm2_model):
+    for kwargs in (dict(max_batch=0), dict(prefill_chunk=0)):
+        with pytest.raises(ValueError):
+            Scheduler(glm2_model.model, glm2_model.tokenizer.vocab_size, **kwargs)
+
+
+def test_chat_batch_equals_chat_one_by_one(glm3_model):
+    turns = ['你好', {'query': 'and then?', 'history': [('hi', 'hello')]},
+             {'query': 'what time is it?', 'system': 'You are a clock.'}]
+    batched = glm3_model.chat_batch(turns, do_sample=False, max_new_tokens=10)
+    one_by_one = [glm3_model.chat(**({'query': t} if isinstance(t, str) else t), do_sample=False, max_new_tokens=10)
+                  for t in turns]
+    assert batched == one_by_one
+    with pytest.raises(ValueError, match='query'):
+        glm3_model.chat_batch([{'text': 'wrong key'}])
+
+
+def test_pipeline_list_input_generates_together(glm2_dir, glm2_model):
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+    pipe = pipeline(task=Tasks.chat, model=glm2_dir, device='cpu')
+    inputs = [{'text': q, 'history': []} for q in QUERIES[:3]] + [{'text': 'again', 'history': [('hi', 'hello')]}]
+    outputs = pipe(inputs, max_new_tokens=8, do_sample=False)
+    assert outputs == [pipe(i, max_new_tokens=8, do_sample=False) for i in inputs]
+    assert pipe.chat_model._batcher.stats['steps'] < 4 * 8     # together, not in a loop
+    assert pipe([]) == []
