@@ -8,11 +8,13 @@ in a fresh process: load with `quantization_bit=8|4` (quantize on load), and rep
   - the THUDM-style CPU path (dequantize each whole W to fp32 on every call, then matmul) on the same
     int8 model, for the baseline ratio (a couple of tokens: it is slow).
 
-    python benchmarks/bench_quant_e2e.py --dir /var/tmp/chatglm2-6b-random [--modes int8,int4]
+    python benchmarks/bench_quant_e2e.py --dir /var/tmp/chatglm2-6b-random [--modes int8:float32,int4:float32]
+        [--repeats 3]
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -53,6 +55,7 @@ def main():
     ap.add_argument('--dir', default=os.path.join('/var/tmp', 'chatglm2-6b-random'))
     ap.add_argument('--modes', default='int8:float32,int4:float32,int8:bfloat16,int4:bfloat16,baseline-int8:float32')
     ap.add_argument('--new', type=int, default=16)
+    ap.add_argument('--repeats', type=int, default=1, help='fresh processes per mode, taken in turns')
     ap.add_argument('--child', default=None)
     args = ap.parse_args()
     if args.child:
@@ -66,16 +69,30 @@ def main():
     print(f'checkpoint: {args.dir} (ChatGLM2-6B shapes, 28 layers, random fp16 weights, '
           f'{time.perf_counter() - t:.0f}s to build or find)\n')
     print(f'{"mode":24s} {"load s":>7s} {"peak RSS GB":>12s} {"RSS GB":>7s} {"prefill s":>10s} {"decode tok/s":>13s}')
+    runs = {mode: [] for mode in args.modes.split(',')}
+    for _ in range(args.repeats):      # modes in turns, so a noisy minute does not hit one mode only
+        for mode in runs:
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--dir', args.dir, '--child', mode,
+                                   '--new', str(args.new)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f'{mode}: failed\n{proc.stderr[-3000:]}')
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[mode].append(r)
+            print(f'{mode:24s} {r["load_s"]:7.1f} {r["peak_rss_gb"]:12.2f} {r["rss_gb"]:7.2f} {r["prefill_s"]:10.2f} '
+                  f'{r["decode_tok_s"]:13.3f}   (prompt {r["prompt"]} tokens)', flush=True)
     results = {}
-    for mode in args.modes.split(','):
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--dir', args.dir, '--child', mode,
-                               '--new', str(args.new)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f'{mode}: failed\n{proc.stderr[-3000:]}')
+    if args.repeats > 1:
+        print(f'\nmedian [min-max] of {args.repeats} runs:')
+    for mode, rs in runs.items():
+        if not rs:
             continue
-        r = results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f'{mode:24s} {r["load_s"]:7.1f} {r["peak_rss_gb"]:12.2f} {r["rss_gb"]:7.2f} {r["prefill_s"]:10.2f} '
-              f'{r["decode_tok_s"]:13.3f}   (prompt {r["prompt"]} tokens)', flush=True)
+        speeds = sorted(r['decode_tok_s'] for r in rs)
+        results[mode] = dict(rs[0], decode_tok_s=statistics.median(speeds))
+        if args.repeats > 1:
+            print(f'{mode:24s} decode {statistics.median(speeds):.3f} [{speeds[0]:.3f}-{speeds[-1]:.3f}] tok/s, '
+                  f'prefill {statistics.median(r["prefill_s"] for r in rs):.2f} s, '
+                  f'load {statistics.median(r["load_s"] for r in rs):.1f} s')
     if 'baseline-int8:float32' in results and 'int8:float32' in results:
         ratio = results['int8:float32']['decode_tok_s'] / results['baseline-int8:float32']['decode_tok_s']
         print(f'\nint8 decode, our kernels vs the THUDM dequantize-whole-W path: {ratio:.1f}x')

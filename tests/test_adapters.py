@@ -11,7 +11,7 @@ import torch
 from parity import TOL
 
 import modelscope_chatglm
-from modelscope_chatglm import CheckpointError, tiny
+from modelscope_chatglm import CheckpointError
 from modelscope_chatglm.generation import left_pad
 
 PROMPT_TEXTS = ['你好', 'tell me about the weather in Beijing today']
