@@ -110,6 +110,7 @@ async def throughput(url, n, prompts, new_tokens):
         results = await asyncio.gather(*[stream_chat(client, url, [{'role': 'user', 'content': prompt}],
                                                      new_tokens) for prompt in prompts])
         wall = time.perf_counter() - t0
+        health = (await client.get(f'{url}/health')).json()
     tokens = sum(r['tokens'] for r in results)
     ttft = [r['first'] - r['start'] for r in results]
     itl = [(r['last'] - r['first']) / (r['tokens'] - 1) for r in results if r['tokens'] > 1]
@@ -119,7 +120,8 @@ async def throughput(url, n, prompts, new_tokens):
     decode_rate = in_window / (end - begin) if end - begin > 1e-3 else float('nan')
     return {'clients': n, 'tokens': tokens, 'wall_s': wall, 'tokens_per_s': tokens / wall,
             'decode_tokens_per_s': decode_rate, 'ttft_p50': percentile(ttft, 50), 'ttft_p99': percentile(ttft, 99),
-            'itl_p50': statistics.median(itl) if itl else float('nan')}
+            'itl_p50': statistics.median(itl) if itl else float('nan'),
+            'preempted_so_far': health['preempted'], 'kv_budget_bytes': health['kv_budget_bytes']}
 
 
 async def returning_conversation(url, encode, history_tokens, prompt_tokens, new_tokens):
@@ -222,7 +224,8 @@ def main():
                 results['runs'].append(r)
                 print(f'{n:7d} {r["tokens"]:6d} {r["wall_s"]:7.1f} {r["tokens_per_s"]:7.2f} '
                       f'{r["decode_tokens_per_s"]:12.2f} {r["ttft_p50"]:9.2f} {r["ttft_p99"]:9.2f} '
-                      f'{r["itl_p50"]:8.3f}', flush=True)
+                      f'{r["itl_p50"]:8.3f}  (preemptions so far: {r["preempted_so_far"]}, KV budget '
+                      f'{r["kv_budget_bytes"] / 2**30:.2f} GiB)', flush=True)
             if max_batch > 1 and 'returning' not in skip:
                 r = asyncio.run(returning_conversation(url, encode, args.history_tokens, args.prompt_tokens,
                                                        args.new_tokens))

@@ -77,7 +77,11 @@ def resolve(path: str, revision: Optional[str] = None) -> str:
     if path.count('/') != 1 or path.startswith(('/', '.')):
         raise CheckpointError(f'adapter {path!r}: no such directory (and not a hub id like "OWNER/NAME")')
     from modelscope.hub.snapshot_download import snapshot_download
-    return snapshot_download(path, revision=revision or 'master')
+    try:
+        return snapshot_download(path, revision=revision or 'master')
+    except Exception as e:   # offline, a typo in a local path, a private repo...
+        raise CheckpointError(f'adapter {path!r} is not a local directory, and fetching it as a hub id failed '
+                              f'({type(e).__name__}: {e}); check the path') from e
 
 
 def is_ptuning(path: str) -> bool:

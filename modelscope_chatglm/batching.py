@@ -485,13 +485,25 @@ class Scheduler:
 
 
 def default_kv_budget(device: torch.device) -> int:
-    """Memory for K/V when none is given: a quarter of the free memory (at most 16 GiB) on a CPU, half of
-    the free GPU memory on CUDA."""
+    """Memory for K/V when none is given: a quarter of the available memory (at most 16 GiB) on a CPU,
+    half of the free GPU memory on CUDA."""
     if device.type == 'cuda':
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.5)
+    return int(min(available_memory() // 4, 16 << 30))
+
+
+def available_memory() -> int:
+    """Bytes the kernel could give us: MemAvailable counts the page cache it would drop (just after
+    loading a model from disk, "free" memory is mostly page cache and far too small a measure)."""
     try:
-        available = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+        with open('/proc/meminfo', encoding='ascii') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // 2
     except (ValueError, OSError, AttributeError):
-        available = 8 << 30
-    return int(min(available // 4, 16 << 30))
+        return 8 << 30

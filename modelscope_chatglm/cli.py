@@ -229,7 +229,7 @@ def main(argv=None):
                            help='most sequences decoded together (default 16; 1 = one request at a time)')
             p.add_argument('--kv-cache-gb', type=_positive_float, default=None,
                            help='GiB for the K/V of running sequences and the prefix cache (default: a quarter '
-                                'of free RAM up to 16, or half of free GPU memory); a request waits until its '
+                                'of available RAM up to 16, or half of free GPU memory); a request waits until its '
                                 'K/V fit')
             p.add_argument('--prefill-chunk', type=_positive_int, default=None,
                            help='prompt tokens prefilled per step between decode steps (default 128 on CPU, 1024 on GPU)')

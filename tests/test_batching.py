@@ -211,3 +211,12 @@ def test_pipeline_list_input_generates_together(glm2_dir, glm2_model):
     assert outputs == [pipe(i, max_new_tokens=8, do_sample=False) for i in inputs]
     assert pipe.chat_model._batcher.stats['steps'] < 4 * 8     # together, not in a loop
     assert pipe([]) == []
+
+
+def test_the_default_kv_budget_counts_the_page_cache_as_available():
+    """Just after a model is read from disk most RAM is page cache: 'free' would leave almost no KV budget."""
+    from modelscope_chatglm.batching import available_memory, default_kv_budget
+    meminfo = {line.split(':')[0]: int(line.split()[1]) * 1024 for line in open('/proc/meminfo')}
+    assert abs(available_memory() - meminfo['MemAvailable']) < 64 << 20     # (it moves between two reads)
+    expected = min(meminfo['MemAvailable'] // 4, 16 << 30)
+    assert abs(default_kv_budget(torch.device('cpu')) - expected) < 16 << 20
