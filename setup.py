@@ -29,6 +29,9 @@ setup(
     extras_require={
         'serve': ['fastapi>=0.110', 'uvicorn>=0.29', 'sse-starlette>=2'],
         'web': ['gradio>=5'],
+        # Ray Serve: replicas behind one endpoint (serve --ray); 2.60 for late-bound ingress apps and
+        # the public request-router API
+        'ray': ['ray[serve]>=2.60'],
         # triton: the GPU kernels' tests run it on CPU as an interpreter (CUDA builds of torch ship it)
         'test': ['pytest>=7', 'httpx', 'openai>=1', 'pexpect', 'playwright', 'triton; platform_system == "Linux"'],
     },

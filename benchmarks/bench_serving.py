@@ -48,23 +48,28 @@ def prompt_text(tokens: int, encode, seed: int) -> str:
 
 
 def start_server(model_dir, bits, max_batch, port, log_path, extra=()):
-    args = [sys.executable, '-m', 'modelscope_chatglm.cli', 'serve', '--model', model_dir, '--device', 'cpu',
-            '--port', str(port), '--max-batch', str(max_batch), '--max-queue', '1000', *extra]
+    args = ['--model', model_dir, '--device', 'cpu', '--max-batch', str(max_batch), '--max-queue', '1000', *extra]
     if bits:
         args += ['--quantize', str(bits)]
-    proc = subprocess.Popen(args, stdout=open(log_path, 'w'), stderr=subprocess.STDOUT)
+    return start_serve(args, port, log_path)
+
+
+def start_serve(args, port, log_path, env=None, minutes=30):
+    """`modelscope-chatglm serve ARGS --port PORT` as a process, once its /health answers."""
     import httpx
-    deadline = time.time() + 1800
+    proc = subprocess.Popen([sys.executable, '-m', 'modelscope_chatglm.cli', 'serve', *args, '--port', str(port)],
+                            stdout=open(log_path, 'w'), stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + minutes * 60
     while time.time() < deadline:
         if proc.poll() is not None:
             sys.exit(f'the server exited:\n{open(log_path).read()[-3000:]}')
         try:
-            if httpx.get(f'http://127.0.0.1:{port}/health', timeout=2).status_code == 200:
+            if httpx.get(f'http://127.0.0.1:{port}/health', timeout=5).status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(1)
     proc.kill()
-    sys.exit('the server did not start in 30 minutes')
+    sys.exit(f'the server did not start in {minutes} minutes')
 
 
 async def stream_chat(client, url, messages, max_tokens, started=None):

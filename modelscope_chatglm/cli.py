@@ -3,6 +3,7 @@
     modelscope-chatglm demo                      offline: tiny random checkpoint -> ModelScope pipeline
     modelscope-chatglm chat --config chatglm3-6b interactive chat, streamed
     modelscope-chatglm serve --config chatglm3-6b OpenAI-compatible HTTP server (extra [serve])
+    modelscope-chatglm serve --ray --replicas 2 ... the same on Ray Serve, several replicas (extra [ray])
     modelscope-chatglm web --config chatglm3-6b   chat page in the browser (extra [web])
     modelscope-chatglm configs                   the YAML configurations this install knows
 """
@@ -155,6 +156,13 @@ def cmd_web(args):
 
 
 def cmd_serve(args):
+    if args.ray:
+        return cmd_serve_ray(args)
+    ray_only = [flag for flag, value in (('--replicas', args.replicas), ('--autoscale', args.autoscale),
+                                         ('--cpus-per-replica', args.cpus_per_replica),
+                                         ('--gpus-per-replica', args.gpus_per_replica)) if value is not None]
+    if ray_only:
+        raise ValueError(f'{", ".join(ray_only)} need --ray (replicas run on Ray Serve)')
     try:
         from .serve.server import serve
     except ImportError as e:
@@ -163,6 +171,26 @@ def cmd_serve(args):
           model_name=args.name, api_key=args.api_key or os.environ.get('MODELSCOPE_CHATGLM_API_KEY') or None,
           max_queue=args.max_queue, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
           kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30))
+
+
+def cmd_serve_ray(args):
+    try:
+        from .serve.ray_app import RaySettings, run
+    except ImportError as e:
+        raise RuntimeError(f'serve --ray needs the [ray] extra ({e}); pip install "modelscope-chatglm[ray]"')
+    if args.replicas is not None and args.autoscale is not None:
+        raise ValueError('give --replicas N or --autoscale MIN:MAX, not both')
+    settings = RaySettings(
+        model=args.config or args.model, revision=args.revision, device=args.device, dtype=args.dtype,
+        quantize=args.quantize, adapter=adapter_argument(args.adapter, several=True),
+        adapter_revision=args.adapter_revision, no_cuda_graphs=args.no_cuda_graphs, name=args.name,
+        api_key=args.api_key or os.environ.get('MODELSCOPE_CHATGLM_API_KEY') or None,
+        max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
+        kv_cache_gb=args.kv_cache_gb, prefill_chunk=args.prefill_chunk, replicas=args.replicas or 1,
+        autoscale=args.autoscale, cpus_per_replica=1 if args.cpus_per_replica is None else args.cpus_per_replica,
+        gpus_per_replica=args.gpus_per_replica or 0)
+    settings.autoscale_range()   # a malformed MIN:MAX fails here, before Ray starts
+    run(settings, host=args.host, port=args.port)
 
 
 def cmd_configs(args):
@@ -183,6 +211,13 @@ def _positive_float(text):
     value = float(text)
     if not 0 < value < float('inf'):
         raise argparse.ArgumentTypeError(f'must be > 0, got {value}')
+    return value
+
+
+def _nonnegative_float(text):
+    value = float(text)
+    if not 0 <= value < float('inf'):
+        raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
     return value
 
 
@@ -233,6 +268,15 @@ def main(argv=None):
                                 'K/V fit')
             p.add_argument('--prefill-chunk', type=_positive_int, default=None,
                            help='prompt tokens prefilled per step between decode steps (default 128 on CPU, 1024 on GPU)')
+            ray = p.add_argument_group('Ray Serve (extra [ray]): replicas on the cluster at $RAY_ADDRESS, or a local one')
+            ray.add_argument('--ray', action='store_true', help='serve through Ray Serve')
+            ray.add_argument('--replicas', type=_positive_int, default=None, help='model replicas (default 1)')
+            ray.add_argument('--autoscale', metavar='MIN:MAX', default=None,
+                             help='scale between MIN and MAX replicas on ongoing requests (a full batch each)')
+            ray.add_argument('--cpus-per-replica', type=_nonnegative_float, default=None,
+                             help='CPUs Ray reserves for each replica (default 1; also its torch threads)')
+            ray.add_argument('--gpus-per-replica', type=_nonnegative_float, default=None,
+                             help='GPUs for each replica (default 0; > 0 runs the replica on cuda)')
     p = sub.add_parser('configs', help='list the YAML configurations')
     p.set_defaults(func=cmd_configs)
     args = ap.parse_args(argv)

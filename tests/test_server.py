@@ -12,7 +12,8 @@ httpx = pytest.importorskip('httpx')
 openai = pytest.importorskip('openai')
 pytest.importorskip('fastapi')
 
-from modelscope_chatglm.serve.server import ChatCompletionRequest, Result, _message, to_conversation  # noqa: E402
+from modelscope_chatglm.serve.engine import Result  # noqa: E402
+from modelscope_chatglm.serve.protocol import ChatCompletionRequest, message, to_conversation  # noqa: E402
 
 GREEDY = dict(temperature=0, max_tokens=8)
 
@@ -372,8 +373,8 @@ def test_chatglm3_tools_map_to_openai_tool_calls():
     assert history[1] == {'role': 'assistant', 'metadata': 'get_weather',
                           'content': "```python\ntool_call(city='北京')\n```"}
     assert tools == [{'name': 'get_weather', 'parameters': {}}]
-    message = _message(Result({'name': 'get_weather', 'parameters': {'city': '上海'}}, [], 1, 1, 'stop'))
-    call = message['tool_calls'][0]
+    message_ = message(Result({'name': 'get_weather', 'parameters': {'city': '上海'}}, [], 1, 1, 'stop'))
+    call = message_['tool_calls'][0]
     assert call['type'] == 'function' and call['function']['name'] == 'get_weather'
     assert json.loads(call['function']['arguments']) == {'city': '上海'}
 

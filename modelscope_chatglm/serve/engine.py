@@ -1,8 +1,12 @@
-"""One model, many clients: HTTP handlers submit `Job`s, one engine thread steps the continuous-batching
-scheduler (batching.py) and pushes each job's events back onto the event loop:
+"""One model, many clients. `Engine.generate(call)` is what the HTTP routes see of a model: an async
+stream of events for one conversation turn,
+    ('start', replica id) or ('rejected', exception), then
     ('delta', text) ... then ('done', Result) or ('error', exception)
-The thread is the only one that runs the model, so generation never blocks the event loop. A job whose
-client went away is cancelled: its sequence leaves the batch at the next step and its memory is free.
+One engine thread steps the continuous-batching scheduler (batching.py) and pushes each job's events
+back onto the event loop, so generation never blocks it. Validation and prompt building run in a worker
+thread. A stream that is closed early (the client went away) cancels its job: the sequence leaves the
+batch at the next step and its memory is free. On Ray Serve (ray_app.py) each replica runs an Engine and
+the routes talk to them through `RayBackend`, which streams the same events.
 """
 from __future__ import annotations
 
@@ -12,12 +16,33 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import AsyncIterator, List, Optional, Tuple
 
 from ..chat import ChatModel, ChatRequest
 from ..generation import TextDeltas
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatCall:
+    """One conversation turn as the routes ask for it (plain data: on Ray it travels to a replica)."""
+    query: str
+    history: list
+    options: dict = field(default_factory=dict)   # ChatModel.prepare's keywords: generation options, role, ...
+    stop: List[str] = field(default_factory=list)  # OpenAI stop strings
+    adapter: Optional[str] = None                  # a LoRA adapter the model holds, by name
+
+    def conversation_key(self) -> str:
+        """What stays the same over the turns of one conversation: its adapter, system prompt, tools
+        and opening message. Routing on it sends every turn to the replica that holds its K/V."""
+        first = self.history[0] if self.history else self.query
+        if isinstance(first, dict):            # a role message
+            first = first.get('content')
+        elif isinstance(first, (tuple, list)):  # a (query, response) round
+            first = first[0]
+        opts = self.options
+        return repr((self.adapter, opts.get('system'), opts.get('tools'), first))
 
 
 @dataclass
@@ -54,16 +79,49 @@ class QueueFull(Exception):
     """More jobs are waiting than the engine takes (`max_queue`)."""
 
 
+class ReplicaUnavailable(Exception):
+    """The process that ran the model went away (a Ray Serve replica died): retry, another one serves."""
+
+
+Event = Tuple[str, object]
+
+
 class Engine:
     def __init__(self, chat: ChatModel, max_queue: int = 100, max_batch: Optional[int] = None,
-                 kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None):
+                 kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None, replica: str = ''):
         self.chat = chat
+        self.replica = replica            # a name for this engine among several (Ray Serve replicas)
+        self.model_name = chat.name
+        self.adapters = list(chat.adapters)
+        self.reply_starts_with_metadata = chat.format.reply_starts_with_metadata
         self.max_queue = max_queue
         self.scheduler = chat.scheduler(max_batch, kv_cache_bytes, prefill_chunk)
         self.started = time.time()
         self._rate = deque(maxlen=64)     # (time, generated tokens) after recent steps: tokens/s
         self.thread = threading.Thread(target=self._work, name='chatglm-engine', daemon=True)
         self.thread.start()
+
+    async def generate(self, call: ChatCall) -> AsyncIterator[Event]:
+        """The events of one turn (see the module docstring). Closing the stream cancels the job."""
+        try:
+            # Validating and encoding a long conversation takes real time: not on the event loop.
+            prepared = await asyncio.to_thread(self.chat.prepare, call.query, call.history, **call.options)
+            job = self.submit(Job(prepared, call.stop, adapter=call.adapter))
+        except Exception as e:   # InputError, ContextLengthError, QueueFull, KVBudgetError, ...
+            yield 'rejected', e
+            return
+        try:
+            yield 'start', self.replica
+            while True:
+                kind, value = await job.events.get()
+                yield kind, value
+                if kind != 'delta':
+                    return
+        finally:
+            job.cancel()   # the consumer is gone (or the stream ended): leave the batch
+
+    async def stats_list(self) -> List[dict]:
+        return [self.stats()]
 
     def submit(self, job: Job) -> Job:
         """Raises QueueFull, or batching.KVBudgetError for a request that can never fit."""
@@ -90,7 +148,7 @@ class Engine:
     def stats(self) -> dict:
         snap = self.scheduler.snapshot()
         snap.update(queued=snap['waiting'], active=snap['running'], tokens_per_second=self.tokens_per_second(),
-                    uptime_seconds=time.time() - self.started)
+                    uptime_seconds=time.time() - self.started, replica=self.replica)
         return snap
 
     def tokens_per_second(self) -> float:

@@ -19,157 +19,61 @@ import contextlib
 import hmac
 import json
 import time
-import uuid
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
 from ..chat import ChatModel
-from ..errors import ContextLengthError, InputError
-from ..batching import KVBudgetError
-from .engine import Engine, Job, QueueFull, Result
+from ..errors import InputError
+from . import protocol
+from .engine import Engine, Result
+from .protocol import ChatCompletionRequest, ClassicRequest
 
 
-# -- request bodies ------------------------------------------------------------------------------------
-class ToolCallFunction(BaseModel):
-    name: str
-    arguments: str = '{}'
+def _error(status: int, message: str, kind: str = 'invalid_request_error', retry_after=None) -> JSONResponse:
+    response = JSONResponse(status_code=status, content=protocol.error_body(message, kind))
+    if retry_after is not None:
+        response.headers['Retry-After'] = str(retry_after)
+    return response
 
 
-class ToolCall(BaseModel):
-    id: Optional[str] = None
-    type: Literal['function'] = 'function'
-    function: ToolCallFunction
+def _rejected(exc: Exception, accepted: bool = False) -> JSONResponse:
+    """The error response for a request refused before it started, or one that failed after."""
+    return _error(*(protocol.failure(exc) if accepted else protocol.rejection(exc)))
 
 
-class Message(BaseModel):
-    role: Literal['system', 'user', 'assistant', 'tool', 'function', 'observation']
-    content: Optional[Union[str, List[Dict[str, Any]]]] = None
-    tool_calls: Optional[List[ToolCall]] = None
-    name: Optional[str] = None
-    tool_call_id: Optional[str] = None
-
-
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra='ignore')
-    model: Optional[str] = None
-    messages: List[Message] = Field(min_length=1)
-    stream: bool = False
-    temperature: Optional[float] = Field(default=None, ge=0, le=2)
-    top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    stop: Optional[Union[str, List[str]]] = None
-    seed: Optional[int] = None
-    tools: Optional[List[Dict[str, Any]]] = None
-    n: int = Field(default=1, ge=1)
-
-
-class ClassicRequest(BaseModel):
-    model_config = ConfigDict(extra='ignore')
-    prompt: str
-    history: List[List[str]] = []
-    max_length: Optional[int] = Field(default=None, ge=1)
-    top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    temperature: Optional[float] = Field(default=None, gt=0)
-
-
-# -- OpenAI messages <-> ChatGLM conversations ----------------------------------------------------------
-MAX_STOP_STRINGS = 4      # OpenAI's limit; each stop string is searched in the reply after every token
-
-
-def _text(content) -> str:
-    if content is None:
-        return ''
-    if isinstance(content, str):
-        return content
-    return ''.join(part.get('text', '') for part in content if part.get('type') == 'text')
-
-
-def to_conversation(req: ChatCompletionRequest):
-    """-> (query, history as role messages, role of the query, system prompt, tools)."""
-    messages = []
-    for m in req.messages:
-        if m.role == 'assistant' and m.tool_calls:
-            call = m.tool_calls[0].function
-            args = json.loads(call.arguments or '{}')
-            if not isinstance(args, dict):
-                raise InputError(f'tool call {call.name!r}: arguments must be a JSON object, got {call.arguments!r}')
-            code = 'tool_call(' + ', '.join(f'{k}={v!r}' for k, v in args.items()) + ')'
-            messages.append({'role': 'assistant', 'metadata': call.name, 'content': f'```python\n{code}\n```'})
-        else:
-            role = {'tool': 'observation', 'function': 'observation'}.get(m.role, m.role)
-            messages.append({'role': role, 'content': _text(m.content)})
-    last = messages.pop()
-    if last['role'] not in ('user', 'observation'):
-        raise InputError(f'the last message must come from the user or a tool, not {last["role"]!r}')
-    tools = [t.get('function', t) for t in req.tools] if req.tools else None
-    system = None
-    if messages and messages[0]['role'] == 'system':
-        system = messages.pop(0)['content']
-    return last['content'], messages, last['role'], system, tools
-
-
-def generation_options(req) -> dict:
-    options = {}
-    if req.temperature is not None:
-        if req.temperature == 0:
-            options['do_sample'] = False
-        else:
-            options['temperature'] = req.temperature
-    if req.top_p is not None:
-        options['top_p'] = req.top_p
-    if getattr(req, 'max_tokens', None) is not None:
-        options['max_new_tokens'] = req.max_tokens
-    if getattr(req, 'seed', None) is not None:
-        options['seed'] = req.seed
-    return options
-
-
-def _message(result: Result) -> dict:
-    if isinstance(result.response, dict):   # a ChatGLM3 tool call
-        args = result.response.get('parameters', {'content': result.response.get('content')})
-        return {'role': 'assistant', 'content': None, 'tool_calls': [{
-            'id': f'call_{uuid.uuid4().hex[:16]}', 'type': 'function',
-            'function': {'name': result.response['name'], 'arguments': json.dumps(args, ensure_ascii=False)}}]}
-    return {'role': 'assistant', 'content': result.response}
-
-
-def _finish_reason(result: Result) -> str:
-    return 'tool_calls' if isinstance(result.response, dict) else result.finish_reason
-
-
-def _usage(result: Result) -> dict:
-    return {'prompt_tokens': result.prompt_tokens, 'completion_tokens': result.completion_tokens,
-            'total_tokens': result.prompt_tokens + result.completion_tokens,
-            # as OpenAI reports prompt caching: the prompt tokens whose K/V the prefix cache held
-            'prompt_tokens_details': {'cached_tokens': result.cached_tokens}}
-
-
-def _error(status: int, message: str, kind: str = 'invalid_request_error') -> JSONResponse:
-    return JSONResponse(status_code=status, content={'error': {'message': message, 'type': kind}})
+REPLICA_HEADER = 'x-chatglm-replica'   # which engine served a request (several under Ray Serve)
 
 
 # -- the app ---------------------------------------------------------------------------------------------
 def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20,
                api_key: Optional[str] = None, max_queue: int = 100, max_batch: Optional[int] = None,
                kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None) -> FastAPI:
-    """api_key: when set, every route but /health and /metrics wants `Authorization: Bearer <api_key>`.
+    """The server over one model in this process.
+    api_key: when set, every route but /health and /metrics wants `Authorization: Bearer <api_key>`.
     max_queue: requests that may wait for the model; more get a 503 with Retry-After.
     max_batch, kv_cache_bytes, prefill_chunk: the continuous-batching scheduler's (batching.py)."""
     engine = Engine(chat, max_queue, max_batch, kv_cache_bytes, prefill_chunk)
+    return create_app_over(engine, model_name, max_body_bytes, api_key)
+
+
+def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20,
+                    api_key: Optional[str] = None) -> FastAPI:
+    """The routes over a backend: an `Engine` here, or `ray_app.RayBackend` over Ray Serve replicas.
+    A backend has model_name, adapters, reply_starts_with_metadata, `generate(ChatCall)` (the event
+    stream of engine.py), `async stats_list()` (one dict per engine) and `cancel_all()`."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        engine.cancel_all()   # shutting down (SIGTERM): nothing queued starts, running sequences stop
+        backend.cancel_all()   # shutting down (SIGTERM): nothing queued starts, running sequences stop
 
     app = FastAPI(title='modelscope-chatglm', version='1', lifespan=lifespan)
-    name = model_name or chat.name
-    app.state.engine = engine
+    name = model_name or backend.model_name
+    app.state.engine = backend
 
     @app.middleware('http')
     async def check_api_key(request: Request, call_next):
@@ -208,83 +112,67 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
 
     @app.get('/health')
     async def health():
-        return {'status': 'ok', 'model': name, **engine.stats()}
+        engines = await backend.stats_list()
+        if len(engines) == 1 and not engines[0].get('replica'):
+            return {'status': 'ok', 'model': name, **engines[0]}
+        return {'status': 'ok', 'model': name, **protocol.combined(engines), 'replicas': engines}
 
     @app.get('/metrics')
     async def metrics():
-        return PlainTextResponse(prometheus_text(engine.stats(), name),
+        return PlainTextResponse(protocol.prometheus_text(await backend.stats_list(), name),
                                  media_type='text/plain; version=0.0.4; charset=utf-8')
 
     @app.get('/v1/models')
     async def models():
         base = {'id': name, 'object': 'model', 'created': 0, 'owned_by': 'modelscope-chatglm'}
         # LoRA adapters held over the base (--adapter NAME=PATH): a request's `model` picks one.
-        return {'object': 'list', 'data': [base] + [dict(base, id=a, root=a, parent=name) for a in chat.adapters]}
+        return {'object': 'list', 'data': [base] + [dict(base, id=a, root=a, parent=name) for a in backend.adapters]}
 
     def pick_adapter(requested: Optional[str]) -> Optional[str]:
         """The adapter a request's `model` names; None = the base. Without adapters any name is the base
         (clients often send a fixed model name); with them, an unknown name is an error, not the base."""
-        if not chat.adapters or requested in (None, '', name):
+        if not backend.adapters or requested in (None, '', name):
             return None
-        if requested in chat.adapters:
+        if requested in backend.adapters:
             return requested
-        raise UnknownModel(f'model {requested!r} does not exist here; this server has {[name] + chat.adapters} '
+        raise UnknownModel(f'model {requested!r} does not exist here; this server has {[name] + backend.adapters} '
                            '(GET /v1/models lists them)')
 
     @app.post('/v1/chat/completions')
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        if req.n > 1:
-            return _error(400, f'n={req.n}: one choice per request is supported; send {req.n} requests '
-                               '(each with its own seed for different samples)')
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stops) > MAX_STOP_STRINGS:
-            return _error(400, f'stop takes at most {MAX_STOP_STRINGS} strings (as in the OpenAI API), got '
-                               f'{len(stops)}; send fewer')
         try:
             adapter = pick_adapter(req.model)
         except UnknownModel as e:
             return _error(404, str(e), 'model_not_found')
         try:
-            query, history, role, system, tools = to_conversation(req)
-            options = dict(generation_options(req), role=role, system=system, tools=tools)
-            # Validate and encode now (errors become a 400, not a broken stream), in a thread: a long
-            # conversation takes real time to encode and must not stall the other clients.
-            prepared = await asyncio.to_thread(chat.prepare, query, history, **options)
-        except (InputError, ContextLengthError, ValueError, TypeError) as e:
+            call = protocol.chat_call(req, adapter)
+        except (InputError, ValueError) as e:
             return _error(400, str(e))
-        try:
-            job = engine.submit(Job(prepared, stops, adapter=adapter))
-        except QueueFull as e:
-            return _busy(str(e))
-        except KVBudgetError as e:
-            return _error(400, str(e))
-        created, cid = int(time.time()), f'chatcmpl-{uuid.uuid4().hex}'
+        events = backend.generate(call)
+        kind, value = await _first(events)
+        if kind == 'rejected':
+            return _rejected(value)
+        headers = {REPLICA_HEADER: value} if value else {}
+        created, cid = int(time.time()), protocol.completion_id()
         if not req.stream:
             try:
-                result = await _wait(job, request)
+                result = await _result(events, request)
             except ClientGone:
                 return _error(499, 'the client closed the connection')
             except Exception as e:   # the request was valid: a failure now is the server's
-                return _error(500, f'{type(e).__name__}: {e}', 'server_error')
-            return {'id': cid, 'object': 'chat.completion', 'created': created, 'model': name,
-                    'choices': [{'index': 0, 'message': _message(result), 'finish_reason': _finish_reason(result)}],
-                    'usage': _usage(result)}
+                return _rejected(e, accepted=True)
+            return JSONResponse(protocol.completion(cid, created, name, result), headers=headers)
 
         def chunk(delta, finish=None, usage=None):
-            body = {'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': name,
-                    'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]}
-            if usage is not None:
-                body['usage'] = usage
-            return json.dumps(body, ensure_ascii=False)
+            return protocol.chunk(cid, created, name, delta, finish, usage)
 
-        async def events():
+        async def stream():
             # ChatGLM3 starts a reply with a metadata line: empty for text, the tool's name for a call.
             # Hold the text until that line is complete, and stream nothing of a tool call but the call.
-            pending, mode = '', None if chat.format.reply_starts_with_metadata else 'text'
+            pending, mode = '', None if backend.reply_starts_with_metadata else 'text'
             try:
                 yield chunk({'role': 'assistant', 'content': ''})
-                while True:
-                    kind, value = await job.events.get()
+                async for kind, value in events:
                     if kind == 'delta':
                         if mode is None:
                             pending += value
@@ -300,45 +188,40 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
                             # The metadata line never ended: the whole reply is text, none of it sent yet.
                             yield chunk({'content': value.response})
                         if isinstance(value.response, dict):
-                            yield chunk({'tool_calls': [dict(_message(value)['tool_calls'][0], index=0)]})
-                        yield chunk({}, _finish_reason(value), _usage(value))
-                        yield '[DONE]'
-                        return
+                            tool_call = protocol.message(value)['tool_calls'][0]
+                            yield chunk({'tool_calls': [dict(tool_call, index=0)]})
+                        yield chunk({}, protocol.finish_reason(value), protocol.usage(value))
+                        break
                     else:
-                        yield json.dumps({'error': {'message': str(value), 'type': 'server_error'}})
-                        yield '[DONE]'
-                        return
+                        yield _stream_error(value)
+                        break
+            except Exception as e:   # a fault here: still end the stream with an error event
+                yield _stream_error(e)
             finally:
-                job.cancel()   # the client is gone (or the stream ended): leave the batch
+                await events.aclose()   # the client is gone (or the stream ended): leave the batch
+            yield '[DONE]'
 
-        return EventSourceResponse(events(), ping=15)
+        return EventSourceResponse(stream(), ping=15, headers=headers)
 
     @app.post('/')
     async def classic(req: ClassicRequest, request: Request):
-        options = generation_options(req)
-        if req.max_length is not None:
-            options['max_length'] = req.max_length
-        history = [tuple(h) for h in req.history]
-        if any(len(h) != 2 for h in history):
-            return _error(400, 'history must be a list of [query, response] pairs')
         try:
-            prepared = await asyncio.to_thread(chat.prepare, req.prompt, history, **options)
-        except (InputError, ContextLengthError, ValueError, TypeError) as e:
+            call = protocol.classic_call(req)
+        except InputError as e:
             return _error(400, str(e))
+        events = backend.generate(call)
+        kind, value = await _first(events)
+        if kind == 'rejected':
+            return _rejected(value)
         try:
-            job = engine.submit(Job(prepared))
-        except QueueFull as e:
-            return _busy(str(e))
-        except KVBudgetError as e:
-            return _error(400, str(e))
-        try:
-            result = await _wait(job, request)
+            result = await _result(events, request)
         except ClientGone:
             return _error(499, 'the client closed the connection')
         except Exception as e:
-            return _error(500, f'{type(e).__name__}: {e}', 'server_error')
-        return {'response': result.response, 'history': [list(h) for h in result.history], 'status': 200,
-                'time': time.strftime('%Y-%m-%d %H:%M:%S')}
+            return _rejected(e, accepted=True)
+        return JSONResponse({'response': result.response, 'history': [list(h) for h in result.history],
+                             'status': 200, 'time': time.strftime('%Y-%m-%d %H:%M:%S')},
+                            headers={REPLICA_HEADER: value} if value else {})
 
     return app
 
@@ -351,15 +234,28 @@ class UnknownModel(Exception):
     pass
 
 
-async def _wait(job: Job, request: Request) -> Result:
-    """The job's result; ClientGone (and the job cancelled) as soon as the client hangs up."""
+async def _first(events):
+    """The stream's first event: ('start', replica) or ('rejected', exception)."""
+    return await events.__anext__()
+
+
+def _stream_error(exc: Exception) -> str:
+    """An SSE event that ends a stream whose generation failed."""
+    _, message, kind, _ = protocol.failure(exc)
+    return json.dumps(protocol.error_body(message, kind))
+
+
+async def _result(events, request: Request) -> Result:
+    """The final Result of an event stream; ClientGone (and the stream closed) as soon as the client
+    hangs up."""
     gone = asyncio.ensure_future(_disconnect(request))
     try:
         while True:
-            event = asyncio.ensure_future(job.events.get())
+            event = asyncio.ensure_future(events.__anext__())
             await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not event.done():
-                event.cancel()
+                event.cancel()   # the stream's own cleanup (cancelling its job) runs as this ends
+                await asyncio.gather(event, return_exceptions=True)
                 raise ClientGone()
             kind, value = event.result()
             if kind == 'done':
@@ -368,7 +264,7 @@ async def _wait(job: Job, request: Request) -> Result:
                 raise value
     finally:
         gone.cancel()
-        job.cancel()
+        await events.aclose()
 
 
 async def _disconnect(request: Request):
@@ -376,43 +272,6 @@ async def _disconnect(request: Request):
     timeout, which never sees the disconnect through the HTTP middlewares: wait for it instead.)"""
     while (await request.receive())['type'] != 'http.disconnect':
         pass
-
-
-def _busy(message: str) -> JSONResponse:
-    response = _error(503, message, 'server_busy')
-    response.headers['Retry-After'] = '5'
-    return response
-
-
-# name -> (Prometheus type, help) of what /metrics reports, from Engine.stats().
-METRICS = {
-    'running': ('gauge', 'sequences in the running batch'),
-    'waiting': ('gauge', 'requests waiting to join the batch'),
-    'max_batch': ('gauge', 'most sequences decoded together (--max-batch)'),
-    'kv_budget_bytes': ('gauge', 'memory for K/V of running sequences and the prefix cache (--kv-cache-gb)'),
-    'kv_reserved_bytes': ('gauge', 'K/V memory reserved by running sequences'),
-    'kv_prefix_cache_bytes': ('gauge', 'K/V memory held by the prefix cache'),
-    'prefix_cache_entries': ('gauge', 'finished sequences whose K/V the prefix cache keeps'),
-    'prefix_cache_hit_rate': ('gauge', 'share of prompt tokens taken from the prefix cache'),
-    'prompt_tokens': ('counter', 'prompt tokens of admitted requests'),
-    'cached_prompt_tokens': ('counter', 'prompt tokens whose K/V came from the prefix cache'),
-    'generated_tokens': ('counter', 'tokens generated'),
-    'completed': ('counter', 'requests finished by a stop or their length'),
-    'cancelled': ('counter', 'requests cancelled (client gone, shutdown)'),
-    'failed': ('counter', 'requests that failed in the engine'),
-    'preempted': ('counter', 'sequences preempted (memory freed, prefilled again) for lack of KV memory'),
-    'steps': ('counter', 'scheduler iterations'),
-    'tokens_per_second': ('gauge', 'generated tokens per second over the last steps'),
-}
-
-
-def prometheus_text(stats: dict, model: str) -> str:
-    label = '{model="' + model.replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n') + '"}'
-    lines = []
-    for key, (kind, text) in METRICS.items():
-        metric = f'chatglm_{key}' + ('_total' if kind == 'counter' else '')
-        lines += [f'# HELP {metric} {text}', f'# TYPE {metric} {kind}', f'{metric}{label} {float(stats[key])!r}']
-    return '\n'.join(lines) + '\n'
 
 
 SHUTDOWN_GRACE_S = 3

@@ -1,0 +1,249 @@
+"""The OpenAI chat-completions protocol (and the classic ChatGLM API) in ChatGLM terms: request bodies,
+their conversion into a `ChatCall`, and the response, error and metrics bodies. No routes and no
+engine: the HTTP app (server.py) uses it in one process, and the same app on Ray Serve (ray_app.py)."""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..batching import KVBudgetError
+from ..errors import ContextLengthError, InputError
+from .engine import ChatCall, QueueFull, ReplicaUnavailable, Result
+
+
+# -- request bodies ------------------------------------------------------------------------------------
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str = '{}'
+
+
+class ToolCall(BaseModel):
+    id: Optional[str] = None
+    type: Literal['function'] = 'function'
+    function: ToolCallFunction
+
+
+class Message(BaseModel):
+    role: Literal['system', 'user', 'assistant', 'tool', 'function', 'observation']
+    content: Optional[Union[str, List[Dict[str, Any]]]] = None
+    tool_calls: Optional[List[ToolCall]] = None
+    name: Optional[str] = None
+    tool_call_id: Optional[str] = None
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra='ignore')
+    model: Optional[str] = None
+    messages: List[Message] = Field(min_length=1)
+    stream: bool = False
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    stop: Optional[Union[str, List[str]]] = None
+    seed: Optional[int] = None
+    tools: Optional[List[Dict[str, Any]]] = None
+    n: int = Field(default=1, ge=1)
+
+
+class ClassicRequest(BaseModel):
+    model_config = ConfigDict(extra='ignore')
+    prompt: str
+    history: List[List[str]] = []
+    max_length: Optional[int] = Field(default=None, ge=1)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    temperature: Optional[float] = Field(default=None, gt=0)
+
+
+# -- requests -> ChatCall ----------------------------------------------------------------------------------
+MAX_STOP_STRINGS = 4      # OpenAI's limit; each stop string is searched in the reply after every token
+
+
+def _text(content) -> str:
+    if content is None:
+        return ''
+    if isinstance(content, str):
+        return content
+    return ''.join(part.get('text', '') for part in content if part.get('type') == 'text')
+
+
+def to_conversation(req: ChatCompletionRequest):
+    """-> (query, history as role messages, role of the query, system prompt, tools)."""
+    messages = []
+    for m in req.messages:
+        if m.role == 'assistant' and m.tool_calls:
+            call = m.tool_calls[0].function
+            args = json.loads(call.arguments or '{}')
+            if not isinstance(args, dict):
+                raise InputError(f'tool call {call.name!r}: arguments must be a JSON object, got {call.arguments!r}')
+            code = 'tool_call(' + ', '.join(f'{k}={v!r}' for k, v in args.items()) + ')'
+            messages.append({'role': 'assistant', 'metadata': call.name, 'content': f'```python\n{code}\n```'})
+        else:
+            role = {'tool': 'observation', 'function': 'observation'}.get(m.role, m.role)
+            messages.append({'role': role, 'content': _text(m.content)})
+    last = messages.pop()
+    if last['role'] not in ('user', 'observation'):
+        raise InputError(f'the last message must come from the user or a tool, not {last["role"]!r}')
+    tools = [t.get('function', t) for t in req.tools] if req.tools else None
+    system = None
+    if messages and messages[0]['role'] == 'system':
+        system = messages.pop(0)['content']
+    return last['content'], messages, last['role'], system, tools
+
+
+def generation_options(req) -> dict:
+    options = {}
+    if req.temperature is not None:
+        if req.temperature == 0:
+            options['do_sample'] = False
+        else:
+            options['temperature'] = req.temperature
+    if req.top_p is not None:
+        options['top_p'] = req.top_p
+    if getattr(req, 'max_tokens', None) is not None:
+        options['max_new_tokens'] = req.max_tokens
+    if getattr(req, 'seed', None) is not None:
+        options['seed'] = req.seed
+    if getattr(req, 'max_length', None) is not None:
+        options['max_length'] = req.max_length
+    return options
+
+
+def chat_call(req: ChatCompletionRequest, adapter: Optional[str]) -> ChatCall:
+    """An OpenAI request as one ChatGLM turn. Raises InputError for what the protocol rejects."""
+    if req.n > 1:
+        raise InputError(f'n={req.n}: one choice per request is supported; send {req.n} requests '
+                         '(each with its own seed for different samples)')
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InputError(f'stop takes at most {MAX_STOP_STRINGS} strings (as in the OpenAI API), got '
+                         f'{len(stops)}; send fewer')
+    query, history, role, system, tools = to_conversation(req)
+    options = dict(generation_options(req), role=role, system=system, tools=tools)
+    return ChatCall(query, history, options, stops, adapter)
+
+
+def classic_call(req: ClassicRequest) -> ChatCall:
+    history = [tuple(h) for h in req.history]
+    if any(len(h) != 2 for h in history):
+        raise InputError('history must be a list of [query, response] pairs')
+    return ChatCall(req.prompt, history, generation_options(req))
+
+
+# -- responses ---------------------------------------------------------------------------------------------
+def completion_id() -> str:
+    return f'chatcmpl-{uuid.uuid4().hex}'
+
+
+def message(result: Result) -> dict:
+    if isinstance(result.response, dict):   # a ChatGLM3 tool call
+        args = result.response.get('parameters', {'content': result.response.get('content')})
+        return {'role': 'assistant', 'content': None, 'tool_calls': [{
+            'id': f'call_{uuid.uuid4().hex[:16]}', 'type': 'function',
+            'function': {'name': result.response['name'], 'arguments': json.dumps(args, ensure_ascii=False)}}]}
+    return {'role': 'assistant', 'content': result.response}
+
+
+def finish_reason(result: Result) -> str:
+    return 'tool_calls' if isinstance(result.response, dict) else result.finish_reason
+
+
+def usage(result: Result) -> dict:
+    return {'prompt_tokens': result.prompt_tokens, 'completion_tokens': result.completion_tokens,
+            'total_tokens': result.prompt_tokens + result.completion_tokens,
+            # as OpenAI reports prompt caching: the prompt tokens whose K/V the prefix cache held
+            'prompt_tokens_details': {'cached_tokens': result.cached_tokens}}
+
+
+def completion(cid: str, created: int, model: str, result: Result) -> dict:
+    return {'id': cid, 'object': 'chat.completion', 'created': created, 'model': model,
+            'choices': [{'index': 0, 'message': message(result), 'finish_reason': finish_reason(result)}],
+            'usage': usage(result)}
+
+
+def chunk(cid: str, created: int, model: str, delta: dict, finish=None, usage_=None) -> str:
+    body = {'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': model,
+            'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]}
+    if usage_ is not None:
+        body['usage'] = usage_
+    return json.dumps(body, ensure_ascii=False)
+
+
+def error_body(message_: str, kind: str = 'invalid_request_error') -> dict:
+    return {'error': {'message': message_, 'type': kind}}
+
+
+RETRY_AFTER_S = 5
+
+
+def rejection(exc: Exception):
+    """A refused or failed request -> (HTTP status, message, OpenAI error type, Retry-After or None).
+    The one table from the engine's exceptions to the protocol's errors."""
+    if isinstance(exc, QueueFull):
+        return 503, str(exc), 'server_busy', RETRY_AFTER_S
+    if isinstance(exc, ReplicaUnavailable):
+        return 503, str(exc), 'server_unavailable', RETRY_AFTER_S
+    if isinstance(exc, (InputError, ContextLengthError, KVBudgetError, ValueError, TypeError)):
+        return 400, str(exc), 'invalid_request_error', None
+    # The request was valid: a failure now is the server's.
+    return 500, f'{type(exc).__name__}: {exc}', 'server_error', None
+
+
+def failure(exc: Exception):
+    """Like `rejection`, for a request that was accepted and then failed: never the client's fault."""
+    status, message_, kind, retry_after = rejection(exc)
+    if status < 500:
+        return 500, f'{type(exc).__name__}: {exc}', 'server_error', None
+    return status, message_, kind, retry_after
+
+
+# -- metrics -----------------------------------------------------------------------------------------------
+# name -> (Prometheus type, help) of what /metrics reports, from Engine.stats().
+METRICS = {
+    'running': ('gauge', 'sequences in the running batch'),
+    'waiting': ('gauge', 'requests waiting to join the batch'),
+    'max_batch': ('gauge', 'most sequences decoded together (--max-batch)'),
+    'kv_budget_bytes': ('gauge', 'memory for K/V of running sequences and the prefix cache (--kv-cache-gb)'),
+    'kv_reserved_bytes': ('gauge', 'K/V memory reserved by running sequences'),
+    'kv_prefix_cache_bytes': ('gauge', 'K/V memory held by the prefix cache'),
+    'prefix_cache_entries': ('gauge', 'finished sequences whose K/V the prefix cache keeps'),
+    'prefix_cache_hit_rate': ('gauge', 'share of prompt tokens taken from the prefix cache'),
+    'prompt_tokens': ('counter', 'prompt tokens of admitted requests'),
+    'cached_prompt_tokens': ('counter', 'prompt tokens whose K/V came from the prefix cache'),
+    'generated_tokens': ('counter', 'tokens generated'),
+    'completed': ('counter', 'requests finished by a stop or their length'),
+    'cancelled': ('counter', 'requests cancelled (client gone, shutdown)'),
+    'failed': ('counter', 'requests that failed in the engine'),
+    'preempted': ('counter', 'sequences preempted (memory freed, prefilled again) for lack of KV memory'),
+    'steps': ('counter', 'scheduler iterations'),
+    'tokens_per_second': ('gauge', 'generated tokens per second over the last steps'),
+}
+
+
+def _label_value(text: str) -> str:
+    return '"' + text.replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n') + '"'
+
+
+def prometheus_text(engines: List[dict], model: str) -> str:
+    """Prometheus text for one engine's stats, or one series per replica (labelled by its id)."""
+    lines = []
+    for key, (kind, text) in METRICS.items():
+        metric = f'chatglm_{key}' + ('_total' if kind == 'counter' else '')
+        lines += [f'# HELP {metric} {text}', f'# TYPE {metric} {kind}']
+        for stats in engines:
+            labels = f'model={_label_value(model)}'
+            if stats.get('replica'):
+                labels += f',replica={_label_value(stats["replica"])}'
+            lines.append(f'{metric}{{{labels}}} {float(stats[key])!r}')
+    return '\n'.join(lines) + '\n'
+
+
+def combined(engines: List[dict]) -> dict:
+    """Several replicas' stats as one: counts and memory add up, the hit rate is recomputed."""
+    total = {key: sum(s[key] for s in engines) for key in METRICS if key != 'prefix_cache_hit_rate'}
+    total['prefix_cache_hit_rate'] = (total['cached_prompt_tokens'] / total['prompt_tokens']
+                                      if total['prompt_tokens'] else 0.0)
+    total.update(queued=total['waiting'], active=total['running'])
+    return total

@@ -1,0 +1,302 @@
+"""The server on Ray Serve (extra `[ray]`): several replicas of the model behind one endpoint.
+
+    HTTP -> Ray Serve's proxy -> ChatGLMIngress (the same FastAPI routes as server.py, no model)
+         -> ConversationRouter (ray_routing.py: the replica holding the conversation's K/V)
+         -> ChatGLMReplica x N (one model each, running the continuous-batching Engine)
+
+Each replica streams `Engine.generate`'s events back to the ingress, so the routes, errors and
+protocol are server.py's. A replica that dies takes only its in-flight requests with it: those get a
+503 (or an error event that ends their stream) within seconds, the router stops sending it work, and
+Ray Serve starts a new one.
+
+Three ways in, one configuration (`RaySettings`):
+    modelscope-chatglm serve --ray --replicas 2 --model ...       (cli.py -> run())
+    serve run modelscope_chatglm.serve.ray_app:app model=... replicas=2
+    serve deploy deploy/ray-serve.yaml                           (args under the application)
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import pickle
+import signal
+import threading
+import time
+from typing import Optional, Union
+
+from ray import serve
+from ray.exceptions import RayError, RayTaskError
+from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import BackPressureError
+
+from .engine import ChatCall, Engine, QueueFull, ReplicaUnavailable
+from .ray_routing import ConversationRouter
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = 'chatglm'
+
+# (application, deployment) -> ids of its running replicas, as ConversationRouter in this process last
+# saw them (it writes here); RayBackend.stats_list asks each of them.
+ROSTER = {}
+
+
+@dataclasses.dataclass
+class RaySettings:
+    """Everything a Ray deployment of the server needs (the `serve run` / config-file arguments)."""
+    model: Optional[str] = None        # hub id, directory or configuration; None: the embedded tiny demo
+    revision: Optional[str] = None
+    device: Optional[str] = None       # default: cuda when the replica has a GPU, else cpu
+    dtype: Optional[str] = None
+    quantize: Optional[int] = None
+    adapter: Union[str, dict, None] = None
+    adapter_revision: Optional[str] = None
+    no_cuda_graphs: bool = False
+    name: Optional[str] = None
+    api_key: Optional[str] = None
+    max_body_bytes: int = 1 << 20
+    max_queue: int = 100               # per replica
+    max_batch: Optional[int] = None
+    kv_cache_gb: Optional[float] = None
+    prefill_chunk: Optional[int] = None
+    replicas: int = 1
+    autoscale: Optional[str] = None    # 'MIN:MAX' replicas, scaled on ongoing requests
+    cpus_per_replica: float = 1
+    gpus_per_replica: float = 0
+
+    @classmethod
+    def from_args(cls, args: Optional[dict]) -> 'RaySettings':
+        """From `serve run` key=value strings or a config file's `args` (typed values)."""
+        args = dict(args or {})
+        unknown = set(args) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f'unknown settings {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(cls)]}')
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in args:
+                continue
+            value = args[f.name]
+            kind = str(f.type)
+            if isinstance(value, str) and f.name != 'adapter' and value.lower() in ('none', 'null', ''):
+                value = None
+            elif isinstance(value, str) and 'bool' in kind:
+                value = value.lower() in ('1', 'true', 'yes')
+            elif isinstance(value, str) and ('int' in kind or 'float' in kind):
+                value = float(value) if 'float' in kind else int(value)
+            values[f.name] = value
+        settings = cls(**values)
+        settings.autoscale_range()   # validates
+        if settings.replicas < 1:
+            raise ValueError(f'replicas must be >= 1, got {settings.replicas}')
+        return settings
+
+    def autoscale_range(self):
+        if not self.autoscale:
+            return None
+        low, sep, high = str(self.autoscale).partition(':')
+        try:
+            low, high = int(low), int(high)
+        except ValueError:
+            low = high = -1
+        if not sep or not 0 <= low <= high or high < 1:
+            raise ValueError(f'autoscale takes MIN:MAX replicas with 0 <= MIN <= MAX, MAX >= 1; got {self.autoscale!r}')
+        return low, high
+
+    def kv_cache_bytes(self) -> Optional[int]:
+        return None if self.kv_cache_gb is None else int(self.kv_cache_gb * 2 ** 30)
+
+
+# -- the model replica ---------------------------------------------------------------------------------------
+@serve.deployment
+class ChatGLMReplica:
+    """One model and its batching engine. Ray Serve runs as many as `replicas` asks."""
+
+    def __init__(self, settings: RaySettings):
+        import torch
+        from ..cli import adapter_argument, demo_checkpoint
+        from ..loading import load
+        if settings.cpus_per_replica >= 1:   # the replica's share of the cores, not all of the machine's
+            torch.set_num_threads(int(settings.cpus_per_replica))
+        device = settings.device or ('cuda' if settings.gpus_per_replica > 0 else 'cpu')
+        adapter = settings.adapter
+        if isinstance(adapter, (list, tuple)):   # CLI-style ['NAME=PATH', ...]
+            adapter = adapter_argument(list(adapter), several=True)
+        chat = load(settings.model or demo_checkpoint('glm2'), revision=settings.revision, device=device,
+                    dtype=settings.dtype, quantization_bit=settings.quantize, adapter=adapter,
+                    adapter_revision=settings.adapter_revision,
+                    cuda_graphs=False if settings.no_cuda_graphs else None)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.engine = Engine(chat, settings.max_queue, settings.max_batch, settings.kv_cache_bytes(),
+                             settings.prefill_chunk, replica=self.replica)
+        logger.info('replica %s (pid %d) serves %s', self.replica, os.getpid(), chat)
+
+    def info(self) -> dict:
+        e = self.engine
+        return {'model_name': e.model_name, 'adapters': e.adapters,
+                'reply_starts_with_metadata': e.reply_starts_with_metadata}
+
+    async def generate(self, call: ChatCall):
+        """Engine.generate's events; exceptions travel as portable copies."""
+        async for kind, value in self.engine.generate(call):
+            if kind in ('rejected', 'error'):
+                value = _portable(value)
+            yield kind, value
+
+    async def stats(self, replica: Optional[str] = None) -> dict:
+        """`replica`: which replica the caller wants (ConversationRouter routes on it)."""
+        return dict(self.engine.stats(), pid=os.getpid())
+
+    def check_health(self):
+        if not self.engine.thread.is_alive():
+            raise RuntimeError('the engine thread stopped')
+
+    def __del__(self):
+        engine = getattr(self, 'engine', None)
+        if engine is not None:
+            engine.cancel_all()
+
+
+def _portable(exc: Exception) -> Exception:
+    """The exception itself if it survives pickling (ours do), else a RuntimeError that says what it was."""
+    try:
+        return pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f'{type(exc).__name__}: {exc}')
+
+
+# -- the HTTP front ----------------------------------------------------------------------------------------
+class RayBackend:
+    """What server.py's routes need of a model, over the replicas' deployment handle."""
+    STATS_TIMEOUT_S = 5
+
+    def __init__(self, handle, info: dict):
+        self.handle = handle
+        self.model_name = info['model_name']
+        self.adapters = info['adapters']
+        self.reply_starts_with_metadata = info['reply_starts_with_metadata']
+
+    async def generate(self, call: ChatCall):
+        response = self.handle.options(stream=True).generate.remote(call)
+        started = False
+        try:
+            async for kind, value in response:
+                started = started or kind == 'start'
+                yield kind, value
+        except BackPressureError as e:
+            yield 'rejected', QueueFull(f'the server is busy ({e}); retry later')
+        except RayTaskError as e:   # generate itself failed on the replica: a bug, reported as such
+            yield ('error' if started else 'rejected'), RuntimeError(str(e.cause or e))
+        except RayError as e:   # the replica died or cannot be reached
+            lost = ReplicaUnavailable(f'the replica serving this request stopped ({type(e).__name__}); retry: '
+                                      'the other replicas take it')
+            yield ('error' if started else 'rejected'), lost
+        finally:
+            response.cancel()   # the client is gone or the stream ended: the replica drops the sequence
+
+    async def stats_list(self) -> list:
+        """One stats dict per running replica, each asked directly (ConversationRouter pins the call).
+        One after the other: calls made while serving one HTTP request share its Ray request id, and
+        Ray's router would hand one call's replica to the other."""
+        ids = list(ROSTER.get((self.handle.app_name, self.handle.deployment_name), ())) or [None]
+        seen = {}
+        for replica in ids:   # None: before the router's first look at the replicas
+            try:
+                stats = await asyncio.wait_for(self.handle.stats.remote(replica=replica), self.STATS_TIMEOUT_S)
+            except Exception as e:   # gone since the router last looked (or stuck): /health lists the others
+                logger.warning('no statistics from replica %s: %r', replica, e)
+                continue
+            seen[stats['replica']] = stats
+        return [seen[k] for k in sorted(seen)]
+
+    def cancel_all(self):
+        pass   # each replica cancels its own work when it shuts down
+
+
+@serve.deployment
+@serve.ingress()
+class ChatGLMIngress:
+    """Ray Serve's HTTP entry: server.py's routes over RayBackend. Holds no model."""
+
+    async def __init__(self, replicas, settings: RaySettings):
+        self.replicas, self.settings = replicas, settings
+        self.info = await replicas.info.remote()   # waits until a model replica is up
+
+    async def __serve_build_asgi_app__(self):
+        from .server import create_app_over
+        s = self.settings
+        return create_app_over(RayBackend(self.replicas, self.info), s.name, s.max_body_bytes, s.api_key)
+
+
+def app(args: Optional[dict] = None):
+    """The application (a Ray Serve application builder): `serve run modelscope_chatglm.serve.ray_app:app
+    model=ZhipuAI/chatglm3-6b replicas=2`, or `import_path` + `args` in a Serve config file."""
+    settings = args if isinstance(args, RaySettings) else RaySettings.from_args(args)
+    from ..batching import DEFAULT_MAX_BATCH
+    batch = settings.max_batch or DEFAULT_MAX_BATCH
+    per_replica = batch + settings.max_queue   # what one replica takes before its engine says it is busy
+    scale = settings.autoscale_range()
+    replica_options = dict(
+        ray_actor_options={'num_cpus': settings.cpus_per_replica, 'num_gpus': settings.gpus_per_replica},
+        max_ongoing_requests=per_replica,
+        request_router_config=RequestRouterConfig(request_router_class=ConversationRouter,
+                                                  request_router_kwargs={'imbalance': batch}),
+        max_constructor_retry_count=3,     # a model that does not load fails the deployment, with its error
+        graceful_shutdown_timeout_s=5, health_check_period_s=2, health_check_timeout_s=10)
+    if scale:   # scale on requests per replica: a full batch each
+        replica_options['autoscaling_config'] = {'min_replicas': scale[0], 'max_replicas': scale[1],
+                                                 'initial_replicas': max(scale[0], 1),
+                                                 'target_ongoing_requests': batch}
+    else:
+        replica_options['num_replicas'] = settings.replicas
+    replicas = ChatGLMReplica.options(**replica_options).bind(settings)
+    most = scale[1] if scale else settings.replicas
+    return ChatGLMIngress.options(ray_actor_options={'num_cpus': 0}, max_ongoing_requests=most * per_replica * 2,
+                                  ).bind(replicas, settings)
+
+
+def _deployment_errors() -> str:
+    """What Ray Serve says went wrong with each deployment: the last line of its replicas' traceback
+    (the error itself, e.g. a CheckpointError naming the missing file)."""
+    try:
+        deployments = serve.status().applications[APP_NAME].deployments
+    except Exception:
+        return ''
+    lines = []
+    for name, d in deployments.items():
+        last = [line for line in (d.message or '').splitlines() if line.strip()]
+        if last:
+            lines.append(f'\n  {name}: {last[-1].strip()}')
+    return ''.join(lines)
+
+
+def run(settings: RaySettings, host: str = '127.0.0.1', port: int = 8000):
+    """`modelscope-chatglm serve --ray`: join the cluster at RAY_ADDRESS (or start one here), deploy,
+    serve until SIGINT/SIGTERM, then take the application down (and the cluster, if started here)."""
+    import ray
+    address = os.environ.get('RAY_ADDRESS') or None
+    ray.init(address=address, include_dashboard=False if address is None else None, log_to_driver=False)
+    try:
+        serve.start(http_options={'host': host, 'port': port})
+        t = time.time()
+        try:
+            serve.run(app(settings), name=APP_NAME, route_prefix='/', blocking=False)
+        except Exception as e:   # a replica that cannot load its model fails the deployment
+            raise RuntimeError(f'the Ray Serve deployment failed: {e}{_deployment_errors()}') from None
+        scale = settings.autoscale_range()
+        print(f'serving on http://{host}:{port} through Ray Serve ({"autoscaling " + settings.autoscale if scale else settings.replicas} '
+              f'replicas, ready in {time.time() - t:.1f}s); Ctrl-C stops', flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1):
+            pass
+    finally:
+        try:
+            if address is None:
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)
+        finally:
+            ray.shutdown()
