@@ -210,6 +210,23 @@ def test_health_and_models_through_the_ray_proxy(ray_server):
     assert long.status_code == 400 and 'no room' in long.json()['error']['message']   # raised on a replica
 
 
+def test_a_client_that_hangs_up_is_cancelled_on_its_replica(ray_server):
+    """The hang-up travels proxy -> ingress -> replica: the replica's engine drops the sequence."""
+    before = httpx.get(f'{ray_server}/health').json()
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f'{ray_server}/v1/chat/completions', timeout=1.5, json={
+            'messages': [{'role': 'user', 'content': '你好'}], 'max_tokens': 1500, 'temperature': 0})
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        health = httpx.get(f'{ray_server}/health').json()
+        if health['cancelled'] > before['cancelled'] and health['running'] == 0:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f'the abandoned generation kept running: {health}')
+    assert health['generated_tokens'] - before['generated_tokens'] < 1500
+
+
 def stream(url, i, record, max_tokens):
     """One streaming request; records (replica, 'ok' | 'failed', seconds at the end)."""
     body = {'messages': [{'role': 'user', 'content': f'long story {i}'}], 'stream': True, 'temperature': 0,

@@ -150,7 +150,7 @@ static void interleave_q4(const float *x, int K, float *out) {
  * rows, which by then sit in L1/L2: DRAM sees the weights once per call. out[m * ROW_BLOCK + r]. */
 #define X_ROWS 3
 
-static inline void rows_q8(const float *x, size_t ldx, int mb, const int8_t *w, size_t stride, int K, int rows,
+static inline __attribute__((always_inline)) void rows_q8(const float *x, size_t ldx, int mb, const int8_t *w, size_t stride, int K, int rows,
                            float *out) {
     vf acc[X_ROWS][ROW_BLOCK];
     for (int m = 0; m < X_ROWS; m++)
@@ -172,7 +172,7 @@ static inline void rows_q8(const float *x, size_t ldx, int mb, const int8_t *w, 
         }
 }
 
-static inline void rows_q4(const float *xi, size_t ldx, int mb, const int8_t *w, size_t stride, int KB, int rows,
+static inline __attribute__((always_inline)) void rows_q4(const float *xi, size_t ldx, int mb, const int8_t *w, size_t stride, int KB, int rows,
                            float *out) {
     vf acc[X_ROWS][ROW_BLOCK];
     for (int m = 0; m < X_ROWS; m++)
@@ -201,6 +201,18 @@ static inline void rows_q4(const float *xi, size_t ldx, int mb, const int8_t *w,
 
 /* ---- GEMV / skinny GEMM: decode and batched decode ------------------------------------------- */
 
+/* The usual shapes (a full block of weight rows against 1, 2 or X_ROWS rows of x) as calls with constant
+ * trip counts: inlined, GCC unrolls them and keeps the accumulators in registers instead of on the
+ * stack. The same code computes the same sums in the same order, whichever call runs. */
+#define ROWS_WITH_CONSTANT_SHAPES(fn)                                                           \
+    do {                                                                                      \
+        if (rows == ROW_BLOCK && mb == 1) fn(xm, (size_t)K, 1, w, (size_t)KB, KB, ROW_BLOCK, out);  \
+        else if (rows == ROW_BLOCK && mb == 2) fn(xm, (size_t)K, 2, w, (size_t)KB, KB, ROW_BLOCK, out); \
+        else if (rows == ROW_BLOCK && mb == X_ROWS)                                           \
+            fn(xm, (size_t)K, X_ROWS, w, (size_t)KB, KB, ROW_BLOCK, out);                     \
+        else fn(xm, (size_t)K, mb, w, (size_t)KB, KB, rows, out);                            \
+    } while (0)
+
 static void gemv(const float *x, int M, int K, const int8_t *W, int bits, const float *scale, const float *bias,
                  float *y, int N, int nthreads) {
     const int KB = bits == 4 ? K / 2 : K, blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
@@ -222,8 +234,9 @@ static void gemv(const float *x, int M, int K, const int8_t *W, int bits, const 
                 const int mb = M - m0 < X_ROWS ? M - m0 : X_ROWS;
                 const float *xm = xs + (size_t)m0 * K;
                 const int8_t *w = W + (size_t)n0 * KB;
-                if (bits == 4) rows_q4(xm, (size_t)K, mb, w, (size_t)KB, KB, rows, d + m0 * ROW_BLOCK);
-                else rows_q8(xm, (size_t)K, mb, w, (size_t)KB, KB, rows, d + m0 * ROW_BLOCK);
+                float *out = d + m0 * ROW_BLOCK;
+                if (bits == 4) ROWS_WITH_CONSTANT_SHAPES(rows_q4);
+                else ROWS_WITH_CONSTANT_SHAPES(rows_q8);
             }
             for (int m = 0; m < M; m++)
                 for (int r = 0; r < rows; r++)
