@@ -498,3 +498,16 @@ def test_concurrent_greedy_clients_each_get_the_single_client_reply(name, reques
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_chatglm3_metadata_lines_are_parsed_once_in_the_engine():
+    """The engine streams only reply text: a text reply's empty metadata line is dropped, a tool call's
+    name and code are held back (the call arrives with 'done'), a plain model's text passes as is."""
+    from modelscope_chatglm.serve.engine import Job, _visible
+    text = Job(request=None, mode=None)
+    assert [_visible(text, d) for d in ('', '\n', ' Hel', 'lo')] == ['', '', 'Hel', 'lo']
+    tool = Job(request=None, mode=None)
+    assert [_visible(tool, d) for d in ('get_we', 'ather\n```py', 'thon\ntool_call(city="x")\n```')] == ['', '', '']
+    assert tool.mode == 'tool'
+    plain = Job(request=None)
+    assert _visible(plain, 'a\nb') == 'a\nb'

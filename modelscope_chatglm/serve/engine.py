@@ -2,6 +2,8 @@
 stream of events for one conversation turn,
     ('start', replica id) or ('rejected', exception), then
     ('delta', text) ... then ('done', Result) or ('error', exception)
+The deltas are the reply's visible text (a ChatGLM3 metadata line and a tool call's code are not text;
+the call itself is in the Result).
 One engine thread steps the continuous-batching scheduler (batching.py) and pushes each job's events
 back onto the event loop, so generation never blocks it. Validation and prompt building run in a worker
 thread. A stream that is closed early (the client went away) cancels its job: the sequence leaves the
@@ -63,8 +65,13 @@ class Job:
     events: Optional[asyncio.Queue] = None
     adapter: Optional[str] = None   # a LoRA adapter the model holds (the request's `model` names it)
     seq: object = None        # its batching.Sequence once submitted
-    text: str = ''
+    text: str = ''            # the reply text sent so far (what `stop` strings are searched in)
     stopped_by_string: bool = False
+    # ChatGLM3 begins each reply with a metadata line: empty for text, a tool's name for a tool call.
+    # None until that line is complete (its text waits in `pending`), then 'tool', or 'text-start' until
+    # the reply's first non-blank text, then 'text'.
+    mode: Optional[str] = 'text'
+    pending: str = ''
 
     def emit(self, kind, value):
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -93,7 +100,6 @@ class Engine:
         self.replica = replica            # a name for this engine among several (Ray Serve replicas)
         self.model_name = chat.name
         self.adapters = list(chat.adapters)
-        self.reply_starts_with_metadata = chat.format.reply_starts_with_metadata
         self.max_queue = max_queue
         self.scheduler = chat.scheduler(max_batch, kv_cache_bytes, prefill_chunk)
         self.started = time.time()
@@ -133,11 +139,13 @@ class Engine:
         job.events = asyncio.Queue()
         deltas = TextDeltas(self.chat.tokenizer.decode)
         stop_ids = set(job.request.params.stop_ids)
+        if self.chat.format.reply_starts_with_metadata:
+            job.mode = None
 
         def on_token(seq, token):
             if token in stop_ids:
                 return False
-            return self._text(job, deltas.push(token))
+            return self._text(job, _visible(job, deltas.push(token)))
 
         def on_finish(seq):
             self._finish(job, seq, deltas)
@@ -196,18 +204,37 @@ class Engine:
             job.emit('error', seq.error)
             return
         if not job.stopped_by_string and seq.finish_reason != 'cancelled':
-            self._text(job, deltas.flush())   # an incomplete character at the end, as U+FFFD
+            self._text(job, _visible(job, deltas.flush()))   # an incomplete character at the end, as U+FFFD
         try:
             response, history = self.chat.respond(job.request, seq.output)
         except Exception as e:   # parsing the model's output must never take the engine down
             job.emit('error', e)
             return
+        if job.mode is None and isinstance(response, str) and response:
+            # The metadata line never ended: the whole reply is text, and none of it was sent yet.
+            job.emit('delta', response)
         finish = 'stop' if job.stopped_by_string else seq.finish_reason
         if job.stopped_by_string and isinstance(response, str):
             response = job.text.strip()
             history = history[:-1] + [_with_reply(history[-1], response)]
         job.emit('done', Result(response, history, len(job.request.input_ids), len(seq.output), finish,
                                 seq.reused))
+
+
+def _visible(job: Job, delta: str) -> str:
+    """The part of a decoded delta that is reply text: a ChatGLM3 reply's metadata line is held back
+    until it is complete, and a tool call's text is never streamed (its call comes with 'done')."""
+    if job.mode is None:
+        job.pending += delta
+        if '\n' not in job.pending:
+            return ''
+        metadata, _, delta = job.pending.partition('\n')
+        job.mode, job.pending = ('tool' if metadata.strip() else 'text-start'), ''
+    if job.mode == 'text-start':   # the reply text begins after the whitespace that follows the line
+        delta = delta.lstrip()
+        if delta:
+            job.mode = 'text'
+    return delta if job.mode == 'text' else ''
 
 
 def _with_reply(last, reply):

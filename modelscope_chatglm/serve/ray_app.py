@@ -134,8 +134,7 @@ class ChatGLMReplica:
 
     def info(self) -> dict:
         e = self.engine
-        return {'model_name': e.model_name, 'adapters': e.adapters,
-                'reply_starts_with_metadata': e.reply_starts_with_metadata}
+        return {'model_name': e.model_name, 'adapters': e.adapters}
 
     async def generate(self, call: ChatCall):
         """Engine.generate's events; exceptions travel as portable copies."""
@@ -175,7 +174,6 @@ class RayBackend:
         self.handle = handle
         self.model_name = info['model_name']
         self.adapters = info['adapters']
-        self.reply_starts_with_metadata = info['reply_starts_with_metadata']
 
     async def generate(self, call: ChatCall):
         response = self.handle.options(stream=True).generate.remote(call)

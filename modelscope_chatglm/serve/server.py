@@ -63,7 +63,7 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
 def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20,
                     api_key: Optional[str] = None) -> FastAPI:
     """The routes over a backend: an `Engine` here, or `ray_app.RayBackend` over Ray Serve replicas.
-    A backend has model_name, adapters, reply_starts_with_metadata, `generate(ChatCall)` (the event
+    A backend has model_name, adapters, `generate(ChatCall)` (the event
     stream of engine.py), `async stats_list()` (one dict per engine) and `cancel_all()`."""
 
     @contextlib.asynccontextmanager
@@ -167,27 +167,13 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
             return protocol.chunk(cid, created, name, delta, finish, usage)
 
         async def stream():
-            # ChatGLM3 starts a reply with a metadata line: empty for text, the tool's name for a call.
-            # Hold the text until that line is complete, and stream nothing of a tool call but the call.
-            pending, mode = '', None if backend.reply_starts_with_metadata else 'text'
             try:
                 yield chunk({'role': 'assistant', 'content': ''})
                 async for kind, value in events:
                     if kind == 'delta':
-                        if mode is None:
-                            pending += value
-                            if '\n' not in pending:
-                                continue
-                            metadata, _, value = pending.partition('\n')
-                            mode = 'tool' if metadata.strip() else 'text'
-                            value = value.lstrip()
-                        if mode == 'text' and value:
-                            yield chunk({'content': value})
+                        yield chunk({'content': value})
                     elif kind == 'done':
-                        if mode is None and isinstance(value.response, str) and value.response:
-                            # The metadata line never ended: the whole reply is text, none of it sent yet.
-                            yield chunk({'content': value.response})
-                        if isinstance(value.response, dict):
+                        if isinstance(value.response, dict):   # a ChatGLM3 tool call
                             tool_call = protocol.message(value)['tool_calls'][0]
                             yield chunk({'tool_calls': [dict(tool_call, index=0)]})
                         yield chunk({}, protocol.finish_reason(value), protocol.usage(value))
