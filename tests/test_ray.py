@@ -35,15 +35,19 @@ BIN = os.path.dirname(sys.executable)
 class Cluster:
     def __init__(self, root):
         self.root = root
-        self.gcs_port, self.dashboard_port, self.http_port = free_port(), free_port(), free_port()
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.http_port = None   # chosen once the head runs: its processes take ports of their own
         token = os.path.join(root, 'token')
         with open(os.open(token, os.O_WRONLY | os.O_CREAT, 0o600), 'w') as f:
             f.write(secrets.token_hex(32))
         self.env = dict(os.environ, RAY_AUTH_MODE='token', RAY_AUTH_TOKEN_PATH=token,
                         RAY_ADDRESS=f'127.0.0.1:{self.gcs_port}', RAY_USAGE_STATS_ENABLED='0')
         self.dashboard = f'http://127.0.0.1:{self.dashboard_port}'
-        self.url = f'http://127.0.0.1:{self.http_port}'
         self.auth = {'Authorization': f'Bearer {open(token).read()}'}
+
+    @property
+    def url(self):
+        return f'http://127.0.0.1:{self.http_port}'
 
     def serve_details(self) -> dict:
         """Ray's own view of the Serve applications (the dashboard's REST API)."""
@@ -79,6 +83,7 @@ def cluster():
             time.sleep(0.5)
         else:
             pytest.fail(f'the Ray head did not start:\n{open(log.name).read()[-3000:]}')
+        c.http_port = free_port()   # for Serve's HTTP proxy (one per cluster: every test here uses it)
         yield c
     finally:
         head.send_signal(signal.SIGTERM)   # `ray start --block` stops its own processes, nobody else's

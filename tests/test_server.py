@@ -144,8 +144,11 @@ def test_a_busy_server_says_so_and_sigterm_ends_it_within_seconds(glm2_dir, tmp_
     import signal
     from concurrent.futures import ThreadPoolExecutor
     port = free_port()
+    # One request decodes (--max-batch 1), one waits (--max-queue 1): the other four must be turned away,
+    # whenever they arrive.
     proc = start_service(['serve', '--model', glm2_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port),
-                          '--max-queue', '1'], f'http://127.0.0.1:{port}/health', tmp_path / 'busy.log')
+                          '--max-queue', '1', '--max-batch', '1'], f'http://127.0.0.1:{port}/health',
+                         tmp_path / 'busy.log')
     url = f'http://127.0.0.1:{port}/v1/chat/completions'
     body = {'messages': [{'role': 'user', 'content': '你好'}], 'temperature': 0, 'max_tokens': 1500}
     try:
