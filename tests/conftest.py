@@ -108,6 +108,14 @@ def reference(tmp_path_factory):
     return run
 
 
+def missing_optional(reason: str, require_env: str):
+    """An optional part (a browser, triton, ray) is not installed: skip what needs it, or fail where
+    $require_env is 1 (CI sets it, and installs the part)."""
+    if os.environ.get(require_env) == '1':
+        pytest.fail(f'{reason}; .ci/run installs it ({require_env}=1 requires it)', pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

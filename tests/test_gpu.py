@@ -19,7 +19,7 @@ import torch
 import modelscope_chatglm
 from modelscope_chatglm.models import cuda_graphs
 
-from conftest import free_port, start_service
+from conftest import free_port, missing_optional, start_service
 
 CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not CUDA, reason='needs a CUDA GPU')
@@ -29,9 +29,7 @@ def have_triton():
     try:
         import triton  # noqa: F401
     except ImportError:
-        if os.environ.get('CHATGLM_REQUIRE_TRITON') == '1':
-            pytest.fail('triton is not installed; .ci/run installs it with the [test] extra')
-        pytest.skip('triton is not installed (pip install ".[test]", or triton itself)')
+        missing_optional('triton is not installed (pip install ".[test]", or triton itself)', 'CHATGLM_REQUIRE_TRITON')
 
 
 KERNEL_CHECK = r'''

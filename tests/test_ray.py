@@ -13,19 +13,12 @@ import threading
 import time
 
 import pytest
-from conftest import free_port, start_service
+from conftest import free_port, missing_optional, start_service
 
-def _require_ray():
-    try:
-        import ray  # noqa: F401
-        from ray import serve  # noqa: F401
-    except ImportError:
-        if os.environ.get('CHATGLM_REQUIRE_RAY') == '1':
-            pytest.fail('ray[serve] is not installed; .ci/run installs it with the [ray] extra')
-        pytest.skip('ray[serve] is not installed (pip install ".[ray]")')
-
-
-_require_ray()
+try:
+    import ray.serve  # noqa: F401
+except ImportError:
+    missing_optional('ray[serve] is not installed (pip install ".[ray]")', 'CHATGLM_REQUIRE_RAY')
 httpx = pytest.importorskip('httpx')
 openai = pytest.importorskip('openai')
 

@@ -4,7 +4,7 @@ import shutil
 import time
 
 import pytest
-from conftest import free_port, start_service
+from conftest import free_port, missing_optional, start_service
 
 pytest.importorskip('gradio')
 sync_api = pytest.importorskip('playwright.sync_api')
@@ -14,9 +14,7 @@ CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.ci-artifacts')
 
 if CHROMIUM is None:
-    if os.environ.get('CHATGLM_REQUIRE_BROWSER') == '1':
-        raise RuntimeError('chromium is not installed (apt-get install chromium); .ci/run installs it')
-    pytest.skip('no chromium on PATH (.ci/run installs it)', allow_module_level=True)
+    missing_optional('no chromium on PATH (apt-get install chromium)', 'CHATGLM_REQUIRE_BROWSER')
 
 
 @pytest.fixture(scope='module')

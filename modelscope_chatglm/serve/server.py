@@ -1,4 +1,6 @@
-"""OpenAI-compatible HTTP server over one `ChatModel` (extra `[serve]`: FastAPI, uvicorn, sse-starlette).
+"""OpenAI-compatible HTTP routes (extra `[serve]`: FastAPI, uvicorn, sse-starlette) over an engine: one
+`ChatModel` in this process (`create_app`, `serve`), or Ray Serve replicas (`create_app_over`, used by
+ray_app.py). The request and response bodies are protocol.py's.
 
     GET  /health                 {"status": "ok", "model", running/queued sequences, KV cache use, ...}
     GET  /metrics                the same as Prometheus text (running and queued sequences, KV pool
@@ -149,7 +151,7 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
         except (InputError, ValueError) as e:
             return _error(400, str(e))
         events = backend.generate(call)
-        kind, value = await _first(events)
+        kind, value = await events.__anext__()   # ('start', replica) or ('rejected', exception)
         if kind == 'rejected':
             return _rejected(value)
         headers = {REPLICA_HEADER: value} if value else {}
@@ -196,7 +198,7 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
         except InputError as e:
             return _error(400, str(e))
         events = backend.generate(call)
-        kind, value = await _first(events)
+        kind, value = await events.__anext__()   # ('start', replica) or ('rejected', exception)
         if kind == 'rejected':
             return _rejected(value)
         try:
@@ -218,11 +220,6 @@ class ClientGone(Exception):
 
 class UnknownModel(Exception):
     pass
-
-
-async def _first(events):
-    """The stream's first event: ('start', replica) or ('rejected', exception)."""
-    return await events.__anext__()
 
 
 def _stream_error(exc: Exception) -> str:
