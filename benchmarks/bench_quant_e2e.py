@@ -7,8 +7,9 @@ in a fresh process: load with `quantization_bit=8|4` (quantize on load), and rep
   - prefill time for the prompt, decode tokens/s (greedy, stop ids off),
   - the THUDM-style CPU path (dequantize each whole W to fp32 on every call, then matmul) on the same
     int8 model, for the baseline ratio (a couple of tokens: it is slow).
+A mode is BITS:DTYPE; `int4-x8:float32` loads with int8_activations=True (integer dot products).
 
-    python benchmarks/bench_quant_e2e.py --dir /var/tmp/chatglm2-6b-random [--modes int8:float32,int4:float32]
+    python benchmarks/bench_quant_e2e.py --dir /var/tmp/chatglm2-6b-random [--modes int4:float32,int4-x8:float32]
         [--repeats 3]
 """
 import argparse
@@ -24,14 +25,15 @@ sys.path.insert(0, ROOT)
 from fullsize import build  # noqa: E402  (benchmarks/fullsize.py)
 from memory import peak_rss, rss  # noqa: E402  (benchmarks/memory.py)
 
-def child(path, bits, dtype, new_tokens, baseline):
+def child(path, bits, dtype, new_tokens, baseline, int8_activations=False):
     import torch
     import modelscope_chatglm
     from modelscope_chatglm.generation import generate_tokens
     from modelscope_chatglm.quantization import QuantizedLinear, dequantize
     peak_rss(reset=True)
     t = time.perf_counter()
-    chat = modelscope_chatglm.load(path, device='cpu', dtype=dtype, quantization_bit=bits)
+    chat = modelscope_chatglm.load(path, device='cpu', dtype=dtype, quantization_bit=bits,
+                                   int8_activations=int8_activations)
     load_s = time.perf_counter() - t
     peak = peak_rss() / 1e9
     loaded = rss() / 1e9
@@ -53,16 +55,17 @@ def child(path, bits, dtype, new_tokens, baseline):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--dir', default=os.path.join('/var/tmp', 'chatglm2-6b-random'))
-    ap.add_argument('--modes', default='int8:float32,int4:float32,int8:bfloat16,int4:bfloat16,baseline-int8:float32')
+    ap.add_argument('--modes', default='int8:float32,int4:float32,int8-x8:float32,int4-x8:float32,int8:bfloat16,'
+                                       'int4:bfloat16,baseline-int8:float32')
     ap.add_argument('--new', type=int, default=16)
     ap.add_argument('--repeats', type=int, default=1, help='fresh processes per mode, taken in turns')
     ap.add_argument('--child', default=None)
     args = ap.parse_args()
     if args.child:
         kind, dtype = args.child.split(':')
-        baseline = kind.startswith('baseline')
-        bits = int(kind.rsplit('int', 1)[1])
-        print(json.dumps(child(args.dir, bits, dtype, 2 if baseline else args.new, baseline)))
+        baseline, x8 = kind.startswith('baseline'), kind.endswith('-x8')
+        bits = int(kind.removesuffix('-x8').rsplit('int', 1)[1])
+        print(json.dumps(child(args.dir, bits, dtype, 2 if baseline else args.new, baseline, x8)))
         return
     t = time.perf_counter()
     build(args.dir)

@@ -4,10 +4,11 @@ Decode (M = 1): GB/s of weight bytes streamed per call (int8: 1 byte/weight, int
 the time ratio to torch fp32 `F.linear` measured in the same run. Each method cycles through enough
 copies of the weights (>= 512 MB) that they come from DRAM, not from the CPU caches.
 Rows (M = 1 ... 64, batched decode and short prompts): the time of one block's four linears through the
-C kernel, median [min-max], its ratio to M = 1, and the tiled path (dequantized tiles + matmul) at the
-same M for comparison, all in one run.
+exact C kernel and through the int8-activation kernel (`int8_activations`), median [min-max], each one's
+ratio to its own M = 1, and the tiled path (dequantized tiles + matmul) at the same M, all in one run.
 Prefill (M = 256, 1024): GFLOP/s (2*M*N*K per call) of the tiled path (bf16 tiles + oneDNN/AMX for a
-bf16 model, fp32 tiles + MKL for an fp32 one) against fp32 and bf16 dense `F.linear`.
+bf16 model, fp32 tiles + MKL for an fp32 one) and of the int8-activation kernels against fp32 and bf16
+dense `F.linear`.
 
     python benchmarks/bench_quant_gemv.py [--threads 2] [--only decode|rows|prefill]
 """
@@ -44,10 +45,11 @@ def timed(fn, copies, min_seconds=1.0, min_calls=5, spread=False):
     return statistics.median(times), min(times)
 
 
-def quantized_layers(n, k, bits, count, dtype=torch.float32):
+def quantized_layers(n, k, bits, count, dtype=torch.float32, int8_activations=False):
     layers = []
     for _ in range(count):
         layer = QuantizedLinear(k, n, bits, bias=False, dtype=dtype, scale_dtype=torch.float32)
+        layer.int8_activations = int8_activations
         with torch.no_grad():
             layer.weight.copy_(torch.randint(-127 if bits == 8 else -128, 128, layer.weight.shape, dtype=torch.int8))
             layer.weight_scale.copy_(torch.rand(n) * 0.01)
@@ -78,6 +80,10 @@ def decode_table(threads):
             layers = [(layer,) for layer in quantized_layers(n, k, bits, max(2, POOL_BYTES // nbytes))]
             med, best = timed(lambda layer: layer(x), layers)
             rows.append((f'int{bits} C GEMV ({load_library().kernel_isa().decode()})', nbytes, med, best))
+            for layer, in layers:
+                layer.int8_activations = True
+            med, best = timed(lambda layer: layer(x), layers)
+            rows.append((f'int{bits} int8-activation GEMV', nbytes, med, best))
             if bits == 8:
                 med, best = timed(lambda layer: thudm_linear(x, layer), layers[:4], min_seconds=0.5, min_calls=3)
                 rows.append(('int8 THUDM dequantize-all', nbytes, med, best))
@@ -91,33 +97,42 @@ def rows_table(threads, repeats=9):
     """One block's four linears (the ChatGLM2-6B shapes) at M rows, each layer in its own copies."""
     from modelscope_chatglm.quantization import linear
     print(f'\nRows, {threads} threads: ms for one block\'s 4 linears, median [min-max] of {repeats}; '
-          'x M=1: ratio to one row; tiled: dequantized tiles + matmul at the same M')
-    print(f'{"bits":>4s} {"M":>3s} {"kernel ms":>22s} {"x M=1":>6s} {"tiled ms":>9s}')
+          'x M=1: ratio to one row on the same kernel; tiled: dequantized tiles + matmul at the same M')
+    print(f'{"bits":>4s} {"M":>3s} {"exact kernel ms":>22s} {"x M=1":>6s} {"int8-act. kernel ms":>22s} {"x M=1":>6s} '
+          f'{"tiled ms":>9s}')
     for bits in (8, 4):
         nbytes = sum(n * k * bits // 8 for n, k in SHAPES.values())
         blocks = [[quantized_layers(n, k, bits, 1)[0] for n, k in SHAPES.values()]
                   for _ in range(max(2, POOL_BYTES // nbytes))]
-        base = None
+        base = {}
         for m in (1, 2, 4, 8, 16, 32, 64):
             xs = {k: torch.randn(m, k) for _, k in SHAPES.values()}
 
             def block(layers):
                 for layer in layers:
                     layer(xs[layer.in_features])
-            med, best, worst = timed(block, [(b,) for b in blocks], min_seconds=0, min_calls=repeats, spread=True)
-            base = base or med
+            cells = []
+            for int8_activations in (False, True):
+                for layers in blocks:
+                    for layer in layers:
+                        layer.int8_activations = int8_activations
+                med, best, worst = timed(block, [(b,) for b in blocks], min_seconds=0, min_calls=repeats, spread=True)
+                base.setdefault(int8_activations, med)
+                cells.append(f'{med * 1e3:8.1f} [{best * 1e3:5.1f}-{worst * 1e3:5.1f}] {med / base[int8_activations]:6.2f}')
+            for layers in blocks:
+                for layer in layers:
+                    layer.int8_activations = False
             saved, linear.DECODE_ROWS = linear.DECODE_ROWS, 0      # force the tiled path
             tiled = timed(block, [(b,) for b in blocks[:2]], min_seconds=0, min_calls=3)[0]
             linear.DECODE_ROWS = saved
-            print(f'{bits:4d} {m:3d} {med * 1e3:8.1f} [{best * 1e3:5.1f}-{worst * 1e3:5.1f}] {med / base:6.2f} '
-                  f'{tiled * 1e3:9.1f}')
+            print(f'{bits:4d} {m:3d} {cells[0]} {cells[1]} {tiled * 1e3:9.1f}')
         del blocks
 
 
 def prefill_table(threads):
     print(f'\nPrefill, {threads} threads: GFLOP/s (median)')
     print(f'{"shape":20s} {"M":>5s} {"fp32 dense":>11s} {"bf16 dense":>11s} {"int8 fp32 tiles":>16s} '
-          f'{"int8 bf16 tiles":>16s} {"int4 bf16 tiles":>16s}')
+          f'{"int8 bf16 tiles":>16s} {"int4 bf16 tiles":>16s} {"int8 int8-act.":>15s} {"int4 int8-act.":>15s}')
     for name, (n, k) in SHAPES.items():
         for m in (256, 1024):
             flops = 2 * m * n * k
@@ -133,8 +148,11 @@ def prefill_table(threads):
             cells.append(timed(lambda layer: layer(x16), q8, 0.5, 2)[0])
             q4 = [(layer,) for layer in quantized_layers(n, k, 4, 1, torch.bfloat16)]
             cells.append(timed(lambda layer: layer(x16), q4, 0.5, 2)[0])
+            for bits in (8, 4):
+                x8 = [(layer,) for layer in quantized_layers(n, k, bits, 1, torch.float32, int8_activations=True)]
+                cells.append(timed(lambda layer: layer(x32), x8, 0.5, 2)[0])
             print(f'{name:20s} {m:5d} ' + ' '.join(f'{flops / t / 1e9:{w}.0f}' for t, w in
-                                                   zip(cells, (11, 11, 16, 16, 16))))
+                                                   zip(cells, (11, 11, 16, 16, 16, 15, 15))))
 
 
 def main():

@@ -15,7 +15,7 @@ fresh process on the same checkpoint, in one run:
     first round (ChatGLM2 has no system role; the shared first round is the same prefix): how many of
     their prompt tokens were prefilled.
 
-    python benchmarks/bench_serving.py --dir /var/tmp/chatglm2-6b-random --bits 4
+    python benchmarks/bench_serving.py --dir /var/tmp/chatglm2-6b-random --bits 4 [--int8-activations]
     python benchmarks/bench_serving.py --tiny          # a quick check on a tiny checkpoint
 The full-size checkpoint (ChatGLM2-6B shapes, random fp16 weights, hub layout) is built on first use
 (benchmarks/fullsize.py, ~12.5 GB) and quantized while loading.
@@ -48,6 +48,7 @@ def prompt_text(tokens: int, encode, seed: int) -> str:
 
 
 def start_server(model_dir, bits, max_batch, port, log_path, extra=()):
+    """`extra`: more `serve` flags, e.g. ['--int8-activations']."""
     args = ['--model', model_dir, '--device', 'cpu', '--max-batch', str(max_batch), '--max-queue', '1000', *extra]
     if bits:
         args += ['--quantize', str(bits)]
@@ -194,6 +195,7 @@ def main():
     ap.add_argument('--history-tokens', type=int, default=2000)
     ap.add_argument('--preamble-tokens', type=int, default=1000)
     ap.add_argument('--skip', default='', help='comma list of: serial, returning, preamble')
+    ap.add_argument('--int8-activations', action='store_true', help='serve with --int8-activations')
     ap.add_argument('--json', help='write the results here too')
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(',')))
@@ -209,14 +211,16 @@ def main():
 
     def prompts(n):
         return [prompt_text(args.prompt_tokens, encode, seed=next(fresh)) for _ in range(n)]
-    results = {'model_dir': model_dir, 'bits': args.bits, 'prompt_tokens': args.prompt_tokens,
+    results = {'model_dir': model_dir, 'bits': args.bits, 'int8_activations': args.int8_activations,
+               'prompt_tokens': args.prompt_tokens,
                'new_tokens': args.new_tokens, 'cpus': os.cpu_count(), 'runs': []}
     settings = [(args.max_batch, args.clients)] + ([] if 'serial' in skip else [(1, args.serial_clients)])
     port = 8300
     for max_batch, clients in settings:
         log = tempfile.mktemp(prefix=f'serve-b{max_batch}-', suffix='.log')
         t = time.perf_counter()
-        proc = start_server(model_dir, args.bits, max_batch, port, log)
+        proc = start_server(model_dir, args.bits, max_batch, port, log,
+                            extra=['--int8-activations'] if args.int8_activations else [])
         url = f'http://127.0.0.1:{port}'
         print(f'\n--max-batch {max_batch}: server up in {time.perf_counter() - t:.0f} s (log {log})', flush=True)
         try:

@@ -62,7 +62,8 @@ def load_from_args(args):
     t = time.time()
     print(f'loading {args.config or args.model} ...', file=sys.stderr, flush=True)
     model = load(args.config or args.model, revision=args.revision, device=args.device, dtype=args.dtype,
-                 quantization_bit=args.quantize, progress=progress_bar,
+                 quantization_bit=args.quantize, int8_activations=args.int8_activations or None,
+                 progress=progress_bar,
                  cuda_graphs=False if args.no_cuda_graphs else None,
                  adapter=adapter_argument(args.adapter, several=args.command == 'serve'),
                  adapter_revision=args.adapter_revision)
@@ -182,7 +183,7 @@ def cmd_serve_ray(args):
         raise ValueError('give --replicas N or --autoscale MIN:MAX, not both')
     settings = RaySettings(
         model=args.config or args.model, revision=args.revision, device=args.device, dtype=args.dtype,
-        quantize=args.quantize, adapter=adapter_argument(args.adapter, several=True),
+        quantize=args.quantize, int8_activations=args.int8_activations, adapter=adapter_argument(args.adapter, several=True),
         adapter_revision=args.adapter_revision, no_cuda_graphs=args.no_cuda_graphs, name=args.name,
         api_key=args.api_key or os.environ.get('MODELSCOPE_CHATGLM_API_KEY') or None,
         max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
@@ -240,6 +241,9 @@ def main(argv=None):
         p.add_argument('--device', help='auto | cpu | cuda | cuda:N')
         p.add_argument('--dtype', help='float32 | bfloat16 | float16')
         p.add_argument('--quantize', type=int, choices=[4, 8], default=None, help='quantize the blocks on load')
+        p.add_argument('--int8-activations', action='store_true',
+                       help='CPU: the int8/int4 blocks quantize their input to int8 too and use integer dot '
+                            'products (int4 decode ~2x faster; each layer within ~0.5%% of the exact result)')
         p.add_argument('--adapter', action='append', metavar='[NAME=]PATH',
                        help='a LoRA (peft, ms-swift) or P-tuning v2 checkpoint directory or hub id on top of '
                             'the model; serve: NAME=PATH, repeated, holds several LoRA adapters over one base '

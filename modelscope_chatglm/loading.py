@@ -102,7 +102,8 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
          quantization_bit: Optional[int] = None, family: Optional[str] = None,
          context_length: Optional[int] = None, generation: Optional[dict] = None,
          progress=None, cuda_graphs: Optional[bool] = None, adapter=None,
-         adapter_revision: Optional[str] = None, merge_adapter: Optional[bool] = None) -> ChatModel:
+         adapter_revision: Optional[str] = None, merge_adapter: Optional[bool] = None,
+         int8_activations: Optional[bool] = None) -> ChatModel:
     """Load a ChatGLM chat model. `model` is a hub id, a hub-layout directory or a configuration.
     progress(done, total, path), if given, is called after each weight shard. cuda_graphs: replay
     decode steps from CUDA graphs on a GPU (ChatGLM2/3; default on, or MODELSCOPE_CHATGLM_CUDA_GRAPHS=0).
@@ -111,7 +112,11 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     v2 checkpoint-N directory, or a hub id (with adapter_revision). A LoRA is merged into the weights
     while loading (before quantize-on-load), unless the base is pre-quantized or merge_adapter=False:
     then it runs beside the linears, unmerged. A dict {name: path} holds several LoRA adapters over one
-    base, unmerged, selected per request by name (`ChatModel.adapters`)."""
+    base, unmerged, selected per request by name (`ChatModel.adapters`).
+
+    int8_activations: on CPU, the quantized blocks quantize their input to int8 too (per block of 64
+    columns, as llama.cpp / chatglm.cpp do) and use integer dot products: int4 decode about 2x faster,
+    batches and prompts about 1.3-2x, each layer within ~0.5% of the exact result."""
     cfg_path = yaml_configs.find(model)
     if cfg_path:
         spec = yaml_configs.read(cfg_path)
@@ -123,6 +128,8 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     config = load_config(model_dir, family or spec.family)
     bits = quantization_bit if quantization_bit is not None else spec.quantization_bit
     bits = resolve_quantization(model_dir, config, bits)
+    int8_activations = spec.int8_activations if int8_activations is None else int8_activations
+    check_int8_activations(bool(int8_activations), bits, dev)
     dt = resolve_dtype(dtype, dev, spec.dtype, quantized=bool(bits))
     tokenizer = load_tokenizer(model_dir, config)
     wanted = adapter if adapter is not None else spec.adapter
@@ -150,6 +157,11 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
             adapters.attach(net, lora, name or '', dt, dev, default=name is None)
     for p in ptuning.values():
         adapters.load_prefix(net, p)
+    if int8_activations:
+        from .quantization import QuantizedLinear
+        for module in net.modules():
+            if isinstance(module, QuantizedLinear):
+                module.int8_activations = True
     if hasattr(net, 'cuda_graphs'):
         if cuda_graphs is None:
             cuda_graphs = os.environ.get('MODELSCOPE_CHATGLM_CUDA_GRAPHS', '1') not in ('0', 'false', 'no', '')
@@ -173,6 +185,21 @@ def resolve_quantization(model_dir: str, config, requested: Optional[int]) -> in
         raise CheckpointError(f'{model_dir} holds int{stored} weights; it cannot be loaded as int{requested} '
                               '(quantize the fp16 checkpoint instead)')
     return stored or requested or 0
+
+
+def check_int8_activations(wanted: bool, bits: int, device: torch.device) -> None:
+    if not wanted:
+        return
+    if not bits:
+        raise ValueError('int8_activations applies to the int8/int4 blocks: load an int4/int8 checkpoint or add '
+                         'quantization_bit=4 (--quantize 4), or drop int8_activations')
+    if device.type != 'cpu':
+        raise ValueError(f'int8_activations is an option of the CPU kernels; on {device} the GPU kernels keep '
+                         'activations in floating point: drop int8_activations, or run on device=cpu')
+    from .quantization.build import load_library
+    if load_library() is None:
+        logger.warning('int8_activations needs the compiled CPU kernels, which are not available here (see the '
+                       'warning above); the quantized blocks run on the exact torch path instead')
 
 
 def build_model(config, dtype: torch.dtype, device: torch.device, bits: int = 0):

@@ -8,6 +8,7 @@
     dtype: {cpu: float32, cuda: float16}   # or one dtype for every device
     context_length: 8192              # prompt + reply budget; oldest rounds are dropped beyond it
     quantization_bit: null            # 8 or 4 quantizes the GLM blocks on load
+    int8_activations: false           # CPU: quantized blocks use int8 activations (faster, ~0.5% per layer)
     generation: {do_sample: true, top_p: 0.8, temperature: 0.8}
     adapter: ./my-lora                # optional: a LoRA or P-tuning v2 checkpoint on top (or {name: path})
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
 KEYS = ('name', 'model', 'revision', 'family', 'device', 'dtype', 'context_length', 'quantization_bit',
-        'generation', 'description', 'adapter', 'adapter_revision')
+        'int8_activations', 'generation', 'description', 'adapter', 'adapter_revision')
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Configuration:
     dtype: Union[str, Dict[str, str], None] = None
     context_length: Optional[int] = None
     quantization_bit: Optional[int] = None
+    int8_activations: Optional[bool] = None
     generation: Dict[str, object] = field(default_factory=dict)
     description: str = ''
     adapter: Union[str, Dict[str, str], None] = None   # a LoRA / P-tuning directory or hub id (adapters.py)
@@ -83,6 +85,8 @@ def read(path: str) -> Configuration:
         raise ValueError(f'{path}: unknown key(s) {unknown}; valid keys are {list(KEYS)}')
     if 'model' not in data:
         raise ValueError(f'{path}: the key "model" (a hub id or a model directory) is required')
+    if data.get('int8_activations') not in (None, True, False):
+        raise ValueError(f'{path}: int8_activations is true or false, got {data["int8_activations"]!r}')
     data.setdefault('name', os.path.splitext(os.path.basename(path))[0])
     model = str(data['model'])
     here = os.path.dirname(os.path.abspath(path))

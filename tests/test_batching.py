@@ -14,7 +14,9 @@ def models(glm1_model, glm2_model, glm3_model, make_checkpoint):
     quantized = {f'glm{v}-int{bits}': modelscope_chatglm.load(
         make_checkpoint(f'glm{v}-int{bits}', f'glm{v}', 'safetensors', shards=1, quantization_bit=bits),
         device='cpu', dtype='float32') for v, bits in ((2, 4), (3, 8))}
-    return {'glm1': glm1_model, 'glm2': glm2_model, 'glm3': glm3_model, **quantized}
+    x8 = modelscope_chatglm.load(make_checkpoint('glm2-int4', 'glm2', 'safetensors', shards=1, quantization_bit=4),
+                                 device='cpu', dtype='float32', int8_activations=True)
+    return {'glm1': glm1_model, 'glm2': glm2_model, 'glm3': glm3_model, **quantized, 'glm2-int4-x8': x8}
 
 
 def solo(chat, prompt, n, **gen):
@@ -27,7 +29,7 @@ def run(sched, prompts, params):
     return seqs
 
 
-@pytest.mark.parametrize('name', ['glm1', 'glm2', 'glm3', 'glm2-int4', 'glm3-int8'])
+@pytest.mark.parametrize('name', ['glm1', 'glm2', 'glm3', 'glm2-int4', 'glm3-int8', 'glm2-int4-x8'])
 def test_batched_greedy_equals_each_alone(models, name):
     chat = models[name]
     prompts = [chat.build_inputs(q) for q in QUERIES]

@@ -32,6 +32,15 @@ def test_chat_reads_stdin_and_handles_clear(glm2_dir, tmp_path):
     assert out.stdout.count('ChatGLM: ') == 2 and '(history cleared)' in out.stdout
 
 
+def test_int8_activations_flag_reaches_the_model(glm2_dir, tmp_path):
+    out = run_cli('chat', '--model', glm2_dir, '--device', 'cpu', '--int8-activations', cache=tmp_path, stdin='exit\n')
+    assert out.returncode == 2 and 'error: int8_activations applies to the int8/int4 blocks' in out.stderr
+    out = run_cli('chat', '--model', glm2_dir, '--device', 'cpu', '--quantize', '4', '--int8-activations',
+                  '--max-new-tokens', '4', cache=tmp_path, stdin='你好\nexit\n')
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count('ChatGLM: ') == 1
+
+
 def test_configs_lists_the_shipped_configurations(tmp_path):
     out = run_cli('configs', cache=tmp_path)
     assert out.returncode == 0

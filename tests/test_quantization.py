@@ -121,6 +121,72 @@ def test_a_row_gets_the_same_bits_whatever_else_is_in_the_call(isa_lib, bits, K)
         assert torch.equal(run(isa_lib, f'q{bits}_gemv', x[:M], q, scale, None, 45), alone[:M]), M
 
 
+def int8_activations_spec(x, q, scale, bits):
+    """What the int8-activation kernels compute, written from their definition in torch (float64 sums):
+    each block of 64 columns of a row of x scaled by max|x|/127 and rounded half to even, then the
+    blocks' exact integer dot products times the scales."""
+    w = (unpack_int4(q) if bits == 4 else q).double()
+    y = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float64)
+    for k0 in range(0, x.shape[1], 64):
+        block = x[:, k0:k0 + 64]
+        amax = block.abs().max(dim=1, keepdim=True).values
+        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))      # float32, as in C
+        xq = torch.round(block * inv)
+        assert xq.abs().max() <= 127
+        y += (amax / 127.0).double() * (xq.double() @ w[:, k0:k0 + 64].t())
+    return y * scale.double()
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+@pytest.mark.parametrize('M,K,N', SHAPES + [(70, 4096, 5)])
+def test_int8_activation_kernel_equals_its_definition_and_scalar_reference(isa_lib, bits, M, K, N):
+    g = torch.Generator().manual_seed(M * 1000 + K + N + bits)
+    q, scale = quantize(torch.randn(N, K, generator=g), bits)
+    scale = scale.float()
+    x = torch.randn(M, K, generator=g) * (1 + 10 * torch.rand(M, 1, generator=g))
+    x[0, :7] = 0                                             # an all-zero start of a block
+    bias = torch.randn(N, generator=g)
+    spec = int8_activations_spec(x, q, scale, bits) + bias.double()
+    fast = run(isa_lib, f'q{bits}_gemv_x8', x, q, scale, bias, N)
+    ref = run(isa_lib, f'q{bits}_gemv_x8_ref', x, q, scale, bias, N)
+    tol = 1e-5 * (1 + spec.abs().max().item())             # float32 summation order only
+    assert (ref.double() - spec).abs().max() < tol
+    assert (fast.double() - spec).abs().max() < tol
+    # ... and what quantizing x costs against the exact product: about 0.5% of the output's size.
+    exact = x.double() @ dequantize(q, scale, bits, torch.float64).t() + bias.double()
+    rel = ((fast.double() - exact).norm() / (exact - bias.double()).norm()).item()
+    assert 1e-4 < rel < 0.02, rel
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+@pytest.mark.parametrize('K', [160, 4096])
+def test_int8_activations_give_a_row_the_same_bits_whatever_else_is_in_the_call(isa_lib, bits, K):
+    """Also across the panels a long prompt is cut into (63 rows of 4096 columns)."""
+    g = torch.Generator().manual_seed(K + bits)
+    q, scale = quantize(torch.randn(45, K, generator=g), bits)
+    scale = scale.float()
+    x = torch.randn(130, K, generator=g)
+    alone = torch.cat([run(isa_lib, f'q{bits}_gemv_x8', x[m:m + 1], q, scale, None, 45) for m in range(130)])
+    for M in (2, 3, 4, 7, 16, 64, 130):
+        assert torch.equal(run(isa_lib, f'q{bits}_gemv_x8', x[:M], q, scale, None, 45), alone[:M]), M
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_quantized_linear_with_int8_activations(lib, bits):
+    layer = QuantizedLinear(256, 96, bits, bias=True, dtype=torch.float32, scale_dtype=torch.float32)
+    layer.load_float_weight(torch.randn(96, 256))
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(96))
+    x = torch.randn(200, 256)          # past DECODE_ROWS: a prompt goes through the integer kernel too
+    exact = layer(x)
+    layer.int8_activations = True
+    fast = layer(x)
+    assert not torch.equal(fast, exact)
+    assert ((fast - exact).norm() / exact.norm()).item() < 0.02
+    assert torch.equal(torch.cat([layer(x[i:i + 1]) for i in range(0, 200, 37)]), fast[0:200:37])
+    assert 'int8_activations=True' in repr(layer)
+
+
 @pytest.mark.parametrize('bits', [8, 4])
 def test_dequantized_tiles_match_torch(isa_lib, bits):
     lib = isa_lib
@@ -251,6 +317,35 @@ def test_bfloat16_quantized_model_runs_prefill_and_decode(quantized_dirs):
     rel = ((model.logits(prompt) - ref.logits(prompt)).abs().max() / ref.logits(prompt).abs().max()).item()
     assert rel < 0.05
     assert len(model.generate(prompt, max_new_tokens=5, do_sample=False, stop_ids=[])) == 5
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_int8_activations_model(quantized_dirs, tmp_path, bits):
+    exact = modelscope_chatglm.load(quantized_dirs[bits], device='cpu', dtype='float32')
+    fast = modelscope_chatglm.load(quantized_dirs[bits], device='cpu', dtype='float32', int8_activations=True)
+    linears = [m for m in fast.model.modules() if isinstance(m, QuantizedLinear)]
+    assert linears and all(m.int8_activations for m in linears)
+    prompt = exact.build_inputs('你好，请介绍一下你自己。' + ' The quick brown fox.' * 3)
+    a, b = exact.logits(prompt), fast.logits(prompt)
+    assert not torch.equal(a, b)
+    assert ((a - b).abs().max() / a.abs().max()).item() < 0.05
+    # the YAML key and the pipeline argument reach the layers
+    cfg = tmp_path / 'x8.yaml'
+    cfg.write_text(f'model: {quantized_dirs[bits]}\ndevice: cpu\ndtype: float32\nint8_activations: true\n')
+    assert torch.equal(modelscope_chatglm.load(str(cfg)).logits(prompt), b)
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+    pipe = pipeline(task=Tasks.chat, model=quantized_dirs[bits], device='cpu', int8_activations=True)
+    assert all(m.int8_activations for m in pipe.chat_model.model.modules() if isinstance(m, QuantizedLinear))
+
+
+def test_int8_activations_errors(quantized_dirs, tmp_path):
+    with pytest.raises(ValueError, match='int8_activations applies to the int8/int4 blocks.*quantization_bit=4'):
+        modelscope_chatglm.load(quantized_dirs['fp16'], device='cpu', int8_activations=True)
+    cfg = tmp_path / 'bad.yaml'
+    cfg.write_text(f'model: {quantized_dirs[8]}\nint8_activations: "false"\n')
+    with pytest.raises(ValueError, match="int8_activations is true or false, got 'false'"):
+        modelscope_chatglm.load(str(cfg))
 
 
 def test_quantization_errors(quantized_dirs, tmp_path):

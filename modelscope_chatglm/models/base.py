@@ -56,3 +56,16 @@ class CausalLM(Protocol):
 
     def full_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits at every position [b, s, V] (fp32), for scoring and parity tests."""
+
+
+def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden [..., D] -> logits [..., V] through the head weight [V, D] (shared by both architectures).
+
+    On CPU a few rows (a batched decode step) go through as weight @ hidden.T: MKL runs that shape far
+    faster than the F.linear layout (ChatGLM2's 65024 x 4096 head, 2 cores: 8 rows 79 vs 194 ms, 16
+    rows 136 vs 215). The two agree up to rounding, as F.linear itself does between row counts. One
+    row and whole prompts keep F.linear."""
+    if hidden.device.type == 'cpu' and hidden.dim() == 2 and 1 < hidden.shape[0] <= 64:
+        return torch.mm(weight, hidden.t()).t()
+    return torch.nn.functional.linear(hidden, weight)
+

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..model_config import ModelConfig
 from . import kv_cache
+from .base import lm_head
 from .kv_cache import KVCache, Ragged
 
 
@@ -175,7 +176,7 @@ class GLM1Model(nn.Module):
         return self.word_embeddings.weight.device
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.word_embeddings.weight)   # the tied head, as a [V, D] linear
+        return lm_head(hidden, self.word_embeddings.weight)   # the tied head, as a [V, D] linear
 
     def new_cache(self, batch: int, max_tokens: int) -> KVCache:
         return kv_cache.allocate(self.cfg, self.cfg.num_heads, batch, max_tokens, self.word_embeddings.weight.dtype,

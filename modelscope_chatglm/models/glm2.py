@@ -27,6 +27,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 from ..model_config import ModelConfig
 from ..triton_support import optional
 from . import kv_cache
+from .base import lm_head
 from .kv_cache import KVCache, Ragged
 
 
@@ -283,7 +284,7 @@ class GLM2Model(nn.Module):
         return k <= q
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.output_layer(hidden)
+        return lm_head(hidden, self.output_layer.weight)
 
     # -- the calls the decode loop makes (generation.py) ---------------------------------------------
     @property

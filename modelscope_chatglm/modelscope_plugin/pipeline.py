@@ -47,12 +47,14 @@ class ChatGLMForChat(TorchModel):
     """A ChatGLM model as a ModelScope `Model` (what `Model.from_pretrained` returns)."""
 
     def __init__(self, model_dir: str = None, chat_model: ChatModel = None, revision=None, dtype=None,
-                 quantization_bit=None, device=None, adapter=None, adapter_revision=None, **kwargs):
+                 quantization_bit=None, device=None, adapter=None, adapter_revision=None, int8_activations=None,
+                 **kwargs):
         super().__init__(model_dir or chat_model.model_dir)
         if chat_model is None:
             from ..loading import load
             chat_model = load(model_dir, revision=revision, device=_device(device), dtype=dtype,
-                              quantization_bit=quantization_bit, adapter=adapter, adapter_revision=adapter_revision)
+                              quantization_bit=quantization_bit, adapter=adapter, adapter_revision=adapter_revision,
+                              int8_activations=int8_activations)
         self.chat_model = chat_model
         self.model = chat_model.model            # registered as a submodule: .eval()/.to() reach it
         self.model_dir = chat_model.model_dir
@@ -80,7 +82,7 @@ class ChatPreprocessor(Preprocessor):
 
 class ChatPipeline(Pipeline):
     def __init__(self, model, preprocessor=None, device='gpu', revision=None, dtype=None,
-                 quantization_bit=None, adapter=None, adapter_revision=None, **kwargs):
+                 quantization_bit=None, adapter=None, adapter_revision=None, int8_activations=None, **kwargs):
         """`model`: a hub id, a hub-layout directory, a YAML configuration (path or name), a
         `ChatModel` from `modelscope_chatglm.load`, or a `ChatGLMForChat`. `adapter`: a LoRA or P-tuning
         v2 checkpoint (directory or hub id) on top (see modelscope_chatglm.load)."""
@@ -89,7 +91,7 @@ class ChatPipeline(Pipeline):
         elif isinstance(model, str):
             model = ChatGLMForChat(model, revision=revision or kwargs.get('model_revision'), dtype=dtype,
                                    quantization_bit=quantization_bit, device=device, adapter=adapter,
-                                   adapter_revision=adapter_revision)
+                                   adapter_revision=adapter_revision, int8_activations=int8_activations)
         elif not isinstance(model, ChatGLMForChat):
             raise TypeError(f'{PIPELINE_NAME} takes a model id, directory, configuration or loaded '
                             f'ChatGLM model, got {type(model).__name__}')

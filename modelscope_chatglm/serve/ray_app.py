@@ -51,6 +51,7 @@ class RaySettings:
     device: Optional[str] = None       # default: cuda when the replica has a GPU, else cpu
     dtype: Optional[str] = None
     quantize: Optional[int] = None
+    int8_activations: bool = False
     adapter: Union[str, dict, None] = None
     adapter_revision: Optional[str] = None
     no_cuda_graphs: bool = False
@@ -124,7 +125,8 @@ class ChatGLMReplica:
         if isinstance(adapter, (list, tuple)):   # CLI-style ['NAME=PATH', ...]
             adapter = adapter_argument(list(adapter), several=True)
         chat = load(settings.model or demo_checkpoint('glm2'), revision=settings.revision, device=device,
-                    dtype=settings.dtype, quantization_bit=settings.quantize, adapter=adapter,
+                    dtype=settings.dtype, quantization_bit=settings.quantize,
+                    int8_activations=settings.int8_activations, adapter=adapter,
                     adapter_revision=settings.adapter_revision,
                     cuda_graphs=False if settings.no_cuda_graphs else None)
         self.replica = serve.get_replica_context().replica_id.unique_id

@@ -16,6 +16,10 @@
  * The SIMD path is chosen when this file is compiled (-march=native): AVX-512 (F+BW), else AVX2+FMA,
  * else the scalar code. Rows are split across OpenMP threads (`nthreads` follows torch's setting).
  * Prefill (many rows of x) uses `*_dequant_rows_*` on row tiles and a matrix multiply in torch.
+ *
+ * `*_gemv_x8` are the opt-in int8-activation kernels (see "int8 activations" below): x is quantized to
+ * int8 too and the dot products are exact integer sums (AVX2 `vpmaddubsw`, or the scalar code); they
+ * take every row of x, prompt or decode.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -255,6 +259,266 @@ void q8_gemv(const float *x, int M, int K, const int8_t *W, const float *scale, 
 void q4_gemv(const float *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
              float *y, int N, int nthreads) {
     gemv(x, M, K, W, 4, scale, bias, y, N, nthreads);
+}
+
+/* ---- int8 activations: integer dot products ------------------------------------------------- */
+/*
+ * The kernels above widen every weight to fp32 and multiply-add 8 (AVX2) at a time. Here x is quantized
+ * too, the way ggml's q8_0 does it: each block of QK columns of a row of x gets one scale
+ *
+ *   d[m, b] = max_k |x[m, k]| / 127,   xq[m, k] = round(x[m, k] / d[m, b])   (k in block b, |xq| <= 127)
+ *
+ * and the products are summed exactly in integers, block by block, before one multiply by the scales:
+ *
+ *   y[m, n] = scale[n] * sum_b d[m, b] * isum[m, n, b] + bias[n],   isum = sum_{k in b} xq[m, k] * Q[n, k]
+ *
+ * On AVX2 `vpmaddubsw` does 32 byte products per instruction (4x an fp32 FMA), so int4 decode is no
+ * longer bound by widening nibbles to floats and batched rows cost less multiply work. The price is
+ * the rounding of x to 8 bits (about 0.5% relative error on a layer's output): results are close to,
+ * not equal to, the exact kernels above, so this path is a separate choice (`int8_activations`).
+ * Each row of y is still computed the same way whatever the other rows are: batching never changes it.
+ *
+ * vpmaddubsw multiplies UNSIGNED bytes by signed ones, summing pairs into int16:
+ * - int4: the weight nibble n in [-8, 7] is taken as u = n + 8 in [0, 15] and the excess is taken back
+ *   in integers: sum u * xq - 8 * sum xq. The second sum depends on x alone, so it is computed once per
+ *   block of x (`lanes8`, per int32 lane of the AVX2 sums) and not once per weight row.
+ * - int8: |w| times xq with w's sign (`vpsignb`), as ggml does; |w| <= 128 and |xq| <= 127 keep every
+ *   pair sum inside int16.
+ * For int4 each block of xq is stored as its QK/2 even columns, then its QK/2 odd ones: the order in
+ * which the high and low nibbles of QK/2 weight bytes come out. A last block shorter than QK (K not a
+ * multiple of QK) keeps the natural order and is summed by the scalar code.
+ */
+#define QK 64
+#define LANES 8   /* int32 sums per block in the AVX2 int4 kernel: lane j covers bytes 4j..4j+3 of each half */
+
+typedef struct {
+    int M, K, nb;      /* nb = ceil(K / QK) blocks per row */
+    int8_t *q;         /* [M, K] */
+    float *d;          /* [M, nb] */
+    int32_t *lanes8;   /* [M, nb, LANES], int4 order only: 8 * sum of q over each lane of a full block */
+} x8_t;
+
+/* v in [-127, 127] to the nearest integer, ties to even (adding and subtracting 1.5 * 2^23 leaves no
+ * fraction bits; no libm call, the same on every build). NaN becomes 0. */
+static inline int8_t round_to_int8(float v) {
+    const float r = (v + 12582912.0f) - 12582912.0f;
+    return r == r ? (int8_t)r : 0;
+}
+
+/* Where slot i of a block of `len` columns comes from (int4 order applies to full blocks only). */
+static inline int block_column(int q4_order, int len, int i) {
+    return (q4_order && len == QK) ? (i < QK / 2 ? 2 * i : 2 * (i - QK / 2) + 1) : i;
+}
+
+/* Plain C for every instruction set (x is M x K, the weights N x K: this is not where the time goes),
+ * so all builds quantize x identically. */
+static void quantize_x8_row(const float *x, int K, int q4_order, int8_t *q, float *d, int32_t *lanes8) {
+    for (int k0 = 0, b = 0; k0 < K; k0 += QK, b++) {
+        const int len = K - k0 < QK ? K - k0 : QK;
+        float amax = 0.0f;
+        for (int i = 0; i < len; i++) {
+            const float a = x[k0 + i] < 0 ? -x[k0 + i] : x[k0 + i];
+            amax = a > amax ? a : amax;
+        }
+        const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+        d[b] = amax / 127.0f;
+        for (int i = 0; i < len; i++) q[k0 + i] = round_to_int8(x[k0 + block_column(q4_order, len, i)] * inv);
+        for (int j = 0; j < LANES; j++) {
+            int32_t sum = 0;
+            for (int i = 4 * j; i < 4 * j + 4 && len == QK; i++) sum += q[k0 + i] + q[k0 + QK / 2 + i];
+            lanes8[b * LANES + j] = 8 * sum;
+        }
+    }
+}
+
+static x8_t quantize_x8(const float *x, int M, int K, int q4_order) {
+    x8_t xq = {M, K, (K + QK - 1) / QK, NULL, NULL, NULL};
+    xq.q = (int8_t *)malloc((size_t)M * K);
+    xq.d = (float *)malloc(sizeof(float) * (size_t)M * xq.nb);
+    xq.lanes8 = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * xq.nb * LANES);
+    for (int m = 0; m < M; m++)
+        quantize_x8_row(x + (size_t)m * K, K, q4_order, xq.q + (size_t)m * K, xq.d + (size_t)m * xq.nb,
+                        xq.lanes8 + (size_t)m * xq.nb * LANES);
+    return xq;
+}
+
+static void free_x8(x8_t *xq) {
+    free(xq->q);
+    free(xq->d);
+    free(xq->lanes8);
+}
+
+/* The weight of row w at slot i of the block starting at column k0 (in the order xq stores it). */
+static inline int weight_at(const int8_t *w, int bits, int k0, int len, int i) {
+    if (bits == 8) return w[k0 + i];
+    const int col = k0 + block_column(1, len, i);
+    return col % 2 ? int4_low(w[col / 2]) : int4_high(w[col / 2]);
+}
+
+/* isum of one block, exactly. */
+static inline int32_t block_isum(const int8_t *q, const int8_t *w, int bits, int k0, int len) {
+    int32_t s = 0;
+    for (int i = 0; i < len; i++) s += (int32_t)q[k0 + i] * weight_at(w, bits, k0, len, i);
+    return s;
+}
+
+/* Scalar reference: quantize, then sum the blocks in order. */
+static void gemv_x8_ref(const float *x, int M, int K, const int8_t *W, int bits, const float *scale,
+                        const float *bias, float *y, int N) {
+    const int KB = bits == 4 ? K / 2 : K;
+    x8_t xq = quantize_x8(x, M, K, bits == 4);
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            float acc = 0.0f;
+            for (int b = 0; b < xq.nb; b++) {
+                const int k0 = b * QK, len = K - k0 < QK ? K - k0 : QK;
+                acc += xq.d[(size_t)m * xq.nb + b] * (float)block_isum(xq.q + (size_t)m * K, W + (size_t)n * KB, bits, k0, len);
+            }
+            y[(size_t)m * N + n] = acc * scale[n] + (bias ? bias[n] : 0.0f);
+        }
+    free_x8(&xq);
+}
+
+void q8_gemv_x8_ref(const float *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
+                    float *y, int N) {
+    gemv_x8_ref(x, M, K, W, 8, scale, bias, y, N);
+}
+
+void q4_gemv_x8_ref(const float *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
+                    float *y, int N) {
+    gemv_x8_ref(x, M, K, W, 4, scale, bias, y, N);
+}
+
+/* A register tile: X8_WROWS weight rows against up to X8_ROWS rows of xq. For each block of columns,
+ * the weight rows are loaded (int4: also unpacked) once and each row of xq once: every product pair
+ * shares both loads. Registers (AVX2: 16): X8_ROWS x X8_WROWS accumulators, the weight blocks (2 per
+ * weight row), one block of xq and the products in flight. */
+#define X8_ROWS 3
+#define X8_WROWS 2
+#define X8_PANEL_BYTES (256 << 10)
+
+#if defined(__AVX2__)
+static inline float vhsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+static inline __attribute__((always_inline)) void tile_x8(const x8_t *xq, int m0, int mb, const int8_t *w, size_t stride,
+                                                          int nr, int bits, float *out /* [mb][X8_WROWS] */) {
+    const int K = xq->K, nb = xq->nb, full = K / QK;
+    const int8_t *q = xq->q + (size_t)m0 * K;
+    const float *d = xq->d + (size_t)m0 * nb;
+    float sum[X8_ROWS][X8_WROWS] = {{0}};
+#if defined(__AVX2__)
+    const int32_t *lanes8 = xq->lanes8 + (size_t)m0 * nb * LANES;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[X8_ROWS][X8_WROWS];
+    for (int m = 0; m < X8_ROWS; m++)
+        for (int r = 0; r < X8_WROWS; r++) acc[m][r] = _mm256_setzero_ps();
+    for (int b = 0; b < full; b++) {
+        const int k0 = b * QK;
+        __m256i w0[X8_WROWS], w1[X8_WROWS];   /* the block's two halves, in xq's order */
+        for (int r = 0; r < nr; r++) {
+            if (bits == 8) {
+                w0[r] = _mm256_loadu_si256((const __m256i *)(w + r * stride + k0));
+                w1[r] = _mm256_loadu_si256((const __m256i *)(w + r * stride + k0 + 32));
+            } else {   /* 32 bytes: high nibbles (even columns), low nibbles (odd columns), each + 8 */
+                const __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + r * stride + k0 / 2));
+                const __m256i nib = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+                w0[r] = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), nib), eight);
+                w1[r] = _mm256_xor_si256(_mm256_and_si256(bytes, nib), eight);
+            }
+        }
+        for (int m = 0; m < mb; m++) {
+            const int8_t *xb = q + (size_t)m * K + k0;
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)xb), x1 = _mm256_loadu_si256((const __m256i *)(xb + 32));
+            const __m256 dm = _mm256_broadcast_ss(d + (size_t)m * nb + b);
+            for (int r = 0; r < nr; r++) {
+                __m256i s;
+                if (bits == 4) {   /* sum (n + 8) * x, minus 8 * sum x; each int16 <= 2 * 2 * 15 * 127 */
+                    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0[r], x0), _mm256_maddubs_epi16(w1[r], x1));
+                    s = _mm256_sub_epi32(_mm256_madd_epi16(p, ones),
+                                         _mm256_loadu_si256((const __m256i *)(lanes8 + ((size_t)m * nb + b) * LANES)));
+                } else {           /* |w| * (x with w's sign); pair sums reach 2 * 128 * 127: widen before adding */
+                    const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0[r]), _mm256_sign_epi8(x0, w0[r]));
+                    const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1[r]), _mm256_sign_epi8(x1, w1[r]));
+                    s = _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+                }
+                acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), dm, acc[m][r]);
+            }
+        }
+    }
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < nr; r++) sum[m][r] = vhsum8(acc[m][r]);
+#else
+    for (int b = 0; b < full; b++)
+        for (int m = 0; m < mb; m++)
+            for (int r = 0; r < nr; r++)
+                sum[m][r] += d[(size_t)m * nb + b] * (float)block_isum(q + (size_t)m * K, w + r * stride, bits, b * QK, QK);
+#endif
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < nr; r++) {
+            if (full < nb)   /* the short last block */
+                sum[m][r] += d[(size_t)m * nb + full] *
+                             (float)block_isum(q + (size_t)m * K, w + r * stride, bits, full * QK, K - full * QK);
+            out[m * X8_WROWS + r] = sum[m][r];
+        }
+}
+
+/* Rows [p0, p1) of xq against every weight row, pairs of weight rows split across the threads. */
+static void panel_x8(const x8_t *xq, int p0, int p1, const int8_t *W, int bits, const float *scale, const float *bias,
+                     float *y, int N, int nthreads) {
+    const int KB = bits == 4 ? xq->K / 2 : xq->K, tiles = (N + X8_WROWS - 1) / X8_WROWS;
+    (void)nthreads;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int t = 0; t < tiles; t++) {
+        const int n0 = t * X8_WROWS, nr = N - n0 < X8_WROWS ? N - n0 : X8_WROWS;
+        const int8_t *w = W + (size_t)n0 * KB;
+        float out[X8_ROWS * X8_WROWS];
+        for (int m0 = p0; m0 < p1; m0 += X8_ROWS) {
+            const int mb = p1 - m0 < X8_ROWS ? p1 - m0 : X8_ROWS;
+            /* Constant shapes for the usual cases (as ROWS_WITH_CONSTANT_SHAPES above). One row of x
+             * (decode) takes the weight rows one at a time: a single stream is bound by memory, and
+             * one weight row leaves the compiler more registers. */
+#define X8_SHAPES(B)                                                                          \
+            if (nr == X8_WROWS && mb == 1) {                                                  \
+                tile_x8(xq, m0, 1, w, KB, 1, B, out);                                         \
+                tile_x8(xq, m0, 1, w + KB, KB, 1, B, out + 1);                                \
+            } else if (nr == X8_WROWS && mb == 2) tile_x8(xq, m0, 2, w, KB, X8_WROWS, B, out); \
+            else if (nr == X8_WROWS && mb == 3) tile_x8(xq, m0, 3, w, KB, X8_WROWS, B, out);  \
+            else tile_x8(xq, m0, mb, w, KB, nr, B, out);
+            if (bits == 8) { X8_SHAPES(8) } else { X8_SHAPES(4) }
+#undef X8_SHAPES
+            for (int m = 0; m < mb; m++)
+                for (int r = 0; r < nr; r++)
+                    y[(size_t)(m0 + m) * N + n0 + r] = out[m * X8_WROWS + r] * scale[n0 + r] + (bias ? bias[n0 + r] : 0.0f);
+        }
+    }
+}
+
+static void gemv_x8(const float *x, int M, int K, const int8_t *W, int bits, const float *scale, const float *bias,
+                    float *y, int N, int nthreads) {
+    x8_t xq = quantize_x8(x, M, K, bits == 4);
+    /* Rows of x in panels that stay in L2 while every weight row passes them (a long prompt would
+     * otherwise bring all of x from L3 for each pair of weight rows). The weights are read once per
+     * panel; a decode batch is one panel. */
+    int panel = X8_PANEL_BYTES / K / X8_ROWS * X8_ROWS;
+    panel = panel < X8_ROWS ? X8_ROWS : panel;
+    for (int p0 = 0; p0 < M; p0 += panel) panel_x8(&xq, p0, p0 + panel < M ? p0 + panel : M, W, bits, scale, bias, y, N, nthreads);
+    free_x8(&xq);
+}
+
+void q8_gemv_x8(const float *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
+                float *y, int N, int nthreads) {
+    gemv_x8(x, M, K, W, 8, scale, bias, y, N, nthreads);
+}
+
+void q4_gemv_x8(const float *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
+                float *y, int N, int nthreads) {
+    gemv_x8(x, M, K, W, 4, scale, bias, y, N, nthreads);
 }
 
 /* ---- dequantised row tiles: the prefill path ------------------------------------------------- */
