@@ -107,6 +107,33 @@ def test_gemv_kernel_equals_scalar_reference_and_torch(isa_lib, bits, M, K, N):
     assert torch.allclose(no_bias + bias, fast, atol=tol)
 
 
+@pytest.mark.parametrize('M,K,N', SHAPES)
+def test_fp32_head_kernel_equals_scalar_reference_and_torch(isa_lib, M, K, N):
+    """f32_gemv: the LM head of a decode step (models/base.py lm_head)."""
+    g = torch.Generator().manual_seed(M + K + N)
+    w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
+    expected = x.double() @ w.double().t()
+    fast, ref = torch.empty(M, N), torch.empty(M, N)
+    isa_lib.f32_gemv(x.data_ptr(), M, K, w.data_ptr(), None, fast.data_ptr(), N, torch.get_num_threads())
+    isa_lib.f32_gemv_ref(x.data_ptr(), M, K, w.data_ptr(), None, ref.data_ptr(), N)
+    tol = 1e-4 * (1 + expected.abs().max().item())
+    assert (fast.double() - expected).abs().max() < tol and (ref.double() - expected).abs().max() < tol
+    alone = torch.empty(1, N)
+    for m in range(M):
+        isa_lib.f32_gemv(x[m:m + 1].data_ptr(), 1, K, w.data_ptr(), None, alone.data_ptr(), N, 2)
+        assert torch.equal(alone[0], fast[m])
+
+
+def test_lm_head_gives_a_row_the_same_logits_in_any_batch(lib):
+    from modelscope_chatglm.models.base import lm_head
+    w, x = torch.randn(3001, 1024), torch.randn(40, 1024)
+    alone = torch.cat([lm_head(x[i:i + 1], w) for i in range(40)])
+    for M in (2, 3, 8, 17, 40):
+        assert torch.equal(lm_head(x[:M], w), alone[:M]), M
+    assert (alone.double() - x.double() @ w.double().t()).abs().max() < 1e-3
+    assert lm_head(x[None], w).shape == (1, 40, 3001)      # a whole prompt: F.linear
+
+
 @pytest.mark.parametrize('bits', [8, 4])
 @pytest.mark.parametrize('K', [200, 2056, 4096])
 def test_a_row_gets_the_same_bits_whatever_else_is_in_the_call(isa_lib, bits, K):

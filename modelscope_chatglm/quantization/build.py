@@ -178,8 +178,8 @@ def load_library():
         try:
             _state['lib'] = _build_and_load()
         except Exception as e:   # whatever it was, say so once: later calls must not fail silently
-            logger.warning('the CPU kernels could not be built or loaded (%s: %s); quantized layers run on the '
-                           'slower pure-torch path. Check that %s exists (reinstall the package if not) and that '
+            logger.warning('the CPU kernels could not be built or loaded (%s: %s); quantized layers (and the LM '
+                           'head of a decode step) run on the slower pure-torch path. Check that %s exists (reinstall the package if not) and that '
                            '$MODELSCOPE_CHATGLM_KERNEL_CACHE or ~/.cache is writable.', type(e).__name__, e, SOURCE)
             _state['lib'] = None
         _state['loaded'] = True
@@ -242,6 +242,10 @@ def _declare(lib):
     for name in ('q8_dequant_rows_f32', 'q8_dequant_rows_bf16', 'q4_dequant_rows_f32', 'q4_dequant_rows_bf16'):
         getattr(lib, name).argtypes = [p, p, i, i, i, p, i]
         getattr(lib, name).restype = None
+    lib.f32_gemv.argtypes = [p, i, i, p, p, p, i, i]
+    lib.f32_gemv.restype = None
+    lib.f32_gemv_ref.argtypes = [p, i, i, p, p, p, i]
+    lib.f32_gemv_ref.restype = None
     lib.kernel_isa.restype = ctypes.c_char_p
     lib.kernel_openmp.restype = ctypes.c_int
     return lib

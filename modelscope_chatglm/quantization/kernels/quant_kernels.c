@@ -17,6 +17,8 @@
  * else the scalar code. Rows are split across OpenMP threads (`nthreads` follows torch's setting).
  * Prefill (many rows of x) uses `*_dequant_rows_*` on row tiles and a matrix multiply in torch.
  *
+ * `f32_gemv` is the same loop on fp32 weights, for the LM head of a decode step (models/base.py).
+ *
  * `*_gemv_x8` are the opt-in int8-activation kernels (see "int8 activations" below): x is quantized to
  * int8 too and the dot products are exact integer sums (AVX2 `vpmaddubsw`, or the scalar code); they
  * take every row of x, prompt or decode.
@@ -76,6 +78,15 @@ void q4_gemv_ref(const float *x, int M, int K, const int8_t *W, const float *sca
                 acc += x[(size_t)m * K + 2 * j + 1] * (float)int4_low(b);
             }
             y[(size_t)m * N + n] = acc * scale[n] + (bias ? bias[n] : 0.0f);
+        }
+}
+
+void f32_gemv_ref(const float *x, int M, int K, const float *W, const float *bias, float *y, int N) {
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            float acc = 0.0f;
+            for (int k = 0; k < K; k++) acc += x[(size_t)m * K + k] * W[(size_t)n * K + k];
+            y[(size_t)m * N + n] = acc + (bias ? bias[n] : 0.0f);
         }
 }
 
@@ -176,6 +187,31 @@ static inline __attribute__((always_inline)) void rows_q8(const float *x, size_t
         }
 }
 
+/* fp32 weights (the LM head): the same loop as rows_q8 with nothing to widen; `stride` in bytes. */
+static inline __attribute__((always_inline)) void rows_f32(const float *x, size_t ldx, int mb, const int8_t *wbytes,
+                                                           size_t stride, int K, int rows, float *out) {
+    const float *w = (const float *)wbytes;
+    const size_t ldw = stride / sizeof(float);
+    vf acc[X_ROWS][ROW_BLOCK];
+    for (int m = 0; m < X_ROWS; m++)
+        for (int r = 0; r < ROW_BLOCK; r++) acc[m][r] = vzero();
+    int k = 0;
+    for (; k + VW <= K; k += VW) {
+        vf xv[X_ROWS];
+        for (int m = 0; m < mb; m++) xv[m] = vload(x + m * ldx + k);
+        for (int r = 0; r < rows; r++) {
+            vf wv = vload(w + r * ldw + k);
+            for (int m = 0; m < mb; m++) acc[m][r] = vfma(wv, xv[m], acc[m][r]);
+        }
+    }
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < rows; r++) {
+            float d = vhsum(acc[m][r]);
+            for (int kk = k; kk < K; kk++) d += x[m * ldx + kk] * w[r * ldw + kk];
+            out[m * ROW_BLOCK + r] = d;
+        }
+}
+
 static inline __attribute__((always_inline)) void rows_q4(const float *xi, size_t ldx, int mb, const int8_t *w, size_t stride, int KB, int rows,
                            float *out) {
     vf acc[X_ROWS][ROW_BLOCK];
@@ -208,18 +244,20 @@ static inline __attribute__((always_inline)) void rows_q4(const float *xi, size_
 /* The usual shapes (a full block of weight rows against 1, 2 or X_ROWS rows of x) as calls with constant
  * trip counts: inlined, GCC unrolls them and keeps the accumulators in registers instead of on the
  * stack. The same code computes the same sums in the same order, whichever call runs. */
-#define ROWS_WITH_CONSTANT_SHAPES(fn)                                                           \
+#define ROWS_WITH_CONSTANT_SHAPES(fn, cols)                                                    \
     do {                                                                                      \
-        if (rows == ROW_BLOCK && mb == 1) fn(xm, (size_t)K, 1, w, (size_t)KB, KB, ROW_BLOCK, out);  \
-        else if (rows == ROW_BLOCK && mb == 2) fn(xm, (size_t)K, 2, w, (size_t)KB, KB, ROW_BLOCK, out); \
+        if (rows == ROW_BLOCK && mb == 1) fn(xm, (size_t)K, 1, w, row_bytes, cols, ROW_BLOCK, out);  \
+        else if (rows == ROW_BLOCK && mb == 2) fn(xm, (size_t)K, 2, w, row_bytes, cols, ROW_BLOCK, out); \
         else if (rows == ROW_BLOCK && mb == X_ROWS)                                           \
-            fn(xm, (size_t)K, X_ROWS, w, (size_t)KB, KB, ROW_BLOCK, out);                     \
-        else fn(xm, (size_t)K, mb, w, (size_t)KB, KB, rows, out);                            \
+            fn(xm, (size_t)K, X_ROWS, w, row_bytes, cols, ROW_BLOCK, out);                    \
+        else fn(xm, (size_t)K, mb, w, row_bytes, cols, rows, out);                           \
     } while (0)
 
+/* bits: 8 or 4 (quantized rows, times scale[n]), or 32 (fp32 rows, no scale: the LM head). */
 static void gemv(const float *x, int M, int K, const int8_t *W, int bits, const float *scale, const float *bias,
                  float *y, int N, int nthreads) {
     const int KB = bits == 4 ? K / 2 : K, blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
+    const size_t row_bytes = bits == 32 ? sizeof(float) * (size_t)K : (size_t)KB;
     const float *xs = x;
     float *xi = NULL;
     if (bits == 4) {   /* rearrange each x row once: see interleave_q4 */
@@ -237,14 +275,16 @@ static void gemv(const float *x, int M, int K, const int8_t *W, int bits, const 
             for (int m0 = 0; m0 < M; m0 += X_ROWS) {
                 const int mb = M - m0 < X_ROWS ? M - m0 : X_ROWS;
                 const float *xm = xs + (size_t)m0 * K;
-                const int8_t *w = W + (size_t)n0 * KB;
+                const int8_t *w = W + n0 * row_bytes;
                 float *out = d + m0 * ROW_BLOCK;
-                if (bits == 4) ROWS_WITH_CONSTANT_SHAPES(rows_q4);
-                else ROWS_WITH_CONSTANT_SHAPES(rows_q8);
+                if (bits == 4) ROWS_WITH_CONSTANT_SHAPES(rows_q4, KB);
+                else if (bits == 8) ROWS_WITH_CONSTANT_SHAPES(rows_q8, K);
+                else ROWS_WITH_CONSTANT_SHAPES(rows_f32, K);
             }
             for (int m = 0; m < M; m++)
                 for (int r = 0; r < rows; r++)
-                    y[(size_t)m * N + n0 + r] = d[m * ROW_BLOCK + r] * scale[n0 + r] + (bias ? bias[n0 + r] : 0.0f);
+                    y[(size_t)m * N + n0 + r] = d[m * ROW_BLOCK + r] * (scale ? scale[n0 + r] : 1.0f) +
+                                                (bias ? bias[n0 + r] : 0.0f);
         }
         free(d);
     }
@@ -259,6 +299,12 @@ void q8_gemv(const float *x, int M, int K, const int8_t *W, const float *scale, 
 void q4_gemv(const float *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
              float *y, int N, int nthreads) {
     gemv(x, M, K, W, 4, scale, bias, y, N, nthreads);
+}
+
+/* fp32 weights: the LM head of a batched decode step, so that a row's logits do not depend on the
+ * other rows either (MKL's sgemm sums in an order that changes with the number of rows). */
+void f32_gemv(const float *x, int M, int K, const float *W, const float *bias, float *y, int N, int nthreads) {
+    gemv(x, M, K, (const int8_t *)W, 32, NULL, bias, y, N, nthreads);
 }
 
 /* ---- int8 activations: integer dot products ------------------------------------------------- */
