@@ -80,6 +80,26 @@ def test_a_prefix_cache_hit_gives_the_logits_of_a_cold_prefill(glm2_model):
     assert len(sched.prefix_cache.entries) == 1    # turn 2 holds all of turn 1: one entry is kept
 
 
+@pytest.mark.parametrize('name', ['glm2-int4', 'glm3-int8', 'glm2-int4-x8'])
+def test_greedy_replies_do_not_depend_on_the_prefix_cache(models, name):
+    """50 prompts that open alike: prefilled cold, every row of a long prompt goes through dequantized
+    tiles; warm, the opening comes from the prefix cache and the rest through the decode kernel. Both
+    multiply x by the same integer weights and scale the sum, so the replies are the same; with int8
+    activations every row takes the integer kernel. In float32, the CPU default without bf16 units; in
+    bfloat16 every op rounds differently on the two paths, and 1-2 of 50 replies differed."""
+    chat = models[name]
+    opening = ' '.join(f'rule {i}: answer briefly.' for i in range(12))
+    prompts = [chat.build_inputs(f'{opening} question {i}: {QUERIES[i % 5]} {i * 7}') for i in range(50)]
+    params = chat.sampling(max_new_tokens=6, do_sample=False)
+    warm = chat.scheduler(max_batch=8)
+    run(warm, [prompts[0]], params)                     # caches the opening
+    warm_seqs = run(warm, prompts, params)
+    assert all(s.reused > 64 and len(p) - s.reused <= 64 for s, p in zip(warm_seqs, prompts))
+    cold = [run(chat.scheduler(max_batch=1), [p], params)[0] for p in prompts]
+    assert all(s.reused == 0 and len(p) > 64 for s, p in zip(cold, prompts))
+    assert [s.output for s in warm_seqs] == [s.output for s in cold]
+
+
 def test_a_shared_system_prompt_is_prefilled_once(glm3_model):
     system = ' '.join(f'rule {i}: be kind.' for i in range(40))
     prompts = [glm3_model.build_inputs(q, system=system) for q in QUERIES[:4]]

@@ -57,8 +57,12 @@ def test_errors_are_one_clear_line(tmp_path):
 def test_chat_in_a_real_terminal_streams_clears_and_survives_ctrl_c(glm2_dir, tmp_path):
     pexpect = __import__('pytest').importorskip('pexpect')
     env = dict(os.environ, MODELSCOPE_CHATGLM_CACHE=str(tmp_path), PYTHONUNBUFFERED='1')
-    child = pexpect.spawn(sys.executable, ['-m', 'modelscope_chatglm.cli', 'chat', '--model', glm2_dir,
-                                           '--device', 'cpu', '--max-new-tokens', '1500'],
+    # No stop tokens: every reply runs to --max-new-tokens, so the one interrupted below is still
+    # streaming when Ctrl-C comes (a random tiny model may otherwise sample its end token early).
+    config = tmp_path / 'endless.yaml'
+    config.write_text(f'model: {glm2_dir}\ndevice: cpu\ngeneration: {{stop_ids: []}}\n')
+    child = pexpect.spawn(sys.executable, ['-m', 'modelscope_chatglm.cli', 'chat', '--config', str(config),
+                                           '--max-new-tokens', '1500'],
                           encoding='utf-8', timeout=120, env=env)
     child.expect('user: ')
     child.sendline('hi\\')            # a trailing backslash continues the message on the next line

@@ -87,27 +87,38 @@ class QuantizedLinear(nn.Module):
         return y.to(x2.dtype)
 
     def _tiled_matmul(self, lib, x2):
-        """x2 @ dequant(W).T, one tile of rows of W at a time."""
+        """x2 @ dequant(W).T, one tile of rows of W at a time.
+
+        In fp32 and bf16 the tiles hold the integer values (exact in both) and the scales multiply the
+        product in fp32, as the kernels do: a prompt's rows and a decode step's multiply x by the same
+        numbers, so a prompt prefilled cold and one continued from the prefix cache agree up to
+        summation order. (bf16 tiles of q * scale rounded every weight to 8 bits of mantissa.) fp16
+        (a GPU without Triton) keeps q * scale in the tiles: x @ q could exceed fp16's range."""
         compute = x2.dtype if x2.dtype in (torch.bfloat16, torch.float32) or x2.is_cuda else torch.float32
+        scale_after = compute in (torch.float32, torch.bfloat16)
         xc = x2.to(compute)
         rows = max(1, min(self.out_features, TILE_ELEMENTS // self.in_features))
         out = torch.empty(x2.shape[0], self.out_features, dtype=compute, device=x2.device)
         tile = torch.empty(rows, self.in_features, dtype=compute, device=x2.device)
         for n0 in range(0, self.out_features, rows):
             n1 = min(n0 + rows, self.out_features)
-            w = self._dequantize_rows(lib, n0, n1, tile[:n1 - n0], compute)
+            w = self._weight_rows(lib, n0, n1, tile[:n1 - n0], compute, scaled=not scale_after)
             out[:, n0:n1] = F.linear(xc, w)
+        if scale_after:
+            out = out.float().mul_(self.weight_scale.float())
         if self.bias is not None:
-            out += self.bias.to(compute)
+            out += self.bias.to(out.dtype)
         return out.to(x2.dtype)
 
-    def _dequantize_rows(self, lib, n0, n1, tile, dtype):
+    def _weight_rows(self, lib, n0, n1, tile, dtype, scaled: bool):
+        """Rows [n0, n1) of W as `dtype`: q * scale, or the integer values q with scaled=False."""
         if lib is None:
-            return formats.dequantize(self.weight[n0:n1], self.weight_scale[n0:n1], self.bits, dtype)
-        scale = self.weight_scale.float()
+            scale = self.weight_scale[n0:n1] if scaled else torch.ones(n1 - n0, device=self.weight.device)
+            return formats.dequantize(self.weight[n0:n1], scale, self.bits, dtype)
+        scale = self.weight_scale.float() if scaled else None
         name = f'q{self.bits}_dequant_rows_{"bf16" if dtype == torch.bfloat16 else "f32"}'
-        getattr(lib, name)(self.weight.data_ptr(), scale.data_ptr(), n0, n1, self.in_features, tile.data_ptr(),
-                           torch.get_num_threads())
+        getattr(lib, name)(self.weight.data_ptr(), None if scale is None else scale.data_ptr(), n0, n1,
+                           self.in_features, tile.data_ptr(), torch.get_num_threads())
         return tile
 
 

@@ -568,7 +568,10 @@ void q4_gemv_x8(const float *x, int M, int K, const int8_t *W, const float *scal
 }
 
 /* ---- dequantised row tiles: the prefill path ------------------------------------------------- */
-/* Rows [n0, n1) of W into `out` ([n1-n0, K]), as fp32 or bf16 (round to nearest even). */
+/* Rows [n0, n1) of W into `out` ([n1-n0, K]), as fp32 or bf16 (round to nearest even), times scale[n];
+ * with scale NULL, the integer values themselves (exact in both). linear.py passes NULL for fp32 and
+ * bf16 models and multiplies the matmul's output by the scales, as the kernels above do: a prompt's
+ * rows and a decode step's multiply x by the same numbers, whichever path they take. */
 
 static inline uint16_t to_bf16(float f) {
     uint32_t u;
@@ -581,14 +584,14 @@ void q8_dequant_rows_f32(const int8_t *W, const float *scale, int n0, int n1, in
     (void)nthreads;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int n = n0; n < n1; n++)
-        for (int k = 0; k < K; k++) out[(size_t)(n - n0) * K + k] = (float)W[(size_t)n * K + k] * scale[n];
+        for (int k = 0; k < K; k++) out[(size_t)(n - n0) * K + k] = (float)W[(size_t)n * K + k] * (scale ? scale[n] : 1.0f);
 }
 
 void q8_dequant_rows_bf16(const int8_t *W, const float *scale, int n0, int n1, int K, uint16_t *out, int nthreads) {
     (void)nthreads;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int n = n0; n < n1; n++)
-        for (int k = 0; k < K; k++) out[(size_t)(n - n0) * K + k] = to_bf16((float)W[(size_t)n * K + k] * scale[n]);
+        for (int k = 0; k < K; k++) out[(size_t)(n - n0) * K + k] = to_bf16((float)W[(size_t)n * K + k] * (scale ? scale[n] : 1.0f));
 }
 
 void q4_dequant_rows_f32(const int8_t *W, const float *scale, int n0, int n1, int K, float *out, int nthreads) {
@@ -597,9 +600,10 @@ void q4_dequant_rows_f32(const int8_t *W, const float *scale, int n0, int n1, in
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int n = n0; n < n1; n++)
         for (int j = 0; j < KB; j++) {
-            int8_t b = W[(size_t)n * KB + j];
-            out[(size_t)(n - n0) * K + 2 * j] = (float)int4_high(b) * scale[n];
-            out[(size_t)(n - n0) * K + 2 * j + 1] = (float)int4_low(b) * scale[n];
+            const int8_t b = W[(size_t)n * KB + j];
+            const float s = scale ? scale[n] : 1.0f;
+            out[(size_t)(n - n0) * K + 2 * j] = (float)int4_high(b) * s;
+            out[(size_t)(n - n0) * K + 2 * j + 1] = (float)int4_low(b) * s;
         }
 }
 
@@ -609,8 +613,9 @@ void q4_dequant_rows_bf16(const int8_t *W, const float *scale, int n0, int n1, i
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int n = n0; n < n1; n++)
         for (int j = 0; j < KB; j++) {
-            int8_t b = W[(size_t)n * KB + j];
-            out[(size_t)(n - n0) * K + 2 * j] = to_bf16((float)int4_high(b) * scale[n]);
-            out[(size_t)(n - n0) * K + 2 * j + 1] = to_bf16((float)int4_low(b) * scale[n]);
+            const int8_t b = W[(size_t)n * KB + j];
+            const float s = scale ? scale[n] : 1.0f;
+            out[(size_t)(n - n0) * K + 2 * j] = to_bf16((float)int4_high(b) * s);
+            out[(size_t)(n - n0) * K + 2 * j + 1] = to_bf16((float)int4_low(b) * s);
         }
 }
