@@ -227,6 +227,11 @@ def test_dequantized_tiles_match_torch(isa_lib, bits):
     out16 = torch.empty(30, 96, dtype=torch.bfloat16)
     getattr(lib, f'q{bits}_dequant_rows_bf16')(q.data_ptr(), scale.data_ptr(), 20, 50, 96, out16.data_ptr(), 2)
     assert torch.equal(out16, full[20:50].to(torch.bfloat16))
+    # no scale: the integer values themselves (what the prefill path multiplies x by)
+    integers = (unpack_int4(q) if bits == 4 else q)[20:50].float()
+    getattr(lib, f'q{bits}_dequant_rows_f32')(q.data_ptr(), None, 20, 50, 96, out.data_ptr(), 2)
+    getattr(lib, f'q{bits}_dequant_rows_bf16')(q.data_ptr(), None, 20, 50, 96, out16.data_ptr(), 2)
+    assert torch.equal(out, integers) and torch.equal(out16.float(), integers)
 
 
 @pytest.mark.parametrize('bits', [8, 4])
