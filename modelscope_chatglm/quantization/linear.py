@@ -9,9 +9,10 @@ Forward, by where the weights live:
   integer dot products): the fastest path, within ~0.5% of the exact one per layer, and a row's result
   never depends on the other rows (a prompt prefilled cold or from the prefix cache gets the same numbers).
 - CPU with the compiled kernels, exact (the default): up to DECODE_ROWS rows of x go through the fused kernel,
-  which streams the quantized weights once for all rows (no dequantised copy); longer inputs (prefill) dequantise
-  row tiles of W into a small reused buffer and multiply with torch (bf16 tiles for a bf16 model, so
-  oneDNN can use AMX; fp32 tiles otherwise). The whole W is never materialised.
+  which streams the quantized weights once for all rows (no dequantised copy); longer inputs (prefill) copy
+  row tiles of W's integer values into a small reused buffer, multiply with torch (bf16 tiles for a bf16
+  model, so oneDNN can use AMX; fp32 tiles otherwise) and scale the product, as the kernel does. The whole
+  W is never materialised.
 - CUDA: Triton kernels that dequantise in registers (triton_kernels.py): a streaming GEMV for
   decode, tensor-core tiles for prefill. Without Triton (it ships with CUDA builds of torch), the
   tiled dequantise-and-multiply in torch below.
