@@ -165,8 +165,10 @@ static void interleave_q4(const float *x, int K, float *out) {
  * rows, which by then sit in L1/L2: DRAM sees the weights once per call. out[m * ROW_BLOCK + r]. */
 #define X_ROWS 3
 
-static inline __attribute__((always_inline)) void rows_q8(const float *x, size_t ldx, int mb, const int8_t *w, size_t stride, int K, int rows,
-                           float *out) {
+/* One weight per column: int8 (widened in registers) or, with fp32 set, fp32 (the LM head); `stride` in
+ * bytes. Inlined with a constant `fp32`, so each caller gets its own straight loop. */
+static inline __attribute__((always_inline)) void rows_wide(const float *x, size_t ldx, int mb, const int8_t *w,
+                                                            size_t stride, int K, int rows, float *out, int fp32) {
     vf acc[X_ROWS][ROW_BLOCK];
     for (int m = 0; m < X_ROWS; m++)
         for (int r = 0; r < ROW_BLOCK; r++) acc[m][r] = vzero();
@@ -175,41 +177,28 @@ static inline __attribute__((always_inline)) void rows_q8(const float *x, size_t
         vf xv[X_ROWS];
         for (int m = 0; m < mb; m++) xv[m] = vload(x + m * ldx + k);
         for (int r = 0; r < rows; r++) {
-            vf wv = load_q8(w + r * stride + k);
+            const int8_t *wr = w + r * stride;
+            vf wv = fp32 ? vload((const float *)wr + k) : load_q8(wr + k);
             for (int m = 0; m < mb; m++) acc[m][r] = vfma(wv, xv[m], acc[m][r]);
         }
     }
     for (int m = 0; m < mb; m++)
         for (int r = 0; r < rows; r++) {
+            const int8_t *wr = w + r * stride;
             float d = vhsum(acc[m][r]);
-            for (int kk = k; kk < K; kk++) d += x[m * ldx + kk] * (float)w[r * stride + kk];
+            for (int kk = k; kk < K; kk++) d += x[m * ldx + kk] * (fp32 ? ((const float *)wr)[kk] : (float)wr[kk]);
             out[m * ROW_BLOCK + r] = d;
         }
 }
 
-/* fp32 weights (the LM head): the same loop as rows_q8 with nothing to widen; `stride` in bytes. */
-static inline __attribute__((always_inline)) void rows_f32(const float *x, size_t ldx, int mb, const int8_t *wbytes,
+static inline __attribute__((always_inline)) void rows_q8(const float *x, size_t ldx, int mb, const int8_t *w,
+                                                          size_t stride, int K, int rows, float *out) {
+    rows_wide(x, ldx, mb, w, stride, K, rows, out, 0);
+}
+
+static inline __attribute__((always_inline)) void rows_f32(const float *x, size_t ldx, int mb, const int8_t *w,
                                                            size_t stride, int K, int rows, float *out) {
-    const float *w = (const float *)wbytes;
-    const size_t ldw = stride / sizeof(float);
-    vf acc[X_ROWS][ROW_BLOCK];
-    for (int m = 0; m < X_ROWS; m++)
-        for (int r = 0; r < ROW_BLOCK; r++) acc[m][r] = vzero();
-    int k = 0;
-    for (; k + VW <= K; k += VW) {
-        vf xv[X_ROWS];
-        for (int m = 0; m < mb; m++) xv[m] = vload(x + m * ldx + k);
-        for (int r = 0; r < rows; r++) {
-            vf wv = vload(w + r * ldw + k);
-            for (int m = 0; m < mb; m++) acc[m][r] = vfma(wv, xv[m], acc[m][r]);
-        }
-    }
-    for (int m = 0; m < mb; m++)
-        for (int r = 0; r < rows; r++) {
-            float d = vhsum(acc[m][r]);
-            for (int kk = k; kk < K; kk++) d += x[m * ldx + kk] * w[r * ldw + kk];
-            out[m * ROW_BLOCK + r] = d;
-        }
+    rows_wide(x, ldx, mb, w, stride, K, rows, out, 1);
 }
 
 static inline __attribute__((always_inline)) void rows_q4(const float *xi, size_t ldx, int mb, const int8_t *w, size_t stride, int KB, int rows,
