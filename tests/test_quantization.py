@@ -199,6 +199,18 @@ def test_int8_activations_give_a_row_the_same_bits_whatever_else_is_in_the_call(
 
 
 @pytest.mark.parametrize('bits', [8, 4])
+def test_int8_activations_let_a_nan_through(isa_lib, bits):
+    """A NaN in x (a model that has broken down) gives NaN in its row, as the exact kernels do; rounding
+    it to a quiet 0 would hide the failure."""
+    q, scale = quantize(torch.randn(9, 160), bits)
+    x = torch.randn(3, 160)
+    x[1, 70] = float('nan')
+    for name in (f'q{bits}_gemv_x8', f'q{bits}_gemv_x8_ref', f'q{bits}_gemv'):
+        y = run(isa_lib, name, x, q, scale.float(), None, 9)
+        assert y[1].isnan().all() and not y[[0, 2]].isnan().any(), name
+
+
+@pytest.mark.parametrize('bits', [8, 4])
 def test_quantized_linear_with_int8_activations(lib, bits):
     layer = QuantizedLinear(256, 96, bits, bias=True, dtype=torch.float32, scale_dtype=torch.float32)
     layer.load_float_weight(torch.randn(96, 256))

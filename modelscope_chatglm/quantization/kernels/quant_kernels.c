@@ -23,6 +23,7 @@
  * int8 too and the dot products are exact integer sums (AVX2 `vpmaddubsw`, or the scalar code); they
  * take every row of x, prompt or decode.
  */
+#include <math.h>     /* NAN */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -351,12 +352,15 @@ static void quantize_x8_row(const float *x, int K, int q4_order, int8_t *q, floa
     for (int k0 = 0, b = 0; k0 < K; k0 += QK, b++) {
         const int len = K - k0 < QK ? K - k0 : QK;
         float amax = 0.0f;
+        int nan = 0;
         for (int i = 0; i < len; i++) {
             const float a = x[k0 + i] < 0 ? -x[k0 + i] : x[k0 + i];
             amax = a > amax ? a : amax;
+            nan |= a != a;
         }
         const float inv = amax > 0 ? 127.0f / amax : 0.0f;
-        d[b] = amax / 127.0f;
+        /* A NaN in x must reach y, as in the exact kernels, not vanish into a rounded 0. */
+        d[b] = nan ? NAN : amax / 127.0f;
         for (int i = 0; i < len; i++) q[k0 + i] = round_to_int8(x[k0 + block_column(q4_order, len, i)] * inv);
         for (int j = 0; j < LANES; j++) {
             int32_t sum = 0;
