@@ -9,12 +9,15 @@ ratio to its own M = 1, and the tiled path (dequantized tiles + matmul) at the s
 Prefill (M = 256, 1024): GFLOP/s (2*M*N*K per call) of the tiled path (bf16 tiles + oneDNN/AMX for a
 bf16 model, fp32 tiles + MKL for an fp32 one) and of the int8-activation kernels against fp32 and bf16
 dense `F.linear`.
+Shared machine (M = 1): per-call times on an idle machine, then with one other CPU-bound process (a
+busy loop in a process of its own), median and p10/p90, and each median's ratio to the idle best.
 
-    python benchmarks/bench_quant_gemv.py [--threads 2] [--only decode|rows|prefill]
+    python benchmarks/bench_quant_gemv.py [--threads 2] [--only decode|rows|prefill|shared]
 """
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -155,10 +158,57 @@ def prefill_table(threads):
                                                    zip(cells, (11, 11, 16, 16, 16, 15, 15))))
 
 
+def percentile(sorted_times, p):
+    return sorted_times[round(p * (len(sorted_times) - 1))]
+
+
+def shared_table(threads, seconds=3.0):
+    """Decode GEMV calls (M = 1, weights from DRAM) with and without one busy process beside them."""
+    cases = [('h_to_4h 27392x4096', 4, True), ('dense 4096x4096', 4, True), ('h_to_4h 27392x4096', 4, False),
+             ('h_to_4h 27392x4096', 8, False), ('dense 4096x4096', 8, False)]
+    pools = {}
+    for name, bits, x8 in cases:
+        n, k = SHAPES[name]
+        if (name, bits) not in pools:
+            pools[name, bits] = quantized_layers(n, k, bits, max(2, POOL_BYTES // (n * k * bits // 8)))
+    print(f'\nShared machine, M = 1, {threads} threads: ms per call, median [p10-p90] over {seconds:.0f} s; '
+          'x best: the median over the idle best')
+    print(f'{"shape":20s} {"kernel":22s} {"idle":>24s} {"x best":>7s} {"one busy process":>24s} {"x best":>7s}')
+    results = {}
+    for busy in (False, True):
+        hog = subprocess.Popen([sys.executable, '-c', 'while True: pass']) if busy else None
+        try:
+            time.sleep(0.5 if busy else 0)
+            for name, bits, x8 in cases:
+                x = torch.randn(1, SHAPES[name][1])
+                layers = pools[name, bits]
+                for layer in layers:
+                    layer.int8_activations = x8
+                times, i, start = [], 0, time.perf_counter()
+                while time.perf_counter() - start < seconds:
+                    t = time.perf_counter()
+                    layers[i % len(layers)](x)
+                    times.append(time.perf_counter() - t)
+                    i += 1
+                results[name, bits, x8, busy] = sorted(times)
+        finally:
+            if hog:
+                hog.kill()
+                hog.wait()
+    for name, bits, x8 in cases:
+        best = results[name, bits, x8, False][0]
+        cells = []
+        for busy in (False, True):
+            t = results[name, bits, x8, busy]
+            cells.append(f'{percentile(t, .5) * 1e3:7.2f} [{percentile(t, .1) * 1e3:6.2f}-{percentile(t, .9) * 1e3:6.2f}] '
+                         f'{percentile(t, .5) / best:7.2f}')
+        print(f'{name:20s} {"int" + str(bits) + (" int8-activation" if x8 else " exact"):22s} {cells[0]} {cells[1]}')
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--threads', type=int, default=os.cpu_count())
-    ap.add_argument('--only', choices=['decode', 'rows', 'prefill'])
+    ap.add_argument('--only', choices=['decode', 'rows', 'prefill', 'shared'])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lib = load_library()
@@ -166,7 +216,8 @@ def main():
         sys.exit('the C kernels could not be built here (see the warning above)')
     print(f'kernels: {lib.kernel_isa().decode()}, OpenMP: {bool(lib.kernel_openmp())}, torch {torch.__version__}')
     with torch.inference_mode():
-        for name, table in (('decode', decode_table), ('rows', rows_table), ('prefill', prefill_table)):
+        for name, table in (('decode', decode_table), ('rows', rows_table), ('prefill', prefill_table),
+                            ('shared', shared_table)):
             if args.only in (None, name):
                 table(args.threads)
 

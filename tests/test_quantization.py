@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 import torch
@@ -29,20 +31,38 @@ def lib():
     return library
 
 
-# Every instruction-set branch of quant_kernels.c, whatever this CPU would pick: -march=native, AVX2+FMA
-# (x86-64-v3) and the plain scalar code (x86-64).
-ISA_VARIANTS = {'native': None, 'x86-64-v3': 'avx2', 'x86-64': 'scalar'}
+# Every instruction-set branch of quant_kernels.c, whatever this CPU would pick: -march=native (here
+# AVX-512 with VNNI where the CPU has it), AVX-512 without VNNI (x86-64-v4, on CPUs that can run it),
+# AVX2+FMA (x86-64-v3) and the plain scalar code (x86-64).
+ISA_VARIANTS = {'native': None, 'x86-64-v4': 'avx512', 'x86-64-v3': 'avx2', 'x86-64': 'scalar'}
+
+
+def cpu_flags():
+    try:
+        with open('/proc/cpuinfo') as f:
+            return set(next(line for line in f if line.startswith('flags')).split(':', 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.fixture(scope='module')
+def isa_builds(tmp_path_factory):
+    """The kernel library of each variant this CPU can run."""
+    builds = {'native': load_library()}
+    if platform.machine() in ('x86_64', 'AMD64'):
+        directory = str(tmp_path_factory.mktemp('isa'))
+        for march, isa in ISA_VARIANTS.items():
+            if march != 'native' and not (isa == 'avx512' and not {'avx512f', 'avx512bw', 'avx512vl'} <= cpu_flags()):
+                builds[march] = build.build_variant(march, directory)
+                assert builds[march].kernel_isa().decode() == isa
+    return builds
 
 
 @pytest.fixture(scope='module', params=list(ISA_VARIANTS))
-def isa_lib(request, tmp_path_factory):
-    if request.param == 'native':
-        return load_library()
-    if platform.machine() not in ('x86_64', 'AMD64'):
-        pytest.skip('the x86-64 instruction-set variants need an x86-64 CPU')
-    variant = build.build_variant(request.param, str(tmp_path_factory.mktemp('isa')))
-    assert variant.kernel_isa().decode() == ISA_VARIANTS[request.param]
-    return variant
+def isa_lib(request, isa_builds):
+    if request.param not in isa_builds:
+        pytest.skip(f'this CPU cannot run the {request.param} build')
+    return isa_builds[request.param]
 
 
 # -- formats ------------------------------------------------------------------------------------------------
@@ -199,6 +219,23 @@ def test_int8_activations_give_a_row_the_same_bits_whatever_else_is_in_the_call(
 
 
 @pytest.mark.parametrize('bits', [8, 4])
+def test_int8_activations_give_the_same_bits_on_every_simd_build(isa_builds, bits):
+    """AVX512-VNNI's vpdpbusd and AVX2's vpmaddubsw/vpmaddwd sum the same 4-byte groups exactly in
+    integers, so every SIMD build gives the same bits (the scalar code sums each block in one float
+    instead of 8 lanes: close, not equal). A machine moved to another CPU answers the same."""
+    simd = {march: lib for march, lib in isa_builds.items() if lib.kernel_isa().decode() != 'scalar'}
+    if len(simd) < 2:
+        pytest.skip('needs two SIMD builds (an x86-64 CPU with AVX2)')
+    g = torch.Generator().manual_seed(bits)
+    q, scale = quantize(torch.randn(77, 4160, generator=g), bits)
+    x = torch.randn(70, 4160, generator=g) * 3
+    results = {march: run(lib, f'q{bits}_gemv_x8', x, q, scale.float(), None, 77) for march, lib in simd.items()}
+    first = next(iter(results.values()))
+    for march, y in results.items():
+        assert torch.equal(y, first), march
+
+
+@pytest.mark.parametrize('bits', [8, 4])
 def test_int8_activations_let_a_nan_through(isa_lib, bits):
     """A NaN in x (a model that has broken down) gives NaN in its row, as the exact kernels do; rounding
     it to a quiet 0 would hide the failure."""
@@ -224,6 +261,112 @@ def test_quantized_linear_with_int8_activations(lib, bits):
     assert ((fast - exact).norm() / exact.norm()).item() < 0.02
     assert torch.equal(torch.cat([layer(x[i:i + 1]) for i in range(0, 200, 37)]), fast[0:200:37])
     assert 'int8_activations=True' in repr(layer)
+
+
+# -- the kernels' threads -------------------------------------------------------------------------------------
+def kernel_calls(lib, seed=0):
+    """Each exported kernel on one shape, inputs made now: {name: call(threads) -> its output}."""
+    g = torch.Generator().manual_seed(seed)
+    calls = {}
+
+    def gemv(name, x, q, scale, n):
+        def call(threads):
+            y = torch.empty(x.shape[0], n)
+            getattr(lib, name)(x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(), scale.data_ptr(), None,
+                               y.data_ptr(), n, threads)
+            return y
+        return call
+
+    def dequant(name, q, scale, dtype):
+        def call(threads):
+            tile = torch.empty(290, 1088, dtype=dtype)
+            getattr(lib, name)(q.data_ptr(), scale.data_ptr(), 11, 301, 1088, tile.data_ptr(), threads)
+            return tile
+        return call
+
+    for bits in (8, 4):
+        q, scale = quantize(torch.randn(301, 1088, generator=g), bits)
+        x = torch.randn(9, 1088, generator=g)
+        for name in (f'q{bits}_gemv', f'q{bits}_gemv_x8'):
+            calls[name] = gemv(name, x, q, scale.float(), 301)
+        for suffix, dtype in (('f32', torch.float32), ('bf16', torch.bfloat16)):
+            calls[f'q{bits}_dequant_rows_{suffix}'] = dequant(f'q{bits}_dequant_rows_{suffix}', q, scale.float(), dtype)
+    w, x = torch.randn(301, 1088, generator=g), torch.randn(5, 1088, generator=g)
+
+    def head(threads):
+        y = torch.empty(5, 301)
+        lib.f32_gemv(x.data_ptr(), 5, 1088, w.data_ptr(), None, y.data_ptr(), 301, threads)
+        return y
+    calls['f32_gemv'] = head
+    return calls
+
+
+def every_kernel(lib, threads, seed=0):
+    return {name: call(threads) for name, call in kernel_calls(lib, seed).items()}
+
+
+def test_kernels_give_the_same_bits_on_any_number_of_threads(lib):
+    """Chunks of a call go to whichever thread asks first; no output may depend on which did."""
+    serial = every_kernel(lib, 1)
+    for threads in (2, 3, 8, 300):
+        for name, y in every_kernel(lib, threads).items():
+            assert torch.equal(y, serial[name]), (name, threads)
+
+
+def test_kernels_called_from_several_threads_at_once(lib):
+    """ctypes releases the GIL: several Python threads can be in the kernels together, each with its own
+    OpenMP team. Each must get its own right answer."""
+    expected = [every_kernel(lib, 1, seed) for seed in range(4)]
+    failures = []
+
+    def worker(seed):
+        for _ in range(15):
+            for name, y in every_kernel(lib, 2, seed).items():
+                if not torch.equal(y, expected[seed][name]):
+                    failures.append((seed, name))
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads) and failures == []
+
+
+def test_kernels_work_in_a_forked_child(lib):
+    """A child forked after the kernels' threads ran (a DataLoader worker, a pre-forking server) has none
+    of them; OpenMP would wait for them forever (it did: the child hung). The kernels must run in the
+    child's own thread. (The child runs nothing but the kernels and compares raw bytes: torch's own
+    ops share that OpenMP runtime and hang there the same way.)"""
+    calls = kernel_calls(lib)
+    expected = {name: call(2).view(torch.uint8).numpy().tobytes() for name, call in calls.items()}
+    pid = os.fork()
+    if pid == 0:
+        same = all(calls[name](2).view(torch.uint8).numpy().tobytes() == data for name, data in expected.items())
+        os._exit(0 if same else 1)
+    for _ in range(600):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        pytest.fail('the forked child hung in the kernels')
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_openmp_spin_is_shortened_only_before_torch_loads_and_never_over_the_users_setting():
+    """Imported before torch, the package shortens libgomp's idle spinning (see its __init__); after
+    torch it is too late to matter, and a user's own OpenMP setting always wins."""
+    def spin(code, **env):
+        base = {k: v for k, v in os.environ.items() if k not in ('GOMP_SPINCOUNT', 'OMP_WAIT_POLICY')}
+        out = subprocess.run([sys.executable, '-c', code + '; import os; print(os.environ.get("GOMP_SPINCOUNT"))'],
+                             env={**base, **env}, capture_output=True, text=True, check=True)
+        return out.stdout.strip().splitlines()[-1]
+    assert spin('import modelscope_chatglm, torch') == '10000'
+    assert spin('import torch, modelscope_chatglm') == 'None'
+    assert spin('import modelscope_chatglm', GOMP_SPINCOUNT='123') == '123'
+    assert spin('import modelscope_chatglm', OMP_WAIT_POLICY='PASSIVE') == 'None'
 
 
 @pytest.mark.parametrize('bits', [8, 4])

@@ -14,21 +14,28 @@
  * checks that they agree, on every instruction set the build can target here.
  *
  * The SIMD path is chosen when this file is compiled (-march=native): AVX-512 (F+BW), else AVX2+FMA,
- * else the scalar code. Rows are split across OpenMP threads (`nthreads` follows torch's setting).
+ * else the scalar code. Rows are split across `nthreads` OpenMP threads (torch's setting) in chunks (see
+ * "threads" below).
  * Prefill (many rows of x) uses `*_dequant_rows_*` on row tiles and a matrix multiply in torch.
  *
  * `f32_gemv` is the same loop on fp32 weights, for the LM head of a decode step (models/base.py).
  *
  * `*_gemv_x8` are the opt-in int8-activation kernels (see "int8 activations" below): x is quantized to
- * int8 too and the dot products are exact integer sums (AVX2 `vpmaddubsw`, or the scalar code); they
- * take every row of x, prompt or decode.
+ * int8 too and the dot products are exact integer sums (AVX512-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, or
+ * the scalar code); they take every row of x, prompt or decode.
  */
 #include <math.h>     /* NAN */
+#include <pthread.h>  /* pthread_atfork */
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define KERNEL_ISA "avx512-vnni"
+#define X8_VNNI 1     /* the int8-activation kernel's dot products in one instruction (see there) */
+#include <immintrin.h>
+#elif defined(__AVX512F__) && defined(__AVX512BW__)
 #define KERNEL_ISA "avx512"
 #include <immintrin.h>
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -39,7 +46,6 @@
 #endif
 
 #ifdef _OPENMP
-#include <omp.h>
 #define KERNEL_OPENMP 1
 #else
 #define KERNEL_OPENMP 0
@@ -49,6 +55,50 @@
 
 const char *kernel_isa(void) { return KERNEL_ISA; }
 int kernel_openmp(void) { return KERNEL_OPENMP; }
+
+/* ---- threads ---------------------------------------------------------------------------------- */
+/*
+ * The work of a call is cut into chunks that the threads take from one shared counter, on OpenMP's
+ * runtime: torch's own (libgomp.so.1 is loaded once per process), so torch's ops and ours run on the
+ * same threads and never compete for the cores between them.
+ *
+ * Why chunks and not OpenMP's static split: on a machine shared with another busy process, one of our
+ * threads is often descheduled. With half the rows each, the other finished its half and waited for it;
+ * per-call times went from 2 ms to 6-8 ms (benchmarks/bench_quant_gemv.py --only shared). Now whoever
+ * runs takes the next chunk, and a descheduled thread holds back only the chunk it took.
+ *
+ * Which thread computes a chunk never changes a result: each output is written by one chunk, whose
+ * code does not depend on the thread.
+ *
+ * A child forked after the threads ran (a DataLoader worker, a pre-forking server) cannot use them:
+ * libgomp would wait for threads the child does not have. There the kernels run in the caller's thread.
+ */
+#define CHUNKS_PER_THREAD 8   /* small enough to balance, large enough that taking one costs nothing */
+
+typedef void (*range_fn)(void *ctx, int begin, int end);
+
+static volatile int in_forked_child = 0;
+static void note_fork(void) { in_forked_child = 1; }
+__attribute__((constructor)) static void watch_forks(void) { pthread_atfork(NULL, NULL, note_fork); }
+
+/* fn(ctx, begin, end) over [0, items), in chunks, on up to `nthreads` threads. */
+static void parallel_for(int items, int nthreads, range_fn fn, void *ctx) {
+    if (items <= 0) return;
+    if (nthreads > items) nthreads = items;
+#ifdef _OPENMP
+    if (nthreads > 1 && !in_forked_child) {
+        int grain = items / (nthreads * CHUNKS_PER_THREAD);
+        grain = grain < 1 ? 1 : grain;
+        const int chunks = (items + grain - 1) / grain;
+        _Atomic int next = 0;
+#pragma omp parallel num_threads(nthreads)
+        for (int c; (c = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed)) < chunks;)
+            fn(ctx, c * grain, (c + 1) * grain < items ? (c + 1) * grain : items);
+        return;
+    }
+#endif
+    fn(ctx, 0, items);
+}
 
 /* ---- int4 nibbles ---------------------------------------------------------------------------- */
 
@@ -243,41 +293,50 @@ static inline __attribute__((always_inline)) void rows_q4(const float *xi, size_
         else fn(xm, (size_t)K, mb, w, row_bytes, cols, rows, out);                           \
     } while (0)
 
-/* bits: 8 or 4 (quantized rows, times scale[n]), or 32 (fp32 rows, no scale: the LM head). */
+typedef struct {
+    const float *x;   /* [M, K]; for int4 rearranged by interleave_q4 */
+    int M, K, bits;   /* bits: 8 or 4 (quantized rows, times scale[n]), or 32 (fp32 rows, no scale: the LM head) */
+    const int8_t *W;
+    const float *scale, *bias;
+    float *y;
+    int N;
+} gemv_job;
+
+/* Blocks [b0, b1) of ROW_BLOCK weight rows against every row of x. */
+static void gemv_blocks(void *arg, int b0, int b1) {
+    const gemv_job *job = (const gemv_job *)arg;
+    const int M = job->M, K = job->K, N = job->N, bits = job->bits, KB = bits == 4 ? K / 2 : K;
+    const size_t row_bytes = bits == 32 ? sizeof(float) * (size_t)K : (size_t)KB;
+    const float *scale = job->scale, *bias = job->bias;
+    float *d = (float *)malloc(sizeof(float) * (size_t)M * ROW_BLOCK);
+    for (int blk = b0; blk < b1; blk++) {
+        const int n0 = blk * ROW_BLOCK, rows = n0 + ROW_BLOCK < N ? ROW_BLOCK : N - n0;
+        for (int m0 = 0; m0 < M; m0 += X_ROWS) {
+            const int mb = M - m0 < X_ROWS ? M - m0 : X_ROWS;
+            const float *xm = job->x + (size_t)m0 * K;
+            const int8_t *w = job->W + n0 * row_bytes;
+            float *out = d + m0 * ROW_BLOCK;
+            if (bits == 4) ROWS_WITH_CONSTANT_SHAPES(rows_q4, KB);
+            else if (bits == 8) ROWS_WITH_CONSTANT_SHAPES(rows_q8, K);
+            else ROWS_WITH_CONSTANT_SHAPES(rows_f32, K);
+        }
+        for (int m = 0; m < M; m++)
+            for (int r = 0; r < rows; r++)
+                job->y[(size_t)m * N + n0 + r] = d[m * ROW_BLOCK + r] * (scale ? scale[n0 + r] : 1.0f) +
+                                                 (bias ? bias[n0 + r] : 0.0f);
+    }
+    free(d);
+}
+
 static void gemv(const float *x, int M, int K, const int8_t *W, int bits, const float *scale, const float *bias,
                  float *y, int N, int nthreads) {
-    const int KB = bits == 4 ? K / 2 : K, blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
-    const size_t row_bytes = bits == 32 ? sizeof(float) * (size_t)K : (size_t)KB;
-    const float *xs = x;
     float *xi = NULL;
     if (bits == 4) {   /* rearrange each x row once: see interleave_q4 */
         xi = (float *)malloc(sizeof(float) * (size_t)M * K);
         for (int m = 0; m < M; m++) interleave_q4(x + (size_t)m * K, K, xi + (size_t)m * K);
-        xs = xi;
     }
-    (void)nthreads;
-#pragma omp parallel num_threads(nthreads)
-    {
-        float *d = (float *)malloc(sizeof(float) * (size_t)M * ROW_BLOCK);   /* per thread */
-#pragma omp for schedule(static)
-        for (int blk = 0; blk < blocks; blk++) {
-            const int n0 = blk * ROW_BLOCK, rows = n0 + ROW_BLOCK < N ? ROW_BLOCK : N - n0;
-            for (int m0 = 0; m0 < M; m0 += X_ROWS) {
-                const int mb = M - m0 < X_ROWS ? M - m0 : X_ROWS;
-                const float *xm = xs + (size_t)m0 * K;
-                const int8_t *w = W + n0 * row_bytes;
-                float *out = d + m0 * ROW_BLOCK;
-                if (bits == 4) ROWS_WITH_CONSTANT_SHAPES(rows_q4, KB);
-                else if (bits == 8) ROWS_WITH_CONSTANT_SHAPES(rows_q8, K);
-                else ROWS_WITH_CONSTANT_SHAPES(rows_f32, K);
-            }
-            for (int m = 0; m < M; m++)
-                for (int r = 0; r < rows; r++)
-                    y[(size_t)m * N + n0 + r] = d[m * ROW_BLOCK + r] * (scale ? scale[n0 + r] : 1.0f) +
-                                                (bias ? bias[n0 + r] : 0.0f);
-        }
-        free(d);
-    }
+    gemv_job job = {xi ? xi : x, M, K, bits, W, scale, bias, y, N};
+    parallel_for((N + ROW_BLOCK - 1) / ROW_BLOCK, nthreads, gemv_blocks, &job);
     free(xi);
 }
 
@@ -317,21 +376,27 @@ void f32_gemv(const float *x, int M, int K, const float *W, const float *bias, f
  * vpmaddubsw multiplies UNSIGNED bytes by signed ones, summing pairs into int16:
  * - int4: the weight nibble n in [-8, 7] is taken as u = n + 8 in [0, 15] and the excess is taken back
  *   in integers: sum u * xq - 8 * sum xq. The second sum depends on x alone, so it is computed once per
- *   block of x (`lanes8`, per int32 lane of the AVX2 sums) and not once per weight row.
+ *   block of x (`minus8`, per int32 lane of the block sums) and not once per weight row.
  * - int8: |w| times xq with w's sign (`vpsignb`), as ggml does; |w| <= 128 and |xq| <= 127 keep every
  *   pair sum inside int16.
  * For int4 each block of xq is stored as its QK/2 even columns, then its QK/2 odd ones: the order in
  * which the high and low nibbles of QK/2 weight bytes come out. A last block shorter than QK (K not a
  * multiple of QK) keeps the natural order and is summed by the scalar code.
+ *
+ * AVX512-VNNI's `vpdpbusd` does the same unsigned x signed byte products and adds each group of four
+ * into an int32 lane of an accumulator, in one instruction where AVX2 needs three (two `vpmaddubsw`
+ * and a `vpmaddwd`). It runs on the same 8 lanes of 4 bytes per half-block as the AVX2 code, and the
+ * integer sums are exact either way, so the two builds give bit-identical results; only the cost of a
+ * block differs. The int4 excess starts the accumulator (minus8) instead of being subtracted after.
  */
 #define QK 64
-#define LANES 8   /* int32 sums per block in the AVX2 int4 kernel: lane j covers bytes 4j..4j+3 of each half */
+#define LANES 8   /* int32 sums per block in the SIMD kernels: lane j covers bytes 4j..4j+3 of each half */
 
 typedef struct {
     int M, K, nb;      /* nb = ceil(K / QK) blocks per row */
     int8_t *q;         /* [M, K] */
     float *d;          /* [M, nb] */
-    int32_t *lanes8;   /* [M, nb, LANES], int4 order only: 8 * sum of q over each lane of a full block */
+    int32_t *minus8;   /* [M, nb, LANES], int4 order only: -8 * sum of q over each lane of a full block */
 } x8_t;
 
 /* v in [-127, 127] to the nearest integer, ties to even (adding and subtracting 1.5 * 2^23 leaves no
@@ -348,7 +413,7 @@ static inline int block_column(int q4_order, int len, int i) {
 
 /* Plain C for every instruction set (x is M x K, the weights N x K: this is not where the time goes),
  * so all builds quantize x identically. */
-static void quantize_x8_row(const float *x, int K, int q4_order, int8_t *q, float *d, int32_t *lanes8) {
+static void quantize_x8_row(const float *x, int K, int q4_order, int8_t *q, float *d, int32_t *minus8) {
     for (int k0 = 0, b = 0; k0 < K; k0 += QK, b++) {
         const int len = K - k0 < QK ? K - k0 : QK;
         float amax = 0.0f;
@@ -365,7 +430,7 @@ static void quantize_x8_row(const float *x, int K, int q4_order, int8_t *q, floa
         for (int j = 0; j < LANES; j++) {
             int32_t sum = 0;
             for (int i = 4 * j; i < 4 * j + 4 && len == QK; i++) sum += q[k0 + i] + q[k0 + QK / 2 + i];
-            lanes8[b * LANES + j] = 8 * sum;
+            minus8[b * LANES + j] = -8 * sum;
         }
     }
 }
@@ -374,17 +439,17 @@ static x8_t quantize_x8(const float *x, int M, int K, int q4_order) {
     x8_t xq = {M, K, (K + QK - 1) / QK, NULL, NULL, NULL};
     xq.q = (int8_t *)malloc((size_t)M * K);
     xq.d = (float *)malloc(sizeof(float) * (size_t)M * xq.nb);
-    xq.lanes8 = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * xq.nb * LANES);
+    xq.minus8 = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * xq.nb * LANES);
     for (int m = 0; m < M; m++)
         quantize_x8_row(x + (size_t)m * K, K, q4_order, xq.q + (size_t)m * K, xq.d + (size_t)m * xq.nb,
-                        xq.lanes8 + (size_t)m * xq.nb * LANES);
+                        xq.minus8 + (size_t)m * xq.nb * LANES);
     return xq;
 }
 
 static void free_x8(x8_t *xq) {
     free(xq->q);
     free(xq->d);
-    free(xq->lanes8);
+    free(xq->minus8);
 }
 
 /* The weight of row w at slot i of the block starting at column k0 (in the order xq stores it). */
@@ -443,6 +508,24 @@ static inline float vhsum8(__m256 v) {
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
 }
+
+/* One block's exact integer sums in LANES int32 lanes (lane j: bytes 4j..4j+3 of both halves), from the
+ * two halves of the block's unsigned weight bytes (u0, u1) and signed xq bytes (x0, x1), started at
+ * `init`. int4: u = nibble + 8 and init = minus8; int8: u = |w|, x carries w's sign and init = 0. */
+static inline __m256i block_sums(__m256i u0, __m256i u1, __m256i x0, __m256i x1, __m256i init, int bits) {
+#ifdef X8_VNNI
+    (void)bits;
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(init, u0, x0), u1, x1);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (bits == 4)   /* the two halves' int16 pair sums can be added first: each <= 2 * 2 * 15 * 127 */
+        return _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, x0),
+                                                                   _mm256_maddubs_epi16(u1, x1)), ones), init);
+    /* int8 pair sums reach 2 * 128 * 127: widen each half to int32 before adding */
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(u0, x0), ones),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(u1, x1), ones));
+#endif
+}
 #endif
 
 static inline __attribute__((always_inline)) void tile_x8(const x8_t *xq, int m0, int mb, const int8_t *w, size_t stride,
@@ -452,40 +535,37 @@ static inline __attribute__((always_inline)) void tile_x8(const x8_t *xq, int m0
     const float *d = xq->d + (size_t)m0 * nb;
     float sum[X8_ROWS][X8_WROWS] = {{0}};
 #if defined(__AVX2__)
-    const int32_t *lanes8 = xq->lanes8 + (size_t)m0 * nb * LANES;
-    const __m256i ones = _mm256_set1_epi16(1);
+    const int32_t *minus8 = xq->minus8 + (size_t)m0 * nb * LANES;
     __m256 acc[X8_ROWS][X8_WROWS];
     for (int m = 0; m < X8_ROWS; m++)
         for (int r = 0; r < X8_WROWS; r++) acc[m][r] = _mm256_setzero_ps();
     for (int b = 0; b < full; b++) {
         const int k0 = b * QK;
-        __m256i w0[X8_WROWS], w1[X8_WROWS];   /* the block's two halves, in xq's order */
+        /* The block's two halves of weights, in xq's order: signed (int8, for the signs) and unsigned. */
+        __m256i w0[X8_WROWS], w1[X8_WROWS], u0[X8_WROWS], u1[X8_WROWS];
         for (int r = 0; r < nr; r++) {
             if (bits == 8) {
                 w0[r] = _mm256_loadu_si256((const __m256i *)(w + r * stride + k0));
                 w1[r] = _mm256_loadu_si256((const __m256i *)(w + r * stride + k0 + 32));
+                u0[r] = _mm256_abs_epi8(w0[r]);
+                u1[r] = _mm256_abs_epi8(w1[r]);
             } else {   /* 32 bytes: high nibbles (even columns), low nibbles (odd columns), each + 8 */
                 const __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + r * stride + k0 / 2));
                 const __m256i nib = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
-                w0[r] = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), nib), eight);
-                w1[r] = _mm256_xor_si256(_mm256_and_si256(bytes, nib), eight);
+                u0[r] = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), nib), eight);
+                u1[r] = _mm256_xor_si256(_mm256_and_si256(bytes, nib), eight);
             }
         }
         for (int m = 0; m < mb; m++) {
             const int8_t *xb = q + (size_t)m * K + k0;
             const __m256i x0 = _mm256_loadu_si256((const __m256i *)xb), x1 = _mm256_loadu_si256((const __m256i *)(xb + 32));
             const __m256 dm = _mm256_broadcast_ss(d + (size_t)m * nb + b);
+            const __m256i init = bits == 4 ? _mm256_loadu_si256((const __m256i *)(minus8 + ((size_t)m * nb + b) * LANES))
+                                           : _mm256_setzero_si256();
             for (int r = 0; r < nr; r++) {
-                __m256i s;
-                if (bits == 4) {   /* sum (n + 8) * x, minus 8 * sum x; each int16 <= 2 * 2 * 15 * 127 */
-                    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0[r], x0), _mm256_maddubs_epi16(w1[r], x1));
-                    s = _mm256_sub_epi32(_mm256_madd_epi16(p, ones),
-                                         _mm256_loadu_si256((const __m256i *)(lanes8 + ((size_t)m * nb + b) * LANES)));
-                } else {           /* |w| * (x with w's sign); pair sums reach 2 * 128 * 127: widen before adding */
-                    const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0[r]), _mm256_sign_epi8(x0, w0[r]));
-                    const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1[r]), _mm256_sign_epi8(x1, w1[r]));
-                    s = _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
-                }
+                const __m256i s = bits == 4 ? block_sums(u0[r], u1[r], x0, x1, init, 4)
+                                            : block_sums(u0[r], u1[r], _mm256_sign_epi8(x0, w0[r]),
+                                                         _mm256_sign_epi8(x1, w1[r]), init, 8);
                 acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), dm, acc[m][r]);
             }
         }
@@ -507,15 +587,24 @@ static inline __attribute__((always_inline)) void tile_x8(const x8_t *xq, int m0
         }
 }
 
-/* Rows [p0, p1) of xq against every weight row, pairs of weight rows split across the threads. */
-static void panel_x8(const x8_t *xq, int p0, int p1, const int8_t *W, int bits, const float *scale, const float *bias,
-                     float *y, int N, int nthreads) {
-    const int KB = bits == 4 ? xq->K / 2 : xq->K, tiles = (N + X8_WROWS - 1) / X8_WROWS;
-    (void)nthreads;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int t = 0; t < tiles; t++) {
+typedef struct {
+    const x8_t *xq;
+    int p0, p1, bits;   /* rows [p0, p1) of xq */
+    const int8_t *W;
+    const float *scale, *bias;
+    float *y;
+    int N;
+} x8_job;
+
+/* Tiles [t0, t1) of X8_WROWS weight rows against rows [p0, p1) of xq. */
+static void tiles_x8(void *arg, int t0, int t1) {
+    const x8_job *job = (const x8_job *)arg;
+    const x8_t *xq = job->xq;
+    const int p0 = job->p0, p1 = job->p1, N = job->N, KB = job->bits == 4 ? xq->K / 2 : xq->K;
+    const float *scale = job->scale, *bias = job->bias;
+    for (int t = t0; t < t1; t++) {
         const int n0 = t * X8_WROWS, nr = N - n0 < X8_WROWS ? N - n0 : X8_WROWS;
-        const int8_t *w = W + (size_t)n0 * KB;
+        const int8_t *w = job->W + (size_t)n0 * KB;
         float out[X8_ROWS * X8_WROWS];
         for (int m0 = p0; m0 < p1; m0 += X8_ROWS) {
             const int mb = p1 - m0 < X8_ROWS ? p1 - m0 : X8_ROWS;
@@ -529,11 +618,11 @@ static void panel_x8(const x8_t *xq, int p0, int p1, const int8_t *W, int bits, 
             } else if (nr == X8_WROWS && mb == 2) tile_x8(xq, m0, 2, w, KB, X8_WROWS, B, out); \
             else if (nr == X8_WROWS && mb == 3) tile_x8(xq, m0, 3, w, KB, X8_WROWS, B, out);  \
             else tile_x8(xq, m0, mb, w, KB, nr, B, out);
-            if (bits == 8) { X8_SHAPES(8) } else { X8_SHAPES(4) }
+            if (job->bits == 8) { X8_SHAPES(8) } else { X8_SHAPES(4) }
 #undef X8_SHAPES
             for (int m = 0; m < mb; m++)
                 for (int r = 0; r < nr; r++)
-                    y[(size_t)(m0 + m) * N + n0 + r] = out[m * X8_WROWS + r] * scale[n0 + r] + (bias ? bias[n0 + r] : 0.0f);
+                    job->y[(size_t)(m0 + m) * N + n0 + r] = out[m * X8_WROWS + r] * scale[n0 + r] + (bias ? bias[n0 + r] : 0.0f);
         }
     }
 }
@@ -546,7 +635,10 @@ static void gemv_x8(const float *x, int M, int K, const int8_t *W, int bits, con
      * panel; a decode batch is one panel. */
     int panel = X8_PANEL_BYTES / K / X8_ROWS * X8_ROWS;
     panel = panel < X8_ROWS ? X8_ROWS : panel;
-    for (int p0 = 0; p0 < M; p0 += panel) panel_x8(&xq, p0, p0 + panel < M ? p0 + panel : M, W, bits, scale, bias, y, N, nthreads);
+    for (int p0 = 0; p0 < M; p0 += panel) {
+        x8_job job = {&xq, p0, p0 + panel < M ? p0 + panel : M, bits, W, scale, bias, y, N};
+        parallel_for((N + X8_WROWS - 1) / X8_WROWS, nthreads, tiles_x8, &job);
+    }
     free_x8(&xq);
 }
 
@@ -573,42 +665,62 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+typedef struct {
+    const int8_t *W;
+    const float *scale;   /* NULL: the integer values */
+    int n0, K, bits, bf16;
+    void *out;            /* float or uint16_t (bf16) [n1 - n0, K] */
+} dequant_job;
+
+static inline __attribute__((always_inline)) void put(void *out, size_t i, float v, int bf16) {
+    if (bf16) ((uint16_t *)out)[i] = to_bf16(v);
+    else ((float *)out)[i] = v;
+}
+
+/* One row, with bits and bf16 constant where it is inlined below (so each case is a plain loop). */
+static inline __attribute__((always_inline)) void dequant_row(const int8_t *w, float s, int K, int bits, int bf16, void *out) {
+    if (bits == 8)
+        for (int k = 0; k < K; k++) put(out, k, (float)w[k] * s, bf16);
+    else
+        for (int j = 0; j < K / 2; j++) {
+            put(out, 2 * (size_t)j, (float)int4_high(w[j]) * s, bf16);
+            put(out, 2 * (size_t)j + 1, (float)int4_low(w[j]) * s, bf16);
+        }
+}
+
+static void dequant_rows(void *arg, int i0, int i1) {
+    const dequant_job *job = (const dequant_job *)arg;
+    const int K = job->K, bytes = job->bits == 8 ? K : K / 2, size = job->bf16 ? 2 : 4;
+    for (int i = i0; i < i1; i++) {
+        const int n = job->n0 + i;
+        const int8_t *w = job->W + (size_t)n * bytes;
+        const float s = job->scale ? job->scale[n] : 1.0f;
+        void *out = (char *)job->out + (size_t)i * K * size;
+        if (job->bits == 8) {
+            if (job->bf16) dequant_row(w, s, K, 8, 1, out); else dequant_row(w, s, K, 8, 0, out);
+        } else {
+            if (job->bf16) dequant_row(w, s, K, 4, 1, out); else dequant_row(w, s, K, 4, 0, out);
+        }
+    }
+}
+
+static void dequant(const int8_t *W, const float *scale, int n0, int n1, int K, int bits, int bf16, void *out, int nthreads) {
+    dequant_job job = {W, scale, n0, K, bits, bf16, out};
+    parallel_for(n1 - n0, nthreads, dequant_rows, &job);
+}
+
 void q8_dequant_rows_f32(const int8_t *W, const float *scale, int n0, int n1, int K, float *out, int nthreads) {
-    (void)nthreads;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int n = n0; n < n1; n++)
-        for (int k = 0; k < K; k++) out[(size_t)(n - n0) * K + k] = (float)W[(size_t)n * K + k] * (scale ? scale[n] : 1.0f);
+    dequant(W, scale, n0, n1, K, 8, 0, out, nthreads);
 }
 
 void q8_dequant_rows_bf16(const int8_t *W, const float *scale, int n0, int n1, int K, uint16_t *out, int nthreads) {
-    (void)nthreads;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int n = n0; n < n1; n++)
-        for (int k = 0; k < K; k++) out[(size_t)(n - n0) * K + k] = to_bf16((float)W[(size_t)n * K + k] * (scale ? scale[n] : 1.0f));
+    dequant(W, scale, n0, n1, K, 8, 1, out, nthreads);
 }
 
 void q4_dequant_rows_f32(const int8_t *W, const float *scale, int n0, int n1, int K, float *out, int nthreads) {
-    const int KB = K / 2;
-    (void)nthreads;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int n = n0; n < n1; n++)
-        for (int j = 0; j < KB; j++) {
-            const int8_t b = W[(size_t)n * KB + j];
-            const float s = scale ? scale[n] : 1.0f;
-            out[(size_t)(n - n0) * K + 2 * j] = (float)int4_high(b) * s;
-            out[(size_t)(n - n0) * K + 2 * j + 1] = (float)int4_low(b) * s;
-        }
+    dequant(W, scale, n0, n1, K, 4, 0, out, nthreads);
 }
 
 void q4_dequant_rows_bf16(const int8_t *W, const float *scale, int n0, int n1, int K, uint16_t *out, int nthreads) {
-    const int KB = K / 2;
-    (void)nthreads;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int n = n0; n < n1; n++)
-        for (int j = 0; j < KB; j++) {
-            const int8_t b = W[(size_t)n * KB + j];
-            const float s = scale ? scale[n] : 1.0f;
-            out[(size_t)(n - n0) * K + 2 * j] = to_bf16((float)int4_high(b) * s);
-            out[(size_t)(n - n0) * K + 2 * j + 1] = to_bf16((float)int4_low(b) * s);
-        }
+    dequant(W, scale, n0, n1, K, 4, 1, out, nthreads);
 }
