@@ -46,6 +46,7 @@
 #endif
 
 #ifdef _OPENMP
+#include <omp.h>
 #define KERNEL_OPENMP 1
 #else
 #define KERNEL_OPENMP 0
@@ -67,6 +68,10 @@ int kernel_openmp(void) { return KERNEL_OPENMP; }
  * per-call times went from 2 ms to 6-8 ms (benchmarks/bench_quant_gemv.py --only shared). Now whoever
  * runs takes the next chunk, and a descheduled thread holds back only the chunk it took.
  *
+ * An OpenMP region also ends only when every thread of it has run at least once. When the other
+ * threads took no chunk of a call (another process had their cores), the next few calls run in the
+ * caller's thread alone instead of waiting for them (see SERIAL_AFTER_IDLE_HELPERS).
+ *
  * Which thread computes a chunk never changes a result: each output is written by one chunk, whose
  * code does not depend on the thread.
  *
@@ -81,21 +86,35 @@ static volatile int in_forked_child = 0;
 static void note_fork(void) { in_forked_child = 1; }
 __attribute__((constructor)) static void watch_forks(void) { pthread_atfork(NULL, NULL, note_fork); }
 
+/* After a call in which the other threads took no chunk (all descheduled: another process has the
+ * cores), the next calls run in the caller's thread alone: waiting for them at the end of a parallel
+ * region would cost a time slice of the other process. Then threads are tried again. */
+#ifdef _OPENMP
+#define SERIAL_AFTER_IDLE_HELPERS 8
+static _Atomic int serial_calls_left = 0;
+#endif
+
 /* fn(ctx, begin, end) over [0, items), in chunks, on up to `nthreads` threads. */
 static void parallel_for(int items, int nthreads, range_fn fn, void *ctx) {
     if (items <= 0) return;
     if (nthreads > items) nthreads = items;
 #ifdef _OPENMP
-    if (nthreads > 1 && !in_forked_child) {
+    if (nthreads > 1 && !in_forked_child && atomic_load_explicit(&serial_calls_left, memory_order_relaxed) <= 0) {
         int grain = items / (nthreads * CHUNKS_PER_THREAD);
         grain = grain < 1 ? 1 : grain;
         const int chunks = (items + grain - 1) / grain;
-        _Atomic int next = 0;
+        _Atomic int next = 0, by_caller = 0;
 #pragma omp parallel num_threads(nthreads)
-        for (int c; (c = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed)) < chunks;)
-            fn(ctx, c * grain, (c + 1) * grain < items ? (c + 1) * grain : items);
+        {
+            int taken = 0;
+            for (int c; (c = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed)) < chunks; taken++)
+                fn(ctx, c * grain, (c + 1) * grain < items ? (c + 1) * grain : items);
+            if (omp_get_thread_num() == 0) by_caller = taken;
+        }
+        if (by_caller == chunks) atomic_store_explicit(&serial_calls_left, SERIAL_AFTER_IDLE_HELPERS, memory_order_relaxed);
         return;
     }
+    atomic_fetch_sub_explicit(&serial_calls_left, 1, memory_order_relaxed);
 #endif
     fn(ctx, 0, items);
 }
