@@ -166,7 +166,7 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
         if cuda_graphs is None:
             cuda_graphs = os.environ.get('MODELSCOPE_CHATGLM_CUDA_GRAPHS', '1') not in ('0', 'false', 'no', '')
         net.cuda_graphs = bool(cuda_graphs)
-    if dev.type == 'cpu' and (bits or dt == torch.float32):
+    if dev.type == 'cpu' and (bits or dt in (torch.float32, torch.bfloat16)):
         # The quantized blocks and the decode step's LM head (models/base.py lm_head) run on the
         # compiled kernels: build or load them now rather than inside the first reply.
         from .quantization.build import load_library

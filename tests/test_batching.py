@@ -5,6 +5,7 @@ import torch
 
 import modelscope_chatglm
 from modelscope_chatglm.batching import KVBudgetError, Scheduler
+from modelscope_chatglm.loading import default_dtype
 
 QUERIES = ['你好', 'hello world, how are you today?', 'a b c d e f g h i j k l m n o p', 'x', '介绍下清华大学']
 
@@ -80,14 +81,27 @@ def test_a_prefix_cache_hit_gives_the_logits_of_a_cold_prefill(glm2_model):
     assert len(sched.prefix_cache.entries) == 1    # turn 2 holds all of turn 1: one entry is kept
 
 
-@pytest.mark.parametrize('name', ['glm2-int4', 'glm3-int8', 'glm2-int4-x8'])
-def test_greedy_replies_do_not_depend_on_the_prefix_cache(models, name):
+@pytest.fixture(scope='module', params=sorted({'float32', default_dtype(torch.device('cpu'), quantized=True)}))
+def quantized_at(request, make_checkpoint):
+    """The quantized models in float32 and in this CPU's default dtype for them (bfloat16 where its matrix
+    units multiply bf16 natively)."""
+    dtype = request.param
+    load = modelscope_chatglm.load
+    return {f'glm{v}-int{bits}': load(make_checkpoint(f'glm{v}-int{bits}', f'glm{v}', 'safetensors', shards=1,
+                                                      quantization_bit=bits), device='cpu', dtype=dtype)
+            for v, bits in ((2, 4), (3, 8), (2, 8), (3, 4))} | {
+        'glm2-int4-x8': load(make_checkpoint('glm2-int4', 'glm2', 'safetensors', shards=1, quantization_bit=4),
+                             device='cpu', dtype=dtype, int8_activations=True)}
+
+
+@pytest.mark.parametrize('name', ['glm2-int4', 'glm3-int8', 'glm2-int8', 'glm3-int4', 'glm2-int4-x8'])
+def test_greedy_replies_do_not_depend_on_the_prefix_cache(quantized_at, name):
     """50 prompts that open alike: prefilled cold, every row of a long prompt goes through dequantized
     tiles; warm, the opening comes from the prefix cache and the rest through the decode kernel. Both
-    multiply x by the same integer weights and scale the sum, so the replies are the same; with int8
-    activations every row takes the integer kernel. In float32, the CPU default without bf16 units; in
-    bfloat16 every op rounds differently on the two paths, and 1-2 of 50 replies differed."""
-    chat = models[name]
+    multiply x by the same integer weights, round the sums alike and scale them, so the replies are
+    the same; with int8 activations every row takes the integer kernel. In bfloat16 the decode kernel
+    rounded its sums once where the tiles round twice, and 2 of 50 replies differed."""
+    chat = quantized_at[name]
     opening = ' '.join(f'rule {i}: answer briefly.' for i in range(12))
     prompts = [chat.build_inputs(f'{opening} question {i}: {QUERIES[i % 5]} {i * 7}') for i in range(50)]
     params = chat.sampling(max_new_tokens=6, do_sample=False)

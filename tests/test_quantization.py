@@ -127,30 +127,39 @@ def test_gemv_kernel_equals_scalar_reference_and_torch(isa_lib, bits, M, K, N):
     assert torch.allclose(no_bias + bias, fast, atol=tol)
 
 
+@pytest.mark.parametrize('head', ['f32', 'bf16'])
 @pytest.mark.parametrize('M,K,N', SHAPES)
-def test_fp32_head_kernel_equals_scalar_reference_and_torch(isa_lib, M, K, N):
-    """f32_gemv: the LM head of a decode step (models/base.py lm_head)."""
+def test_head_kernels_equal_scalar_reference_and_torch(isa_lib, M, K, N, head):
+    """f32_gemv / bf16_gemv: the LM head of a decode step (models/base.py lm_head), fp32 x and logits."""
     g = torch.Generator().manual_seed(M + K + N)
     w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
+    if head == 'bf16':
+        w = w.bfloat16()
     expected = x.double() @ w.double().t()
     fast, ref = torch.empty(M, N), torch.empty(M, N)
-    isa_lib.f32_gemv(x.data_ptr(), M, K, w.data_ptr(), None, fast.data_ptr(), N, torch.get_num_threads())
-    isa_lib.f32_gemv_ref(x.data_ptr(), M, K, w.data_ptr(), None, ref.data_ptr(), N)
+    kernel = getattr(isa_lib, f'{head}_gemv')
+    kernel(x.data_ptr(), M, K, w.data_ptr(), None, fast.data_ptr(), N, torch.get_num_threads())
+    getattr(isa_lib, f'{head}_gemv_ref')(x.data_ptr(), M, K, w.data_ptr(), None, ref.data_ptr(), N)
     tol = 1e-4 * (1 + expected.abs().max().item())
     assert (fast.double() - expected).abs().max() < tol and (ref.double() - expected).abs().max() < tol
     alone = torch.empty(1, N)
     for m in range(M):
-        isa_lib.f32_gemv(x[m:m + 1].data_ptr(), 1, K, w.data_ptr(), None, alone.data_ptr(), N, 2)
+        kernel(x[m:m + 1].data_ptr(), 1, K, w.data_ptr(), None, alone.data_ptr(), N, 2)
         assert torch.equal(alone[0], fast[m])
 
 
-def test_lm_head_gives_a_row_the_same_logits_in_any_batch(lib):
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_lm_head_gives_a_row_the_same_logits_in_any_batch(lib, dtype):
     from modelscope_chatglm.models.base import lm_head
-    w, x = torch.randn(3001, 1024), torch.randn(40, 1024)
+    w, x = torch.randn(3001, 1024).to(dtype), torch.randn(40, 1024).to(dtype)
     alone = torch.cat([lm_head(x[i:i + 1], w) for i in range(40)])
     for M in (2, 3, 8, 17, 40):
         assert torch.equal(lm_head(x[:M], w), alone[:M]), M
+    # fp32 logits even from a bf16 head: rounded to bf16 (8 bits), near-equal candidates would tie.
+    assert alone.dtype == torch.float32
     assert (alone.double() - x.double() @ w.double().t()).abs().max() < 1e-3
+    if dtype == torch.bfloat16:
+        assert not torch.equal(alone, alone.bfloat16().float())
     assert lm_head(x[None], w).shape == (1, 40, 3001)      # a whole prompt: F.linear
 
 
@@ -293,11 +302,14 @@ def kernel_calls(lib, seed=0):
             calls[f'q{bits}_dequant_rows_{suffix}'] = dequant(f'q{bits}_dequant_rows_{suffix}', q, scale.float(), dtype)
     w, x = torch.randn(301, 1088, generator=g), torch.randn(5, 1088, generator=g)
 
-    def head(threads):
-        y = torch.empty(5, 301)
-        lib.f32_gemv(x.data_ptr(), 5, 1088, w.data_ptr(), None, y.data_ptr(), 301, threads)
-        return y
-    calls['f32_gemv'] = head
+    def head(name, w):
+        def call(threads):
+            y = torch.empty(5, 301)
+            getattr(lib, name)(x.data_ptr(), 5, 1088, w.data_ptr(), None, y.data_ptr(), 301, threads)
+            return y
+        return call
+    calls['f32_gemv'] = head('f32_gemv', w)
+    calls['bf16_gemv'] = head('bf16_gemv', w.bfloat16())
     return calls
 
 
@@ -407,6 +419,24 @@ def test_quantized_linear_paths_agree(lib, bits, dtype, rows, monkeypatch):
     assert (fast.float() - expected).abs().max() < tol
     monkeypatch.setattr('modelscope_chatglm.quantization.linear.load_library', lambda: None)   # no compiler
     assert (layer(x).float() - expected).abs().max() < tol
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_bf16_prompt_rows_and_decode_rows_round_alike(lib, bits):
+    """A bf16 prompt's rows go through bf16 tiles, whose matmul rounds x @ q to bf16 before the scales
+    multiply it; a decode row goes through the kernel, which must round the same way, or a prompt
+    prefilled cold and one continued from the prefix cache get different K/V (rounding once there and
+    twice here changed 23% of the outputs and 2 of 50 greedy replies)."""
+    g = torch.Generator().manual_seed(bits)
+    layer = QuantizedLinear(1024, 512, bits, bias=True, dtype=torch.bfloat16, scale_dtype=torch.float32)
+    layer.load_float_weight(torch.randn(512, 1024, generator=g) * 0.02)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(512, generator=g))
+    x = torch.randn(100, 1024, generator=g).bfloat16()
+    prompt = layer(x)                                            # past DECODE_ROWS: tiles
+    decoded = torch.cat([layer(x[i:i + 1]) for i in range(100)])  # one row at a time: the kernel
+    # Only the summation order differs, and the sums round to the same bf16 almost always.
+    assert (prompt != decoded).float().mean().item() < 1e-3
 
 
 # -- models ------------------------------------------------------------------------------------------------
@@ -601,6 +631,28 @@ def test_without_a_compiler_torch_takes_over_with_one_warning(tmp_path, quantize
     out = proc.stdout + proc.stderr
     assert 'RESULT None' in out and 'REPLY 3' in out, out
     assert out.count('no C compiler found') == 1
+
+
+def test_a_compiler_without_openmp_gives_single_threaded_kernels_and_names_the_error(tmp_path):
+    """A gcc without libgomp's headers (or clang without libomp) fails on -fopenmp: the kernels are
+    built without it, and the warning quotes the compiler's error line, not its trailing caret."""
+    gcc = shutil.which('gcc') or shutil.which('cc')
+    wrapper = tmp_path / 'cc-without-openmp'
+    wrapper.write_text(textwrap.dedent(f'''\
+        #!/bin/sh
+        case "$*" in *-fopenmp*)
+            echo "quant_kernels.c:27:10: fatal error: omp.h: No such file or directory" >&2
+            echo "   27 | #include <omp.h>" >&2
+            echo "      |          ^~~~~~~" >&2
+            exit 1;;
+        esac
+        exec {gcc} "$@"
+    '''))
+    wrapper.chmod(0o755)
+    out = probe({'CC': str(wrapper)}, tmp_path / 'kernels').communicate(timeout=300)[0]
+    assert 'RESULT avx' in out or 'RESULT scalar' in out, out
+    assert ('compiling the CPU kernels with OpenMP failed (quant_kernels.c:27:10: fatal error: omp.h: No such '
+            'file or directory); building them single-threaded') in out, out
 
 
 def test_read_only_cache_falls_back_to_a_temp_dir(tmp_path):

@@ -61,21 +61,23 @@ class CausalLM(Protocol):
 def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden [..., D] -> logits [..., V] through the head weight [V, D] (shared by both architectures).
 
-    On CPU in fp32, the rows of a decode step (1 to 64: one sequence or a batch) go through the compiled
-    kernel (quant_kernels.c `f32_gemv`), which sums each row in the same order whatever the number of
-    rows, as the quantized blocks do: a sequence's logits are bit for bit the same alone or batched. MKL's
-    sgemm changes its summation order with the number of rows (ChatGLM2's 65024 x 4096 head: rows of
-    a 2-row call differ from the 1-row call by ~3e-4), and it ran that shape at 34 GFLOP/s. Whole
-    prompts (3-D hidden) and other devices keep F.linear."""
+    On CPU with an fp32 or bf16 head, the rows of a decode step (1 to 64: one sequence or a batch) go
+    through the compiled kernel (quant_kernels.c `f32_gemv` / `bf16_gemv`), which sums each row in fp32
+    in the same order whatever the number of rows, as the quantized blocks do: a sequence's logits are
+    bit for bit the same alone or batched. MKL's sgemm changes its summation order with the number of
+    rows (ChatGLM2's 65024 x 4096 head: rows of a 2-row call differ from the 1-row call by ~3e-4), and
+    oneDNN's bf16 GEMM rounds the logits to bf16, where the top two often tie. Those logits are fp32.
+    Whole prompts (3-D hidden) and other devices keep F.linear."""
     rows = hidden.shape[0] if hidden.dim() == 2 else 0
-    if (hidden.device.type == 'cpu' and 1 <= rows <= 64 and hidden.dtype == weight.dtype == torch.float32
-            and weight.is_contiguous()):
+    if (hidden.device.type == 'cpu' and 1 <= rows <= 64 and hidden.dtype == weight.dtype
+            and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()):
         from ..quantization.build import load_library
         lib = load_library()
         if lib is not None:
-            x = hidden.contiguous()
+            x = hidden.float().contiguous()
             out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
-            lib.f32_gemv(x.data_ptr(), rows, x.shape[1], weight.data_ptr(), None, out.data_ptr(), weight.shape[0],
-                         torch.get_num_threads())
+            kernel = lib.f32_gemv if weight.dtype == torch.float32 else lib.bf16_gemv
+            kernel(x.data_ptr(), rows, x.shape[1], weight.data_ptr(), None, out.data_ptr(), weight.shape[0],
+                   torch.get_num_threads())
             return out
     return torch.nn.functional.linear(hidden, weight)

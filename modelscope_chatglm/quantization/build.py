@@ -121,6 +121,12 @@ def _digest(path: str) -> str:
     return f'{len(data)} {hashlib.sha256(data).hexdigest()}'
 
 
+def _first_error(compiler_output: str) -> str:
+    """The line of a compiler's output that names the problem (its last line is often a caret)."""
+    lines = [line.strip() for line in compiler_output.splitlines() if line.strip()]
+    return next((line for line in lines if 'error' in line), lines[-1] if lines else 'no output')
+
+
 def _compile(cc: str, openmp: bool, target: str, march: str = 'native') -> None:
     """Compile into a temporary file next to `target`, record its size and digest, then rename both
     into place atomically."""
@@ -218,7 +224,7 @@ def _build_and_load():
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             if openmp:
                 logger.warning('compiling the CPU kernels with OpenMP failed (%s); building them '
-                               'single-threaded', str(e).splitlines()[-1] if str(e) else e)
+                               'single-threaded', _first_error(str(e)))
                 continue
             logger.warning('compiling the CPU kernels failed: %s\nquantized layers run on the slower '
                            'pure-torch path', e)
@@ -242,10 +248,11 @@ def _declare(lib):
     for name in ('q8_dequant_rows_f32', 'q8_dequant_rows_bf16', 'q4_dequant_rows_f32', 'q4_dequant_rows_bf16'):
         getattr(lib, name).argtypes = [p, p, i, i, i, p, i]
         getattr(lib, name).restype = None
-    lib.f32_gemv.argtypes = [p, i, i, p, p, p, i, i]
-    lib.f32_gemv.restype = None
-    lib.f32_gemv_ref.argtypes = [p, i, i, p, p, p, i]
-    lib.f32_gemv_ref.restype = None
+    for name in ('f32_gemv', 'bf16_gemv'):
+        getattr(lib, name).argtypes = [p, i, i, p, p, p, i, i]
+        getattr(lib, name).restype = None
+        getattr(lib, name + '_ref').argtypes = [p, i, i, p, p, p, i]
+        getattr(lib, name + '_ref').restype = None
     lib.kernel_isa.restype = ctypes.c_char_p
     lib.kernel_openmp.restype = ctypes.c_int
     return lib
