@@ -4,8 +4,9 @@ Decode (M = 1): GB/s of weight bytes streamed per call (int8: 1 byte/weight, int
 the time ratio to torch fp32 `F.linear` measured in the same run. Each method cycles through enough
 copies of the weights (>= 512 MB) that they come from DRAM, not from the CPU caches.
 Rows (M = 1 ... 64, batched decode and short prompts): the time of one block's four linears through the
-exact C kernel and through the int8-activation kernel (`int8_activations`), median [min-max], each one's
-ratio to its own M = 1, and the tiled path (dequantized tiles + matmul) at the same M, all in one run.
+exact C kernel on fp32 x and on bf16 x (a bf16 model: `vdpbf16ps` on AVX512-BF16 builds), and through the
+int8-activation kernel (`int8_activations`), median [min-max], each one's ratio to its own M = 1, and
+the tiled path (dequantized tiles + matmul, fp32) at the same M, all in one run.
 Prefill (M = 256, 1024): GFLOP/s (2*M*N*K per call) of the tiled path (bf16 tiles + oneDNN/AMX for a
 bf16 model, fp32 tiles + MKL for an fp32 one) and of the int8-activation kernels against fp32 and bf16
 dense `F.linear`.
@@ -101,34 +102,38 @@ def rows_table(threads, repeats=9):
     from modelscope_chatglm.quantization import linear
     print(f'\nRows, {threads} threads: ms for one block\'s 4 linears, median [min-max] of {repeats}; '
           'x M=1: ratio to one row on the same kernel; tiled: dequantized tiles + matmul at the same M')
-    print(f'{"bits":>4s} {"M":>3s} {"exact kernel ms":>22s} {"x M=1":>6s} {"int8-act. kernel ms":>22s} {"x M=1":>6s} '
-          f'{"tiled ms":>9s}')
+    print(f'{"bits":>4s} {"M":>3s} {"exact, fp32 x ms":>22s} {"x M=1":>6s} {"exact, bf16 x ms":>22s} {"x M=1":>6s} '
+          f'{"int8-act. kernel ms":>22s} {"x M=1":>6s} {"tiled ms":>9s}')
     for bits in (8, 4):
         nbytes = sum(n * k * bits // 8 for n, k in SHAPES.values())
         blocks = [[quantized_layers(n, k, bits, 1)[0] for n, k in SHAPES.values()]
                   for _ in range(max(2, POOL_BYTES // nbytes))]
         base = {}
         for m in (1, 2, 4, 8, 16, 32, 64):
-            xs = {k: torch.randn(m, k) for _, k in SHAPES.values()}
+            inputs = {torch.float32: {k: torch.randn(m, k) for _, k in SHAPES.values()}}
+            inputs[torch.bfloat16] = {k: x.bfloat16() for k, x in inputs[torch.float32].items()}
+            xs = inputs[torch.float32]
 
             def block(layers):
                 for layer in layers:
                     layer(xs[layer.in_features])
             cells = []
-            for int8_activations in (False, True):
+            for mode in ('fp32', 'bf16', 'int8-act'):
+                xs = inputs[torch.bfloat16 if mode == 'bf16' else torch.float32]
                 for layers in blocks:
                     for layer in layers:
-                        layer.int8_activations = int8_activations
+                        layer.int8_activations = mode == 'int8-act'
                 med, best, worst = timed(block, [(b,) for b in blocks], min_seconds=0, min_calls=repeats, spread=True)
-                base.setdefault(int8_activations, med)
-                cells.append(f'{med * 1e3:8.1f} [{best * 1e3:5.1f}-{worst * 1e3:5.1f}] {med / base[int8_activations]:6.2f}')
+                base.setdefault(mode, med)
+                cells.append(f'{med * 1e3:8.1f} [{best * 1e3:5.1f}-{worst * 1e3:5.1f}] {med / base[mode]:6.2f}')
+            xs = inputs[torch.float32]
             for layers in blocks:
                 for layer in layers:
                     layer.int8_activations = False
             saved, linear.DECODE_ROWS = linear.DECODE_ROWS, 0      # force the tiled path
             tiled = timed(block, [(b,) for b in blocks[:2]], min_seconds=0, min_calls=3)[0]
             linear.DECODE_ROWS = saved
-            print(f'{bits:4d} {m:3d} {cells[0]} {cells[1]} {tiled * 1e3:9.1f}')
+            print(f'{bits:4d} {m:3d} {" ".join(cells)} {tiled * 1e3:9.1f}')
         del blocks
 
 

@@ -106,25 +106,54 @@ def run(lib, name, x, q, scale, bias, n):
     return y
 
 
+# The exact kernels on fp32 x (`q*_gemv`) and on a bf16 model's bf16 x (`q*_gemv_xbf16`).
+X_KINDS = {'fp32-x': ('', torch.float32), 'bf16-x': ('_xbf16', torch.bfloat16)}
+
+
+@pytest.mark.parametrize('x_kind', list(X_KINDS))
 @pytest.mark.parametrize('bits', [8, 4])
 @pytest.mark.parametrize('M,K,N', SHAPES)
-def test_gemv_kernel_equals_scalar_reference_and_torch(isa_lib, bits, M, K, N):
-    lib = isa_lib
+def test_gemv_kernel_equals_scalar_reference_and_torch(isa_lib, bits, M, K, N, x_kind):
+    lib, (suffix, x_dtype) = isa_lib, X_KINDS[x_kind]
     g = torch.Generator().manual_seed(M * 1000 + K + N)
     w = torch.randn(N, K, generator=g)
     q, scale = quantize(w, bits)
     scale = scale.float()
-    x = torch.randn(M, K, generator=g)
+    x = torch.randn(M, K, generator=g).to(x_dtype)
     bias = torch.randn(N, generator=g)
     expected = x.double() @ dequantize(q, scale, bits, torch.float64).t() + bias.double()
-    fast = run(lib, f'q{bits}_gemv', x, q, scale, bias, N)
-    ref = run(lib, f'q{bits}_gemv_ref', x, q, scale, bias, N)
+    fast = run(lib, f'q{bits}_gemv{suffix}', x, q, scale, bias, N)
+    ref = run(lib, f'q{bits}_gemv{suffix}_ref', x, q, scale, bias, N)
     tol = 1e-4 * (1 + expected.abs().max().item())
     assert (fast.double() - expected).abs().max() < tol
     assert (ref.double() - expected).abs().max() < tol
     assert (fast - ref).abs().max() < tol
-    no_bias = run(lib, f'q{bits}_gemv', x, q, scale, None, N)
+    no_bias = run(lib, f'q{bits}_gemv{suffix}', x, q, scale, None, N)
     assert torch.allclose(no_bias + bias, fast, atol=tol)
+
+
+@pytest.mark.parametrize('bits', [8, 4, 16])
+def test_bf16_x_kernels_multiply_bf16_pairs_only_on_avx512_bf16(isa_lib, bits):
+    """The avx512-vnni-bf16 build sums bf16 x against the weights in pairs (vdpbf16ps): the same exact
+    products as widening x to fp32, in another order, so some outputs differ in the last bits. Every
+    other build widens x and runs the fp32 kernel: bit for bit the same."""
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(7, 2048, generator=g).bfloat16()
+    if bits == 16:   # the LM head: bf16 weights; the fp32 kernel on the widened copy of the same numbers
+        w = torch.randn(300, 2048, generator=g).bfloat16()
+        paired, widened = torch.empty(7, 300), torch.empty(7, 300)
+        isa_lib.bf16_gemv(x.data_ptr(), 7, 2048, w.data_ptr(), None, paired.data_ptr(), 300, 2)
+        xf, wf = x.float(), w.float()
+        isa_lib.f32_gemv(xf.data_ptr(), 7, 2048, wf.data_ptr(), None, widened.data_ptr(), 300, 2)
+    else:
+        q, scale = quantize(torch.randn(300, 2048, generator=g), bits)
+        paired = run(isa_lib, f'q{bits}_gemv_xbf16', x, q, scale.float(), None, 300)
+        widened = run(isa_lib, f'q{bits}_gemv', x.float(), q, scale.float(), None, 300)
+    assert (paired - widened).abs().max() < 1e-4 * widened.abs().max()
+    if isa_lib.kernel_isa().decode() == 'avx512-vnni-bf16':
+        assert not torch.equal(paired, widened)
+    else:
+        assert torch.equal(paired, widened)
 
 
 @pytest.mark.parametrize('head', ['f32', 'bf16'])
@@ -133,8 +162,8 @@ def test_head_kernels_equal_scalar_reference_and_torch(isa_lib, M, K, N, head):
     """f32_gemv / bf16_gemv: the LM head of a decode step (models/base.py lm_head), fp32 x and logits."""
     g = torch.Generator().manual_seed(M + K + N)
     w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
-    if head == 'bf16':
-        w = w.bfloat16()
+    if head == 'bf16':   # a bf16 model's head: bf16 weights and x, fp32 logits
+        w, x = w.bfloat16(), x.bfloat16()
     expected = x.double() @ w.double().t()
     fast, ref = torch.empty(M, N), torch.empty(M, N)
     kernel = getattr(isa_lib, f'{head}_gemv')
@@ -163,18 +192,20 @@ def test_lm_head_gives_a_row_the_same_logits_in_any_batch(lib, dtype):
     assert lm_head(x[None], w).shape == (1, 40, 3001)      # a whole prompt: F.linear
 
 
+@pytest.mark.parametrize('x_kind', list(X_KINDS))
 @pytest.mark.parametrize('bits', [8, 4])
 @pytest.mark.parametrize('K', [200, 2056, 4096])
-def test_a_row_gets_the_same_bits_whatever_else_is_in_the_call(isa_lib, bits, K):
+def test_a_row_gets_the_same_bits_whatever_else_is_in_the_call(isa_lib, bits, K, x_kind):
     """Batched decode must give each sequence exactly what it gets alone: row m of an M-row call equals
     the 1-row call on that row, bit for bit, for every M the kernel takes."""
+    suffix, x_dtype = X_KINDS[x_kind]
     g = torch.Generator().manual_seed(K + bits)
     q, scale = quantize(torch.randn(45, K, generator=g), bits)
     scale = scale.float()
-    x = torch.randn(64, K, generator=g)
-    alone = torch.cat([run(isa_lib, f'q{bits}_gemv', x[m:m + 1], q, scale, None, 45) for m in range(64)])
+    x = torch.randn(64, K, generator=g).to(x_dtype)
+    alone = torch.cat([run(isa_lib, f'q{bits}_gemv{suffix}', x[m:m + 1], q, scale, None, 45) for m in range(64)])
     for M in (2, 3, 4, 7, 16, 64):
-        assert torch.equal(run(isa_lib, f'q{bits}_gemv', x[:M], q, scale, None, 45), alone[:M]), M
+        assert torch.equal(run(isa_lib, f'q{bits}_gemv{suffix}', x[:M], q, scale, None, 45), alone[:M]), M
 
 
 def int8_activations_spec(x, q, scale, bits):
@@ -251,8 +282,8 @@ def test_int8_activations_let_a_nan_through(isa_lib, bits):
     q, scale = quantize(torch.randn(9, 160), bits)
     x = torch.randn(3, 160)
     x[1, 70] = float('nan')
-    for name in (f'q{bits}_gemv_x8', f'q{bits}_gemv_x8_ref', f'q{bits}_gemv'):
-        y = run(isa_lib, name, x, q, scale.float(), None, 9)
+    for name in (f'q{bits}_gemv_x8', f'q{bits}_gemv_x8_ref', f'q{bits}_gemv', f'q{bits}_gemv_xbf16'):
+        y = run(isa_lib, name, x.bfloat16() if name.endswith('xbf16') else x, q, scale.float(), None, 9)
         assert y[1].isnan().all() and not y[[0, 2]].isnan().any(), name
 
 
@@ -298,18 +329,19 @@ def kernel_calls(lib, seed=0):
         x = torch.randn(9, 1088, generator=g)
         for name in (f'q{bits}_gemv', f'q{bits}_gemv_x8'):
             calls[name] = gemv(name, x, q, scale.float(), 301)
+        calls[f'q{bits}_gemv_xbf16'] = gemv(f'q{bits}_gemv_xbf16', x.bfloat16(), q, scale.float(), 301)
         for suffix, dtype in (('f32', torch.float32), ('bf16', torch.bfloat16)):
             calls[f'q{bits}_dequant_rows_{suffix}'] = dequant(f'q{bits}_dequant_rows_{suffix}', q, scale.float(), dtype)
     w, x = torch.randn(301, 1088, generator=g), torch.randn(5, 1088, generator=g)
 
-    def head(name, w):
+    def head(name, x, w):
         def call(threads):
             y = torch.empty(5, 301)
             getattr(lib, name)(x.data_ptr(), 5, 1088, w.data_ptr(), None, y.data_ptr(), 301, threads)
             return y
         return call
-    calls['f32_gemv'] = head('f32_gemv', w)
-    calls['bf16_gemv'] = head('bf16_gemv', w.bfloat16())
+    calls['f32_gemv'] = head('f32_gemv', x, w)
+    calls['bf16_gemv'] = head('bf16_gemv', x.bfloat16(), w.bfloat16())
     return calls
 
 

@@ -74,7 +74,7 @@ def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         from ..quantization.build import load_library
         lib = load_library()
         if lib is not None:
-            x = hidden.float().contiguous()
+            x = hidden.contiguous()   # the head's dtype: bf16_gemv takes bf16 x
             out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
             kernel = lib.f32_gemv if weight.dtype == torch.float32 else lib.bf16_gemv
             kernel(x.data_ptr(), rows, x.shape[1], weight.data_ptr(), None, out.data_ptr(), weight.shape[0],

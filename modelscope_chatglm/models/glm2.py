@@ -122,17 +122,19 @@ def attend(q, k, v, attn_mask):
             out = ops.decode_attention(q.reshape(b, heads, d), k, v, attn_mask.slot, attn_mask.key_ok)
             return out.view(b, heads, 1, d)
         attn_mask = attn_mask.mask()
-    if attn_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=True)
     if isinstance(attn_mask, CausalBias):
         # The fused kernels take a lower-right causal bias but not grouped K/V: expand the groups.
         k, v = (t.repeat_interleave(heads // groups, dim=1) for t in (k, v))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     if s == 1:
-        # One query per head: the H/G heads of a group read the same K/V, so lay them out as H/G
-        # query rows of G heads. Plain SDPA then takes the mask without expanding K/V per head.
+        # One query per head (decode): the H/G heads of a group read the same K/V, so lay them out as
+        # H/G query rows of G heads. Plain SDPA then needs neither expanded K/V nor `enable_gqa`, which
+        # on CPU in bf16 takes a slow path: 567 against 41 us per call at 160 cached positions, 3.4
+        # against 0.19 ms at 1,000 (16 bf16 sequences' decode step spent 247 of its 926 ms there).
         out = F.scaled_dot_product_attention(q.view(b, groups, heads // groups, d), k, v, attn_mask=attn_mask)
         return out.reshape(b, heads, 1, d)
+    if attn_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
 
 

@@ -239,10 +239,11 @@ def _build_and_load():
 def _declare(lib):
     """argtypes for every exported function (ctypes then converts ints and pointers for us)."""
     p, i = ctypes.c_void_p, ctypes.c_int
-    for name in ('q8_gemv', 'q4_gemv', 'q8_gemv_x8', 'q4_gemv_x8'):
+    variants = ('', '_x8', '_xbf16')   # fp32 x, int8-quantized x, bf16 x
+    for name in [f'q{bits}_gemv{v}' for bits in (8, 4) for v in variants]:
         getattr(lib, name).argtypes = [p, i, i, p, p, p, p, i, i]
         getattr(lib, name).restype = None
-    for name in ('q8_gemv_ref', 'q4_gemv_ref', 'q8_gemv_x8_ref', 'q4_gemv_x8_ref'):
+    for name in [f'q{bits}_gemv{v}_ref' for bits in (8, 4) for v in variants]:
         getattr(lib, name).argtypes = [p, i, i, p, p, p, p, i]
         getattr(lib, name).restype = None
     for name in ('q8_dequant_rows_f32', 'q8_dequant_rows_bf16', 'q4_dequant_rows_f32', 'q4_dequant_rows_bf16'):

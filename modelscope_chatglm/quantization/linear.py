@@ -77,17 +77,20 @@ class QuantizedLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def _gemv(self, lib, x2):
-        xf = x2.float().contiguous()
-        y = torch.empty(xf.shape[0], self.out_features, dtype=torch.float32)
-        kernel = getattr(lib, f'q{self.bits}_gemv' + ('_x8' if self.int8_activations else ''))
+        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
         if x2.dtype == torch.bfloat16 and not self.int8_activations:
-            # A bf16 model's prefill tiles round x @ q to bf16 before the scales multiply it (oneDNN
-            # writes bf16): the kernel's sums are rounded at the same point, so a prompt prefilled cold
-            # and one continued from the prefix cache differ only in summation order, not in an extra
-            # rounding. (Rounding once here and twice there changed 2 of 50 greedy replies.)
-            kernel(xf.data_ptr(), xf.shape[0], self.in_features, self.weight.data_ptr(), None, None,
-                   y.data_ptr(), self.out_features, torch.get_num_threads())
+            # bf16 x as it is (AVX512-BF16 multiplies bf16 pairs). A bf16 model's prefill tiles round
+            # x @ q to bf16 before the scales multiply it (oneDNN writes bf16): the kernel's sums are
+            # rounded at the same point, so a prompt prefilled cold and one continued from the prefix
+            # cache differ only in summation order, not in an extra rounding. (Rounding once here and
+            # twice there changed 2 of 50 greedy replies.)
+            xb = x2.contiguous()
+            getattr(lib, f'q{self.bits}_gemv_xbf16')(xb.data_ptr(), xb.shape[0], self.in_features,
+                                                     self.weight.data_ptr(), None, None, y.data_ptr(),
+                                                     self.out_features, torch.get_num_threads())
             return self._scale_and_bias(y.to(torch.bfloat16)).to(x2.dtype)
+        xf = x2.float().contiguous()
+        kernel = getattr(lib, f'q{self.bits}_gemv' + ('_x8' if self.int8_activations else ''))
         scale = self.weight_scale if self.weight_scale.dtype == torch.float32 else self.weight_scale.float()
         bias = None if self.bias is None else self.bias.float().contiguous()
         kernel(xf.data_ptr(), xf.shape[0], self.in_features, self.weight.data_ptr(), scale.data_ptr(),

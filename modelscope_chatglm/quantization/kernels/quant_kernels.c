@@ -18,8 +18,12 @@
  * "threads" below).
  * Prefill (many rows of x) uses `*_dequant_rows_*` on row tiles and a matrix multiply in torch.
  *
- * `f32_gemv` and `bf16_gemv` are the same loop on fp32 or bf16 weights, for the LM head of a decode step
- * (models/base.py): a bf16 head gets fp32 logits, summed in the same order for any number of rows.
+ * `*_gemv_xbf16` take a bf16 model's x in bf16: on AVX512-BF16 they multiply bf16 pairs (`vdpbf16ps`,
+ * twice the products per instruction, the same exact products; see "bf16 activations"), elsewhere they
+ * widen x and run the fp32 loop.
+ *
+ * `f32_gemv` (fp32 x and weights) and `bf16_gemv` (bf16 x and weights) are the same loops for the LM head
+ * of a decode step (models/base.py): fp32 logits, summed in the same order for any number of rows.
  *
  * `*_gemv_x8` are the opt-in int8-activation kernels (see "int8 activations" below): x is quantized to
  * int8 too and the dot products are exact integer sums (AVX512-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, or
@@ -32,9 +36,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define KERNEL_ISA "avx512-vnni"
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+#define KERNEL_ISA "avx512-vnni-bf16"
 #define X8_VNNI 1     /* the int8-activation kernel's dot products in one instruction (see there) */
+#define XBF16_DP 1    /* bf16 activations: bf16 pair products in one instruction (see there) */
+#include <immintrin.h>
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define KERNEL_ISA "avx512-vnni"
+#define X8_VNNI 1
 #include <immintrin.h>
 #elif defined(__AVX512F__) && defined(__AVX512BW__)
 #define KERNEL_ISA "avx512"
@@ -167,11 +176,33 @@ static inline float bf16_to_f32(uint16_t h) {
     return v.f;
 }
 
-void bf16_gemv_ref(const float *x, int M, int K, const uint16_t *W, const float *bias, float *y, int N) {
+static float *widen_bf16(const uint16_t *x, size_t n) {
+    float *f = (float *)malloc(sizeof(float) * n);
+    for (size_t i = 0; i < n; i++) f[i] = bf16_to_f32(x[i]);
+    return f;
+}
+
+/* bf16 activations (a bf16 model): the same sums on x widened to fp32. */
+void q8_gemv_xbf16_ref(const uint16_t *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
+                       float *y, int N) {
+    float *xf = widen_bf16(x, (size_t)M * K);
+    q8_gemv_ref(xf, M, K, W, scale, bias, y, N);
+    free(xf);
+}
+
+void q4_gemv_xbf16_ref(const uint16_t *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
+                       float *y, int N) {
+    float *xf = widen_bf16(x, (size_t)M * K);
+    q4_gemv_ref(xf, M, K, W, scale, bias, y, N);
+    free(xf);
+}
+
+/* bf16 weights and bf16 x (a bf16 model's LM head), fp32 logits. */
+void bf16_gemv_ref(const uint16_t *x, int M, int K, const uint16_t *W, const float *bias, float *y, int N) {
     for (int m = 0; m < M; m++)
         for (int n = 0; n < N; n++) {
             float acc = 0.0f;
-            for (int k = 0; k < K; k++) acc += x[(size_t)m * K + k] * bf16_to_f32(W[(size_t)n * K + k]);
+            for (int k = 0; k < K; k++) acc += bf16_to_f32(x[(size_t)m * K + k]) * bf16_to_f32(W[(size_t)n * K + k]);
             y[(size_t)m * N + n] = acc + (bias ? bias[n] : 0.0f);
         }
 }
@@ -246,14 +277,19 @@ static inline void load_q4(const int8_t *w, vf *hi, vf *lo) { *hi = (float)int4_
  * int4 activations are rearranged once per call ("interleaved"): for each block of VW bytes, the VW
  * even columns then the VW odd ones, so the kernel reads x in the order it consumes it.
  */
-static void interleave_q4(const float *x, int K, float *out) {
-    const int KB = K / 2, full = KB - KB % VW;
-    for (int j0 = 0; j0 < full; j0 += VW)
-        for (int i = 0; i < VW; i++) {
-            out[2 * j0 + i] = x[2 * (j0 + i)];
-            out[2 * j0 + VW + i] = x[2 * (j0 + i) + 1];
+static inline __attribute__((always_inline)) void interleave_cols(const char *x, int K, char *out, int width,
+                                                                  size_t size) {
+    const int KB = K / 2, full = KB - KB % width;
+    for (int j0 = 0; j0 < full; j0 += width)
+        for (int i = 0; i < width; i++) {
+            memcpy(out + (2 * (size_t)j0 + i) * size, x + 2 * (size_t)(j0 + i) * size, size);
+            memcpy(out + (2 * (size_t)j0 + width + i) * size, x + (2 * (size_t)(j0 + i) + 1) * size, size);
         }
-    for (int j = full; j < KB; j++) { out[2 * j] = x[2 * j]; out[2 * j + 1] = x[2 * j + 1]; }
+    memcpy(out + 2 * (size_t)full * size, x + 2 * (size_t)full * size, 2 * (size_t)(KB - full) * size);
+}
+
+static void interleave_q4(const float *x, int K, float *out) {
+    interleave_cols((const char *)x, K, (char *)out, VW, sizeof(float));
 }
 
 /* Up to ROW_BLOCK weight rows against up to X_ROWS rows of x: each weight vector is widened in registers
@@ -300,23 +336,10 @@ static inline __attribute__((always_inline)) void rows_wide(const float *x, size
         }
 }
 
-static inline __attribute__((always_inline)) void rows_q8(const float *x, size_t ldx, int mb, const int8_t *w,
-                                                          size_t stride, int K, int rows, float *out) {
-    rows_wide(x, ldx, mb, w, stride, K, rows, out, W_INT8);
-}
-
-static inline __attribute__((always_inline)) void rows_f32(const float *x, size_t ldx, int mb, const int8_t *w,
-                                                           size_t stride, int K, int rows, float *out) {
-    rows_wide(x, ldx, mb, w, stride, K, rows, out, W_F32);
-}
-
-static inline __attribute__((always_inline)) void rows_bf16(const float *x, size_t ldx, int mb, const int8_t *w,
-                                                            size_t stride, int K, int rows, float *out) {
-    rows_wide(x, ldx, mb, w, stride, K, rows, out, W_BF16);
-}
-
-static inline __attribute__((always_inline)) void rows_q4(const float *xi, size_t ldx, int mb, const int8_t *w, size_t stride, int KB, int rows,
-                           float *out) {
+static inline __attribute__((always_inline)) void rows_q4(const float *xi, size_t ldx, int mb, const int8_t *w,
+                                                          size_t stride, int K, int rows, float *out, int unused) {
+    (void)unused;
+    const int KB = K / 2;
     vf acc[X_ROWS][ROW_BLOCK];
     for (int m = 0; m < X_ROWS; m++)
         for (int r = 0; r < ROW_BLOCK; r++) acc[m][r] = vzero();
@@ -342,22 +365,107 @@ static inline __attribute__((always_inline)) void rows_q4(const float *xi, size_
         }
 }
 
+/* ---- bf16 activations: a bf16 model's decode rows -------------------------------------------- */
+/*
+ * In a bf16 model x arrives in bf16. AVX512-BF16 (Zen 4, Cooper Lake, Sapphire Rapids and later) has
+ * `vdpbf16ps`: 32 products of bf16 pairs per instruction, each adjacent pair added into one fp32 lane,
+ * twice the products of an fp32 FMA. Every weight value here is exact in bf16 (int8, an int4 nibble, a
+ * bf16 head weight), and so is the product of two bf16 in fp32: these are the exact sums of the kernels
+ * above, in another order (pairs of columns), with bf16 denormals (below 1e-38) read as zero, the
+ * instruction's rule. Each row of y is still summed in the same order whatever M is.
+ *
+ * The weights are widened in registers:
+ * - int8: 32 bytes -> two fp32 vectors -> 32 bf16 in column order (vcvtne2ps2bf16, exact);
+ * - int4: 32 bytes -> 64 nibbles by two 32-entry table lookups, the high nibbles (even columns) and the
+ *   low ones (odd columns). vpermw reads an index's low 5 bits and the table holds the 16 values twice,
+ *   so the low nibble needs no mask. x is rearranged to match once per call (interleave_q4_bf16);
+ * - bf16 (the LM head): as they are.
+ *
+ * Without AVX512-BF16 (the "avx512-vnni-bf16" build) the same entry points widen x to fp32 and run the
+ * kernels above.
+ */
+#ifdef XBF16_DP
+static void interleave_q4_bf16(const uint16_t *x, int K, uint16_t *out) {
+    interleave_cols((const char *)x, K, (char *)out, 32, sizeof(uint16_t));
+}
+
+static inline __m512bh as_bf16(__m512i v) { return (__m512bh)v; }
+
+static inline __m512bh load_q8_bf16(const int8_t *w) {   /* 32 bytes -> 32 bf16 */
+    const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
+    const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 16))));
+    return _mm512_cvtne2ps_pbh(b, a);   /* words 0-15 from a (columns 0-15), 16-31 from b */
+}
+
+static inline void load_q4_bf16(const int8_t *w, __m512bh *hi, __m512bh *lo) {   /* 32 bytes -> 2 x 32 bf16 */
+    const __m512 value = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+    const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(value, value);
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)w));
+    *hi = as_bf16(_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table));
+    *lo = as_bf16(_mm512_permutexvar_epi16(b, table));
+}
+
+/* Up to ROW_BLOCK weight rows (bits: 8, 4, or 16 for bf16 weights) against up to X_ROWS rows of bf16 x.
+ * Per row of y: one accumulator, 32 (int8, bf16) or 64 (int4: high nibbles, then low) columns a step,
+ * then the horizontal sum, then the scalar tail. out[m * ROW_BLOCK + r]. (X_ROWS = 3 here too: 4 or
+ * more rows of x per pass measured slower on Zen 4, int4 M = 16: 24-31 ms a block against 21.) */
+static inline __attribute__((always_inline)) void rows_xbf16(const uint16_t *x, size_t ldx, int mb, const int8_t *w,
+                                                             size_t stride, int K, int rows, float *out, int bits) {
+    __m512 acc[X_ROWS][ROW_BLOCK];
+    for (int m = 0; m < X_ROWS; m++)
+        for (int r = 0; r < ROW_BLOCK; r++) acc[m][r] = _mm512_setzero_ps();
+    const int step = bits == 4 ? 64 : 32;
+    int k = 0;
+    for (; k + step <= K; k += step) {
+        __m512bh x0[X_ROWS], x1[X_ROWS];   /* loaded once for all weight rows */
+        for (int m = 0; m < mb; m++) {
+            x0[m] = as_bf16(_mm512_loadu_si512(x + m * ldx + k));
+            if (bits == 4) x1[m] = as_bf16(_mm512_loadu_si512(x + m * ldx + k + 32));
+        }
+        for (int r = 0; r < rows; r++) {
+            const int8_t *wr = w + r * stride;
+            __m512bh w0, w1;
+            if (bits == 4) load_q4_bf16(wr + k / 2, &w0, &w1);
+            else if (bits == 8) w0 = load_q8_bf16(wr + k);
+            else w0 = as_bf16(_mm512_loadu_si512((const uint16_t *)wr + k));
+            for (int m = 0; m < mb; m++) {
+                acc[m][r] = _mm512_dpbf16_ps(acc[m][r], w0, x0[m]);
+                if (bits == 4) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], w1, x1[m]);
+            }
+        }
+    }
+    for (int m = 0; m < mb; m++)
+        for (int r = 0; r < rows; r++) {
+            const int8_t *wr = w + r * stride;
+            const uint16_t *xm = x + m * ldx;
+            float d = _mm512_reduce_add_ps(acc[m][r]);
+            for (int kk = k; kk < K; kk++) {   /* int4: the tail keeps the natural column order */
+                const float wv = bits == 4 ? (float)(kk % 2 ? int4_low(wr[kk / 2]) : int4_high(wr[kk / 2]))
+                               : bits == 8 ? (float)wr[kk] : bf16_to_f32(((const uint16_t *)wr)[kk]);
+                d += bf16_to_f32(xm[kk]) * wv;
+            }
+            out[m * ROW_BLOCK + r] = d;
+        }
+}
+#endif
+
 /* ---- GEMV / skinny GEMM: decode and batched decode ------------------------------------------- */
 
 /* The usual shapes (a full block of weight rows against 1, 2 or X_ROWS rows of x) as calls with constant
  * trip counts: inlined, GCC unrolls them and keeps the accumulators in registers instead of on the
  * stack. The same code computes the same sums in the same order, whichever call runs. */
-#define ROWS_WITH_CONSTANT_SHAPES(fn, cols)                                                    \
-    do {                                                                                      \
-        if (rows == ROW_BLOCK && mb == 1) fn(xm, (size_t)K, 1, w, row_bytes, cols, ROW_BLOCK, out);  \
-        else if (rows == ROW_BLOCK && mb == 2) fn(xm, (size_t)K, 2, w, row_bytes, cols, ROW_BLOCK, out); \
-        else if (rows == ROW_BLOCK && mb == X_ROWS)                                           \
-            fn(xm, (size_t)K, X_ROWS, w, row_bytes, cols, ROW_BLOCK, out);                    \
-        else fn(xm, (size_t)K, mb, w, row_bytes, cols, rows, out);                           \
+#define ROWS_WITH_CONSTANT_SHAPES(fn, x, wt)                                                     \
+    do {                                                                                        \
+        if (rows == ROW_BLOCK && mb == 1) fn(x, (size_t)K, 1, w, row_bytes, K, ROW_BLOCK, out, wt);     \
+        else if (rows == ROW_BLOCK && mb == 2) fn(x, (size_t)K, 2, w, row_bytes, K, ROW_BLOCK, out, wt); \
+        else if (rows == ROW_BLOCK && mb == X_ROWS)                                             \
+            fn(x, (size_t)K, X_ROWS, w, row_bytes, K, ROW_BLOCK, out, wt);                      \
+        else fn(x, (size_t)K, mb, w, row_bytes, K, rows, out, wt);                             \
     } while (0)
 
 typedef struct {
-    const float *x;   /* [M, K]; for int4 rearranged by interleave_q4 */
+    const void *x;    /* [M, K], fp32, or bf16 with xbf16 set; for int4 rearranged (interleave_q4*) */
+    int xbf16;
     int M, K, bits;   /* bits: 8 or 4 (quantized rows, times scale[n]), or 32 / 16 (fp32 / bf16 rows: the LM head) */
     const int8_t *W;
     const float *scale, *bias;
@@ -375,15 +483,24 @@ static void gemv_blocks(void *arg, int b0, int b1) {
     float *d = (float *)malloc(sizeof(float) * (size_t)M * ROW_BLOCK);
     for (int blk = b0; blk < b1; blk++) {
         const int n0 = blk * ROW_BLOCK, rows = n0 + ROW_BLOCK < N ? ROW_BLOCK : N - n0;
+        const int8_t *w = job->W + n0 * row_bytes;
         for (int m0 = 0; m0 < M; m0 += X_ROWS) {
             const int mb = M - m0 < X_ROWS ? M - m0 : X_ROWS;
-            const float *xm = job->x + (size_t)m0 * K;
-            const int8_t *w = job->W + n0 * row_bytes;
             float *out = d + m0 * ROW_BLOCK;
-            if (bits == 4) ROWS_WITH_CONSTANT_SHAPES(rows_q4, KB);
-            else if (bits == 8) ROWS_WITH_CONSTANT_SHAPES(rows_q8, K);
-            else if (bits == 16) ROWS_WITH_CONSTANT_SHAPES(rows_bf16, K);
-            else ROWS_WITH_CONSTANT_SHAPES(rows_f32, K);
+#ifdef XBF16_DP
+            if (job->xbf16) {
+                const uint16_t *xm = (const uint16_t *)job->x + (size_t)m0 * K;
+                if (bits == 4) ROWS_WITH_CONSTANT_SHAPES(rows_xbf16, xm, 4);
+                else if (bits == 8) ROWS_WITH_CONSTANT_SHAPES(rows_xbf16, xm, 8);
+                else ROWS_WITH_CONSTANT_SHAPES(rows_xbf16, xm, 16);
+                continue;
+            }
+#endif
+            const float *xm = (const float *)job->x + (size_t)m0 * K;
+            if (bits == 4) ROWS_WITH_CONSTANT_SHAPES(rows_q4, xm, 0);
+            else if (bits == 8) ROWS_WITH_CONSTANT_SHAPES(rows_wide, xm, W_INT8);
+            else if (bits == 16) ROWS_WITH_CONSTANT_SHAPES(rows_wide, xm, W_BF16);
+            else ROWS_WITH_CONSTANT_SHAPES(rows_wide, xm, W_F32);
         }
         for (int m = 0; m < M; m++)
             for (int r = 0; r < rows; r++)
@@ -400,7 +517,7 @@ static void gemv(const float *x, int M, int K, const int8_t *W, int bits, const 
         xi = (float *)malloc(sizeof(float) * (size_t)M * K);
         for (int m = 0; m < M; m++) interleave_q4(x + (size_t)m * K, K, xi + (size_t)m * K);
     }
-    gemv_job job = {xi ? xi : x, M, K, bits, W, scale, bias, y, N};
+    gemv_job job = {xi ? (const void *)xi : x, 0, M, K, bits, W, scale, bias, y, N};
     parallel_for((N + ROW_BLOCK - 1) / ROW_BLOCK, nthreads, gemv_blocks, &job);
     free(xi);
 }
@@ -421,11 +538,39 @@ void f32_gemv(const float *x, int M, int K, const float *W, const float *bias, f
     gemv(x, M, K, (const int8_t *)W, 32, NULL, bias, y, N, nthreads);
 }
 
-/* bf16 weights (a bf16 model's LM head), fp32 x and logits: half the bytes of f32_gemv, and no bf16
+static void gemv_xbf16(const uint16_t *x, int M, int K, const int8_t *W, int bits, const float *scale,
+                       const float *bias, float *y, int N, int nthreads) {
+#ifdef XBF16_DP
+    uint16_t *xi = NULL;
+    if (bits == 4) {
+        xi = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)M * K);
+        for (int m = 0; m < M; m++) interleave_q4_bf16(x + (size_t)m * K, K, xi + (size_t)m * K);
+    }
+    gemv_job job = {xi ? (const void *)xi : x, 1, M, K, bits, W, scale, bias, y, N};
+    parallel_for((N + ROW_BLOCK - 1) / ROW_BLOCK, nthreads, gemv_blocks, &job);
+    free(xi);
+#else
+    float *xf = widen_bf16(x, (size_t)M * K);
+    gemv(xf, M, K, W, bits, scale, bias, y, N, nthreads);
+    free(xf);
+#endif
+}
+
+void q8_gemv_xbf16(const uint16_t *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
+                   float *y, int N, int nthreads) {
+    gemv_xbf16(x, M, K, W, 8, scale, bias, y, N, nthreads);
+}
+
+void q4_gemv_xbf16(const uint16_t *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
+                   float *y, int N, int nthreads) {
+    gemv_xbf16(x, M, K, W, 4, scale, bias, y, N, nthreads);
+}
+
+/* bf16 weights and x (a bf16 model's LM head), fp32 logits: half the bytes of f32_gemv, and no bf16
  * rounding of the logits (two candidates 1 ulp apart in bf16 would tie, and which won would depend
  * on summation order). */
-void bf16_gemv(const float *x, int M, int K, const uint16_t *W, const float *bias, float *y, int N, int nthreads) {
-    gemv(x, M, K, (const int8_t *)W, 16, NULL, bias, y, N, nthreads);
+void bf16_gemv(const uint16_t *x, int M, int K, const uint16_t *W, const float *bias, float *y, int N, int nthreads) {
+    gemv_xbf16(x, M, K, (const int8_t *)W, 16, NULL, bias, y, N, nthreads);
 }
 
 /* ---- int8 activations: integer dot products ------------------------------------------------- */
