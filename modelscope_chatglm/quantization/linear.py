@@ -9,7 +9,8 @@ Forward, by where the weights live:
   integer dot products): the fastest path, within ~0.5% of the exact one per layer, and a row's result
   never depends on the other rows (a prompt prefilled cold or from the prefix cache gets the same numbers).
 - CPU with the compiled kernels, exact (the default): up to DECODE_ROWS rows of x go through the fused kernel,
-  which streams the quantized weights once for all rows (no dequantised copy); longer inputs (prefill) copy
+  which streams the quantized weights once for all rows (no dequantised copy; a bf16 model's x stays bf16
+  and, on AVX512-BF16, is multiplied in bf16 pairs); longer inputs (prefill) copy
   row tiles of W's integer values into a small reused buffer, multiply with torch (bf16 tiles for a bf16
   model, so oneDNN can use AMX; fp32 tiles otherwise) and scale the product, as the kernel does. The whole
   W is never materialised.
