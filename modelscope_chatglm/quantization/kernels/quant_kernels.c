@@ -510,67 +510,67 @@ static void gemv_blocks(void *arg, int b0, int b1) {
     free(d);
 }
 
-static void gemv(const float *x, int M, int K, const int8_t *W, int bits, const float *scale, const float *bias,
-                 float *y, int N, int nthreads) {
-    float *xi = NULL;
-    if (bits == 4) {   /* rearrange each x row once: see interleave_q4 */
-        xi = (float *)malloc(sizeof(float) * (size_t)M * K);
-        for (int m = 0; m < M; m++) interleave_q4(x + (size_t)m * K, K, xi + (size_t)m * K);
+/* x is fp32, or bf16 with xbf16 set (the `*_xbf16` entry points and the bf16 head). */
+static void gemv(const void *x, int xbf16, int M, int K, const int8_t *W, int bits, const float *scale,
+                 const float *bias, float *y, int N, int nthreads) {
+#ifndef XBF16_DP
+    if (xbf16) {   /* no bf16 pair products on this build: widen x and run the fp32 loop */
+        float *xf = widen_bf16((const uint16_t *)x, (size_t)M * K);
+        gemv(xf, 0, M, K, W, bits, scale, bias, y, N, nthreads);
+        free(xf);
+        return;
     }
-    gemv_job job = {xi ? (const void *)xi : x, 0, M, K, bits, W, scale, bias, y, N};
+#endif
+    void *xi = NULL;
+    if (bits == 4) {   /* rearrange each x row once: see interleave_q4 */
+        const size_t row = (size_t)K * (xbf16 ? sizeof(uint16_t) : sizeof(float));
+        xi = malloc(row * M);
+        for (int m = 0; m < M; m++) {
+#ifdef XBF16_DP
+            if (xbf16) {
+                interleave_q4_bf16((const uint16_t *)x + (size_t)m * K, K, (uint16_t *)xi + (size_t)m * K);
+                continue;
+            }
+#endif
+            interleave_q4((const float *)x + (size_t)m * K, K, (float *)xi + (size_t)m * K);
+        }
+    }
+    gemv_job job = {xi ? xi : x, xbf16, M, K, bits, W, scale, bias, y, N};
     parallel_for((N + ROW_BLOCK - 1) / ROW_BLOCK, nthreads, gemv_blocks, &job);
     free(xi);
 }
 
 void q8_gemv(const float *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
              float *y, int N, int nthreads) {
-    gemv(x, M, K, W, 8, scale, bias, y, N, nthreads);
+    gemv(x, 0, M, K, W, 8, scale, bias, y, N, nthreads);
 }
 
 void q4_gemv(const float *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
              float *y, int N, int nthreads) {
-    gemv(x, M, K, W, 4, scale, bias, y, N, nthreads);
+    gemv(x, 0, M, K, W, 4, scale, bias, y, N, nthreads);
 }
 
 /* fp32 weights: the LM head of a batched decode step, so that a row's logits do not depend on the
  * other rows either (MKL's sgemm sums in an order that changes with the number of rows). */
 void f32_gemv(const float *x, int M, int K, const float *W, const float *bias, float *y, int N, int nthreads) {
-    gemv(x, M, K, (const int8_t *)W, 32, NULL, bias, y, N, nthreads);
-}
-
-static void gemv_xbf16(const uint16_t *x, int M, int K, const int8_t *W, int bits, const float *scale,
-                       const float *bias, float *y, int N, int nthreads) {
-#ifdef XBF16_DP
-    uint16_t *xi = NULL;
-    if (bits == 4) {
-        xi = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)M * K);
-        for (int m = 0; m < M; m++) interleave_q4_bf16(x + (size_t)m * K, K, xi + (size_t)m * K);
-    }
-    gemv_job job = {xi ? (const void *)xi : x, 1, M, K, bits, W, scale, bias, y, N};
-    parallel_for((N + ROW_BLOCK - 1) / ROW_BLOCK, nthreads, gemv_blocks, &job);
-    free(xi);
-#else
-    float *xf = widen_bf16(x, (size_t)M * K);
-    gemv(xf, M, K, W, bits, scale, bias, y, N, nthreads);
-    free(xf);
-#endif
+    gemv(x, 0, M, K, (const int8_t *)W, 32, NULL, bias, y, N, nthreads);
 }
 
 void q8_gemv_xbf16(const uint16_t *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
                    float *y, int N, int nthreads) {
-    gemv_xbf16(x, M, K, W, 8, scale, bias, y, N, nthreads);
+    gemv(x, 1, M, K, W, 8, scale, bias, y, N, nthreads);
 }
 
 void q4_gemv_xbf16(const uint16_t *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
                    float *y, int N, int nthreads) {
-    gemv_xbf16(x, M, K, W, 4, scale, bias, y, N, nthreads);
+    gemv(x, 1, M, K, W, 4, scale, bias, y, N, nthreads);
 }
 
 /* bf16 weights and x (a bf16 model's LM head), fp32 logits: half the bytes of f32_gemv, and no bf16
  * rounding of the logits (two candidates 1 ulp apart in bf16 would tie, and which won would depend
  * on summation order). */
 void bf16_gemv(const uint16_t *x, int M, int K, const uint16_t *W, const float *bias, float *y, int N, int nthreads) {
-    gemv_xbf16(x, M, K, (const int8_t *)W, 16, NULL, bias, y, N, nthreads);
+    gemv(x, 1, M, K, (const int8_t *)W, 16, NULL, bias, y, N, nthreads);
 }
 
 /* ---- int8 activations: integer dot products ------------------------------------------------- */
