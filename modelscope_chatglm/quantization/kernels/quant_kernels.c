@@ -4,7 +4,7 @@
  *   y[m, n] = scale[n] * sum_k x[m, k] * Q[n, k] + bias[n]
  *
  * Q is int8 [N, K], or int4 packed [N, K/2] with the HIGH nibble = even column (formats.py).
- * x is fp32 [M, K]; y is fp32 [M, N]. M is small: decode (1), batched decode and short prompts (<= 64).
+ * x is fp32 [M, K] (bf16 for `*_xbf16`); y is fp32 [M, N]. M is small: decode (1), batched decode and short prompts (<= 64).
  *
  * The weights are streamed once per call for all M rows and never dequantised into a copy: each vector
  * of weights is widened to fp32 in registers and multiplied by up to X_ROWS rows of x at once (decode
@@ -337,7 +337,8 @@ static inline __attribute__((always_inline)) void rows_wide(const float *x, size
 }
 
 static inline __attribute__((always_inline)) void rows_q4(const float *xi, size_t ldx, int mb, const int8_t *w,
-                                                          size_t stride, int K, int rows, float *out, int unused) {
+                                                          size_t stride, int K, int rows, float *out,
+                                                          int unused /* ROWS_WITH_CONSTANT_SHAPES passes a weight type */) {
     (void)unused;
     const int KB = K / 2;
     vf acc[X_ROWS][ROW_BLOCK];
@@ -381,8 +382,8 @@ static inline __attribute__((always_inline)) void rows_q4(const float *xi, size_
  *   so the low nibble needs no mask. x is rearranged to match once per call (interleave_q4_bf16);
  * - bf16 (the LM head): as they are.
  *
- * Without AVX512-BF16 (the "avx512-vnni-bf16" build) the same entry points widen x to fp32 and run the
- * kernels above.
+ * Every build other than "avx512-vnni-bf16" has no `vdpbf16ps`: there the same entry points widen x to
+ * fp32 and run the kernels above.
  */
 #ifdef XBF16_DP
 static void interleave_q4_bf16(const uint16_t *x, int K, uint16_t *out) {
