@@ -259,20 +259,62 @@ def test_int8_activations_give_a_row_the_same_bits_whatever_else_is_in_the_call(
 
 
 @pytest.mark.parametrize('bits', [8, 4])
-def test_int8_activations_give_the_same_bits_on_every_simd_build(isa_builds, bits):
-    """AVX512-VNNI's vpdpbusd and AVX2's vpmaddubsw/vpmaddwd sum the same 4-byte groups exactly in
-    integers, so every SIMD build gives the same bits (the scalar code sums each block in one float
-    instead of 8 lanes: close, not equal). A machine moved to another CPU answers the same."""
-    simd = {march: lib for march, lib in isa_builds.items() if lib.kernel_isa().decode() != 'scalar'}
-    if len(simd) < 2:
-        pytest.skip('needs two SIMD builds (an x86-64 CPU with AVX2)')
-    g = torch.Generator().manual_seed(bits)
-    q, scale = quantize(torch.randn(77, 4160, generator=g), bits)
-    x = torch.randn(70, 4160, generator=g) * 3
-    results = {march: run(lib, f'q{bits}_gemv_x8', x, q, scale.float(), None, 77) for march, lib in simd.items()}
-    first = next(iter(results.values()))
+@pytest.mark.parametrize('K', [4160, 4100])
+def test_int8_activations_give_the_same_bits_on_builds_that_add_alike(isa_builds, bits, K):
+    """The integer sums are exact on every build; the blocks' scaled sums are added in one of two orders.
+    AVX2 and AVX-512 without VNNI keep 8 lanes per weight row, scaled block by block and added across at
+    the end: those builds give each other's bits (a machine moved between such CPUs answers the same).
+    AVX512-VNNI keeps one lane per weight row and adds the blocks in order, as the scalar reference does:
+    it gives the reference's bits. K = 4100 ends in a short block; 77 rows are two strips of 32 and a
+    part; 70 rows of x are two panels of 5-row passes; for int4, 4160 columns are 520 groups of 8, not a
+    multiple of the 16 the kernel transposes at once."""
+    isa = {march: lib.kernel_isa().decode() for march, lib in isa_builds.items()}
+    lanes = {march: lib for march, lib in isa_builds.items() if isa[march] in ('avx2', 'avx512')}
+    vnni = {march: lib for march, lib in isa_builds.items() if 'vnni' in isa[march]}
+    if len(lanes) < 2 and not vnni:
+        pytest.skip('needs two lane builds (AVX2 and AVX-512) or an AVX512-VNNI CPU')
+    g = torch.Generator().manual_seed(bits + K)
+    q, scale = quantize(torch.randn(77, K, generator=g), bits)
+    x = torch.randn(70, K, generator=g) * 3
+    bias = torch.randn(77, generator=g)
+    results = {march: run(lib, f'q{bits}_gemv_x8', x, q, scale.float(), bias, 77) for march, lib in lanes.items()}
     for march, y in results.items():
-        assert torch.equal(y, first), march
+        assert torch.equal(y, next(iter(results.values()))), march
+    for march, lib in vnni.items():
+        ref = run(lib, f'q{bits}_gemv_x8_ref', x, q, scale.float(), bias, 77)
+        assert torch.equal(run(lib, f'q{bits}_gemv_x8', x, q, scale.float(), bias, 77), ref), march
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_int8_activations_rearrange_the_weights_for_vnni_and_give_them_back(lib, bits):
+    """On AVX512-VNNI, int8 activations put the weights in the lane layout once (no per-call
+    transposes), with the same results as the hub layout; the state dict, and clearing the option, give
+    the hub's bytes back. 77 rows: two strips of 32 in the lane layout and a part strip left in rows;
+    4100 columns end in a short block. Other builds keep the hub layout."""
+    layer = QuantizedLinear(4100, 77, bits, bias=True, dtype=torch.float32, scale_dtype=torch.float32)
+    layer.load_float_weight(torch.randn(77, 4100))
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(77))
+    hub = layer.weight.detach().clone()
+    x = torch.randn(9, 4100)
+    expected = run(lib, f'q{bits}_gemv_x8', x, hub, layer.weight_scale, layer.bias.detach(), 77)
+    layer.int8_activations = True
+    vnni = 'vnni' in lib.kernel_isa().decode()
+    assert layer.lane_layout == vnni
+    assert torch.equal(layer.weight[:64], hub[:64]) != vnni       # the full strips moved, on VNNI only
+    assert torch.equal(layer.weight[64:], hub[64:])                # the part strip never does
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected)
+        assert torch.equal(layer(x[3:4]), expected[3:4])
+    assert torch.equal(layer.state_dict()['weight'], hub)
+    # Loading weights into a layer in the lane layout: it stays usable.
+    other = QuantizedLinear(4100, 77, bits, bias=True, dtype=torch.float32, scale_dtype=torch.float32)
+    other.int8_activations = True
+    other.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(other(x), expected)
+    layer.int8_activations = False
+    assert not layer.lane_layout and torch.equal(layer.weight, hub)
 
 
 @pytest.mark.parametrize('bits', [8, 4])

@@ -240,9 +240,11 @@ def _declare(lib):
     """argtypes for every exported function (ctypes then converts ints and pointers for us)."""
     p, i = ctypes.c_void_p, ctypes.c_int
     variants = ('', '_x8', '_xbf16')   # fp32 x, int8-quantized x, bf16 x
-    for name in [f'q{bits}_gemv{v}' for bits in (8, 4) for v in variants]:
+    for name in [f'q{bits}_gemv{v}' for bits in (8, 4) for v in variants + ('_x8_lanes',)]:
         getattr(lib, name).argtypes = [p, i, i, p, p, p, p, i, i]
         getattr(lib, name).restype = None
+    lib.x8_relayout_weights.argtypes = [p, i, i, i, i, i]
+    lib.x8_relayout_weights.restype = ctypes.c_int
     for name in [f'q{bits}_gemv{v}_ref' for bits in (8, 4) for v in variants]:
         getattr(lib, name).argtypes = [p, i, i, p, p, p, p, i]
         getattr(lib, name).restype = None

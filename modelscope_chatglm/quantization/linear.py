@@ -49,7 +49,43 @@ class QuantizedLinear(nn.Module):
                                          requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
-        self.int8_activations = False   # set for the whole model by loading.load(int8_activations=True)
+        self.lane_layout = False        # see `int8_activations`
+        self._int8_activations = False
+
+    @property
+    def int8_activations(self) -> bool:
+        """Quantize x to int8 too (see the module docstring); set for the whole model by
+        loading.load(int8_activations=True). On AVX512-VNNI, setting it rearranges `weight` in place for
+        that kernel (`lane_layout`: 32 rows' groups of 4 bytes side by side, so that no call transposes
+        them); clearing it restores the hub's layout, and the state dict always holds the hub's layout."""
+        return self._int8_activations
+
+    @int8_activations.setter
+    def int8_activations(self, on: bool):
+        self._int8_activations = bool(on)
+        self._use_lane_layout(self._int8_activations)
+
+    def _use_lane_layout(self, lanes: bool):
+        if lanes == self.lane_layout or self.weight.device.type != 'cpu':
+            return
+        lib = load_library()
+        if lib is not None and lib.x8_relayout_weights(self.weight.data_ptr(), self.out_features, self.in_features,
+                                                       self.bits, int(lanes), torch.get_num_threads()) == 0:
+            self.lane_layout = lanes     # (-1: this build's int8-activation kernel reads the hub layout)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.lane_layout:
+            rows = self.weight.detach().clone()
+            load_library().x8_relayout_weights(rows.data_ptr(), self.out_features, self.in_features, self.bits, 0,
+                                               torch.get_num_threads())
+            destination[prefix + 'weight'] = rows
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        lanes = self.lane_layout
+        self._use_lane_layout(False)    # the state dict holds the hub's layout
+        super()._load_from_state_dict(*args, **kwargs)
+        self._use_lane_layout(lanes)
 
     def extra_repr(self):
         return (f'in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}'
@@ -60,8 +96,11 @@ class QuantizedLinear(nn.Module):
         """Quantize-on-load: fill `weight` and `weight_scale` from a float [out, in] matrix."""
         # On the module's own device: a GPU quantizes a 6B model in seconds, a CPU in fp16 would not.
         q, scale = formats.quantize(weight.to(self.weight.device), self.bits)
+        lanes = self.lane_layout
+        self._use_lane_layout(False)
         self.weight.copy_(q)
         self.weight_scale.copy_(scale)
+        self._use_lane_layout(lanes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -91,7 +130,8 @@ class QuantizedLinear(nn.Module):
                                                      self.out_features, torch.get_num_threads())
             return self._scale_and_bias(y.to(torch.bfloat16)).to(x2.dtype)
         xf = x2.float().contiguous()
-        kernel = getattr(lib, f'q{self.bits}_gemv' + ('_x8' if self.int8_activations else ''))
+        kernel = getattr(lib, f'q{self.bits}_gemv' + ('_x8' if self.int8_activations else '')
+                         + ('_lanes' if self.lane_layout else ''))
         scale = self.weight_scale if self.weight_scale.dtype == torch.float32 else self.weight_scale.float()
         bias = None if self.bias is None else self.bias.float().contiguous()
         kernel(xf.data_ptr(), xf.shape[0], self.in_features, self.weight.data_ptr(), scale.data_ptr(),

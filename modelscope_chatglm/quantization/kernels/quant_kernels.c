@@ -601,20 +601,31 @@ void bf16_gemv(const uint16_t *x, int M, int K, const uint16_t *W, const float *
  * which the high and low nibbles of QK/2 weight bytes come out. A last block shorter than QK (K not a
  * multiple of QK) keeps the natural order and is summed by the scalar code.
  *
- * AVX512-VNNI's `vpdpbusd` does the same unsigned x signed byte products and adds each group of four
- * into an int32 lane of an accumulator, in one instruction where AVX2 needs three (two `vpmaddubsw`
- * and a `vpmaddwd`). It runs on the same 8 lanes of 4 bytes per half-block as the AVX2 code, and the
- * integer sums are exact either way, so the two builds give bit-identical results; only the cost of a
- * block differs. The int4 excess starts the accumulator (minus8) instead of being subtracted after.
+ * On AVX2 the lanes of a vector hold columns: one weight row's products against one row of x, and each
+ * block's lane sums are converted and scaled before the next block (two more instructions per block and
+ * pair of rows, as many as the products themselves). The AVX-512 builds without VNNI run this code.
+ *
+ * AVX512-VNNI (see "int8 activations on AVX512-VNNI" below) turns it around: the lanes hold 16 weight
+ * rows and one instruction (`vpdpbusd`) adds 4 columns' products of each, so a block's 64 columns are
+ * 16 instructions per 16 rows before its one conversion and scaling. Its float sums run block by block
+ * in the reference's order: it gives the scalar reference's bits.
  */
 #define QK 64
 #define LANES 8   /* int32 sums per block in the SIMD kernels: lane j covers bytes 4j..4j+3 of each half */
+
+/* The order in which a full block of xq stores its QK columns: the order the kernel consumes them. */
+enum x8_order {
+    X8_NATURAL,   /* int8 weights (and the scalar reference's int4) */
+    X8_HALVES,    /* int4 on AVX2: the QK/2 even columns, then the QK/2 odd ones */
+    X8_OCTETS,    /* int4 on AVX512-VNNI: in each 8 columns, the 4 even ones, then the 4 odd ones */
+};
 
 typedef struct {
     int M, K, nb;      /* nb = ceil(K / QK) blocks per row */
     int8_t *q;         /* [M, K] */
     float *d;          /* [M, nb] */
-    int32_t *minus8;   /* [M, nb, LANES], int4 order only: -8 * sum of q over each lane of a full block */
+    int32_t *bsum;     /* [M, nb]: the sum of q over each block */
+    int32_t *minus8;   /* [M, nb, LANES], X8_HALVES only: -8 * sum of q over each lane of a full block */
 } x8_t;
 
 /* v in [-127, 127] to the nearest integer, ties to even (adding and subtracting 1.5 * 2^23 leaves no
@@ -624,14 +635,17 @@ static inline int8_t round_to_int8(float v) {
     return r == r ? (int8_t)r : 0;
 }
 
-/* Where slot i of a block of `len` columns comes from (int4 order applies to full blocks only). */
-static inline int block_column(int q4_order, int len, int i) {
-    return (q4_order && len == QK) ? (i < QK / 2 ? 2 * i : 2 * (i - QK / 2) + 1) : i;
+/* Where slot i of a block of `len` columns comes from (a short last block keeps the natural order). */
+static inline int block_column(enum x8_order order, int len, int i) {
+    if (len < QK || order == X8_NATURAL) return i;
+    if (order == X8_HALVES) return i < QK / 2 ? 2 * i : 2 * (i - QK / 2) + 1;
+    return (i & ~7) + (i % 8 < 4 ? 2 * (i % 8) : 2 * (i % 8 - 4) + 1);   /* X8_OCTETS */
 }
 
 /* Plain C for every instruction set (x is M x K, the weights N x K: this is not where the time goes),
  * so all builds quantize x identically. */
-static void quantize_x8_row(const float *x, int K, int q4_order, int8_t *q, float *d, int32_t *minus8) {
+static void quantize_x8_row(const float *x, int K, enum x8_order order, int8_t *q, float *d, int32_t *bsum,
+                            int32_t *minus8) {
     for (int k0 = 0, b = 0; k0 < K; k0 += QK, b++) {
         const int len = K - k0 < QK ? K - k0 : QK;
         float amax = 0.0f;
@@ -644,8 +658,12 @@ static void quantize_x8_row(const float *x, int K, int q4_order, int8_t *q, floa
         const float inv = amax > 0 ? 127.0f / amax : 0.0f;
         /* A NaN in x must reach y, as in the exact kernels, not vanish into a rounded 0. */
         d[b] = nan ? NAN : amax / 127.0f;
-        for (int i = 0; i < len; i++) q[k0 + i] = round_to_int8(x[k0 + block_column(q4_order, len, i)] * inv);
-        for (int j = 0; j < LANES; j++) {
+        bsum[b] = 0;
+        for (int i = 0; i < len; i++) {
+            q[k0 + i] = round_to_int8(x[k0 + block_column(order, len, i)] * inv);
+            bsum[b] += q[k0 + i];
+        }
+        for (int j = 0; j < LANES && order == X8_HALVES; j++) {
             int32_t sum = 0;
             for (int i = 4 * j; i < 4 * j + 4 && len == QK; i++) sum += q[k0 + i] + q[k0 + QK / 2 + i];
             minus8[b * LANES + j] = -8 * sum;
@@ -653,34 +671,36 @@ static void quantize_x8_row(const float *x, int K, int q4_order, int8_t *q, floa
     }
 }
 
-static x8_t quantize_x8(const float *x, int M, int K, int q4_order) {
-    x8_t xq = {M, K, (K + QK - 1) / QK, NULL, NULL, NULL};
+static x8_t quantize_x8(const float *x, int M, int K, enum x8_order order) {
+    x8_t xq = {M, K, (K + QK - 1) / QK, NULL, NULL, NULL, NULL};
     xq.q = (int8_t *)malloc((size_t)M * K);
     xq.d = (float *)malloc(sizeof(float) * (size_t)M * xq.nb);
+    xq.bsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * xq.nb);
     xq.minus8 = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * xq.nb * LANES);
     for (int m = 0; m < M; m++)
-        quantize_x8_row(x + (size_t)m * K, K, q4_order, xq.q + (size_t)m * K, xq.d + (size_t)m * xq.nb,
-                        xq.minus8 + (size_t)m * xq.nb * LANES);
+        quantize_x8_row(x + (size_t)m * K, K, order, xq.q + (size_t)m * K, xq.d + (size_t)m * xq.nb,
+                        xq.bsum + (size_t)m * xq.nb, xq.minus8 + (size_t)m * xq.nb * LANES);
     return xq;
 }
 
 static void free_x8(x8_t *xq) {
     free(xq->q);
     free(xq->d);
+    free(xq->bsum);
     free(xq->minus8);
 }
 
 /* The weight of row w at slot i of the block starting at column k0 (in the order xq stores it). */
-static inline int weight_at(const int8_t *w, int bits, int k0, int len, int i) {
-    if (bits == 8) return w[k0 + i];
-    const int col = k0 + block_column(1, len, i);
+static inline int weight_at(const int8_t *w, int bits, enum x8_order order, int k0, int len, int i) {
+    const int col = k0 + block_column(order, len, i);
+    if (bits == 8) return w[col];
     return col % 2 ? int4_low(w[col / 2]) : int4_high(w[col / 2]);
 }
 
 /* isum of one block, exactly. */
-static inline int32_t block_isum(const int8_t *q, const int8_t *w, int bits, int k0, int len) {
+static inline int32_t block_isum(const int8_t *q, const int8_t *w, int bits, enum x8_order order, int k0, int len) {
     int32_t s = 0;
-    for (int i = 0; i < len; i++) s += (int32_t)q[k0 + i] * weight_at(w, bits, k0, len, i);
+    for (int i = 0; i < len; i++) s += (int32_t)q[k0 + i] * weight_at(w, bits, order, k0, len, i);
     return s;
 }
 
@@ -688,13 +708,14 @@ static inline int32_t block_isum(const int8_t *q, const int8_t *w, int bits, int
 static void gemv_x8_ref(const float *x, int M, int K, const int8_t *W, int bits, const float *scale,
                         const float *bias, float *y, int N) {
     const int KB = bits == 4 ? K / 2 : K;
-    x8_t xq = quantize_x8(x, M, K, bits == 4);
+    x8_t xq = quantize_x8(x, M, K, X8_NATURAL);
     for (int m = 0; m < M; m++)
         for (int n = 0; n < N; n++) {
             float acc = 0.0f;
             for (int b = 0; b < xq.nb; b++) {
                 const int k0 = b * QK, len = K - k0 < QK ? K - k0 : QK;
-                acc += xq.d[(size_t)m * xq.nb + b] * (float)block_isum(xq.q + (size_t)m * K, W + (size_t)n * KB, bits, k0, len);
+                acc += xq.d[(size_t)m * xq.nb + b] *
+                       (float)block_isum(xq.q + (size_t)m * K, W + (size_t)n * KB, bits, X8_NATURAL, k0, len);
             }
             y[(size_t)m * N + n] = acc * scale[n] + (bias ? bias[n] : 0.0f);
         }
@@ -711,13 +732,25 @@ void q4_gemv_x8_ref(const float *x, int M, int K, const int8_t *W, const float *
     gemv_x8_ref(x, M, K, W, 4, scale, bias, y, N);
 }
 
+typedef struct {
+    const x8_t *xq;
+    int p0, p1, bits;   /* rows [p0, p1) of xq */
+    int lanes;          /* W's full strips are in the lane layout (x8_pack_weights), AVX512-VNNI only */
+    const int8_t *W;
+    const float *scale, *bias;
+    float *y;
+    int N;
+} x8_job;
+
+#define X8_PANEL_BYTES (256 << 10)
+
+#ifndef X8_VNNI
 /* A register tile: X8_WROWS weight rows against up to X8_ROWS rows of xq. For each block of columns,
  * the weight rows are loaded (int4: also unpacked) once and each row of xq once: every product pair
  * shares both loads. Registers (AVX2: 16): X8_ROWS x X8_WROWS accumulators, the weight blocks (2 per
  * weight row), one block of xq and the products in flight. */
 #define X8_ROWS 3
 #define X8_WROWS 2
-#define X8_PANEL_BYTES (256 << 10)
 
 #if defined(__AVX2__)
 static inline float vhsum8(__m256 v) {
@@ -731,10 +764,6 @@ static inline float vhsum8(__m256 v) {
  * two halves of the block's unsigned weight bytes (u0, u1) and signed xq bytes (x0, x1), started at
  * `init`. int4: u = nibble + 8 and init = minus8; int8: u = |w|, x carries w's sign and init = 0. */
 static inline __m256i block_sums(__m256i u0, __m256i u1, __m256i x0, __m256i x1, __m256i init, int bits) {
-#ifdef X8_VNNI
-    (void)bits;
-    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(init, u0, x0), u1, x1);
-#else
     const __m256i ones = _mm256_set1_epi16(1);
     if (bits == 4)   /* the two halves' int16 pair sums can be added first: each <= 2 * 2 * 15 * 127 */
         return _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, x0),
@@ -742,7 +771,6 @@ static inline __m256i block_sums(__m256i u0, __m256i u1, __m256i x0, __m256i x1,
     /* int8 pair sums reach 2 * 128 * 127: widen each half to int32 before adding */
     return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(u0, x0), ones),
                             _mm256_madd_epi16(_mm256_maddubs_epi16(u1, x1), ones));
-#endif
 }
 #endif
 
@@ -794,25 +822,17 @@ static inline __attribute__((always_inline)) void tile_x8(const x8_t *xq, int m0
     for (int b = 0; b < full; b++)
         for (int m = 0; m < mb; m++)
             for (int r = 0; r < nr; r++)
-                sum[m][r] += d[(size_t)m * nb + b] * (float)block_isum(q + (size_t)m * K, w + r * stride, bits, b * QK, QK);
+                sum[m][r] += d[(size_t)m * nb + b] * (float)block_isum(q + (size_t)m * K, w + r * stride, bits,
+                                                                       bits == 4 ? X8_HALVES : X8_NATURAL, b * QK, QK);
 #endif
     for (int m = 0; m < mb; m++)
         for (int r = 0; r < nr; r++) {
             if (full < nb)   /* the short last block */
                 sum[m][r] += d[(size_t)m * nb + full] *
-                             (float)block_isum(q + (size_t)m * K, w + r * stride, bits, full * QK, K - full * QK);
+                             (float)block_isum(q + (size_t)m * K, w + r * stride, bits, X8_NATURAL, full * QK, K - full * QK);
             out[m * X8_WROWS + r] = sum[m][r];
         }
 }
-
-typedef struct {
-    const x8_t *xq;
-    int p0, p1, bits;   /* rows [p0, p1) of xq */
-    const int8_t *W;
-    const float *scale, *bias;
-    float *y;
-    int N;
-} x8_job;
 
 /* Tiles [t0, t1) of X8_WROWS weight rows against rows [p0, p1) of xq. */
 static void tiles_x8(void *arg, int t0, int t1) {
@@ -845,29 +865,280 @@ static void tiles_x8(void *arg, int t0, int t1) {
     }
 }
 
-static void gemv_x8(const float *x, int M, int K, const int8_t *W, int bits, const float *scale, const float *bias,
-                    float *y, int N, int nthreads) {
-    x8_t xq = quantize_x8(x, M, K, bits == 4);
+#define X8_ORDER(bits) ((bits) == 4 ? X8_HALVES : X8_NATURAL)
+#define X8_TILE_ROWS X8_WROWS   /* weight rows per work item */
+#define X8_TILE_XROWS X8_ROWS   /* rows of x per pass */
+#define X8_TILES tiles_x8
+#else  /* X8_VNNI */
+
+/* ---- int8 activations on AVX512-VNNI ---------------------------------------------------------- */
+/*
+ * `vpdpbusd` adds to each of 16 int32 lanes the products of 4 unsigned bytes of one operand with 4 signed
+ * bytes of the other. Here lane i is weight row n0 + i and the signed bytes are 4 columns of one row of
+ * xq, the same in every lane: one instruction is 4 columns of 16 weight rows, and no lane ever needs a
+ * horizontal sum. A block's 64 columns are 16 instructions per 16 rows (2 x 8 for int4), then one
+ * conversion and one scaling: acc += d[m, b] * isum, block after block, as the scalar reference sums
+ * (and in the same float operations: these builds give the reference's bits).
+ *
+ * The weights are the unsigned side: u = nibble + 8 (int4) or w + 128 (int8), both one XOR of the sign
+ * bit, and each block's sums start at -8 (or -128) times the block's sum of xq (bsum) to take the
+ * excess back, exactly.
+ *
+ * Lanes want group c (4 bytes along k) of 16 rows side by side, where W stores each row's groups in
+ * sequence. So each work item transposes its strip of VNNI_STRIP weight rows, 16 x 16 groups at a time
+ * in registers, into a buffer that stays in L2 while every row of x passes it: the weights still come
+ * from memory once per call, in the hub's layout. For int4 a group is 8 columns, the high nibbles the
+ * even ones and the low nibbles the odd ones, so xq stores each 8 columns as 4 even, then 4 odd
+ * (X8_OCTETS). A last block shorter than QK is summed by the scalar code.
+ */
+#define VNNI_GROUPS 2                       /* vectors of 16 weight rows per strip */
+#define VNNI_STRIP (16 * VNNI_GROUPS)       /* weight rows per work item */
+#define VNNI_M 5                            /* rows of x per pass: 2 x 5 int32 and 2 x 5 float accumulators */
+
+/* Transpose 16 x 16 int32 in registers: at s = 8, 4, 2, 1, element (i, j) trades places with (i ^ s, j ^ s)
+ * where bit s of i and of j differ. Each stage is one vpermt2d per register. */
+static inline void transpose16(__m512i r[16]) {
+    static const int32_t index[4][2][16] = {
+        /* s = 8 */ {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                     {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
+        /* s = 4 */ {{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                     {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}},
+        /* s = 2 */ {{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                     {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}},
+        /* s = 1 */ {{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                     {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}}};
+    for (int stage = 0, s = 8; stage < 4; stage++, s /= 2) {
+        const __m512i lo = _mm512_loadu_si512(index[stage][0]), hi = _mm512_loadu_si512(index[stage][1]);
+        for (int i = 0; i < 16; i++)
+            if (!(i & s)) {
+                const __m512i a = r[i], b = r[i + s];
+                r[i] = _mm512_permutex2var_epi32(a, lo, b);
+                r[i + s] = _mm512_permutex2var_epi32(a, hi, b);
+            }
+    }
+}
+
+/* Groups [0, groups) of `rows` weight rows (row_bytes apart), lanes side by side:
+ * out[(c * VNNI_GROUPS + g) * 16 + i] = group c of row 16 g + i (0 for rows past `rows`). */
+static void pack_strip(const int8_t *W, size_t row_bytes, int rows, int groups, int32_t *out) {
+    for (int g = 0; g < VNNI_GROUPS; g++) {
+        int c = 0;
+        for (; c + 16 <= groups; c += 16) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = 16 * g + i < rows ? _mm512_loadu_si512(W + (16 * g + i) * row_bytes + 4 * (size_t)c)
+                                         : _mm512_setzero_si512();
+            transpose16(r);
+            for (int i = 0; i < 16; i++) _mm512_storeu_si512(out + ((size_t)(c + i) * VNNI_GROUPS + g) * 16, r[i]);
+        }
+        for (; c < groups; c++)
+            for (int i = 0; i < 16; i++) {
+                int32_t v = 0;
+                if (16 * g + i < rows) memcpy(&v, W + (16 * g + i) * row_bytes + 4 * (size_t)c, 4);
+                out[((size_t)c * VNNI_GROUPS + g) * 16 + i] = v;
+            }
+    }
+}
+
+/* The full blocks of rows [m0, m0 + mb) of xq against a packed strip: out[m * VNNI_STRIP + n]. */
+static inline __attribute__((always_inline)) void strip_x8(const int32_t *packed, const x8_t *xq, int m0, int mb,
+                                                           int bits, float *out) {
+    const int K = xq->K, nb = xq->nb, full = K / QK, per_block = bits == 4 ? QK / 8 : QK / 4;
+    const __m512i low4 = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(bits == 4 ? (char)0x88 : (char)0x80);
+    const int excess = bits == 4 ? -8 : -128;
+    __m512 accf[VNNI_M][VNNI_GROUPS];
+    for (int m = 0; m < VNNI_M; m++)
+        for (int g = 0; g < VNNI_GROUPS; g++) accf[m][g] = _mm512_setzero_ps();
+    for (int b = 0; b < full; b++) {
+        __m512i acc[VNNI_M][VNNI_GROUPS];
+        for (int m = 0; m < mb; m++)
+            for (int g = 0; g < VNNI_GROUPS; g++) acc[m][g] = _mm512_set1_epi32(excess * xq->bsum[(size_t)(m0 + m) * nb + b]);
+        for (int c = 0; c < per_block; c++) {
+            const int32_t *wc = packed + (size_t)(b * per_block + c) * VNNI_STRIP;
+            __m512i u0[VNNI_GROUPS], u1[VNNI_GROUPS];
+            for (int g = 0; g < VNNI_GROUPS; g++) {
+                const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(wc + 16 * g), sign);
+                if (bits == 4) {
+                    u0[g] = _mm512_and_si512(_mm512_srli_epi16(u, 4), low4);   /* even columns */
+                    u1[g] = _mm512_and_si512(u, low4);                         /* odd columns */
+                } else {
+                    u0[g] = u;
+                }
+            }
+            for (int m = 0; m < mb; m++) {
+                const int8_t *xb = xq->q + (size_t)(m0 + m) * K + b * QK;
+                int32_t x0, x1;
+                if (bits == 4) {
+                    memcpy(&x0, xb + 8 * c, 4);
+                    memcpy(&x1, xb + 8 * c + 4, 4);
+                    const __m512i v0 = _mm512_set1_epi32(x0), v1 = _mm512_set1_epi32(x1);
+                    for (int g = 0; g < VNNI_GROUPS; g++)
+                        acc[m][g] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[m][g], u0[g], v0), u1[g], v1);
+                } else {
+                    memcpy(&x0, xb + 4 * c, 4);
+                    const __m512i v0 = _mm512_set1_epi32(x0);
+                    for (int g = 0; g < VNNI_GROUPS; g++) acc[m][g] = _mm512_dpbusd_epi32(acc[m][g], u0[g], v0);
+                }
+            }
+        }
+        for (int m = 0; m < mb; m++) {
+            const __m512 dm = _mm512_set1_ps(xq->d[(size_t)(m0 + m) * nb + b]);
+            for (int g = 0; g < VNNI_GROUPS; g++)   /* mul, then add: the reference's float operations */
+                accf[m][g] = _mm512_add_ps(accf[m][g], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m][g]), dm));
+        }
+    }
+    for (int m = 0; m < mb; m++)
+        for (int g = 0; g < VNNI_GROUPS; g++) _mm512_storeu_ps(out + m * VNNI_STRIP + 16 * g, accf[m][g]);
+}
+
+/* The bytes of a row's full blocks (`groups` 4-byte groups) and of its short last block. */
+static inline int full_groups(int K, int bits) { return K / QK * (bits == 4 ? QK / 8 : QK / 4); }
+
+/*
+ * The lane layout, for weights that take this path on every call (a model loaded with int8
+ * activations): each full strip of VNNI_STRIP rows holds, in its own bytes, its packed groups (as
+ * pack_strip writes them), then each row's short last block. The strip is read as it is, without the
+ * per-call transposes, which cost as much as reading the weights (int4: 4 ms a block at one row of x).
+ * A last strip of fewer rows keeps the hub's row layout and is packed per call. to_lanes = 0 undoes it.
+ * -> 0, or -1 on builds without this kernel (the layout is theirs to keep).
+ */
+typedef struct {
+    int8_t *W;
+    int K, bits, to_lanes;
+} relayout_job;
+
+static void relayout_strips(void *arg, int s0, int s1) {
+    const relayout_job *job = (const relayout_job *)arg;
+    const int groups = full_groups(job->K, job->bits);
+    const size_t KB = job->bits == 4 ? (size_t)job->K / 2 : (size_t)job->K, full_bytes = 4 * (size_t)groups;
+    const size_t tail = KB - full_bytes, strip_bytes = KB * VNNI_STRIP;
+    int8_t *copy = (int8_t *)malloc(strip_bytes);
+    for (int s = s0; s < s1; s++) {
+        int8_t *strip = job->W + (size_t)s * strip_bytes;
+        memcpy(copy, strip, strip_bytes);
+        if (job->to_lanes) {
+            pack_strip(copy, KB, VNNI_STRIP, groups, (int32_t *)strip);
+            for (int r = 0; r < VNNI_STRIP; r++) memcpy(strip + full_bytes * VNNI_STRIP + r * tail, copy + r * KB + full_bytes, tail);
+        } else {
+            const int32_t *packed = (const int32_t *)copy;
+            for (int r = 0; r < VNNI_STRIP; r++) {
+                for (int c = 0; c < groups; c++)
+                    memcpy(strip + r * KB + 4 * (size_t)c, &packed[((size_t)c * VNNI_GROUPS + r / 16) * 16 + r % 16], 4);
+                memcpy(strip + r * KB + full_bytes, copy + full_bytes * VNNI_STRIP + r * tail, tail);
+            }
+        }
+    }
+    free(copy);
+}
+
+int x8_relayout_weights(int8_t *W, int N, int K, int bits, int to_lanes, int nthreads) {
+    relayout_job job = {W, K, bits, to_lanes};
+    parallel_for(N / VNNI_STRIP, nthreads, relayout_strips, &job);
+    return 0;
+}
+
+/* Each thread's buffer for a packed strip, kept between calls: a fresh malloc of this size is an mmap
+ * whose pages fault in on every call. At most one strip of the widest layer per thread (K = 13696,
+ * int8: 438 KB). */
+static _Thread_local int32_t *strip_buffer = NULL;
+static _Thread_local size_t strip_buffer_size = 0;
+
+static int32_t *strip_scratch(size_t bytes) {
+    if (bytes > strip_buffer_size) {
+        free(strip_buffer);
+        strip_buffer = (int32_t *)malloc(bytes);
+        strip_buffer_size = strip_buffer ? bytes : 0;
+    }
+    return strip_buffer;
+}
+
+/* Strips [s0, s1) of VNNI_STRIP weight rows against rows [p0, p1) of xq. */
+static void strips_x8(void *arg, int s0, int s1) {
+    const x8_job *job = (const x8_job *)arg;
+    const x8_t *xq = job->xq;
+    const int K = xq->K, nb = xq->nb, full = K / QK, bits = job->bits, N = job->N, groups = full_groups(K, bits);
+    const size_t KB = bits == 4 ? (size_t)K / 2 : (size_t)K, full_bytes = 4 * (size_t)groups, tail = KB - full_bytes;
+    int32_t *scratch = strip_scratch(sizeof(int32_t) * ((size_t)groups * VNNI_STRIP + 1));
+    float out[VNNI_M * VNNI_STRIP];
+    for (int s = s0; s < s1; s++) {
+        const int n0 = s * VNNI_STRIP, rows = N - n0 < VNNI_STRIP ? N - n0 : VNNI_STRIP;
+        const int8_t *w = job->W + (size_t)n0 * KB;
+        const int ready = job->lanes && rows == VNNI_STRIP;   /* a full strip already in the lane layout */
+        const int32_t *packed = ready ? (const int32_t *)w : scratch;
+        if (!ready) pack_strip(w, KB, rows, groups, scratch);
+        for (int m0 = job->p0; m0 < job->p1; m0 += VNNI_M) {
+            const int mb = job->p1 - m0 < VNNI_M ? job->p1 - m0 : VNNI_M;
+            /* constant shapes, so that the accumulators stay in registers */
+#define STRIP_SHAPES(B)                                                  \
+            if (mb == VNNI_M) strip_x8(packed, xq, m0, VNNI_M, B, out); \
+            else if (mb == 1) strip_x8(packed, xq, m0, 1, B, out);      \
+            else if (mb == 2) strip_x8(packed, xq, m0, 2, B, out);      \
+            else strip_x8(packed, xq, m0, mb, B, out);
+            if (bits == 4) { STRIP_SHAPES(4) } else { STRIP_SHAPES(8) }
+#undef STRIP_SHAPES
+            for (int m = 0; m < mb; m++)
+                for (int r = 0; r < rows; r++) {
+                    float sum = out[m * VNNI_STRIP + r];
+                    if (full < nb) {   /* the short last block */
+                        const int8_t *wt = ready ? w + full_bytes * VNNI_STRIP + r * tail : w + r * KB + full_bytes;
+                        sum += xq->d[(size_t)(m0 + m) * nb + full] *
+                               (float)block_isum(xq->q + (size_t)(m0 + m) * K + full * QK, wt, bits, X8_NATURAL, 0,
+                                                 K - full * QK);
+                    }
+                    job->y[(size_t)(m0 + m) * N + n0 + r] = sum * job->scale[n0 + r] + (job->bias ? job->bias[n0 + r] : 0.0f);
+                }
+        }
+    }
+}
+
+#define X8_LANES 1
+#define X8_ORDER(bits) ((bits) == 4 ? X8_OCTETS : X8_NATURAL)
+#define X8_TILE_ROWS VNNI_STRIP
+#define X8_TILE_XROWS VNNI_M
+#define X8_TILES strips_x8
+#endif  /* X8_VNNI */
+
+#ifndef X8_LANES
+int x8_relayout_weights(int8_t *W, int N, int K, int bits, int to_lanes, int nthreads) {
+    (void)W, (void)N, (void)K, (void)bits, (void)to_lanes, (void)nthreads;
+    return -1;
+}
+#endif
+
+static void gemv_x8(const float *x, int M, int K, const int8_t *W, int bits, int lanes, const float *scale,
+                    const float *bias, float *y, int N, int nthreads) {
+    x8_t xq = quantize_x8(x, M, K, X8_ORDER(bits));
     /* Rows of x in panels that stay in L2 while every weight row passes them (a long prompt would
-     * otherwise bring all of x from L3 for each pair of weight rows). The weights are read once per
-     * panel; a decode batch is one panel. */
-    int panel = X8_PANEL_BYTES / K / X8_ROWS * X8_ROWS;
-    panel = panel < X8_ROWS ? X8_ROWS : panel;
+     * otherwise bring all of x from L3 for each work item). The weights are read once per panel; a
+     * decode batch is one panel. */
+    int panel = X8_PANEL_BYTES / K / X8_TILE_XROWS * X8_TILE_XROWS;
+    panel = panel < X8_TILE_XROWS ? X8_TILE_XROWS : panel;
     for (int p0 = 0; p0 < M; p0 += panel) {
-        x8_job job = {&xq, p0, p0 + panel < M ? p0 + panel : M, bits, W, scale, bias, y, N};
-        parallel_for((N + X8_WROWS - 1) / X8_WROWS, nthreads, tiles_x8, &job);
+        x8_job job = {&xq, p0, p0 + panel < M ? p0 + panel : M, bits, lanes, W, scale, bias, y, N};
+        parallel_for((N + X8_TILE_ROWS - 1) / X8_TILE_ROWS, nthreads, X8_TILES, &job);
     }
     free_x8(&xq);
 }
 
 void q8_gemv_x8(const float *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
                 float *y, int N, int nthreads) {
-    gemv_x8(x, M, K, W, 8, scale, bias, y, N, nthreads);
+    gemv_x8(x, M, K, W, 8, 0, scale, bias, y, N, nthreads);
 }
 
 void q4_gemv_x8(const float *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
                 float *y, int N, int nthreads) {
-    gemv_x8(x, M, K, W, 4, scale, bias, y, N, nthreads);
+    gemv_x8(x, M, K, W, 4, 0, scale, bias, y, N, nthreads);
+}
+
+/* W in the lane layout (x8_relayout_weights). */
+void q8_gemv_x8_lanes(const float *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
+                      float *y, int N, int nthreads) {
+    gemv_x8(x, M, K, W, 8, 1, scale, bias, y, N, nthreads);
+}
+
+void q4_gemv_x8_lanes(const float *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
+                      float *y, int N, int nthreads) {
+    gemv_x8(x, M, K, W, 4, 1, scale, bias, y, N, nthreads);
 }
 
 /* ---- dequantised row tiles: the prefill path ------------------------------------------------- */
