@@ -6,8 +6,9 @@ fresh process on the same checkpoint, in one run:
     --prompt-tokens tokens, asking for
     --new-tokens greedy tokens (the table counts the tokens actually generated). Reported: aggregate
     output tokens/s (all tokens / wall time from the first request to the last token), decode-phase
-    tokens/s (while every stream is past its first token), p50/p99 time to first token, p50 inter-token
-    latency;
+    tokens/s (while every stream is past its first token), p50/p99 time to first token, p50 time per
+    output token (TPOT: a request's mean gap after its first token) and p50/p99 inter-token latency
+    (ITL: every gap between streamed chunks);
   - returning conversation (batching server only): a conversation with --history-tokens of history
     comes back while 7 other streams decode: its time to first token and the prompt tokens the prefix
     cache served;
@@ -119,14 +120,19 @@ async def throughput(url, n, prompts, new_tokens):
         health = (await client.get(f'{url}/health')).json()
     tokens = sum(r['tokens'] for r in results)
     ttft = [r['first'] - r['start'] for r in results]
-    itl = [(r['last'] - r['first']) / (r['tokens'] - 1) for r in results if r['tokens'] > 1]
+    # TPOT: each request's mean time per output token after its first; ITL: every gap between two streamed
+    # chunks of any request (vLLM's benchmark_serving definitions). A prefill chunk that pauses the streams
+    # shows in TPOT and in ITL's tail, not in ITL's median.
+    tpot = [(r['last'] - r['first']) / (r['tokens'] - 1) for r in results if r['tokens'] > 1]
+    gaps = [b - a for r in results for a, b in zip(r['times'], r['times'][1:])]
     # Decode phase: from the moment every stream has its first token to the first stream's end.
     begin, end = max(r['first'] for r in results), min(r['last'] for r in results)
     in_window = sum(sum(begin <= t <= end for t in r['times']) for r in results)
     decode_rate = in_window / (end - begin) if end - begin > 1e-3 else float('nan')
     return {'clients': n, 'tokens': tokens, 'wall_s': wall, 'tokens_per_s': tokens / wall,
             'decode_tokens_per_s': decode_rate, 'ttft_p50': percentile(ttft, 50), 'ttft_p99': percentile(ttft, 99),
-            'itl_p50': statistics.median(itl) if itl else float('nan'),
+            'tpot_p50': statistics.median(tpot) if tpot else float('nan'),
+            'itl_p50': percentile(gaps, 50), 'itl_p99': percentile(gaps, 99),
             'preempted_so_far': health['preempted'], 'kv_budget_bytes': health['kv_budget_bytes']}
 
 
@@ -226,14 +232,14 @@ def main():
         try:
             asyncio.run(throughput(url, 1, prompts(1), 4))    # warm-up: first-call costs (kernel build, allocator)
             print(f'{"clients":>7s} {"tokens":>6s} {"wall s":>7s} {"tok/s":>7s} {"decode tok/s":>12s} '
-                  f'{"TTFT p50":>9s} {"TTFT p99":>9s} {"ITL p50":>8s}', flush=True)
+                  f'{"TTFT p50":>9s} {"TTFT p99":>9s} {"TPOT p50":>9s} {"ITL p50":>8s} {"ITL p99":>8s}', flush=True)
             for n in map(int, clients.split(',')):
                 r = asyncio.run(throughput(url, n, prompts(n), args.new_tokens))
                 r['max_batch'] = max_batch
                 results['runs'].append(r)
                 print(f'{n:7d} {r["tokens"]:6d} {r["wall_s"]:7.1f} {r["tokens_per_s"]:7.2f} '
                       f'{r["decode_tokens_per_s"]:12.2f} {r["ttft_p50"]:9.2f} {r["ttft_p99"]:9.2f} '
-                      f'{r["itl_p50"]:8.3f}  (preemptions so far: {r["preempted_so_far"]}, KV budget '
+                      f'{r["tpot_p50"]:9.3f} {r["itl_p50"]:8.3f} {r["itl_p99"]:8.3f}  (preemptions so far: {r["preempted_so_far"]}, KV budget '
                       f'{r["kv_budget_bytes"] / 2**30:.2f} GiB)', flush=True)
             if max_batch > 1 and 'returning' not in skip:
                 r = asyncio.run(returning_conversation(url, encode, args.history_tokens, args.prompt_tokens,
