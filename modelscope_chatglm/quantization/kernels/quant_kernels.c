@@ -129,6 +129,41 @@ static void parallel_for(int items, int nthreads, range_fn fn, void *ctx) {
     fn(ctx, 0, items);
 }
 
+#ifdef X8_VNNI   /* (the AVX512-VNNI builds' kernels are its users) */
+/* Each thread's scratch buffer (weights widened or rearranged for a work item), kept between calls: a
+ * fresh malloc of a few hundred KB is an mmap whose pages fault in again on every call. Freed when its
+ * thread exits. One user at a time per thread: a work item takes it and gives it back. */
+typedef struct {
+    void *data;
+    size_t size;
+} scratch_t;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void free_scratch(void *p) {
+    free(((scratch_t *)p)->data);
+    free(p);
+}
+
+static void make_scratch_key(void) { pthread_key_create(&scratch_key, free_scratch); }
+
+static void *thread_scratch(size_t bytes) {
+    pthread_once(&scratch_once, make_scratch_key);
+    scratch_t *s = (scratch_t *)pthread_getspecific(scratch_key);
+    if (!s) {
+        s = (scratch_t *)calloc(1, sizeof(scratch_t));
+        pthread_setspecific(scratch_key, s);
+    }
+    if (bytes > s->size) {
+        free(s->data);
+        s->data = malloc(bytes);
+        s->size = s->data ? bytes : 0;
+    }
+    return s->data;
+}
+#endif
+
 /* ---- int4 nibbles ---------------------------------------------------------------------------- */
 
 static inline int int4_high(int8_t b) { return b >> 4; }                       /* column 2j   */
@@ -406,16 +441,54 @@ static inline void load_q4_bf16(const int8_t *w, __m512bh *hi, __m512bh *lo) {  
     *lo = as_bf16(_mm512_permutexvar_epi16(b, table));
 }
 
+/* A batch of more than X_ROWS rows of x passes the same weight rows several times. Widening int8 to bf16
+ * costs 5 instructions per 32 weights, as much as the products it feeds in a pass of X_ROWS rows, so
+ * then the block's int8 weights are widened once into the thread's scratch buffer (L1/L2) and every pass
+ * reads them from there: vectors wb[((t * ROW_BLOCK + r) * nvec + v) * 32] for step t, weight row r and
+ * vector v, then each row's tail columns in natural order. The same values in the same operations: the
+ * results do not change. (int4 too could, with nvec = 2 for the high and low nibbles; but its two
+ * table lookups are cheaper than reading 4x the bytes back: int4 at 16 rows measured 27 ms a block
+ * widened once, 22 widened per pass. So int4 widens per pass.) */
+static void widen_rows_bf16(const int8_t *w, size_t stride, int K, int rows, int bits, uint16_t *wb) {
+    const int step = bits == 4 ? 64 : 32, nvec = bits == 4 ? 2 : 1, steps = K / step, tail = K - steps * step;
+    for (int t = 0; t < steps; t++)
+        for (int r = 0; r < rows; r++) {
+            uint16_t *v = wb + ((size_t)t * ROW_BLOCK + r) * nvec * 32;
+            __m512bh w0, w1;
+            if (bits == 4) {
+                load_q4_bf16(w + r * stride + t * step / 2, &w0, &w1);
+                _mm512_storeu_si512(v + 32, (__m512i)w1);
+            } else {
+                w0 = load_q8_bf16(w + r * stride + t * step);
+            }
+            _mm512_storeu_si512(v, (__m512i)w0);
+        }
+    uint16_t *tails = wb + (size_t)steps * ROW_BLOCK * nvec * 32;
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < tail; i++) {
+            const int col = steps * step + i;
+            const int8_t *wr = w + r * stride;
+            const float f = (float)(bits == 4 ? (col % 2 ? int4_low(wr[col / 2]) : int4_high(wr[col / 2])) : wr[col]);
+            uint32_t u;
+            memcpy(&u, &f, 4);
+            tails[r * tail + i] = (uint16_t)(u >> 16);   /* a small integer: exact in bf16 */
+        }
+}
+
+static size_t widened_bytes(int K) { return sizeof(uint16_t) * ((size_t)ROW_BLOCK * K + 64); }
+
 /* Up to ROW_BLOCK weight rows (bits: 8, 4, or 16 for bf16 weights) against up to X_ROWS rows of bf16 x.
  * Per row of y: one accumulator, 32 (int8, bf16) or 64 (int4: high nibbles, then low) columns a step,
- * then the horizontal sum, then the scalar tail. out[m * ROW_BLOCK + r]. (X_ROWS = 3 here too: 4 or
- * more rows of x per pass measured slower on Zen 4, int4 M = 16: 24-31 ms a block against 21.) */
+ * then the horizontal sum, then the scalar tail. out[m * ROW_BLOCK + r]. wb: the rows already widened
+ * (widen_rows_bf16), or NULL to widen them here. (X_ROWS = 3 here too: 4 or more rows of x per pass
+ * measured slower on Zen 4, int4 M = 16: 24-31 ms a block against 21.) */
 static inline __attribute__((always_inline)) void rows_xbf16(const uint16_t *x, size_t ldx, int mb, const int8_t *w,
-                                                             size_t stride, int K, int rows, float *out, int bits) {
+                                                             size_t stride, int K, int rows, float *out, int bits,
+                                                             const uint16_t *wb) {
     __m512 acc[X_ROWS][ROW_BLOCK];
     for (int m = 0; m < X_ROWS; m++)
         for (int r = 0; r < ROW_BLOCK; r++) acc[m][r] = _mm512_setzero_ps();
-    const int step = bits == 4 ? 64 : 32;
+    const int step = bits == 4 ? 64 : 32, nvec = bits == 4 ? 2 : 1, tail = K % step;
     int k = 0;
     for (; k + step <= K; k += step) {
         __m512bh x0[X_ROWS], x1[X_ROWS];   /* loaded once for all weight rows */
@@ -426,7 +499,12 @@ static inline __attribute__((always_inline)) void rows_xbf16(const uint16_t *x, 
         for (int r = 0; r < rows; r++) {
             const int8_t *wr = w + r * stride;
             __m512bh w0, w1;
-            if (bits == 4) load_q4_bf16(wr + k / 2, &w0, &w1);
+            if (wb) {
+                const uint16_t *v = wb + ((size_t)(k / step) * ROW_BLOCK + r) * nvec * 32;
+                w0 = as_bf16(_mm512_loadu_si512(v));
+                if (bits == 4) w1 = as_bf16(_mm512_loadu_si512(v + 32));
+            }
+            else if (bits == 4) load_q4_bf16(wr + k / 2, &w0, &w1);
             else if (bits == 8) w0 = load_q8_bf16(wr + k);
             else w0 = as_bf16(_mm512_loadu_si512((const uint16_t *)wr + k));
             for (int m = 0; m < mb; m++) {
@@ -441,7 +519,8 @@ static inline __attribute__((always_inline)) void rows_xbf16(const uint16_t *x, 
             const uint16_t *xm = x + m * ldx;
             float d = _mm512_reduce_add_ps(acc[m][r]);
             for (int kk = k; kk < K; kk++) {   /* int4: the tail keeps the natural column order */
-                const float wv = bits == 4 ? (float)(kk % 2 ? int4_low(wr[kk / 2]) : int4_high(wr[kk / 2]))
+                const float wv = wb ? bf16_to_f32(wb[(size_t)(K / step) * ROW_BLOCK * nvec * 32 + r * tail + kk - k])
+                               : bits == 4 ? (float)(kk % 2 ? int4_low(wr[kk / 2]) : int4_high(wr[kk / 2]))
                                : bits == 8 ? (float)wr[kk] : bf16_to_f32(((const uint16_t *)wr)[kk]);
                 d += bf16_to_f32(xm[kk]) * wv;
             }
@@ -455,13 +534,13 @@ static inline __attribute__((always_inline)) void rows_xbf16(const uint16_t *x, 
 /* The usual shapes (a full block of weight rows against 1, 2 or X_ROWS rows of x) as calls with constant
  * trip counts: inlined, GCC unrolls them and keeps the accumulators in registers instead of on the
  * stack. The same code computes the same sums in the same order, whichever call runs. */
-#define ROWS_WITH_CONSTANT_SHAPES(fn, x, wt)                                                     \
+#define ROWS_WITH_CONSTANT_SHAPES(fn, x, ...)                                                    \
     do {                                                                                        \
-        if (rows == ROW_BLOCK && mb == 1) fn(x, (size_t)K, 1, w, row_bytes, K, ROW_BLOCK, out, wt);     \
-        else if (rows == ROW_BLOCK && mb == 2) fn(x, (size_t)K, 2, w, row_bytes, K, ROW_BLOCK, out, wt); \
+        if (rows == ROW_BLOCK && mb == 1) fn(x, (size_t)K, 1, w, row_bytes, K, ROW_BLOCK, out, __VA_ARGS__);     \
+        else if (rows == ROW_BLOCK && mb == 2) fn(x, (size_t)K, 2, w, row_bytes, K, ROW_BLOCK, out, __VA_ARGS__); \
         else if (rows == ROW_BLOCK && mb == X_ROWS)                                             \
-            fn(x, (size_t)K, X_ROWS, w, row_bytes, K, ROW_BLOCK, out, wt);                      \
-        else fn(x, (size_t)K, mb, w, row_bytes, K, rows, out, wt);                             \
+            fn(x, (size_t)K, X_ROWS, w, row_bytes, K, ROW_BLOCK, out, __VA_ARGS__);             \
+        else fn(x, (size_t)K, mb, w, row_bytes, K, rows, out, __VA_ARGS__);                    \
     } while (0)
 
 typedef struct {
@@ -482,18 +561,25 @@ static void gemv_blocks(void *arg, int b0, int b1) {
                                                                                    : (size_t)KB;
     const float *scale = job->scale, *bias = job->bias;
     float *d = (float *)malloc(sizeof(float) * (size_t)M * ROW_BLOCK);
+#ifdef XBF16_DP
+    /* more rows of x than one pass takes: widen each block's int8 weights once (widen_rows_bf16) */
+    uint16_t *wb = job->xbf16 && bits == 8 && M > X_ROWS ? (uint16_t *)thread_scratch(widened_bytes(K)) : NULL;
+#endif
     for (int blk = b0; blk < b1; blk++) {
         const int n0 = blk * ROW_BLOCK, rows = n0 + ROW_BLOCK < N ? ROW_BLOCK : N - n0;
         const int8_t *w = job->W + n0 * row_bytes;
+#ifdef XBF16_DP
+        if (wb) widen_rows_bf16(w, row_bytes, K, rows, bits, wb);
+#endif
         for (int m0 = 0; m0 < M; m0 += X_ROWS) {
             const int mb = M - m0 < X_ROWS ? M - m0 : X_ROWS;
             float *out = d + m0 * ROW_BLOCK;
 #ifdef XBF16_DP
             if (job->xbf16) {
                 const uint16_t *xm = (const uint16_t *)job->x + (size_t)m0 * K;
-                if (bits == 4) ROWS_WITH_CONSTANT_SHAPES(rows_xbf16, xm, 4);
-                else if (bits == 8) ROWS_WITH_CONSTANT_SHAPES(rows_xbf16, xm, 8);
-                else ROWS_WITH_CONSTANT_SHAPES(rows_xbf16, xm, 16);
+                if (bits == 4) ROWS_WITH_CONSTANT_SHAPES(rows_xbf16, xm, 4, wb);
+                else if (bits == 8) ROWS_WITH_CONSTANT_SHAPES(rows_xbf16, xm, 8, wb);
+                else ROWS_WITH_CONSTANT_SHAPES(rows_xbf16, xm, 16, NULL);
                 continue;
             }
 #endif
@@ -1037,28 +1123,13 @@ int x8_relayout_weights(int8_t *W, int N, int K, int bits, int to_lanes, int nth
     return 0;
 }
 
-/* Each thread's buffer for a packed strip, kept between calls: a fresh malloc of this size is an mmap
- * whose pages fault in on every call. At most one strip of the widest layer per thread (K = 13696,
- * int8: 438 KB). */
-static _Thread_local int32_t *strip_buffer = NULL;
-static _Thread_local size_t strip_buffer_size = 0;
-
-static int32_t *strip_scratch(size_t bytes) {
-    if (bytes > strip_buffer_size) {
-        free(strip_buffer);
-        strip_buffer = (int32_t *)malloc(bytes);
-        strip_buffer_size = strip_buffer ? bytes : 0;
-    }
-    return strip_buffer;
-}
-
 /* Strips [s0, s1) of VNNI_STRIP weight rows against rows [p0, p1) of xq. */
 static void strips_x8(void *arg, int s0, int s1) {
     const x8_job *job = (const x8_job *)arg;
     const x8_t *xq = job->xq;
     const int K = xq->K, nb = xq->nb, full = K / QK, bits = job->bits, N = job->N, groups = full_groups(K, bits);
     const size_t KB = bits == 4 ? (size_t)K / 2 : (size_t)K, full_bytes = 4 * (size_t)groups, tail = KB - full_bytes;
-    int32_t *scratch = strip_scratch(sizeof(int32_t) * ((size_t)groups * VNNI_STRIP + 1));
+    int32_t *scratch = (int32_t *)thread_scratch(sizeof(int32_t) * ((size_t)groups * VNNI_STRIP + 1));
     float out[VNNI_M * VNNI_STRIP];
     for (int s = s0; s < s1; s++) {
         const int n0 = s * VNNI_STRIP, rows = N - n0 < VNNI_STRIP ? N - n0 : VNNI_STRIP;
