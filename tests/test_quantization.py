@@ -286,6 +286,32 @@ def test_int8_activations_give_the_same_bits_on_builds_that_add_alike(isa_builds
 
 
 @pytest.mark.parametrize('bits', [8, 4])
+def test_bf16_prompts_of_up_to_128_rows_take_the_kernel_where_it_multiplies_bf16_pairs(lib, bits, monkeypatch):
+    """On AVX512-BF16 a bf16 chunk of 100 rows (the serving scheduler prefills 128 at a time) goes
+    through the kernel, row-invariant: each row is what it is alone. Elsewhere, and with the limit
+    set back to 64, it takes the dequantized tiles."""
+    from modelscope_chatglm.quantization import linear
+    layer = QuantizedLinear(512, 96, bits, bias=False, dtype=torch.bfloat16, scale_dtype=torch.float32)
+    layer.load_float_weight(torch.randn(96, 512))
+    x = torch.randn(100, 512).bfloat16()
+    tiled = []
+    real = QuantizedLinear._tiled_matmul
+    monkeypatch.setattr(QuantizedLinear, '_tiled_matmul', lambda self, *a: tiled.append(1) or real(self, *a))
+    pairs = lib.kernel_isa().decode() == 'avx512-vnni-bf16'
+    assert linear.kernel_rows(lib, torch.bfloat16) == (128 if pairs else 64)
+    assert linear.kernel_rows(lib, torch.float32) == 64
+    with torch.no_grad():
+        together = layer(x)
+        assert bool(tiled) != pairs
+        if pairs:
+            assert all(torch.equal(together[m:m + 1], layer(x[m:m + 1])) for m in range(100))
+        monkeypatch.setattr(linear, 'DECODE_ROWS_BF16_PAIRS', 64)
+        tiled.clear()
+        layer(x)
+        assert tiled
+
+
+@pytest.mark.parametrize('bits', [8, 4])
 def test_int8_activations_rearrange_the_weights_for_vnni_and_give_them_back(lib, bits):
     """On AVX512-VNNI, int8 activations put the weights in the lane layout once (no per-call
     transposes), with the same results as the hub layout; the state dict, and clearing the option, give
