@@ -971,11 +971,13 @@ static void tiles_x8(void *arg, int t0, int t1) {
  * excess back, exactly.
  *
  * Lanes want group c (4 bytes along k) of 16 rows side by side, where W stores each row's groups in
- * sequence. So each work item transposes its strip of VNNI_STRIP weight rows, 16 x 16 groups at a time
- * in registers, into a buffer that stays in L2 while every row of x passes it: the weights still come
- * from memory once per call, in the hub's layout. For int4 a group is 8 columns, the high nibbles the
- * even ones and the low nibbles the odd ones, so xq stores each 8 columns as 4 even, then 4 odd
- * (X8_OCTETS). A last block shorter than QK is summed by the scalar code.
+ * sequence. A model loaded with int8 activations has its weights rearranged so once (the lane layout,
+ * x8_relayout_weights): each strip of VNNI_STRIP rows is then read as it is, one sequential stream.
+ * Weights in the hub's layout (and a model's last strip of fewer rows) are transposed per call, 16 x 16
+ * groups at a time in registers, into a buffer that stays in L2 while every row of x passes it; that
+ * costs about as much as reading them (int4: 4 ms a block). For int4 a group is 8 columns, the high
+ * nibbles the even ones and the low nibbles the odd ones, so xq stores each 8 columns as 4 even, then 4
+ * odd (X8_OCTETS). A last block shorter than QK is summed by the scalar code.
  */
 #define VNNI_GROUPS 2                       /* vectors of 16 weight rows per strip */
 #define VNNI_STRIP (16 * VNNI_GROUPS)       /* weight rows per work item */
@@ -1077,16 +1079,14 @@ static inline __attribute__((always_inline)) void strip_x8(const int32_t *packed
         for (int g = 0; g < VNNI_GROUPS; g++) _mm512_storeu_ps(out + m * VNNI_STRIP + 16 * g, accf[m][g]);
 }
 
-/* The bytes of a row's full blocks (`groups` 4-byte groups) and of its short last block. */
+/* 4-byte groups in a row's full blocks. */
 static inline int full_groups(int K, int bits) { return K / QK * (bits == 4 ? QK / 8 : QK / 4); }
 
 /*
- * The lane layout, for weights that take this path on every call (a model loaded with int8
- * activations): each full strip of VNNI_STRIP rows holds, in its own bytes, its packed groups (as
- * pack_strip writes them), then each row's short last block. The strip is read as it is, without the
- * per-call transposes, which cost as much as reading the weights (int4: 4 ms a block at one row of x).
- * A last strip of fewer rows keeps the hub's row layout and is packed per call. to_lanes = 0 undoes it.
- * -> 0, or -1 on builds without this kernel (the layout is theirs to keep).
+ * The lane layout: each full strip of VNNI_STRIP rows holds, in its own bytes, its groups as pack_strip
+ * writes them, then each row's short last block. A last strip of fewer rows keeps the hub's row layout
+ * (it is transposed per call). to_lanes = 0 restores the hub layout.
+ * -> 0, or -1 on builds without this kernel (the weights keep the hub layout there).
  */
 typedef struct {
     int8_t *W;
