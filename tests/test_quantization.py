@@ -339,6 +339,13 @@ def test_int8_activations_rearrange_the_weights_for_vnni_and_give_them_back(lib,
     other.load_state_dict(layer.state_dict())
     with torch.no_grad():
         assert torch.equal(other(x), expected)
+    # Moving or converting the module (.to, .cuda, ...) hands its tensors over in the hub layout.
+    handed = []
+    other._apply(lambda t: handed.append(t.clone()) or t)
+    assert torch.equal(handed[0], hub)
+    assert other.lane_layout == vnni
+    with torch.no_grad():
+        assert torch.equal(other(x), expected)
     layer.int8_activations = False
     assert not layer.lane_layout and torch.equal(layer.weight, hub)
 

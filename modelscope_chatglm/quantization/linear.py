@@ -94,6 +94,14 @@ class QuantizedLinear(nn.Module):
                                                torch.get_num_threads())
             destination[prefix + 'weight'] = rows
 
+    def _apply(self, fn, *args, **kwargs):
+        """Moving or converting the module (`.to('cuda')`, `.cpu()`, ...): the weights leave in the hub's
+        layout, the only one other devices read; back on the CPU with int8 activations, the lane layout."""
+        self._use_lane_layout(False)
+        out = super()._apply(fn, *args, **kwargs)
+        self._use_lane_layout(self._int8_activations)
+        return out
+
     def _load_from_state_dict(self, *args, **kwargs):
         lanes = self.lane_layout
         self._use_lane_layout(False)    # the state dict holds the hub's layout
