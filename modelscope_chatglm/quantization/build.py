@@ -231,7 +231,7 @@ def _build_and_load():
             return None
         lib = _try_load(path)
         if lib is not None:
-            logger.info('compiled the CPU kernels (%s) into %s', lib.kernel_isa().decode(), path)
+            logger.info('compiled the CPU kernels (%s) into %s', lib.isa, path)
             return lib
     return None
 
@@ -258,4 +258,5 @@ def _declare(lib):
         getattr(lib, name + '_ref').restype = None
     lib.kernel_isa.restype = ctypes.c_char_p
     lib.kernel_openmp.restype = ctypes.c_int
+    lib.isa = lib.kernel_isa().decode()   # the SIMD branch compiled in: 'avx512-vnni-bf16', ..., 'scalar'
     return lib

@@ -22,6 +22,8 @@ Forward, by where the weights live:
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,15 +39,12 @@ DECODE_ROWS = 64
 # up to 128 rows, the serving scheduler's prefill chunk on a CPU: one ChatGLM2-6B block at 128 rows took
 # 148 ms in int4 against 197 for tiles, 172 against 189 in int8 (Zen 4; at 256 rows tiles win in int8).
 DECODE_ROWS_BF16_PAIRS = 128
-_isa = {}
+TILE_ELEMENTS = 1 << 22  # dequantised tile size (4M weights: 8 MB in bf16)
 
 
 def kernel_rows(lib, dtype: torch.dtype) -> int:
     """Rows of x up to which the exact kernel runs, for this library and x's dtype."""
-    if id(lib) not in _isa:
-        _isa[id(lib)] = lib.kernel_isa().decode()
-    return DECODE_ROWS_BF16_PAIRS if dtype == torch.bfloat16 and _isa[id(lib)] == 'avx512-vnni-bf16' else DECODE_ROWS
-TILE_ELEMENTS = 1 << 22  # dequantised tile size (4M weights: 8 MB in bf16)
+    return DECODE_ROWS_BF16_PAIRS if dtype == torch.bfloat16 and lib.isa == 'avx512-vnni-bf16' else DECODE_ROWS
 
 
 class QuantizedLinear(nn.Module):
@@ -79,34 +78,42 @@ class QuantizedLinear(nn.Module):
         self._use_lane_layout(self._int8_activations)
 
     def _use_lane_layout(self, lanes: bool):
-        if lanes == self.lane_layout or self.weight.device.type != 'cpu':
-            return
+        if lanes != self.lane_layout and self.weight.device.type == 'cpu' and self._relayout(self.weight, lanes):
+            self.lane_layout = lanes
+
+    def _relayout(self, weight: torch.Tensor, lanes: bool) -> bool:
+        """Rearrange `weight` in place to (lanes) or from the lane layout; False where the build keeps the
+        hub layout (no AVX512-VNNI, or no compiled kernels)."""
         lib = load_library()
-        if lib is not None and lib.x8_relayout_weights(self.weight.data_ptr(), self.out_features, self.in_features,
-                                                       self.bits, int(lanes), torch.get_num_threads()) == 0:
-            self.lane_layout = lanes     # (-1: this build's int8-activation kernel reads the hub layout)
+        return lib is not None and lib.x8_relayout_weights(weight.data_ptr(), self.out_features, self.in_features,
+                                                           self.bits, int(lanes), torch.get_num_threads()) == 0
+
+    @contextlib.contextmanager
+    def _hub_layout(self):
+        """The weights in the hub's layout inside (to load, quantize or move them), then in the layout
+        int8_activations calls for."""
+        self._use_lane_layout(False)
+        try:
+            yield
+        finally:
+            self._use_lane_layout(self._int8_activations)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.lane_layout:
             rows = self.weight.detach().clone()
-            load_library().x8_relayout_weights(rows.data_ptr(), self.out_features, self.in_features, self.bits, 0,
-                                               torch.get_num_threads())
+            self._relayout(rows, False)
             destination[prefix + 'weight'] = rows
 
     def _apply(self, fn, *args, **kwargs):
         """Moving or converting the module (`.to('cuda')`, `.cpu()`, ...): the weights leave in the hub's
-        layout, the only one other devices read; back on the CPU with int8 activations, the lane layout."""
-        self._use_lane_layout(False)
-        out = super()._apply(fn, *args, **kwargs)
-        self._use_lane_layout(self._int8_activations)
-        return out
+        layout, the only one other devices read."""
+        with self._hub_layout():
+            return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        lanes = self.lane_layout
-        self._use_lane_layout(False)    # the state dict holds the hub's layout
-        super()._load_from_state_dict(*args, **kwargs)
-        self._use_lane_layout(lanes)
+        with self._hub_layout():   # the state dict holds the hub's layout
+            super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self):
         return (f'in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}'
@@ -117,11 +124,9 @@ class QuantizedLinear(nn.Module):
         """Quantize-on-load: fill `weight` and `weight_scale` from a float [out, in] matrix."""
         # On the module's own device: a GPU quantizes a 6B model in seconds, a CPU in fp16 would not.
         q, scale = formats.quantize(weight.to(self.weight.device), self.bits)
-        lanes = self.lane_layout
-        self._use_lane_layout(False)
-        self.weight.copy_(q)
-        self.weight_scale.copy_(scale)
-        self._use_lane_layout(lanes)
+        with self._hub_layout():
+            self.weight.copy_(q)
+            self.weight_scale.copy_(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
