@@ -6,10 +6,12 @@ A `Scheduler` owns the sequences. Each `step()`:
      budget (least recently used prefix-cache entries are evicted first; a request that does not fit
      waits, and so do the ones behind it). A new sequence starts from the longest prefix of its prompt
      whose K/V some finished or running sequence holds, and prefills only the rest;
-  3. prefills up to `prefill_chunk` prompt tokens of the oldest sequences still prefilling, so a long
-     prompt is spread over several steps instead of freezing everyone else;
-  4. decodes one token of every sequence past its prompt, all in one forward (`forward_ragged`): the
-     weights are streamed once for the whole batch.
+  3. takes one decode token of every sequence past its prompt, and up to `prefill_chunk` prompt tokens
+     of the oldest sequences still prefilling, so a long prompt is spread over several steps instead
+     of freezing everyone else;
+  4. runs them in one forward (`forward_ragged`): the weights are streamed once for all rows. Where a
+     forward's rows would not keep their bits (torch's matmuls choose their blocking by the shape), the
+     prompt chunks and the decode tokens run as two forwards.
 Attention runs per sequence and every other layer is row-wise, so a sequence's tokens do not depend
 on its neighbours: a greedy or seeded reply is the same alone and in a batch.
 
@@ -254,13 +256,19 @@ class Scheduler:
         """One iteration; -> whether anything ran."""
         self._drop_cancelled()
         self._admit()
-        prefill = self._prefill_parts()
-        if prefill:
-            self._forward(prefill, prefill=True)
         decoding = [(s, [s.output[-1]]) for s in self._with_room(
             [s for s in self.running if s.output and not s.finished and s.prefilled == len(s.fill)])]
-        if decoding:
-            self._forward(decoding, prefill=False)
+        prefill = self._prefill_parts()
+        # Prompt chunks and decode tokens share one forward (the weights are read once for both) where
+        # that changes no row's bits; otherwise they run as two.
+        rows = sum(len(ids) for _, ids in prefill) + len(decoding)
+        if prefill and decoding and self.model.rows_keep_their_bits(rows):
+            self._forward(prefill + decoding, prompt_parts=len(prefill))
+        else:
+            if prefill:
+                self._forward(prefill, prompt_parts=len(prefill))
+            if decoding:
+                self._forward(decoding, prompt_parts=0)
         self.stats['steps'] += 1
         return bool(prefill or decoding)
 
@@ -417,7 +425,9 @@ class Scheduler:
                 return True
         return False
 
-    def _forward(self, parts, prefill: bool):
+    def _forward(self, parts, prompt_parts: int):
+        """Run parts = [(sequence, new ids), ...], the first `prompt_parts` of them prompt chunks, the rest
+        one decode token each; sample where a sequence's next token is due."""
         try:
             with adapters.rows([(seq.adapter, len(ids)) for seq, ids in parts]):
                 logits = self.model.forward_ragged([(seq.state, ids) for seq, ids in parts])
@@ -428,7 +438,7 @@ class Scheduler:
                 self._finish(seq, 'error', keep_cache=False)
             return
         for row, (seq, ids) in enumerate(parts):
-            if prefill:
+            if row < prompt_parts:
                 seq.prefilled += len(ids)
                 if seq.prefilled < len(seq.fill) or seq.output:
                     continue    # more to prefill; or a preempted sequence back: its next token is known

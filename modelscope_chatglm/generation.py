@@ -150,6 +150,8 @@ class PromptCache:
 
     def prefill(self, model, prompt: List[int], budget: int):
         keep = 0
+        if self.state is not None and not self._fits(model):
+            self.clear()   # the model was cast or moved since (`model.to(...)`): its K/V would not do
         if self.state is not None:
             limit = min(len(self.ids), len(prompt) - 1)   # at least one new token gives the logits
             while keep < limit and self.ids[keep] == prompt[keep]:
@@ -168,6 +170,10 @@ class PromptCache:
 
     def clear(self):
         self.ids, self.state, self.reused = [], None, 0
+
+    def _fits(self, model) -> bool:
+        k = self.state.cache.k[0]
+        return k.dtype == model.word_embeddings.weight.dtype and k.device == model.device
 
 
 @torch.inference_mode()

@@ -35,19 +35,49 @@ def test_batched_greedy_equals_each_alone(models, name):
     chat = models[name]
     prompts = [chat.build_inputs(q) for q in QUERIES]
     # Two at a time and 5-token prefill chunks: sequences join and leave the batch mid-way, and prompts
-    # are spread over several steps between decode steps.
+    # are spread over several steps beside the decode tokens.
     sched = chat.scheduler(max_batch=2, prefill_chunk=5)
     budgets = [24, 9, 17, 30, 5]
     seqs = [sched.submit(p, chat.sampling(max_new_tokens=n, do_sample=False)) for p, n in zip(prompts, budgets)]
-    most_running = 0
-    while not all(s.finished for s in seqs):
-        sched.step()
-        most_running = max(most_running, len(sched.running))
+    forwards, most_running = [], 0     # by step: what each forward held ({'prompt', 'decode'})
+    run_forward = chat.model.forward_ragged
+    chat.model.forward_ragged = lambda parts: forwards[-1].append(part_kinds(sched, parts)) or run_forward(parts)
+    try:
+        while not all(s.finished for s in seqs):
+            forwards.append([])
+            sched.step()
+            most_running = max(most_running, len(sched.running))
+    finally:
+        del chat.model.forward_ragged
     assert most_running == 2
     for seq, prompt, n in zip(seqs, prompts, budgets):
         assert seq.output == solo(chat, prompt, n), name
         assert seq.finish_reason in ('stop', 'length')
     assert sched.reserved == 0 and not sched.running
+    # The quantized models' CPU kernels keep each row's bits at any batch: a prompt chunk and a decode
+    # token share a forward. A float model's matmuls do not: they run as two forwards of a step.
+    shared = sum(f == {'prompt', 'decode'} for step in forwards for f in step)
+    two_forwards = sum(len(step) == 2 for step in forwards)
+    if 'int' in name:
+        assert shared and two_forwards == 0, forwards
+    else:
+        assert not shared and two_forwards > 0, forwards
+
+
+def part_kinds(sched, parts):
+    """{'prompt', 'decode'}: what the parts of a forward are (a decode token follows a whole prompt)."""
+    seqs = {id(s.state): s for s in sched.running}
+    return {'decode' if seqs[id(state)].prefilled == len(seqs[id(state)].fill) else 'prompt' for state, _ in parts}
+
+
+def test_only_rows_that_keep_their_bits_share_a_forward(models):
+    """The exact kernel runs up to 64 rows of fp32 x (longer inputs take dequantized tiles + matmul), the
+    int8-activation kernel any number; float models go through torch's matmul."""
+    assert models['glm2-int4'].model.rows_keep_their_bits(64)
+    assert not models['glm2-int4'].model.rows_keep_their_bits(65)
+    assert models['glm2-int4-x8'].model.rows_keep_their_bits(4096)
+    assert not models['glm2'].model.rows_keep_their_bits(1)
+    assert not models['glm1'].model.rows_keep_their_bits(1)
 
 
 def test_max_batch_one_is_serial_and_batching_takes_fewer_steps(glm2_model):

@@ -216,6 +216,21 @@ def test_an_interrupted_prefill_leaves_no_wrong_kv_in_the_prompt_cache(glm2_dir)
     assert (logits - fresh).abs().max().item() < 1e-4
 
 
+def test_casting_the_model_mid_conversation_drops_the_cached_kv(glm2_dir):
+    """The prompt cache holds the last turn's K/V in the model's dtype; after `model.to(float32)` the
+    next turn prefills anew (bf16 K/V beside fp32 queries failed in attention) and replies as a model
+    loaded in fp32 does."""
+    chat = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='bfloat16')
+    _, history = chat.chat('介绍下清华大学', max_new_tokens=6, do_sample=False)
+    chat.chat('再说一次', history=history, max_new_tokens=6, do_sample=False)
+    assert chat.prompt_cache.reused > 0                  # same dtype: the history came from the cache
+    chat.model.to(torch.float32)
+    reply, _ = chat.chat('再说一次', history=history, max_new_tokens=6, do_sample=False)
+    assert chat.prompt_cache.reused == 0
+    fp32 = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32')
+    assert reply == fp32.chat('再说一次', history=history, max_new_tokens=6, do_sample=False)[0]
+
+
 def test_batched_generation_equals_one_by_one(glm2_model):
     prompts = [glm2_model.build_inputs(q) for q in ('你好', '介绍下清华大学和北京大学的历史', 'hi')]
     batched = glm2_model.generate_batch(prompts, max_new_tokens=8, do_sample=False)

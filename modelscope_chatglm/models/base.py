@@ -11,6 +11,7 @@ of many sequences through one forward:
     state = model.start(prompt_ids, max_new_tokens)
     model.adopt_prefix(state, other_cache, keep)                               # prefix sharing
     logits = model.forward_ragged([(state, ids), (state2, ids2), ...])        # [n, V]
+    model.rows_keep_their_bits(rows)        # may prompt chunks and decode tokens share one forward?
 """
 from __future__ import annotations
 
@@ -54,8 +55,31 @@ class CausalLM(Protocol):
         """parts = [(state, new ids), ...] of different sequences -> logits of each part's last token
         [n, V] (fp32); a sequence's result does not depend on the other parts."""
 
+    def rows_keep_their_bits(self, rows: int) -> bool:
+        """Whether `forward_ragged` over `rows` rows in all gives every row the bits it gets in a forward
+        of its own sequence alone (see `linears_keep_row_bits`)."""
+
     def full_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits at every position [b, s, V] (fp32), for scoring and parity tests."""
+
+
+def linears_keep_row_bits(layers: torch.nn.Module, rows: int, dtype: torch.dtype) -> bool:
+    """Whether every linear of `layers` gives each of `rows` rows of x (in `dtype`) the bits that row
+    gets alone. Attention runs per sequence and the norms per row, so a forward's rows are independent
+    exactly when its linears are. The compiled CPU kernels sum a row in one order whatever the number of
+    rows (quantization/linear.py); torch's matmuls (a float model, dequantized tiles for long inputs, a
+    LoRA adapter's side product, any GPU) choose their blocking by the shape."""
+    from ..adapters import LoRALinear
+    from ..quantization.build import load_library
+    from ..quantization.linear import QuantizedLinear, kernel_rows
+    for module in layers.modules():
+        if isinstance(module, (torch.nn.Linear, LoRALinear)):
+            return False
+        if isinstance(module, QuantizedLinear):
+            lib = load_library() if module.weight.device.type == 'cpu' else None
+            if lib is None or not (module.int8_activations or rows <= kernel_rows(lib, dtype)):
+                return False
+    return True
 
 
 def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..model_config import ModelConfig
 from . import kv_cache
-from .base import lm_head
+from .base import linears_keep_row_bits, lm_head
 from .kv_cache import KVCache, Ragged
 
 
@@ -261,6 +261,9 @@ class GLM1Model(nn.Module):
         ids = torch.as_tensor([list(prompt)], dtype=torch.long, device=self.device)
         padding, sop_index, mask_position, _, _ = self._structure(ids, None)
         return DecodeState(self.new_cache(1, ids.shape[1] + max_new_tokens), padding, sop_index, mask_position, 0)
+
+    def rows_keep_their_bits(self, rows: int) -> bool:
+        return linears_keep_row_bits(self.layers, rows, self.word_embeddings.weight.dtype)
 
     def forward_ragged(self, parts) -> torch.Tensor:
         """New tokens of several sequences in one forward: parts = [(one sequence's state, ids), ...], each

@@ -27,7 +27,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 from ..model_config import ModelConfig
 from ..triton_support import optional
 from . import kv_cache
-from .base import lm_head
+from .base import linears_keep_row_bits, lm_head
 from .kv_cache import KVCache, Ragged
 
 
@@ -341,6 +341,9 @@ class GLM2Model(nn.Module):
         """Start a fresh `state` from the first `keep` tokens another sequence's cache holds."""
         state.cache.copy_prefix(source, (self.cfg.pre_seq_len or 0) + keep)
         state.next_position = torch.full((1,), keep, dtype=torch.long, device=self.device)
+
+    def rows_keep_their_bits(self, rows: int) -> bool:
+        return linears_keep_row_bits(self.layers, rows, self.word_embeddings.weight.dtype)
 
     def forward_ragged(self, parts) -> torch.Tensor:
         """New tokens of several sequences in one forward: parts = [(one sequence's state, ids [s]), ...].
