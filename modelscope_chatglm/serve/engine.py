@@ -230,9 +230,10 @@ def release_openmp_threads() -> bool:
     libgomp keeps one pool of workers per thread that ran a parallel region. Once it manages more
     threads than there are CPUs (the loading thread's idle pool beside the engine thread's), its workers
     stop spinning between parallel regions and sleep, and every region waits for them to wake. On 2
-    cores, one ChatGLM2-6B int4 stream's decode step on a second thread took 141 ms (median of 50,
-    interleaved) beside the loading thread's idle pool, 130 ms after this call, and 132 ms on the loading
-    thread itself. Nothing breaks if the thread runs parallel code again: it starts a new pool."""
+    cores, one ChatGLM2-6B int4 stream's decode step on a second thread took 131 ms (median of 50, in
+    turns) beside the loading thread's idle pool, 125 ms after this call, and 122 ms on the loading
+    thread itself (benchmarks/bench_scheduler.py). Nothing breaks if the thread runs parallel code
+    again: it starts a new pool."""
     try:   # the libgomp this process has loaded (torch's copy, which the kernels share)
         with open('/proc/self/maps', encoding='utf-8', errors='replace') as maps:
             paths = {line.split()[-1] for line in maps if '/libgomp' in line}
