@@ -73,11 +73,17 @@ def test_chat_in_a_real_terminal_streams_clears_and_survives_ctrl_c(glm2_dir, tm
     child.sendline('clear')
     child.expect(r'\(history cleared\)')
     child.expect('user: ')
-    child.sendline('你好')            # this reply runs to 1500 tokens: interrupt it while it streams
-    child.expect('ChatGLM: ')
-    child.expect(r'\S')              # the first piece of the reply is on screen
-    child.sendintr()
-    child.expect(r'\[interrupted\]')
+    for _ in range(3):
+        child.sendline('你好')        # this reply runs to 1500 tokens: interrupt it while it streams
+        child.expect('ChatGLM: ')
+        child.expect(r'\S')          # the first piece of the reply is on screen
+        child.sendintr()
+        if child.expect([r'\[interrupted\]', 'user: ']) == 0:
+            break
+        # The reply ended before the Ctrl-C came (the tiny model writes 1500 tokens in ~2 s; a loaded
+        # machine can stall this test longer): try again.
+    else:
+        raise AssertionError('Ctrl-C never interrupted a streaming reply in 3 tries')
     child.expect('user: ')            # still running, back at the prompt
     child.sendline('exit')
     child.expect(pexpect.EOF)
