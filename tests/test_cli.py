@@ -1,5 +1,6 @@
 """The command line, run as a user runs it (a real subprocess)."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -61,9 +62,12 @@ def test_chat_in_a_real_terminal_streams_clears_and_survives_ctrl_c(glm2_dir, tm
     # streaming when Ctrl-C comes (a random tiny model may otherwise sample its end token early).
     config = tmp_path / 'endless.yaml'
     config.write_text(f'model: {glm2_dir}\ndevice: cpu\ngeneration: {{stop_ids: []}}\n')
+    # A test runner started in the background (`... &` in a script) ignores SIGINT, and a child inherits
+    # that: Python then installs no KeyboardInterrupt handler. A terminal user's chat has the default.
     child = pexpect.spawn(sys.executable, ['-m', 'modelscope_chatglm.cli', 'chat', '--config', str(config),
                                            '--max-new-tokens', '1500'],
-                          encoding='utf-8', timeout=120, env=env)
+                          encoding='utf-8', timeout=120, env=env,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect('user: ')
     child.sendline('hi\\')            # a trailing backslash continues the message on the next line
     child.expect(r'\.\.\. ')
@@ -73,17 +77,11 @@ def test_chat_in_a_real_terminal_streams_clears_and_survives_ctrl_c(glm2_dir, tm
     child.sendline('clear')
     child.expect(r'\(history cleared\)')
     child.expect('user: ')
-    for _ in range(3):
-        child.sendline('你好')        # this reply runs to 1500 tokens: interrupt it while it streams
-        child.expect('ChatGLM: ')
-        child.expect(r'\S')          # the first piece of the reply is on screen
-        child.sendintr()
-        if child.expect([r'\[interrupted\]', 'user: ']) == 0:
-            break
-        # The reply ended before the Ctrl-C came (the tiny model writes 1500 tokens in ~2 s; a loaded
-        # machine can stall this test longer): try again.
-    else:
-        raise AssertionError('Ctrl-C never interrupted a streaming reply in 3 tries')
+    child.sendline('你好')            # this reply runs to 1500 tokens: interrupt it while it streams
+    child.expect('ChatGLM: ')
+    child.expect(r'\S')              # the first piece of the reply is on screen
+    child.sendintr()
+    child.expect(r'\[interrupted\]')
     child.expect('user: ')            # still running, back at the prompt
     child.sendline('exit')
     child.expect(pexpect.EOF)
