@@ -67,18 +67,15 @@ def linears_keep_row_bits(layers: torch.nn.Module, rows: int, dtype: torch.dtype
     """Whether every linear of `layers` gives each of `rows` rows of x (in `dtype`) the bits that row
     gets alone. Attention runs per sequence and the norms per row, so a forward's rows are independent
     exactly when its linears are. The compiled CPU kernels sum a row in one order whatever the number of
-    rows (quantization/linear.py); torch's matmuls (a float model, dequantized tiles for long inputs, a
-    LoRA adapter's side product, any GPU) choose their blocking by the shape."""
+    rows (`QuantizedLinear.kernel_takes`); torch's matmuls (a float model, dequantized tiles for long
+    inputs, a LoRA adapter's side product, any GPU) choose their blocking by the shape."""
     from ..adapters import LoRALinear
-    from ..quantization.build import load_library
-    from ..quantization.linear import QuantizedLinear, kernel_rows
+    from ..quantization.linear import QuantizedLinear
     for module in layers.modules():
         if isinstance(module, (torch.nn.Linear, LoRALinear)):
             return False
-        if isinstance(module, QuantizedLinear):
-            lib = load_library() if module.weight.device.type == 'cpu' else None
-            if lib is None or not (module.int8_activations or rows <= kernel_rows(lib, dtype)):
-                return False
+        if isinstance(module, QuantizedLinear) and not module.kernel_takes(rows, dtype):
+            return False
     return True
 
 

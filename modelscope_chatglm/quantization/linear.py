@@ -136,11 +136,18 @@ class QuantizedLinear(nn.Module):
             y = kernels.quantized_linear(x2, self.weight, self.weight_scale, self.bias, self.bits)
             return y.reshape(*shape[:-1], self.out_features)
         lib = load_library() if x.device.type == 'cpu' else None
-        if lib is not None and (self.int8_activations or x2.shape[0] <= kernel_rows(lib, x2.dtype)):
+        if lib is not None and self.kernel_takes(x2.shape[0], x2.dtype):
             y = self._gemv(lib, x2)
         else:
             y = self._tiled_matmul(lib, x2)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def kernel_takes(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether `rows` rows of x in `dtype` go through the compiled CPU kernel, which sums each row in
+        one order whatever the other rows are (so each row gets the bits it gets alone); the others take
+        dequantized tiles + matmul, or the GPU kernels."""
+        lib = load_library() if self.weight.device.type == 'cpu' else None
+        return lib is not None and (self.int8_activations or rows <= kernel_rows(lib, dtype))
 
     def _gemv(self, lib, x2):
         y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
