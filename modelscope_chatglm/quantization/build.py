@@ -73,7 +73,7 @@ def compile_flags(openmp: bool, march: str = 'native') -> List[str]:
     flags = ['-O3', f'-march={march}', '-fPIC', '-shared', '-std=c11']
     if openmp:
         flags += ['-Xpreprocessor', '-fopenmp', '-lomp'] if sys.platform == 'darwin' else ['-fopenmp']
-    return flags
+    return flags + ['-lm']   # fmaf: a call into libm where the CPU has no fused multiply-add
 
 
 def library_path(cc: str, openmp: bool, directory: str, march: str = 'native') -> str:

@@ -29,7 +29,7 @@
  * int8 too and the dot products are exact integer sums (AVX512-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, or
  * the scalar code); they take every row of x, prompt or decode.
  */
-#include <math.h>     /* NAN */
+#include <math.h>     /* NAN, fmaf */
 #include <pthread.h>  /* pthread_atfork */
 #include <stdatomic.h>
 #include <stdint.h>
@@ -800,8 +800,8 @@ static void gemv_x8_ref(const float *x, int M, int K, const int8_t *W, int bits,
             float acc = 0.0f;
             for (int b = 0; b < xq.nb; b++) {
                 const int k0 = b * QK, len = K - k0 < QK ? K - k0 : QK;
-                acc += xq.d[(size_t)m * xq.nb + b] *
-                       (float)block_isum(xq.q + (size_t)m * K, W + (size_t)n * KB, bits, X8_NATURAL, k0, len);
+                acc = fmaf(xq.d[(size_t)m * xq.nb + b],
+                           (float)block_isum(xq.q + (size_t)m * K, W + (size_t)n * KB, bits, X8_NATURAL, k0, len), acc);
             }
             y[(size_t)m * N + n] = acc * scale[n] + (bias ? bias[n] : 0.0f);
         }
@@ -908,14 +908,16 @@ static inline __attribute__((always_inline)) void tile_x8(const x8_t *xq, int m0
     for (int b = 0; b < full; b++)
         for (int m = 0; m < mb; m++)
             for (int r = 0; r < nr; r++)
-                sum[m][r] += d[(size_t)m * nb + b] * (float)block_isum(q + (size_t)m * K, w + r * stride, bits,
-                                                                       bits == 4 ? X8_HALVES : X8_NATURAL, b * QK, QK);
+                sum[m][r] = fmaf(d[(size_t)m * nb + b], (float)block_isum(q + (size_t)m * K, w + r * stride, bits,
+                                                                          bits == 4 ? X8_HALVES : X8_NATURAL, b * QK, QK),
+                                 sum[m][r]);
 #endif
     for (int m = 0; m < mb; m++)
         for (int r = 0; r < nr; r++) {
             if (full < nb)   /* the short last block */
-                sum[m][r] += d[(size_t)m * nb + full] *
-                             (float)block_isum(q + (size_t)m * K, w + r * stride, bits, X8_NATURAL, full * QK, K - full * QK);
+                sum[m][r] = fmaf(d[(size_t)m * nb + full],
+                                 (float)block_isum(q + (size_t)m * K, w + r * stride, bits, X8_NATURAL, full * QK, K - full * QK),
+                                 sum[m][r]);
             out[m * X8_WROWS + r] = sum[m][r];
         }
 }
@@ -963,8 +965,8 @@ static void tiles_x8(void *arg, int t0, int t1) {
  * bytes of the other. Here lane i is weight row n0 + i and the signed bytes are 4 columns of one row of
  * xq, the same in every lane: one instruction is 4 columns of 16 weight rows, and no lane ever needs a
  * horizontal sum. A block's 64 columns are 16 instructions per 16 rows (2 x 8 for int4), then one
- * conversion and one scaling: acc += d[m, b] * isum, block after block, as the scalar reference sums
- * (and in the same float operations: these builds give the reference's bits).
+ * conversion and one fused multiply-add: acc = fma(d[m, b], isum, acc), block after block, as the scalar
+ * reference sums (these builds give the reference's bits).
  *
  * The weights are the unsigned side: u = nibble + 8 (int4) or w + 128 (int8), both one XOR of the sign
  * bit, and each block's sums start at -8 (or -128) times the block's sum of xq (bsum) to take the
@@ -972,16 +974,26 @@ static void tiles_x8(void *arg, int t0, int t1) {
  *
  * Lanes want group c (4 bytes along k) of 16 rows side by side, where W stores each row's groups in
  * sequence. A model loaded with int8 activations has its weights rearranged so once (the lane layout,
- * x8_relayout_weights): each strip of VNNI_STRIP rows is then read as it is, one sequential stream.
- * Weights in the hub's layout (and a model's last strip of fewer rows) are transposed per call, 16 x 16
- * groups at a time in registers, into a buffer that stays in L2 while every row of x passes it; that
- * costs about as much as reading them (int4: 4 ms a block). For int4 a group is 8 columns, the high
- * nibbles the even ones and the low nibbles the odd ones, so xq stores each 8 columns as 4 even, then 4
- * odd (X8_OCTETS). A last block shorter than QK is summed by the scalar code.
+ * x8_relayout_weights), with the sign bits already flipped: each strip of VNNI_STRIP rows is read as it is,
+ * one sequential stream, and goes straight into the products. Weights in the hub's layout (and a model's
+ * last strip of fewer rows) are transposed per call, 16 x 16 groups at a time in registers, into a buffer
+ * that stays in L1/L2 while every row of x passes it; that costs about as much as reading them (int4:
+ * 4 ms a block). For int4 a group is 8 columns, the high nibbles the even ones and the low nibbles the
+ * odd ones, so xq stores each 8 columns as 4 even, then 4 odd (X8_OCTETS). A last block shorter than QK
+ * is summed by the scalar code.
+ *
+ * Where the time goes (Zen 4, one 512-bit vpdpbusd per cycle and core): besides the products, each
+ * weight vector is split into its nibbles (3 instructions) and each 4 columns of a row of x broadcast to
+ * all lanes (1 instruction, as costly as a product here). A pass takes VNNI_M rows of x against
+ * VNNI_GROUPS vectors of 16 weight rows, so a broadcast feeds VNNI_GROUPS products and a split vector
+ * 2 x VNNI_M. Of the shapes that fit the 32 registers, 4 x 3 was the fastest (2 threads, ChatGLM2's
+ * 27392 x 4096 int4, medians of runs taken in turns against 2 x 5, the shape before it: 8 rows
+ * 3.0 against 4.3 ms, 16 rows 6.3 against 7.1, one row 1.56 against 1.77; 1 x 8 was slower than both,
+ * as it broadcasts once per product). Software prefetches of the strip ahead made it slower.
  */
-#define VNNI_GROUPS 2                       /* vectors of 16 weight rows per strip */
-#define VNNI_STRIP (16 * VNNI_GROUPS)       /* weight rows per work item */
-#define VNNI_M 5                            /* rows of x per pass: 2 x 5 int32 and 2 x 5 float accumulators */
+#define VNNI_GROUPS 4                 /* vectors of 16 weight rows per strip */
+#define VNNI_STRIP (16 * VNNI_GROUPS)   /* weight rows per work item */
+#define VNNI_M 3                      /* rows of x per pass: 4 x 3 int32 and 4 x 3 float accumulators */
 
 /* Transpose 16 x 16 int32 in registers: at s = 8, 4, 2, 1, element (i, j) trades places with (i ^ s, j ^ s)
  * where bit s of i and of j differ. Each stage is one vpermt2d per register. */
@@ -1006,9 +1018,14 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
-/* Groups [0, groups) of `rows` weight rows (row_bytes apart), lanes side by side:
- * out[(c * VNNI_GROUPS + g) * 16 + i] = group c of row 16 g + i (0 for rows past `rows`). */
-static void pack_strip(const int8_t *W, size_t row_bytes, int rows, int groups, int32_t *out) {
+/* The sign bit of every weight in a 4-byte group: 0x88888888 (two nibbles a byte) or 0x80808080. */
+static inline int32_t sign_bits(int bits) { return bits == 4 ? (int32_t)0x88888888u : (int32_t)0x80808080u; }
+
+/* Groups [0, groups) of `rows` weight rows (row_bytes apart), lanes side by side, XOR `flip`:
+ * out[(c * VNNI_GROUPS + g) * 16 + i] = (group c of row 16 g + i) ^ flip. Lanes past `rows` hold flip
+ * (their sums are never used). The same XOR again gives the weights back. */
+static void pack_strip(const int8_t *W, size_t row_bytes, int rows, int groups, int32_t flip, int32_t *out) {
+    const __m512i f = _mm512_set1_epi32(flip);
     for (int g = 0; g < VNNI_GROUPS; g++) {
         int c = 0;
         for (; c + 16 <= groups; c += 16) {
@@ -1017,66 +1034,71 @@ static void pack_strip(const int8_t *W, size_t row_bytes, int rows, int groups, 
                 r[i] = 16 * g + i < rows ? _mm512_loadu_si512(W + (16 * g + i) * row_bytes + 4 * (size_t)c)
                                          : _mm512_setzero_si512();
             transpose16(r);
-            for (int i = 0; i < 16; i++) _mm512_storeu_si512(out + ((size_t)(c + i) * VNNI_GROUPS + g) * 16, r[i]);
+            for (int i = 0; i < 16; i++)
+                _mm512_storeu_si512(out + ((size_t)(c + i) * VNNI_GROUPS + g) * 16, _mm512_xor_si512(r[i], f));
         }
         for (; c < groups; c++)
             for (int i = 0; i < 16; i++) {
                 int32_t v = 0;
                 if (16 * g + i < rows) memcpy(&v, W + (16 * g + i) * row_bytes + 4 * (size_t)c, 4);
-                out[((size_t)c * VNNI_GROUPS + g) * 16 + i] = v;
+                out[((size_t)c * VNNI_GROUPS + g) * 16 + i] = v ^ flip;
             }
     }
 }
 
-/* The full blocks of rows [m0, m0 + mb) of xq against a packed strip: out[m * VNNI_STRIP + n]. */
+/* The full blocks of rows [m0, m0 + mb) of xq against a packed strip: out[m * VNNI_STRIP + n]. mb is a
+ * constant where this is inlined, so the accumulators live in registers. */
 static inline __attribute__((always_inline)) void strip_x8(const int32_t *packed, const x8_t *xq, int m0, int mb,
                                                            int bits, float *out) {
     const int K = xq->K, nb = xq->nb, full = K / QK, per_block = bits == 4 ? QK / 8 : QK / 4;
-    const __m512i low4 = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(bits == 4 ? (char)0x88 : (char)0x80);
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
     const int excess = bits == 4 ? -8 : -128;
     __m512 accf[VNNI_M][VNNI_GROUPS];
-    for (int m = 0; m < VNNI_M; m++)
+    for (int m = 0; m < mb; m++)
         for (int g = 0; g < VNNI_GROUPS; g++) accf[m][g] = _mm512_setzero_ps();
     for (int b = 0; b < full; b++) {
+        const int32_t *wb = packed + (size_t)b * per_block * VNNI_STRIP;
+        const int8_t *xb = xq->q + (size_t)m0 * K + (size_t)b * QK;
         __m512i acc[VNNI_M][VNNI_GROUPS];
         for (int m = 0; m < mb; m++)
             for (int g = 0; g < VNNI_GROUPS; g++) acc[m][g] = _mm512_set1_epi32(excess * xq->bsum[(size_t)(m0 + m) * nb + b]);
         for (int c = 0; c < per_block; c++) {
-            const int32_t *wc = packed + (size_t)(b * per_block + c) * VNNI_STRIP;
-            __m512i u0[VNNI_GROUPS], u1[VNNI_GROUPS];
-            for (int g = 0; g < VNNI_GROUPS; g++) {
-                const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(wc + 16 * g), sign);
+            __m512i x0[VNNI_M], x1[VNNI_M];
+            for (int m = 0; m < mb; m++) {
+                const int8_t *xc = xb + (size_t)m * K + 4 * (bits == 4 ? 2 * c : c);
+                int32_t v;
+                memcpy(&v, xc, 4);
+                x0[m] = _mm512_set1_epi32(v);
                 if (bits == 4) {
-                    u0[g] = _mm512_and_si512(_mm512_srli_epi16(u, 4), low4);   /* even columns */
-                    u1[g] = _mm512_and_si512(u, low4);                         /* odd columns */
-                } else {
-                    u0[g] = u;
+                    memcpy(&v, xc + 4, 4);
+                    x1[m] = _mm512_set1_epi32(v);
                 }
             }
-            for (int m = 0; m < mb; m++) {
-                const int8_t *xb = xq->q + (size_t)(m0 + m) * K + b * QK;
-                int32_t x0, x1;
-                if (bits == 4) {
-                    memcpy(&x0, xb + 8 * c, 4);
-                    memcpy(&x1, xb + 8 * c + 4, 4);
-                    const __m512i v0 = _mm512_set1_epi32(x0), v1 = _mm512_set1_epi32(x1);
-                    for (int g = 0; g < VNNI_GROUPS; g++)
-                        acc[m][g] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[m][g], u0[g], v0), u1[g], v1);
+            for (int g = 0; g < VNNI_GROUPS; g++) {
+                const __m512i u = _mm512_loadu_si512(wb + (c * VNNI_GROUPS + g) * 16);
+                if (bits == 4) {   /* high nibbles: the 4 even columns; low nibbles: the 4 odd ones */
+                    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(u, 4), low4), lo = _mm512_and_si512(u, low4);
+                    for (int m = 0; m < mb; m++)
+                        acc[m][g] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[m][g], hi, x0[m]), lo, x1[m]);
                 } else {
-                    memcpy(&x0, xb + 4 * c, 4);
-                    const __m512i v0 = _mm512_set1_epi32(x0);
-                    for (int g = 0; g < VNNI_GROUPS; g++) acc[m][g] = _mm512_dpbusd_epi32(acc[m][g], u0[g], v0);
+                    for (int m = 0; m < mb; m++) acc[m][g] = _mm512_dpbusd_epi32(acc[m][g], u, x0[m]);
                 }
             }
         }
         for (int m = 0; m < mb; m++) {
             const __m512 dm = _mm512_set1_ps(xq->d[(size_t)(m0 + m) * nb + b]);
-            for (int g = 0; g < VNNI_GROUPS; g++)   /* mul, then add: the reference's float operations */
-                accf[m][g] = _mm512_add_ps(accf[m][g], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m][g]), dm));
+            for (int g = 0; g < VNNI_GROUPS; g++) accf[m][g] = _mm512_fmadd_ps(dm, _mm512_cvtepi32_ps(acc[m][g]), accf[m][g]);
         }
     }
     for (int m = 0; m < mb; m++)
         for (int g = 0; g < VNNI_GROUPS; g++) _mm512_storeu_ps(out + m * VNNI_STRIP + 16 * g, accf[m][g]);
+}
+
+/* One pass with mb a constant (1 to VNNI_M). */
+static void strip_pass(const int32_t *packed, const x8_t *xq, int m0, int mb, int bits, float *out) {
+#define PASS(n) case n: if (bits == 4) strip_x8(packed, xq, m0, n, 4, out); else strip_x8(packed, xq, m0, n, 8, out); break;
+    switch (mb) { PASS(1) PASS(2) PASS(3) }
+#undef PASS
 }
 
 /* 4-byte groups in a row's full blocks. */
@@ -1084,8 +1106,8 @@ static inline int full_groups(int K, int bits) { return K / QK * (bits == 4 ? QK
 
 /*
  * The lane layout: each full strip of VNNI_STRIP rows holds, in its own bytes, its groups as pack_strip
- * writes them, then each row's short last block. A last strip of fewer rows keeps the hub's row layout
- * (it is transposed per call). to_lanes = 0 restores the hub layout.
+ * writes them, then each row's short last block (as in the hub layout). A last strip of fewer rows keeps
+ * the hub's row layout (it is transposed per call). to_lanes = 0 restores the hub layout.
  * -> 0, or -1 on builds without this kernel (the weights keep the hub layout there).
  */
 typedef struct {
@@ -1096,6 +1118,7 @@ typedef struct {
 static void relayout_strips(void *arg, int s0, int s1) {
     const relayout_job *job = (const relayout_job *)arg;
     const int groups = full_groups(job->K, job->bits);
+    const int32_t flip = sign_bits(job->bits);
     const size_t KB = job->bits == 4 ? (size_t)job->K / 2 : (size_t)job->K, full_bytes = 4 * (size_t)groups;
     const size_t tail = KB - full_bytes, strip_bytes = KB * VNNI_STRIP;
     int8_t *copy = (int8_t *)malloc(strip_bytes);
@@ -1103,13 +1126,15 @@ static void relayout_strips(void *arg, int s0, int s1) {
         int8_t *strip = job->W + (size_t)s * strip_bytes;
         memcpy(copy, strip, strip_bytes);
         if (job->to_lanes) {
-            pack_strip(copy, KB, VNNI_STRIP, groups, (int32_t *)strip);
+            pack_strip(copy, KB, VNNI_STRIP, groups, flip, (int32_t *)strip);
             for (int r = 0; r < VNNI_STRIP; r++) memcpy(strip + full_bytes * VNNI_STRIP + r * tail, copy + r * KB + full_bytes, tail);
         } else {
             const int32_t *packed = (const int32_t *)copy;
             for (int r = 0; r < VNNI_STRIP; r++) {
-                for (int c = 0; c < groups; c++)
-                    memcpy(strip + r * KB + 4 * (size_t)c, &packed[((size_t)c * VNNI_GROUPS + r / 16) * 16 + r % 16], 4);
+                for (int c = 0; c < groups; c++) {
+                    const int32_t v = packed[((size_t)c * VNNI_GROUPS + r / 16) * 16 + r % 16] ^ flip;
+                    memcpy(strip + r * KB + 4 * (size_t)c, &v, 4);
+                }
                 memcpy(strip + r * KB + full_bytes, copy + full_bytes * VNNI_STRIP + r * tail, tail);
             }
         }
@@ -1136,25 +1161,21 @@ static void strips_x8(void *arg, int s0, int s1) {
         const int8_t *w = job->W + (size_t)n0 * KB;
         const int ready = job->lanes && rows == VNNI_STRIP;   /* a full strip already in the lane layout */
         const int32_t *packed = ready ? (const int32_t *)w : scratch;
-        if (!ready) pack_strip(w, KB, rows, groups, scratch);
-        for (int m0 = job->p0; m0 < job->p1; m0 += VNNI_M) {
-            const int mb = job->p1 - m0 < VNNI_M ? job->p1 - m0 : VNNI_M;
-            /* constant shapes, so that the accumulators stay in registers */
-#define STRIP_SHAPES(B)                                                  \
-            if (mb == VNNI_M) strip_x8(packed, xq, m0, VNNI_M, B, out); \
-            else if (mb == 1) strip_x8(packed, xq, m0, 1, B, out);      \
-            else if (mb == 2) strip_x8(packed, xq, m0, 2, B, out);      \
-            else strip_x8(packed, xq, m0, mb, B, out);
-            if (bits == 4) { STRIP_SHAPES(4) } else { STRIP_SHAPES(8) }
-#undef STRIP_SHAPES
+        if (!ready) pack_strip(w, KB, rows, groups, sign_bits(bits), scratch);
+        for (int m0 = job->p0, mb; m0 < job->p1; m0 += mb) {
+            /* As few passes as VNNI_M allows, of near-equal rows: 4 rows are 2 + 2, not 3 + 1 (a pass of
+             * one row costs nearly what one of two does: unpacking the weights is its larger part). */
+            const int left = job->p1 - m0, passes = (left + VNNI_M - 1) / VNNI_M;
+            mb = (left + passes - 1) / passes;
+            strip_pass(packed, xq, m0, mb, bits, out);
             for (int m = 0; m < mb; m++)
                 for (int r = 0; r < rows; r++) {
                     float sum = out[m * VNNI_STRIP + r];
                     if (full < nb) {   /* the short last block */
                         const int8_t *wt = ready ? w + full_bytes * VNNI_STRIP + r * tail : w + r * KB + full_bytes;
-                        sum += xq->d[(size_t)(m0 + m) * nb + full] *
-                               (float)block_isum(xq->q + (size_t)(m0 + m) * K + full * QK, wt, bits, X8_NATURAL, 0,
-                                                 K - full * QK);
+                        sum = fmaf(xq->d[(size_t)(m0 + m) * nb + full],
+                                   (float)block_isum(xq->q + (size_t)(m0 + m) * K + full * QK, wt, bits, X8_NATURAL, 0,
+                                                     K - full * QK), sum);
                     }
                     job->y[(size_t)(m0 + m) * N + n0 + r] = sum * job->scale[n0 + r] + (job->bias ? job->bias[n0 + r] : 0.0f);
                 }
