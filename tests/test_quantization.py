@@ -265,9 +265,10 @@ def test_int8_activations_give_the_same_bits_on_builds_that_add_alike(isa_builds
     AVX2 and AVX-512 without VNNI keep 8 lanes per weight row, scaled block by block and added across at
     the end: those builds give each other's bits (a machine moved between such CPUs answers the same).
     AVX512-VNNI keeps one lane per weight row and adds the blocks in order, as the scalar reference does:
-    it gives the reference's bits. K = 4100 ends in a short block; 77 rows are a strip of 64 and a
-    part; 70 rows of x are two panels of passes of up to 3 rows; for int4, 4160 columns are 520 groups
-    of 8, not a multiple of the 16 the kernel transposes at once."""
+    it gives the reference's bits. K = 4100 ends in a short block; 77 rows are 64 in full strips (one
+    of 64 rows for int4, two of 32 for int8) and a part; 70 rows of x are two panels of passes of up to
+    3 (int4) or 5 (int8) rows; for int4, 4160 columns are 520 groups of 8, not a multiple of the 16 the
+    kernel transposes at once."""
     isa = {march: lib.kernel_isa().decode() for march, lib in isa_builds.items()}
     lanes = {march: lib for march, lib in isa_builds.items() if isa[march] in ('avx2', 'avx512')}
     vnni = {march: lib for march, lib in isa_builds.items() if 'vnni' in isa[march]}
@@ -315,8 +316,9 @@ def test_bf16_prompts_of_up_to_128_rows_take_the_kernel_where_it_multiplies_bf16
 def test_int8_activations_rearrange_the_weights_for_vnni_and_give_them_back(lib, bits):
     """On AVX512-VNNI, int8 activations put the weights in the lane layout once (no per-call
     transposes), with the same results as the hub layout; the state dict, and clearing the option, give
-    the hub's bytes back. 77 rows: a strip of 64 in the lane layout and a part strip left in rows;
-    4100 columns end in a short block. Other builds keep the hub layout."""
+    the hub's bytes back. 77 rows: 64 in full strips in the lane layout (int4: one of 64, int8: two of
+    32) and a part strip left in rows; 4100 columns end in a short block. Other builds keep the hub
+    layout."""
     layer = QuantizedLinear(4100, 77, bits, bias=True, dtype=torch.float32, scale_dtype=torch.float32)
     layer.load_float_weight(torch.randn(77, 4100))
     with torch.no_grad():

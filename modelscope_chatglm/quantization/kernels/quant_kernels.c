@@ -954,8 +954,8 @@ static void tiles_x8(void *arg, int t0, int t1) {
 }
 
 #define X8_ORDER(bits) ((bits) == 4 ? X8_HALVES : X8_NATURAL)
-#define X8_TILE_ROWS X8_WROWS   /* weight rows per work item */
-#define X8_TILE_XROWS X8_ROWS   /* rows of x per pass */
+#define X8_TILE_ROWS(bits) X8_WROWS   /* weight rows per work item */
+#define X8_TILE_XROWS(bits) X8_ROWS   /* rows of x per pass */
 #define X8_TILES tiles_x8
 #else  /* X8_VNNI */
 
@@ -974,7 +974,7 @@ static void tiles_x8(void *arg, int t0, int t1) {
  *
  * Lanes want group c (4 bytes along k) of 16 rows side by side, where W stores each row's groups in
  * sequence. A model loaded with int8 activations has its weights rearranged so once (the lane layout,
- * x8_relayout_weights), with the sign bits already flipped: each strip of VNNI_STRIP rows is read as it is,
+ * x8_relayout_weights), with the sign bits already flipped: each strip of 16 G rows (below) is read as it is,
  * one sequential stream, and goes straight into the products. Weights in the hub's layout (and a model's
  * last strip of fewer rows) are transposed per call, 16 x 16 groups at a time in registers, into a buffer
  * that stays in L1/L2 while every row of x passes it; that costs about as much as reading them (int4:
@@ -983,17 +983,21 @@ static void tiles_x8(void *arg, int t0, int t1) {
  * is summed by the scalar code.
  *
  * Where the time goes (Zen 4, one 512-bit vpdpbusd per cycle and core): besides the products, each
- * weight vector is split into its nibbles (3 instructions) and each 4 columns of a row of x broadcast to
- * all lanes (1 instruction, as costly as a product here). A pass takes VNNI_M rows of x against
- * VNNI_GROUPS vectors of 16 weight rows, so a broadcast feeds VNNI_GROUPS products and a split vector
- * 2 x VNNI_M. Of the shapes that fit the 32 registers, 4 x 3 was the fastest (2 threads, ChatGLM2's
- * 27392 x 4096 int4, medians of runs taken in turns against 2 x 5, the shape before it: 8 rows
- * 3.0 against 4.3 ms, 16 rows 6.3 against 7.1, one row 1.56 against 1.77; 1 x 8 was slower than both,
- * as it broadcasts once per product). Software prefetches of the strip ahead made it slower.
+ * int4 weight vector is split into its nibbles (3 instructions) and each 4 columns of a row of x are
+ * broadcast to all lanes (1 instruction, about as costly as a product). A pass takes R rows of x against
+ * G vectors of 16 weight rows (a strip of 16 G rows), so a broadcast feeds G products and a split vector
+ * 2 R. Of the shapes that fit the 32 registers (R x G int32 and float accumulators), the fastest, in
+ * runs taken in turns (2 threads, ChatGLM2's 27392 x 4096):
+ * - int4: G = 4, R = 3. Against G = 2, R = 5: 8 rows of x 3.0 against 4.3 ms, 16 rows 6.3 against 7.1,
+ *   one row 1.56 against 1.77. (G = 1, R = 8 was slower than both: one broadcast per product.)
+ * - int8 (no nibbles to split): G = 2, R = 5. G = 4, R = 3 took 5.6 against 4.5 ms at 8 rows and 4.3
+ *   against 3.7 at one.
+ * Software prefetches of the strip ahead made both slower.
  */
-#define VNNI_GROUPS 4                 /* vectors of 16 weight rows per strip */
-#define VNNI_STRIP (16 * VNNI_GROUPS)   /* weight rows per work item */
-#define VNNI_M 3                      /* rows of x per pass: 4 x 3 int32 and 4 x 3 float accumulators */
+static inline int vnni_groups(int bits) { return bits == 4 ? 4 : 2; }   /* G: vectors of 16 weight rows per strip */
+static inline int vnni_rows(int bits) { return bits == 4 ? 3 : 5; }     /* R: rows of x per pass */
+#define VNNI_MAX_G 4
+#define VNNI_MAX_R 5
 
 /* Transpose 16 x 16 int32 in registers: at s = 8, 4, 2, 1, element (i, j) trades places with (i ^ s, j ^ s)
  * where bit s of i and of j differ. Each stage is one vpermt2d per register. */
@@ -1021,12 +1025,12 @@ static inline void transpose16(__m512i r[16]) {
 /* The sign bit of every weight in a 4-byte group: 0x88888888 (two nibbles a byte) or 0x80808080. */
 static inline int32_t sign_bits(int bits) { return bits == 4 ? (int32_t)0x88888888u : (int32_t)0x80808080u; }
 
-/* Groups [0, groups) of `rows` weight rows (row_bytes apart), lanes side by side, XOR `flip`:
- * out[(c * VNNI_GROUPS + g) * 16 + i] = (group c of row 16 g + i) ^ flip. Lanes past `rows` hold flip
+/* Groups [0, groups) of `rows` weight rows (row_bytes apart) of a strip of 16 G, lanes side by side, XOR
+ * `flip`: out[(c * G + g) * 16 + i] = (group c of row 16 g + i) ^ flip. Lanes past `rows` hold flip
  * (their sums are never used). The same XOR again gives the weights back. */
-static void pack_strip(const int8_t *W, size_t row_bytes, int rows, int groups, int32_t flip, int32_t *out) {
+static void pack_strip(const int8_t *W, size_t row_bytes, int rows, int groups, int G, int32_t flip, int32_t *out) {
     const __m512i f = _mm512_set1_epi32(flip);
-    for (int g = 0; g < VNNI_GROUPS; g++) {
+    for (int g = 0; g < G; g++) {
         int c = 0;
         for (; c + 16 <= groups; c += 16) {
             __m512i r[16];
@@ -1035,35 +1039,35 @@ static void pack_strip(const int8_t *W, size_t row_bytes, int rows, int groups, 
                                          : _mm512_setzero_si512();
             transpose16(r);
             for (int i = 0; i < 16; i++)
-                _mm512_storeu_si512(out + ((size_t)(c + i) * VNNI_GROUPS + g) * 16, _mm512_xor_si512(r[i], f));
+                _mm512_storeu_si512(out + ((size_t)(c + i) * G + g) * 16, _mm512_xor_si512(r[i], f));
         }
         for (; c < groups; c++)
             for (int i = 0; i < 16; i++) {
                 int32_t v = 0;
                 if (16 * g + i < rows) memcpy(&v, W + (16 * g + i) * row_bytes + 4 * (size_t)c, 4);
-                out[((size_t)c * VNNI_GROUPS + g) * 16 + i] = v ^ flip;
+                out[((size_t)c * G + g) * 16 + i] = v ^ flip;
             }
     }
 }
 
-/* The full blocks of rows [m0, m0 + mb) of xq against a packed strip: out[m * VNNI_STRIP + n]. mb is a
- * constant where this is inlined, so the accumulators live in registers. */
+/* The full blocks of rows [m0, m0 + mb) of xq against a packed strip: out[m * 16 G + n]. bits and mb are
+ * constants where this is inlined, so the accumulators live in registers. */
 static inline __attribute__((always_inline)) void strip_x8(const int32_t *packed, const x8_t *xq, int m0, int mb,
                                                            int bits, float *out) {
     const int K = xq->K, nb = xq->nb, full = K / QK, per_block = bits == 4 ? QK / 8 : QK / 4;
     const __m512i low4 = _mm512_set1_epi8(0x0F);
-    const int excess = bits == 4 ? -8 : -128;
-    __m512 accf[VNNI_M][VNNI_GROUPS];
+    const int excess = bits == 4 ? -8 : -128, G = vnni_groups(bits);
+    __m512 accf[VNNI_MAX_R][VNNI_MAX_G];
     for (int m = 0; m < mb; m++)
-        for (int g = 0; g < VNNI_GROUPS; g++) accf[m][g] = _mm512_setzero_ps();
+        for (int g = 0; g < G; g++) accf[m][g] = _mm512_setzero_ps();
     for (int b = 0; b < full; b++) {
-        const int32_t *wb = packed + (size_t)b * per_block * VNNI_STRIP;
+        const int32_t *wb = packed + (size_t)b * per_block * 16 * G;
         const int8_t *xb = xq->q + (size_t)m0 * K + (size_t)b * QK;
-        __m512i acc[VNNI_M][VNNI_GROUPS];
+        __m512i acc[VNNI_MAX_R][VNNI_MAX_G];
         for (int m = 0; m < mb; m++)
-            for (int g = 0; g < VNNI_GROUPS; g++) acc[m][g] = _mm512_set1_epi32(excess * xq->bsum[(size_t)(m0 + m) * nb + b]);
+            for (int g = 0; g < G; g++) acc[m][g] = _mm512_set1_epi32(excess * xq->bsum[(size_t)(m0 + m) * nb + b]);
         for (int c = 0; c < per_block; c++) {
-            __m512i x0[VNNI_M], x1[VNNI_M];
+            __m512i x0[VNNI_MAX_R], x1[VNNI_MAX_R];
             for (int m = 0; m < mb; m++) {
                 const int8_t *xc = xb + (size_t)m * K + 4 * (bits == 4 ? 2 * c : c);
                 int32_t v;
@@ -1074,8 +1078,8 @@ static inline __attribute__((always_inline)) void strip_x8(const int32_t *packed
                     x1[m] = _mm512_set1_epi32(v);
                 }
             }
-            for (int g = 0; g < VNNI_GROUPS; g++) {
-                const __m512i u = _mm512_loadu_si512(wb + (c * VNNI_GROUPS + g) * 16);
+            for (int g = 0; g < G; g++) {
+                const __m512i u = _mm512_loadu_si512(wb + (c * G + g) * 16);
                 if (bits == 4) {   /* high nibbles: the 4 even columns; low nibbles: the 4 odd ones */
                     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(u, 4), low4), lo = _mm512_and_si512(u, low4);
                     for (int m = 0; m < mb; m++)
@@ -1087,17 +1091,17 @@ static inline __attribute__((always_inline)) void strip_x8(const int32_t *packed
         }
         for (int m = 0; m < mb; m++) {
             const __m512 dm = _mm512_set1_ps(xq->d[(size_t)(m0 + m) * nb + b]);
-            for (int g = 0; g < VNNI_GROUPS; g++) accf[m][g] = _mm512_fmadd_ps(dm, _mm512_cvtepi32_ps(acc[m][g]), accf[m][g]);
+            for (int g = 0; g < G; g++) accf[m][g] = _mm512_fmadd_ps(dm, _mm512_cvtepi32_ps(acc[m][g]), accf[m][g]);
         }
     }
     for (int m = 0; m < mb; m++)
-        for (int g = 0; g < VNNI_GROUPS; g++) _mm512_storeu_ps(out + m * VNNI_STRIP + 16 * g, accf[m][g]);
+        for (int g = 0; g < G; g++) _mm512_storeu_ps(out + (m * G + g) * 16, accf[m][g]);
 }
 
-/* One pass with mb a constant (1 to VNNI_M). */
+/* One pass with bits and mb constants (mb: 1 to vnni_rows(bits)). */
 static void strip_pass(const int32_t *packed, const x8_t *xq, int m0, int mb, int bits, float *out) {
 #define PASS(n) case n: if (bits == 4) strip_x8(packed, xq, m0, n, 4, out); else strip_x8(packed, xq, m0, n, 8, out); break;
-    switch (mb) { PASS(1) PASS(2) PASS(3) }
+    switch (mb) { PASS(1) PASS(2) PASS(3) PASS(4) PASS(5) }
 #undef PASS
 }
 
@@ -1105,7 +1109,7 @@ static void strip_pass(const int32_t *packed, const x8_t *xq, int m0, int mb, in
 static inline int full_groups(int K, int bits) { return K / QK * (bits == 4 ? QK / 8 : QK / 4); }
 
 /*
- * The lane layout: each full strip of VNNI_STRIP rows holds, in its own bytes, its groups as pack_strip
+ * The lane layout: each full strip of 16 G rows holds, in its own bytes, its groups as pack_strip
  * writes them, then each row's short last block (as in the hub layout). A last strip of fewer rows keeps
  * the hub's row layout (it is transposed per call). to_lanes = 0 restores the hub layout.
  * -> 0, or -1 on builds without this kernel (the weights keep the hub layout there).
@@ -1120,22 +1124,23 @@ static void relayout_strips(void *arg, int s0, int s1) {
     const int groups = full_groups(job->K, job->bits);
     const int32_t flip = sign_bits(job->bits);
     const size_t KB = job->bits == 4 ? (size_t)job->K / 2 : (size_t)job->K, full_bytes = 4 * (size_t)groups;
-    const size_t tail = KB - full_bytes, strip_bytes = KB * VNNI_STRIP;
+    const int G = vnni_groups(job->bits), strip_rows = 16 * G;
+    const size_t tail = KB - full_bytes, strip_bytes = KB * strip_rows;
     int8_t *copy = (int8_t *)malloc(strip_bytes);
     for (int s = s0; s < s1; s++) {
         int8_t *strip = job->W + (size_t)s * strip_bytes;
         memcpy(copy, strip, strip_bytes);
         if (job->to_lanes) {
-            pack_strip(copy, KB, VNNI_STRIP, groups, flip, (int32_t *)strip);
-            for (int r = 0; r < VNNI_STRIP; r++) memcpy(strip + full_bytes * VNNI_STRIP + r * tail, copy + r * KB + full_bytes, tail);
+            pack_strip(copy, KB, strip_rows, groups, G, flip, (int32_t *)strip);
+            for (int r = 0; r < strip_rows; r++) memcpy(strip + full_bytes * strip_rows + r * tail, copy + r * KB + full_bytes, tail);
         } else {
             const int32_t *packed = (const int32_t *)copy;
-            for (int r = 0; r < VNNI_STRIP; r++) {
+            for (int r = 0; r < strip_rows; r++) {
                 for (int c = 0; c < groups; c++) {
-                    const int32_t v = packed[((size_t)c * VNNI_GROUPS + r / 16) * 16 + r % 16] ^ flip;
+                    const int32_t v = packed[((size_t)c * G + r / 16) * 16 + r % 16] ^ flip;
                     memcpy(strip + r * KB + 4 * (size_t)c, &v, 4);
                 }
-                memcpy(strip + r * KB + full_bytes, copy + full_bytes * VNNI_STRIP + r * tail, tail);
+                memcpy(strip + r * KB + full_bytes, copy + full_bytes * strip_rows + r * tail, tail);
             }
         }
     }
@@ -1144,35 +1149,36 @@ static void relayout_strips(void *arg, int s0, int s1) {
 
 int x8_relayout_weights(int8_t *W, int N, int K, int bits, int to_lanes, int nthreads) {
     relayout_job job = {W, K, bits, to_lanes};
-    parallel_for(N / VNNI_STRIP, nthreads, relayout_strips, &job);
+    parallel_for(N / (16 * vnni_groups(bits)), nthreads, relayout_strips, &job);
     return 0;
 }
 
-/* Strips [s0, s1) of VNNI_STRIP weight rows against rows [p0, p1) of xq. */
+/* Strips [s0, s1) of 16 G weight rows against rows [p0, p1) of xq. */
 static void strips_x8(void *arg, int s0, int s1) {
     const x8_job *job = (const x8_job *)arg;
     const x8_t *xq = job->xq;
     const int K = xq->K, nb = xq->nb, full = K / QK, bits = job->bits, N = job->N, groups = full_groups(K, bits);
     const size_t KB = bits == 4 ? (size_t)K / 2 : (size_t)K, full_bytes = 4 * (size_t)groups, tail = KB - full_bytes;
-    int32_t *scratch = (int32_t *)thread_scratch(sizeof(int32_t) * ((size_t)groups * VNNI_STRIP + 1));
-    float out[VNNI_M * VNNI_STRIP];
+    const int G = vnni_groups(bits), strip_rows = 16 * G, R = vnni_rows(bits);
+    int32_t *scratch = (int32_t *)thread_scratch(sizeof(int32_t) * ((size_t)groups * strip_rows + 1));
+    float out[VNNI_MAX_R * 16 * VNNI_MAX_G];
     for (int s = s0; s < s1; s++) {
-        const int n0 = s * VNNI_STRIP, rows = N - n0 < VNNI_STRIP ? N - n0 : VNNI_STRIP;
+        const int n0 = s * strip_rows, rows = N - n0 < strip_rows ? N - n0 : strip_rows;
         const int8_t *w = job->W + (size_t)n0 * KB;
-        const int ready = job->lanes && rows == VNNI_STRIP;   /* a full strip already in the lane layout */
+        const int ready = job->lanes && rows == strip_rows;   /* a full strip already in the lane layout */
         const int32_t *packed = ready ? (const int32_t *)w : scratch;
-        if (!ready) pack_strip(w, KB, rows, groups, sign_bits(bits), scratch);
+        if (!ready) pack_strip(w, KB, rows, groups, G, sign_bits(bits), scratch);
         for (int m0 = job->p0, mb; m0 < job->p1; m0 += mb) {
-            /* As few passes as VNNI_M allows, of near-equal rows: 4 rows are 2 + 2, not 3 + 1 (a pass of
-             * one row costs nearly what one of two does: unpacking the weights is its larger part). */
-            const int left = job->p1 - m0, passes = (left + VNNI_M - 1) / VNNI_M;
+            /* As few passes as R allows, of near-equal rows: 4 rows are 2 + 2, not 3 + 1 (a pass of one
+             * row costs nearly what one of two does). */
+            const int left = job->p1 - m0, passes = (left + R - 1) / R;
             mb = (left + passes - 1) / passes;
             strip_pass(packed, xq, m0, mb, bits, out);
             for (int m = 0; m < mb; m++)
                 for (int r = 0; r < rows; r++) {
-                    float sum = out[m * VNNI_STRIP + r];
+                    float sum = out[m * strip_rows + r];
                     if (full < nb) {   /* the short last block */
-                        const int8_t *wt = ready ? w + full_bytes * VNNI_STRIP + r * tail : w + r * KB + full_bytes;
+                        const int8_t *wt = ready ? w + full_bytes * strip_rows + r * tail : w + r * KB + full_bytes;
                         sum = fmaf(xq->d[(size_t)(m0 + m) * nb + full],
                                    (float)block_isum(xq->q + (size_t)(m0 + m) * K + full * QK, wt, bits, X8_NATURAL, 0,
                                                      K - full * QK), sum);
@@ -1185,8 +1191,8 @@ static void strips_x8(void *arg, int s0, int s1) {
 
 #define X8_LANES 1
 #define X8_ORDER(bits) ((bits) == 4 ? X8_OCTETS : X8_NATURAL)
-#define X8_TILE_ROWS VNNI_STRIP
-#define X8_TILE_XROWS VNNI_M
+#define X8_TILE_ROWS(bits) (16 * vnni_groups(bits))
+#define X8_TILE_XROWS(bits) vnni_rows(bits)
 #define X8_TILES strips_x8
 #endif  /* X8_VNNI */
 
@@ -1203,11 +1209,12 @@ static void gemv_x8(const float *x, int M, int K, const int8_t *W, int bits, int
     /* Rows of x in panels that stay in L2 while every weight row passes them (a long prompt would
      * otherwise bring all of x from L3 for each work item). The weights are read once per panel; a
      * decode batch is one panel. */
-    int panel = X8_PANEL_BYTES / K / X8_TILE_XROWS * X8_TILE_XROWS;
-    panel = panel < X8_TILE_XROWS ? X8_TILE_XROWS : panel;
+    const int pass = X8_TILE_XROWS(bits), tile = X8_TILE_ROWS(bits);
+    int panel = X8_PANEL_BYTES / K / pass * pass;
+    panel = panel < pass ? pass : panel;
     for (int p0 = 0; p0 < M; p0 += panel) {
         x8_job job = {&xq, p0, p0 + panel < M ? p0 + panel : M, bits, lanes, W, scale, bias, y, N};
-        parallel_for((N + X8_TILE_ROWS - 1) / X8_TILE_ROWS, nthreads, X8_TILES, &job);
+        parallel_for((N + tile - 1) / tile, nthreads, X8_TILES, &job);
     }
     free_x8(&xq);
 }
