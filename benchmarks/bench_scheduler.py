@@ -8,8 +8,12 @@
 - openmp: one stream's decode step, in turns: on the thread that loaded the model, on a second thread
   beside the loading thread's idle OpenMP pool, and on a second thread after `release_openmp_threads()`
   (what the server's engine does).
+- steps: a decode step of 1 stream against one of --clients streams, two schedulers in one process,
+  5 steps of each in turns for 12 rounds: the medians and each round's ratio. One stream is bound by
+  memory bandwidth and many by compute, and the host's bandwidth drifts: only ratios taken in turns
+  compare.
 
-    python benchmarks/bench_scheduler.py --bits 4 --int8-activations [--only chunks|shared|openmp]
+    python benchmarks/bench_scheduler.py --bits 4 --int8-activations [--only chunks|shared|openmp|steps]
 """
 import argparse
 import os
@@ -112,6 +116,40 @@ def openmp(chat, args):
               f'{t[9 * len(t) // 10] * 1e3:.1f}]', flush=True)
 
 
+def steps(chat, args):
+    print(f'\ndecode step of 1 and of {args.clients} streams, 5 steps each in turns, 12 rounds')
+    rng, scheds = random.Random(0), {}
+    for n in (1, args.clients):
+        sched = chat.scheduler(max_batch=max(16, n))
+        for _ in range(n):
+            sched.submit([rng.randrange(100, 60000) for _ in range(args.prompt_tokens)],
+                         chat.sampling(max_new_tokens=10_000, do_sample=False))
+        while any(s.prefilled < len(s.fill) for s in sched.running + list(sched.waiting)):
+            sched.step()
+        scheds[n] = sched
+    times, ratios = {n: [] for n in scheds}, []
+    for _ in range(12):
+        medians = {}
+        for n, sched in scheds.items():
+            ts = []
+            for _ in range(5):
+                t = time.perf_counter()
+                sched.step()
+                ts.append(time.perf_counter() - t)
+            times[n] += ts
+            medians[n] = statistics.median(ts)
+        ratios.append(medians[args.clients] / medians[1])
+    for n, t in times.items():
+        t = sorted(t)
+        print(f'{n:2d} streams: {statistics.median(t) * 1e3:6.1f} ms [p10-p90 {t[len(t) // 10] * 1e3:.1f}-'
+              f'{t[9 * len(t) // 10] * 1e3:.1f}]')
+    ratios.sort()
+    print(f'ratio by round: median {statistics.median(ratios):.2f} [{ratios[0]:.2f}-{ratios[-1]:.2f}]', flush=True)
+    for sched in scheds.values():
+        sched.cancel_all()
+        sched.step()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--dir', default='/var/tmp/chatglm2-6b-random', help='full-size checkpoint (built if missing)')
@@ -122,7 +160,7 @@ def main():
     ap.add_argument('--new-tokens', type=int, default=64)
     ap.add_argument('--chunks', type=lambda s: [int(c) for c in s.split(',')], default=[128, 64, 32])
     ap.add_argument('--rounds', type=int, default=2)
-    ap.add_argument('--only', choices=['chunks', 'shared', 'openmp'])
+    ap.add_argument('--only', choices=['chunks', 'shared', 'openmp', 'steps'])
     args = ap.parse_args()
     import modelscope_chatglm
     from fullsize import build
@@ -131,7 +169,7 @@ def main():
                                    int8_activations=args.int8_activations or None)
     print(f'int{args.bits}{" int8 activations" if args.int8_activations else ""}, {chat.dtype}, '
           f'{torch.get_num_threads()} threads')
-    for name, fn in (('chunks', chunks), ('shared', shared), ('openmp', openmp)):
+    for name, fn in (('chunks', chunks), ('shared', shared), ('openmp', openmp), ('steps', steps)):
         if args.only in (None, name):
             fn(chat, args)
 
