@@ -68,8 +68,8 @@ class QuantizedLinear(nn.Module):
     def int8_activations(self) -> bool:
         """Quantize x to int8 too (see the module docstring); set for the whole model by
         loading.load(int8_activations=True). On AVX512-VNNI, setting it rearranges `weight` in place for
-        that kernel (`lane_layout`: 32 rows' groups of 4 bytes side by side, so that no call transposes
-        them); clearing it restores the hub's layout, and the state dict always holds the hub's layout."""
+        that kernel (`lane_layout`: strips of 64 rows for int4, 32 for int8, their groups of 4 bytes side by
+        side and sign bits flipped, so that no call transposes them); clearing it restores the hub's layout, and the state dict always holds the hub's layout."""
         return self._int8_activations
 
     @int8_activations.setter
