@@ -113,12 +113,17 @@ def test_a_huge_conversation_does_not_stall_the_server(glm3_server):
     for i in range(2000):
         messages += [{'role': 'user', 'content': f'第{i}个问题'}, {'role': 'assistant', 'content': f'第{i}个回答'}]
     messages.append({'role': 'user', 'content': '你好'})
+    start = time.perf_counter()
     with health_latencies(glm3_server) as latencies:
         r = httpx.post(f'{glm3_server}/v1/chat/completions', timeout=300, headers=AUTH,
                        json={'messages': messages, 'max_tokens': 4, 'temperature': 0})
+    took = time.perf_counter() - start
     assert r.status_code == 200, r.text
     assert r.json()['usage']['prompt_tokens'] <= 2048      # the oldest rounds were dropped to fit
-    assert len(latencies) >= 3 and max(latencies) < 1.0, latencies
+    # /health answered at its pace (a poll every 50 ms plus its own time) for as long as the request
+    # ran, each answer fast. (How long the request runs depends on the machine: a fixed count of polls
+    # failed on a fast one, where it took 0.1 s.)
+    assert max(latencies) < 1.0 and len(latencies) >= max(1, took / 0.2), (took, latencies)
 
 
 def test_a_non_stream_client_that_hangs_up_is_cancelled(server):
