@@ -992,7 +992,8 @@ static void tiles_x8(void *arg, int t0, int t1) {
  *   one row 1.56 against 1.77. (G = 1, R = 8 was slower than both: one broadcast per product.)
  * - int8 (no nibbles to split): G = 2, R = 5. G = 4, R = 3 took 5.6 against 4.5 ms at 8 rows and 4.3
  *   against 3.7 at one.
- * Software prefetches of the strip ahead made both slower.
+ * Software prefetches (of the strip ahead, or of the next strip during a strip's later passes) made int4
+ * slower or no faster at 1, 8 and 16 rows; int8 was not tried.
  */
 static inline int vnni_groups(int bits) { return bits == 4 ? 4 : 2; }   /* G: vectors of 16 weight rows per strip */
 static inline int vnni_rows(int bits) { return bits == 4 ? 3 : 5; }     /* R: rows of x per pass */
@@ -1100,8 +1101,9 @@ static inline __attribute__((always_inline)) void strip_x8(const int32_t *packed
 
 /* One pass with bits and mb constants (mb: 1 to vnni_rows(bits)). */
 static void strip_pass(const int32_t *packed, const x8_t *xq, int m0, int mb, int bits, float *out) {
-#define PASS(n) case n: if (bits == 4) strip_x8(packed, xq, m0, n, 4, out); else strip_x8(packed, xq, m0, n, 8, out); break;
-    switch (mb) { PASS(1) PASS(2) PASS(3) PASS(4) PASS(5) }
+#define PASS(n, B) case n: strip_x8(packed, xq, m0, n, B, out); break;
+    if (bits == 4) switch (mb) { PASS(1, 4) PASS(2, 4) PASS(3, 4) }
+    else switch (mb) { PASS(1, 8) PASS(2, 8) PASS(3, 8) PASS(4, 8) PASS(5, 8) }
 #undef PASS
 }
 
