@@ -256,6 +256,11 @@ def _declare(lib):
         getattr(lib, name).restype = None
         getattr(lib, name + '_ref').argtypes = [p, i, i, p, p, p, i]
         getattr(lib, name + '_ref').restype = None
+    lg, f = ctypes.c_long, ctypes.c_float
+    lib.attend_bf16.argtypes = [p, lg, i, i, i, i, p, lg, p, lg, i, p, f, i]
+    lib.attend_bf16.restype = ctypes.c_int
+    lib.attend_bf16_ref.argtypes = [p, lg, i, i, i, i, p, lg, p, lg, i, p, f]
+    lib.attend_bf16_ref.restype = None
     lib.kernel_isa.restype = ctypes.c_char_p
     lib.kernel_openmp.restype = ctypes.c_int
     lib.isa = lib.kernel_isa().decode()   # the SIMD branch compiled in: 'avx512-vnni-bf16', ..., 'scalar'
