@@ -30,11 +30,14 @@ def make_checkpoint(tmp_path_factory, sp_models):
     built = {}
 
     def make(name, family='glm2', fmt='bin', shards=2, seed=0, **config):
-        if name not in built:
+        # Keyed by every argument: two modules asking for 'glm2-int8' in different formats get two
+        # checkpoints (one got the other's safetensors, depending on which module ran first).
+        key = (name, family, fmt, shards, seed, tuple(sorted(config.items())))
+        if key not in built:
             out = str(tmp_path_factory.mktemp(name))
-            built[name] = tiny.build(out, family=family, fmt=fmt, shards=shards, seed=seed,
-                                     sp_model=sp_models['glm2'], **config)
-        return built[name]
+            built[key] = tiny.build(out, family=family, fmt=fmt, shards=shards, seed=seed,
+                                    sp_model=sp_models['glm2'], **config)
+        return built[key]
     return make
 
 
