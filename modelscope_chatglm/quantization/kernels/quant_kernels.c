@@ -1545,6 +1545,16 @@ static void attend_positions(void *arg, int item0, int item1) {
             }
     }
 }
+
+/* A decode step (s = 1): each group packs its own keys and attends, in one parallel region (a step makes
+ * this call for every sequence and layer, and waking the other threads twice cost more than SDPA). */
+static void decode_groups(void *arg, int g0, int g1) {
+    const attention_job *job = (const attention_job *)arg;
+    for (int g = g0; g < g1; g++) {
+        pack_kv(arg, g * job->blocks, (g + 1) * job->blocks);
+        attend_positions(arg, g, g + 1);
+    }
+}
 #endif
 
 /* -> 1 when computed; 0 when this build has no bf16 dot products, the shapes are not supported (d a
@@ -1562,8 +1572,12 @@ int attend_bf16(const uint16_t *q, long ldq, int s, int H, int G, int d, const u
         return 0;
     }
     attention_job job = {q, k, v, ldq, ldk, ldv, s, H, G, d, t, blocks, kp, vp, out, scale, 0};
-    parallel_for(G * blocks, nthreads, pack_kv, &job);
-    parallel_for(G * s, nthreads, attend_positions, &job);
+    if (s == 1)
+        parallel_for(G, nthreads, decode_groups, &job);
+    else {
+        parallel_for(G * blocks, nthreads, pack_kv, &job);
+        parallel_for(G * s, nthreads, attend_positions, &job);
+    }
     free(kp);
     free(vp);
     return !atomic_load(&job.failed);
