@@ -1,5 +1,6 @@
 /*
- * Weight-only int8 / int4 kernels for ChatGLM's quantized linear layers (CPU).
+ * The CPU kernels: weight-only int8 / int4 linear layers for ChatGLM's quantized blocks, the LM head of a
+ * decode step, and bf16 attention.
  *
  *   y[m, n] = scale[n] * sum_k x[m, k] * Q[n, k] + bias[n]
  *
@@ -28,6 +29,9 @@
  * `*_gemv_x8` are the opt-in int8-activation kernels (see "int8 activations" below): x is quantized to
  * int8 too and the dot products are exact integer sums (AVX512-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, or
  * the scalar code); they take every row of x, prompt or decode.
+ *
+ * `attend_bf16` is a bf16 model's causal attention of one sequence over its KV cache (prompt chunks and
+ * decode steps; models/glm2.py `compiled_attention`), on AVX512-BF16 builds only (see the last section).
  */
 #include <math.h>     /* NAN, fmaf */
 #include <pthread.h>  /* pthread_atfork */
@@ -104,8 +108,13 @@ __attribute__((constructor)) static void watch_forks(void) { pthread_atfork(NULL
 static _Atomic int serial_calls_left = 0;
 #endif
 
-/* fn(ctx, begin, end) over [0, items), in chunks, on up to `nthreads` threads. */
-static void parallel_for(int items, int nthreads, range_fn fn, void *ctx) {
+/* fn(ctx, begin, end) over [0, items), in chunks, on up to `nthreads` threads. `brief`: a call short
+ * enough to end before a sleeping helper thread wakes up (attention's, tens of microseconds), so that
+ * its caller taking every chunk says nothing about the helpers: it neither starts the serial calls nor
+ * counts them down. (Counted, attention's calls put the linears of a server's prefill on one thread:
+ * with libgomp's short spin (__init__.py) the helpers sleep between calls, and a 128-token prompt's
+ * first token took 3.0-3.7 s instead of 2.2-2.6.) */
+static void parallel_run(int items, int nthreads, range_fn fn, void *ctx, int brief) {
     if (items <= 0) return;
     if (nthreads > items) nthreads = items;
 #ifdef _OPENMP
@@ -121,13 +130,19 @@ static void parallel_for(int items, int nthreads, range_fn fn, void *ctx) {
                 fn(ctx, c * grain, (c + 1) * grain < items ? (c + 1) * grain : items);
             if (omp_get_thread_num() == 0) by_caller = taken;
         }
-        if (by_caller == chunks) atomic_store_explicit(&serial_calls_left, SERIAL_AFTER_IDLE_HELPERS, memory_order_relaxed);
+        if (by_caller == chunks && !brief)
+            atomic_store_explicit(&serial_calls_left, SERIAL_AFTER_IDLE_HELPERS, memory_order_relaxed);
         return;
     }
-    atomic_fetch_sub_explicit(&serial_calls_left, 1, memory_order_relaxed);
+    if (!brief) atomic_fetch_sub_explicit(&serial_calls_left, 1, memory_order_relaxed);
+#else
+    (void)nthreads;
+    (void)brief;
 #endif
     fn(ctx, 0, items);
 }
+
+static void parallel_for(int items, int nthreads, range_fn fn, void *ctx) { parallel_run(items, nthreads, fn, ctx, 0); }
 
 #ifdef X8_VNNI   /* (the AVX512-VNNI builds' kernels are its users) */
 /* Each thread's scratch buffer (weights widened or rearranged for a work item), kept between calls: a
@@ -1573,10 +1588,10 @@ int attend_bf16(const uint16_t *q, long ldq, int s, int H, int G, int d, const u
     }
     attention_job job = {q, k, v, ldq, ldk, ldv, s, H, G, d, t, blocks, kp, vp, out, scale, 0};
     if (s == 1)
-        parallel_for(G, nthreads, decode_groups, &job);
+        parallel_run(G, nthreads, decode_groups, &job, 1);
     else {
-        parallel_for(G * blocks, nthreads, pack_kv, &job);
-        parallel_for(G * s, nthreads, attend_positions, &job);
+        parallel_run(G * blocks, nthreads, pack_kv, &job, 1);
+        parallel_run(G * s, nthreads, attend_positions, &job, 1);
     }
     free(kp);
     free(vp);
