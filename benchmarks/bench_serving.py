@@ -10,8 +10,9 @@ fresh process on the same checkpoint, in one run:
     output token (TPOT: a request's mean gap after its first token) and p50/p99 inter-token latency
     (ITL: every gap between streamed chunks);
   - returning conversation (batching server only): a conversation with --history-tokens of history
-    comes back while 7 other streams decode: its time to first token and the prompt tokens the prefix
-    cache served;
+    comes back while 7 other streams decode, --returning-turns times in a row (each a new question
+    after the same history, so each arrives at another point of the decode steps): its time to first
+    token (median, min-max) and the prompt tokens the prefix cache served;
   - shared preamble (batching server only): 8 new conversations open with the same --preamble-tokens
     first round (ChatGLM2 has no system role; the shared first round is the same prefix): how many of
     their prompt tokens were prefilled.
@@ -136,8 +137,9 @@ async def throughput(url, n, prompts, new_tokens):
             'preempted_so_far': health['preempted'], 'kv_budget_bytes': health['kv_budget_bytes']}
 
 
-async def returning_conversation(url, encode, history_tokens, prompt_tokens, new_tokens):
-    """A conversation with `history_tokens` of history returns while 7 other streams decode."""
+async def returning_conversation(url, encode, history_tokens, prompt_tokens, new_tokens, turns):
+    """A conversation with `history_tokens` of history returns while 7 other streams decode, `turns`
+    times one after the other (a new question each time)."""
     import httpx
     first = prompt_text(history_tokens, encode, seed=9000)
     async with httpx.AsyncClient(timeout=None) as client:
@@ -151,13 +153,18 @@ async def returning_conversation(url, encode, history_tokens, prompt_tokens, new
             prompt_tokens, encode, seed=9100 + i)}], new_tokens, decoding[i])) for i in range(7)]
         for event in decoding:          # all 7 are past their first token
             await event.wait()
-        back = await stream_chat(client, url, [{'role': 'user', 'content': first},
-                                               {'role': 'assistant', 'content': reply},
-                                               {'role': 'user', 'content': 'and what follows from that?'}], 8)
+        backs = []
+        for turn in range(turns):
+            backs.append(await stream_chat(client, url, [
+                {'role': 'user', 'content': first}, {'role': 'assistant', 'content': reply},
+                {'role': 'user', 'content': f'and what follows from that? ({turn + 1})'}], 8))
         running = (await client.get(f'{url}/health')).json()['running']
+        finished_early = sum(o.done() for o in others)
         await asyncio.gather(*others)
-    return {'prompt_tokens': back['prompt_tokens'], 'cached_prompt_tokens': back['cached_tokens'],
-            'ttft_s': back['first'] - back['start'], 'opening_s': opening_s, 'running_after': running}
+    ttft = [b['first'] - b['start'] for b in backs]
+    return {'prompt_tokens': backs[0]['prompt_tokens'], 'cached_prompt_tokens': backs[0]['cached_tokens'],
+            'cached_each': [b['cached_tokens'] for b in backs], 'ttft_s': ttft, 'ttft_p50': statistics.median(ttft),
+            'opening_s': opening_s, 'running_after': running, 'others_done_before_the_last_turn': finished_early}
 
 
 async def shared_preamble(url, encode, preamble_tokens):
@@ -200,6 +207,7 @@ def main():
     ap.add_argument('--new-tokens', type=int, default=128)
     ap.add_argument('--history-tokens', type=int, default=2000)
     ap.add_argument('--preamble-tokens', type=int, default=1000)
+    ap.add_argument('--returning-turns', type=int, default=5, help='returning-conversation requests, one after the other')
     ap.add_argument('--skip', default='', help='comma list of: serial, returning, preamble')
     ap.add_argument('--int8-activations', action='store_true', help='serve with --int8-activations')
     ap.add_argument('--json', help='write the results here too')
@@ -243,11 +251,14 @@ def main():
                       f'{r["kv_budget_bytes"] / 2**30:.2f} GiB)', flush=True)
             if max_batch > 1 and 'returning' not in skip:
                 r = asyncio.run(returning_conversation(url, encode, args.history_tokens, args.prompt_tokens,
-                                                       args.new_tokens))
+                                                       args.new_tokens, args.returning_turns))
                 results['returning'] = r
                 print(f'returning conversation: {r["prompt_tokens"]} prompt tokens, {r["cached_prompt_tokens"]} '
-                      f'from the prefix cache, first token in {r["ttft_s"]:.2f} s with 7 streams decoding '
-                      f'(its opening turn took {r["opening_s"]:.1f} s)', flush=True)
+                      f'from the prefix cache; first token in {r["ttft_p50"]:.2f} s (median of {len(r["ttft_s"])} '
+                      f'turns, {min(r["ttft_s"]):.2f}-{max(r["ttft_s"]):.2f}: '
+                      f'{", ".join(f"{x:.2f}" for x in r["ttft_s"])}) with 7 streams decoding, '
+                      f'{r["running_after"]} running after the last; its opening turn took {r["opening_s"]:.1f} s',
+                      flush=True)
             if max_batch > 1 and 'preamble' not in skip:
                 r = asyncio.run(shared_preamble(url, encode, args.preamble_tokens))
                 results['preamble'] = r
