@@ -10,9 +10,11 @@ fresh process on the same checkpoint, in one run:
     output token (TPOT: a request's mean gap after its first token) and p50/p99 inter-token latency
     (ITL: every gap between streamed chunks);
   - returning conversation (batching server only): a conversation with --history-tokens of history
-    comes back while 7 other streams decode, --returning-turns times in a row (each a new question
-    after the same history, so each arrives at another point of the decode steps): its time to first
-    token (median, min-max) and the prompt tokens the prefix cache served;
+    comes back while 7 other streams decode, --returning-turns times in a row, each arriving at another
+    point of the decode steps: its time to first token (median, min-max) and the prompt tokens the
+    prefix cache served. Every turn is the same history, then a reply and a question of its own: the
+    cache serves the history and each turn prefills its ~40 new tokens (a turn that repeated the
+    previous one's reply would find that in the cache too, and prefill less);
   - shared preamble (batching server only): 8 new conversations open with the same --preamble-tokens
     first round (ChatGLM2 has no system role; the shared first round is the same prefix): how many of
     their prompt tokens were prefilled.
@@ -139,7 +141,7 @@ async def throughput(url, n, prompts, new_tokens):
 
 async def returning_conversation(url, encode, history_tokens, prompt_tokens, new_tokens, turns):
     """A conversation with `history_tokens` of history returns while 7 other streams decode, `turns`
-    times one after the other (a new question each time)."""
+    times one after the other (the same history; a reply and a question of its own each time)."""
     import httpx
     first = prompt_text(history_tokens, encode, seed=9000)
     async with httpx.AsyncClient(timeout=None) as client:
@@ -156,14 +158,16 @@ async def returning_conversation(url, encode, history_tokens, prompt_tokens, new
         backs = []
         for turn in range(turns):
             backs.append(await stream_chat(client, url, [
-                {'role': 'user', 'content': first}, {'role': 'assistant', 'content': reply},
-                {'role': 'user', 'content': f'and what follows from that? ({turn + 1})'}], 8))
+                {'role': 'user', 'content': first},
+                {'role': 'assistant', 'content': reply if turn == 0 else f'({turn}) {reply}'},
+                {'role': 'user', 'content': 'and what follows from that?'}], 8))
         running = (await client.get(f'{url}/health')).json()['running']
         finished_early = sum(o.done() for o in others)
         await asyncio.gather(*others)
     ttft = [b['first'] - b['start'] for b in backs]
     return {'prompt_tokens': backs[0]['prompt_tokens'], 'cached_prompt_tokens': backs[0]['cached_tokens'],
-            'cached_each': [b['cached_tokens'] for b in backs], 'ttft_s': ttft, 'ttft_p50': statistics.median(ttft),
+            'new_tokens_each': [b['prompt_tokens'] - b['cached_tokens'] for b in backs],
+            'ttft_s': ttft, 'ttft_p50': statistics.median(ttft),
             'opening_s': opening_s, 'running_after': running, 'others_done_before_the_last_turn': finished_early}
 
 
@@ -254,7 +258,7 @@ def main():
                                                        args.new_tokens, args.returning_turns))
                 results['returning'] = r
                 print(f'returning conversation: {r["prompt_tokens"]} prompt tokens, {r["cached_prompt_tokens"]} '
-                      f'from the prefix cache; first token in {r["ttft_p50"]:.2f} s (median of {len(r["ttft_s"])} '
+                      f'from the prefix cache (new tokens per turn: {r["new_tokens_each"]}); first token in {r["ttft_p50"]:.2f} s (median of {len(r["ttft_s"])} '
                       f'turns, {min(r["ttft_s"]):.2f}-{max(r["ttft_s"]):.2f}: '
                       f'{", ".join(f"{x:.2f}" for x in r["ttft_s"])}) with 7 streams decoding, '
                       f'{r["running_after"]} running after the last; its opening turn took {r["opening_s"]:.1f} s',
