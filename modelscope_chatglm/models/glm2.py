@@ -155,7 +155,7 @@ def compiled_attention(q, k, v) -> Optional[torch.Tensor]:
     leaves them; k, v [1, G, t, d] views of the cache. -> [1, H, s, d], or None where the kernel does
     not apply (another device or dtype, a batch, autograd, a build without AVX512-BF16): then SDPA.
 
-    Prompt chunks run 1.8-5x faster than torch's bf16 SDPA on a Zen 4, decode steps 1.0-1.4x
+    Prompt chunks run 2.0-4.9x faster than torch's bf16 SDPA on a Zen 4, decode steps 1.3-1.8x
     (benchmarks/bench_attention.py), and a query's result depends only on the keys it sees: a prompt
     gets the same bits prefilled whole, in chunks, or after a prefix-cache hit."""
     b, heads, s, d = q.shape
