@@ -449,6 +449,29 @@ def test_attention_kernel_gives_a_query_the_same_bits_in_any_chunk(lib):
         assert torch.equal(run_attention(lib, 'attend_bf16', qkv, k, v, s, s, H, G, d, threads)[0], whole)
 
 
+def test_attention_kernel_lets_a_nan_through(isa_lib):
+    """A NaN in q, K or V reaches the outputs that read it, as in SDPA: never a silently finite result
+    (the kernel's exp once clamped a NaN score to exp(-87), about 0)."""
+    s, t, H, G, d = 4, 40, 8, 2, 32
+    for name in ('attend_bf16', 'attend_bf16_ref'):
+        for where in ('q', 'k', 'v'):
+            qkv, k, v = attention_inputs(s, t, H, G, d, seed=3)
+            if where == 'q':
+                qkv[2, 5 * d + 3] = float('nan')             # position 2, head 5 (group 1)
+            else:
+                (k if where == 'k' else v)[1, 30, 7] = float('nan')   # group 1, key 30: seen by every query
+            out, done = run_attention(isa_lib, name, qkv, k, v, s, t, H, G, d)
+            if not done and name == 'attend_bf16':
+                continue   # a build without AVX512-BF16 declines (SDPA runs instead)
+            nan = out.isnan().any(dim=-1)                  # [s, H]
+            expected = torch.zeros(s, H, dtype=torch.bool)
+            if where == 'q':
+                expected[2, 5] = True
+            else:
+                expected[:, 4:] = True
+            assert torch.equal(nan, expected), (name, where)
+
+
 def test_model_attention_takes_the_kernel_for_bf16_on_cpu(lib):
     """glm2.attend runs causal bf16 attention on the kernel (prompt chunks after cached positions and
     decode steps); fp32, padding masks and autograd stay on SDPA, which agrees to bf16 rounding."""

@@ -1403,7 +1403,8 @@ typedef struct {
 /* exp(x) for the softmax (x <= 0): 2^(x log2 e) = 2^n 2^f with n an integer and |f| <= 1/2, 2^f by a
  * degree-6 polynomial (relative error ~2e-7, far below the bf16 rounding of p that follows). */
 static inline __m512 exp_ps(__m512 x) {
-    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
+    /* (max returns its second operand when one is NaN: a NaN score stays NaN, never exp(-87).) */
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-87.0f), x), _mm512_set1_ps(1.44269504088896341f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
     __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
