@@ -2,8 +2,7 @@
 
 The checkpoint has the full ChatGLM2-6B-32K width (hidden 4096, ffn 13696, 32 heads, 2 K/V groups,
 vocab 65024, rope_ratio 16) with random fp16 weights in the hub layout, and --layers of the 28 layers
-(default 2: the last block of a prefill computes only K/V and the last row, so the first is the one
-whose time and activations stand for the other 27). Each measurement runs in a fresh process.
+(default 1). Each measurement runs in a fresh process.
 
 1. Peak RSS while prefilling N tokens (4K..32K), for int4 and int8 blocks quantized on load (bf16
    activations, the CPU default). The 28-layer figure is extrapolated with the memory model
@@ -13,7 +12,7 @@ whose time and activations stand for the other 27). Each measurement runs in a f
 2. Time to first token of chat turn N+1 after a history of H tokens, with the KV cache of the
    conversation reused (only the new turn is prefilled) and without (the whole prompt is).
 
-    python benchmarks/bench_long_context.py [--lengths 4096,8192,16384,32768] [--layers 2]
+    python benchmarks/bench_long_context.py [--lengths 4096,8192,16384,32768] [--layers 1]
 """
 import argparse
 import json
@@ -99,7 +98,7 @@ def run_child(args, *child_args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--layers', type=int, default=2)
+    ap.add_argument('--layers', type=int, default=1)
     ap.add_argument('--lengths', default='4096,8192,16384,32768')
     ap.add_argument('--histories', default='1024,4096,8192')
     ap.add_argument('--dir', default=None)

@@ -88,9 +88,7 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(q_size, cfg.hidden_size, bias=False)
         self.split_sizes = (q_size, kv_size, kv_size)
 
-    def forward(self, x, cos, sin, kv, attn_mask, last_only=False):
-        """last_only: K/V of every row go to the cache, but only each sequence's last row attends (see
-        GLMBlock)."""
+    def forward(self, x, cos, sin, kv, attn_mask):
         b, s, _ = x.shape
         qkv = self.query_key_value(x)
         if qkv.is_cuda and (ops := optional('models.triton_ops')) is not None:
@@ -104,14 +102,11 @@ class SelfAttention(nn.Module):
             v = v.view(b, s, self.num_kv_heads, self.head_dim)
         # The cache keeps the compact G-group K/V (post-RoPE): [b, G, t, d].
         if isinstance(kv, Ragged):     # rows of several sequences: each attends over its own cache
-            out = kv.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attend, last_only)
+            out = kv.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attend)
         else:
             k, v = kv.update(k.transpose(1, 2), v.transpose(1, 2))
-            if last_only:   # the last row of a causal chunk (left padding: a real token) sees every key
-                q = q[:, -1:]
-                attn_mask = attn_mask[:, :, -1:] if isinstance(attn_mask, torch.Tensor) else None
-            out = attend(q.transpose(1, 2), k, v, attn_mask)           # [b, H, s or 1, d]
-        return self.dense(out.transpose(1, 2).reshape(b, out.shape[2], -1))
+            out = attend(q.transpose(1, 2), k, v, attn_mask)           # [b, H, s, d]
+        return self.dense(out.transpose(1, 2).reshape(b, s, -1))
 
 
 def attend(q, k, v, attn_mask):
@@ -210,13 +205,8 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv, attn_mask, out_rows=None):
-        """out_rows: None (every row's output), or the index of each sequence's last row in dim 1, when
-        only those are read (the last block before the logits). Every row's K/V still go to the cache;
-        attention, the MLP and the rest of the block run on those rows alone, as llama.cpp's last
-        layer does (up to 1/num_layers of a prompt's block work)."""
-        h = self.self_attention(self.input_layernorm(x), cos, sin, kv, attn_mask, last_only=out_rows is not None)
-        x = (x if out_rows is None else x[:, out_rows]) + h
+    def forward(self, x, cos, sin, kv, attn_mask):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, kv, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -272,21 +262,19 @@ class GLM2Model(nn.Module):
                                  self.device, self.prefix_encoder)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-                key_padding: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
+                key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run `input_ids` [b, s] through the blocks, appending their K/V to `cache`.
 
         position_ids [b, s]: RoPE positions. key_padding [b, t] (bool, True = real token) covers every
         position the cache will hold after this call, the P-tuning prefix excluded; None = no padding.
-        Returns the final hidden states [b, s, D] (after the final norm); with last_only, those of the
-        last position only [b, 1, D] (the last block then computes nothing else but K/V).
+        Returns the final hidden states [b, s, D] (after the final norm).
         """
         b, s = input_ids.shape
         x = self.word_embeddings(input_ids)
         cos, sin = self.rotary(position_ids)
         attn_mask = self._attention_mask(b, s, cache.length, key_padding, x.device)
-        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.layer(i), attn_mask, out_rows=[s - 1] if last_only and i == last else None)
+            x = layer(x, cos, sin, cache.layer(i), attn_mask)
         cache.commit(s)
         return self.final_layernorm(x)
 
@@ -371,7 +359,7 @@ class GLM2Model(nn.Module):
             end = min(start + chunk, input_ids.shape[1])
             filled = state.cache.length - pre
             padding = None if state.padding is None else state.padding[:, :filled + end - start]
-            hidden = self(input_ids[:, start:end], positions[:, start:end], state.cache, padding, last_only=True)
+            hidden = self(input_ids[:, start:end], positions[:, start:end], state.cache, padding)
         return self.logits(hidden[:, -1]).float()
 
     # -- continuous batching (batching.py): sequences of their own lengths side by side --------------
@@ -400,14 +388,13 @@ class GLM2Model(nn.Module):
         masks = [self._attention_mask(1, n, st.cache.length, None, device) for (st, _), n in zip(parts, lengths)]
         x = self.word_embeddings(ids)
         cos, sin = self.rotary(positions)
-        last_rows = torch.tensor(lengths, device=device).cumsum(0) - 1   # each part's last token
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, Ragged([st.cache.layer(i) for st, _ in parts], lengths, masks), None,
-                      out_rows=last_rows if i == len(self.layers) - 1 else None)
+            x = layer(x, cos, sin, Ragged([st.cache.layer(i) for st, _ in parts], lengths, masks), None)
         for (st, _), n in zip(parts, lengths):
             st.cache.commit(n)
             st.next_position = st.next_position + n
-        return self.logits(self.final_layernorm(x[0])).float()
+        last = torch.tensor(lengths, device=device).cumsum(0) - 1
+        return self.logits(self.final_layernorm(x[0, last])).float()
 
     def decode(self, next_ids: torch.Tensor, state: 'DecodeState') -> torch.Tensor:
         """Feed one new token per sequence [b]; -> next logits [b, V] (fp32).

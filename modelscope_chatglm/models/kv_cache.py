@@ -110,17 +110,13 @@ class Ragged:
     def __init__(self, handles, lengths, masks):
         self.handles, self.lengths, self.masks = handles, lengths, masks
 
-    def attend(self, q, k, v, attend_fn, last_only=False):
-        """q [1, heads, N, d], k/v [1, kv_heads, N, d] -> [1, heads, N, d]; with last_only, each
-        sequence's last row only: [1, heads, sequences, d] (every row's K/V still go to the cache)."""
+    def attend(self, q, k, v, attend_fn):
+        """q [1, heads, N, d], k/v [1, kv_heads, N, d] -> [1, heads, N, d]"""
         out, start = [], 0
         for handle, n, mask in zip(self.handles, self.lengths, self.masks):
             rows = slice(start, start + n)
             keys, values = handle.update(k[:, :, rows], v[:, :, rows])
-            if last_only:   # the last row of a causal chunk sees every key
-                out.append(attend_fn(q[:, :, start + n - 1:start + n], keys, values, None))
-            else:
-                out.append(attend_fn(q[:, :, rows], keys, values, mask))
+            out.append(attend_fn(q[:, :, rows], keys, values, mask))
             start += n
         return torch.cat(out, dim=2)
 

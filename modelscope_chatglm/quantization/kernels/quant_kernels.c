@@ -113,7 +113,7 @@ static _Atomic int serial_calls_left = 0;
  * its caller taking every chunk says nothing about the helpers: it neither starts the serial calls nor
  * counts them down. (Counted, attention's calls put the linears of a server's prefill on one thread:
  * with libgomp's short spin (__init__.py) the helpers sleep between calls, and a 128-token prompt's
- * first token took 3.0-3.7 s instead of 2.2-2.6.) */
+ * first token took 3.0-3.7 s instead of 2.1-2.6.) */
 static void parallel_run(int items, int nthreads, range_fn fn, void *ctx, int brief) {
     if (items <= 0) return;
     if (nthreads > items) nthreads = items;
