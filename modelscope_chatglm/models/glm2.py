@@ -127,7 +127,7 @@ def attend(q, k, v, attn_mask):
             return out
     if isinstance(attn_mask, CausalBias):
         if not q.is_cuda:
-            attn_mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - s)
+            attn_mask = causal_mask(s, k.shape[2] - s, q.device)
         else:
             # The fused kernels take a lower-right causal bias but not grouped K/V: expand the groups.
             k, v = (t.repeat_interleave(heads // groups, dim=1) for t in (k, v))
@@ -142,6 +142,13 @@ def attend(q, k, v, attn_mask):
     if attn_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+
+
+def causal_mask(s, past, device) -> torch.Tensor:
+    """[s, past + s] bool: query i (after `past` cached positions) may attend keys 0 .. past + i."""
+    q = torch.arange(past, past + s, device=device)[:, None]
+    k = torch.arange(past + s, device=device)[None, :]
+    return k <= q
 
 
 def compiled_attention(q, k, v) -> Optional[torch.Tensor]:
@@ -304,17 +311,11 @@ class GLM2Model(nn.Module):
         t = past + s
         visible = torch.ones(b, t, dtype=torch.bool, device=device)
         visible[:, pre:] = key_padding.to(device)
-        mask = self._causal(s, past, device)[None] & visible[:, None, :]
+        mask = causal_mask(s, past, device)[None] & visible[:, None, :]
         # A padding query row would see no key at all (NaN); let it see everything, as the reference
         # does. Its output is never used.
         mask |= ~visible[:, past:, None]
         return mask[:, None]
-
-    @staticmethod
-    def _causal(s, past, device):
-        q = torch.arange(past, past + s, device=device)[:, None]
-        k = torch.arange(past + s, device=device)[None, :]
-        return k <= q
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_head(hidden, self.output_layer.weight)

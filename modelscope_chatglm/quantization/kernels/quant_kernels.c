@@ -136,7 +136,6 @@ static void parallel_run(int items, int nthreads, range_fn fn, void *ctx, int br
     }
     if (!brief) atomic_fetch_sub_explicit(&serial_calls_left, 1, memory_order_relaxed);
 #else
-    (void)nthreads;
     (void)brief;
 #endif
     fn(ctx, 0, items);
