@@ -18,11 +18,12 @@ on its neighbours: a greedy or seeded reply is the same alone and in a batch.
 Memory: every byte of K/V counts against one budget: running sequences' caches (their capacity) and
 the prefix cache. A sequence is admitted with room for its prompt and Scheduler.GROW_TOKENS more, and its cache
 doubles (up to prompt + max_new_tokens) when full. When the budget has no room for that, the least
-recently used prefix-cache entries go first, then the most recently admitted sequence is preempted:
+recently used prefix-cache leaves go first, then the most recently admitted sequence is preempted:
 its memory is freed and it goes back to the head of the queue, to be prefilled again (prompt plus the
 tokens it already generated) when there is room. So a request that omits max_tokens does not hold a
-whole context window of memory, and the budget is never overrun. A finished sequence's K/V (trimmed
-to what it filled) stays in the prefix cache until its bytes are needed.
+whole context window of memory, and the budget is never overrun. A finished sequence's K/V go to the
+prefix cache (prefix_cache.py: a radix tree, so what many sequences share is kept once) and stay
+until their bytes are needed.
 
 The scheduler knows nothing of HTTP or threads beyond one lock: `submit` and `Sequence.cancel` may
 be called from any thread, `step` from one. Tokens reach the caller through `on_token(seq, token)`,
@@ -34,8 +35,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections import deque
 from typing import Callable, Dict, List, Optional, Sequence as Seq
 
 import torch
@@ -43,6 +43,8 @@ import torch
 from . import adapters
 from .errors import ContextLengthError
 from .generation import SamplingParams, choose, process_logits
+from .models.kv_cache import KVSegment
+from .prefix_cache import PrefixCache, common_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -92,77 +94,6 @@ class Sequence:
         """The tokens whose K/V this running sequence's cache holds (the last output is not fed yet)."""
         filled = self.state.cache.length - pre
         return (self.prompt + self.output)[:filled]
-
-
-@dataclass
-class _Entry:
-    tokens: torch.Tensor      # int64 [n]
-    cache: object             # kv_cache.KVCache holding exactly those n tokens (+ a P-tuning prefix)
-    nbytes: int
-    adapter: Optional[str]    # the K/V were computed through this LoRA adapter
-
-
-class PrefixCache:
-    """K/V of finished sequences by their tokens, least recently used first out.
-
-    An entry whose tokens are a prefix of a newer one is dropped (a conversation's turn N is a prefix of
-    turn N+1), so a returning conversation costs one entry."""
-
-    def __init__(self):
-        self.entries: 'OrderedDict[int, _Entry]' = OrderedDict()
-        self._next = 0
-        self.nbytes = 0     # kept as a number: /health reads it from another thread
-
-    def longest(self, prompt: torch.Tensor, adapter: Optional[str]):
-        """-> (tokens in common, entry key) for the entry (of the same adapter) sharing the longest prefix
-        with `prompt`."""
-        best, best_key = 0, None
-        for key, entry in self.entries.items():
-            if entry.adapter != adapter:
-                continue
-            n = common_prefix(entry.tokens, prompt)
-            if n > best:
-                best, best_key = n, key
-        return best, best_key
-
-    def touch(self, key):
-        self.entries.move_to_end(key)
-
-    def add(self, tokens: List[int], cache, adapter: Optional[str] = None) -> int:
-        """Keep `cache` (already trimmed) for `tokens`; -> bytes added (0 if a longer entry covers it)."""
-        new = torch.tensor(tokens, dtype=torch.long)
-        for key, entry in list(self.entries.items()):
-            if entry.adapter != adapter:
-                continue
-            n = common_prefix(entry.tokens, new)
-            if n == len(new):            # an existing entry already holds all of it
-                self.touch(key)
-                return 0
-            if n == len(entry.tokens):   # the new one holds all of the old
-                self.nbytes -= self.entries.pop(key).nbytes
-        entry = _Entry(new, cache, cache.nbytes(), adapter)
-        self.entries[self._next] = entry
-        self._next += 1
-        self.nbytes += entry.nbytes
-        return entry.nbytes
-
-    def evict_oldest(self) -> int:
-        """Drop the least recently used entry; -> bytes freed (0 when empty)."""
-        if not self.entries:
-            return 0
-        _, entry = self.entries.popitem(last=False)
-        self.nbytes -= entry.nbytes
-        return entry.nbytes
-
-    def clear(self):
-        self.entries.clear()
-        self.nbytes = 0
-
-
-def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
-    n = min(len(a), len(b))
-    differ = (a[:n] != b[:n]).nonzero()
-    return int(differ[0]) if len(differ) else n
 
 
 class KVBudgetError(ContextLengthError):
@@ -243,7 +174,7 @@ class Scheduler:
         prompt = self.stats['prompt_tokens']
         return dict(self.stats, running=len(self.running), waiting=len(self.waiting), max_batch=self.max_batch,
                     kv_budget_bytes=self.budget, kv_reserved_bytes=self.reserved, kv_prefix_cache_bytes=cached,
-                    prefix_cache_entries=len(self.prefix_cache.entries) if self.prefix_cache else 0,
+                    prefix_cache_entries=self.prefix_cache.nodes if self.prefix_cache else 0,
                     prefix_cache_hit_rate=self.stats['cached_prompt_tokens'] / prompt if prompt else 0.0)
 
     # -- the stepping thread ------------------------------------------------------------------------
@@ -363,21 +294,17 @@ class Scheduler:
         self.running.append(seq)
 
     def _longest_prefix(self, seq: Sequence):
-        """(tokens, cache) of the longest prefix of seq.fill that a finished or running sequence holds
-        (at least one token is left to prefill: its logits give the next token)."""
+        """(tokens, K/V segments) of the longest prefix of seq.fill that the prefix cache or a running
+        sequence holds (at least one token is left to prefill: its logits give the next token)."""
         if self.prefix_cache is None or len(seq.fill) < 2:
-            return 0, None
-        prompt = torch.tensor(seq.fill, dtype=torch.long)
-        best, key = self.prefix_cache.longest(prompt, seq.adapter)
-        source = self.prefix_cache.entries[key].cache if key is not None else None
+            return 0, []
+        best, segments = self.prefix_cache.match(seq.fill, seq.adapter)
         for other in self.running:
             if other is not seq and other.state is not None and other.adapter == seq.adapter:
-                n = common_prefix(torch.tensor(other.cached_tokens(self.pre), dtype=torch.long), prompt)
+                n = common_prefix(other.cached_tokens(self.pre), seq.fill)
                 if n > best:
-                    best, key, source = n, None, other.state.cache
-        if key is not None and best:
-            self.prefix_cache.touch(key)
-        return min(best, len(seq.fill) - 1), source
+                    best, segments = n, [KVSegment.of(other.state.cache, self.pre, self.pre + n)]
+        return min(best, len(seq.fill) - 1), segments
 
     def _prefill_parts(self):
         """Prompt chunks of the oldest sequences still prefilling, up to prefill_chunk tokens in all
@@ -391,9 +318,9 @@ class Scheduler:
             left = len(seq.fill) - seq.prefilled
             if left == 0 or seq.finished:
                 continue
-            keep, source = self._longest_prefix(seq)
+            keep, segments = self._longest_prefix(seq)
             if keep > seq.prefilled:
-                self.model.adopt_prefix(seq.state, source, keep)
+                self.model.adopt_prefix(seq.state, segments, keep)
                 if seq.fill is seq.prompt:
                     self.stats['cached_prompt_tokens'] += keep - seq.prefilled
                 seq.prefilled = seq.reused = keep
@@ -420,7 +347,7 @@ class Scheduler:
         for other in ahead:
             if other.adapter != seq.adapter:
                 continue
-            shared = common_prefix(torch.tensor(other.fill), torch.tensor(seq.fill))
+            shared = common_prefix(other.fill, seq.fill)
             if shared - seq.prefilled >= self.SHARED_WAIT and other.prefilled < shared:
                 return True
         return False
@@ -479,8 +406,10 @@ class Scheduler:
             self.reserved -= seq.kv_bytes
             if keep_cache and self.prefix_cache is not None and seq.state.cache.length > self.pre:
                 # Keep what it computed for the next turn of this conversation (or a shared prefix).
+                cache = seq.state.cache
                 with self.lock:
-                    self.prefix_cache.add(seq.cached_tokens(self.pre), seq.state.cache.trimmed(), seq.adapter)
+                    self.prefix_cache.insert(seq.cached_tokens(self.pre), KVSegment.of(cache, self.pre, cache.length),
+                                             seq.adapter)
                     while self.reserved + self._cached_bytes() > self.budget and self._evict():
                         pass
             seq.state, seq.kv_bytes = None, 0

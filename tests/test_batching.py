@@ -6,6 +6,8 @@ import torch
 import modelscope_chatglm
 from modelscope_chatglm.batching import KVBudgetError, Scheduler
 from modelscope_chatglm.loading import default_dtype
+from modelscope_chatglm.models.kv_cache import KVSegment
+from modelscope_chatglm.prefix_cache import PrefixCache, common_prefix
 
 QUERIES = ['你好', 'hello world, how are you today?', 'a b c d e f g h i j k l m n o p', 'x', '介绍下清华大学']
 
@@ -99,16 +101,18 @@ def test_a_prefix_cache_hit_gives_the_logits_of_a_cold_prefill(glm2_model):
     follow = first + seq.output[:-1] + glm2_model.tokenizer.encode('and then?')
     with torch.inference_mode():
         state = model.start(follow, 4)
-        keep, source = sched._longest_prefix(type(seq)(follow, seq.params))
+        keep, segments = sched._longest_prefix(type(seq)(follow, seq.params))
         assert keep == len(first) + len(seq.output) - 1
-        model.adopt_prefix(state, source, keep)
+        model.adopt_prefix(state, segments, keep)
         warm = model.forward_ragged([(state, follow[keep:])])[0]
         cold = model.full_logits(torch.tensor([follow]), None)[0, -1]
     torch.testing.assert_close(warm, cold, rtol=0, atol=1e-5)
     # Through the scheduler: the returning turn prefills only its new tokens, same greedy reply.
     again = run(sched, [follow], glm2_model.sampling(max_new_tokens=10, do_sample=False))[0]
     assert again.reused == keep and again.output == solo(glm2_model, follow, 10)
-    assert len(sched.prefix_cache.entries) == 1    # turn 2 holds all of turn 1: one entry is kept
+    # Turn 2's K/V extend turn 1's node: nothing is held twice.
+    assert sched.prefix_cache.nbytes == sched.kv_bytes(len(follow) + len(again.output) - 1)
+    assert sched.prefix_cache.nodes == 2
 
 
 @pytest.fixture(scope='module', params=sorted({'float32', default_dtype(torch.device('cpu'), quantized=True)}))
@@ -158,6 +162,77 @@ def test_a_shared_system_prompt_is_prefilled_once(glm3_model):
     assert sched.stats['prompt_tokens'] - sched.stats['cached_prompt_tokens'] < sum(len(p) for p in prompts) - 2 * shared
     for seq, prompt in zip(seqs, prompts):
         assert seq.output == solo(glm3_model, prompt, 8)
+    # Finished, the four conversations' K/V hold the system prompt once: a node they all branch off.
+    kept = [p + s.output[:-1] for p, s in zip(prompts, seqs)]
+    assert sched.prefix_cache.nbytes == sched.kv_bytes(trie_size(kept))
+    assert sched.prefix_cache.nbytes < sched.kv_bytes(sum(map(len, kept))) - sched.kv_bytes(2 * shared)
+    # Each comes back for a second turn: all of its history is served, from the shared node and its own.
+    follows = [k + s.output[-1:] + glm3_model.tokenizer.encode('and then?') for k, s in zip(kept, seqs)]
+    again = run(sched, follows, glm3_model.sampling(max_new_tokens=6, do_sample=False))
+    assert [s.reused for s in again] == [len(k) for k in kept]
+    for seq, follow in zip(again, follows):
+        assert seq.output == solo(glm3_model, follow, 6)
+
+
+def test_a_ptuning_model_shares_what_follows_its_learned_prefix(make_checkpoint):
+    """Every cache of a P-tuning model opens with the learned prefix's K/V (written when the sequence
+    starts); the prefix cache keeps and copies only the positions after it."""
+    chat = modelscope_chatglm.load(make_checkpoint('glm2-prefix', 'glm2', 'bin', shards=2, seed=3, pre_seq_len=4),
+                                   device='cpu', dtype='float32')
+    first = chat.build_inputs('hello world, how are you today?')
+    sched = chat.scheduler()
+    seq = run(sched, [first], chat.sampling(max_new_tokens=6, do_sample=False))[0]
+    kept = first + seq.output[:-1]
+    assert sched.pre == 4 and sched.prefix_cache.nbytes == sched.bytes_per_token * len(kept)
+    follow = kept + seq.output[-1:] + chat.tokenizer.encode('and then?')
+    again = run(sched, [follow], chat.sampling(max_new_tokens=8, do_sample=False))[0]
+    assert again.reused == len(kept) and again.output == solo(chat, follow, 8)
+
+
+def trie_size(token_lists):
+    """Positions a radix tree of these token lists holds: each list's tokens past its longest common
+    prefix with the lists before it."""
+    return sum(len(t) - max([common_prefix(t, u) for u in token_lists[:i]], default=0)
+               for i, t in enumerate(token_lists))
+
+
+def segment(tokens, layers=2):
+    """A KVSegment whose K and V at each position hold that position's token (so copies can be traced)."""
+    values = torch.tensor(tokens, dtype=torch.float32)[None, None, :, None].expand(1, 2, len(tokens), 4)
+    return KVSegment([values.clone() + i for i in range(layers)], [-values.clone() - i for i in range(layers)])
+
+
+def spelled(segments, n):
+    """The tokens whose K/V the first n positions of these segments hold (see `segment`)."""
+    return torch.cat([s.k[0][0, 0, :, 0] for s in segments])[:n].long().tolist()
+
+
+def test_the_radix_tree_keeps_a_shared_prefix_once_and_evicts_the_least_recently_used_leaf():
+    cache, per_position = PrefixCache(), segment([0]).nbytes()
+    a = list(range(1, 11))
+    b = a[:5] + [20, 21, 22]
+    assert cache.insert(a, segment(a)) == 10 * per_position
+    assert cache.insert(b, segment(b)) == 3 * per_position    # splits a's node after 5 tokens
+    assert cache.nodes == 3 and cache.nbytes == 13 * per_position
+    assert cache.insert(a[:7], segment(a[:7])) == 0           # a prefix of what is held: nothing new
+    for tokens, held in ((a + [99], 10), (b + [99], 8), (a[:7] + [50], 7), (a[:3], 3)):
+        n, segments = cache.match(tokens)
+        assert n == held
+        assert spelled(segments, n) == tokens[:n]             # the K/V of exactly those tokens, in order
+        assert all(torch.equal(s.v[1], -s.k[0] - 1) for s in segments)
+    assert cache.match([7, 8, 9]) == (0, []) and cache.match(a, adapter='lora')[0] == 0
+    # Least recently used leaf first; the shared head goes only once no branch is left.
+    cache.match(a)
+    assert cache.evict_oldest() == 3 * per_position           # b's tail (a was used after it)
+    assert cache.evict_oldest() == 5 * per_position           # a's tail: now the head is a leaf
+    assert cache.nodes == 1 and cache.match(b)[0] == 5
+    assert cache.evict_oldest() == 5 * per_position and cache.evict_oldest() == 0
+    assert cache.nbytes == 0 and cache.nodes == 0 and cache.match(a) == (0, [])
+
+
+def test_common_prefix():
+    assert [common_prefix(x, y) for x, y in ((list(range(100)), list(range(100))), ([1, 2, 3], [1, 2, 4]),
+                                             ([], [1]), ([5] * 64 + [1], [5] * 64 + [2]), ([1], [2]))] == [100, 2, 0, 64, 0]
 
 
 def test_chatglm6b_batches_but_never_shares_prefixes(glm1_model):
@@ -223,7 +298,9 @@ def test_cancelling_mid_batch_frees_its_memory_at_once(glm2_model):
     assert seqs[1].finish_reason == 'cancelled' and seqs[1] not in sched.running
     sched.run_until_done(seqs)
     assert seqs[0].output == solo(glm2_model, prompts[0], 20) and seqs[2].output == solo(glm2_model, prompts[2], 20)
-    assert len(sched.prefix_cache.entries) == 2     # a cancelled sequence leaves nothing behind
+    # A cancelled sequence leaves nothing behind: the cache holds the other two (their common opening once).
+    kept = [prompts[i] + seqs[i].output[:-1] for i in (0, 2)]
+    assert sched.prefix_cache.nbytes == sched.kv_bytes(trie_size(kept))
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(glm3_model):

@@ -9,7 +9,7 @@
 Continuous batching (batching.py) runs each sequence on a state of its own and puts the new tokens
 of many sequences through one forward:
     state = model.start(prompt_ids, max_new_tokens)
-    model.adopt_prefix(state, other_cache, keep)                               # prefix sharing
+    model.adopt_prefix(state, kv_segments, keep)                               # prefix sharing
     logits = model.forward_ragged([(state, ids), (state2, ids2), ...])        # [n, V]
     model.rows_keep_their_bits(rows)        # may prompt chunks and decode tokens share one forward?
 """

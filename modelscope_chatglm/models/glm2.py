@@ -17,7 +17,7 @@ prefixes (see `checkpoint_key`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from ..model_config import ModelConfig
 from ..triton_support import optional
 from . import kv_cache
 from .base import linears_keep_row_bits, lm_head
-from .kv_cache import KVCache, Ragged
+from .kv_cache import KVCache, KVSegment, Ragged
 
 
 class RMSNorm(nn.Module):
@@ -369,9 +369,10 @@ class GLM2Model(nn.Module):
         return DecodeState(self.new_cache(1, len(prompt) + max_new_tokens), None,
                            torch.zeros(1, dtype=torch.long, device=self.device))
 
-    def adopt_prefix(self, state: 'DecodeState', source: KVCache, keep: int):
-        """Start a fresh `state` from the first `keep` tokens another sequence's cache holds."""
-        state.cache.copy_prefix(source, (self.cfg.pre_seq_len or 0) + keep)
+    def adopt_prefix(self, state: 'DecodeState', segments: List[KVSegment], keep: int):
+        """Start a fresh `state` from K/V other sequences computed: the first `keep` positions that
+        `segments` hold, in order (after the P-tuning prefix, which the state already has)."""
+        state.cache.copy_prefix(segments, self.cfg.pre_seq_len or 0, keep)
         state.next_position = torch.full((1,), keep, dtype=torch.long, device=self.device)
 
     def rows_keep_their_bits(self, rows: int) -> bool:

@@ -10,8 +10,13 @@ An attention layer sees its own slice of the cache through a handle with one met
 `update(k, v) -> (all K, all V)`: `layer(i)` appends after the committed positions (eager forwards),
 `at_slot(i, slot, width)` writes at a position held in a device tensor and always returns the first
 `width` positions, so the shapes never change and a CUDA graph can replay the step.
+
+A `KVSegment` is the K/V of a run of positions outside any cache (the prefix cache's unit, see
+prefix_cache.py); `copy_prefix` starts a sequence's cache from segments others computed.
 """
 from __future__ import annotations
+
+from typing import List
 
 import torch
 
@@ -60,20 +65,43 @@ class KVCache:
                 buffers[layer] = new
         self.capacity = capacity
 
-    def copy_prefix(self, source: 'KVCache', length: int):
-        """Take the first `length` positions from another cache of the same model (prefix sharing)."""
-        for mine, theirs in zip(self.k + self.v, source.k + source.v):
-            mine[:, :, :length] = theirs[:, :, :length]
-        self.length = length
+    def copy_prefix(self, segments: 'List[KVSegment]', start: int, length: int):
+        """Fill positions [start, start + length) from `segments` (taken in order, the last one possibly
+        longer than needed) and make them the filled ones: the K/V of a prefix another sequence
+        computed."""
+        end = start + length
+        for segment in segments:
+            n = min(segment.length, end - start)
+            if n <= 0:
+                break
+            for mine, theirs in zip(self.k + self.v, segment.k + segment.v):
+                mine[:, :, start:start + n] = theirs[:, :, :n]
+            start += n
+        if start != end:
+            raise ValueError(f'the segments hold {length - (end - start)} positions, {length} asked for')
+        self.length = end
 
-    def trimmed(self) -> 'KVCache':
-        """A copy holding just the filled positions (what a prefix cache keeps of a finished sequence)."""
-        out = KVCache.__new__(KVCache)
-        out.k = [t[:, :, :self.length].clone() for t in self.k]
-        out.v = [t[:, :, :self.length].clone() for t in self.v]
-        out.capacity = out.length = self.length
-        out.dtype = self.dtype
-        return out
+
+class KVSegment:
+    """The K/V of a run of consecutive positions, every layer: what the prefix cache keeps of a
+    sequence. `of(cache, start, end)` is a view into a cache (no copy); `clone` makes it its own."""
+
+    def __init__(self, k: List[torch.Tensor], v: List[torch.Tensor]):
+        self.k, self.v = k, v      # per layer [1, heads, n, d]
+
+    @classmethod
+    def of(cls, cache: KVCache, start: int, end: int) -> 'KVSegment':
+        return cls([t[:, :, start:end] for t in cache.k], [t[:, :, start:end] for t in cache.v])
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[2]
+
+    def slice(self, start: int, end: int) -> 'KVSegment':
+        return KVSegment([t[:, :, start:end] for t in self.k], [t[:, :, start:end] for t in self.v])
+
+    def clone(self) -> 'KVSegment':
+        return KVSegment([t.clone() for t in self.k], [t.clone() for t in self.v])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

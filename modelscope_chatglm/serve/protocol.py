@@ -208,7 +208,7 @@ METRICS = {
     'kv_budget_bytes': ('gauge', 'memory for K/V of running sequences and the prefix cache (--kv-cache-gb)'),
     'kv_reserved_bytes': ('gauge', 'K/V memory reserved by running sequences'),
     'kv_prefix_cache_bytes': ('gauge', 'K/V memory held by the prefix cache'),
-    'prefix_cache_entries': ('gauge', 'finished sequences whose K/V the prefix cache keeps'),
+    'prefix_cache_entries': ('gauge', 'token runs (radix-tree nodes) whose K/V the prefix cache keeps'),
     'prefix_cache_hit_rate': ('gauge', 'share of prompt tokens taken from the prefix cache'),
     'prompt_tokens': ('counter', 'prompt tokens of admitted requests'),
     'cached_prompt_tokens': ('counter', 'prompt tokens whose K/V came from the prefix cache'),
