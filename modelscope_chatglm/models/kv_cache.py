@@ -74,8 +74,9 @@ class KVCache:
             n = min(segment.length, end - start)
             if n <= 0:
                 break
-            for mine, theirs in zip(self.k + self.v, segment.k + segment.v):
-                mine[:, :, start:start + n] = theirs[:, :, :n]
+            for layer in range(len(self.k)):
+                self.k[layer][:, :, start:start + n] = segment.k[layer][:, :, :n]
+                self.v[layer][:, :, start:start + n] = segment.v[layer][:, :, :n]
             start += n
         if start != end:
             raise ValueError(f'the segments hold {length - (end - start)} positions, {length} asked for')
@@ -84,10 +85,12 @@ class KVCache:
 
 class KVSegment:
     """The K/V of a run of consecutive positions, every layer: what the prefix cache keeps of a
-    sequence. `of(cache, start, end)` is a view into a cache (no copy); `clone` makes it its own."""
+    sequence. `k[layer]` and `v[layer]` are [1, heads, n, d]. `of(cache, start, end)` views a cache's
+    positions (no copy); `clone()` copies them into one tensor each for K and V, [layers, 1, heads, n, d]
+    (two objects however many layers: a cache of many short runs costs what its K/V do)."""
 
-    def __init__(self, k: List[torch.Tensor], v: List[torch.Tensor]):
-        self.k, self.v = k, v      # per layer [1, heads, n, d]
+    def __init__(self, k, v):
+        self.k, self.v = k, v      # lists of per-layer views, or [layers, 1, heads, n, d] tensors
 
     @classmethod
     def of(cls, cache: KVCache, start: int, end: int) -> 'KVSegment':
@@ -98,13 +101,17 @@ class KVSegment:
         return self.k[0].shape[2]
 
     def slice(self, start: int, end: int) -> 'KVSegment':
+        if isinstance(self.k, torch.Tensor):
+            return KVSegment(self.k[:, :, :, start:end], self.v[:, :, :, start:end])
         return KVSegment([t[:, :, start:end] for t in self.k], [t[:, :, start:end] for t in self.v])
 
     def clone(self) -> 'KVSegment':
-        return KVSegment([t.clone() for t in self.k], [t.clone() for t in self.v])
+        if isinstance(self.k, torch.Tensor):
+            return KVSegment(self.k.clone(), self.v.clone())
+        return KVSegment(torch.stack(self.k), torch.stack(self.v))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
 
 class _Appender:
