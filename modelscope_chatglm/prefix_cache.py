@@ -17,6 +17,7 @@ Each LoRA adapter has a tree of its own: its K/V differ from the base model's fo
 """
 from __future__ import annotations
 
+import heapq
 import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -37,7 +38,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class _Node:
-    __slots__ = ('tokens', 'kv', 'children', 'parent', 'last_used')
+    __slots__ = ('tokens', 'kv', 'children', 'parent', 'last_used', 'in_tree')
 
     def __init__(self, tokens: List[int], kv: Optional[KVSegment], parent: Optional['_Node'], last_used: int):
         self.tokens = tokens            # the run this node adds to its parent's prefix
@@ -45,13 +46,21 @@ class _Node:
         self.children: Dict[int, '_Node'] = {}    # by the first token of the child's run
         self.parent = parent
         self.last_used = last_used
+        self.in_tree = True
 
 
 class PrefixCache:
     def __init__(self):
         self._roots: Dict[Optional[str], _Node] = {}
-        self._leaves: Dict[int, _Node] = {}      # id(node) -> node, for eviction
+        self._leaves: Dict[int, _Node] = {}      # id(node) -> node
+        # The leaves by last use, a heap of (last_used, tiebreak, node). An entry whose node has been
+        # used since (or has grown children, or left the tree) is stale and skipped when it comes up;
+        # the heap is rebuilt from the leaves when stale entries outnumber them. So an eviction costs
+        # log(leaves), not a scan of them all: freeing room for one long prompt among many short
+        # cached ones evicts thousands of leaves.
+        self._heap: List[Tuple[int, int, _Node]] = []
         self._clock = itertools.count(1)
+        self._tiebreak = itertools.count()
         self.nbytes = 0
         self.nodes = 0
 
@@ -65,7 +74,7 @@ class PrefixCache:
             if child is None:
                 break
             same = common_prefix(child.tokens, tokens[n:n + len(child.tokens)])
-            child.last_used = now
+            self._use(child, now)
             segments.append(child.kv)
             n += same
             if same < len(child.tokens):
@@ -88,7 +97,7 @@ class PrefixCache:
             if child is None:
                 break
             same = common_prefix(child.tokens, tokens[n:n + len(child.tokens)])
-            child.last_used = now
+            self._use(child, now)
             if n + same == len(tokens):
                 return 0                  # all of it is held already
             if same < len(child.tokens):
@@ -96,10 +105,9 @@ class PrefixCache:
             n += same
             node = child
         leaf = _Node(list(tokens[n:]), kv.slice(n, len(tokens)).clone(), node, now)
-        if node.parent is not None:       # (a root is never a leaf: it holds nothing)
-            self._leaves.pop(id(node), None)
+        self._leaves.pop(id(node), None)  # (a root is never in it: it holds nothing)
         node.children[leaf.tokens[0]] = leaf
-        self._leaves[id(leaf)] = leaf
+        self._add_leaf(leaf)
         self.nodes += 1
         added = leaf.kv.nbytes()
         self.nbytes += added
@@ -107,23 +115,45 @@ class PrefixCache:
 
     def evict_oldest(self) -> int:
         """Drop the least recently used leaf; -> bytes freed (0 when the cache is empty)."""
-        if not self._leaves:
+        while self._heap:
+            used, _, leaf = heapq.heappop(self._heap)
+            if leaf.in_tree and not leaf.children and used == leaf.last_used:
+                break
+        else:
             return 0
-        leaf = min(self._leaves.values(), key=lambda node: node.last_used)
         del self._leaves[id(leaf)]
+        leaf.in_tree = False
         parent = leaf.parent
         del parent.children[leaf.tokens[0]]
         if parent.parent is not None and not parent.children:
-            self._leaves[id(parent)] = parent
+            self._add_leaf(parent)
         self.nodes -= 1
         freed = leaf.kv.nbytes()
         self.nbytes -= freed
         return freed
 
     def clear(self):
+        for node in self._leaves.values():
+            node.in_tree = False
         self._roots.clear()
         self._leaves.clear()
+        self._heap.clear()
         self.nbytes = self.nodes = 0
+
+    def _use(self, node: _Node, now: int):
+        node.last_used = now
+        if not node.children:             # a leaf: its place in the eviction order moves
+            self._push(node)
+
+    def _add_leaf(self, node: _Node):
+        self._leaves[id(node)] = node
+        self._push(node)
+
+    def _push(self, node: _Node):
+        if len(self._heap) > 2 * len(self._leaves) + 64:
+            self._heap = [(leaf.last_used, next(self._tiebreak), leaf) for leaf in self._leaves.values()]
+            heapq.heapify(self._heap)
+        heapq.heappush(self._heap, (node.last_used, next(self._tiebreak), node))
 
     def _split(self, node: _Node, at: int):
         """Cut `node`'s run after `at` tokens: it keeps the head, a new child takes the rest and the
@@ -134,7 +164,6 @@ class PrefixCache:
         for child in rest.children.values():
             child.parent = rest
         node.tokens, node.kv, node.children = node.tokens[:at], head, {rest.tokens[0]: rest}
-        if id(node) in self._leaves:
-            del self._leaves[id(node)]
-            self._leaves[id(rest)] = rest
+        if self._leaves.pop(id(node), None) is not None:
+            self._add_leaf(rest)
         self.nodes += 1

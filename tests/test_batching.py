@@ -198,8 +198,9 @@ def trie_size(token_lists):
 
 def segment(tokens, layers=2):
     """A KVSegment whose K and V at each position hold that position's token (so copies can be traced)."""
-    values = torch.tensor(tokens, dtype=torch.float32)[None, None, :, None].expand(1, 2, len(tokens), 4)
-    return KVSegment([values.clone() + i for i in range(layers)], [-values.clone() - i for i in range(layers)])
+    values = torch.tensor(tokens, dtype=torch.float32)[None, None, None, :, None].expand(layers, 1, 2, len(tokens), 4)
+    layer = torch.arange(layers, dtype=torch.float32)[:, None, None, None, None]
+    return KVSegment(values + layer, -values - layer)
 
 
 def spelled(segments, n):
@@ -228,6 +229,20 @@ def test_the_radix_tree_keeps_a_shared_prefix_once_and_evicts_the_least_recently
     assert cache.nodes == 1 and cache.match(b)[0] == 5
     assert cache.evict_oldest() == 5 * per_position and cache.evict_oldest() == 0
     assert cache.nbytes == 0 and cache.nodes == 0 and cache.match(a) == (0, [])
+
+
+def test_the_eviction_heap_stays_bounded_while_leaves_are_used():
+    """Each use of a leaf queues it again for eviction; the stale entries are dropped before they
+    outgrow the leaves, and the order stays least recently used first."""
+    cache = PrefixCache()
+    for j in range(10):
+        cache.insert([1, 2, 3, 100 + j], segment([1, 2, 3, 100 + j]))
+    for r in range(1000):
+        assert cache.match([1, 2, 3, 100 + r % 10, 7])[0] == 4
+        assert len(cache._heap) <= 2 * 10 + 65
+    for _ in range(3):
+        cache.evict_oldest()
+    assert [cache.match([1, 2, 3, 100 + j])[0] for j in range(5)] == [3, 3, 3, 4, 4]
 
 
 def test_common_prefix():
