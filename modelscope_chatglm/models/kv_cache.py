@@ -37,7 +37,7 @@ def new_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
     nbytes = count * dtype.itemsize
     if torch.device(device).type != 'cpu' or nbytes < MAPPED_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=count).view(shape)
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype, count=count).view(shape)
 
 
 class KVCache:
