@@ -143,3 +143,32 @@ def test_query_truncation_on_request(glm2_dir):
     text = chat.tokenizer.decode(request.input_ids)
     assert text.rstrip().endswith('the question at the end\n\n答：'.rstrip()) and '[Round 1]' in text
     assert '答：r' not in text and text.count('[Round') == 1   # the older round went first
+
+
+def test_large_kv_buffers_are_private_mappings_returned_when_freed():
+    """A cache of MAPPED_BYTES or more is a mapping of its own: unmapped once freed (no heap to fragment),
+    and private, so a forked process writing to it leaves ours alone."""
+    import ctypes
+    import gc
+    import os
+    from modelscope_chatglm.models import kv_cache
+
+    def mapped(address):
+        with open('/proc/self/maps') as maps:
+            for line in maps:
+                start, end = (int(x, 16) for x in line.split()[0].split('-'))
+                if start <= address < end:
+                    return True
+        return False
+    cache = KVCache(4, 1, 2, 1024, 128, torch.bfloat16, 'cpu')     # 2 MiB each for K and V
+    address, nbytes = cache.k_all.data_ptr(), cache.k_all.numel() * 2
+    assert nbytes >= kv_cache.MAPPED_BYTES and address % os.sysconf('SC_PAGE_SIZE') == 0
+    cache.k_all.fill_(1)
+    pid = os.fork()
+    if pid == 0:   # (no torch in the child: its thread pool does not survive a fork)
+        ctypes.memset(address, 0x7F, nbytes)
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0 and bool((cache.k[3] == 1).all())
+    del cache
+    gc.collect()
+    assert not mapped(address) and not mapped(address + nbytes - 1)
