@@ -157,7 +157,8 @@ class PrefixCache:
 
     def _split(self, node: _Node, at: int):
         """Cut `node`'s run after `at` tokens: it keeps the head, a new child takes the rest and the
-        children. Both halves are copied, so that either frees its own memory when evicted."""
+        children. Both halves are copied, so that either frees its own memory when evicted (at most one
+        node's K/V per insert: never more than the finished sequence itself)."""
         head, tail = node.kv.slice(0, at).clone(), node.kv.slice(at, len(node.tokens)).clone()
         rest = _Node(node.tokens[at:], tail, node, node.last_used)
         rest.children = node.children

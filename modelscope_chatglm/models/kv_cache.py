@@ -2,8 +2,8 @@
 
 The reference grows its cache by concatenation at every step (a copy of the whole cache per token).
 Here K and V are each one buffer [layers, b, heads, capacity, d]; each layer's forward writes its new
-positions into its own slice at `length` and reads the prefix [0, length + s). All layers append during one forward,
-then `commit(s)` advances the shared length. A cache kept across chat turns is cut back with
+positions into its own slice at `length` and reads the prefix [0, length + s). All layers append
+during one forward, then `commit(s)` advances the shared length. A cache kept across chat turns is cut back with
 `truncate` and grown with `reserve` (in blocks, so a conversation reallocates rarely).
 
 An attention layer sees its own slice of the cache through a handle with one method,
@@ -30,9 +30,10 @@ def new_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
     of its own, returned to the OS when the tensor is freed. From glibc's allocator it would come from
     the heap once large blocks have been freed (its mmap threshold rises to their size), and caches of
     every size freed as requests finish, between the prefix cache's smaller copies that outlive them,
-    fragment that heap: replaying the server's allocations for 3,000 requests, RSS climbed from 3.3 to
-    3.95 GiB with 1.9 GiB in use, and 3,000 one-token prefix-cache entries cut from 6 MB buffers held
-    6.5 GB. (Small buffers stay with malloc: each mapping counts against vm.max_map_count.)"""
+    fragment that heap: replaying the server's K/V allocations for 3,000 requests with a 2 GiB prefix
+    cache, the process held 3.21-3.88 GiB from malloc against 2.11-2.26 mapped
+    (benchmarks/bench_prefix_cache.py --replay). Private, so a forked process never shares our K/V.
+    (Small buffers stay with malloc: each mapping counts against vm.max_map_count.)"""
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
     if torch.device(device).type != 'cpu' or nbytes < MAPPED_BYTES:
