@@ -132,14 +132,6 @@ class PrefixCache:
         self.nbytes -= freed
         return freed
 
-    def clear(self):
-        for node in self._leaves.values():
-            node.in_tree = False
-        self._roots.clear()
-        self._leaves.clear()
-        self._heap.clear()
-        self.nbytes = self.nodes = 0
-
     def _use(self, node: _Node, now: int):
         node.last_used = now
         if not node.children:             # a leaf: its place in the eviction order moves
