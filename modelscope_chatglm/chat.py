@@ -245,17 +245,34 @@ class ChatRequest:
 
 class ChatTurn:
     """One generation in progress. Iterating it yields text deltas of the reply; meanwhile and after,
-    `.response` is the post-processed reply so far and `.history` the updated history."""
+    `.response` is the post-processed reply so far and `.history` the updated history.
+
+    Both are worked out when read, not at each delta: decoding and post-processing the whole reply
+    per delta made a turn quadratic in its length for callers that only take the deltas."""
 
     def __init__(self, chat: ChatModel, request: ChatRequest):
         self.chat, self.request = chat, request
         self.output_ids: List[int] = []
         self.finish_reason: Optional[str] = None
-        self.response, self.history = chat.respond(request, [])
+        self._shown = 0                 # output ids whose text has been yielded (or all, at the end)
+        self._reply = (0, chat.respond(request, []))
+
+    @property
+    def response(self) -> Union[str, dict]:
+        return self._replied()[0]
+
+    @property
+    def history(self) -> list:
+        return self._replied()[1]
+
+    def _replied(self):
+        if self._reply[0] != self._shown:
+            self._reply = (self._shown, self.chat.respond(self.request, self.output_ids[:self._shown]))
+        return self._reply[1]
 
     def __iter__(self) -> Iterator[str]:
         tok = self.chat.tokenizer
-        deltas = TextDeltas(tok.decode)
+        deltas = TextDeltas(tok)
         stop_ids = set(self.request.params.stop_ids)
         for step in generate_tokens(self.chat.model, [self.request.input_ids], self.request.params,
                                     tok.pad_id, tok.vocab_size, prompt_cache=self.chat.prompt_cache):
@@ -266,10 +283,10 @@ class ChatTurn:
                 break
             delta = deltas.push(token)
             if delta:
-                self.response, self.history = self.chat.respond(self.request, self.output_ids)
+                self._shown = len(self.output_ids)
                 yield delta
         self.finish_reason = self.finish_reason or 'length'
-        self.response, self.history = self.chat.respond(self.request, self.output_ids)
+        self._shown = len(self.output_ids)
         rest = deltas.flush()
         if rest:
             yield rest

@@ -43,6 +43,16 @@ def _checked(text) -> str:
     return text
 
 
+def unfinished_char(text: str) -> int:
+    """How many characters at the end of decoded text are the bytes of a character whose other bytes
+    have not come yet. SentencePiece decodes each such byte as U+FFFD, and a UTF-8 character has at
+    most 4 bytes, so at most the last 3 U+FFFD can still change."""
+    n = 0
+    while n < 3 and n < len(text) and text[-1 - n] == '\ufffd':
+        n += 1
+    return n
+
+
 class GLM2Tokenizer:
     """ChatGLM2-6B tokenizer. Ids of plain text are SentencePiece ids; specials follow them."""
 
@@ -85,6 +95,10 @@ class GLM2Tokenizer:
         drop = {self.bos_id, self.eos_id, self.pad_id}
         return self.sp.DecodeIds([int(i) for i in ids
                                   if int(i) < self.num_sp_pieces and int(i) not in drop and int(i) >= 0])
+
+    def unsettled_chars(self, text: str) -> int:
+        """How many characters at the end of decode(ids) the next tokens could still change."""
+        return unfinished_char(text)
 
 
 class GLM3Tokenizer(GLM2Tokenizer):
@@ -154,7 +168,9 @@ class GLM1Tokenizer:
         self.bos_id, self.eos_id = ids['<sop>'], ids['<eop>']
         self.pad_id = self.sp.pad_id() + num_image_tokens if self.sp.pad_id() >= 0 else 3
         self._blank_re = re.compile(r' {2,%d}' % self.MAX_BLANK)
-        self._placeholder_re = re.compile(r'<n>|<\|tab\|>|<\|blank_(\d+)\|>')
+        # Only the placeholders the reference restores (2 to 80 spaces): the model can spell
+        # '<|blank_1|>' or '<|blank_99999999999|>' piece by piece, and those stay text.
+        self._placeholder_re = re.compile(r'<n>|<\|tab\|>|<\|blank_([2-9]|[1-7][0-9]|80)\|>')
 
     def __getitem__(self, token: str) -> int:
         return self.special_ids[token]
@@ -191,6 +207,16 @@ class GLM1Tokenizer:
                 return '\t'
             return ' ' * int(m.group(1))
         return self._placeholder_re.sub(restore, text)
+
+    def unsettled_chars(self, text: str) -> int:
+        """How many characters at the end of decode(ids) the next tokens could still change: an
+        unfinished character, or the start of a placeholder ('<', '<|bla', '<|blank_8|', spelled by
+        several pieces) that decoding would turn into whitespace once complete."""
+        start = text.rfind('<', max(0, len(text) - 11))   # '<|blank_80|' is the longest start
+        tail = text[start:] if start >= 0 else ''
+        partial = tail and ('<n>'.startswith(tail) or '<|tab|>'.startswith(tail)
+                            or '<|blank_'.startswith(tail) or re.fullmatch(r'<\|blank_\d\d?\|?', tail))
+        return max(unfinished_char(text), len(tail) if partial else 0)
 
 
 def load_tokenizer(model_dir: str, config):

@@ -125,3 +125,17 @@ def test_family_and_configuration(glm1_dir):
     from modelscope_chatglm import yaml_configs
     spec = yaml_configs.read(yaml_configs.find('chatglm-6b'))
     assert spec.family == 'glm1' and spec.model == 'ZhipuAI/ChatGLM-6B' and spec.context_length == 2048
+
+
+def test_placeholders_the_model_spells_decode_as_the_reference_does(glm1_model, glm1_dir, reference):
+    """The model can spell a placeholder piece by piece; only the ones the reference restores (2 to 80
+    spaces, tab, newline) become whitespace. '<|blank_99999999999|>' decoded to 10^11 spaces
+    (MemoryError) before, and '<|blank_1|>' to one space where the reference keeps the text."""
+    tok = glm1_model.tokenizer
+    spelled = ['<|blank_1|>', '<|blank_2|>', '<|blank_80|>', '<|blank_81|>', '<|blank_0|>', '<|blank_007|>',
+               '<|blank_99999999999|>', '<|tab|>', '<n>', 'a<|blank_12|>b<n']
+    ids = [[i + tok.offset for i in tok.sp.EncodeAsIds(s)] for s in spelled]   # raw pieces, no placeholders
+    assert all(len(i) > 1 for i in ids)
+    ref = reference({'model_dir': glm1_dir, 'family': 'glm1', 'cases': [{'kind': 'decode', 'name': 'd', 'ids': ids}]})
+    assert [tok.decode(i) for i in ids] == ref['d']
+    assert ref['d'][2] == ' ' * 80 and ref['d'][6] == '<|blank_99999999999|>'

@@ -51,3 +51,74 @@ def test_glm3_role_tokens(glm3_model):
 def test_encode_rejects_non_strings(glm2_model):
     with pytest.raises(TypeError, match='takes a str'):
         glm2_model.tokenizer.encode(['a'])
+
+
+def _streamed(tok, ids):
+    """The text deltas of a reply, token by token, then the held-back rest."""
+    from modelscope_chatglm.generation import TextDeltas
+    deltas = TextDeltas(tok)
+    out = [deltas.push(i) for i in ids]
+    return out + [deltas.flush()]
+
+
+def _hostile_pieces(tok):
+    """Pieces that decode to text a later piece changes: UTF-8 lead and continuation bytes, and
+    (ChatGLM-6B) the characters of its whitespace placeholders."""
+    pieces = [tok.sp.PieceToId('<0x%02X>' % b) for b in list(range(0x80, 0xC0, 5)) + list(range(0xC2, 0xF5))]
+    if hasattr(tok, 'offset'):
+        pieces = [i + tok.offset for i in pieces]
+        pieces += [i + tok.offset for i in tok.sp.EncodeAsIds('<|blank_8|>< n |tab|>') if i]
+    return pieces
+
+
+def test_streamed_deltas_add_up_to_the_decoded_reply(glm1_model, glm2_model, glm3_model):
+    """Random replies heavy in byte pieces and placeholder characters: the deltas always concatenate to
+    the whole reply decoded at once, and never lag it by more than a held-back tail."""
+    import random
+    rng = random.Random(0)
+    for model in (glm1_model, glm2_model, glm3_model):
+        tok = model.tokenizer
+        hostile = _hostile_pieces(tok)
+        for _ in range(150):
+            pool = hostile + [rng.randrange(tok.vocab_size) for _ in range(len(hostile))]
+            ids = [rng.choice(pool) for _ in range(rng.randrange(1, 150))]
+            deltas = _streamed(tok, ids)
+            assert ''.join(deltas) == tok.decode(ids), ids
+            for k in range(len(ids)):
+                assert len(tok.decode(ids[:k + 1])) - len(''.join(deltas[:k + 1])) <= 11, ids[:k + 1]
+
+
+def test_a_placeholder_spelled_piece_by_piece_streams_once(glm1_model):
+    """'<', 'n', '>' from the model decode to a newline once complete. The stream sent '<' and 'n'
+    first, then saw text that no longer began with what it had sent and sent the whole reply again."""
+    tok = glm1_model.tokenizer
+    hi = tok.encode('hi')
+    spelled = [tok.sp.PieceToId(p) + tok.offset for p in ('<0x3C>', 'n', '<0x3E>')]
+    ids = hi + spelled + hi
+    assert tok.decode(ids) == 'hi\n hi'
+    deltas = _streamed(tok, ids)
+    assert ''.join(deltas) == 'hi\n hi'
+    assert deltas[len(hi):len(hi) + 2] == ['', '']     # '<' and '<n' held back
+
+
+def test_streaming_decodes_a_bounded_window(glm2_model):
+    """Each token decodes a window of the latest tokens, however long the reply: the whole reply each
+    time made streaming quadratic in its length."""
+    from modelscope_chatglm.generation import TextDeltas
+    tok = glm2_model.tokenizer
+    lengths = []
+
+    class Counting:
+        def decode(self, ids):
+            lengths.append(len(ids))
+            return tok.decode(ids)
+
+        def unsettled_chars(self, text):
+            return tok.unsettled_chars(text)
+
+    ids = tok.encode('你好，世界 hello world 🦜 ' * 200)
+    invalid = [tok.sp.PieceToId('<0xE4>')] * 300   # bytes that never finish a character, held back
+    deltas = TextDeltas(Counting())
+    text = ''.join(deltas.push(i) for i in ids + invalid) + deltas.flush()
+    assert text == tok.decode(ids + invalid) and len(ids) > 2000
+    assert max(lengths) <= 2 * TextDeltas.CONTEXT

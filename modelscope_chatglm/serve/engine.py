@@ -139,7 +139,7 @@ class Engine:
                             f'{self.max_queue}); retry later')
         job.loop = asyncio.get_running_loop()
         job.events = asyncio.Queue()
-        deltas = TextDeltas(self.chat.tokenizer.decode)
+        deltas = TextDeltas(self.chat.tokenizer)
         stop_ids = set(job.request.params.stop_ids)
         if self.chat.format.reply_starts_with_metadata:
             job.mode = None

@@ -10,6 +10,7 @@ Each case is one of
     {"kind": "greedy", "name": ..., "prompt": [ids], "max_new_tokens": n}
     {"kind": "chat", "name": ..., "queries": [...], "max_new_tokens": n}   greedy multi-turn _chat
     {"kind": "tokenize", "name": ..., "texts": [...]}       -> [[ids, decode(ids)], ...]
+    {"kind": "decode", "name": ..., "ids": [[ids], ...]}     -> [decode(ids), ...]
 Optional top-level keys:
     "adapter": {"kind": "lora", "path": DIR}                          peft's PeftModel.from_pretrained
                {"kind": "ptuning", "path": DIR, "pre_seq_len": n, "prefix_projection": bool}
@@ -153,6 +154,8 @@ def main(job_path, out_path):
         elif case['kind'] == 'tokenize':
             out[case['name']] = [[ids, tokenizer.decode(ids)] for ids in
                                  (tokenizer.encode(t, add_special_tokens=False) for t in case['texts'])]
+        elif case['kind'] == 'decode':
+            out[case['name']] = [tokenizer.decode(ids) for ids in case['ids']]
         else:
             raise ValueError(case['kind'])
     torch.save(out, out_path)
