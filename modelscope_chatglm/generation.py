@@ -292,3 +292,60 @@ class TextDeltas:
         # not, keep the longer window for now.
         if text.endswith(held):
             self.start, self.sent = start, text[:len(text) - len(held)]
+
+
+class StopStrings:
+    """Cut streamed text at the first stop string (OpenAI's `stop`), never sending a part of one.
+
+    The text is fed a delta at a time, and an end of it that could begin a stop string is held back
+    until the next delta settles it. The reply ends at the first stop string to appear in full; it is
+    cut where that string begins. Each stop string is matched as a Knuth-Morris-Pratt automaton over the
+    characters as they come, so a token costs the same however long the reply or the stop strings are
+    (searching the whole reply for each stop string after every token did not).
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in dict.fromkeys(stops) if s]
+        self._fallback = [_kmp_fallback(s) for s in self.stops]
+        self._matched = [0] * len(self.stops)   # per stop string: how much of it the text ends with
+        self.held = ''                          # received, not sent: it may begin a stop string
+        self.hit = False
+
+    def push(self, delta: str) -> str:
+        """The text to send now. Once a stop string is complete, the text before it, then `hit` is set
+        and nothing more is sent."""
+        if self.hit or not self.stops:
+            return '' if self.hit else delta
+        text = self.held + delta
+        for i, char in enumerate(delta, start=len(self.held) + 1):   # i: the text's length so far
+            complete = 0
+            for k, stop in enumerate(self.stops):
+                n, fallback = self._matched[k], self._fallback[k]
+                while n and stop[n] != char:
+                    n = fallback[n - 1]
+                n += stop[n] == char
+                if n == len(stop):
+                    complete, n = max(complete, n), fallback[n - 1]
+                self._matched[k] = n
+            if complete:
+                self.hit, self.held = True, ''
+                return text[:i - complete]
+        keep = max(self._matched)
+        self.held = text[len(text) - keep:] if keep else ''
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        """The held-back text, once the reply has ended without a stop string."""
+        rest, self.held = ('' if self.hit else self.held), ''
+        return rest
+
+
+def _kmp_fallback(s: str) -> List[int]:
+    """fallback[j]: the length of the longest proper prefix of s[:j + 1] that is also its suffix."""
+    fallback, n = [0] * len(s), 0
+    for j in range(1, len(s)):
+        while n and s[j] != s[n]:
+            n = fallback[n - 1]
+        n += s[j] == s[n]
+        fallback[j] = n
+    return fallback

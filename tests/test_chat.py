@@ -259,3 +259,49 @@ def test_nan_logits_end_the_reply_with_a_warning(glm2_dir, caplog):
         response, history = model.chat('你好', max_new_tokens=10, do_sample=True)
     assert 'NaN/inf logits' in caplog.text
     assert model.generate(model.build_inputs('你好'), max_new_tokens=10) == [model.tokenizer.eos_id]
+
+
+def _stopped(stops, text, pieces):
+    """Feed `text` to StopStrings in pieces of the given sizes -> (what was sent, hit)."""
+    from modelscope_chatglm.generation import StopStrings
+    matcher, sent, at = StopStrings(stops), '', 0
+    for size in pieces:
+        sent += matcher.push(text[at:at + size])
+        at += size
+        if matcher.hit:
+            return sent, True
+        assert sent + matcher.held == text[:at]   # nothing lost, nothing sent twice
+    return sent + matcher.flush(), False
+
+
+def test_stop_strings_cut_at_the_first_to_appear_however_the_text_is_split():
+    """Against a direct search (the first prefix of the text that ends with a stop string), on random
+    texts over a small alphabet (many overlaps) split at random points."""
+    import random
+    rng = random.Random(0)
+    for _ in range(3000):
+        alphabet = rng.choice(['ab', 'abc', '中文a'])
+        text = ''.join(rng.choice(alphabet) for _ in range(rng.randrange(25)))
+        stops = [''.join(rng.choice(alphabet) for _ in range(rng.randrange(1, 6))) for _ in range(rng.randrange(4))]
+        expect = (text, False)
+        for end in range(1, len(text) + 1):
+            done = [s for s in stops if text[:end].endswith(s)]
+            if done:
+                expect = (text[:end - max(map(len, done))], True)
+                break
+        pieces = [rng.randrange(1, 4) for _ in range(len(text))]
+        assert _stopped(stops, text, pieces) == expect, (text, stops)
+
+
+def test_stop_strings_hold_back_only_what_may_begin_one():
+    from modelscope_chatglm.generation import StopStrings
+    matcher = StopStrings(['</answer>', ''])
+    assert matcher.push('the answer is 42 <') == 'the answer is 42 '
+    assert matcher.push('/ans') == '' and matcher.held == '</ans'
+    assert matcher.push('wer!') == '</answer!' and matcher.held == ''    # it was not one
+    assert matcher.push('</answer> more') == '' and matcher.hit
+    assert matcher.push('after') == '' and matcher.flush() == ''
+    assert StopStrings([]).push('<') == '<'                             # no stop strings: nothing held
+    # A stop string as long as a request may carry, over text that keeps almost matching it.
+    long_stop = 'a' * 200_000 + 'b'
+    assert _stopped([long_stop], 'a' * 300_000 + 'b', [1000] * 301) == ('a' * 100_000, True)

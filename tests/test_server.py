@@ -287,6 +287,27 @@ def test_stop_strings_cut_the_reply(client, glm2_model):
     assert reply.choices[0].finish_reason == 'stop'
 
 
+def test_a_streamed_reply_never_sends_part_of_a_stop_string(client, glm2_model):
+    """A stop string that spans two deltas: the first delta's end could begin it, so it is held back
+    until the next shows it does. The stream used to send that end before seeing the rest."""
+    turn = glm2_model.turn('你好', do_sample=False, max_new_tokens=12)
+    deltas = [d for d in turn if d]
+    reply = ''.join(deltas)
+    ends = [len(''.join(deltas[:i + 1])) for i in range(len(deltas) - 1)]   # where a delta ends
+    stop = next(reply[e - 1:e + 1] for e in ends if reply.index(reply[e - 1:e + 1]) == e - 1)
+    kept = reply[:reply.index(stop)]
+    for streaming in (True, False):
+        out = client.chat.completions.create(model='tiny-glm2', messages=[{'role': 'user', 'content': '你好'}],
+                                             temperature=0, max_tokens=12, stop=[stop, 'never said'],
+                                             stream=streaming)
+        if streaming:
+            chunks = list(out)
+            sent = [c.choices[0].delta.content or '' for c in chunks if c.choices]
+            assert ''.join(sent) == kept and chunks[-1].choices[0].finish_reason == 'stop'
+        else:
+            assert out.choices[0].message.content == kept.strip() and out.choices[0].finish_reason == 'stop'
+
+
 def test_fifty_concurrent_streaming_clients_get_their_own_answers(server, glm2_model):
     queries = [f'问题 {i}: tell me about {i}' for i in range(50)]
     answers = {q: expected(glm2_model, q) for q in queries}

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, List, Optional, Tuple
 
 from ..chat import ChatModel, ChatRequest
-from ..generation import TextDeltas
+from ..generation import StopStrings, TextDeltas
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ class Job:
     events: Optional[asyncio.Queue] = None
     adapter: Optional[str] = None   # a LoRA adapter the model holds (the request's `model` names it)
     seq: object = None        # its batching.Sequence once submitted
-    text: str = ''            # the reply text sent so far (what `stop` strings are searched in)
-    stopped_by_string: bool = False
+    sent: List[str] = field(default_factory=list)   # the reply text sent so far
+    stops: Optional[StopStrings] = None
     # ChatGLM3 begins each reply with a metadata line: empty for text, a tool's name for a tool call.
     # None until that line is complete (its text waits in `pending`), then 'tool', or 'text-start' until
     # the reply's first non-blank text, then 'text'.
@@ -140,6 +140,7 @@ class Engine:
         job.loop = asyncio.get_running_loop()
         job.events = asyncio.Queue()
         deltas = TextDeltas(self.chat.tokenizer)
+        job.stops = StopStrings(job.stop)
         stop_ids = set(job.request.params.stop_ids)
         if self.chat.format.reply_starts_with_metadata:
             job.mode = None
@@ -186,26 +187,20 @@ class Engine:
             self._rate.append((time.monotonic(), self.scheduler.stats['generated_tokens']))
 
     def _text(self, job: Job, delta: str) -> bool:
-        """Send a text delta, cut at an OpenAI `stop` string; -> True when one was hit (stop here)."""
-        if not delta:
-            return False
-        start = len(job.text)
-        job.text += delta
-        hits = [job.text.find(s) for s in job.stop if s and s in job.text]
-        if hits:
-            cut = min(hits)
-            if cut > start:
-                job.emit('delta', job.text[start:cut])
-            job.text, job.stopped_by_string = job.text[:cut], True
-            return True
-        job.emit('delta', delta)
-        return False
+        """Send a text delta, up to an OpenAI `stop` string; -> True when one was hit (stop here)."""
+        self._send(job, job.stops.push(delta))
+        return job.stops.hit
+
+    def _send(self, job: Job, text: str):
+        if text:
+            job.sent.append(text)
+            job.emit('delta', text)
 
     def _finish(self, job: Job, seq, deltas: TextDeltas):
         if seq.error is not None:
             job.emit('error', seq.error)
             return
-        if not job.stopped_by_string and seq.finish_reason != 'cancelled':
+        if not job.stops.hit and seq.finish_reason != 'cancelled':
             self._text(job, _visible(job, deltas.flush()))   # an incomplete character at the end, as U+FFFD
         try:
             response, history = self.chat.respond(job.request, seq.output)
@@ -214,10 +209,11 @@ class Engine:
             return
         if job.mode is None and isinstance(response, str) and response:
             # The metadata line never ended: the whole reply is text, and none of it was sent yet.
-            job.emit('delta', response)
-        finish = 'stop' if job.stopped_by_string else seq.finish_reason
-        if job.stopped_by_string and isinstance(response, str):
-            response = job.text.strip()
+            self._text(job, response)
+        self._send(job, job.stops.flush())   # the end of a reply that only looked like a stop string's start
+        finish = 'stop' if job.stops.hit else seq.finish_reason
+        if job.stops.hit and isinstance(response, str):
+            response = ''.join(job.sent).strip()
             history = history[:-1] + [_with_reply(history[-1], response)]
         job.emit('done', Result(response, history, len(job.request.input_ids), len(seq.output), finish,
                                 seq.reused))

@@ -58,7 +58,7 @@ class ClassicRequest(BaseModel):
 
 
 # -- requests -> ChatCall ----------------------------------------------------------------------------------
-MAX_STOP_STRINGS = 4      # OpenAI's limit; each stop string is searched in the reply after every token
+MAX_STOP_STRINGS = 4      # OpenAI's limit; each is one automaton stepped over every character of the reply
 
 
 def _text(content) -> str:
