@@ -138,6 +138,7 @@ class Scheduler:
             raise ValueError('a prompt needs at least one token')
         if adapter is not None and adapter not in self.adapters:
             raise ValueError(f'no adapter named {adapter!r}; this model holds {self.adapters or "none"}')
+        params.validate()   # the door for every caller: bad parameters fail here, not inside a step
         seq = Sequence(prompt, params, on_token, on_finish, adapter)
         need = self.kv_bytes(len(seq.prompt) + seq.budget)
         if need > self.budget:
@@ -381,7 +382,17 @@ class Scheduler:
             return
         seen = torch.tensor([seq.prompt + seq.output], dtype=torch.long, device=logits.device) \
             if params.repetition_penalty != 1.0 else logits.new_zeros((1, 0), dtype=torch.long)
-        token = int(choose(process_logits(logits, seen, params, self.vocab_limit), params, seq.generator)[0])
+        try:
+            generated = torch.tensor([seq.output], dtype=torch.long, device=logits.device)
+            scores = process_logits(logits, seen, params, self.vocab_limit, generated)
+            token = int(choose(scores, params, seq.generator)[0])
+        except Exception as e:   # e.g. parameters that passed no validation: end this sequence only
+            # Left running, it would have no next token to decode and nothing left to prefill, and
+            # the engine thread would step it forever.
+            logger.exception('sampling failed; ending the sequence')
+            seq.error = e
+            self._finish(seq, 'error', keep_cache=False)
+            return
         seq.output.append(token)
         self.stats['generated_tokens'] += 1
         stop_here = False

@@ -63,7 +63,12 @@ class ChatModel:
             return self.model.full_logits(ids.to(self.device), mask)
 
     def sampling(self, **gen) -> SamplingParams:
-        return SamplingParams.from_kwargs(self.defaults, **gen)
+        params = SamplingParams.from_kwargs(self.defaults, **gen)
+        beyond = sorted(t for t in params.logit_bias if t >= self.tokenizer.vocab_size)
+        if beyond:
+            raise ValueError(f'logit_bias names token ids {beyond[:5]} beyond the vocabulary '
+                             f'({self.tokenizer.vocab_size} tokens)')
+        return params
 
     def generate(self, input_ids, max_new_tokens: Optional[int] = None, **gen) -> List[int]:
         """New token ids of one sequence (the stop id included when reached)."""

@@ -15,13 +15,18 @@ import math
 import numbers
 import threading
 from dataclasses import dataclass, field, fields, replace
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 from .models.base import CausalLM
 
 logger = logging.getLogger(__name__)
+
+# A temperature below this samples greedily (vLLM's rule). Sampling at it already picks the best token
+# unless another is within ~1e-4 of it; dividing float32 logits by 1e-300 gives 0 / 0 = NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+REPETITION_PENALTY_RANGE = (1e-4, 1e4)   # beyond it float32 logits overflow to inf (NaN after the shift)
 
 
 @dataclass
@@ -33,6 +38,10 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    # OpenAI's: subtracted from a token's logit per time it was generated / once if it was at all
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: Dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
     stop_ids: Sequence[int] = field(default_factory=tuple)
     seed: Optional[int] = None
 
@@ -51,7 +60,9 @@ class SamplingParams:
         for name, kind, text in (('max_new_tokens', int, 'an integer'), ('max_length', int, 'an integer'),
                                  ('top_k', int, 'an integer'), ('seed', int, 'an integer'),
                                  ('temperature', (int, float), 'a number'), ('top_p', (int, float), 'a number'),
-                                 ('repetition_penalty', (int, float), 'a number')):
+                                 ('repetition_penalty', (int, float), 'a number'),
+                                 ('frequency_penalty', (int, float), 'a number'),
+                                 ('presence_penalty', (int, float), 'a number')):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
                 raise ValueError(f'{name} must be {text}, got {value!r} ({type(value).__name__})')
@@ -62,9 +73,18 @@ class SamplingParams:
             raise ValueError(f'stop_ids must be a list of non-negative token ids, got {self.stop_ids!r}')
         if self.seed is not None and not 0 <= self.seed < 2 ** 63:
             raise ValueError(f'seed must be in [0, 2**63), got {self.seed}')
-        for name in ('temperature', 'top_p', 'repetition_penalty'):
+        for name in ('temperature', 'top_p', 'repetition_penalty', 'frequency_penalty', 'presence_penalty'):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f'{name} must be finite, got {getattr(self, name)!r}')
+        for name in ('frequency_penalty', 'presence_penalty'):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f'{name} must be in [-2, 2] (as in the OpenAI API), got {getattr(self, name)}')
+        if not isinstance(self.logit_bias, dict) or not all(
+                isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0
+                and isinstance(b, (int, float)) and not isinstance(b, bool) and -100 <= b <= 100
+                for i, b in self.logit_bias.items()):
+            raise ValueError('logit_bias must map token ids (integers >= 0) to numbers in [-100, 100], got '
+                             f'{self.logit_bias!r}'[:300])
         if self.max_new_tokens is not None and self.max_new_tokens < 0:
             raise ValueError(f'max_new_tokens must be >= 0, got {self.max_new_tokens}')
         if self.max_length is not None and self.max_length < 1:
@@ -76,8 +96,15 @@ class SamplingParams:
             raise ValueError(f'top_p must be in (0, 1], got {self.top_p}')
         if self.top_k < 0:
             raise ValueError(f'top_k must be >= 0, got {self.top_k}')
-        if not self.repetition_penalty > 0:
-            raise ValueError(f'repetition_penalty must be > 0, got {self.repetition_penalty}')
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f'repetition_penalty must be in [{low:g}, {high:g}] (1.0 = none; >1 discourages '
+                             f'repeating), got {self.repetition_penalty}')
+
+    @property
+    def sampling(self) -> bool:
+        """Whether tokens are drawn at random (do_sample with a temperature of at least 1e-5)."""
+        return self.do_sample and self.temperature >= GREEDY_BELOW_TEMPERATURE
 
     def new_token_budget(self, prompt_len: int) -> int:
         if self.max_new_tokens is not None:
@@ -88,16 +115,23 @@ class SamplingParams:
 
 
 def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams,
-                   vocab_limit: int) -> torch.Tensor:
-    """logits [b, V] (fp32) -> processed scores; seen [b, n] = ids so far (prompt + generated)."""
+                   vocab_limit: int, generated: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """logits [b, V] (fp32) -> processed scores; seen [b, n] = ids so far (prompt + generated),
+    generated [b, m] = the generated ones (what OpenAI's frequency and presence penalties count)."""
     logits = logits.float().clone()
+    for token, bias in params.logit_bias.items():
+        if token < logits.shape[-1]:
+            logits[:, token] += bias
     logits[:, vocab_limit:] = float('-inf')   # padded embedding rows are not tokens
     if params.repetition_penalty != 1.0 and seen.numel():
         picked = logits.gather(1, seen)
         picked = torch.where(picked < 0, picked * params.repetition_penalty,
                              picked / params.repetition_penalty)
         logits.scatter_(1, seen, picked)
-    if not params.do_sample:
+    if (params.frequency_penalty or params.presence_penalty) and generated is not None and generated.numel():
+        counts = torch.zeros_like(logits).scatter_add_(1, generated, torch.ones_like(generated, dtype=logits.dtype))
+        logits -= counts * params.frequency_penalty + (counts > 0).to(logits.dtype) * params.presence_penalty
+    if not params.sampling:
         return logits
     # Shift the best score to 0 before dividing: the same distribution, but a tiny temperature then
     # sharpens it towards greedy instead of overflowing to inf - inf = NaN.
@@ -115,7 +149,7 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingPar
 
 
 def choose(scores: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]):
-    if not params.do_sample:
+    if not params.sampling:
         return scores.argmax(dim=-1)
     probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -211,14 +245,15 @@ def generate_tokens(model: CausalLM, prompts: List[List[int]], params: SamplingP
 def _decode_loop(model, logits, state, seen, params, budget, vocab_limit, prompt_cache):
     device = seen.device
     generator = None
-    if params.do_sample and params.seed is not None:
+    if params.sampling and params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     stop = torch.tensor(sorted(set(params.stop_ids)) or [-1], device=device)
     finished = torch.zeros(seen.shape[0], dtype=torch.bool, device=device)
     warned = False
+    prompt_width = seen.shape[1]
     for step in range(budget):
         broken = ~torch.isfinite(logits.float()).all(dim=-1)
-        scores = process_logits(logits, seen, params, vocab_limit)
+        scores = process_logits(logits, seen, params, vocab_limit, generated=seen[:, prompt_width:])
         next_ids = choose(scores.masked_fill(broken[:, None], 0.0), params, generator)
         if bool(broken.any()):
             # NaN/inf logits mean the forward overflowed (typically fp16 activations). Whatever we
@@ -243,8 +278,8 @@ class TextDeltas:
     """Turn a growing list of token ids into text deltas: never text that a later token could still
     change, and at a cost per token that does not grow with the reply.
 
-    Each push decodes a window of the latest tokens, not the whole reply (that made a 4,000-token reply
-    cost 0.25 ms per token, and a 32K one 2 ms). `start` is the window's first token, `sent` the part of
+    Each push decodes a window of the latest tokens, not the whole reply (that made a token of an
+    8,000-token reply cost 1.8 ms, and of a 32,000-token one 7.5 ms: bench_streaming_text.py). `start` is the window's first token, `sent` the part of
     the window's text already sent. The end of the text that more tokens could still change is held
     back (`tokenizer.unsettled_chars`: the bytes of an unfinished character, a half-spelled ChatGLM-6B
     placeholder). Once the window has grown to 2 x CONTEXT tokens it moves up to its last CONTEXT:

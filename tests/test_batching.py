@@ -343,6 +343,24 @@ def test_a_failing_consumer_ends_only_its_own_sequence(glm2_model):
     assert good.output == solo(glm2_model, prompts[1], 6) and sched.reserved == 0
 
 
+def test_a_sequence_whose_sampling_fails_ends_and_the_scheduler_goes_idle(glm2_model):
+    """Parameters that pass no validation fail at submit; ones broken after it (a caller's bug) end
+    their own sequence with the error. Such a sequence used to stay running with no next token and
+    nothing to prefill: the server's engine thread stepped it 14 million times a minute."""
+    from dataclasses import replace
+    prompts = [glm2_model.build_inputs(q) for q in QUERIES[:2]]
+    params = glm2_model.sampling(max_new_tokens=6, do_sample=True, temperature=0.7, seed=3)
+    sched = glm2_model.scheduler()
+    with pytest.raises(ValueError, match='temperature must be finite'):
+        sched.submit(prompts[0], replace(params, temperature=float('nan')))
+    bad, good = sched.submit(prompts[0], params), sched.submit(prompts[1], params)
+    bad.params = replace(params, repetition_penalty=0.0)   # logits / 0: inf, then inf - inf
+    sched.run_until_done([bad, good])
+    assert bad.finish_reason == 'error' and 'probability tensor' in str(bad.error)
+    assert good.output == solo(glm2_model, prompts[1], 6, do_sample=True, temperature=0.7, seed=3)
+    assert not sched.has_work() and sched.reserved == 0
+
+
 def test_scheduler_rejects_bad_settings(glm2_model):
     for kwargs in (dict(max_batch=0), dict(prefill_chunk=0)):
         with pytest.raises(ValueError):

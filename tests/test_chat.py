@@ -165,10 +165,47 @@ def test_sampling_options(glm2_model):
     assert len(set(penalised)) == len(penalised)
 
 
+
+def test_openai_penalties_count_generated_tokens():
+    """frequency_penalty per time a token was generated, presence_penalty once; the prompt's tokens
+    (`seen`) do not count; logit_bias is added first."""
+    import torch
+    from modelscope_chatglm.generation import SamplingParams, process_logits
+    params = SamplingParams(do_sample=False, frequency_penalty=0.5, presence_penalty=0.25, logit_bias={7: 2.0})
+    scores = process_logits(torch.zeros(1, 10), torch.tensor([[1, 2]]), params, 10, torch.tensor([[3, 3, 5]]))
+    assert scores.tolist() == [[0, 0, 0, -1.25, 0, -0.75, 0, 2.0, 0, 0]]
+
+
+def test_penalties_are_the_same_alone_and_in_a_batch(glm2_model):
+    """The one-sequence decode loop (left-padded prompts) and the scheduler count the same tokens."""
+    gen = dict(do_sample=False, frequency_penalty=1.5, presence_penalty=0.5)
+    prompts = [glm2_model.build_inputs(q) for q in ('你好', 'tell me about the capital of France')]
+    alone = [glm2_model.generate(p, max_new_tokens=48, **gen) for p in prompts]   # 48: tokens repeat
+    assert all(a != glm2_model.generate(p, max_new_tokens=48, do_sample=False) for a, p in zip(alone, prompts))
+    sched = glm2_model.scheduler()
+    seqs = [sched.submit(p, glm2_model.sampling(max_new_tokens=48, **gen)) for p in prompts]
+    sched.run_until_done(seqs)
+    assert [s.output for s in seqs] == alone
+    assert glm2_model.generate_batch(prompts, max_new_tokens=48, **gen) == alone
+
+
+def test_a_temperature_too_small_to_divide_by_samples_greedily(glm2_model):
+    """1e-300 is 0 in float32: the logits became 0 / 0 and sampling raised. Below 1e-5 it is greedy
+    (vLLM's rule); just above, sampling still runs and, at that sharpness, agrees with greedy here."""
+    ids = glm2_model.build_inputs('你好')
+    greedy = glm2_model.generate(ids, max_new_tokens=8, do_sample=False)
+    for temperature in (1e-300, 1e-6, 2e-5):
+        assert glm2_model.generate(ids, max_new_tokens=8, do_sample=True, temperature=temperature, seed=1) == greedy
+    assert glm2_model.generate(ids, max_new_tokens=8, do_sample=True, temperature=1.5, seed=1) != greedy
+
+
 @pytest.mark.parametrize('kwargs,match', [
     (dict(temperature=0), 'temperature must be > 0'), (dict(top_p=1.5), 'top_p'),
     (dict(top_k=-1), 'top_k'), (dict(beams=2), 'unknown generation argument'),
     (dict(repetition_penalty=0), 'repetition_penalty'),
+    # float32 logits divided by these overflow (NaN once shifted): sampling raised inside the step
+    (dict(repetition_penalty=1e-300), r'repetition_penalty must be in \[0.0001, 10000\]'),
+    (dict(repetition_penalty=1e300), 'repetition_penalty must be in'),
     # the wrong types are clear errors too, not raw TypeErrors or silently truthy values
     (dict(max_new_tokens='5'), "max_new_tokens must be an integer, got '5'"),
     (dict(max_new_tokens=2.5), 'max_new_tokens must be an integer'),

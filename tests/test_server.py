@@ -13,7 +13,7 @@ openai = pytest.importorskip('openai')
 pytest.importorskip('fastapi')
 
 from modelscope_chatglm.serve.engine import Result  # noqa: E402
-from modelscope_chatglm.serve.protocol import ChatCompletionRequest, message, to_conversation  # noqa: E402
+from modelscope_chatglm.serve.protocol import ChatCompletionRequest, chat_call, message, to_conversation  # noqa: E402
 
 GREEDY = dict(temperature=0, max_tokens=8)
 
@@ -349,7 +349,9 @@ def test_client_disconnect_cancels_its_generation(server):
 
 
 @pytest.mark.parametrize('body,status,needle', [
-    (b'{"messages": [', 422, 'invalid request'),
+    (b'{"messages": [', 422, 'the body is not valid JSON (Expecting value at character 14)'),
+    (b'{"messages": ' + b'[' * 5000 + b']' * 5000 + b'}', 400, 'nests arrays or objects too deeply'),
+    (b'{"messages": [{"role": "user", "content": "\xff"}]}', 400, 'not UTF-8'),
     (b'{}', 422, 'messages'),
     (b'{"messages": "hi"}', 422, 'messages'),
     (b'{"messages": [{"role": "robot", "content": "x"}]}', 422, 'role'),
@@ -363,6 +365,28 @@ def test_client_disconnect_cancels_its_generation(server):
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'seed': 10 ** 23}).encode(), 400, 'seed'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'n': 3}).encode(), 400, 'one choice per request'),
     (b'{"messages": [{"role": "user", "content": "\\ud800 x"}]}', 400, 'lone surrogate'),
+    # OpenAI options this server does not do are refused by name, never silently ignored
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'logprobs': True}).encode(), 400, 'logprobs'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'top_logprobs': 3}).encode(), 400, 'logprobs'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'response_format': {'type': 'json_object'}}).encode(),
+     400, "response_format 'json_object' is not supported"),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'tool_choice': 'required'}).encode(), 400,
+     'tool_choice'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'functions': [{'name': 'f'}]}).encode(), 400,
+     'send `tools`'),
+    (json.dumps({'messages': [{'role': 'user', 'content': [
+        {'type': 'text', 'text': 'what is this?'}, {'type': 'image_url', 'image_url': {'url': 'http://x/y.png'}}]}]}
+     ).encode(), 400, "type ['image_url'] cannot be read"),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'max_tokens': 4, 'max_completion_tokens': 5}).encode(),
+     400, 'disagree'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'logit_bias': {'99999999': 5}}).encode(), 400,
+     'beyond the vocabulary'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'logit_bias': {'5': 500}}).encode(), 400,
+     'logit_bias must map token ids'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'logit_bias': {'a': 5}}).encode(), 400,
+     'logit_bias keys must be token ids'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'presence_penalty': 3}).encode(), 422,
+     'presence_penalty'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'max_tokens': 10 ** 12}).encode(), 400, 'no room'),
     (json.dumps({'messages': [
         {'role': 'user', 'content': 'x'},
@@ -378,6 +402,23 @@ def test_bad_requests_get_4xx_and_the_server_lives(server, body, status, needle)
     assert httpx.get(f'{server}/health').status_code == 200
 
 
+def test_a_chunked_body_is_counted_as_it_arrives(server):
+    """A chunked upload (no Content-Length) is read chunk by chunk against --max-body-bytes: one byte at
+    a time it is served, and one past the limit is a 413. (It collects into a bytearray: appending each
+    chunk to bytes copied the whole body every time, 500 GB for a 1 MiB body sent a byte at a time.)"""
+    body = json.dumps({'messages': [{'role': 'user', 'content': 'hi'}], **GREEDY}).encode()
+    body = body[:-1] + b' ' * (19_000 - len(body)) + b'}'
+
+    def trickle():
+        for i in range(len(body)):
+            yield body[i:i + 1]
+    r = httpx.post(f'{server}/v1/chat/completions', content=trickle(), headers={'content-type': 'application/json'},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    too_big = httpx.post(f'{server}/v1/chat/completions', content=iter([body, b' ' * 2000]), timeout=30)
+    assert too_big.status_code == 413 and 'over the limit' in too_big.json()['error']['message']
+
+
 def test_classic_chatglm_api(server, glm2_model):
     r = httpx.post(f'{server}/', json={'prompt': '你好', 'history': [], 'max_length': 2048, 'top_p': 0.7,
                                        'temperature': 0.95}, timeout=60)
@@ -387,6 +428,40 @@ def test_classic_chatglm_api(server, glm2_model):
     assert len(body['time']) == 19
     bad = httpx.post(f'{server}/', json={'prompt': 'x', 'history': [['only one']]}, timeout=30)
     assert bad.status_code in (400, 422)
+
+
+def test_openai_options_at_their_defaults_change_nothing(client, glm2_model):
+    """What OpenAI clients (LangChain, the SDK's helpers) send by default is accepted and gives the
+    plain greedy reply; the newer name max_completion_tokens counts like max_tokens."""
+    defaults = dict(logprobs=False, response_format={'type': 'text'}, tool_choice='auto', logit_bias={},
+                    presence_penalty=0, frequency_penalty=0, user='someone', stream_options=None)
+    reply = client.chat.completions.create(model='tiny-glm2', messages=[{'role': 'user', 'content': '你好'}],
+                                           temperature=0, max_completion_tokens=8, **defaults)
+    assert reply.choices[0].message.content == expected(glm2_model, '你好', n=8)
+    assert reply.usage.completion_tokens <= 8
+
+
+def test_penalties_and_logit_bias_reach_the_sampler(client, glm2_model):
+    """frequency_penalty, presence_penalty and logit_bias each change the greedy reply over HTTP, and
+    give what the Python API gives with the same options."""
+    tok = glm2_model.tokenizer
+    plain = expected(glm2_model, '你好', n=48)   # the tiny model repeats itself within 48 tokens
+    favourite = tok.encode('hello')[-1]
+    for options in (dict(frequency_penalty=2.0), dict(presence_penalty=2.0), dict(logit_bias={str(favourite): 100})):
+        reply = client.chat.completions.create(model='tiny-glm2', messages=[{'role': 'user', 'content': '你好'}],
+                                               temperature=0, max_tokens=48, **options)
+        text = reply.choices[0].message.content
+        python_options = dict(options, logit_bias={favourite: 100}) if 'logit_bias' in options else options
+        assert text == glm2_model.chat('你好', [], do_sample=False, max_new_tokens=48, **python_options)[0]
+        assert text != plain, options
+    assert text == tok.decode([favourite] * 48).strip()
+
+
+def test_tool_choice_none_offers_no_tools():
+    tools = [{'type': 'function', 'function': {'name': 'get_weather', 'parameters': {}}}]
+    body = {'messages': [{'role': 'user', 'content': '北京天气?'}], 'tools': tools}
+    assert chat_call(ChatCompletionRequest(**body), None).options['tools'] == [tools[0]['function']]
+    assert chat_call(ChatCompletionRequest(**body, tool_choice='none'), None).options['tools'] is None
 
 
 def test_chatglm3_tools_map_to_openai_tool_calls():

@@ -177,14 +177,23 @@ class Engine:
 
     # -- the engine thread ----------------------------------------------------------------------------
     def _work(self):
+        idle_steps = 0
         while True:
             self.scheduler.wait_for_work()
             try:
-                self.scheduler.step()
+                ran = self.scheduler.step()
             except Exception:   # a bug in scheduling: log it, keep serving
                 logger.exception('scheduler step failed')
+                ran = False
                 time.sleep(0.1)
             self._rate.append((time.monotonic(), self.scheduler.stats['generated_tokens']))
+            # Work that no step can advance is a bug (a sequence left with nothing to run); do not let
+            # it turn this thread into a busy loop beside the sequences that still run.
+            idle_steps = 0 if ran else idle_steps + 1
+            if idle_steps == 100:
+                logger.error('the scheduler has work it cannot run: %s', self.scheduler.snapshot())
+            if idle_steps >= 100:
+                time.sleep(0.01)
 
     def _text(self, job: Job, delta: str) -> bool:
         """Send a text delta, up to an OpenAI `stop` string; -> True when one was hit (stop here)."""

@@ -42,10 +42,21 @@ class ChatCompletionRequest(BaseModel):
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
     max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)   # the newer name of max_tokens
     stop: Optional[Union[str, List[str]]] = None
     seed: Optional[int] = None
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    logit_bias: Optional[Dict[str, float]] = None
     tools: Optional[List[Dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, Dict[str, Any]]] = None
     n: int = Field(default=1, ge=1)
+    # Accepted at their defaults only: a client that asks for more is told so, never silently ignored.
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    response_format: Optional[Dict[str, Any]] = None
+    functions: Optional[List[Dict[str, Any]]] = None
+    function_call: Optional[Union[str, Dict[str, Any]]] = None
 
 
 class ClassicRequest(BaseModel):
@@ -57,6 +68,16 @@ class ClassicRequest(BaseModel):
     temperature: Optional[float] = Field(default=None, gt=0)
 
 
+def _token_biases(logit_bias: Dict[str, float]) -> Dict[int, float]:
+    """OpenAI's logit_bias (token ids as JSON object keys) -> {id: bias}; the range is checked with the
+    other sampling parameters."""
+    try:
+        return {int(token): bias for token, bias in logit_bias.items()}
+    except ValueError:
+        raise InputError(f'logit_bias keys must be token ids (integers as strings), got {list(logit_bias)[:5]}') \
+            from None
+
+
 # -- requests -> ChatCall ----------------------------------------------------------------------------------
 MAX_STOP_STRINGS = 4      # OpenAI's limit; each is one automaton stepped over every character of the reply
 
@@ -66,7 +87,11 @@ def _text(content) -> str:
         return ''
     if isinstance(content, str):
         return content
-    return ''.join(part.get('text', '') for part in content if part.get('type') == 'text')
+    kinds = sorted({str(part.get('type')) for part in content} - {'text'})
+    if kinds:
+        raise InputError(f'message content parts of type {kinds} cannot be read: ChatGLM models take text '
+                         'only; send text parts or a string')
+    return ''.join(str(part.get('text', '')) for part in content)
 
 
 def to_conversation(req: ChatCompletionRequest):
@@ -93,6 +118,22 @@ def to_conversation(req: ChatCompletionRequest):
     return last['content'], messages, last['role'], system, tools
 
 
+def _unsupported(req: ChatCompletionRequest):
+    """InputError for an OpenAI option that asks for something this server does not do."""
+    if req.logprobs or req.top_logprobs:
+        raise InputError('logprobs are not supported by this server; leave out logprobs and top_logprobs')
+    kind = (req.response_format or {}).get('type', 'text')
+    if kind != 'text':
+        raise InputError(f'response_format {kind!r} is not supported: replies are not constrained to JSON '
+                         'here; leave out response_format and ask for JSON in the prompt')
+    if req.functions or req.function_call:
+        raise InputError('functions/function_call are the deprecated form of tools: send `tools` (ChatGLM3 '
+                         'models call them)')
+    if req.tool_choice not in (None, 'auto', 'none'):
+        raise InputError(f'tool_choice {req.tool_choice!r} is not supported: a ChatGLM3 model decides itself '
+                         'whether to call a tool; send "auto" or "none" (no tools offered)')
+
+
 def generation_options(req) -> dict:
     options = {}
     if req.temperature is not None:
@@ -102,8 +143,19 @@ def generation_options(req) -> dict:
             options['temperature'] = req.temperature
     if req.top_p is not None:
         options['top_p'] = req.top_p
-    if getattr(req, 'max_tokens', None) is not None:
-        options['max_new_tokens'] = req.max_tokens
+    max_tokens = getattr(req, 'max_tokens', None)
+    if getattr(req, 'max_completion_tokens', None) is not None:
+        if max_tokens is not None and max_tokens != req.max_completion_tokens:
+            raise InputError(f'max_tokens={max_tokens} and max_completion_tokens={req.max_completion_tokens} '
+                             'disagree; send one of them')
+        max_tokens = req.max_completion_tokens
+    if max_tokens is not None:
+        options['max_new_tokens'] = max_tokens
+    for name in ('frequency_penalty', 'presence_penalty'):
+        if getattr(req, name, None) is not None:
+            options[name] = getattr(req, name)
+    if getattr(req, 'logit_bias', None):
+        options['logit_bias'] = _token_biases(req.logit_bias)
     if getattr(req, 'seed', None) is not None:
         options['seed'] = req.seed
     if getattr(req, 'max_length', None) is not None:
@@ -116,11 +168,14 @@ def chat_call(req: ChatCompletionRequest, adapter: Optional[str]) -> ChatCall:
     if req.n > 1:
         raise InputError(f'n={req.n}: one choice per request is supported; send {req.n} requests '
                          '(each with its own seed for different samples)')
+    _unsupported(req)
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOP_STRINGS:
         raise InputError(f'stop takes at most {MAX_STOP_STRINGS} strings (as in the OpenAI API), got '
                          f'{len(stops)}; send fewer')
     query, history, role, system, tools = to_conversation(req)
+    if req.tool_choice == 'none':
+        tools = None   # as OpenAI: the model is not offered the tools
     options = dict(generation_options(req), role=role, system=system, tools=tools)
     return ChatCall(query, history, options, stops, adapter)
 

@@ -27,12 +27,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException
 
 from ..chat import ChatModel
 from ..errors import InputError
 from . import protocol
 from .engine import Engine, Result
 from .protocol import ChatCompletionRequest, ClassicRequest
+
+
+def _problem(error: dict) -> str:
+    """One pydantic/FastAPI validation error as 'field: what is wrong'."""
+    if error.get('type') == 'json_invalid':
+        return f'the body is not valid JSON ({error.get("ctx", {}).get("error")} at character {error["loc"][-1]})'
+    return f'{".".join(str(p) for p in error["loc"][1:]) or "body"}: {error["msg"]}'
 
 
 def _error(status: int, message: str, kind: str = 'invalid_request_error', retry_after=None) -> JSONResponse:
@@ -94,12 +102,12 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
             return _error(413, f'request body of {length} bytes is over the limit of {max_body_bytes}')
         if request.method == 'POST' and length is None:   # chunked upload: count as it arrives
-            body = b''
+            body = bytearray()   # not bytes: `+=` on bytes copies the whole body at every chunk
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > max_body_bytes:
                     return _error(413, f'request body is over the limit of {max_body_bytes} bytes')
-            request._body = body
+            request._body = bytes(body)
         return await call_next(request)
 
     @app.exception_handler(Exception)
@@ -109,8 +117,20 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        problems = '; '.join(f'{".".join(str(p) for p in e["loc"][1:]) or "body"}: {e["msg"]}' for e in exc.errors())
+        problems = '; '.join(_problem(e) for e in exc.errors())
         return _error(422, f'invalid request: {problems}')
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        # FastAPI's own: a body it could not parse, an unknown path, a wrong method. In our error shape,
+        # saying what was wrong with the body where FastAPI only says that something was.
+        cause, message = exc.__cause__, str(exc.detail)
+        if isinstance(cause, UnicodeDecodeError):
+            message = (f'the request body is not UTF-8 (byte {cause.object[cause.start:cause.start + 1]!r} at '
+                       f'{cause.start}); send JSON encoded as UTF-8')
+        elif isinstance(cause, RecursionError):
+            message = 'the request body nests arrays or objects too deeply to parse; send a flatter JSON object'
+        return _error(exc.status_code, message)
 
     @app.get('/health')
     async def health():
