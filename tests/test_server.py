@@ -393,6 +393,12 @@ def test_client_disconnect_cancels_its_generation(server):
         {'role': 'assistant', 'content': None,
          'tool_calls': [{'id': '1', 'type': 'function', 'function': {'name': 'f', 'arguments': '[1, 2]'}}]},
         {'role': 'tool', 'content': 'r', 'tool_call_id': '1'}]}).encode(), 400, 'must be a JSON object'),
+    *[(json.dumps({'messages': [
+        {'role': 'user', 'content': 'x'},
+        {'role': 'assistant', 'content': None,
+         'tool_calls': [{'id': '1', 'type': 'function', 'function': {'name': 'f', 'arguments': arguments}}]},
+        {'role': 'tool', 'content': 'r', 'tool_call_id': '1'}]}).encode(), 400, "tool call 'f': arguments are not JSON")
+      for arguments in ('not json', '[' * 5000 + ']' * 5000, '{"a": ' + '9' * 5000 + '}')],
 ])
 def test_bad_requests_get_4xx_and_the_server_lives(server, body, status, needle):
     r = httpx.post(f'{server}/v1/chat/completions', content=body, headers={'content-type': 'application/json'},

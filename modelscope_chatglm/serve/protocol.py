@@ -100,7 +100,11 @@ def to_conversation(req: ChatCompletionRequest):
     for m in req.messages:
         if m.role == 'assistant' and m.tool_calls:
             call = m.tool_calls[0].function
-            args = json.loads(call.arguments or '{}')
+            try:
+                args = json.loads(call.arguments or '{}')
+            except (ValueError, RecursionError) as e:   # not JSON; an int past 4,300 digits; nesting too deep
+                raise InputError(f'tool call {call.name!r}: arguments are not JSON the server can read '
+                                 f'({type(e).__name__}: {str(e)[:100]}); send them as a JSON object') from None
             if not isinstance(args, dict):
                 raise InputError(f'tool call {call.name!r}: arguments must be a JSON object, got {call.arguments!r}')
             code = 'tool_call(' + ', '.join(f'{k}={v!r}' for k, v in args.items()) + ')'
