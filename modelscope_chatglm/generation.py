@@ -250,8 +250,12 @@ def _decode_loop(model, logits, state, seen, params, budget, vocab_limit, prompt
     stop = torch.tensor(sorted(set(params.stop_ids)) or [-1], device=device)
     finished = torch.zeros(seen.shape[0], dtype=torch.bool, device=device)
     warned = False
+    # The prompt and the tokens so far, in a buffer filled as they come (not a torch.cat per token,
+    # which copies everything so far every time).
     prompt_width = seen.shape[1]
+    history = torch.cat([seen, seen.new_empty((seen.shape[0], budget))], dim=1)
     for step in range(budget):
+        seen = history[:, :prompt_width + step]
         broken = ~torch.isfinite(logits.float()).all(dim=-1)
         scores = process_logits(logits, seen, params, vocab_limit, generated=seen[:, prompt_width:])
         next_ids = choose(scores.masked_fill(broken[:, None], 0.0), params, generator)
@@ -268,7 +272,7 @@ def _decode_loop(model, logits, state, seen, params, budget, vocab_limit, prompt
         finished |= torch.isin(next_ids, stop) | broken
         if bool(finished.all()) or step == budget - 1:
             return
-        seen = torch.cat([seen, next_ids[:, None]], dim=1)
+        history[:, prompt_width + step] = next_ids
         logits = model.decode(next_ids, state)
         if prompt_cache is not None:
             prompt_cache.ids.append(int(next_ids[0]))

@@ -396,3 +396,15 @@ def test_the_default_kv_budget_counts_the_page_cache_as_available():
     assert abs(available_memory() - meminfo['MemAvailable']) < 64 << 20     # (it moves between two reads)
     expected = min(meminfo['MemAvailable'] // 4, 16 << 30)
     assert abs(default_kv_budget(torch.device('cpu')) - expected) < 16 << 20
+
+
+def test_a_sequences_token_tensor_follows_its_output_as_it_grows():
+    """The penalties read prompt + output as a tensor that grows by the new tokens only."""
+    from modelscope_chatglm.batching import Sequence
+    from modelscope_chatglm.generation import SamplingParams
+    seq = Sequence(list(range(300)), SamplingParams(max_new_tokens=1000))
+    for token in range(1000):
+        if token % 97 == 0 or token > 990:
+            assert seq.ids_tensor('cpu')[0].tolist() == seq.prompt + seq.output
+        seq.output.append(token)
+    assert seq.ids_tensor('cpu').shape == (1, 1300)
