@@ -36,13 +36,13 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Callable, Dict, List, Optional, Sequence as Seq
+from typing import Callable, Dict, List, Optional, Sequence as Seq, Tuple
 
 import torch
 
 from . import adapters
 from .errors import ContextLengthError
-from .generation import SamplingParams, choose, process_logits
+from .generation import SamplingParams, choose, process_logits, token_logprobs
 from .models.kv_cache import KVSegment
 from .prefix_cache import PrefixCache, common_prefix
 
@@ -53,13 +53,15 @@ DEFAULT_MAX_BATCH = 16
 # token (on a 2-core CPU a full-size model prefills ~12 tokens/s), while big enough to keep the matrix
 # units busy.
 DEFAULT_PREFILL_CHUNK = {'cpu': 128, 'cuda': 1024}
+MAX_TOP_LOGPROBS = 20     # OpenAI's limit on top_logprobs
 
 
 class Sequence:
     """One generation: its prompt, sampling parameters, the tokens so far and where it stands."""
 
     def __init__(self, prompt: Seq[int], params: SamplingParams, on_token: Optional[Callable] = None,
-                 on_finish: Optional[Callable] = None, adapter: Optional[str] = None):
+                 on_finish: Optional[Callable] = None, adapter: Optional[str] = None,
+                 logprobs: Optional[int] = None):
         self.prompt = list(prompt)
         self.params = params
         self.adapter = adapter      # a LoRA adapter held by the model (adapters.py); None = the base
@@ -68,6 +70,9 @@ class Sequence:
         self.on_token, self.on_finish = on_token, on_finish
         self.budget = params.new_token_budget(len(self.prompt))
         self.output: List[int] = []
+        # With logprobs=k: per output token, (its logprob, its k most likely alternatives [(id, logprob)])
+        self.logprobs: Optional[List[Tuple[float, List[Tuple[int, float]]]]] = None if logprobs is None else []
+        self.top_logprobs = logprobs or 0
         self.finish_reason: Optional[str] = None   # 'stop' | 'length' | 'cancelled' | 'error'
         self.error: Optional[BaseException] = None
         self.done = threading.Event()
@@ -152,13 +157,19 @@ class Scheduler:
 
     # -- from any thread ----------------------------------------------------------------------------
     def submit(self, prompt: Seq[int], params: SamplingParams, on_token: Optional[Callable] = None,
-               on_finish: Optional[Callable] = None, adapter: Optional[str] = None) -> Sequence:
+               on_finish: Optional[Callable] = None, adapter: Optional[str] = None,
+               logprobs: Optional[int] = None) -> Sequence:
+        """Queue a generation. logprobs=k (0-20) records the model's log-probability of each output
+        token and of its k most likely alternatives in `seq.logprobs`."""
         if not prompt:
             raise ValueError('a prompt needs at least one token')
         if adapter is not None and adapter not in self.adapters:
             raise ValueError(f'no adapter named {adapter!r}; this model holds {self.adapters or "none"}')
         params.validate()   # the door for every caller: bad parameters fail here, not inside a step
-        seq = Sequence(prompt, params, on_token, on_finish, adapter)
+        if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f'logprobs must be the number of alternatives to report, 0 to {MAX_TOP_LOGPROBS}, '
+                             f'got {logprobs!r}')
+        seq = Sequence(prompt, params, on_token, on_finish, adapter, logprobs)
         need = self.kv_bytes(len(seq.prompt) + seq.budget)
         if need > self.budget:
             raise KVBudgetError(
@@ -413,6 +424,8 @@ class Scheduler:
             self._finish(seq, 'error', keep_cache=False)
             return
         seq.output.append(token)
+        if seq.logprobs is not None:
+            seq.logprobs.append(token_logprobs(logits[0], token, seq.top_logprobs, self.vocab_limit))
         self.stats['generated_tokens'] += 1
         stop_here = False
         if seq.on_token is not None:

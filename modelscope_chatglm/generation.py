@@ -148,6 +148,14 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingPar
     return logits
 
 
+def token_logprobs(logits: torch.Tensor, token: int, top: int, vocab_limit: int):
+    """The model's log-probability of `token` and its `top` most likely tokens [(id, logprob)], from
+    the raw logits [V] (before penalties and temperature; padded embedding rows are not tokens)."""
+    logprobs = torch.log_softmax(logits[:vocab_limit].float(), dim=-1)
+    best = logprobs.topk(top) if top else None
+    return float(logprobs[token]), ([] if best is None else list(zip(best.indices.tolist(), best.values.tolist())))
+
+
 def choose(scores: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]):
     if not params.sampling:
         return scores.argmax(dim=-1)

@@ -43,6 +43,18 @@ def _checked(text) -> str:
     return text
 
 
+def piece_bytes(sp, i: int) -> bytes:
+    """The bytes one SentencePiece piece stands for: a byte piece its byte, a control piece none, any
+    other its text with the word-boundary mark as a space."""
+    if sp.IsByte(i):
+        return bytes([int(sp.IdToPiece(i)[3:5], 16)])   # '<0xE4>'
+    if sp.IsControl(i):
+        return b''
+    if sp.IsUnknown(i):
+        return ' \u2047 '.encode('utf-8')   # how SentencePiece decodes it
+    return sp.IdToPiece(i).replace('\u2581', ' ').encode('utf-8')
+
+
 def unfinished_char(text: str) -> int:
     """How many characters at the end of decoded text are the bytes of a character whose other bytes
     have not come yet. SentencePiece decodes each such byte as U+FFFD, and a UTF-8 character has at
@@ -100,6 +112,13 @@ class GLM2Tokenizer:
         """How many characters at the end of decode(ids) the next tokens could still change."""
         return unfinished_char(text)
 
+    def token_bytes(self, i: int) -> bytes:
+        """What one token adds to the text (a first piece's leading space included), as bytes: a byte
+        piece is one byte of a character."""
+        if 0 <= i < self.num_sp_pieces and i not in (self.bos_id, self.eos_id, self.pad_id):
+            return piece_bytes(self.sp, i)
+        return b''   # as decode: specials, bos, eos and padding are blank
+
 
 class GLM3Tokenizer(GLM2Tokenizer):
     """ChatGLM3-6B tokenizer: GLM2's plus role tokens; specials decode to their text."""
@@ -122,6 +141,11 @@ class GLM3Tokenizer(GLM2Tokenizer):
                 run.append(i)
         text.append(self.sp.DecodeIds(run))
         return ''.join(text)
+
+    def token_bytes(self, i: int) -> bytes:
+        if i in self.special_tokens:
+            return self.special_tokens[i].encode('utf-8')   # specials decode to their text here
+        return piece_bytes(self.sp, i) if 0 <= i < self.num_sp_pieces else b''
 
     def encode_message(self, role: str, content: str, metadata: str = '') -> List[int]:
         """One chat message: <|role|> metadata \\n content (docs/formats.md §4.3)."""
@@ -198,15 +222,23 @@ class GLM1Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         pieces = [int(i) - self.offset for i in ids]
         pieces = [i for i in pieces if 0 <= i < self.num_sp_pieces and i + self.offset != self.pad_id]
-        text = self.sp.DecodeIds(pieces)
+        return self._placeholder_re.sub(self._restore, self.sp.DecodeIds(pieces))
 
-        def restore(m):
-            if m.group() == '<n>':
-                return '\n'
-            if m.group() == '<|tab|>':
-                return '\t'
-            return ' ' * int(m.group(1))
-        return self._placeholder_re.sub(restore, text)
+    @staticmethod
+    def _restore(m) -> str:
+        """A placeholder -> the whitespace it stands for."""
+        if m.group() == '<n>':
+            return '\n'
+        if m.group() == '<|tab|>':
+            return '\t'
+        return ' ' * int(m.group(1))
+
+    def token_bytes(self, i: int) -> bytes:
+        piece = i - self.offset
+        if not 0 <= piece < self.num_sp_pieces or i == self.pad_id:
+            return b''
+        return self._placeholder_re.sub(self._restore, piece_bytes(self.sp, piece).decode(
+            'utf-8', 'surrogateescape')).encode('utf-8', 'surrogateescape')
 
     def unsettled_chars(self, text: str) -> int:
         """How many characters at the end of decode(ids) the next tokens could still change: an

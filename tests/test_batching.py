@@ -408,3 +408,17 @@ def test_a_sequences_token_tensor_follows_its_output_as_it_grows():
             assert seq.ids_tensor('cpu')[0].tolist() == seq.prompt + seq.output
         seq.output.append(token)
     assert seq.ids_tensor('cpu').shape == (1, 1300)
+
+
+def test_logprobs_are_recorded_per_token_in_a_batch(glm2_model):
+    prompts = [glm2_model.build_inputs(q) for q in QUERIES[:2]]
+    params = glm2_model.sampling(max_new_tokens=5, do_sample=False)
+    sched = glm2_model.scheduler()
+    with pytest.raises(ValueError, match='logprobs must be the number of alternatives to report, 0 to 20'):
+        sched.submit(prompts[0], params, logprobs=21)
+    seqs = [sched.submit(prompts[0], params, logprobs=2), sched.submit(prompts[1], params)]
+    sched.run_until_done(seqs)
+    recorded = seqs[0].logprobs
+    assert len(recorded) == len(seqs[0].output) and seqs[1].logprobs is None
+    for token, (logprob, top) in zip(seqs[0].output, recorded):
+        assert top[0] == (token, logprob) and len(top) == 2 and logprob < 0

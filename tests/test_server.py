@@ -366,8 +366,10 @@ def test_client_disconnect_cancels_its_generation(server):
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'n': 3}).encode(), 400, 'one choice per request'),
     (b'{"messages": [{"role": "user", "content": "\\ud800 x"}]}', 400, 'lone surrogate'),
     # OpenAI options this server does not do are refused by name, never silently ignored
-    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'logprobs': True}).encode(), 400, 'logprobs'),
-    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'top_logprobs': 3}).encode(), 400, 'logprobs'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'top_logprobs': 3}).encode(), 400,
+     'top_logprobs needs logprobs: true'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'logprobs': True, 'top_logprobs': 21}).encode(), 422,
+     'top_logprobs'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'response_format': {'type': 'json_object'}}).encode(),
      400, "response_format 'json_object' is not supported"),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'tool_choice': 'required'}).encode(), 400,
@@ -461,6 +463,34 @@ def test_penalties_and_logit_bias_reach_the_sampler(client, glm2_model):
         assert text == glm2_model.chat('你好', [], do_sample=False, max_new_tokens=48, **python_options)[0]
         assert text != plain, options
     assert text == tok.decode([favourite] * 48).strip()
+
+
+def test_logprobs_are_the_models_and_stream_with_their_tokens(client, glm2_model):
+    """Each generated token's log-probability under the model (its raw logits), with the top
+    alternatives; streamed, each chunk carries the tokens generated since the last one."""
+    ask = dict(model='tiny-glm2', messages=[{'role': 'user', 'content': '你好'}], temperature=0, max_tokens=8,
+               logprobs=True, top_logprobs=3)
+    reply = client.chat.completions.create(**ask)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens == 8 and reply.choices[0].finish_reason == 'length'
+    for entry in content:   # greedy: each token is the most likely one
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].bytes == entry.bytes
+        assert entry.logprob == entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    prompt = glm2_model.build_inputs('你好')
+    tokens = glm2_model.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert [bytes(e.bytes) for e in content] == [glm2_model.tokenizer.token_bytes(t) for t in tokens]
+    assert glm2_model.tokenizer.decode(tokens).strip() == reply.choices[0].message.content
+    first = glm2_model.logits(prompt)[0, -1, :glm2_model.tokenizer.vocab_size].log_softmax(-1)
+    assert abs(content[0].logprob - float(first[tokens[0]])) < 1e-4
+    assert [t.logprob for t in content[0].top_logprobs] == pytest.approx(first.topk(3).values.tolist(), abs=1e-4)
+
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.bytes for e in streamed] == [e.bytes for e in content]
+    # (this request's prompt came from the prefix cache: the same logits up to summation order)
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
+    plain = client.chat.completions.create(**dict(ask, logprobs=None, top_logprobs=None))
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == reply.choices[0].message.content
 
 
 def test_tool_choice_none_offers_no_tools():

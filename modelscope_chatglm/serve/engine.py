@@ -3,7 +3,8 @@ stream of events for one conversation turn,
     ('start', replica id) or ('rejected', exception), then
     ('delta', text) ... then ('done', Result) or ('error', exception)
 The deltas are the reply's visible text (a ChatGLM3 metadata line and a tool call's code are not text;
-the call itself is in the Result).
+the call itself is in the Result). A call that asks for logprobs also gets ('logprobs', [TokenLogprob])
+before each delta, for the tokens generated since the last (and before 'done', for the rest).
 One engine thread steps the continuous-batching scheduler (batching.py) and pushes each job's events
 back onto the event loop, so generation never blocks it. Validation and prompt building run in a worker
 thread. A stream that is closed early (the client went away) cancels its job: the sequence leaves the
@@ -35,6 +36,7 @@ class ChatCall:
     options: dict = field(default_factory=dict)   # ChatModel.prepare's keywords: generation options, role, ...
     stop: List[str] = field(default_factory=list)  # OpenAI stop strings
     adapter: Optional[str] = None                  # a LoRA adapter the model holds, by name
+    logprobs: Optional[int] = None                 # report each token's logprob and this many alternatives
 
     def conversation_key(self) -> str:
         """What stays the same over the turns of one conversation: its adapter, system prompt, tools
@@ -56,6 +58,11 @@ class Result:
     completion_tokens: int
     finish_reason: str        # 'stop' | 'length' | 'cancelled'
     cached_tokens: int = 0    # prompt tokens whose K/V came from the prefix cache
+    logprobs: Optional[List['TokenLogprob']] = None   # per generated token (a stop id's excluded)
+
+
+# A generated token's bytes, its log-probability and its most likely alternatives [(bytes, logprob)].
+TokenLogprob = Tuple[bytes, float, List[Tuple[bytes, float]]]
 
 
 @dataclass
@@ -68,6 +75,9 @@ class Job:
     seq: object = None        # its batching.Sequence once submitted
     sent: List[str] = field(default_factory=list)   # the reply text sent so far
     stops: Optional[StopStrings] = None
+    logprobs: Optional[int] = None
+    token_logprobs: List[TokenLogprob] = field(default_factory=list)
+    logprobs_sent: int = 0    # how many of token_logprobs went out with a delta
     # ChatGLM3 begins each reply with a metadata line: empty for text, a tool's name for a tool call.
     # None until that line is complete (its text waits in `pending`), then 'tool', or 'text-start' until
     # the reply's first non-blank text, then 'text'.
@@ -114,7 +124,7 @@ class Engine:
         try:
             # Validating and encoding a long conversation takes real time: not on the event loop.
             prepared = await asyncio.to_thread(self.chat.prepare, call.query, call.history, **call.options)
-            job = self.submit(Job(prepared, call.stop, adapter=call.adapter))
+            job = self.submit(Job(prepared, call.stop, adapter=call.adapter, logprobs=call.logprobs))
         except Exception as e:   # InputError, ContextLengthError, QueueFull, KVBudgetError, ...
             yield 'rejected', e
             return
@@ -123,7 +133,7 @@ class Engine:
             while True:
                 kind, value = await job.events.get()
                 yield kind, value
-                if kind != 'delta':
+                if kind not in ('delta', 'logprobs'):
                     return
         finally:
             job.cancel()   # the consumer is gone (or the stream ended): leave the batch
@@ -148,12 +158,15 @@ class Engine:
         def on_token(seq, token):
             if token in stop_ids:
                 return False
+            if seq.logprobs is not None:
+                job.token_logprobs.append(self._token_logprob(token, *seq.logprobs[-1]))
             return self._text(job, _visible(job, deltas.push(token)))
 
         def on_finish(seq):
             self._finish(job, seq, deltas)
 
-        job.seq = self.scheduler.submit(job.request.input_ids, job.request.params, on_token, on_finish, job.adapter)
+        job.seq = self.scheduler.submit(job.request.input_ids, job.request.params, on_token, on_finish, job.adapter,
+                                        job.logprobs)
         return job
 
     def stats(self) -> dict:
@@ -202,8 +215,19 @@ class Engine:
 
     def _send(self, job: Job, text: str):
         if text:
+            self._send_logprobs(job)
             job.sent.append(text)
             job.emit('delta', text)
+
+    @staticmethod
+    def _send_logprobs(job: Job):
+        if len(job.token_logprobs) > job.logprobs_sent:
+            job.emit('logprobs', job.token_logprobs[job.logprobs_sent:])
+            job.logprobs_sent = len(job.token_logprobs)
+
+    def _token_logprob(self, token: int, logprob: float, top) -> TokenLogprob:
+        as_bytes = self.chat.tokenizer.token_bytes
+        return as_bytes(token), logprob, [(as_bytes(i), p) for i, p in top]
 
     def _finish(self, job: Job, seq, deltas: TextDeltas):
         if seq.error is not None:
@@ -224,8 +248,9 @@ class Engine:
         if job.stops.hit and isinstance(response, str):
             response = ''.join(job.sent).strip()
             history = history[:-1] + [_with_reply(history[-1], response)]
+        self._send_logprobs(job)
         job.emit('done', Result(response, history, len(job.request.input_ids), len(seq.output), finish,
-                                seq.reused))
+                                seq.reused, job.token_logprobs if job.logprobs is not None else None))
 
 
 def release_openmp_threads() -> bool:

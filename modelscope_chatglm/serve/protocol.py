@@ -51,9 +51,9 @@ class ChatCompletionRequest(BaseModel):
     tools: Optional[List[Dict[str, Any]]] = None
     tool_choice: Optional[Union[str, Dict[str, Any]]] = None
     n: int = Field(default=1, ge=1)
-    # Accepted at their defaults only: a client that asks for more is told so, never silently ignored.
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    # Accepted at their defaults only: a client that asks for more is told so, never silently ignored.
     response_format: Optional[Dict[str, Any]] = None
     functions: Optional[List[Dict[str, Any]]] = None
     function_call: Optional[Union[str, Dict[str, Any]]] = None
@@ -124,8 +124,8 @@ def to_conversation(req: ChatCompletionRequest):
 
 def _unsupported(req: ChatCompletionRequest):
     """InputError for an OpenAI option that asks for something this server does not do."""
-    if req.logprobs or req.top_logprobs:
-        raise InputError('logprobs are not supported by this server; leave out logprobs and top_logprobs')
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InputError('top_logprobs needs logprobs: true (as in the OpenAI API)')
     kind = (req.response_format or {}).get('type', 'text')
     if kind != 'text':
         raise InputError(f'response_format {kind!r} is not supported: replies are not constrained to JSON '
@@ -181,7 +181,8 @@ def chat_call(req: ChatCompletionRequest, adapter: Optional[str]) -> ChatCall:
     if req.tool_choice == 'none':
         tools = None   # as OpenAI: the model is not offered the tools
     options = dict(generation_options(req), role=role, system=system, tools=tools)
-    return ChatCall(query, history, options, stops, adapter)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return ChatCall(query, history, options, stops, adapter, logprobs)
 
 
 def classic_call(req: ClassicRequest) -> ChatCall:
@@ -216,15 +217,28 @@ def usage(result: Result) -> dict:
             'prompt_tokens_details': {'cached_tokens': result.cached_tokens}}
 
 
+def logprobs_body(entries) -> dict:
+    """Token log-probabilities in OpenAI's `choices[].logprobs` form. A token's text is its bytes as
+    UTF-8, a byte that is part of a character shown escaped ('\\xe4'); `bytes` has them exactly."""
+    def token(raw: bytes, logprob: float) -> dict:
+        return {'token': raw.decode('utf-8', 'backslashreplace'), 'logprob': logprob, 'bytes': list(raw)}
+    return {'content': [dict(token(raw, logprob), top_logprobs=[token(b, p) for b, p in top])
+                        for raw, logprob, top in entries]}
+
+
 def completion(cid: str, created: int, model: str, result: Result) -> dict:
+    choice = {'index': 0, 'message': message(result), 'finish_reason': finish_reason(result)}
+    if result.logprobs is not None:
+        choice['logprobs'] = logprobs_body(result.logprobs)
     return {'id': cid, 'object': 'chat.completion', 'created': created, 'model': model,
-            'choices': [{'index': 0, 'message': message(result), 'finish_reason': finish_reason(result)}],
-            'usage': usage(result)}
+            'choices': [choice], 'usage': usage(result)}
 
 
-def chunk(cid: str, created: int, model: str, delta: dict, finish=None, usage_=None) -> str:
-    body = {'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': model,
-            'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]}
+def chunk(cid: str, created: int, model: str, delta: dict, finish=None, usage_=None, logprobs=None) -> str:
+    choice = {'index': 0, 'delta': delta, 'finish_reason': finish}
+    if logprobs:
+        choice['logprobs'] = logprobs_body(logprobs)
+    body = {'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [choice]}
     if usage_ is not None:
         body['usage'] = usage_
     return json.dumps(body, ensure_ascii=False)

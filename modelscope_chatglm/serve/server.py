@@ -185,20 +185,24 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
                 return _rejected(e, accepted=True)
             return JSONResponse(protocol.completion(cid, created, name, result), headers=headers)
 
-        def chunk(delta, finish=None, usage=None):
-            return protocol.chunk(cid, created, name, delta, finish, usage)
+        def chunk(delta, finish=None, usage=None, logprobs=None):
+            return protocol.chunk(cid, created, name, delta, finish, usage, logprobs)
 
         async def stream():
             try:
                 yield chunk({'role': 'assistant', 'content': ''})
+                logprobs = []   # of the tokens since the last chunk: they go with the next one
                 async for kind, value in events:
-                    if kind == 'delta':
-                        yield chunk({'content': value})
+                    if kind == 'logprobs':
+                        logprobs += value
+                    elif kind == 'delta':
+                        yield chunk({'content': value}, logprobs=logprobs)
+                        logprobs = []
                     elif kind == 'done':
                         if isinstance(value.response, dict):   # a ChatGLM3 tool call
                             tool_call = protocol.message(value)['tool_calls'][0]
                             yield chunk({'tool_calls': [dict(tool_call, index=0)]})
-                        yield chunk({}, protocol.finish_reason(value), protocol.usage(value))
+                        yield chunk({}, protocol.finish_reason(value), protocol.usage(value), logprobs)
                         break
                     else:
                         yield _stream_error(value)
