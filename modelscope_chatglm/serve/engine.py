@@ -82,7 +82,7 @@ class Job:
     # None until that line is complete (its text waits in `pending`), then 'tool', or 'text-start' until
     # the reply's first non-blank text, then 'text'.
     mode: Optional[str] = 'text'
-    pending: str = ''
+    pending: List[str] = field(default_factory=list)
 
     def emit(self, kind, value):
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -282,11 +282,11 @@ def _visible(job: Job, delta: str) -> str:
     """The part of a decoded delta that is reply text: a ChatGLM3 reply's metadata line is held back
     until it is complete, and a tool call's text is never streamed (its call comes with 'done')."""
     if job.mode is None:
-        job.pending += delta
-        if '\n' not in job.pending:
+        job.pending.append(delta)
+        if '\n' not in delta:   # (the parts before had none: look at the new one only)
             return ''
-        metadata, _, delta = job.pending.partition('\n')
-        job.mode, job.pending = ('tool' if metadata.strip() else 'text-start'), ''
+        metadata, _, delta = ''.join(job.pending).partition('\n')
+        job.mode, job.pending = ('tool' if metadata.strip() else 'text-start'), []
     if job.mode == 'text-start':   # the reply text begins after the whitespace that follows the line
         delta = delta.lstrip()
         if delta:
