@@ -125,8 +125,33 @@ class ChatModel:
         ids, params = self._fit(messages, self.sampling(**gen), truncate_query)
         return ChatRequest(ids, params, messages, as_pairs, history)
 
-    def respond(self, request: 'ChatRequest', output_ids: List[int]) -> Tuple[Union[str, dict], list]:
-        """Generated ids -> (post-processed response, history with this turn appended)."""
+    def prepare_completion(self, prompt: Union[str, Sequence[int]], **gen) -> 'CompletionRequest':
+        """A plain prompt to continue, without the chat template (OpenAI's /v1/completions): text gets
+        the model's [gMASK]/sop tokens around it, token ids are taken as they are. Never truncated."""
+        if isinstance(prompt, str):
+            ids = self.format.wrap(self.tokenizer, self.tokenizer.encode(prompt))
+        elif isinstance(prompt, (list, tuple)) and prompt and all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.tokenizer.vocab_size for i in prompt):
+            ids = list(prompt)
+        else:
+            raise InputError(f'a prompt is a string or a non-empty list of token ids below {self.tokenizer.vocab_size}, '
+                             f'got {str(prompt)[:80]}')
+        params = self.sampling(**gen)
+        limit = self.context_length if params.max_length is None else min(self.context_length, params.max_length)
+        room = limit - len(ids)
+        if room < 1 or (params.max_new_tokens or 1) > room:
+            raise ContextLengthError(
+                f'the prompt is {len(ids)} tokens and {params.max_new_tokens or 1} more are asked for, but the '
+                f'context window is {limit}; shorten the prompt or ask for fewer tokens')
+        return CompletionRequest(ids, replace(params, max_new_tokens=min(room, params.max_new_tokens or room)))
+
+    def respond(self, request: Union['ChatRequest', 'CompletionRequest'], output_ids: List[int]) \
+            -> Tuple[Union[str, dict], list]:
+        """Generated ids -> (post-processed response, history with this turn appended); a completion's
+        response is its text as decoded (a stop id left out), with no history."""
+        if isinstance(request, CompletionRequest):
+            ids = output_ids[:-1] if output_ids and output_ids[-1] in request.params.stop_ids else output_ids
+            return self.tokenizer.decode(ids), []
         reply, added = self._reply(output_ids, request.messages[:-1])
         if request.as_pairs:
             pairs = [tuple(p) for p in (request.history or [])]
@@ -237,6 +262,12 @@ class ChatModel:
     def _reply(self, output_ids: List[int], messages):
         """Decoded, post-processed reply and the history entries it adds."""
         return self.format.parse(self.tokenizer, output_ids, messages)
+
+
+@dataclass
+class CompletionRequest:
+    input_ids: List[int]          # the prompt
+    params: SamplingParams        # max_new_tokens fitted to the context window
 
 
 @dataclass

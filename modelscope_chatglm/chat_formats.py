@@ -190,6 +190,10 @@ class ChatFormat:
     def encode(self, tokenizer, messages: List[Message]) -> List[int]:
         raise NotImplementedError
 
+    def wrap(self, tokenizer, ids: List[int]) -> List[int]:
+        """A plain text's ids as a prompt: with the [gMASK]/sop tokens the model expects around them."""
+        return tokenizer.prefix_ids + ids      # [gMASK] sop text
+
     def parse(self, tokenizer, output_ids: List[int], messages: List[Message]) \
             -> Tuple[Union[str, dict], List[Message]]:
         """-> (reply, the assistant messages it adds to the history). `messages`: the conversation
@@ -207,9 +211,6 @@ class _PairsFormat(ChatFormat):
         query = pairs.pop()[0]
         return self.wrap(tokenizer, tokenizer.encode(self.prompt(query, pairs)))
 
-    def wrap(self, tokenizer, ids: List[int]) -> List[int]:
-        return ids
-
     def parse(self, tokenizer, output_ids, messages):
         reply = self.response(tokenizer.decode(output_ids))
         return reply, [{'role': 'assistant', 'content': reply}]
@@ -226,9 +227,6 @@ class GLM1Format(_PairsFormat):
 
 class GLM2Format(_PairsFormat):
     title = 'ChatGLM2-6B'
-
-    def wrap(self, tokenizer, ids):
-        return tokenizer.prefix_ids + ids      # [gMASK] sop text
 
 
 class GLM3Format(ChatFormat):

@@ -493,6 +493,58 @@ def test_logprobs_are_the_models_and_stream_with_their_tokens(client, glm2_model
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == reply.choices[0].message.content
 
 
+def continued(glm2_model, prompt_ids, n):
+    """What the model continues a prompt with, greedy, as text (a stop id left out)."""
+    out = glm2_model.generate(prompt_ids, max_new_tokens=n, do_sample=False)
+    return glm2_model.tokenizer.decode(out[:-1] if out[-1] in glm2_model.tokenizer.stop_ids else out)
+
+
+def test_completions_continue_a_plain_prompt(client, glm2_model):
+    """/v1/completions: the prompt as it is (no chat template), [gMASK] sop before it; as text or as
+    token ids; echo; streamed text and logprobs equal the whole reply's; stop strings cut it unstripped."""
+    tok = glm2_model.tokenizer
+    prompt = 'The capital of France is'
+    ids = glm2_model.format.wrap(tok, tok.encode(prompt))
+    assert ids[:2] == tok.prefix_ids
+    expect = continued(glm2_model, ids, 12)
+    reply = client.completions.create(model='tiny-glm2', prompt=prompt, max_tokens=12, temperature=0, logprobs=2)
+    choice = reply.choices[0]
+    assert choice.text == expect and reply.object == 'text_completion' and reply.id.startswith('cmpl-')
+    assert reply.usage.prompt_tokens == len(ids) and len(choice.logprobs.tokens) == reply.usage.completion_tokens
+    assert all(max(top.values()) == lp for top, lp in zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs))
+    by_ids = client.completions.create(model='tiny-glm2', prompt=ids, max_tokens=12, temperature=0)
+    assert by_ids.choices[0].text == expect
+    echoed = client.completions.create(model='tiny-glm2', prompt=[prompt], max_tokens=12, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + expect
+    parts = list(client.completions.create(model='tiny-glm2', prompt=prompt, max_tokens=12, temperature=0,
+                                           logprobs=2, stream=True))
+    assert ''.join(p.choices[0].text for p in parts) == expect and parts[-1].choices[0].finish_reason == 'length'
+    streamed = [t for p in parts if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens]
+    assert streamed == choice.logprobs.tokens and parts[-1].usage.completion_tokens == 12
+    stop = expect[4:6]
+    cut = client.completions.create(model='tiny-glm2', prompt=prompt, max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == expect[:expect.index(stop)] and cut.choices[0].finish_reason == 'stop'
+    default = client.completions.create(model='tiny-glm2', prompt=prompt, temperature=0)
+    assert default.usage.completion_tokens <= 16   # OpenAI's default max_tokens for completions
+
+
+@pytest.mark.parametrize('body,needle', [
+    ({'prompt': ['a', 'b']}, '2 prompts in one request'),
+    ({'prompt': [1, 2, 3], 'echo': True}, 'echo needs the prompt as text'),
+    ({'prompt': 'x', 'suffix': 'y'}, 'suffix'),
+    ({'prompt': 'x', 'best_of': 3}, 'best_of=3'),
+    ({'prompt': 'x', 'echo': True, 'logprobs': 1}, 'echo with logprobs'),
+    ({'prompt': []}, 'non-empty list of token ids'),
+    ({'prompt': [10 ** 9]}, 'token ids below'),
+    ({'prompt': 'x ' * 3000}, 'context window is 2048'),
+    ({'prompt': 'x', 'max_tokens': 5000}, 'context window is 2048'),
+    ({'prompt': 'x', 'n': 2}, 'one choice per request'),
+])
+def test_bad_completion_requests_are_400s(server, body, needle):
+    r = httpx.post(f'{server}/v1/completions', json=body, timeout=30)
+    assert r.status_code == 400 and needle in r.json()['error']['message'], r.text
+
+
 def test_tool_choice_none_offers_no_tools():
     tools = [{'type': 'function', 'function': {'name': 'get_weather', 'parameters': {}}}]
     body = {'messages': [{'role': 'user', 'content': '北京天气?'}], 'tools': tools}

@@ -20,9 +20,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, List, Optional, Tuple
+from typing import AsyncIterator, List, Optional, Tuple, Union
 
-from ..chat import ChatModel, ChatRequest
+from ..chat import ChatModel, ChatRequest, CompletionRequest
 from ..generation import StopStrings, TextDeltas
 
 logger = logging.getLogger(__name__)
@@ -30,13 +30,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ChatCall:
-    """One conversation turn as the routes ask for it (plain data: on Ray it travels to a replica)."""
-    query: str
+    """One conversation turn as the routes ask for it (plain data: on Ray it travels to a replica).
+    With completion=True, `query` is a plain prompt to continue (text or token ids), no chat template."""
+    query: Union[str, List[int]]
     history: list
     options: dict = field(default_factory=dict)   # ChatModel.prepare's keywords: generation options, role, ...
     stop: List[str] = field(default_factory=list)  # OpenAI stop strings
     adapter: Optional[str] = None                  # a LoRA adapter the model holds, by name
     logprobs: Optional[int] = None                 # report each token's logprob and this many alternatives
+    completion: bool = False
 
     def conversation_key(self) -> str:
         """What stays the same over the turns of one conversation: its adapter, system prompt, tools
@@ -67,7 +69,7 @@ TokenLogprob = Tuple[bytes, float, List[Tuple[bytes, float]]]
 
 @dataclass
 class Job:
-    request: ChatRequest      # validated and encoded by the handler (off the event loop)
+    request: Union[ChatRequest, CompletionRequest]   # validated and encoded off the event loop
     stop: List[str] = field(default_factory=list)
     loop: Optional[asyncio.AbstractEventLoop] = None
     events: Optional[asyncio.Queue] = None
@@ -123,7 +125,10 @@ class Engine:
         """The events of one turn (see the module docstring). Closing the stream cancels the job."""
         try:
             # Validating and encoding a long conversation takes real time: not on the event loop.
-            prepared = await asyncio.to_thread(self.chat.prepare, call.query, call.history, **call.options)
+            if call.completion:
+                prepared = await asyncio.to_thread(self.chat.prepare_completion, call.query, **call.options)
+            else:
+                prepared = await asyncio.to_thread(self.chat.prepare, call.query, call.history, **call.options)
             job = self.submit(Job(prepared, call.stop, adapter=call.adapter, logprobs=call.logprobs))
         except Exception as e:   # InputError, ContextLengthError, QueueFull, KVBudgetError, ...
             yield 'rejected', e
@@ -152,7 +157,7 @@ class Engine:
         deltas = TextDeltas(self.chat.tokenizer)
         job.stops = StopStrings(job.stop)
         stop_ids = set(job.request.params.stop_ids)
-        if self.chat.format.reply_starts_with_metadata:
+        if self.chat.format.reply_starts_with_metadata and isinstance(job.request, ChatRequest):
             job.mode = None
 
         def on_token(seq, token):
@@ -245,7 +250,9 @@ class Engine:
             self._text(job, response)
         self._send(job, job.stops.flush())   # the end of a reply that only looked like a stop string's start
         finish = 'stop' if job.stops.hit else seq.finish_reason
-        if job.stops.hit and isinstance(response, str):
+        if job.stops.hit and isinstance(job.request, CompletionRequest):
+            response = ''.join(job.sent)
+        elif job.stops.hit and isinstance(response, str):
             response = ''.join(job.sent).strip()
             history = history[:-1] + [_with_reply(history[-1], response)]
         self._send_logprobs(job)

@@ -59,6 +59,27 @@ class ChatCompletionRequest(BaseModel):
     function_call: Optional[Union[str, Dict[str, Any]]] = None
 
 
+class TextCompletionRequest(BaseModel):
+    """OpenAI's (legacy) /v1/completions: a plain prompt to continue."""
+    model_config = ConfigDict(extra='ignore')
+    model: Optional[str] = None
+    prompt: Union[str, List[str], List[int], List[List[int]]]
+    stream: bool = False
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    max_tokens: Optional[int] = Field(default=16, ge=1)      # OpenAI's default for completions
+    stop: Optional[Union[str, List[str]]] = None
+    seed: Optional[int] = None
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    logit_bias: Optional[Dict[str, float]] = None
+    logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    n: int = Field(default=1, ge=1)
+    best_of: Optional[int] = Field(default=None, ge=1)
+    suffix: Optional[str] = None
+
+
 class ClassicRequest(BaseModel):
     model_config = ConfigDict(extra='ignore')
     prompt: str
@@ -167,22 +188,59 @@ def generation_options(req) -> dict:
     return options
 
 
-def chat_call(req: ChatCompletionRequest, adapter: Optional[str]) -> ChatCall:
-    """An OpenAI request as one ChatGLM turn. Raises InputError for what the protocol rejects."""
+def _stops(req) -> List[str]:
     if req.n > 1:
         raise InputError(f'n={req.n}: one choice per request is supported; send {req.n} requests '
                          '(each with its own seed for different samples)')
-    _unsupported(req)
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOP_STRINGS:
         raise InputError(f'stop takes at most {MAX_STOP_STRINGS} strings (as in the OpenAI API), got '
                          f'{len(stops)}; send fewer')
+    return stops
+
+
+def chat_call(req: ChatCompletionRequest, adapter: Optional[str]) -> ChatCall:
+    """An OpenAI request as one ChatGLM turn. Raises InputError for what the protocol rejects."""
+    _unsupported(req)
+    stops = _stops(req)
     query, history, role, system, tools = to_conversation(req)
     if req.tool_choice == 'none':
         tools = None   # as OpenAI: the model is not offered the tools
     options = dict(generation_options(req), role=role, system=system, tools=tools)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     return ChatCall(query, history, options, stops, adapter, logprobs)
+
+
+def _one_prompt(req: TextCompletionRequest):
+    """The request's prompt: a string or token ids, or a list of one of those."""
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise InputError(f'{len(prompt)} prompts in one request: send one prompt per request')
+        prompt = prompt[0]
+    return prompt
+
+
+def echo_text(req: TextCompletionRequest) -> str:
+    """What `echo` puts before the completion: the prompt, when it came as text."""
+    prompt = req.prompt[0] if isinstance(req.prompt, list) and len(req.prompt) == 1 else req.prompt
+    return prompt if req.echo and isinstance(prompt, str) else ''
+
+
+def completion_call(req: TextCompletionRequest, adapter: Optional[str]) -> ChatCall:
+    """An OpenAI completions request: its one prompt (text or token ids) to continue as it is."""
+    stops = _stops(req)
+    prompt = _one_prompt(req)
+    if req.suffix:
+        raise InputError('suffix (fill in the middle) is not supported: ChatGLM models only continue a prompt')
+    if req.best_of not in (None, 1):
+        raise InputError(f'best_of={req.best_of} is not supported; send several requests with different seeds')
+    if req.echo and not isinstance(prompt, str):
+        raise InputError('echo needs the prompt as text; send it as a string (or leave out echo)')
+    if req.echo and req.logprobs is not None:
+        raise InputError("echo with logprobs would need the prompt's logprobs, which this server does not "
+                         'compute; leave out one of them')
+    return ChatCall(prompt, [], generation_options(req), stops, adapter, req.logprobs, completion=True)
 
 
 def classic_call(req: ClassicRequest) -> ChatCall:
@@ -193,8 +251,8 @@ def classic_call(req: ClassicRequest) -> ChatCall:
 
 
 # -- responses ---------------------------------------------------------------------------------------------
-def completion_id() -> str:
-    return f'chatcmpl-{uuid.uuid4().hex}'
+def completion_id(prefix: str = 'chatcmpl') -> str:
+    return f'{prefix}-{uuid.uuid4().hex}'
 
 
 def message(result: Result) -> dict:
@@ -234,14 +292,80 @@ def completion(cid: str, created: int, model: str, result: Result) -> dict:
             'choices': [choice], 'usage': usage(result)}
 
 
-def chunk(cid: str, created: int, model: str, delta: dict, finish=None, usage_=None, logprobs=None) -> str:
-    choice = {'index': 0, 'delta': delta, 'finish_reason': finish}
-    if logprobs:
-        choice['logprobs'] = logprobs_body(logprobs)
-    body = {'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [choice]}
-    if usage_ is not None:
-        body['usage'] = usage_
-    return json.dumps(body, ensure_ascii=False)
+class ChatChunks:
+    """The SSE chunks of a streamed chat completion (chat.completion.chunk)."""
+
+    def __init__(self, cid: str, created: int, model: str):
+        self.head = {'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': model}
+
+    def _chunk(self, delta: dict, finish=None, usage_=None, logprobs=None) -> str:
+        choice = {'index': 0, 'delta': delta, 'finish_reason': finish}
+        if logprobs:
+            choice['logprobs'] = logprobs_body(logprobs)
+        body = dict(self.head, choices=[choice])
+        if usage_ is not None:
+            body['usage'] = usage_
+        return json.dumps(body, ensure_ascii=False)
+
+    def start(self) -> List[str]:
+        return [self._chunk({'role': 'assistant', 'content': ''})]
+
+    def delta(self, text: str, logprobs) -> str:
+        return self._chunk({'content': text}, logprobs=logprobs)
+
+    def done(self, result: Result, logprobs) -> List[str]:
+        chunks = []
+        if isinstance(result.response, dict):   # a ChatGLM3 tool call
+            chunks.append(self._chunk({'tool_calls': [dict(message(result)['tool_calls'][0], index=0)]}))
+        return chunks + [self._chunk({}, finish_reason(result), usage(result), logprobs)]
+
+
+# -- /v1/completions ---------------------------------------------------------------------------------
+def text_logprobs(entries, offset: int) -> dict:
+    """Log-probabilities in the completions API's older form; text_offset counts the characters of the
+    token strings before each (from `offset`, the echoed prompt's length)."""
+    tokens = [raw.decode('utf-8', 'backslashreplace') for raw, _, _ in entries]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {'tokens': tokens, 'token_logprobs': [logprob for _, logprob, _ in entries],
+            'top_logprobs': [{b.decode('utf-8', 'backslashreplace'): p for b, p in top} for _, _, top in entries],
+            'text_offset': offsets}
+
+
+def text_completion(cid: str, created: int, model: str, result: Result, echo: str = '') -> dict:
+    choice = {'index': 0, 'text': echo + result.response, 'finish_reason': result.finish_reason,
+              'logprobs': None if result.logprobs is None else text_logprobs(result.logprobs, len(echo))}
+    return {'id': cid, 'object': 'text_completion', 'created': created, 'model': model,
+            'choices': [choice], 'usage': usage(result)}
+
+
+class TextChunks:
+    """The SSE chunks of a streamed completion (text_completion objects, as OpenAI sends them)."""
+
+    def __init__(self, cid: str, created: int, model: str, echo: str = ''):
+        self.head = {'id': cid, 'object': 'text_completion', 'created': created, 'model': model}
+        self.echo, self.offset = echo, len(echo)
+
+    def _chunk(self, text: str, logprobs=None, finish=None, usage_=None) -> str:
+        choice = {'index': 0, 'text': text, 'finish_reason': finish,
+                  'logprobs': text_logprobs(logprobs, self.offset) if logprobs else None}
+        if logprobs:
+            self.offset = choice['logprobs']['text_offset'][-1] + len(choice['logprobs']['tokens'][-1])
+        body = dict(self.head, choices=[choice])
+        if usage_ is not None:
+            body['usage'] = usage_
+        return json.dumps(body, ensure_ascii=False)
+
+    def start(self) -> List[str]:
+        return [self._chunk(self.echo)] if self.echo else []
+
+    def delta(self, text: str, logprobs) -> str:
+        return self._chunk(text, logprobs)
+
+    def done(self, result: Result, logprobs) -> List[str]:
+        return [self._chunk('', logprobs, result.finish_reason, usage(result))]
 
 
 def error_body(message_: str, kind: str = 'invalid_request_error') -> dict:

@@ -8,6 +8,7 @@ ray_app.py). The request and response bodies are protocol.py's.
     GET  /v1/models              the served model and the LoRA adapters it holds (`model` picks one)
     POST /v1/chat/completions    OpenAI chat completions, with `stream: true` as SSE chunks + [DONE];
                                  ChatGLM3 tools map to `tools` / `tool_calls`
+    POST /v1/completions         OpenAI (legacy) completions: a plain prompt continued, no chat template
     POST /                       the classic ChatGLM API: {prompt, history, max_length, top_p,
                                  temperature} -> {response, history, status, time}
 
@@ -33,7 +34,7 @@ from ..chat import ChatModel
 from ..errors import InputError
 from . import protocol
 from .engine import Engine, Result
-from .protocol import ChatCompletionRequest, ClassicRequest
+from .protocol import ChatCompletionRequest, ClassicRequest, TextCompletionRequest
 
 
 def _problem(error: dict) -> str:
@@ -160,14 +161,15 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
         raise UnknownModel(f'model {requested!r} does not exist here; this server has {[name] + backend.adapters} '
                            '(GET /v1/models lists them)')
 
-    @app.post('/v1/chat/completions')
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
+    async def respond(call_of, req, request: Request, whole, chunks):
+        """Run one OpenAI request: call_of(req, adapter) -> ChatCall; whole(cid, created, result) -> the
+        JSON body; chunks(cid, created) -> its SSE chunks (protocol.ChatChunks or TextChunks)."""
         try:
             adapter = pick_adapter(req.model)
         except UnknownModel as e:
             return _error(404, str(e), 'model_not_found')
         try:
-            call = protocol.chat_call(req, adapter)
+            call = call_of(req, adapter)
         except (InputError, ValueError) as e:
             return _error(400, str(e))
         events = backend.generate(call)
@@ -175,7 +177,7 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
         if kind == 'rejected':
             return _rejected(value)
         headers = {REPLICA_HEADER: value} if value else {}
-        created, cid = int(time.time()), protocol.completion_id()
+        created, cid = int(time.time()), protocol.completion_id('cmpl' if call.completion else 'chatcmpl')
         if not req.stream:
             try:
                 result = await _result(events, request)
@@ -183,26 +185,23 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
                 return _error(499, 'the client closed the connection')
             except Exception as e:   # the request was valid: a failure now is the server's
                 return _rejected(e, accepted=True)
-            return JSONResponse(protocol.completion(cid, created, name, result), headers=headers)
-
-        def chunk(delta, finish=None, usage=None, logprobs=None):
-            return protocol.chunk(cid, created, name, delta, finish, usage, logprobs)
+            return JSONResponse(whole(cid, created, result), headers=headers)
 
         async def stream():
+            shape = chunks(cid, created)
             try:
-                yield chunk({'role': 'assistant', 'content': ''})
+                for chunk in shape.start():
+                    yield chunk
                 logprobs = []   # of the tokens since the last chunk: they go with the next one
                 async for kind, value in events:
                     if kind == 'logprobs':
                         logprobs += value
                     elif kind == 'delta':
-                        yield chunk({'content': value}, logprobs=logprobs)
+                        yield shape.delta(value, logprobs)
                         logprobs = []
                     elif kind == 'done':
-                        if isinstance(value.response, dict):   # a ChatGLM3 tool call
-                            tool_call = protocol.message(value)['tool_calls'][0]
-                            yield chunk({'tool_calls': [dict(tool_call, index=0)]})
-                        yield chunk({}, protocol.finish_reason(value), protocol.usage(value), logprobs)
+                        for chunk in shape.done(value, logprobs):
+                            yield chunk
                         break
                     else:
                         yield _stream_error(value)
@@ -214,6 +213,19 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
             yield '[DONE]'
 
         return EventSourceResponse(stream(), ping=15, headers=headers)
+
+    @app.post('/v1/chat/completions')
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await respond(protocol.chat_call, req, request,
+                             lambda cid, created, result: protocol.completion(cid, created, name, result),
+                             lambda cid, created: protocol.ChatChunks(cid, created, name))
+
+    @app.post('/v1/completions')
+    async def completions(req: TextCompletionRequest, request: Request):
+        echo = protocol.echo_text(req)
+        return await respond(protocol.completion_call, req, request,
+                             lambda cid, created, result: protocol.text_completion(cid, created, name, result, echo),
+                             lambda cid, created: protocol.TextChunks(cid, created, name, echo))
 
     @app.post('/')
     async def classic(req: ClassicRequest, request: Request):
