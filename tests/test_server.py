@@ -357,6 +357,9 @@ def test_client_disconnect_cancels_its_generation(server):
     (b'{"messages": [{"role": "robot", "content": "x"}]}', 422, 'role'),
     (b'{"messages": [{"role": "user", "content": "x"}], "temperature": 9}', 422, 'temperature'),
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 422, 'max_tokens'),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": true}', 422, 'max_tokens'),   # not 1
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}', 422, 'max_tokens'),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 422, 'stream'),
     (b'{"messages": [{"role": "assistant", "content": "x"}]}', 400, 'last message'),
     (b'{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]}', 400, 'system'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x' * 30000}]}).encode(), 413, 'limit'),

@@ -7,7 +7,7 @@ import json
 import uuid
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from ..batching import KVBudgetError
 from ..errors import ContextLengthError, InputError
@@ -38,21 +38,21 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra='ignore')
     model: Optional[str] = None
     messages: List[Message] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)   # the newer name of max_tokens
+    max_tokens: Optional[StrictInt] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[StrictInt] = Field(default=None, ge=1)   # the newer name of max_tokens
     stop: Optional[Union[str, List[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[StrictInt] = None
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     logit_bias: Optional[Dict[str, float]] = None
     tools: Optional[List[Dict[str, Any]]] = None
     tool_choice: Optional[Union[str, Dict[str, Any]]] = None
-    n: int = Field(default=1, ge=1)
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    n: StrictInt = Field(default=1, ge=1)
+    logprobs: Optional[StrictBool] = None
+    top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
     # Accepted at their defaults only: a client that asks for more is told so, never silently ignored.
     response_format: Optional[Dict[str, Any]] = None
     functions: Optional[List[Dict[str, Any]]] = None
@@ -64,19 +64,19 @@ class TextCompletionRequest(BaseModel):
     model_config = ConfigDict(extra='ignore')
     model: Optional[str] = None
     prompt: Union[str, List[str], List[int], List[List[int]]]
-    stream: bool = False
+    stream: StrictBool = False
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    max_tokens: Optional[int] = Field(default=16, ge=1)      # OpenAI's default for completions
+    max_tokens: Optional[StrictInt] = Field(default=16, ge=1)      # OpenAI's default for completions
     stop: Optional[Union[str, List[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[StrictInt] = None
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     logit_bias: Optional[Dict[str, float]] = None
-    logprobs: Optional[int] = Field(default=None, ge=0, le=20)
-    echo: bool = False
-    n: int = Field(default=1, ge=1)
-    best_of: Optional[int] = Field(default=None, ge=1)
+    logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
+    echo: StrictBool = False
+    n: StrictInt = Field(default=1, ge=1)
+    best_of: Optional[StrictInt] = Field(default=None, ge=1)
     suffix: Optional[str] = None
 
 
@@ -84,7 +84,7 @@ class ClassicRequest(BaseModel):
     model_config = ConfigDict(extra='ignore')
     prompt: str
     history: List[List[str]] = []
-    max_length: Optional[int] = Field(default=None, ge=1)
+    max_length: Optional[StrictInt] = Field(default=None, ge=1)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
     temperature: Optional[float] = Field(default=None, gt=0)
 
