@@ -101,6 +101,16 @@ class SamplingParams:
             raise ValueError(f'repetition_penalty must be in [{low:g}, {high:g}] (1.0 = none; >1 discourages '
                              f'repeating), got {self.repetition_penalty}')
 
+    def bias_tensors(self, device):
+        """logit_bias as (token ids, biases) tensors, made once per device: a request may carry tens of
+        thousands of entries, and a Python loop over them at every token would slow the whole batch."""
+        cache = self.__dict__.setdefault('_bias_tensors', {})   # not a field: replace() starts afresh
+        key = str(device)
+        if key not in cache:
+            cache[key] = (torch.tensor(list(self.logit_bias), dtype=torch.long, device=device),
+                          torch.tensor(list(self.logit_bias.values()), dtype=torch.float32, device=device))
+        return cache[key]
+
     @property
     def sampling(self) -> bool:
         """Whether tokens are drawn at random (do_sample with a temperature of at least 1e-5)."""
@@ -119,9 +129,10 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingPar
     """logits [b, V] (fp32) -> processed scores; seen [b, n] = ids so far (prompt + generated),
     generated [b, m] = the generated ones (what OpenAI's frequency and presence penalties count)."""
     logits = logits.float().clone()
-    for token, bias in params.logit_bias.items():
-        if token < logits.shape[-1]:
-            logits[:, token] += bias
+    if params.logit_bias:
+        ids, biases = params.bias_tensors(logits.device)
+        inside = ids < logits.shape[-1]
+        logits[:, ids[inside]] += biases[inside]   # (ids are unique: dict keys)
     logits[:, vocab_limit:] = float('-inf')   # padded embedding rows are not tokens
     if params.repetition_penalty != 1.0 and seen.numel():
         picked = logits.gather(1, seen)
