@@ -125,11 +125,7 @@ class Engine:
         """The events of one turn (see the module docstring). Closing the stream cancels the job."""
         try:
             # Validating and encoding a long conversation takes real time: not on the event loop.
-            if call.completion:
-                prepared = await asyncio.to_thread(self.chat.prepare_completion, call.query, **call.options)
-            else:
-                prepared = await asyncio.to_thread(self.chat.prepare, call.query, call.history, **call.options)
-            job = self.submit(Job(prepared, call.stop, adapter=call.adapter, logprobs=call.logprobs))
+            job = self.submit(await asyncio.to_thread(self._job, call))
         except Exception as e:   # InputError, ContextLengthError, QueueFull, KVBudgetError, ...
             yield 'rejected', e
             return
@@ -143,6 +139,15 @@ class Engine:
         finally:
             job.cancel()   # the consumer is gone (or the stream ended): leave the batch
 
+    def _job(self, call: ChatCall) -> Job:
+        """Validate and encode a call (in a worker thread: a long conversation, or 1 MB of stop
+        strings to index, takes real time)."""
+        if call.completion:
+            request = self.chat.prepare_completion(call.query, **call.options)
+        else:
+            request = self.chat.prepare(call.query, call.history, **call.options)
+        return Job(request, call.stop, adapter=call.adapter, logprobs=call.logprobs, stops=StopStrings(call.stop))
+
     async def stats_list(self) -> List[dict]:
         return [self.stats()]
 
@@ -155,7 +160,7 @@ class Engine:
         job.loop = asyncio.get_running_loop()
         job.events = asyncio.Queue()
         deltas = TextDeltas(self.chat.tokenizer)
-        job.stops = StopStrings(job.stop)
+        job.stops = job.stops or StopStrings(job.stop)
         stop_ids = set(job.request.params.stop_ids)
         if self.chat.format.reply_starts_with_metadata and isinstance(job.request, ChatRequest):
             job.mode = None
