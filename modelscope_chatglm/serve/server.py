@@ -26,7 +26,7 @@ from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
@@ -185,7 +185,9 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
                 return _error(499, 'the client closed the connection')
             except Exception as e:   # the request was valid: a failure now is the server's
                 return _rejected(e, accepted=True)
-            return JSONResponse(whole(cid, created, result), headers=headers)
+            # Built and serialized in a thread: 8,000 tokens with 20 logprobs each are ~15 MB of JSON.
+            body = await asyncio.to_thread(lambda: json.dumps(whole(cid, created, result), ensure_ascii=False))
+            return Response(body, media_type='application/json', headers=headers)
 
         async def stream():
             shape = chunks(cid, created)
