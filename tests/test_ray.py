@@ -214,6 +214,12 @@ def test_health_and_models_through_the_ray_proxy(ray_server):
     tokens = [e for c in chunks for e in (c['choices'][0].get('logprobs') or {}).get('content', [])]
     assert len(tokens) == chunks[-1]['usage']['completion_tokens'] == 6
     assert all(e['top_logprobs'][0]['bytes'] == e['bytes'] for e in tokens)
+    # n choices: each one is the reply of a request alone with its seed
+    ask = {'messages': [{'role': 'user', 'content': '你好'}], 'max_tokens': 6, 'temperature': 1.0}
+    many = httpx.post(f'{ray_server}/v1/chat/completions', json=dict(ask, n=3, seed=11), timeout=120).json()
+    alone = [httpx.post(f'{ray_server}/v1/chat/completions', json=dict(ask, seed=11 + i), timeout=120).json()
+             for i in range(3)]
+    assert [c['message']['content'] for c in many['choices']] == [a['choices'][0]['message']['content'] for a in alone]
 
 
 def test_a_client_that_hangs_up_is_cancelled_on_its_replica(ray_server):

@@ -126,20 +126,21 @@ def test_a_huge_conversation_does_not_stall_the_server(glm3_server):
     assert max(latencies) < 1.0 and len(latencies) >= max(1, took / 0.2), (took, latencies)
 
 
-def test_a_non_stream_client_that_hangs_up_is_cancelled(server):
+@pytest.mark.parametrize('n', [1, 3])
+def test_a_non_stream_client_that_hangs_up_is_cancelled(server, n):
     before = httpx.get(f'{server}/health').json()
-    body = {'messages': [{'role': 'user', 'content': '你好'}], 'temperature': 0, 'max_tokens': 1500}
+    body = {'messages': [{'role': 'user', 'content': '你好'}], 'temperature': 0, 'max_tokens': 1500, 'n': n}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f'{server}/v1/chat/completions', json=body, timeout=1.0)   # gives up, closes the socket
-    wait_for_cancellation(server, before)
+    wait_for_cancellation(server, before, jobs=n)
 
 
-def wait_for_cancellation(server, before, seconds=30):
-    """Until /health counts one more cancelled job and the worker is idle, or fail."""
+def wait_for_cancellation(server, before, seconds=30, jobs=1):
+    """Until /health counts `jobs` more cancelled jobs and the worker is idle, or fail."""
     deadline = time.time() + seconds
     while time.time() < deadline:
         health = httpx.get(f'{server}/health').json()
-        if health['cancelled'] > before['cancelled'] and health['active'] == 0:
+        if health['cancelled'] >= before['cancelled'] + jobs and health['active'] == 0:
             return
         time.sleep(0.1)
     pytest.fail(f'the abandoned generation kept the worker busy: {health}')
@@ -335,14 +336,16 @@ def test_fifty_concurrent_streaming_clients_get_their_own_answers(server, glm2_m
     assert results == answers
 
 
-def test_client_disconnect_cancels_its_generation(server):
+@pytest.mark.parametrize('n', [1, 3])
+def test_client_disconnect_cancels_its_generation(server, n):
     before = httpx.get(f'{server}/health').json()
-    body = {'messages': [{'role': 'user', 'content': '你好'}], 'stream': True, 'temperature': 0, 'max_tokens': 1500}
+    body = {'messages': [{'role': 'user', 'content': '你好'}], 'stream': True, 'temperature': 0, 'max_tokens': 1500,
+            'n': n}
     with httpx.stream('POST', f'{server}/v1/chat/completions', json=body, timeout=60) as r:
         for line in r.iter_lines():
             if '"content"' in line and '"content": ""' not in line:
                 break   # the first real delta: now hang up
-    wait_for_cancellation(server, before)
+    wait_for_cancellation(server, before, jobs=n)   # every choice leaves the batch
     ok = httpx.post(f'{server}/v1/chat/completions', json={'messages': [{'role': 'user', 'content': 'hi'}],
                                                            **GREEDY}, timeout=30)
     assert ok.status_code == 200
@@ -366,7 +369,8 @@ def test_client_disconnect_cancels_its_generation(server):
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'stop': ['a', 'b', 'c', 'd', 'e']}).encode(), 400,
      'at most 4'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'seed': 10 ** 23}).encode(), 400, 'seed'),
-    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'n': 3}).encode(), 400, 'one choice per request'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'n': 17}).encode(), 400, 'at most 16 choices'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'n': 0}).encode(), 422, 'n: Input should be'),
     (b'{"messages": [{"role": "user", "content": "\\ud800 x"}]}', 400, 'lone surrogate'),
     # OpenAI options this server does not do are refused by name, never silently ignored
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'top_logprobs': 3}).encode(), 400,
@@ -496,6 +500,50 @@ def test_logprobs_are_the_models_and_stream_with_their_tokens(client, glm2_model
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == reply.choices[0].message.content
 
 
+def test_n_choices_are_samples_each_reproduced_by_a_request_alone(client):
+    """n=3 with a seed: choice i is the reply of the same request with n=1 and seed + i, and the choices
+    differ; usage counts the prompt once and every choice's tokens. Streamed, each choice's chunks (by
+    index) make the same text, each choice finishes, and the usage comes once, at the end."""
+    ask = dict(model='tiny-glm2', messages=[{'role': 'user', 'content': '你好'}], temperature=1.0, max_tokens=12)
+    reply = client.chat.completions.create(**ask, n=3, seed=7)
+    texts = [c.message.content for c in reply.choices]
+    alone = [client.chat.completions.create(**ask, seed=7 + i) for i in range(3)]
+    assert [c.index for c in reply.choices] == [0, 1, 2] and len(set(texts)) == 3
+    assert texts == [a.choices[0].message.content for a in alone]
+    assert reply.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert reply.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+
+    chunks = list(client.chat.completions.create(**ask, n=3, seed=7, stream=True))
+    streamed, finished = ['', '', ''], []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ''
+            if choice.finish_reason:
+                finished.append(choice.index)
+    assert [text.strip() for text in streamed] == texts and sorted(finished) == [0, 1, 2]
+    assert [c.usage for c in chunks if c.usage] == [chunks[-1].usage]
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+    greedy = dict(ask, temperature=0)   # as OpenAI: the greedy reply n times
+    one = client.chat.completions.create(**greedy).choices[0].message.content
+    assert [c.message.content for c in client.chat.completions.create(**greedy, n=2).choices] == [one, one]
+
+
+def test_n_choices_prefill_their_prompt_once(server):
+    """The choices of a long prompt share its K/V: one prefills it, the others take it over."""
+    prompt = ' '.join(f'word{i}' for i in range(60)) + ' -- a prompt the prefix cache has never seen'
+    before = metrics_of(server)
+    r = httpx.post(f'{server}/v1/chat/completions', timeout=120, json={
+        'messages': [{'role': 'user', 'content': prompt}], 'max_tokens': 4, 'n': 4, 'seed': 1})
+    after = metrics_of(server)
+    tokens = r.json()['usage']['prompt_tokens']
+    assert r.status_code == 200 and len(r.json()['choices']) == 4 and tokens > 64
+    cached = r.json()['usage']['prompt_tokens_details']['cached_tokens']   # the template's start, at most
+    assert cached < 20 and after['chatglm_prompt_tokens_total'] - before['chatglm_prompt_tokens_total'] == 4 * tokens
+    computed = 4 * tokens - (after['chatglm_cached_prompt_tokens_total'] - before['chatglm_cached_prompt_tokens_total'])
+    assert computed == (tokens - cached) + 3 * 1   # the first choice's prompt, and each other's last token
+
+
 def continued(glm2_model, prompt_ids, n):
     """What the model continues a prompt with, greedy, as text (a stop id left out)."""
     out = glm2_model.generate(prompt_ids, max_new_tokens=n, do_sample=False)
@@ -529,6 +577,16 @@ def test_completions_continue_a_plain_prompt(client, glm2_model):
     assert cut.choices[0].text == expect[:expect.index(stop)] and cut.choices[0].finish_reason == 'stop'
     default = client.completions.create(model='tiny-glm2', prompt=prompt, temperature=0)
     assert default.usage.completion_tokens <= 16   # OpenAI's default max_tokens for completions
+    # n choices, each echoing the prompt; streamed, each choice's chunks by index make its text
+    sampled = dict(model='tiny-glm2', prompt=prompt, max_tokens=8, temperature=1.0, seed=5, echo=True)
+    many = client.completions.create(**sampled, n=2)
+    texts = [c.text for c in many.choices]
+    assert texts == [client.completions.create(**dict(sampled, seed=5 + i)).choices[0].text for i in range(2)]
+    assert texts[0] != texts[1] and all(text.startswith(prompt) for text in texts)
+    streamed = ['', '']
+    for part in client.completions.create(**sampled, n=2, stream=True):
+        streamed[part.choices[0].index] += part.choices[0].text
+    assert streamed == texts
 
 
 @pytest.mark.parametrize('body,needle', [
@@ -541,7 +599,7 @@ def test_completions_continue_a_plain_prompt(client, glm2_model):
     ({'prompt': [10 ** 9]}, 'token ids below'),
     ({'prompt': 'x ' * 3000}, 'context window is 2048'),
     ({'prompt': 'x', 'max_tokens': 5000}, 'context window is 2048'),
-    ({'prompt': 'x', 'n': 2}, 'one choice per request'),
+    ({'prompt': 'x', 'n': 1000}, 'at most 16 choices'),
 ])
 def test_bad_completion_requests_are_400s(server, body, needle):
     r = httpx.post(f'{server}/v1/completions', json=body, timeout=30)

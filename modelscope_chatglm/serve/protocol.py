@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import replace
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
@@ -189,9 +190,6 @@ def generation_options(req) -> dict:
 
 
 def _stops(req) -> List[str]:
-    if req.n > 1:
-        raise InputError(f'n={req.n}: one choice per request is supported; send {req.n} requests '
-                         '(each with its own seed for different samples)')
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOP_STRINGS:
         raise InputError(f'stop takes at most {MAX_STOP_STRINGS} strings (as in the OpenAI API), got '
@@ -243,6 +241,22 @@ def completion_call(req: TextCompletionRequest, adapter: Optional[str]) -> ChatC
     return ChatCall(prompt, [], generation_options(req), stops, adapter, req.logprobs, completion=True)
 
 
+MAX_CHOICES = 16   # `n`: each choice is one sequence of the batch and one place in the queue
+
+
+def choice_calls(call: ChatCall, n: int) -> List[ChatCall]:
+    """The n calls that make a request's n choices: the same prompt (the scheduler prefills a long
+    one once and the others take its K/V), each sampled on its own. With a seed, choice i samples
+    with seed + i, so choice 0 is the reply of the same request with n=1 and every choice can be
+    reproduced alone. (Greedy choices are all the same reply, as OpenAI's.)"""
+    if not 1 <= n <= MAX_CHOICES:
+        raise InputError(f'n={n}: at most {MAX_CHOICES} choices per request; send several requests for more')
+    seed = call.options.get('seed')
+    if seed is None or not 0 <= seed < 2 ** 63:   # (a seed out of range is refused by name on submission)
+        return [call] + [replace(call) for _ in range(n - 1)]
+    return [replace(call, options=dict(call.options, seed=(seed + i) % 2 ** 63)) for i in range(n)]
+
+
 def classic_call(req: ClassicRequest) -> ChatCall:
     history = [tuple(h) for h in req.history]
     if any(len(h) != 2 for h in history):
@@ -268,11 +282,13 @@ def finish_reason(result: Result) -> str:
     return 'tool_calls' if isinstance(result.response, dict) else result.finish_reason
 
 
-def usage(result: Result) -> dict:
-    return {'prompt_tokens': result.prompt_tokens, 'completion_tokens': result.completion_tokens,
-            'total_tokens': result.prompt_tokens + result.completion_tokens,
-            # as OpenAI reports prompt caching: the prompt tokens whose K/V the prefix cache held
-            'prompt_tokens_details': {'cached_tokens': result.cached_tokens}}
+def usage(results: List[Result]) -> dict:
+    """The usage of a request's choices: its prompt counted once (as OpenAI does), their tokens summed."""
+    prompt, generated = results[0].prompt_tokens, sum(r.completion_tokens for r in results)
+    return {'prompt_tokens': prompt, 'completion_tokens': generated, 'total_tokens': prompt + generated,
+            # as OpenAI reports prompt caching: the prompt tokens whose K/V the prefix cache held (before
+            # the request: its other choices take the prompt's K/V from the first)
+            'prompt_tokens_details': {'cached_tokens': min(r.cached_tokens for r in results)}}
 
 
 def logprobs_body(entries) -> dict:
@@ -284,22 +300,26 @@ def logprobs_body(entries) -> dict:
                         for raw, logprob, top in entries]}
 
 
-def completion(cid: str, created: int, model: str, result: Result) -> dict:
-    choice = {'index': 0, 'message': message(result), 'finish_reason': finish_reason(result)}
-    if result.logprobs is not None:
-        choice['logprobs'] = logprobs_body(result.logprobs)
+def completion(cid: str, created: int, model: str, results: List[Result]) -> dict:
+    choices = []
+    for index, result in enumerate(results):
+        choice = {'index': index, 'message': message(result), 'finish_reason': finish_reason(result)}
+        if result.logprobs is not None:
+            choice['logprobs'] = logprobs_body(result.logprobs)
+        choices.append(choice)
     return {'id': cid, 'object': 'chat.completion', 'created': created, 'model': model,
-            'choices': [choice], 'usage': usage(result)}
+            'choices': choices, 'usage': usage(results)}
 
 
 class ChatChunks:
-    """The SSE chunks of a streamed chat completion (chat.completion.chunk)."""
+    """The SSE chunks of one choice of a streamed chat completion (chat.completion.chunk)."""
 
-    def __init__(self, cid: str, created: int, model: str):
+    def __init__(self, cid: str, created: int, model: str, index: int = 0):
         self.head = {'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': model}
+        self.index = index
 
     def _chunk(self, delta: dict, finish=None, usage_=None, logprobs=None) -> str:
-        choice = {'index': 0, 'delta': delta, 'finish_reason': finish}
+        choice = {'index': self.index, 'delta': delta, 'finish_reason': finish}
         if logprobs:
             choice['logprobs'] = logprobs_body(logprobs)
         body = dict(self.head, choices=[choice])
@@ -313,11 +333,12 @@ class ChatChunks:
     def delta(self, text: str, logprobs) -> str:
         return self._chunk({'content': text}, logprobs=logprobs)
 
-    def done(self, result: Result, logprobs) -> List[str]:
+    def done(self, result: Result, logprobs, usage_: Optional[dict]) -> List[str]:
+        """The choice's last chunks; usage_ goes with the request's last choice to finish."""
         chunks = []
         if isinstance(result.response, dict):   # a ChatGLM3 tool call
             chunks.append(self._chunk({'tool_calls': [dict(message(result)['tool_calls'][0], index=0)]}))
-        return chunks + [self._chunk({}, finish_reason(result), usage(result), logprobs)]
+        return chunks + [self._chunk({}, finish_reason(result), usage_, logprobs)]
 
 
 # -- /v1/completions ---------------------------------------------------------------------------------
@@ -334,22 +355,24 @@ def text_logprobs(entries, offset: int) -> dict:
             'text_offset': offsets}
 
 
-def text_completion(cid: str, created: int, model: str, result: Result, echo: str = '') -> dict:
-    choice = {'index': 0, 'text': echo + result.response, 'finish_reason': result.finish_reason,
-              'logprobs': None if result.logprobs is None else text_logprobs(result.logprobs, len(echo))}
+def text_completion(cid: str, created: int, model: str, results: List[Result], echo: str = '') -> dict:
+    choices = [{'index': index, 'text': echo + result.response, 'finish_reason': result.finish_reason,
+                'logprobs': None if result.logprobs is None else text_logprobs(result.logprobs, len(echo))}
+               for index, result in enumerate(results)]
     return {'id': cid, 'object': 'text_completion', 'created': created, 'model': model,
-            'choices': [choice], 'usage': usage(result)}
+            'choices': choices, 'usage': usage(results)}
 
 
 class TextChunks:
-    """The SSE chunks of a streamed completion (text_completion objects, as OpenAI sends them)."""
+    """The SSE chunks of one choice of a streamed completion (text_completion objects, as OpenAI
+    sends them)."""
 
-    def __init__(self, cid: str, created: int, model: str, echo: str = ''):
+    def __init__(self, cid: str, created: int, model: str, echo: str = '', index: int = 0):
         self.head = {'id': cid, 'object': 'text_completion', 'created': created, 'model': model}
-        self.echo, self.offset = echo, len(echo)
+        self.echo, self.offset, self.index = echo, len(echo), index
 
     def _chunk(self, text: str, logprobs=None, finish=None, usage_=None) -> str:
-        choice = {'index': 0, 'text': text, 'finish_reason': finish,
+        choice = {'index': self.index, 'text': text, 'finish_reason': finish,
                   'logprobs': text_logprobs(logprobs, self.offset) if logprobs else None}
         if logprobs:
             self.offset = choice['logprobs']['text_offset'][-1] + len(choice['logprobs']['tokens'][-1])
@@ -364,8 +387,8 @@ class TextChunks:
     def delta(self, text: str, logprobs) -> str:
         return self._chunk(text, logprobs)
 
-    def done(self, result: Result, logprobs) -> List[str]:
-        return [self._chunk('', logprobs, result.finish_reason, usage(result))]
+    def done(self, result: Result, logprobs, usage_: Optional[dict]) -> List[str]:
+        return [self._chunk('', logprobs, result.finish_reason, usage_)]
 
 
 def error_body(message_: str, kind: str = 'invalid_request_error') -> dict:

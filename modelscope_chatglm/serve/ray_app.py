@@ -17,6 +17,7 @@ Three ways in, one configuration (`RaySettings`):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -24,6 +25,7 @@ import pickle
 import signal
 import threading
 import time
+import uuid
 from typing import Optional, Union
 
 from ray import serve
@@ -178,7 +180,8 @@ class RayBackend:
         self.adapters = info['adapters']
 
     async def generate(self, call: ChatCall):
-        response = self.handle.options(stream=True).generate.remote(call)
+        with _own_routing_id():
+            response = self.handle.options(stream=True).generate.remote(call)
         started = False
         try:
             async for kind, value in response:
@@ -212,6 +215,28 @@ class RayBackend:
 
     def cancel_all(self):
         pass   # each replica cancels its own work when it shuts down
+
+
+@contextlib.contextmanager
+def _own_routing_id():
+    """Calls made in this block get a routing id of their own.
+
+    Ray Serve files a call that waits for a replica under the internal id of the HTTP request being
+    served, which every call made while serving it shares. Two calls routed at once (the choices of a
+    request with n > 1) overwrite each other's entry, and one of them never reaches a replica (Ray
+    2.60). A call takes the id when it is made, from a context variable: set for the block only."""
+    from ray.serve import context
+    variable = getattr(context, '_serve_request_context', None)
+    if variable is None:   # another Ray: several choices of one request may stall there
+        logger.warning('ray.serve.context has no _serve_request_context; requests with n > 1 may stall')
+        yield
+        return
+    token = variable.set(dataclasses.replace(context._get_serve_request_context(),
+                                             _internal_request_id=uuid.uuid4().hex))
+    try:
+        yield
+    finally:
+        variable.reset(token)
 
 
 @serve.deployment

@@ -22,7 +22,7 @@ import contextlib
 import hmac
 import json
 import time
-from typing import Optional
+from typing import AsyncIterator, List, Optional, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -162,56 +162,69 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
                            '(GET /v1/models lists them)')
 
     async def respond(call_of, req, request: Request, whole, chunks):
-        """Run one OpenAI request: call_of(req, adapter) -> ChatCall; whole(cid, created, result) -> the
-        JSON body; chunks(cid, created) -> its SSE chunks (protocol.ChatChunks or TextChunks)."""
+        """Run one OpenAI request: call_of(req, adapter) -> ChatCall; whole(cid, created, results) -> the
+        JSON body; chunks(cid, created, index) -> the SSE chunks of one choice (protocol.ChatChunks or
+        TextChunks). Its `n` choices are n generations, streamed side by side."""
         try:
             adapter = pick_adapter(req.model)
         except UnknownModel as e:
             return _error(404, str(e), 'model_not_found')
         try:
             call = call_of(req, adapter)
+            calls = protocol.choice_calls(call, req.n)
         except (InputError, ValueError) as e:
             return _error(400, str(e))
-        events = backend.generate(call)
-        kind, value = await events.__anext__()   # ('start', replica) or ('rejected', exception)
-        if kind == 'rejected':
-            return _rejected(value)
-        headers = {REPLICA_HEADER: value} if value else {}
+        streams = [backend.generate(c) for c in calls]
+        # ('start', replica) or ('rejected', exception) from each; one refused choice refuses the request.
+        firsts = await asyncio.gather(*(events.__anext__() for events in streams), return_exceptions=True)
+        refused = [first if isinstance(first, BaseException) else first[1] for first in firsts
+                   if isinstance(first, BaseException) or first[0] == 'rejected']
+        if refused:
+            await asyncio.gather(*(events.aclose() for events in streams))   # the accepted ones leave
+            return _rejected(refused[0])
+        replica = firsts[0][1]
+        headers = {REPLICA_HEADER: replica} if replica else {}
         created, cid = int(time.time()), protocol.completion_id('cmpl' if call.completion else 'chatcmpl')
         if not req.stream:
             try:
-                result = await _result(events, request)
+                results = await _results(streams, request)
             except ClientGone:
                 return _error(499, 'the client closed the connection')
             except Exception as e:   # the request was valid: a failure now is the server's
                 return _rejected(e, accepted=True)
             # Built and serialized in a thread: 8,000 tokens with 20 logprobs each are ~15 MB of JSON.
-            body = await asyncio.to_thread(lambda: json.dumps(whole(cid, created, result), ensure_ascii=False))
+            body = await asyncio.to_thread(lambda: json.dumps(whole(cid, created, results), ensure_ascii=False))
             return Response(body, media_type='application/json', headers=headers)
 
         async def stream():
-            shape = chunks(cid, created)
+            shapes = [chunks(cid, created, index) for index in range(len(streams))]
+            events = _merged(streams)
+            results = [None] * len(streams)
+            logprobs = [[] for _ in streams]   # per choice, of the tokens since its last chunk: they go with the next
             try:
-                for chunk in shape.start():
-                    yield chunk
-                logprobs = []   # of the tokens since the last chunk: they go with the next one
-                async for kind, value in events:
+                for shape in shapes:
+                    for chunk in shape.start():
+                        yield chunk
+                async for index, kind, value in events:
                     if kind == 'logprobs':
-                        logprobs += value
+                        logprobs[index] += value
                     elif kind == 'delta':
-                        yield shape.delta(value, logprobs)
-                        logprobs = []
+                        yield shapes[index].delta(value, logprobs[index])
+                        logprobs[index] = []
                     elif kind == 'done':
-                        for chunk in shape.done(value, logprobs):
+                        results[index] = value
+                        last = all(results)   # the usage of all choices goes with the last to finish
+                        for chunk in shapes[index].done(value, logprobs[index], protocol.usage(results) if last else None):
                             yield chunk
-                        break
+                        if last:
+                            break
                     else:
                         yield _stream_error(value)
                         break
             except Exception as e:   # a fault here: still end the stream with an error event
                 yield _stream_error(e)
             finally:
-                await events.aclose()   # the client is gone (or the stream ended): leave the batch
+                await events.aclose()   # the client is gone (or the stream ended): every choice leaves the batch
             yield '[DONE]'
 
         return EventSourceResponse(stream(), ping=15, headers=headers)
@@ -219,15 +232,15 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
     @app.post('/v1/chat/completions')
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         return await respond(protocol.chat_call, req, request,
-                             lambda cid, created, result: protocol.completion(cid, created, name, result),
-                             lambda cid, created: protocol.ChatChunks(cid, created, name))
+                             lambda cid, created, results: protocol.completion(cid, created, name, results),
+                             lambda cid, created, index: protocol.ChatChunks(cid, created, name, index))
 
     @app.post('/v1/completions')
     async def completions(req: TextCompletionRequest, request: Request):
         echo = protocol.echo_text(req)
         return await respond(protocol.completion_call, req, request,
-                             lambda cid, created, result: protocol.text_completion(cid, created, name, result, echo),
-                             lambda cid, created: protocol.TextChunks(cid, created, name, echo))
+                             lambda cid, created, results: protocol.text_completion(cid, created, name, results, echo),
+                             lambda cid, created, index: protocol.TextChunks(cid, created, name, echo, index))
 
     @app.post('/')
     async def classic(req: ClassicRequest, request: Request):
@@ -240,7 +253,7 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
         if kind == 'rejected':
             return _rejected(value)
         try:
-            result = await _result(events, request)
+            result, = await _results([events], request)
         except ClientGone:
             return _error(499, 'the client closed the connection')
         except Exception as e:
@@ -266,23 +279,59 @@ def _stream_error(exc: Exception) -> str:
     return json.dumps(protocol.error_body(message, kind))
 
 
-async def _result(events, request: Request) -> Result:
-    """The final Result of an event stream; ClientGone (and the stream closed) as soon as the client
-    hangs up."""
-    gone = asyncio.ensure_future(_disconnect(request))
+async def _merged(streams) -> AsyncIterator[Tuple[int, str, object]]:
+    """The events of several engine streams (a request's choices) as they come, as (index, kind,
+    value). It ends when they all have; closing it closes them all (their jobs leave the batch)."""
+    queue = asyncio.Queue()   # (no bound of its own: each stream's events wait in an unbounded queue anyway)
+
+    async def pump(index, events):
+        try:
+            async for kind, value in events:
+                queue.put_nowait((index, kind, value))
+        except Exception as e:   # a backend fault: this choice ends with it
+            queue.put_nowait((index, 'error', e))
+        finally:
+            queue.put_nowait(None)   # this stream has ended
+
+    pumps = [asyncio.ensure_future(pump(index, events)) for index, events in enumerate(streams)]
     try:
-        while True:
+        open_streams = len(streams)
+        while open_streams:
+            event = await queue.get()
+            if event is None:
+                open_streams -= 1
+            else:
+                yield event
+    finally:
+        for task in pumps:
+            task.cancel()   # a pump's stream closes as it is cancelled: its job leaves the batch
+        await asyncio.gather(*pumps, return_exceptions=True)
+        await asyncio.gather(*(events.aclose() for events in streams))
+
+
+async def _results(streams, request: Request) -> List[Result]:
+    """The final Results of a request's event streams; ClientGone (and the streams closed) as soon as
+    the client hangs up."""
+    events = _merged(streams)
+    gone = asyncio.ensure_future(_disconnect(request))
+    results = [None] * len(streams)
+    try:
+        while not all(results):
             event = asyncio.ensure_future(events.__anext__())
             await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not event.done():
-                event.cancel()   # the stream's own cleanup (cancelling its job) runs as this ends
+                event.cancel()   # the streams' own cleanup (cancelling their jobs) runs as this ends
                 await asyncio.gather(event, return_exceptions=True)
                 raise ClientGone()
-            kind, value = event.result()
+            try:
+                index, kind, value = event.result()
+            except StopAsyncIteration:
+                raise RuntimeError('the engine ended a reply without its result') from None
             if kind == 'done':
-                return value
-            if kind == 'error':
+                results[index] = value
+            elif kind == 'error':
                 raise value
+        return results
     finally:
         gone.cancel()
         await events.aclose()
