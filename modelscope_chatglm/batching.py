@@ -61,7 +61,7 @@ class Sequence:
 
     def __init__(self, prompt: Seq[int], params: SamplingParams, on_token: Optional[Callable] = None,
                  on_finish: Optional[Callable] = None, adapter: Optional[str] = None,
-                 logprobs: Optional[int] = None):
+                 logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None):
         self.prompt = list(prompt)
         self.params = params
         self.adapter = adapter      # a LoRA adapter held by the model (adapters.py); None = the base
@@ -73,6 +73,10 @@ class Sequence:
         # With logprobs=k: per output token, (its logprob, its k most likely alternatives [(id, logprob)])
         self.logprobs: Optional[List[Tuple[float, List[Tuple[int, float]]]]] = None if logprobs is None else []
         self.top_logprobs = logprobs or 0
+        # With prompt_logprobs=k: the same for each prompt token after the first, given those before it
+        self.prompt_logprobs: Optional[List[Tuple[float, List[Tuple[int, float]]]]] = \
+            None if prompt_logprobs is None else []
+        self.top_prompt_logprobs = prompt_logprobs or 0
         self.finish_reason: Optional[str] = None   # 'stop' | 'length' | 'cancelled' | 'error'
         self.error: Optional[BaseException] = None
         self.done = threading.Event()
@@ -105,6 +109,12 @@ class Sequence:
             self._ids[0, start:n] = torch.tensor(new, dtype=torch.long)
             self._ids_filled = n
         return self._ids[:, :n]
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the logprobs of its prompt are still to be worked out: then its prompt is prefilled
+        from the start, not taken from the prefix cache, whose K/V come without logits."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt) - 1
 
     def cancel(self):
         """Stop at the next step; safe from any thread."""
@@ -158,18 +168,24 @@ class Scheduler:
     # -- from any thread ----------------------------------------------------------------------------
     def submit(self, prompt: Seq[int], params: SamplingParams, on_token: Optional[Callable] = None,
                on_finish: Optional[Callable] = None, adapter: Optional[str] = None,
-               logprobs: Optional[int] = None) -> Sequence:
+               logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None) -> Sequence:
         """Queue a generation. logprobs=k (0-20) records the model's log-probability of each output
-        token and of its k most likely alternatives in `seq.logprobs`."""
+        token and of its k most likely alternatives in `seq.logprobs`; prompt_logprobs=k the same for
+        each prompt token but the first in `seq.prompt_logprobs` (then max_new_tokens may be 0: the
+        prompt is only scored)."""
         if not prompt:
             raise ValueError('a prompt needs at least one token')
         if adapter is not None and adapter not in self.adapters:
             raise ValueError(f'no adapter named {adapter!r}; this model holds {self.adapters or "none"}')
         params.validate()   # the door for every caller: bad parameters fail here, not inside a step
-        if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= MAX_TOP_LOGPROBS):
-            raise ValueError(f'logprobs must be the number of alternatives to report, 0 to {MAX_TOP_LOGPROBS}, '
-                             f'got {logprobs!r}')
-        seq = Sequence(prompt, params, on_token, on_finish, adapter, logprobs)
+        for name, value in (('logprobs', logprobs), ('prompt_logprobs', prompt_logprobs)):
+            if value is not None and not (isinstance(value, int) and 0 <= value <= MAX_TOP_LOGPROBS):
+                raise ValueError(f'{name} must be the number of alternatives to report, 0 to {MAX_TOP_LOGPROBS}, '
+                                 f'got {value!r}')
+        if prompt_logprobs is not None and not self.model.supports_prefix_reuse:
+            raise ValueError('ChatGLM-6B attends its prompt in both directions, so its prompt tokens have no '
+                             'left-to-right log-probabilities; ask for the logprobs of generated tokens only')
+        seq = Sequence(prompt, params, on_token, on_finish, adapter, logprobs, prompt_logprobs)
         need = self.kv_bytes(len(seq.prompt) + seq.budget)
         if need > self.budget:
             raise KVBudgetError(
@@ -311,7 +327,7 @@ class Scheduler:
     def _start(self, seq: Sequence, capacity: int, need: int):
         if seq.fill is seq.prompt:    # (a preempted sequence coming back is not new)
             self.stats['prompt_tokens'] += len(seq.prompt)
-        if seq.budget == 0:
+        if seq.budget == 0 and not seq.scores_prompt:
             self._finish(seq, 'length', keep_cache=False)
             return
         try:
@@ -327,7 +343,7 @@ class Scheduler:
     def _longest_prefix(self, seq: Sequence):
         """(tokens, K/V segments) of the longest prefix of seq.fill that the prefix cache or a running
         sequence holds (at least one token is left to prefill: its logits give the next token)."""
-        if self.prefix_cache is None or len(seq.fill) < 2:
+        if self.prefix_cache is None or len(seq.fill) < 2 or seq.scores_prompt:
             return 0, []
         best, segments = self.prefix_cache.match(seq.fill, seq.adapter)
         for other in self.running:
@@ -373,7 +389,7 @@ class Scheduler:
     SHARED_WAIT = 64
 
     def _waits_for(self, seq: Sequence, ahead: List[Sequence]) -> bool:
-        if self.prefix_cache is None:
+        if self.prefix_cache is None or seq.scores_prompt:   # (it could not take the K/V it waited for)
             return False
         for other in ahead:
             if other.adapter != seq.adapter:
@@ -386,21 +402,40 @@ class Scheduler:
     def _forward(self, parts, prompt_parts: int):
         """Run parts = [(sequence, new ids), ...], the first `prompt_parts` of them prompt chunks, the rest
         one decode token each; sample where a sequence's next token is due."""
+        scored = [row for row, (seq, _) in enumerate(parts[:prompt_parts]) if seq.scores_prompt]
         try:
             with adapters.rows([(seq.adapter, len(ids)) for seq, ids in parts]):
-                logits = self.model.forward_ragged([(seq.state, ids) for seq, ids in parts])
+                logits = self.model.forward_ragged([(seq.state, ids) for seq, ids in parts], every=scored)
         except Exception as e:   # a failing forward ends its sequences, never the scheduler
             logger.exception('forward failed; ending %d sequence(s)', len(parts))
             for seq, _ in parts:
                 seq.error = e
                 self._finish(seq, 'error', keep_cache=False)
             return
+        offset = len(parts)   # each position of the scored prompt chunks follows the parts' last rows
+        for row in scored:
+            seq, ids = parts[row]
+            self._score_prompt(seq, logits[offset:offset + len(ids)])
+            offset += len(ids)
         for row, (seq, ids) in enumerate(parts):
             if row < prompt_parts:
                 seq.prefilled += len(ids)
                 if seq.prefilled < len(seq.fill) or seq.output:
                     continue    # more to prefill; or a preempted sequence back: its next token is known
+                if seq.budget == 0:   # a prompt only scored
+                    self._finish(seq, 'length')
+                    continue
             self._sample(seq, logits[row:row + 1])
+
+    def _score_prompt(self, seq: Sequence, logits: torch.Tensor):
+        """Record the logprobs of the prompt tokens that a prompt chunk's logits [len, V] predict: its
+        row j, at position prefilled + j, predicts the token after it."""
+        first = len(seq.prompt_logprobs) + 1     # the next prompt position without a logprob
+        start = first - seq.prefilled - 1        # its row in this chunk
+        targets = seq.prompt[first:seq.prefilled + len(logits) + 1]
+        if start >= 0 and targets:
+            seq.prompt_logprobs += token_logprobs(logits[start:start + len(targets)], targets,
+                                                  seq.top_prompt_logprobs, self.vocab_limit)
 
     def _sample(self, seq: Sequence, logits: torch.Tensor):
         params = seq.params
@@ -425,7 +460,7 @@ class Scheduler:
             return
         seq.output.append(token)
         if seq.logprobs is not None:
-            seq.logprobs.append(token_logprobs(logits[0], token, seq.top_logprobs, self.vocab_limit))
+            seq.logprobs += token_logprobs(logits, [token], seq.top_logprobs, self.vocab_limit)
         self.stats['generated_tokens'] += 1
         stop_here = False
         if seq.on_token is not None:

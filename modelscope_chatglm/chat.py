@@ -128,8 +128,12 @@ class ChatModel:
     def prepare_completion(self, prompt: Union[str, Sequence[int]], **gen) -> 'CompletionRequest':
         """A plain prompt to continue, without the chat template (OpenAI's /v1/completions): text gets
         the model's [gMASK]/sop tokens around it, token ids are taken as they are. Never truncated."""
+        text_start = 0
         if isinstance(prompt, str):
-            ids = self.format.wrap(self.tokenizer, self.tokenizer.encode(prompt))
+            text = self.tokenizer.encode(prompt)
+            ids = self.format.wrap(self.tokenizer, text)
+            if ids[len(ids) - len(text):] == text:   # the model's own tokens go before the text (ChatGLM2/3)
+                text_start = len(ids) - len(text)
         elif isinstance(prompt, (list, tuple)) and prompt and all(
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.tokenizer.vocab_size for i in prompt):
             ids = list(prompt)
@@ -139,11 +143,12 @@ class ChatModel:
         params = self.sampling(**gen)
         limit = self.context_length if params.max_length is None else min(self.context_length, params.max_length)
         room = limit - len(ids)
-        if room < 1 or (params.max_new_tokens or 1) > room:
+        asked = params.max_new_tokens
+        if room < (1 if asked is None else asked) or room < 0:   # (0 new tokens: a prompt only scored)
             raise ContextLengthError(
-                f'the prompt is {len(ids)} tokens and {params.max_new_tokens or 1} more are asked for, but the '
-                f'context window is {limit}; shorten the prompt or ask for fewer tokens')
-        return CompletionRequest(ids, replace(params, max_new_tokens=min(room, params.max_new_tokens or room)))
+                f'the prompt is {len(ids)} tokens and {1 if asked is None else asked} more are asked for, but '
+                f'the context window is {limit}; shorten the prompt or ask for fewer tokens')
+        return CompletionRequest(ids, replace(params, max_new_tokens=room if asked is None else asked), text_start)
 
     def respond(self, request: Union['ChatRequest', 'CompletionRequest'], output_ids: List[int]) \
             -> Tuple[Union[str, dict], list]:
@@ -268,6 +273,7 @@ class ChatModel:
 class CompletionRequest:
     input_ids: List[int]          # the prompt
     params: SamplingParams        # max_new_tokens fitted to the context window
+    text_start: int = 0           # where the caller's own tokens begin (after the [gMASK] sop put before them)
 
 
 @dataclass

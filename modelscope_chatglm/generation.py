@@ -159,12 +159,16 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingPar
     return logits
 
 
-def token_logprobs(logits: torch.Tensor, token: int, top: int, vocab_limit: int):
-    """The model's log-probability of `token` and its `top` most likely tokens [(id, logprob)], from
-    the raw logits [V] (before penalties and temperature; padded embedding rows are not tokens)."""
-    logprobs = torch.log_softmax(logits[:vocab_limit].float(), dim=-1)
-    best = logprobs.topk(top) if top else None
-    return float(logprobs[token]), ([] if best is None else list(zip(best.indices.tolist(), best.values.tolist())))
+def token_logprobs(logits: torch.Tensor, tokens: List[int], top: int, vocab_limit: int):
+    """Per row of the raw logits [n, V] (before penalties and temperature; padded embedding rows are
+    not tokens): the model's log-probability of that row's token and its `top` most likely tokens
+    -> [(logprob, [(id, logprob), ...]), ...]."""
+    logprobs = torch.log_softmax(logits[:, :vocab_limit].float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    if not top:
+        return [(p, []) for p in chosen]
+    best = logprobs.topk(top)
+    return [(p, list(zip(ids, values))) for p, ids, values in zip(chosen, best.indices.tolist(), best.values.tolist())]
 
 
 def choose(scores: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]):

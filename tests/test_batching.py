@@ -43,7 +43,8 @@ def test_batched_greedy_equals_each_alone(models, name):
     seqs = [sched.submit(p, chat.sampling(max_new_tokens=n, do_sample=False)) for p, n in zip(prompts, budgets)]
     forwards, most_running = [], 0     # by step: what each forward held ({'prompt', 'decode'})
     run_forward = chat.model.forward_ragged
-    chat.model.forward_ragged = lambda parts: forwards[-1].append(part_kinds(sched, parts)) or run_forward(parts)
+    chat.model.forward_ragged = lambda parts, every=(): (forwards[-1].append(part_kinds(sched, parts))
+                                                         or run_forward(parts, every))
     try:
         while not all(s.finished for s in seqs):
             forwards.append([])
@@ -422,3 +423,30 @@ def test_logprobs_are_recorded_per_token_in_a_batch(glm2_model):
     assert len(recorded) == len(seqs[0].output) and seqs[1].logprobs is None
     for token, (logprob, top) in zip(seqs[0].output, recorded):
         assert top[0] == (token, logprob) and len(top) == 2 and logprob < 0
+
+
+def test_a_prompt_is_scored_chunk_by_chunk_beside_other_sequences(glm2_model, glm1_model):
+    """prompt_logprobs: each prompt token's logprob given those before it, equal to the full forward's,
+    with the prompt prefilled in 5-token chunks beside another sequence; the prefix cache already
+    holds the prompt, and the scored sequence computes it anyway (the cache has K/V, no logits).
+    max_new_tokens=0 only scores. ChatGLM-6B, whose prompt is bidirectional, refuses."""
+    prompt = glm2_model.build_inputs(QUERIES[0])
+    expected = glm2_model.logits(prompt)[0, :-1, :glm2_model.tokenizer.vocab_size].log_softmax(-1)
+    sched = glm2_model.scheduler(prefill_chunk=5)
+    greedy = glm2_model.sampling(max_new_tokens=3, do_sample=False)
+    sched.run_until_done([sched.submit(prompt, greedy)])   # now the prefix cache holds the prompt
+    assert sched.submit(prompt, greedy) and sched.step() and sched.running[0].reused == len(prompt) - 1
+    sched.cancel_all()
+    seqs = [sched.submit(prompt, greedy, prompt_logprobs=2),
+            sched.submit(glm2_model.build_inputs(QUERIES[1]), greedy),
+            sched.submit(prompt, glm2_model.sampling(max_new_tokens=0), prompt_logprobs=0)]
+    sched.run_until_done(seqs)
+    assert seqs[0].reused == seqs[2].reused == 0   # neither scored prompt took the cached K/V
+    for seq, top in ((seqs[0], 2), (seqs[2], 0)):
+        got = [logprob for logprob, _ in seq.prompt_logprobs]
+        assert got == pytest.approx(expected.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist(), abs=1e-4)
+        assert all(len(alternatives) == top for _, alternatives in seq.prompt_logprobs)
+    assert seqs[0].output == solo(glm2_model, prompt, 3) and seqs[2].output == [] and seqs[2].finish_reason == 'length'
+    assert [t for t, _ in seqs[0].prompt_logprobs[0][1]] == expected[0].topk(2).indices.tolist()
+    with pytest.raises(ValueError, match='both directions'):
+        glm1_model.scheduler().submit(glm1_model.build_inputs('hi'), greedy, prompt_logprobs=1)

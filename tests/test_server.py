@@ -500,6 +500,39 @@ def test_logprobs_are_the_models_and_stream_with_their_tokens(client, glm2_model
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == reply.choices[0].message.content
 
 
+def test_completions_score_an_echoed_prompt(client, glm2_model):
+    """echo with logprobs (how evaluation harnesses score text): each token of the prompt the caller
+    sent (not the [gMASK] sop put before it) with its logprob given those before it, as the full
+    forward gives them, then the generated tokens'. max_tokens=0 only scores. The prefix cache, which
+    keeps K/V and no logits, is not used for it. Streamed, the echo chunk carries the prompt's logprobs."""
+    tok = glm2_model.tokenizer
+    prompt = 'The capital of France is Paris'
+    ids = glm2_model.format.wrap(tok, tok.encode(prompt))
+    expected = glm2_model.logits(ids)[0, :, :tok.vocab_size].log_softmax(-1)
+    want = [float(expected[p - 1, ids[p]]) for p in range(2, len(ids))]
+    ask = dict(model='tiny-glm2', prompt=prompt, echo=True, logprobs=3, temperature=0)
+    for _ in range(2):   # the second time the prefix cache holds the prompt
+        scored = client.completions.create(**ask, max_tokens=0)
+        choice = scored.choices[0]
+        assert choice.text == prompt and scored.usage.completion_tokens == 0 and choice.finish_reason == 'length'
+        assert choice.logprobs.tokens == [tok.token_bytes(t).decode('utf-8', 'backslashreplace') for t in ids[2:]]
+        assert choice.logprobs.token_logprobs == pytest.approx(want, abs=1e-4)
+        assert all(max(top.values()) >= lp and len(top) == 3
+                   for top, lp in zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs))
+        assert scored.usage.prompt_tokens_details.cached_tokens == 0
+    plain = client.completions.create(model='tiny-glm2', prompt=prompt, max_tokens=4, temperature=0, logprobs=3)
+    both = client.completions.create(**ask, max_tokens=4)
+    assert both.choices[0].text == prompt + plain.choices[0].text
+    assert both.choices[0].logprobs.tokens == choice.logprobs.tokens + plain.choices[0].logprobs.tokens
+    assert both.choices[0].logprobs.token_logprobs == pytest.approx(
+        want + plain.choices[0].logprobs.token_logprobs, abs=1e-4)
+    parts = list(client.completions.create(**ask, max_tokens=4, stream=True))
+    assert parts[0].choices[0].text == prompt and parts[0].choices[0].logprobs.tokens == choice.logprobs.tokens
+    assert ''.join(p.choices[0].text for p in parts) == both.choices[0].text
+    streamed = [t for p in parts if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens]
+    assert streamed == both.choices[0].logprobs.tokens
+
+
 def test_n_choices_are_samples_each_reproduced_by_a_request_alone(client):
     """n=3 with a seed: choice i is the reply of the same request with n=1 and seed + i, and the choices
     differ; usage counts the prompt once and every choice's tokens. Streamed, each choice's chunks (by
@@ -594,7 +627,7 @@ def test_completions_continue_a_plain_prompt(client, glm2_model):
     ({'prompt': [1, 2, 3], 'echo': True}, 'echo needs the prompt as text'),
     ({'prompt': 'x', 'suffix': 'y'}, 'suffix'),
     ({'prompt': 'x', 'best_of': 3}, 'best_of=3'),
-    ({'prompt': 'x', 'echo': True, 'logprobs': 1}, 'echo with logprobs'),
+    ({'prompt': 'x', 'max_tokens': 0}, 'max_tokens=0 generates nothing'),
     ({'prompt': []}, 'non-empty list of token ids'),
     ({'prompt': [10 ** 9]}, 'token ids below'),
     ({'prompt': 'x ' * 3000}, 'context window is 2048'),

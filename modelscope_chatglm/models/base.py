@@ -11,6 +11,7 @@ of many sequences through one forward:
     state = model.start(prompt_ids, max_new_tokens)
     model.adopt_prefix(state, kv_segments, keep)                               # prefix sharing
     logits = model.forward_ragged([(state, ids), (state2, ids2), ...])        # [n, V]
+    logits = model.forward_ragged(parts, every=(0,))      # [n + len(ids), V]: also each position of part 0
     model.rows_keep_their_bits(rows)        # may prompt chunks and decode tokens share one forward?
 """
 from __future__ import annotations
@@ -51,9 +52,11 @@ class CausalLM(Protocol):
     def start(self, prompt, max_new_tokens: int) -> Any:
         """A one-sequence decode state with room for the prompt and max_new_tokens; runs nothing."""
 
-    def forward_ragged(self, parts) -> torch.Tensor:
+    def forward_ragged(self, parts, every=()) -> torch.Tensor:
         """parts = [(state, new ids), ...] of different sequences -> logits of each part's last token
-        [n, V] (fp32); a sequence's result does not depend on the other parts."""
+        [n, V] (fp32); a sequence's result does not depend on the other parts. The parts whose indices
+        are in `every` (only where supports_prefix_reuse: scoring a prompt) add the logits of each of
+        their positions after those n rows, part after part."""
 
     def rows_keep_their_bits(self, rows: int) -> bool:
         """Whether `forward_ragged` over `rows` rows in all gives every row the bits it gets in a forward
@@ -61,6 +64,18 @@ class CausalLM(Protocol):
 
     def full_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits at every position [b, s, V] (fp32), for scoring and parity tests."""
+
+
+def ragged_logits(model, hidden: torch.Tensor, lengths, every=()) -> torch.Tensor:
+    """The rows of `forward_ragged`'s result from the last block's output [T, D]: each part's last
+    position, then every position of the parts in `every`. The last positions go through the final
+    norm and the head as they would without `every`, so the tokens sampled from them keep their bits."""
+    ends = torch.tensor(lengths, device=hidden.device).cumsum(0)
+    logits = model.logits(model.final_layernorm(hidden[ends - 1])).float()
+    if not every:
+        return logits
+    rows = torch.cat([torch.arange(int(ends[i]) - lengths[i], int(ends[i]), device=hidden.device) for i in every])
+    return torch.cat([logits, model.logits(model.final_layernorm(hidden[rows])).float()])
 
 
 def linears_keep_row_bits(layers: torch.nn.Module, rows: int, dtype: torch.dtype) -> bool:

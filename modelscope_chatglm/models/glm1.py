@@ -26,7 +26,7 @@ from torch import nn
 
 from ..model_config import ModelConfig
 from . import kv_cache
-from .base import linears_keep_row_bits, lm_head
+from .base import linears_keep_row_bits, lm_head, ragged_logits
 from .kv_cache import KVCache, Ragged
 
 
@@ -265,10 +265,13 @@ class GLM1Model(nn.Module):
     def rows_keep_their_bits(self, rows: int) -> bool:
         return linears_keep_row_bits(self.layers, rows, self.word_embeddings.weight.dtype)
 
-    def forward_ragged(self, parts) -> torch.Tensor:
+    def forward_ragged(self, parts, every=()) -> torch.Tensor:
         """New tokens of several sequences in one forward: parts = [(one sequence's state, ids), ...], each
         either its whole prompt (the state is fresh) or one decode token. The linears see all rows at
         once; attention runs per sequence. -> logits of each part's last token [n, V] (fp32)."""
+        if every:
+            raise ValueError('ChatGLM-6B attends its prompt in both directions: its positions have no '
+                             'next-token logits to score a prompt with')
         device = self.device
         lengths, positions, blocks, masks = [], [], [], []
         for state, ids in parts:
@@ -295,8 +298,7 @@ class GLM1Model(nn.Module):
         for (state, _), n in zip(parts, lengths):
             state.cache.commit(n)
             state.length += n
-        last = torch.tensor(lengths, device=device).cumsum(0) - 1
-        return self.logits(self.final_layernorm(x[0, last])).float()
+        return ragged_logits(self, x[0], lengths)
 
     def extend(self, state, keep, new_ids, max_new_tokens):
         raise NotImplementedError('ChatGLM-6B cannot reuse cached K/V across prompts: its prompt prefix is '

@@ -27,7 +27,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 from ..model_config import ModelConfig
 from ..triton_support import optional
 from . import kv_cache
-from .base import linears_keep_row_bits, lm_head
+from .base import linears_keep_row_bits, lm_head, ragged_logits
 from .kv_cache import KVCache, KVSegment, Ragged
 
 
@@ -378,10 +378,11 @@ class GLM2Model(nn.Module):
     def rows_keep_their_bits(self, rows: int) -> bool:
         return linears_keep_row_bits(self.layers, rows, self.word_embeddings.weight.dtype)
 
-    def forward_ragged(self, parts) -> torch.Tensor:
+    def forward_ragged(self, parts, every=()) -> torch.Tensor:
         """New tokens of several sequences in one forward: parts = [(one sequence's state, ids [s]), ...].
         The linears see every row at once (the weights are read once for all), attention runs per
-        sequence over its own cache. -> logits of each part's last token [n, V] (fp32)."""
+        sequence over its own cache. -> logits of each part's last token [n, V] (fp32), then those of
+        every position of the parts in `every` (base.ragged_logits)."""
         device = self.device
         lengths = [len(ids) for _, ids in parts]
         ids = torch.cat([torch.as_tensor(ids, dtype=torch.long) for _, ids in parts]).to(device)[None]
@@ -395,8 +396,7 @@ class GLM2Model(nn.Module):
         for (st, _), n in zip(parts, lengths):
             st.cache.commit(n)
             st.next_position = st.next_position + n
-        last = torch.tensor(lengths, device=device).cumsum(0) - 1
-        return self.logits(self.final_layernorm(x[0, last])).float()
+        return ragged_logits(self, x[0], lengths, every)
 
     def decode(self, next_ids: torch.Tensor, state: 'DecodeState') -> torch.Tensor:
         """Feed one new token per sequence [b]; -> next logits [b, V] (fp32).

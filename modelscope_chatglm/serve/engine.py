@@ -4,7 +4,9 @@ stream of events for one conversation turn,
     ('delta', text) ... then ('done', Result) or ('error', exception)
 The deltas are the reply's visible text (a ChatGLM3 metadata line and a tool call's code are not text;
 the call itself is in the Result). A call that asks for logprobs also gets ('logprobs', [TokenLogprob])
-before each delta, for the tokens generated since the last (and before 'done', for the rest).
+before each delta, for the tokens generated since the last (and before 'done', for the rest); one
+that scores its prompt (a completion with prompt_logprobs) gets ('prompt_logprobs', [TokenLogprob])
+once its prompt has run, before any of those.
 One engine thread steps the continuous-batching scheduler (batching.py) and pushes each job's events
 back onto the event loop, so generation never blocks it. Validation and prompt building run in a worker
 thread. A stream that is closed early (the client went away) cancels its job: the sequence leaves the
@@ -39,6 +41,7 @@ class ChatCall:
     adapter: Optional[str] = None                  # a LoRA adapter the model holds, by name
     logprobs: Optional[int] = None                 # report each token's logprob and this many alternatives
     completion: bool = False
+    prompt_logprobs: Optional[int] = None          # the same for the prompt's tokens (a completion's)
 
     def conversation_key(self) -> str:
         """What stays the same over the turns of one conversation: its adapter, system prompt, tools
@@ -61,10 +64,12 @@ class Result:
     finish_reason: str        # 'stop' | 'length' | 'cancelled'
     cached_tokens: int = 0    # prompt tokens whose K/V came from the prefix cache
     logprobs: Optional[List['TokenLogprob']] = None   # per generated token (a stop id's excluded)
+    prompt_logprobs: Optional[List['TokenLogprob']] = None   # per token of the caller's prompt
 
 
-# A generated token's bytes, its log-probability and its most likely alternatives [(bytes, logprob)].
-TokenLogprob = Tuple[bytes, float, List[Tuple[bytes, float]]]
+# A token's bytes, its log-probability and its most likely alternatives [(bytes, logprob)]; a prompt's
+# first token has neither (None, None): nothing comes before it.
+TokenLogprob = Tuple[bytes, Optional[float], Optional[List[Tuple[bytes, float]]]]
 
 
 @dataclass
@@ -80,6 +85,8 @@ class Job:
     logprobs: Optional[int] = None
     token_logprobs: List[TokenLogprob] = field(default_factory=list)
     logprobs_sent: int = 0    # how many of token_logprobs went out with a delta
+    prompt_logprobs: Optional[int] = None
+    prompt_entries: Optional[List[TokenLogprob]] = None   # once its prompt has run
     # ChatGLM3 begins each reply with a metadata line: empty for text, a tool's name for a tool call.
     # None until that line is complete (its text waits in `pending`), then 'tool', or 'text-start' until
     # the reply's first non-blank text, then 'text'.
@@ -134,7 +141,7 @@ class Engine:
             while True:
                 kind, value = await job.events.get()
                 yield kind, value
-                if kind not in ('delta', 'logprobs'):
+                if kind in ('done', 'error'):
                     return
         finally:
             job.cancel()   # the consumer is gone (or the stream ended): leave the batch
@@ -146,7 +153,8 @@ class Engine:
             request = self.chat.prepare_completion(call.query, **call.options)
         else:
             request = self.chat.prepare(call.query, call.history, **call.options)
-        return Job(request, call.stop, adapter=call.adapter, logprobs=call.logprobs, stops=StopStrings(call.stop))
+        return Job(request, call.stop, adapter=call.adapter, logprobs=call.logprobs, stops=StopStrings(call.stop),
+                   prompt_logprobs=call.prompt_logprobs)
 
     async def stats_list(self) -> List[dict]:
         return [self.stats()]
@@ -166,6 +174,7 @@ class Engine:
             job.mode = None
 
         def on_token(seq, token):
+            self._send_prompt_logprobs(job, seq)
             if token in stop_ids:
                 return False
             if seq.logprobs is not None:
@@ -176,7 +185,7 @@ class Engine:
             self._finish(job, seq, deltas)
 
         job.seq = self.scheduler.submit(job.request.input_ids, job.request.params, on_token, on_finish, job.adapter,
-                                        job.logprobs)
+                                        job.logprobs, job.prompt_logprobs)
         return job
 
     def stats(self) -> dict:
@@ -239,10 +248,23 @@ class Engine:
         as_bytes = self.chat.tokenizer.token_bytes
         return as_bytes(token), logprob, [(as_bytes(i), p) for i, p in top]
 
+    def _send_prompt_logprobs(self, job: Job, seq):
+        """Once its prompt has run: the logprobs of the caller's prompt tokens (not of the [gMASK] sop
+        put before a text), the first token's None where nothing comes before it."""
+        if seq.prompt_logprobs is None or seq.scores_prompt or job.prompt_entries is not None:
+            return   # (not asked for; cancelled before its prompt ran through; sent already)
+        prompt = seq.prompt
+        job.prompt_entries = [
+            self._token_logprob(prompt[p], *seq.prompt_logprobs[p - 1]) if p else
+            (self.chat.tokenizer.token_bytes(prompt[0]), None, None)
+            for p in range(getattr(job.request, 'text_start', 0), len(prompt))]
+        job.emit('prompt_logprobs', job.prompt_entries)
+
     def _finish(self, job: Job, seq, deltas: TextDeltas):
         if seq.error is not None:
             job.emit('error', seq.error)
             return
+        self._send_prompt_logprobs(job, seq)   # (a prompt only scored: no token came)
         if not job.stops.hit and seq.finish_reason != 'cancelled':
             self._text(job, _visible(job, deltas.flush()))   # an incomplete character at the end, as U+FFFD
         try:
@@ -262,7 +284,8 @@ class Engine:
             history = history[:-1] + [_with_reply(history[-1], response)]
         self._send_logprobs(job)
         job.emit('done', Result(response, history, len(job.request.input_ids), len(seq.output), finish,
-                                seq.reused, job.token_logprobs if job.logprobs is not None else None))
+                                seq.reused, job.token_logprobs if job.logprobs is not None else None,
+                                job.prompt_entries))
 
 
 def release_openmp_threads() -> bool:

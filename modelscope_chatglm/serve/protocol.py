@@ -68,7 +68,7 @@ class TextCompletionRequest(BaseModel):
     stream: StrictBool = False
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    max_tokens: Optional[StrictInt] = Field(default=16, ge=1)      # OpenAI's default for completions
+    max_tokens: Optional[StrictInt] = Field(default=16, ge=0)      # OpenAI's default; 0 with echo: score the prompt
     stop: Optional[Union[str, List[str]]] = None
     seed: Optional[StrictInt] = None
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
@@ -235,10 +235,11 @@ def completion_call(req: TextCompletionRequest, adapter: Optional[str]) -> ChatC
         raise InputError(f'best_of={req.best_of} is not supported; send several requests with different seeds')
     if req.echo and not isinstance(prompt, str):
         raise InputError('echo needs the prompt as text; send it as a string (or leave out echo)')
-    if req.echo and req.logprobs is not None:
-        raise InputError("echo with logprobs would need the prompt's logprobs, which this server does not "
-                         'compute; leave out one of them')
-    return ChatCall(prompt, [], generation_options(req), stops, adapter, req.logprobs, completion=True)
+    if req.max_tokens == 0 and not req.echo:
+        raise InputError('max_tokens=0 generates nothing: ask for at least 1 token, or send echo: true (with '
+                         'logprobs to score the prompt)')
+    return ChatCall(prompt, [], generation_options(req), stops, adapter, req.logprobs, completion=True,
+                    prompt_logprobs=req.logprobs if req.echo else None)
 
 
 MAX_CHOICES = 16   # `n`: each choice is one sequence of the batch and one place in the queue
@@ -344,20 +345,31 @@ class ChatChunks:
 # -- /v1/completions ---------------------------------------------------------------------------------
 def text_logprobs(entries, offset: int) -> dict:
     """Log-probabilities in the completions API's older form; text_offset counts the characters of the
-    token strings before each (from `offset`, the echoed prompt's length)."""
+    token strings before each (from `offset`: the echoed prompt's length, unless its tokens come first).
+    A prompt's first token has no logprob and no alternatives (None), as in OpenAI's."""
     tokens = [raw.decode('utf-8', 'backslashreplace') for raw, _, _ in entries]
     offsets = []
     for token in tokens:
         offsets.append(offset)
         offset += len(token)
     return {'tokens': tokens, 'token_logprobs': [logprob for _, logprob, _ in entries],
-            'top_logprobs': [{b.decode('utf-8', 'backslashreplace'): p for b, p in top} for _, _, top in entries],
+            'top_logprobs': [None if top is None else {b.decode('utf-8', 'backslashreplace'): p for b, p in top}
+                             for _, _, top in entries],
             'text_offset': offsets}
+
+
+def _choice_logprobs(result: Result, echo: str):
+    """A completion choice's logprobs: the echoed prompt's tokens first, when it was scored."""
+    if result.logprobs is None:
+        return None
+    if result.prompt_logprobs is not None:
+        return text_logprobs(result.prompt_logprobs + result.logprobs, 0)
+    return text_logprobs(result.logprobs, len(echo))
 
 
 def text_completion(cid: str, created: int, model: str, results: List[Result], echo: str = '') -> dict:
     choices = [{'index': index, 'text': echo + result.response, 'finish_reason': result.finish_reason,
-                'logprobs': None if result.logprobs is None else text_logprobs(result.logprobs, len(echo))}
+                'logprobs': _choice_logprobs(result, echo)}
                for index, result in enumerate(results)]
     return {'id': cid, 'object': 'text_completion', 'created': created, 'model': model,
             'choices': choices, 'usage': usage(results)}
@@ -367,9 +379,11 @@ class TextChunks:
     """The SSE chunks of one choice of a streamed completion (text_completion objects, as OpenAI
     sends them)."""
 
-    def __init__(self, cid: str, created: int, model: str, echo: str = '', index: int = 0):
+    def __init__(self, cid: str, created: int, model: str, echo: str = '', index: int = 0,
+                 scores_prompt: bool = False):
         self.head = {'id': cid, 'object': 'text_completion', 'created': created, 'model': model}
         self.echo, self.offset, self.index = echo, len(echo), index
+        self.scores_prompt = scores_prompt   # the echo waits for its tokens' logprobs (`prompt`)
 
     def _chunk(self, text: str, logprobs=None, finish=None, usage_=None) -> str:
         choice = {'index': self.index, 'text': text, 'finish_reason': finish,
@@ -382,7 +396,12 @@ class TextChunks:
         return json.dumps(body, ensure_ascii=False)
 
     def start(self) -> List[str]:
-        return [self._chunk(self.echo)] if self.echo else []
+        return [self._chunk(self.echo)] if self.echo and not self.scores_prompt else []
+
+    def prompt(self, entries) -> List[str]:
+        """The echo with its tokens' logprobs, once the prompt has run."""
+        self.offset = 0
+        return [self._chunk(self.echo, entries)]
 
     def delta(self, text: str, logprobs) -> str:
         return self._chunk(text, logprobs)

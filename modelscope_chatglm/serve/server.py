@@ -208,6 +208,9 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
                 async for index, kind, value in events:
                     if kind == 'logprobs':
                         logprobs[index] += value
+                    elif kind == 'prompt_logprobs':   # (a completion that echoes its prompt, scored)
+                        for chunk in shapes[index].prompt(value):
+                            yield chunk
                     elif kind == 'delta':
                         yield shapes[index].delta(value, logprobs[index])
                         logprobs[index] = []
@@ -237,10 +240,10 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
 
     @app.post('/v1/completions')
     async def completions(req: TextCompletionRequest, request: Request):
-        echo = protocol.echo_text(req)
+        echo, scored = protocol.echo_text(req), req.echo and req.logprobs is not None
         return await respond(protocol.completion_call, req, request,
                              lambda cid, created, results: protocol.text_completion(cid, created, name, results, echo),
-                             lambda cid, created, index: protocol.TextChunks(cid, created, name, echo, index))
+                             lambda cid, created, index: protocol.TextChunks(cid, created, name, echo, index, scored))
 
     @app.post('/')
     async def classic(req: ClassicRequest, request: Request):
