@@ -145,5 +145,28 @@ def start_service(args, url, log_path, env=None, timeout=180):
     pytest.fail(f'{" ".join(args[:1])} did not start:\n{open(log_path).read()[-4000:]}')
 
 
+def post_and_hang_up(base, path, body, running=1, timeout=30):
+    """POST `body` (not streamed) to `base + path`, then close the connection as soon as /health shows
+    `running` sequences decoding: a client that gives up mid-generation, however fast the machine.
+    (A client timeout instead raced the generation: 1,500 tiny-model tokens take 0.95 s on one host.)"""
+    import socket
+    import time
+    import urllib.parse
+    import httpx
+    url = urllib.parse.urlsplit(base)
+    data = json.dumps(body).encode()
+    head = (f'POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n'
+            f'Content-Length: {len(data)}\r\n\r\n').encode()
+    with socket.create_connection((url.hostname, url.port)) as s:
+        s.sendall(head + data)
+        deadline = time.time() + timeout
+        while httpx.get(f'{base}/health', timeout=5).json()['running'] < running:
+            if time.time() > deadline:
+                pytest.fail(f'the request never started decoding within {timeout} s')
+            time.sleep(0.01)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\x01\x00\x00\x00\x00\x00\x00\x00')
+    # closed (with a reset: the server sees the hang-up at once) while the request decodes
+
+
 def pytest_report_header(config):
     return f'reference python: {reference_python()}; python {sys.version.split()[0]}, torch {torch.__version__}'
