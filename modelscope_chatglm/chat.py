@@ -15,7 +15,7 @@ import torch
 from . import chat_formats
 from .errors import ContextLengthError, InputError
 from .families import get_family
-from .generation import PromptCache, SamplingParams, TextDeltas, generate_tokens
+from .generation import PromptCache, SamplingParams, TextDeltas, generate_tokens, text_after
 
 
 class ChatModel:
@@ -153,10 +153,10 @@ class ChatModel:
     def respond(self, request: Union['ChatRequest', 'CompletionRequest'], output_ids: List[int]) \
             -> Tuple[Union[str, dict], list]:
         """Generated ids -> (post-processed response, history with this turn appended); a completion's
-        response is its text as decoded (a stop id left out), with no history."""
+        response is the text its ids add after the prompt (a stop id left out), with no history."""
         if isinstance(request, CompletionRequest):
             ids = output_ids[:-1] if output_ids and output_ids[-1] in request.params.stop_ids else output_ids
-            return self.tokenizer.decode(ids), []
+            return text_after(self.tokenizer, request.input_ids, ids), []
         reply, added = self._reply(output_ids, request.messages[:-1])
         if request.as_pairs:
             pairs = [tuple(p) for p in (request.history or [])]

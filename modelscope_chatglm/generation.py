@@ -312,15 +312,18 @@ class TextDeltas:
     placeholder). Once the window has grown to 2 x CONTEXT tokens it moves up to its last CONTEXT:
     those stay as context because decoding a slice drops the leading space of its first piece, and
     every difference that makes lies in text already sent.
+
+    `context`: tokens the text continues (the end of a completion's prompt), counted as sent. Without
+    it the ids are read as the start of a text, whose first piece's leading space decoding drops.
     """
 
     CONTEXT = 16   # more tokens than any held tail spans ('<|blank_80|' spelled a character at a time is 11)
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, context: Sequence[int] = ()):
         self.tokenizer = tokenizer
-        self.ids: List[int] = []
+        self.ids: List[int] = list(context)[-self.CONTEXT:] if context else []
         self.start = 0
-        self.sent = ''
+        self.sent = tokenizer.decode(self.ids)
 
     def push(self, token: int) -> str:
         self.ids.append(token)
@@ -354,6 +357,17 @@ class TextDeltas:
         # not, keep the longer window for now.
         if text.endswith(held):
             self.start, self.sent = start, text[:len(text) - len(held)]
+
+
+def text_after(tokenizer, context: Sequence[int], ids: Sequence[int]) -> str:
+    """The text `ids` add after the tokens `context` (the end of a prompt they continue): what
+    decode(context + ids) has beyond decode(context). Decoded alone, ids read as the start of a text,
+    and SentencePiece drops the leading space of a text's first piece (the space its encoder puts
+    before every text); after a prompt that space is real: 'is' + ' Paris', not 'isParis'."""
+    context = list(context)[-TextDeltas.CONTEXT:] if context else []
+    before, whole = tokenizer.decode(context), tokenizer.decode(context + list(ids))
+    # (A context ending in half a character decodes differently once ids complete it: then ids alone.)
+    return whole[len(before):] if whole.startswith(before) else tokenizer.decode(ids)
 
 
 class StopStrings:

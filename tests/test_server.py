@@ -13,7 +13,8 @@ openai = pytest.importorskip('openai')
 pytest.importorskip('fastapi')
 
 from modelscope_chatglm.serve.engine import Result  # noqa: E402
-from modelscope_chatglm.serve.protocol import ChatCompletionRequest, chat_call, message, to_conversation  # noqa: E402
+from modelscope_chatglm.serve.protocol import (ChatCompletionRequest, TextOffsets, chat_call, message,  # noqa: E402
+                                               to_conversation)
 
 GREEDY = dict(temperature=0, max_tokens=8)
 
@@ -515,7 +516,10 @@ def test_completions_score_an_echoed_prompt(client, glm2_model):
         scored = client.completions.create(**ask, max_tokens=0)
         choice = scored.choices[0]
         assert choice.text == prompt and scored.usage.completion_tokens == 0 and choice.finish_reason == 'length'
-        assert choice.logprobs.tokens == [tok.token_bytes(t).decode('utf-8', 'backslashreplace') for t in ids[2:]]
+        # the tokens spell the prompt: the first loses the space SentencePiece puts before a text
+        assert choice.logprobs.tokens == [tok.token_bytes(t).decode('utf-8', 'backslashreplace')[p == 2:]
+                                          for p, t in enumerate(ids) if p >= 2]
+        assert ''.join(choice.logprobs.tokens) == prompt
         assert choice.logprobs.token_logprobs == pytest.approx(want, abs=1e-4)
         assert all(max(top.values()) >= lp and len(top) == 3
                    for top, lp in zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs))
@@ -531,6 +535,70 @@ def test_completions_score_an_echoed_prompt(client, glm2_model):
     assert ''.join(p.choices[0].text for p in parts) == both.choices[0].text
     streamed = [t for p in parts if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens]
     assert streamed == both.choices[0].logprobs.tokens
+
+
+def test_completion_text_continues_its_prompt_and_offsets_point_into_it(glm2_model, server):
+    """A completion is the text its tokens add after the prompt: a first piece's leading space stays
+    (decoded alone SentencePiece would drop it: 'is' + 'Paris'), so echo + completion reads as the
+    decode of all the tokens. text_offset points each token into the text: characters, with a
+    character split over byte tokens counted once; the tokens join to the text. Streamed = whole."""
+    tok = glm2_model.tokenizer
+    spaced = split = 0
+    for prompt in ['hello world hello', ' hello', 'x', '你好，世界', '  two spaces', 'tab\there', '\n', '😀']:
+        body = {'prompt': prompt, 'echo': True, 'logprobs': 1, 'max_tokens': 10, 'temperature': 0}
+        choice = httpx.post(f'{server}/v1/completions', json=body, timeout=60).json()['choices'][0]
+        ids = glm2_model.format.wrap(tok, tok.encode(prompt))
+        out = glm2_model.generate(ids, max_new_tokens=10, do_sample=False)
+        text, lp = choice['text'], choice['logprobs']
+        assert text == prompt + tok.decode(ids + out)[len(tok.decode(ids)):] == tok.decode(ids + out), prompt
+        completion = text[len(prompt):]
+        spaced += completion.startswith(' ')
+        raws = [tok.token_bytes(t) for t in ids[2:] + out]
+        assert len(lp['tokens']) == len(raws) and lp['text_offset'] == sorted(lp['text_offset'])
+        for token, offset, raw in zip(lp['tokens'], lp['text_offset'], raws):
+            try:
+                raw.decode('utf-8')
+            except UnicodeDecodeError:   # part of a character: it begins where the character does
+                split += 1
+                assert text[offset] == '\ufffd' or len(text[offset].encode()) > 1, (prompt, token, offset)
+                continue
+            assert text[offset:offset + len(token)] == token, (prompt, token, offset, text)
+        if all(raw.decode('utf-8', 'replace') == raw.decode('utf-8', 'ignore') for raw in raws):
+            assert ''.join(lp['tokens']) == text
+        streamed, tokens, offsets = '', [], []
+        with httpx.stream('POST', f'{server}/v1/completions', json=dict(body, stream=True), timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith('data: {'):
+                    part = json.loads(line[6:])['choices'][0]
+                    streamed += part['text']
+                    if part['logprobs']:
+                        tokens += part['logprobs']['tokens']
+                        offsets += part['logprobs']['text_offset']
+        assert (streamed, tokens, offsets) == (text, lp['tokens'], lp['text_offset']), prompt
+    assert spaced and split, 'these prompts must reach a space-led continuation and a character split over tokens'
+
+
+def test_text_offsets_count_the_characters_sentencepiece_decodes(glm2_model):
+    """text_offset against the real tokenizer on random token runs heavy in byte pieces (characters
+    split over tokens, bytes that never make one): every token that is whole UTF-8 is found at its
+    offset in the decoded text, and the offsets end where the text does."""
+    import random
+    tok = glm2_model.tokenizer
+    byte_pieces = [tok.sp.PieceToId(f'<0x{b:02X}>') for b in (0x61, 0xE4, 0xB8, 0x96, 0xF0, 0x9F, 0x98, 0x80,
+                                                                0xED, 0xA0, 0xC0, 0xFF, 0xC2, 0xF4, 0x90)]
+    plain = [i for i in range(3, 300) if not tok.sp.IsByte(i) and not tok.sp.IsControl(i)]
+    anchor = tok.encode('a')            # a text before the run: its first piece keeps its leading space
+    rng = random.Random(0)
+    for _ in range(500):
+        ids = [rng.choice(byte_pieces if rng.random() < 0.7 else plain) for _ in range(rng.randint(1, 12))]
+        text = tok.decode(anchor + ids)[len(tok.decode(anchor)):]
+        raws = [tok.token_bytes(i) for i in ids]
+        offsets = TextOffsets()
+        starts = offsets(raws[:3]) + offsets(raws[3:])           # (streamed in two chunks)
+        assert offsets.at + len(offsets.pending) == len(text), (ids, text)
+        for raw, start in zip(raws, starts):
+            with contextlib.suppress(UnicodeDecodeError):
+                assert text[start:start + len(raw.decode('utf-8'))] == raw.decode('utf-8'), (ids, text, start)
 
 
 def test_n_choices_are_samples_each_reproduced_by_a_request_alone(client):
@@ -578,9 +646,13 @@ def test_n_choices_prefill_their_prompt_once(server):
 
 
 def continued(glm2_model, prompt_ids, n):
-    """What the model continues a prompt with, greedy, as text (a stop id left out)."""
+    """What the model continues a prompt with, greedy: the text its tokens add to the prompt's (a stop
+    id left out)."""
+    tok = glm2_model.tokenizer
     out = glm2_model.generate(prompt_ids, max_new_tokens=n, do_sample=False)
-    return glm2_model.tokenizer.decode(out[:-1] if out[-1] in glm2_model.tokenizer.stop_ids else out)
+    before, whole = tok.decode(prompt_ids), tok.decode(prompt_ids + (out[:-1] if out[-1] in tok.stop_ids else out))
+    assert whole.startswith(before)
+    return whole[len(before):]
 
 
 def test_completions_continue_a_plain_prompt(client, glm2_model):

@@ -167,7 +167,9 @@ class Engine:
                             f'{self.max_queue}); retry later')
         job.loop = asyncio.get_running_loop()
         job.events = asyncio.Queue()
-        deltas = TextDeltas(self.chat.tokenizer)
+        # A completion's text continues its prompt; a chat reply starts a text of its own.
+        continues = job.request.input_ids if isinstance(job.request, CompletionRequest) else ()
+        deltas = TextDeltas(self.chat.tokenizer, continues)
         job.stops = job.stops or StopStrings(job.stop)
         stop_ids = set(job.request.params.stop_ids)
         if self.chat.format.reply_starts_with_metadata and isinstance(job.request, ChatRequest):

@@ -343,19 +343,70 @@ class ChatChunks:
 
 
 # -- /v1/completions ---------------------------------------------------------------------------------
-def text_logprobs(entries, offset: int) -> dict:
-    """Log-probabilities in the completions API's older form; text_offset counts the characters of the
-    token strings before each (from `offset`: the echoed prompt's length, unless its tokens come first).
-    A prompt's first token has no logprob and no alternatives (None), as in OpenAI's."""
-    tokens = [raw.decode('utf-8', 'backslashreplace') for raw, _, _ in entries]
-    offsets = []
-    for token in tokens:
-        offsets.append(offset)
-        offset += len(token)
-    return {'tokens': tokens, 'token_logprobs': [logprob for _, logprob, _ in entries],
+class TextOffsets:
+    """Where each token begins in a completion's text (the older API's `text_offset`), token after
+    token. Offsets count the text's characters, not the token strings' lengths: a character whose
+    bytes several tokens hold is one character, and each of those tokens begins where it does (their
+    token strings are escapes like '\\xe4'). Bytes that never make a character are one U+FFFD each in
+    the text, as SentencePiece decodes them, and a token that begins inside them points at where they
+    begin. The walk follows UTF-8's rules for which bytes may continue a character, as SentencePiece's
+    decoder does."""
+
+    def __init__(self, start: int = 0):
+        self.at = start            # characters of the text so far
+        self.pending = b''         # the bytes of a character not complete yet
+
+    def __call__(self, raws: List[bytes]) -> List[int]:
+        offsets = []
+        for raw in raws:
+            for i, byte in enumerate(raw):
+                if self.pending and not self._continues(byte):
+                    self.at += len(self.pending)   # a broken character: each of its bytes a U+FFFD
+                    self.pending = b''
+                if i == 0:
+                    offsets.append(self.at)
+                self._take(byte)
+            if not raw:
+                offsets.append(self.at)
+        return offsets
+
+    def _continues(self, byte: int) -> bool:
+        low, high = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}.get(
+            self.pending[0], (0x80, 0xBF)) if len(self.pending) == 1 else (0x80, 0xBF)
+        return low <= byte <= high
+
+    def _take(self, byte: int):
+        if self.pending:
+            self.pending += bytes([byte])
+        elif 0xC2 <= byte <= 0xF4:
+            self.pending = bytes([byte])   # a lead byte: 2, 3 or 4 bytes to come
+        else:
+            self.at += 1                   # ASCII, or a byte no character starts with (U+FFFD)
+        lead = self.pending[:1]
+        if lead and len(self.pending) == (2 if lead[0] < 0xE0 else 3 if lead[0] < 0xF0 else 4):
+            self.at += 1                   # the character is complete
+            self.pending = b''
+
+
+def text_logprobs(entries, offsets: TextOffsets) -> dict:
+    """Log-probabilities in the completions API's older form. A prompt's first token has no logprob
+    and no alternatives (None), as in OpenAI's."""
+    raws = [raw for raw, _, _ in entries]
+    return {'tokens': [raw.decode('utf-8', 'backslashreplace') for raw in raws],
+            'token_logprobs': [logprob for _, logprob, _ in entries],
             'top_logprobs': [None if top is None else {b.decode('utf-8', 'backslashreplace'): p for b, p in top}
                              for _, _, top in entries],
-            'text_offset': offsets}
+            'text_offset': offsets(raws)}
+
+
+def as_echoed(entries, echo: str):
+    """A scored prompt's entries as they spell the echoed text. SentencePiece encodes a text with a
+    space before it (its dummy prefix) that the text does not have, so the first token's string loses
+    it: then the tokens join to the echo, and the offsets point into it."""
+    if entries and b''.join(raw for raw, _, _ in entries) == b' ' + echo.encode('utf-8', 'surrogatepass'):
+        raw, logprob, top = entries[0]
+        return [(raw[1:], logprob, top)] + list(entries[1:])
+    return entries
 
 
 def _choice_logprobs(result: Result, echo: str):
@@ -363,8 +414,8 @@ def _choice_logprobs(result: Result, echo: str):
     if result.logprobs is None:
         return None
     if result.prompt_logprobs is not None:
-        return text_logprobs(result.prompt_logprobs + result.logprobs, 0)
-    return text_logprobs(result.logprobs, len(echo))
+        return text_logprobs(as_echoed(result.prompt_logprobs, echo) + result.logprobs, TextOffsets())
+    return text_logprobs(result.logprobs, TextOffsets(len(echo)))
 
 
 def text_completion(cid: str, created: int, model: str, results: List[Result], echo: str = '') -> dict:
@@ -382,14 +433,12 @@ class TextChunks:
     def __init__(self, cid: str, created: int, model: str, echo: str = '', index: int = 0,
                  scores_prompt: bool = False):
         self.head = {'id': cid, 'object': 'text_completion', 'created': created, 'model': model}
-        self.echo, self.offset, self.index = echo, len(echo), index
+        self.echo, self.offsets, self.index = echo, TextOffsets(len(echo)), index
         self.scores_prompt = scores_prompt   # the echo waits for its tokens' logprobs (`prompt`)
 
     def _chunk(self, text: str, logprobs=None, finish=None, usage_=None) -> str:
         choice = {'index': self.index, 'text': text, 'finish_reason': finish,
-                  'logprobs': text_logprobs(logprobs, self.offset) if logprobs else None}
-        if logprobs:
-            self.offset = choice['logprobs']['text_offset'][-1] + len(choice['logprobs']['tokens'][-1])
+                  'logprobs': text_logprobs(logprobs, self.offsets) if logprobs else None}
         body = dict(self.head, choices=[choice])
         if usage_ is not None:
             body['usage'] = usage_
@@ -400,8 +449,8 @@ class TextChunks:
 
     def prompt(self, entries) -> List[str]:
         """The echo with its tokens' logprobs, once the prompt has run."""
-        self.offset = 0
-        return [self._chunk(self.echo, entries)]
+        self.offsets = TextOffsets()
+        return [self._chunk(self.echo, as_echoed(entries, self.echo))]
 
     def delta(self, text: str, logprobs) -> str:
         return self._chunk(text, logprobs)
