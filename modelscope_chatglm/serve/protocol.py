@@ -370,9 +370,12 @@ class TextOffsets:
                 offsets.append(self.at)
         return offsets
 
+    # After these lead bytes the second byte has a narrower range (no overlong forms, no surrogates,
+    # nothing past U+10FFFF); any other continuation byte is 0x80-0xBF.
+    SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
     def _continues(self, byte: int) -> bool:
-        low, high = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}.get(
-            self.pending[0], (0x80, 0xBF)) if len(self.pending) == 1 else (0x80, 0xBF)
+        low, high = self.SECOND_BYTE.get(self.pending[0], (0x80, 0xBF)) if len(self.pending) == 1 else (0x80, 0xBF)
         return low <= byte <= high
 
     def _take(self, byte: int):
