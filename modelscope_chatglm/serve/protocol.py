@@ -221,8 +221,16 @@ def _one_prompt(req: TextCompletionRequest):
 
 def echo_text(req: TextCompletionRequest) -> str:
     """What `echo` puts before the completion: the prompt, when it came as text."""
-    prompt = req.prompt[0] if isinstance(req.prompt, list) and len(req.prompt) == 1 else req.prompt
+    try:
+        prompt = _one_prompt(req)
+    except InputError:
+        return ''   # (completion_call refuses the request)
     return prompt if req.echo and isinstance(prompt, str) else ''
+
+
+def scores_prompt(req: TextCompletionRequest) -> bool:
+    """Whether the echoed prompt comes with its tokens' logprobs (how evaluation harnesses score text)."""
+    return req.echo and req.logprobs is not None
 
 
 def completion_call(req: TextCompletionRequest, adapter: Optional[str]) -> ChatCall:
@@ -239,7 +247,7 @@ def completion_call(req: TextCompletionRequest, adapter: Optional[str]) -> ChatC
         raise InputError('max_tokens=0 generates nothing: ask for at least 1 token, or send echo: true (with '
                          'logprobs to score the prompt)')
     return ChatCall(prompt, [], generation_options(req), stops, adapter, req.logprobs, completion=True,
-                    prompt_logprobs=req.logprobs if req.echo else None)
+                    prompt_logprobs=req.logprobs if scores_prompt(req) else None)
 
 
 MAX_CHOICES = 16   # `n`: each choice is one sequence of the batch and one place in the queue

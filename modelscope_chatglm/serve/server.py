@@ -240,7 +240,7 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
 
     @app.post('/v1/completions')
     async def completions(req: TextCompletionRequest, request: Request):
-        echo, scored = protocol.echo_text(req), req.echo and req.logprobs is not None
+        echo, scored = protocol.echo_text(req), protocol.scores_prompt(req)
         return await respond(protocol.completion_call, req, request,
                              lambda cid, created, results: protocol.text_completion(cid, created, name, results, echo),
                              lambda cid, created, index: protocol.TextChunks(cid, created, name, echo, index, scored))
