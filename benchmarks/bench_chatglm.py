@@ -55,13 +55,11 @@ def measure(impl, family, model_dir, dtype, prompt_len, new_tokens, threads, rep
     if impl == 'ours':
         sys.path.insert(0, ROOT)
         import modelscope_chatglm
-        from modelscope_chatglm.generation import generate_tokens
         chat = modelscope_chatglm.load(model_dir, device='cpu', dtype=dtype)
 
         def token_times(n):
-            params = chat.sampling(max_new_tokens=n, do_sample=False, stop_ids=[])
             start, times = time.perf_counter(), []
-            for _ in generate_tokens(chat.model, [prompt], params, pad, chat.tokenizer.vocab_size):
+            for _ in chat.stream_tokens(prompt, max_new_tokens=n, do_sample=False, stop_ids=[]):
                 times.append(time.perf_counter() - start)
             return times
     else:

@@ -130,17 +130,20 @@ def timed(fn):
 
 
 def decode_rate(chat, batch: int, new_tokens: int, repeats: int, prompt_len: int = 32):
-    """Decode tokens/s per sequence: greedy, stop ids off, after the first token (prefill excluded)."""
-    from modelscope_chatglm.generation import generate_tokens
+    """Decode tokens/s per sequence through the engine (as chat() and the server run it): greedy, stop
+    ids off, after the first token (prefill excluded)."""
     g = torch.Generator().manual_seed(batch)
     vocab = chat.tokenizer.vocab_size
     prompts = [torch.randint(5, vocab, (prompt_len - 3 * i % 7,), generator=g).tolist() for i in range(batch)]
     params = chat.sampling(max_new_tokens=new_tokens + 1, do_sample=False, stop_ids=[])
     rates = []
     for _ in range(repeats + 1):        # the first run captures the graphs and is not counted
-        stamps = []
-        for _step in generate_tokens(chat.model, prompts, params, 0, vocab):
-            stamps.append(time.perf_counter())
+        engine, stamps = chat.engine, []
+        seqs = [engine.submit(p, params) for p in prompts]
+        while not all(s.finished for s in seqs):
+            engine.step()
+            if all(s.output for s in seqs):   # every prompt has run: from here on, decode steps
+                stamps.append(time.perf_counter())
         rates.append(new_tokens / (stamps[-1] - stamps[0]))
     return spread(rates[1:])
 
@@ -193,16 +196,14 @@ def bench_e2e(path: str, modes, repeats: int, new_tokens: int, out: dict):
 def bench_long(path: str, tokens: int, out: dict):
     """ChatGLM2-6B-32K int4: prefill `tokens`, decode 16, peak memory."""
     import modelscope_chatglm
-    from modelscope_chatglm.generation import generate_tokens
     long_dir = variant_dir(path, '32k', rope_ratio=16, seq_length=32768)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     chat = modelscope_chatglm.load(long_dir, device='cuda', dtype='float16', quantization_bit=4)
     weights = torch.cuda.memory_allocated() / 1e9
     prompt = torch.randint(5, chat.tokenizer.vocab_size, (tokens - 64,), generator=torch.Generator().manual_seed(1))
-    params = chat.sampling(max_new_tokens=64, do_sample=False, stop_ids=[])
     stamps, start = [], time.perf_counter()
-    for _ in generate_tokens(chat.model, [prompt.tolist()], params, 0, chat.tokenizer.vocab_size):
+    for _ in chat.stream_tokens(prompt.tolist(), max_new_tokens=64, do_sample=False, stop_ids=[]):
         stamps.append(time.perf_counter())
     # stamps[1] follows the first decode step, which captures the graph for the 32K window
     r = {'context': tokens, 'weights_gb': weights, 'prefill_s': stamps[0] - start, 'capture_s': stamps[1] - stamps[0],

@@ -74,17 +74,17 @@ def child_turn(path, history_tokens):
     query = 'Summarise the story above in one sentence.'
     out = {}
     for mode in ('reuse', 'no reuse'):
-        chat.prompt_cache.clear()
+        chat.configure_engine()    # an empty prefix cache
         chat.chat(history[-1][0], history[:-1], max_new_tokens=2, do_sample=False)   # the previous turn
         if mode == 'no reuse':
-            chat.prompt_cache.clear()
+            chat.configure_engine()
         turn = chat.turn(query, history, max_new_tokens=1, do_sample=False)
         t = time.perf_counter()
         for _ in turn:
             pass
         out[mode] = time.perf_counter() - t
         out['prompt'] = len(turn.request.input_ids)
-        out[f'{mode} reused'] = chat.prompt_cache.reused
+        out[f'{mode} reused'] = chat.engine.scheduler.stats['cached_prompt_tokens']
     return out
 
 

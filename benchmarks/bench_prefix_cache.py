@@ -56,7 +56,7 @@ def words(n, rng):
 def hostile(leaves, depth):
     import torch
     from modelscope_chatglm.models.kv_cache import KVCache, KVSegment
-    from modelscope_chatglm.prefix_cache import PrefixCache
+    from modelscope_chatglm.engine.prefix_cache import PrefixCache
 
     def kv(tokens):   # a finished sequence's K/V of that many positions, in a cache's memory
         cache = KVCache(28, 1, 2, tokens, 128, torch.bfloat16, 'cpu')
@@ -100,7 +100,7 @@ def replay(requests, budget_gib, use_malloc):
     import torch
     from modelscope_chatglm.models import kv_cache
     from modelscope_chatglm.models.kv_cache import KVCache, KVSegment
-    from modelscope_chatglm.prefix_cache import PrefixCache
+    from modelscope_chatglm.engine.prefix_cache import PrefixCache
     # What a mapped buffer costs: its pages fault in on first write (malloc maps buffers over 32 MB too).
     src, times = torch.ones(21 << 20, dtype=torch.bfloat16), {'mapped': [], 'malloc': []}
     for _ in range(30):
@@ -168,8 +168,8 @@ def main():
     system = words(1, rng)
     while len(chat.build_inputs('hi', system=system)) < args.system_tokens:
         system += ' ' + words(20, rng)
-    sched = chat.scheduler(max_batch=args.batch, kv_cache_bytes=None)
-    sched.budget = sched.kv_bytes(args.budget_tokens)
+    sched = chat.new_engine(max_batch=args.batch, kv_cache_bytes=None)
+    sched.scheduler.budget = sched.scheduler.kv_bytes(args.budget_tokens)
     histories = [None] * args.users
     prompt_tokens = prefilled = 0
     for turn in range(args.turns):
@@ -184,8 +184,8 @@ def main():
                 _, histories[u] = chat.respond(requests[u], seq.output)
                 prompt_tokens += len(seq.prompt)
                 prefilled += len(seq.prompt) - seq.reused
-    snap = sched.snapshot()
-    cached = snap['kv_prefix_cache_bytes'] / sched.bytes_per_token
+    snap = sched.scheduler.snapshot()
+    cached = snap['kv_prefix_cache_bytes'] / sched.scheduler.bytes_per_token
     print(f'{args.users} conversations x {args.turns} turns, system prompt {args.system_tokens} tokens, '
           f'KV budget {args.budget_tokens} tokens, {args.batch} at a time')
     print(f'prompt tokens {prompt_tokens}, prefilled {prefilled} ({prefilled / prompt_tokens:.1%}), '
@@ -193,8 +193,8 @@ def main():
           f'{snap["prefix_cache_entries"]:.0f} entries; preempted {snap["preempted"]:.0f}')
 
     # One lookup with every conversation cached (a budget that evicts nothing).
-    sched = chat.scheduler(max_batch=args.batch, kv_cache_bytes=None)
-    sched.budget = 10 ** 15
+    sched = chat.new_engine(max_batch=args.batch, kv_cache_bytes=None)
+    sched.scheduler.budget = 10 ** 15
     conversations = [histories[u] for u in range(args.users)]
     for first in range(0, args.users, args.batch):
         seqs = [sched.submit(chat.prepare('one more', h, max_new_tokens=4, do_sample=False).input_ids,
@@ -205,10 +205,10 @@ def main():
     times = []
     for _ in range(200):
         t = time.perf_counter()
-        keep = sched._longest_prefix(probe)[0]
+        keep = sched.scheduler._longest_prefix(probe)[0]
         times.append(time.perf_counter() - t)
     times.sort()
-    print(f'lookup with {args.users} conversations cached ({sched.snapshot()["prefix_cache_entries"]:.0f} entries), '
+    print(f'lookup with {args.users} conversations cached ({sched.scheduler.snapshot()["prefix_cache_entries"]:.0f} entries), '
           f'a {len(probe.fill)}-token prompt ({keep} cached): {statistics.median(times) * 1e6:.0f} us '
           f'[p10 {times[20] * 1e6:.0f} - p90 {times[180] * 1e6:.0f}]')
 

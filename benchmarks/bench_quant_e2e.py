@@ -31,7 +31,6 @@ from memory import peak_rss, rss  # noqa: E402  (benchmarks/memory.py)
 def child(path, bits, dtype, new_tokens, baseline, int8_activations=False):
     import torch
     import modelscope_chatglm
-    from modelscope_chatglm.generation import generate_tokens
     from modelscope_chatglm.quantization import QuantizedLinear, dequantize
     peak_rss(reset=True)
     t = time.perf_counter()
@@ -58,9 +57,8 @@ def child(path, bits, dtype, new_tokens, baseline, int8_activations=False):
             return y
         QuantizedLinear.forward = timed_forward
     prompt = chat.build_inputs('你好，请介绍一下你自己。' * 2)
-    params = chat.sampling(max_new_tokens=new_tokens + 1, do_sample=False, stop_ids=[])
     times, start = [], time.perf_counter()
-    for _ in generate_tokens(chat.model, [prompt], params, 0, chat.tokenizer.vocab_size):
+    for _ in chat.stream_tokens(prompt, max_new_tokens=new_tokens + 1, do_sample=False, stop_ids=[]):
         times.append(time.perf_counter() - start)
         if len(times) == 1:
             in_linears[0] = 0.0      # count decode steps only

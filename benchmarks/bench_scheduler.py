@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 def burst(chat, n, prompt_tokens, new_tokens, chunk, seed=0):
     """n prompts at once -> dict(tokens_per_s, ttft_p50, gap_p50, gap_p99, steps)."""
     rng = random.Random(seed)
-    sched = chat.scheduler(max_batch=16, prefill_chunk=chunk)
+    sched = chat.new_engine(max_batch=16, prefill_chunk=chunk)
     seqs = [sched.submit([rng.randrange(100, 60000) for _ in range(prompt_tokens)],
                          chat.sampling(max_new_tokens=new_tokens, do_sample=False)) for _ in range(n)]
     start, times = time.perf_counter(), [[] for _ in seqs]
@@ -46,7 +46,7 @@ def burst(chat, n, prompt_tokens, new_tokens, chunk, seed=0):
     return dict(tokens_per_s=sum(len(s.output) for s in seqs) / wall,
                 ttft_p50=statistics.median(t[0] - start for t in times),
                 gap_p50=gaps[len(gaps) // 2], gap_p99=gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))],
-                steps=sched.stats['steps'])
+                steps=sched.scheduler.stats['steps'])
 
 
 def show(label, r):
@@ -76,9 +76,9 @@ def shared(chat, args):
 
 
 def openmp(chat, args):
-    from modelscope_chatglm.serve.engine import release_openmp_threads
+    from modelscope_chatglm.engine.core import release_openmp_threads
     print('\none stream decoding: step ms, median [p10-p90] of 5 steps x 10 rounds, conditions in turns')
-    sched = chat.scheduler(max_batch=16)
+    sched = chat.new_engine(max_batch=16)
     rng = random.Random(0)
     sched.submit([rng.randrange(100, 60000) for _ in range(args.prompt_tokens)],
                  chat.sampling(max_new_tokens=10_000, do_sample=False))
@@ -120,11 +120,11 @@ def steps(chat, args):
     print(f'\ndecode step of 1 and of {args.clients} streams, 5 steps each in turns, 12 rounds')
     rng, scheds = random.Random(0), {}
     for n in (1, args.clients):
-        sched = chat.scheduler(max_batch=max(16, n))
+        sched = chat.new_engine(max_batch=max(16, n))
         for _ in range(n):
             sched.submit([rng.randrange(100, 60000) for _ in range(args.prompt_tokens)],
                          chat.sampling(max_new_tokens=10_000, do_sample=False))
-        while any(s.prefilled < len(s.fill) for s in sched.running + list(sched.waiting)):
+        while any(s.prefilled < len(s.fill) for s in sched.scheduler.running + list(sched.scheduler.waiting)):
             sched.step()
         scheds[n] = sched
     times, ratios = {n: [] for n in scheds}, []
@@ -146,7 +146,7 @@ def steps(chat, args):
     ratios.sort()
     print(f'ratio by round: median {statistics.median(ratios):.2f} [{ratios[0]:.2f}-{ratios[-1]:.2f}]', flush=True)
     for sched in scheds.values():
-        sched.cancel_all()
+        sched.scheduler.cancel_all()
         sched.step()
 
 

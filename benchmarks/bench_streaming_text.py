@@ -18,7 +18,7 @@ import time
 
 import modelscope_chatglm
 from modelscope_chatglm import tiny
-from modelscope_chatglm.generation import TextDeltas
+from modelscope_chatglm.engine.detokenize import TextDeltas
 from modelscope_chatglm.tokenizer import GLM2Tokenizer
 
 TEXT = '你好，世界！这是一个测试。ChatGLM answers in English too, with code: x = [1, 2, 3] 🦜\n'

@@ -1,5 +1,6 @@
 """A checkpoint with the real ChatGLM2-6B shapes and random fp16 weights, in the hub layout, for the
-benchmark scripts: 28 layers, hidden 4096, ffn 13696, 2 K/V groups, vocab 65024 (about 12.5 GB).
+benchmark scripts: 28 layers, hidden 4096, ffn 13696, 2 K/V groups, vocab 65024 (about 12.5 GB); or
+as many full-width layers as `layers` says (a quicker checkpoint with the same per-layer shapes).
 
 Written shard by shard (4 layers each), so building it never holds more than one shard; a `.complete`
 marker makes later calls reuse it.
@@ -14,14 +15,14 @@ LAYERS, HIDDEN, FFN, VOCAB, QKV = 28, 4096, 13696, 65024, 4608
 LAYERS_PER_SHARD = 4
 
 
-def build(path: str, fmt: str = 'bin', device: str = 'cpu') -> None:
+def build(path: str, fmt: str = 'bin', device: str = 'cpu', layers: int = LAYERS) -> None:
     """fmt 'bin' (pytorch_model-*.bin) or 'safetensors'; the random numbers are drawn on `device`."""
     from modelscope_chatglm import tiny
     if os.path.exists(os.path.join(path, '.complete')):
         return
     os.makedirs(path, exist_ok=True)
     open(os.path.join(path, 'tokenizer.model'), 'wb').write(tiny.train_sentencepiece('glm2'))
-    cfg = tiny.glm2_config(1000, 'glm2', hidden_size=HIDDEN, num_layers=LAYERS, num_heads=32, kv_channels=128,
+    cfg = tiny.glm2_config(1000, 'glm2', hidden_size=HIDDEN, num_layers=layers, num_heads=32, kv_channels=128,
                            groups=2, ffn_hidden_size=FFN, seq_length=32768, padded_vocab_size=VOCAB)
     json.dump(cfg, open(os.path.join(path, 'config.json'), 'w'), indent=2)
     json.dump({'padding_side': 'left'}, open(os.path.join(path, 'tokenizer_config.json'), 'w'))
@@ -35,12 +36,12 @@ def build(path: str, fmt: str = 'bin', device: str = 'cpu') -> None:
     def ones(n):
         return torch.ones(n, dtype=torch.float16)
 
-    shards, weight_map = math.ceil(LAYERS / LAYERS_PER_SHARD), {}
+    shards, weight_map = math.ceil(layers / LAYERS_PER_SHARD), {}
     for s in range(shards):
         sd = {}
         if s == 0:
             sd['transformer.embedding.word_embeddings.weight'] = rand(VOCAB, HIDDEN, scale=1.0)
-        for i in range(s * LAYERS_PER_SHARD, min(LAYERS, (s + 1) * LAYERS_PER_SHARD)):
+        for i in range(s * LAYERS_PER_SHARD, min(layers, (s + 1) * LAYERS_PER_SHARD)):
             p = f'transformer.encoder.layers.{i}.'
             sd[p + 'input_layernorm.weight'] = ones(HIDDEN)
             sd[p + 'self_attention.query_key_value.weight'] = rand(QKV, HIDDEN)

@@ -1,7 +1,9 @@
 """`ChatModel`: a loaded ChatGLM model with its tokenizer, chat format and generation defaults.
 
-This is the core API that every surface (ModelScope pipeline, CLI, server) wraps. It knows nothing
-of those surfaces.
+This is the core API that every surface (ModelScope pipeline, CLI, web page, server) wraps. It knows
+nothing of those surfaces. Every generation goes through the model's one engine (engine/core.py): a
+single turn is a batch of one, and the next turn of a conversation takes its history's K/V from the
+engine's prefix cache.
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import chat_formats
+from .chat_formats import Reply
+from .engine.detokenize import StopStrings, TextDeltas, text_after
+from .engine.sampling import SamplingParams
 from .errors import ContextLengthError, InputError
 from .families import get_family
-from .generation import PromptCache, SamplingParams, TextDeltas, generate_tokens, text_after
 
 
 class ChatModel:
@@ -32,13 +36,11 @@ class ChatModel:
         self.context_length = min(context_length or config.seq_length, config.seq_length)
         defaults = SamplingParams(stop_ids=tuple(tokenizer.stop_ids), **family.generation_defaults)
         self.defaults = SamplingParams.from_kwargs(defaults, **(generation or {}))
-        # Chat turns keep the last conversation's KV cache: turn N+1 prefills only its new tokens.
-        # (ChatGLM-6B cannot: its prompt prefix is attended bidirectionally, so K/V change as it grows.)
-        self.prompt_cache = PromptCache()
         from .adapters import adapter_names
         self.adapters = adapter_names(model)   # LoRA adapters held unmerged, selectable per request
-        self._batcher = None                 # chat_batch's scheduler, made on first use
-        self._batch_lock = threading.Lock()
+        self._engine = None                  # made on first use (or by configure_engine)
+        self._engine_settings: dict = {}
+        self._engine_lock = threading.Lock()
 
     def __repr__(self):
         return (f'ChatModel({self.name!r}, family={self.family}, device={self.device}, '
@@ -75,16 +77,69 @@ class ChatModel:
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).tolist()
         return self.generate_batch([ids], max_new_tokens=max_new_tokens, **gen)[0]
 
-    def generate_batch(self, prompts_ids: Sequence[Sequence[int]], **gen) -> List[List[int]]:
-        """Left-padded batched generation; one list of new ids per prompt."""
+    def stream_tokens(self, input_ids, **gen) -> Iterator[int]:
+        """The new token ids of one sequence as they are generated (the stop id included when reached).
+        Closing the iterator early ends the generation."""
         params = self.sampling(**gen)
-        outputs: List[List[int]] = [[] for _ in prompts_ids]
-        for step in generate_tokens(self.model, [list(p) for p in prompts_ids], params,
-                                    self.tokenizer.pad_id, self.tokenizer.vocab_size):
-            for row, token in enumerate(step):
-                if token is not None:
-                    outputs[row].append(token)
-        return outputs
+        prompt = self._check_prompts([torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).tolist()])[0]
+        engine = self.engine
+        yield from engine.stream(lambda on_token: engine.submit(prompt, params, on_token))
+
+    def generate_batch(self, prompts_ids: Sequence[Sequence[int]], **gen) -> List[List[int]]:
+        """Several prompts generated side by side in the engine's batch; one list of new ids per prompt.
+        Each equals what the prompt alone gives (a seed seeds each sequence alike)."""
+        params = self.sampling(**gen)
+        return self._run([(p, params) for p in self._check_prompts([list(p) for p in prompts_ids])])
+
+    def _check_prompts(self, prompts: List[List[int]]) -> List[List[int]]:
+        for p in prompts:
+            if not p or not all(isinstance(i, int) and 0 <= i < self.model.cfg.vocab_size for i in p):
+                raise InputError(f'each prompt is a non-empty list of token ids below {self.model.cfg.vocab_size}, '
+                                 f'got {str(p)[:80]}')
+        return prompts
+
+    def _run(self, jobs) -> List[List[int]]:
+        """[(prompt ids, params), ...] through the engine, all at once -> their output ids."""
+        engine = self.engine
+        seqs = []
+        try:
+            for prompt, params in jobs:
+                seqs.append(engine.submit(prompt, params))
+            engine.run_until_done(seqs)
+        finally:   # (interrupted: leave nothing running)
+            for seq in seqs:
+                seq.cancel()
+        for seq in seqs:
+            if seq.error is not None:
+                raise seq.error
+        return [s.output for s in seqs]
+
+    # -- the engine ----------------------------------------------------------------------------------
+    @property
+    def engine(self):
+        """The engine every generation of this model goes through (engine/core.py), made on first use
+        with the defaults; `configure_engine` sets its batch size, KV budget and prefill chunk."""
+        with self._engine_lock:
+            if self._engine is None or (not self._engine.runner.kv.fits(self.model) and not self._engine.busy):
+                # (first use; or the model was cast or moved since: its cached K/V would not do)
+                self._engine = self.new_engine(**self._engine_settings)
+            return self._engine
+
+    def configure_engine(self, max_batch: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
+                         prefill_chunk: Optional[int] = None):
+        """Replace the engine with one of these settings (a server does this before it serves)."""
+        with self._engine_lock:
+            if self._engine is not None and self._engine.busy:
+                raise RuntimeError('the engine is generating; configure it before the first request')
+            self._engine_settings = dict(max_batch=max_batch, kv_cache_bytes=kv_cache_bytes, prefill_chunk=prefill_chunk)
+            self._engine = self.new_engine(**self._engine_settings)
+            return self._engine
+
+    def new_engine(self, max_batch: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
+                   prefill_chunk: Optional[int] = None):
+        """An engine of its own over this model (tests and benchmarks compare settings side by side)."""
+        from .engine import LLMEngine
+        return LLMEngine(self.model, self.tokenizer.vocab_size, max_batch, kv_cache_bytes, prefill_chunk)
 
     # -- chat ---------------------------------------------------------------------------------------
     def build_inputs(self, query: str, history=None, role: str = 'user', system: Optional[str] = None,
@@ -157,20 +212,16 @@ class ChatModel:
         if isinstance(request, CompletionRequest):
             ids = output_ids[:-1] if output_ids and output_ids[-1] in request.params.stop_ids else output_ids
             return text_after(self.tokenizer, request.input_ids, ids), []
-        reply, added = self._reply(output_ids, request.messages[:-1])
+        return self.conclude(request, self.format.parse(self.tokenizer, output_ids, request.messages[:-1]))
+
+    def conclude(self, request: 'ChatRequest', reply: Reply) -> Tuple[Union[str, dict], list]:
+        """A parsed reply -> (response, history with this turn appended, in the form it was given)."""
         if request.as_pairs:
             pairs = [tuple(p) for p in (request.history or [])]
-            return reply, pairs + [(request.messages[-1]['content'], reply)]
-        return reply, copy.deepcopy(request.messages) + added
+            return reply.response, pairs + [(request.messages[-1]['content'], reply.text)]
+        return reply.response, copy.deepcopy(request.messages) + reply.messages
 
-    # -- many at once (continuous batching, batching.py) ----------------------------------------------
-    def scheduler(self, max_batch: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
-                  prefill_chunk: Optional[int] = None):
-        """A continuous-batching scheduler over this model (what `serve` runs); see batching.py."""
-        from . import batching
-        return batching.Scheduler(self.model, self.tokenizer.vocab_size, max_batch or batching.DEFAULT_MAX_BATCH,
-                                  kv_cache_bytes, prefill_chunk)
-
+    # -- many at once -------------------------------------------------------------------------------
     def chat_batch(self, queries: Sequence[Union[str, dict]], **gen) -> List[Tuple[Union[str, dict], list]]:
         """Several turns generated together: each item is a query string or a dict of `chat` arguments
         ({'query', 'history', 'system', 'tools', 'role'}); gen = generation options for all.
@@ -184,18 +235,8 @@ class ChatModel:
         return [self.respond(r, ids) for r, ids in zip(requests, self.generate_requests(requests))]
 
     def generate_requests(self, requests: Sequence['ChatRequest']) -> List[List[int]]:
-        """The reply ids of prepared turns, generated as one continuous batch."""
-        if not requests:
-            return []
-        with self._batch_lock:
-            if self._batcher is None:   # kept: its prefix cache serves the next turns of these chats
-                self._batcher = self.scheduler()
-            seqs = [self._batcher.submit(r.input_ids, r.params) for r in requests]
-            self._batcher.run_until_done(seqs)
-        for seq in seqs:
-            if seq.error is not None:
-                raise seq.error
-        return [s.output for s in seqs]
+        """The reply ids of prepared turns, generated side by side in the engine's batch."""
+        return self._run([(r.input_ids, r.params) for r in requests])
 
     # -- internals ----------------------------------------------------------------------------------
     def _conversation(self, query, history, role, system, tools):
@@ -264,10 +305,6 @@ class ChatModel:
             new_tokens = min(new_tokens, params.max_new_tokens)
         return ids, replace(params, max_new_tokens=new_tokens)
 
-    def _reply(self, output_ids: List[int], messages):
-        """Decoded, post-processed reply and the history entries it adds."""
-        return self.format.parse(self.tokenizer, output_ids, messages)
-
 
 @dataclass
 class CompletionRequest:
@@ -285,19 +322,77 @@ class ChatRequest:
     history: Any                  # the history as the caller gave it
 
 
+class ReplyDecoder:
+    """A reply's tokens -> the text a client sees, as they come: decoded a window at a time, parsed by
+    the chat format (ChatGLM3's metadata lines and tool calls are not text), cut at OpenAI stop strings.
+    Every surface streams through it, and its final `reply()` is what the stream showed."""
+
+    def __init__(self, chat: ChatModel, request: Union['ChatRequest', 'CompletionRequest'], stop: Sequence[str] = ()):
+        self.chat, self.request = chat, request
+        self.completion = isinstance(request, CompletionRequest)
+        # A completion's text continues its prompt; a chat reply starts a text of its own.
+        self.deltas = TextDeltas(chat.tokenizer, request.input_ids if self.completion else ())
+        self.parser = None if self.completion else chat.format.reply_parser(request.messages[:-1])
+        self.stops = StopStrings(stop)
+        self.stop_ids = set(request.params.stop_ids)
+        self.sent: List[str] = []
+
+    def push(self, token: int) -> str:
+        """The visible text this token adds (often '': held back, or not text)."""
+        if token in self.stop_ids or self.stops.hit:
+            return ''
+        return self._through(self.deltas.push(token))
+
+    def finish(self) -> str:
+        """The rest, once generation has ended (an incomplete character at the end, as U+FFFD)."""
+        text = self.deltas.flush() if not self.stops.hit else ''
+        if self.parser is not None:
+            text = self.parser.push(text) + self.parser.finish()
+        out = self.stops.push(text) + self.stops.flush()
+        self.sent.append(out)
+        return out
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop string ended the reply."""
+        return self.stops.hit
+
+    def _through(self, text: str) -> str:
+        if self.parser is not None:
+            text = self.parser.push(text)
+        out = self.stops.push(text)
+        self.sent.append(out)
+        return out
+
+    def reply(self) -> Reply:
+        """The reply as streamed (after `finish`): cut at a stop string if one was hit."""
+        text = ''.join(self.sent)
+        if self.parser is None or self.stops.hit:
+            message = {'role': 'assistant', 'content': text}
+            if self.chat.format.supports_system:
+                message['metadata'] = ''
+            return Reply(text, [], [message])
+        return self.parser.reply()
+
+    def result(self) -> Tuple[Union[str, dict], list]:
+        """(response, history), as `ChatModel.respond` gives them."""
+        if self.completion:
+            return ''.join(self.sent), []
+        return self.chat.conclude(self.request, self.reply())
+
+
 class ChatTurn:
     """One generation in progress. Iterating it yields text deltas of the reply; meanwhile and after,
-    `.response` is the post-processed reply so far and `.history` the updated history.
-
-    Both are worked out when read, not at each delta: decoding and post-processing the whole reply
-    per delta made a turn quadratic in its length for callers that only take the deltas."""
+    `.response` is the reply so far and `.history` the updated history. Closing the iteration early
+    (a generator's close, Ctrl-C) ends the generation and frees its memory."""
 
     def __init__(self, chat: ChatModel, request: ChatRequest):
         self.chat, self.request = chat, request
         self.output_ids: List[int] = []
         self.finish_reason: Optional[str] = None
-        self._shown = 0                 # output ids whose text has been yielded (or all, at the end)
-        self._reply = (0, chat.respond(request, []))
+        self.stream = ReplyDecoder(chat, request)
+        self._final: Optional[Tuple[Union[str, dict], list]] = None
+        self._so_far = (-1, None)      # (deltas seen, (response, history) then): read twice per delta
 
     @property
     def response(self) -> Union[str, dict]:
@@ -308,27 +403,33 @@ class ChatTurn:
         return self._replied()[1]
 
     def _replied(self):
-        if self._reply[0] != self._shown:
-            self._reply = (self._shown, self.chat.respond(self.request, self.output_ids[:self._shown]))
-        return self._reply[1]
+        if self._final is not None:
+            return self._final
+        if self._so_far[0] != len(self.stream.sent):
+            text = ''.join(self.stream.sent)
+            message = {'role': 'assistant', 'content': text}
+            if self.chat.format.supports_system:
+                message['metadata'] = ''
+            self._so_far = (len(self.stream.sent), self.chat.conclude(self.request, Reply(text, [], [message])))
+        return self._so_far[1]
 
     def __iter__(self) -> Iterator[str]:
-        tok = self.chat.tokenizer
-        deltas = TextDeltas(tok)
-        stop_ids = set(self.request.params.stop_ids)
-        for step in generate_tokens(self.chat.model, [self.request.input_ids], self.request.params,
-                                    tok.pad_id, tok.vocab_size, prompt_cache=self.chat.prompt_cache):
-            token = step[0]
+        engine = self.chat.engine
+        request = self.request
+        seq = None
+
+        def submit(on_token):
+            nonlocal seq
+            seq = engine.submit(request.input_ids, request.params, on_token)
+            return seq
+
+        for token in engine.stream(submit):
             self.output_ids.append(token)
-            if token in stop_ids:
-                self.finish_reason = 'stop'
-                break
-            delta = deltas.push(token)
+            delta = self.stream.push(token)
             if delta:
-                self._shown = len(self.output_ids)
                 yield delta
-        self.finish_reason = self.finish_reason or 'length'
-        self._shown = len(self.output_ids)
-        rest = deltas.flush()
+        self.finish_reason = seq.finish_reason
+        rest = self.stream.finish()
+        self._final = self.stream.result()
         if rest:
             yield rest

@@ -4,16 +4,20 @@ A conversation is a list of messages {'role': 'system'|'user'|'assistant'|'obser
 'content': str, optional 'metadata', optional 'tools'}. The classic ChatGLM history, a list of
 (query, response) pairs, converts to and from it.
 
-Each generation's format is one `ChatFormat` object (GLM1Format, GLM2Format, GLM3Format) with two
-methods: `encode(tokenizer, messages) -> ids` and `parse(tokenizer, output_ids, messages) -> (reply,
-the assistant messages it adds)`. `families.py` says which generation uses which.
+Each generation's format is one `ChatFormat` object (GLM1Format, GLM2Format, GLM3Format):
+`encode(tokenizer, messages) -> ids`, and `reply_parser(messages)`, which reads the reply's text as it
+is generated: `push(text) -> the visible text to show now`, `finish()`, then `reply()` -> a `Reply`
+(text, tool calls, the assistant messages it adds). A whole reply is parsed by the same parser in one
+push (`parse`), so what a stream shows is exactly the whole reply's text, however the text was cut
+into deltas. `families.py` says which generation uses which.
 """
 from __future__ import annotations
 
 import ast
 import json
 import re
-from typing import Any, Dict, List, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .errors import InputError
 
@@ -97,27 +101,17 @@ def glm1_prompt(query: str, pairs: List[Tuple[str, str]]) -> str:
     return prompt + f'[Round {len(pairs)}]\n问：{query}\n答：'
 
 
-_CJK = '[\u4e00-\u9fff]'
-_WIDE = ((',', '，'), ('!', '！'), (':', '：'), (';', '；'), (r'\?', '？'))
+_WIDE = {',': '，', '!': '！', ':': '：', ';': '；', '?': '？'}
 
 
-def glm1_response(text: str) -> str:
-    text = text.strip().replace('[[训练时间]]', '2023年')
-    # The ice_text model folds full-width punctuation to ASCII (NFKC); put it back next to CJK.
-    for ascii_mark, wide in _WIDE:
-        text = re.sub(rf'({_CJK}){ascii_mark}', rf'\1{wide}', text)
-        text = re.sub(rf'{ascii_mark}({_CJK})', rf'{wide}\1', text)
-    return text
+def _is_cjk(char: Optional[str]) -> bool:
+    return char is not None and '\u4e00' <= char <= '\u9fff'
 
 
 # -- glm2: ChatGLM2-6B ---------------------------------------------------------------------------------
 def glm2_prompt(query: str, pairs: List[Tuple[str, str]]) -> str:
     prompt = ''.join(f'[Round {i}]\n\n问：{q}\n\n答：{r}\n\n' for i, (q, r) in enumerate(pairs, start=1))
     return prompt + f'[Round {len(pairs) + 1}]\n\n问：{query}\n\n答：'
-
-
-def glm2_response(text: str) -> str:
-    return text.strip().replace('[[训练时间]]', '2023年')
 
 
 # -- glm3: ChatGLM3-6B ---------------------------------------------------------------------------------
@@ -130,34 +124,6 @@ def glm3_ids(tokenizer, messages: List[Message]) -> List[int]:
             content += '\n' + json.dumps(m['tools'], indent=4, ensure_ascii=False)
         ids += tokenizer.encode_message(m['role'], content, m.get('metadata', '') or '')
     return ids + [tokenizer['<|assistant|>']]
-
-
-def glm3_response(text: str, messages: List[Message]) -> Tuple[Union[str, dict], List[Message]]:
-    """Split the decoded output into assistant messages; a message with metadata is a tool call.
-
-    Returns (reply, new assistant messages). The reply is a string, or for a tool call
-    {'name', 'parameters'} (tools declared in the system message) / {'name', 'content'}.
-    """
-    reply: Union[str, dict] = ''
-    new: List[Message] = []
-    has_tools = bool(messages) and messages[0]['role'] == 'system' and bool(messages[0].get('tools'))
-    for piece in text.split('<|assistant|>'):
-        metadata, content = piece.split('\n', 1) if '\n' in piece else ('', piece)
-        if not metadata.strip():
-            content = content.strip()
-            new.append({'role': 'assistant', 'metadata': metadata, 'content': content})
-            reply = content.replace('[[训练时间]]', '2023年')
-        else:
-            new.append({'role': 'assistant', 'metadata': metadata, 'content': content})
-            name = metadata.strip()
-            if has_tools:
-                code = '\n'.join(content.split('\n')[1:-1])   # inside the ``` fence
-                params = parse_tool_call(code)
-                reply = {'name': name, 'parameters': params} if params is not None else \
-                    {'name': name, 'content': content}
-            else:
-                reply = {'name': name, 'content': content}
-    return reply, new
 
 
 def parse_tool_call(code: str):
@@ -180,12 +146,240 @@ def parse_tool_call(code: str):
         return None
 
 
+# -- replies, read as they are generated ----------------------------------------------------------------
+# A reply's text is cleaned up by stages, each a stream transform: push(text) -> the text it can settle
+# now, finish() -> the rest. Each holds back only what a later character could still change, so its
+# output does not depend on how its input was cut into pieces.
+class _Strip:
+    """str.strip(): leading whitespace dropped, trailing whitespace held until text follows it."""
+
+    def __init__(self):
+        self.started, self.spaces = False, ''
+
+    def push(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return ''
+            self.started = True
+        text = self.spaces + text
+        body = text.rstrip()
+        self.spaces = text[len(body):]
+        return body
+
+    def finish(self) -> str:
+        return ''
+
+
+class _Replace:
+    """str.replace(old, new), holding back an end of the text that could begin `old`."""
+
+    def __init__(self, old: str, new: str):
+        self.old, self.new, self.held = old, new, ''
+
+    def push(self, text: str) -> str:
+        text = (self.held + text).replace(self.old, self.new)
+        keep = next((k for k in range(min(len(self.old) - 1, len(text)), 0, -1) if text.endswith(self.old[:k])), 0)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+    def finish(self) -> str:
+        rest, self.held = self.held, ''
+        return rest
+
+
+class _WidePunctuation:
+    """ChatGLM-6B's ice_text tokenizer folds full-width punctuation to ASCII (NFKC): put it back where a
+    mark touches a CJK character on either side. A mark at the end waits for the character after it."""
+
+    def __init__(self):
+        self.before, self.held = None, ''
+
+    def push(self, text: str) -> str:
+        text, out = self.held + text, []
+        for i, char in enumerate(text):
+            if char in _WIDE:
+                if i + 1 == len(text):   # its right neighbour is not known yet
+                    self.held = char
+                    return ''.join(out)
+                if _is_cjk(self.before) or _is_cjk(text[i + 1]):
+                    char = _WIDE[char]
+            out.append(char)
+            self.before = text[i]
+        self.held = ''
+        return ''.join(out)
+
+    def finish(self) -> str:
+        char, self.held = self.held, ''
+        return _WIDE[char] if char and _is_cjk(self.before) else char
+
+
+class _Stages:
+    """Stages applied in order."""
+
+    def __init__(self, *stages):
+        self.stages = stages
+
+    def push(self, text: str) -> str:
+        for stage in self.stages:
+            text = stage.push(text)
+        return text
+
+    def finish(self) -> str:
+        text = ''
+        for stage in self.stages:
+            text = stage.push(text) + stage.finish()
+        return text
+
+
+TRAINING_DATE = ('[[训练时间]]', '2023年')   # a placeholder the official post-processing fills in
+
+
+@dataclass
+class Reply:
+    """A parsed reply. text: what a client shows (ChatGLM3: its text segments, joined by newlines);
+    tool_calls: ChatGLM3's calls ({'name', 'parameters'}, or {'name', 'content'} when the code is no
+    tool call we can read); messages: the assistant messages it adds to the history."""
+    text: str
+    tool_calls: List[dict] = field(default_factory=list)
+    messages: List[Message] = field(default_factory=list)
+
+    @property
+    def response(self) -> Union[str, dict]:
+        """What `chat()` returns: the last tool call if there is one (as the official code), else the text."""
+        return self.tool_calls[-1] if self.tool_calls else self.text
+
+
+class ReplyParser:
+    """Reads one reply's text as it is generated: `push(delta) -> visible text now`, `finish() -> the
+    rest`, then `reply()`."""
+
+    def push(self, text: str) -> str:
+        raise NotImplementedError
+
+    def finish(self) -> str:
+        raise NotImplementedError
+
+    def reply(self) -> Reply:
+        raise NotImplementedError
+
+
+class _PlainReplyParser(ReplyParser):
+    """ChatGLM-6B and ChatGLM2-6B: the reply is text, cleaned up by stages."""
+
+    def __init__(self, *stages):
+        self.stages, self.text = _Stages(*stages), []
+
+    def push(self, text: str) -> str:
+        out = self.stages.push(text)
+        self.text.append(out)
+        return out
+
+    def finish(self) -> str:
+        out = self.stages.finish()
+        self.text.append(out)
+        return out
+
+    def reply(self) -> Reply:
+        text = ''.join(self.text)
+        return Reply(text, [], [{'role': 'assistant', 'content': text}])
+
+
+class GLM3ReplyParser(ReplyParser):
+    """ChatGLM3: a reply is one or more messages, each `<|assistant|>`-separated and opening with a
+    metadata line. An empty metadata line opens text (shown as it comes, stripped, its segments joined by
+    a newline); a tool's name opens a call, whose code is never shown: it comes whole with `reply()`.
+    A reply whose first line never ends is all text (as the official parser reads it)."""
+
+    SEPARATOR = '<|assistant|>'
+
+    def __init__(self, has_tools: bool):
+        self.has_tools = has_tools
+        self.held = ''            # an end of the text that may begin SEPARATOR
+        self.messages: List[Message] = []
+        self.texts: List[str] = []
+        self.tool_calls: List[dict] = []
+        self._new_segment()
+
+    def _new_segment(self):
+        self.metadata: Optional[str] = None    # None while the metadata line is still coming
+        self.raw: List[str] = []               # the segment's text after its metadata line
+        self.cleaner = None                    # a text segment's stages
+        self.shown: List[str] = []             # what the cleaner let through
+        self.showed = False                    # whether any of it was text
+
+    def push(self, text: str) -> str:
+        text = self.held + text
+        out = []
+        while True:
+            at = text.find(self.SEPARATOR)
+            if at < 0:
+                break
+            out.append(self._feed(text[:at]))
+            out.append(self._end_segment())
+            self._new_segment()
+            text = text[at + len(self.SEPARATOR):]
+        keep = next((k for k in range(min(len(self.SEPARATOR) - 1, len(text)), 0, -1)
+                     if text.endswith(self.SEPARATOR[:k])), 0)
+        self.held = text[len(text) - keep:]
+        out.append(self._feed(text[:len(text) - keep]))
+        return ''.join(out)
+
+    def finish(self) -> str:
+        rest, self.held = self.held, ''
+        return self._feed(rest) + self._end_segment()
+
+    def reply(self) -> Reply:
+        return Reply('\n'.join(self.texts), list(self.tool_calls), list(self.messages))
+
+    def _feed(self, text: str) -> str:
+        if self.metadata is None:
+            self.raw.append(text)
+            if '\n' not in text:
+                return ''
+            self.metadata, _, text = ''.join(self.raw).partition('\n')
+            self.raw = []
+            if not self.metadata.strip():
+                self.cleaner = _Stages(_Strip(), _Replace(*TRAINING_DATE))
+        self.raw.append(text)
+        return self._show(self.cleaner.push(text)) if self.cleaner else ''
+
+    def _show(self, text: str) -> str:
+        """A text segment's visible text, after a newline when an earlier segment showed text."""
+        if text:
+            if not self.showed and self.texts:
+                text = '\n' + text
+            self.showed = True
+        self.shown.append(text)
+        return text
+
+    def _end_segment(self) -> str:
+        if self.metadata is None:   # the first line never ended: the whole segment is text
+            self.metadata, self.cleaner = '', _Stages(_Strip(), _Replace(*TRAINING_DATE))
+            out = self._show(self.cleaner.push(''.join(self.raw)))
+        else:
+            out = ''
+        content = ''.join(self.raw)
+        if self.cleaner is not None:
+            out += self._show(self.cleaner.finish())
+            shown = ''.join(self.shown).lstrip('\n') if self.texts else ''.join(self.shown)
+            if shown:
+                self.texts.append(shown)
+            self.messages.append({'role': 'assistant', 'metadata': self.metadata, 'content': content.strip()})
+            return out
+        self.messages.append({'role': 'assistant', 'metadata': self.metadata, 'content': content})
+        name = self.metadata.strip()
+        params = parse_tool_call('\n'.join(content.split('\n')[1:-1])) if self.has_tools else None  # inside the ``` fence
+        self.tool_calls.append({'name': name, 'parameters': params} if params is not None else
+                               {'name': name, 'content': content})
+        return ''
+
+
 # -- the formats as objects ----------------------------------------------------------------------------
 class ChatFormat:
-    """How one generation turns a conversation into prompt ids and generated ids into a reply."""
+    """How one generation turns a conversation into prompt ids and generated text into a reply."""
     title = ''                            # the generation's name, for messages
     supports_system = False               # system prompt, tools, tool results (the observation role)
-    reply_starts_with_metadata = False    # each reply message begins with a metadata line (ChatGLM3)
 
     def encode(self, tokenizer, messages: List[Message]) -> List[int]:
         raise NotImplementedError
@@ -194,35 +388,46 @@ class ChatFormat:
         """A plain text's ids as a prompt: with the [gMASK]/sop tokens the model expects around them."""
         return tokenizer.prefix_ids + ids      # [gMASK] sop text
 
-    def parse(self, tokenizer, output_ids: List[int], messages: List[Message]) \
-            -> Tuple[Union[str, dict], List[Message]]:
-        """-> (reply, the assistant messages it adds to the history). `messages`: the conversation
-        before the reply's query."""
+    def reply_parser(self, messages: List[Message]) -> ReplyParser:
+        """A parser for the reply to `messages` (the conversation before the reply's query)."""
         raise NotImplementedError
+
+    def parse(self, tokenizer, output_ids: List[int], messages: List[Message]) -> Reply:
+        """A whole reply: generated ids (a final stop id is left out) -> Reply."""
+        if output_ids and output_ids[-1] in tokenizer.stop_ids:
+            output_ids = output_ids[:-1]
+        return self.parse_text(tokenizer.decode(output_ids), messages)
+
+    def parse_text(self, text: str, messages: List[Message]) -> Reply:
+        """A whole reply's text -> Reply: the stream parser, given the text in one piece."""
+        parser = self.reply_parser(messages)
+        parser.push(text)
+        parser.finish()
+        return parser.reply()
 
 
 class _PairsFormat(ChatFormat):
     """glm1/glm2: a text prompt of [Round N] question/answer pairs; the reply is plain text."""
     prompt = staticmethod(glm2_prompt)
-    response = staticmethod(glm2_response)
 
     def encode(self, tokenizer, messages):
         pairs = to_pairs(messages, self.title)
         query = pairs.pop()[0]
         return self.wrap(tokenizer, tokenizer.encode(self.prompt(query, pairs)))
 
-    def parse(self, tokenizer, output_ids, messages):
-        reply = self.response(tokenizer.decode(output_ids))
-        return reply, [{'role': 'assistant', 'content': reply}]
+    def reply_parser(self, messages):
+        return _PlainReplyParser(_Strip(), _Replace(*TRAINING_DATE))
 
 
 class GLM1Format(_PairsFormat):
     title = 'ChatGLM-6B'
     prompt = staticmethod(glm1_prompt)
-    response = staticmethod(glm1_response)
 
     def wrap(self, tokenizer, ids):
         return ids + tokenizer.suffix_ids      # text [gMASK] <sop>
+
+    def reply_parser(self, messages):
+        return _PlainReplyParser(_Strip(), _Replace(*TRAINING_DATE), _WidePunctuation())
 
 
 class GLM2Format(_PairsFormat):
@@ -232,12 +437,10 @@ class GLM2Format(_PairsFormat):
 class GLM3Format(ChatFormat):
     title = 'ChatGLM3-6B'
     supports_system = True
-    reply_starts_with_metadata = True
 
     def encode(self, tokenizer, messages):
         return glm3_ids(tokenizer, messages)
 
-    def parse(self, tokenizer, output_ids, messages):
-        if output_ids and output_ids[-1] in tokenizer.stop_ids:
-            output_ids = output_ids[:-1]
-        return glm3_response(tokenizer.decode(output_ids), messages)
+    def reply_parser(self, messages):
+        has_tools = bool(messages) and messages[0]['role'] == 'system' and bool(messages[0].get('tools'))
+        return GLM3ReplyParser(has_tools)

@@ -1,6 +1,6 @@
 """The parity checks shared by the ChatGLM2/3 and ChatGLM-6B tests: the same prompts through our model and
 the reference oracle (conftest's `reference` fixture)."""
-from modelscope_chatglm.generation import left_pad
+from modelscope_chatglm.models.base import left_pad
 
 TOL = 1e-4
 

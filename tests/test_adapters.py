@@ -12,7 +12,7 @@ from parity import TOL
 
 import modelscope_chatglm
 from modelscope_chatglm import CheckpointError
-from modelscope_chatglm.generation import left_pad
+from modelscope_chatglm.models.base import left_pad
 
 PROMPT_TEXTS = ['你好', 'tell me about the weather in Beijing today']
 
@@ -152,7 +152,7 @@ def test_adapters_in_one_batch_each_get_their_own_reply(lora, glm2_dir):
     alone[None] = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32')
     prompts = [many.build_inputs(f'question {i}') for i in range(6)]
     picks = ['a', 'b', None, 'b', 'a', None]
-    sched = many.scheduler()
+    sched = many.new_engine()
     params = many.sampling(max_new_tokens=12, do_sample=False)
     seqs = [sched.submit(p, params, adapter=name) for p, name in zip(prompts, picks)]
     sched.run_until_done(seqs)

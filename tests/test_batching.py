@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import modelscope_chatglm
-from modelscope_chatglm.batching import KVBudgetError, Scheduler
+from modelscope_chatglm.engine.prefix_cache import PrefixCache, common_prefix
+from modelscope_chatglm.engine.scheduler import KVBudgetError
 from modelscope_chatglm.loading import default_dtype
 from modelscope_chatglm.models.kv_cache import KVSegment
-from modelscope_chatglm.prefix_cache import PrefixCache, common_prefix
 
 QUERIES = ['你好', 'hello world, how are you today?', 'a b c d e f g h i j k l m n o p', 'x', '介绍下清华大学']
 
@@ -38,7 +38,7 @@ def test_batched_greedy_equals_each_alone(models, name):
     prompts = [chat.build_inputs(q) for q in QUERIES]
     # Two at a time and 5-token prefill chunks: sequences join and leave the batch mid-way, and prompts
     # are spread over several steps beside the decode tokens.
-    sched = chat.scheduler(max_batch=2, prefill_chunk=5)
+    sched = chat.new_engine(max_batch=2, prefill_chunk=5)
     budgets = [24, 9, 17, 30, 5]
     seqs = [sched.submit(p, chat.sampling(max_new_tokens=n, do_sample=False)) for p, n in zip(prompts, budgets)]
     forwards, most_running = [], 0     # by step: what each forward held ({'prompt', 'decode'})
@@ -49,14 +49,14 @@ def test_batched_greedy_equals_each_alone(models, name):
         while not all(s.finished for s in seqs):
             forwards.append([])
             sched.step()
-            most_running = max(most_running, len(sched.running))
+            most_running = max(most_running, len(sched.scheduler.running))
     finally:
         del chat.model.forward_ragged
     assert most_running == 2
     for seq, prompt, n in zip(seqs, prompts, budgets):
         assert seq.output == solo(chat, prompt, n), name
         assert seq.finish_reason in ('stop', 'length')
-    assert sched.reserved == 0 and not sched.running
+    assert sched.scheduler.reserved == 0 and not sched.scheduler.running
     # The quantized models' CPU kernels keep each row's bits at any batch: a prompt chunk and a decode
     # token share a forward. A float model's matmuls do not: they run as two forwards of a step.
     shared = sum(f == {'prompt', 'decode'} for step in forwards for f in step)
@@ -69,7 +69,7 @@ def test_batched_greedy_equals_each_alone(models, name):
 
 def part_kinds(sched, parts):
     """{'prompt', 'decode'}: what the parts of a forward are (a decode token follows a whole prompt)."""
-    seqs = {id(s.state): s for s in sched.running}
+    seqs = {id(s.state): s for s in sched.scheduler.running}
     return {'decode' if seqs[id(state)].prefilled == len(seqs[id(state)].fill) else 'prompt' for state, _ in parts}
 
 
@@ -86,23 +86,23 @@ def test_only_rows_that_keep_their_bits_share_a_forward(models):
 def test_max_batch_one_is_serial_and_batching_takes_fewer_steps(glm2_model):
     prompts = [glm2_model.build_inputs(q) for q in QUERIES]
     params = glm2_model.sampling(max_new_tokens=12, do_sample=False)
-    serial, batched = glm2_model.scheduler(max_batch=1), glm2_model.scheduler(max_batch=8)
+    serial, batched = glm2_model.new_engine(max_batch=1), glm2_model.new_engine(max_batch=8)
     outputs = [[s.output for s in run(sched, prompts, params)] for sched in (serial, batched)]
     assert outputs[0] == outputs[1]
     # A step prefills (giving the first token) and then decodes: 11 steps per request one at a time,
     # about one request's worth together.
-    assert serial.stats['steps'] >= 5 * 11 and batched.stats['steps'] <= 13
+    assert serial.scheduler.stats['steps'] >= 5 * 11 and batched.scheduler.stats['steps'] <= 13
 
 
 def test_a_prefix_cache_hit_gives_the_logits_of_a_cold_prefill(glm2_model):
     model = glm2_model.model
     first = glm2_model.build_inputs('hello world, how are you today?')
-    sched = glm2_model.scheduler()
+    sched = glm2_model.new_engine()
     seq = run(sched, [first], glm2_model.sampling(max_new_tokens=6, do_sample=False))[0]
     follow = first + seq.output[:-1] + glm2_model.tokenizer.encode('and then?')
     with torch.inference_mode():
         state = model.start(follow, 4)
-        keep, segments = sched._longest_prefix(type(seq)(follow, seq.params))
+        keep, segments = sched.scheduler._longest_prefix(type(seq)(follow, seq.params))
         assert keep == len(first) + len(seq.output) - 1
         model.adopt_prefix(state, segments, keep)
         warm = model.forward_ragged([(state, follow[keep:])])[0]
@@ -112,8 +112,8 @@ def test_a_prefix_cache_hit_gives_the_logits_of_a_cold_prefill(glm2_model):
     again = run(sched, [follow], glm2_model.sampling(max_new_tokens=10, do_sample=False))[0]
     assert again.reused == keep and again.output == solo(glm2_model, follow, 10)
     # Turn 2's K/V extend turn 1's node: nothing is held twice.
-    assert sched.prefix_cache.nbytes == sched.kv_bytes(len(follow) + len(again.output) - 1)
-    assert sched.prefix_cache.nodes == 2
+    assert sched.scheduler.prefix_cache.nbytes == sched.scheduler.kv_bytes(len(follow) + len(again.output) - 1)
+    assert sched.scheduler.prefix_cache.nodes == 2
 
 
 @pytest.fixture(scope='module', params=sorted({'float32', default_dtype(torch.device('cpu'), quantized=True)}))
@@ -140,11 +140,11 @@ def test_greedy_replies_do_not_depend_on_the_prefix_cache(quantized_at, name):
     opening = ' '.join(f'rule {i}: answer briefly.' for i in range(12))
     prompts = [chat.build_inputs(f'{opening} question {i}: {QUERIES[i % 5]} {i * 7}') for i in range(50)]
     params = chat.sampling(max_new_tokens=6, do_sample=False)
-    warm = chat.scheduler(max_batch=8)
+    warm = chat.new_engine(max_batch=8)
     run(warm, [prompts[0]], params)                     # caches the opening
     warm_seqs = run(warm, prompts, params)
     assert all(s.reused > 64 and len(p) - s.reused <= 64 for s, p in zip(warm_seqs, prompts))
-    cold = [run(chat.scheduler(max_batch=1), [p], params)[0] for p in prompts]
+    cold = [run(chat.new_engine(max_batch=1), [p], params)[0] for p in prompts]
     assert all(s.reused == 0 and len(p) > 64 for s, p in zip(cold, prompts))
     assert [s.output for s in warm_seqs] == [s.output for s in cold]
 
@@ -156,17 +156,17 @@ def test_a_shared_system_prompt_is_prefilled_once(glm3_model):
     while len({tuple(p[:shared]) for p in prompts}) > 1:
         shared -= 1
     assert shared > 100
-    sched = glm3_model.scheduler(max_batch=8, prefill_chunk=64)
+    sched = glm3_model.new_engine(max_batch=8, prefill_chunk=64)
     seqs = run(sched, prompts, glm3_model.sampling(max_new_tokens=8, do_sample=False))
     # All four arrive together; the first prefills the system prompt, the others wait for it and copy.
     assert [s.reused >= shared - 1 for s in seqs] == [False, True, True, True]
-    assert sched.stats['prompt_tokens'] - sched.stats['cached_prompt_tokens'] < sum(len(p) for p in prompts) - 2 * shared
+    assert sched.scheduler.stats['prompt_tokens'] - sched.scheduler.stats['cached_prompt_tokens'] < sum(len(p) for p in prompts) - 2 * shared
     for seq, prompt in zip(seqs, prompts):
         assert seq.output == solo(glm3_model, prompt, 8)
     # Finished, the four conversations' K/V hold the system prompt once: a node they all branch off.
     kept = [p + s.output[:-1] for p, s in zip(prompts, seqs)]
-    assert sched.prefix_cache.nbytes == sched.kv_bytes(trie_size(kept))
-    assert sched.prefix_cache.nbytes < sched.kv_bytes(sum(map(len, kept))) - sched.kv_bytes(2 * shared)
+    assert sched.scheduler.prefix_cache.nbytes == sched.scheduler.kv_bytes(trie_size(kept))
+    assert sched.scheduler.prefix_cache.nbytes < sched.scheduler.kv_bytes(sum(map(len, kept))) - sched.scheduler.kv_bytes(2 * shared)
     # Each comes back for a second turn: all of its history is served, from the shared node and its own.
     follows = [k + s.output[-1:] + glm3_model.tokenizer.encode('and then?') for k, s in zip(kept, seqs)]
     again = run(sched, follows, glm3_model.sampling(max_new_tokens=6, do_sample=False))
@@ -181,10 +181,10 @@ def test_a_ptuning_model_shares_what_follows_its_learned_prefix(make_checkpoint)
     chat = modelscope_chatglm.load(make_checkpoint('glm2-prefix', 'glm2', 'bin', shards=2, seed=3, pre_seq_len=4),
                                    device='cpu', dtype='float32')
     first = chat.build_inputs('hello world, how are you today?')
-    sched = chat.scheduler()
+    sched = chat.new_engine()
     seq = run(sched, [first], chat.sampling(max_new_tokens=6, do_sample=False))[0]
     kept = first + seq.output[:-1]
-    assert sched.pre == 4 and sched.prefix_cache.nbytes == sched.bytes_per_token * len(kept)
+    assert sched.scheduler.pre == 4 and sched.scheduler.prefix_cache.nbytes == sched.scheduler.bytes_per_token * len(kept)
     follow = kept + seq.output[-1:] + chat.tokenizer.encode('and then?')
     again = run(sched, [follow], chat.sampling(max_new_tokens=8, do_sample=False))[0]
     assert again.reused == len(kept) and again.output == solo(chat, follow, 8)
@@ -253,23 +253,23 @@ def test_common_prefix():
 
 def test_chatglm6b_batches_but_never_shares_prefixes(glm1_model):
     prompt = glm1_model.build_inputs('hello world, how are you today?')
-    sched = glm1_model.scheduler()
+    sched = glm1_model.new_engine()
     run(sched, [prompt, prompt], glm1_model.sampling(max_new_tokens=4, do_sample=False))
-    assert sched.prefix_cache is None and sched.stats['cached_prompt_tokens'] == 0
+    assert sched.scheduler.prefix_cache is None and sched.scheduler.stats['cached_prompt_tokens'] == 0
 
 
 def test_the_kv_budget_holds_under_a_burst_of_long_prompts(glm2_model):
     prompts = [glm2_model.build_inputs(f'{q} ' * 30) for q in QUERIES] * 2
     params = glm2_model.sampling(max_new_tokens=16, do_sample=False)
-    probe = glm2_model.scheduler()
-    per_request = max(probe.kv_bytes(len(p) + 16) for p in prompts)
-    sched = glm2_model.scheduler(max_batch=16, kv_cache_bytes=int(per_request * 2.5))
+    probe = glm2_model.new_engine()
+    per_request = max(probe.scheduler.kv_bytes(len(p) + 16) for p in prompts)
+    sched = glm2_model.new_engine(max_batch=16, kv_cache_bytes=int(per_request * 2.5))
     seqs = [sched.submit(p, params) for p in prompts]
     most_running, most_waiting = 0, 0
     while not all(s.finished for s in seqs):
         sched.step()
-        assert sched.reserved + sched.prefix_cache.nbytes <= sched.budget
-        most_running, most_waiting = max(most_running, len(sched.running)), max(most_waiting, len(sched.waiting))
+        assert sched.scheduler.reserved + sched.scheduler.prefix_cache.nbytes <= sched.scheduler.budget
+        most_running, most_waiting = max(most_running, len(sched.scheduler.running)), max(most_waiting, len(sched.scheduler.waiting))
     assert 2 <= most_running < len(prompts) and most_waiting >= len(prompts) - most_running   # they waited for room
     assert [s.output for s in seqs] == [solo(glm2_model, p, 16) for p in prompts]
     with pytest.raises(KVBudgetError, match='kv-cache-gb'):
@@ -283,47 +283,47 @@ def test_caches_grow_as_needed_and_a_full_budget_preempts_the_newest(models, nam
     chat = models[name]
     prompts = [chat.build_inputs(q) for q in QUERIES[:4]]
     params = chat.sampling(max_new_tokens=40, do_sample=False)
-    probe = chat.scheduler()
-    sched = chat.scheduler(kv_cache_bytes=probe.kv_bytes(2 * max(len(p) for p in prompts) + 60))
-    sched.GROW_TOKENS = 4
+    probe = chat.new_engine()
+    sched = chat.new_engine(kv_cache_bytes=probe.scheduler.kv_bytes(2 * max(len(p) for p in prompts) + 60))
+    sched.scheduler.GROW_TOKENS = 4
     seqs = [sched.submit(p, params) for p in prompts]
     capacities = set()
     while not all(s.finished for s in seqs):
         sched.step()
-        cached = sched.prefix_cache.nbytes if sched.prefix_cache else 0
-        assert sched.reserved + cached <= sched.budget
-        assert sched.reserved == sum(s.kv_bytes for s in sched.running)
-        capacities |= {s.state.cache.capacity for s in sched.running}
-    assert len(capacities) > 2 and sched.stats['preempted'] > 0
+        cached = sched.scheduler.prefix_cache.nbytes if sched.scheduler.prefix_cache else 0
+        assert sched.scheduler.reserved + cached <= sched.scheduler.budget
+        assert sched.scheduler.reserved == sum(s.kv_bytes for s in sched.scheduler.running)
+        capacities |= {s.state.cache.capacity for s in sched.scheduler.running}
+    assert len(capacities) > 2 and sched.scheduler.stats['preempted'] > 0
     assert [s.output for s in seqs] == [solo(chat, p, 40) for p in prompts]
-    assert sched.stats['prompt_tokens'] == sum(len(p) for p in prompts)   # a preempted one is not new
+    assert sched.scheduler.stats['prompt_tokens'] == sum(len(p) for p in prompts)   # a preempted one is not new
 
 
 def test_cancelling_mid_batch_frees_its_memory_at_once(glm2_model):
     prompts = [glm2_model.build_inputs(q) for q in QUERIES[:3]]
     params = glm2_model.sampling(max_new_tokens=20, do_sample=False)
-    sched = glm2_model.scheduler()
+    sched = glm2_model.new_engine()
     seqs = [sched.submit(p, params) for p in prompts]
     for _ in range(4):
         sched.step()
-    assert len(sched.running) == 3
-    before, freed = sched.reserved, seqs[1].kv_bytes
+    assert len(sched.scheduler.running) == 3
+    before, freed = sched.scheduler.reserved, seqs[1].kv_bytes
     seqs[1].cancel()
     sched.step()
-    assert freed > 0 and sched.reserved == before - freed
-    assert seqs[1].finish_reason == 'cancelled' and seqs[1] not in sched.running
+    assert freed > 0 and sched.scheduler.reserved == before - freed
+    assert seqs[1].finish_reason == 'cancelled' and seqs[1] not in sched.scheduler.running
     sched.run_until_done(seqs)
     assert seqs[0].output == solo(glm2_model, prompts[0], 20) and seqs[2].output == solo(glm2_model, prompts[2], 20)
     # A cancelled sequence leaves nothing behind: the cache holds the other two (their common opening once).
     kept = [prompts[i] + seqs[i].output[:-1] for i in (0, 2)]
-    assert sched.prefix_cache.nbytes == sched.kv_bytes(trie_size(kept))
+    assert sched.scheduler.prefix_cache.nbytes == sched.scheduler.kv_bytes(trie_size(kept))
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(glm3_model):
     prompts = [glm3_model.build_inputs(q) for q in QUERIES[:4]]
     gen = dict(do_sample=True, temperature=0.9, top_p=0.8, top_k=40, repetition_penalty=1.1)
     alone = [solo(glm3_model, p, 12, seed=100 + i, **gen) for i, p in enumerate(prompts)]
-    sched = glm3_model.scheduler()
+    sched = glm3_model.new_engine()
     seqs = [sched.submit(p, glm3_model.sampling(max_new_tokens=12, seed=100 + i, **gen)) for i, p in enumerate(prompts)]
     sched.run_until_done(seqs)
     assert [s.output for s in seqs] == alone
@@ -333,7 +333,7 @@ def test_seeded_sampling_is_the_same_alone_and_batched(glm3_model):
 def test_a_failing_consumer_ends_only_its_own_sequence(glm2_model):
     prompts = [glm2_model.build_inputs(q) for q in QUERIES[:2]]
     params = glm2_model.sampling(max_new_tokens=6, do_sample=False)
-    sched = glm2_model.scheduler()
+    sched = glm2_model.new_engine()
 
     def explode(seq, token):
         raise RuntimeError('consumer went away')
@@ -341,7 +341,7 @@ def test_a_failing_consumer_ends_only_its_own_sequence(glm2_model):
     good = sched.submit(prompts[1], params)
     sched.run_until_done([bad, good])
     assert bad.finish_reason == 'error' and 'went away' in str(bad.error)
-    assert good.output == solo(glm2_model, prompts[1], 6) and sched.reserved == 0
+    assert good.output == solo(glm2_model, prompts[1], 6) and sched.scheduler.reserved == 0
 
 
 def test_a_sequence_whose_sampling_fails_ends_and_the_scheduler_goes_idle(glm2_model):
@@ -351,7 +351,7 @@ def test_a_sequence_whose_sampling_fails_ends_and_the_scheduler_goes_idle(glm2_m
     from dataclasses import replace
     prompts = [glm2_model.build_inputs(q) for q in QUERIES[:2]]
     params = glm2_model.sampling(max_new_tokens=6, do_sample=True, temperature=0.7, seed=3)
-    sched = glm2_model.scheduler()
+    sched = glm2_model.new_engine()
     with pytest.raises(ValueError, match='temperature must be finite'):
         sched.submit(prompts[0], replace(params, temperature=float('nan')))
     bad, good = sched.submit(prompts[0], params), sched.submit(prompts[1], params)
@@ -359,13 +359,13 @@ def test_a_sequence_whose_sampling_fails_ends_and_the_scheduler_goes_idle(glm2_m
     sched.run_until_done([bad, good])
     assert bad.finish_reason == 'error' and 'probability tensor' in str(bad.error)
     assert good.output == solo(glm2_model, prompts[1], 6, do_sample=True, temperature=0.7, seed=3)
-    assert not sched.has_work() and sched.reserved == 0
+    assert not sched.scheduler.has_work() and sched.scheduler.reserved == 0
 
 
 def test_scheduler_rejects_bad_settings(glm2_model):
     for kwargs in (dict(max_batch=0), dict(prefill_chunk=0)):
         with pytest.raises(ValueError):
-            Scheduler(glm2_model.model, glm2_model.tokenizer.vocab_size, **kwargs)
+            glm2_model.new_engine(**kwargs)
 
 
 def test_chat_batch_equals_chat_one_by_one(glm3_model):
@@ -384,15 +384,17 @@ def test_pipeline_list_input_generates_together(glm2_dir, glm2_model):
     from modelscope.utils.constant import Tasks
     pipe = pipeline(task=Tasks.chat, model=glm2_dir, device='cpu')
     inputs = [{'text': q, 'history': []} for q in QUERIES[:3]] + [{'text': 'again', 'history': [('hi', 'hello')]}]
+    stats = pipe.chat_model.engine.scheduler.stats
     outputs = pipe(inputs, max_new_tokens=8, do_sample=False)
+    together = stats['steps']
     assert outputs == [pipe(i, max_new_tokens=8, do_sample=False) for i in inputs]
-    assert pipe.chat_model._batcher.stats['steps'] < 4 * 8     # together, not in a loop
+    assert together <= 10      # together (a step per token), not in a loop (up to 4 x 9 steps)
     assert pipe([]) == []
 
 
 def test_the_default_kv_budget_counts_the_page_cache_as_available():
     """Just after a model is read from disk most RAM is page cache: 'free' would leave almost no KV budget."""
-    from modelscope_chatglm.batching import available_memory, default_kv_budget
+    from modelscope_chatglm.engine.scheduler import available_memory, default_kv_budget
     meminfo = {line.split(':')[0]: int(line.split()[1]) * 1024 for line in open('/proc/meminfo')}
     assert abs(available_memory() - meminfo['MemAvailable']) < 64 << 20     # (it moves between two reads)
     expected = min(meminfo['MemAvailable'] // 4, 16 << 30)
@@ -401,8 +403,8 @@ def test_the_default_kv_budget_counts_the_page_cache_as_available():
 
 def test_a_sequences_token_tensor_follows_its_output_as_it_grows():
     """The penalties read prompt + output as a tensor that grows by the new tokens only."""
-    from modelscope_chatglm.batching import Sequence
-    from modelscope_chatglm.generation import SamplingParams
+    from modelscope_chatglm.engine.scheduler import Sequence
+    from modelscope_chatglm.engine.sampling import SamplingParams
     seq = Sequence(list(range(300)), SamplingParams(max_new_tokens=1000))
     for token in range(1000):
         if token % 97 == 0 or token > 990:
@@ -414,7 +416,7 @@ def test_a_sequences_token_tensor_follows_its_output_as_it_grows():
 def test_logprobs_are_recorded_per_token_in_a_batch(glm2_model):
     prompts = [glm2_model.build_inputs(q) for q in QUERIES[:2]]
     params = glm2_model.sampling(max_new_tokens=5, do_sample=False)
-    sched = glm2_model.scheduler()
+    sched = glm2_model.new_engine()
     with pytest.raises(ValueError, match='logprobs must be the number of alternatives to report, 0 to 20'):
         sched.submit(prompts[0], params, logprobs=21)
     seqs = [sched.submit(prompts[0], params, logprobs=2), sched.submit(prompts[1], params)]
@@ -432,11 +434,11 @@ def test_a_prompt_is_scored_chunk_by_chunk_beside_other_sequences(glm2_model, gl
     max_new_tokens=0 only scores. ChatGLM-6B, whose prompt is bidirectional, refuses."""
     prompt = glm2_model.build_inputs(QUERIES[0])
     expected = glm2_model.logits(prompt)[0, :-1, :glm2_model.tokenizer.vocab_size].log_softmax(-1)
-    sched = glm2_model.scheduler(prefill_chunk=5)
+    sched = glm2_model.new_engine(prefill_chunk=5)
     greedy = glm2_model.sampling(max_new_tokens=3, do_sample=False)
     sched.run_until_done([sched.submit(prompt, greedy)])   # now the prefix cache holds the prompt
-    assert sched.submit(prompt, greedy) and sched.step() and sched.running[0].reused == len(prompt) - 1
-    sched.cancel_all()
+    assert sched.submit(prompt, greedy) and sched.step() and sched.scheduler.running[0].reused == len(prompt) - 1
+    sched.scheduler.cancel_all()
     seqs = [sched.submit(prompt, greedy, prompt_logprobs=2),
             sched.submit(glm2_model.build_inputs(QUERIES[1]), greedy),
             sched.submit(prompt, glm2_model.sampling(max_new_tokens=0), prompt_logprobs=0)]
@@ -449,4 +451,35 @@ def test_a_prompt_is_scored_chunk_by_chunk_beside_other_sequences(glm2_model, gl
     assert seqs[0].output == solo(glm2_model, prompt, 3) and seqs[2].output == [] and seqs[2].finish_reason == 'length'
     assert [t for t, _ in seqs[0].prompt_logprobs[0][1]] == expected[0].topk(2).indices.tolist()
     with pytest.raises(ValueError, match='both directions'):
-        glm1_model.scheduler().submit(glm1_model.build_inputs('hi'), greedy, prompt_logprobs=1)
+        glm1_model.new_engine().submit(glm1_model.build_inputs('hi'), greedy, prompt_logprobs=1)
+
+
+def test_the_graph_capturable_decode_step_gives_the_eager_replies(glm2_model, monkeypatch):
+    """On CUDA the runner decodes a lone sequence with the step CUDA graphs capture (`decode_static`: a
+    fixed cache window, the new position in a device tensor). Run without capture on the CPU, it gives
+    the eager step's greedy tokens and logprobs, while the cache grows under it and while a second
+    sequence joins (those steps run batched and eager) and leaves."""
+    calls = []
+    static_step = glm2_model.model.decode_static
+    monkeypatch.setattr(glm2_model.model, 'decode_static', lambda *a, **k: calls.append(1) or static_step(*a, **k))
+    prompts = [glm2_model.build_inputs(q) for q in QUERIES[:2]]
+    params = glm2_model.sampling(max_new_tokens=40, do_sample=False, stop_ids=[])
+
+    def run(static):
+        engine = glm2_model.new_engine()
+        engine.runner.static_decode = static
+        engine.scheduler.GROW_TOKENS = 8     # caches grow (new buffers) mid-reply
+        first = engine.submit(prompts[0], params, logprobs=0)
+        for _ in range(6):
+            engine.step()
+        second = engine.submit(prompts[1], glm2_model.sampling(max_new_tokens=10, do_sample=False, stop_ids=[]),
+                               logprobs=0)
+        engine.run_until_done([first, second])
+        return [(s.output, [p for p, _ in s.logprobs]) for s in (first, second)]
+    eager = run(False)
+    assert not calls
+    static = run(True)
+    assert len(calls) >= 30 - 10     # the lone sequence's steps, before the second joins and after it leaves
+    for (tokens, logprobs), (tokens_, logprobs_) in zip(static, eager):
+        assert tokens == tokens_
+        assert max(abs(a - b) for a, b in zip(logprobs, logprobs_)) < 1e-4

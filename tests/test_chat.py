@@ -7,7 +7,7 @@ import torch
 
 import modelscope_chatglm
 from modelscope_chatglm import ContextLengthError, InputError
-from modelscope_chatglm.chat_formats import glm3_response, parse_tool_call
+from modelscope_chatglm.chat_formats import GLM3Format, parse_tool_call
 
 GREEDY = dict(do_sample=False)
 
@@ -109,15 +109,20 @@ def test_stream_chat_grows_to_the_chat_reply(glm2_model):
     assert texts[-1] == final and steps[-1][1] == history
 
 
-def test_turn_deltas_concatenate_to_the_raw_reply(glm2_model):
+def test_turn_deltas_concatenate_to_the_reply(glm2_model):
     turn = glm2_model.turn('你好', max_new_tokens=12, **GREEDY)
     deltas = list(turn)
     ids = turn.output_ids
-    assert ''.join(deltas) == glm2_model.tokenizer.decode(ids)
-    assert turn.finish_reason in ('stop', 'length') and turn.response == ''.join(deltas).strip()
+    assert ''.join(deltas) == turn.response == glm2_model.tokenizer.decode(ids).strip()
+    assert turn.finish_reason in ('stop', 'length')
 
 
 # -- tool calls, parsed without eval --------------------------------------------------------------------------
+def glm3_response(text, messages):
+    reply = GLM3Format().parse_text(text, messages)
+    return reply.response, reply.messages
+
+
 def test_tool_call_is_parsed_without_eval():
     system = [{'role': 'system', 'content': '', 'tools': [{'name': 'get_weather'}]}]
     out = "get_weather\n```python\ntool_call(city='北京', days=3, units=None)\n```"
@@ -133,6 +138,67 @@ def test_tool_call_is_parsed_without_eval():
     assert reply == {'name': 'interpreter', 'content': '```python\nprint(1)\n```'}
     reply, added = glm3_response('\n 你好 [[训练时间]]', [])
     assert reply == '你好 2023年' and added[0]['metadata'] == ''
+
+
+# -- replies read as they stream: the same parser, whole or in pieces -------------------------------------
+TOOLS = [{'name': 'get_weather', 'parameters': {'city': {'type': 'string'}}}]
+CALL = 'get_weather\n```python\ntool_call(city="北京")\n```'
+STREAMED_REPLIES = {
+    'glm1': ['  你好,我是ChatGLM!真的吗?是的:好;  ', 'a,中 ,b', '中,', '[[训练时间]],好', 'ok [[训练时', ' \n '],
+    'glm2': ['\n 你好 [[训练时间]]  ', 'a  b\n\n c ', '[[[训练时间]]]', ''],
+    'glm3': ['\n 你好 [[训练时间]] ',
+             '\nLet me check.  <|assistant|>' + CALL,                       # text, then a call
+             '\nHello.<|assistant|>\n World. ',                            # two text segments
+             '\n<|assistant|>\nonly the second',                           # an empty first segment
+             'a first line that never ends',                                # read as text
+             '\nabc <|assist',                                              # half a separator at the end
+             CALL + '<|assistant|>\nafter the call'],
+}
+
+
+@pytest.mark.parametrize('family', ['glm1', 'glm2', 'glm3'])
+def test_a_reply_streamed_in_any_pieces_is_the_whole_reply(family):
+    """What a stream shows, cut into deltas anywhere, is exactly the whole reply's text, and its final
+    reply (tool calls, history messages) is the whole reply's."""
+    import random
+    from modelscope_chatglm.families import get_family
+    fmt = get_family(family).chat_format
+    messages = [{'role': 'system', 'content': '', 'tools': TOOLS}] if family == 'glm3' else []
+    rng = random.Random(0)
+    for text in STREAMED_REPLIES[family]:
+        whole = fmt.parse_text(text, messages)
+        for _ in range(30):
+            cuts = sorted(rng.sample(range(len(text) + 1), rng.randint(0, min(len(text), 8))))
+            parser = fmt.reply_parser(messages)
+            shown = ''.join(parser.push(text[a:b]) for a, b in zip([0] + cuts, cuts + [len(text)])) + parser.finish()
+            assert shown == whole.text, (text, cuts)
+            assert parser.reply() == whole, (text, cuts)
+    assert fmt.parse_text(STREAMED_REPLIES[family][0], messages).text == {
+        'glm1': '你好，我是ChatGLM！真的吗？是的：好；', 'glm2': '你好 2023年', 'glm3': '你好 2023年'}[family]
+
+
+def test_chatglm3_text_then_a_tool_call_streams_as_the_whole_reply(glm3_model):
+    """The real model often writes text, then `<|assistant|>` and a call. Token by token through the
+    decoder every surface streams with (stream_chat, CLI, web, server): the text is shown, the call's
+    name and code never are, and the end is the whole reply: the call, with the text beside it."""
+    from modelscope_chatglm.chat import ReplyDecoder
+    tok = glm3_model.tokenizer
+    request = glm3_model.prepare('北京天气?', tools=TOOLS)
+    for segments, text in (
+            (['\nLet me check.', '<|assistant|>', CALL], 'Let me check.'),
+            (['\nHello.', '<|assistant|>', '\nWorld.'], 'Hello.\nWorld.')):
+        ids = [tok[s] if s.startswith('<|') else None for s in segments]
+        ids = [i for s, i in zip(segments, ids) for i in ([i] if i is not None else tok.encode(s))]
+        decoder = ReplyDecoder(glm3_model, request)
+        shown = ''.join(decoder.push(i) for i in ids) + decoder.finish()
+        assert shown == text
+        response, history = decoder.result()
+        assert (response, history) == glm3_model.respond(request, ids)
+        assert [m['metadata'] for m in history[-2:]] == ['', 'get_weather' if 'call' in segments[2] else '']
+        if 'tool_call' in segments[2]:
+            assert response == {'name': 'get_weather', 'parameters': {'city': '北京'}}
+        else:
+            assert response == text
 
 
 @pytest.mark.parametrize('code', [
@@ -170,7 +236,7 @@ def test_openai_penalties_count_generated_tokens():
     """frequency_penalty per time a token was generated, presence_penalty once; the prompt's tokens
     (`seen`) do not count; logit_bias is added first."""
     import torch
-    from modelscope_chatglm.generation import SamplingParams, process_logits
+    from modelscope_chatglm.engine.sampling import SamplingParams, process_logits
     params = SamplingParams(do_sample=False, frequency_penalty=0.5, presence_penalty=0.25, logit_bias={7: 2.0})
     scores = process_logits(torch.zeros(1, 10), torch.tensor([[1, 2]]), params, 10, torch.tensor([[3, 3, 5]]))
     assert scores.tolist() == [[0, 0, 0, -1.25, 0, -0.75, 0, 2.0, 0, 0]]
@@ -182,7 +248,7 @@ def test_penalties_are_the_same_alone_and_in_a_batch(glm2_model):
     prompts = [glm2_model.build_inputs(q) for q in ('你好', 'tell me about the capital of France')]
     alone = [glm2_model.generate(p, max_new_tokens=48, **gen) for p in prompts]   # 48: tokens repeat
     assert all(a != glm2_model.generate(p, max_new_tokens=48, do_sample=False) for a, p in zip(alone, prompts))
-    sched = glm2_model.scheduler()
+    sched = glm2_model.new_engine()
     seqs = [sched.submit(p, glm2_model.sampling(max_new_tokens=48, **gen)) for p in prompts]
     sched.run_until_done(seqs)
     assert [s.output for s in seqs] == alone
@@ -222,48 +288,55 @@ def test_bad_generation_options(glm2_model, kwargs, match):
         glm2_model.generate([1, 2, 3], **{'max_new_tokens': 2, **kwargs})
 
 
-def test_an_interrupted_prefill_leaves_no_wrong_kv_in_the_prompt_cache(glm2_dir):
-    """Ctrl-C (or an error) between prefill chunks: the cache must not claim the tokens it was about
-    to overwrite. Turn 2 diverges from turn 1 and is interrupted; turn 3 repeats turn 1's prompt and
-    must get the logits of a fresh run, not K/V that turn 2 half-wrote."""
-    from modelscope_chatglm.generation import PromptCache, generate_tokens
+def test_an_interrupted_prefill_leaves_no_wrong_kv_in_the_prefix_cache(glm2_dir):
+    """Ctrl-C (or an error) between prefill chunks: nothing of the interrupted prompt may reach the
+    prefix cache. Turn 2 diverges from turn 1 and is interrupted in its second chunk; turn 3 repeats
+    turn 1's prompt and must get the log-probabilities of a cold engine, from turn 1's cached K/V."""
     chat = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32')
-    model, cache = chat.model, PromptCache()
-    model.prefill_chunk = 8
-    params = chat.sampling(max_new_tokens=1, do_sample=False)
+    engine = chat.configure_engine(prefill_chunk=8)
+    params = chat.sampling(max_new_tokens=4, do_sample=False)
     first = chat.build_inputs('介绍下清华大学和北京大学的历史，以及它们的著名校友。' * 2)
     diverging = first[:10] + chat.tokenizer.encode('完全不同的问题，而且很长很长很长很长很长很长。' * 3)
-    list(generate_tokens(model, [first], params, 0, chat.tokenizer.vocab_size, prompt_cache=cache))
-    chunks, forward = [0], model.forward
+    chat.generate(first, max_new_tokens=1, do_sample=False)
+    chunks, forward = [0], chat.model.forward_ragged
 
     def interrupted(*args, **kwargs):
         chunks[0] += 1
         if chunks[0] == 2:                 # the second chunk of turn 2 never finishes
             raise KeyboardInterrupt
         return forward(*args, **kwargs)
-    model.forward = interrupted
+    chat.model.forward_ragged = interrupted
     with pytest.raises(KeyboardInterrupt):
-        list(generate_tokens(model, [diverging], params, 0, chat.tokenizer.vocab_size, prompt_cache=cache))
-    model.forward = forward
+        chat.generate(diverging, max_new_tokens=1, do_sample=False)
+    chat.model.forward_ragged = forward
+    assert chunks[0] == 2
     again = first + chat.tokenizer.encode('再说一次')
-    with torch.inference_mode():
-        logits, _ = cache.prefill(model, again, 4)
-        fresh, _ = model.prefill(torch.tensor([again]), None, 4)
-    assert cache.reused <= 10
-    assert (logits - fresh).abs().max().item() < 1e-4
+
+    def logprobs(engine):
+        seq = engine.submit(again, params, logprobs=0)
+        engine.run_until_done([seq])
+        return seq, [p for p, _ in seq.logprobs]
+    warm, warm_logprobs = logprobs(engine)
+    cold, cold_logprobs = logprobs(chat.new_engine())
+    assert warm.reused == len(first) and cold.reused == 0 and warm.output == cold.output
+    assert max(abs(a - b) for a, b in zip(warm_logprobs, cold_logprobs)) < 1e-4
+    assert not engine.scheduler.running and engine.scheduler.reserved == 0   # the interrupted one is gone
 
 
 def test_casting_the_model_mid_conversation_drops_the_cached_kv(glm2_dir):
-    """The prompt cache holds the last turn's K/V in the model's dtype; after `model.to(float32)` the
-    next turn prefills anew (bf16 K/V beside fp32 queries failed in attention) and replies as a model
-    loaded in fp32 does."""
+    """The prefix cache holds K/V in the model's dtype; after `model.to(float32)` the next turn prefills
+    anew (bf16 K/V beside fp32 queries failed in attention) and replies as a model loaded in fp32 does."""
     chat = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='bfloat16')
     _, history = chat.chat('介绍下清华大学', max_new_tokens=6, do_sample=False)
-    chat.chat('再说一次', history=history, max_new_tokens=6, do_sample=False)
-    assert chat.prompt_cache.reused > 0                  # same dtype: the history came from the cache
+
+    def cached_in_next_turn():
+        before = chat.engine.scheduler.stats['cached_prompt_tokens']
+        reply, _ = chat.chat('再说一次', history=history, max_new_tokens=6, do_sample=False)
+        return reply, chat.engine.scheduler.stats['cached_prompt_tokens'] - before
+    assert cached_in_next_turn()[1] > 0                  # same dtype: the history came from the cache
     chat.model.to(torch.float32)
-    reply, _ = chat.chat('再说一次', history=history, max_new_tokens=6, do_sample=False)
-    assert chat.prompt_cache.reused == 0
+    reply, cached = cached_in_next_turn()
+    assert cached == 0
     fp32 = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32')
     assert reply == fp32.chat('再说一次', history=history, max_new_tokens=6, do_sample=False)[0]
 
@@ -288,19 +361,22 @@ def test_padded_vocabulary_rows_are_never_generated(make_checkpoint):
     model.chat('你好', max_new_tokens=8)   # decodes without an out-of-range error
 
 
-def test_nan_logits_end_the_reply_with_a_warning(glm2_dir, caplog):
+def test_nan_logits_are_an_error_that_names_the_fix(glm2_dir):
+    """A forward that overflowed gives noise, not a reply: every surface gets the same clear error (the
+    server's is an error event), and the engine goes on serving."""
     model = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32')
     with torch.no_grad():
         model.model.layers[0].mlp.dense_4h_to_h.weight[0, 0] = float('nan')
-    with caplog.at_level(logging.WARNING):
-        response, history = model.chat('你好', max_new_tokens=10, do_sample=True)
-    assert 'NaN/inf logits' in caplog.text
-    assert model.generate(model.build_inputs('你好'), max_new_tokens=10) == [model.tokenizer.eos_id]
+    with pytest.raises(FloatingPointError, match='NaN/inf logits .* load it in bfloat16 or float32'):
+        model.chat('你好', max_new_tokens=10, do_sample=True)
+    with pytest.raises(FloatingPointError):
+        model.generate(model.build_inputs('你好'), max_new_tokens=10)
+    assert not model.engine.scheduler.running and model.engine.scheduler.reserved == 0
 
 
 def _stopped(stops, text, pieces):
     """Feed `text` to StopStrings in pieces of the given sizes -> (what was sent, hit)."""
-    from modelscope_chatglm.generation import StopStrings
+    from modelscope_chatglm.engine.detokenize import StopStrings
     matcher, sent, at = StopStrings(stops), '', 0
     for size in pieces:
         sent += matcher.push(text[at:at + size])
@@ -331,7 +407,7 @@ def test_stop_strings_cut_at_the_first_to_appear_however_the_text_is_split():
 
 
 def test_stop_strings_hold_back_only_what_may_begin_one():
-    from modelscope_chatglm.generation import StopStrings
+    from modelscope_chatglm.engine.detokenize import StopStrings
     matcher = StopStrings(['</answer>', ''])
     assert matcher.push('the answer is 42 <') == 'the answer is 42 '
     assert matcher.push('/ans') == '' and matcher.held == '</ans'

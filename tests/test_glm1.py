@@ -9,7 +9,7 @@ from parity import run_parity
 
 import modelscope_chatglm
 from modelscope_chatglm import CheckpointError, tiny
-from modelscope_chatglm.chat_formats import glm1_response
+from modelscope_chatglm.chat_formats import GLM1Format
 
 
 def test_chatglm6b_matches_reference(glm1_model, glm1_dir, reference):
@@ -77,9 +77,9 @@ def test_prompt_format_and_defaults(glm1_model):
 
 
 def test_response_postprocessing():
-    assert glm1_response('  你好,我是ChatGLM!真的吗?是的:好;  ') == '你好，我是ChatGLM！真的吗？是的：好；'
-    assert glm1_response('Hello, world! a:b') == 'Hello, world! a:b'     # ASCII context stays ASCII
-    assert glm1_response('训练于[[训练时间]]') == '训练于2023年'
+    assert GLM1Format().parse_text('  你好,我是ChatGLM!真的吗?是的:好;  ', []).text == '你好，我是ChatGLM！真的吗？是的：好；'
+    assert GLM1Format().parse_text('Hello, world! a:b', []).text == 'Hello, world! a:b'     # ASCII context stays ASCII
+    assert GLM1Format().parse_text('训练于[[训练时间]]', []).text == '训练于2023年'
 
 
 def test_batched_generation_equals_one_by_one(glm1_model):

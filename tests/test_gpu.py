@@ -163,7 +163,7 @@ def test_fused_block_ops_match_torch_on_the_gpu():
 def greedy_steps(model, prompts, steps, decode, forced=None):
     """Prefill a left-padded batch, then `steps` decode steps through `decode`, feeding the greedy
     tokens (or `forced`, a previous run's); -> logits [steps + 1, b, V], the tokens fed."""
-    from modelscope_chatglm.generation import left_pad
+    from modelscope_chatglm.models.base import left_pad
     ids, mask = left_pad(prompts, 0)
     ids, mask = ids.to(model.device), mask.to(model.device)
     with torch.inference_mode():

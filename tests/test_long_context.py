@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import modelscope_chatglm
-from modelscope_chatglm.generation import left_pad
+from modelscope_chatglm.models.base import left_pad
 from modelscope_chatglm.models.kv_cache import KVCache
 
 GREEDY = dict(do_sample=False, max_new_tokens=12)
@@ -47,14 +47,22 @@ def test_chunked_prefill_with_ptuning_prefix(make_checkpoint):
 
 
 def conversation(chat, queries, reuse):
-    if not reuse:
-        chat.prompt_cache = None
+    """Chat through `queries`; -> replies, history, prompt tokens taken from the prefix cache per turn.
+    Without reuse, every turn runs on a new engine (an empty prefix cache)."""
     history, replies, reused = [], [], []
     for q in queries:
+        engine = chat.engine if reuse else chat.configure_engine()
+        before = engine.scheduler.stats['cached_prompt_tokens']
         reply, history = chat.chat(q, history, **GREEDY)
         replies.append(reply)
-        reused.append(chat.prompt_cache.reused if reuse else 0)
+        reused.append(engine.scheduler.stats['cached_prompt_tokens'] - before)
     return replies, history, reused
+
+
+def cold_chat(chat, *args, **kwargs):
+    """A turn on a new engine: nothing cached."""
+    chat.configure_engine()
+    return chat.chat(*args, **kwargs)
 
 
 def test_kv_reuse_across_turns_gives_identical_replies(glm2_dir, glm3_dir):
@@ -74,31 +82,33 @@ def test_reused_prefix_logits_match_a_full_prefill(model):
     first = model.build_inputs('你好')
     model.chat('你好', **GREEDY)                              # fills the cache with prompt + reply
     follow = model.build_inputs('再见', [('你好', '你好')])
-    with torch.inference_mode():
-        reuse_logits, _ = model.prompt_cache.prefill(model.model, follow, 4)
-        full_logits, _ = model.model.prefill(torch.tensor([follow]), None, 4)
-    assert model.prompt_cache.reused >= len(first) - 1
-    assert (reuse_logits - full_logits).abs().max() < 1e-4
+    params = model.sampling(max_new_tokens=4, do_sample=False)
+
+    def run(engine):
+        seq = engine.submit(follow, params, logprobs=0)
+        engine.run_until_done([seq])
+        return seq
+    reused, full = run(model.engine), run(model.new_engine())
+    assert reused.reused >= len(first) - 1 and full.reused == 0 and reused.output == full.output
+    assert max(abs(a[0] - b[0]) for a, b in zip(reused.logprobs, full.logprobs)) < 1e-4
 
 
 def test_cache_survives_clear_and_history_edits(model, glm2_dir):
     fresh = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32')
-    fresh.prompt_cache = None
     _, history = model.chat('你好', **GREEDY)
     _, history = model.chat('介绍下清华大学', history, **GREEDY)
     # clear: a new conversation shares only the [gMASK] sop [Round 1] prefix with the cache
-    assert model.chat('hello', [], **GREEDY) == fresh.chat('hello', [], **GREEDY)
+    assert model.chat('hello', [], **GREEDY) == cold_chat(fresh, 'hello', [], **GREEDY)
     # an edited earlier reply: the cache is cut at the edit
     edited = [(history[0][0], 'an edited reply'), history[1]]
-    assert model.chat('继续', edited, **GREEDY) == fresh.chat('继续', edited, **GREEDY)
+    assert model.chat('继续', edited, **GREEDY) == cold_chat(fresh, '继续', edited, **GREEDY)
     # truncated history (a small context drops the oldest rounds) stays correct too
     small = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32', context_length=90)
     small_fresh = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32', context_length=90)
-    small_fresh.prompt_cache = None
     h1 = h2 = []
     for q in ('one 清华', 'two 北京', 'three 上海', 'four 广州'):
         r1, h1 = small.chat(q, h1, do_sample=False, max_new_tokens=6)
-        r2, h2 = small_fresh.chat(q, h2, do_sample=False, max_new_tokens=6)
+        r2, h2 = cold_chat(small_fresh, q, h2, do_sample=False, max_new_tokens=6)
         assert r1 == r2
 
 
@@ -108,13 +118,12 @@ def test_pipeline_turns_reuse_the_cache(glm2_dir):
     from modelscope.utils.constant import Tasks
     pipe = pipeline(task=Tasks.chat, model=glm2_dir)
     fresh = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32')
-    fresh.prompt_cache = None
     history = []
     for query in ('你好', '介绍下清华大学', '再见'):
         out = pipe({'text': query, 'history': history}, **GREEDY)
-        assert out['response'] == fresh.chat(query, history, **GREEDY)[0]
+        assert out['response'] == cold_chat(fresh, query, history, **GREEDY)[0]
         history = out['history']
-    assert pipe.chat_model.prompt_cache.reused > 0
+    assert pipe.chat_model.engine.scheduler.stats['cached_prompt_tokens'] > 0
 
 
 def test_kv_cache_reserve_keeps_the_filled_positions():

@@ -1,6 +1,7 @@
 """The server on Ray Serve: a real local Ray cluster on 127.0.0.1 (`ray start --head`, its own temp
 dir, ports and auth token), two replicas of a tiny checkpoint, driven by the `openai` client and raw
 HTTP; one replica is killed mid-run. The tests stop the cluster they started, and only that one."""
+import glob
 import json
 import os
 import secrets
@@ -87,6 +88,12 @@ def cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def replica_logs(cluster) -> str:
+    """The end of each model replica's log (why a deployment failed)."""
+    logs = glob.glob(os.path.join(cluster.root, 'ray', 'session_*', 'logs', 'serve', '*ChatGLMReplica*.log'))
+    return '\n'.join(f'== {path}\n' + open(path, errors='replace').read()[-2000:] for path in logs[-2:])
+
+
 def test_serve_deploy_with_the_documented_config_file(cluster, glm2_dir, tmp_path):
     """deploy/ray-serve.yaml, as documented (`serve deploy`), with the model and port filled in."""
     import yaml
@@ -104,7 +111,7 @@ def test_serve_deploy_with_the_documented_config_file(cluster, glm2_dir, tmp_pat
             status = cluster.serve_details()['applications'].get('chatglm', {}).get('status')
             if status == 'RUNNING':
                 break
-            assert status != 'DEPLOY_FAILED', cluster.serve_details()
+            assert status != 'DEPLOY_FAILED', replica_logs(cluster)
             time.sleep(1)
         r = httpx.post(f'{cluster.url}/v1/chat/completions', timeout=60, json={
             'messages': [{'role': 'user', 'content': '你好'}], 'max_tokens': 4, 'temperature': 0})

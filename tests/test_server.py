@@ -12,7 +12,7 @@ httpx = pytest.importorskip('httpx')
 openai = pytest.importorskip('openai')
 pytest.importorskip('fastapi')
 
-from modelscope_chatglm.serve.engine import Result  # noqa: E402
+from modelscope_chatglm.serve.async_engine import Result  # noqa: E402
 from modelscope_chatglm.serve.protocol import (ChatCompletionRequest, TextOffsets, chat_call, message,  # noqa: E402
                                                to_conversation)
 
@@ -731,10 +731,15 @@ def test_chatglm3_tools_map_to_openai_tool_calls():
     assert history[1] == {'role': 'assistant', 'metadata': 'get_weather',
                           'content': "```python\ntool_call(city='北京')\n```"}
     assert tools == [{'name': 'get_weather', 'parameters': {}}]
-    message_ = message(Result({'name': 'get_weather', 'parameters': {'city': '上海'}}, [], 1, 1, 'stop'))
+    call_ = {'name': 'get_weather', 'parameters': {'city': '上海'}}
+    message_ = message(Result(call_, [], 1, 1, 'stop', tool_calls=[call_]))
+    assert message_['content'] is None
     call = message_['tool_calls'][0]
     assert call['type'] == 'function' and call['function']['name'] == 'get_weather'
     assert json.loads(call['function']['arguments']) == {'city': '上海'}
+    # text, then a call (how the real model often answers with tools): both, as the stream showed them
+    message_ = message(Result(call_, [], 1, 1, 'stop', text='Let me look that up.', tool_calls=[call_]))
+    assert message_['content'] == 'Let me look that up.' and len(message_['tool_calls']) == 1
 
 
 # -- many users at once (continuous batching) -------------------------------------------------------------
@@ -864,26 +869,13 @@ def test_concurrent_greedy_clients_each_get_the_single_client_reply(name, reques
         proc.wait(timeout=30)
 
 
-def test_chatglm3_metadata_lines_are_parsed_once_in_the_engine():
-    """The engine streams only reply text: a text reply's empty metadata line is dropped, a tool call's
-    name and code are held back (the call arrives with 'done'), a plain model's text passes as is."""
-    from modelscope_chatglm.serve.engine import Job, _visible
-    text = Job(request=None, mode=None)
-    assert [_visible(text, d) for d in ('', '\n', ' Hel', 'lo')] == ['', '', 'Hel', 'lo']
-    tool = Job(request=None, mode=None)
-    assert [_visible(tool, d) for d in ('get_we', 'ather\n```py', 'thon\ntool_call(city="x")\n```')] == ['', '', '']
-    assert tool.mode == 'tool'
-    plain = Job(request=None)
-    assert _visible(plain, 'a\nb') == 'a\nb'
-
-
 def test_the_engine_ends_the_openmp_workers_of_the_thread_that_loaded_the_model():
     """Loading runs parallel torch ops, which leave that thread a pool of idle OpenMP workers; beside the
     engine thread's own pool, libgomp then manages more threads than CPUs and stops spinning between
-    parallel regions (a decode step was ~40% slower). `Engine` calls this before its thread starts."""
+    parallel regions (a decode step was ~40% slower). The engine calls this before its thread starts."""
     import os
     import torch
-    from modelscope_chatglm.serve.engine import release_openmp_threads
+    from modelscope_chatglm.engine.core import release_openmp_threads
     if torch.get_num_threads() < 2:
         pytest.skip('one torch thread: OpenMP starts no workers')
     counts = {}

@@ -55,7 +55,7 @@ def test_encode_rejects_non_strings(glm2_model):
 
 def _streamed(tok, ids):
     """The text deltas of a reply, token by token, then the held-back rest."""
-    from modelscope_chatglm.generation import TextDeltas
+    from modelscope_chatglm.engine.detokenize import TextDeltas
     deltas = TextDeltas(tok)
     out = [deltas.push(i) for i in ids]
     return out + [deltas.flush()]
@@ -104,7 +104,7 @@ def test_a_placeholder_spelled_piece_by_piece_streams_once(glm1_model):
 def test_streaming_decodes_a_bounded_window(glm2_model):
     """Each token decodes a window of the latest tokens, however long the reply: the whole reply each
     time made streaming quadratic in its length."""
-    from modelscope_chatglm.generation import TextDeltas
+    from modelscope_chatglm.engine.detokenize import TextDeltas
     tok = glm2_model.tokenizer
     lengths = []
 

@@ -1,22 +1,22 @@
 """What the rest of the package asks of a model: the contract between an architecture
-(glm1.py, glm2.py) and the decode loop (generation.py), the loader (loading.py, checkpoint.py) and
+(glm1.py, glm2.py) and the engine (engine/runner.py), the loader (loading.py, checkpoint.py) and
 `ChatModel`. Written down as a Protocol; each architecture implements all of it.
 
-    logits, state = model.prefill(input_ids, attention_mask, max_new_tokens)   # [b, V], state
-    logits = model.decode(next_ids, state)                                     # [b, V]
-    logits = model.extend(state, keep, new_ids, max_new_tokens)                # prefix reuse
-
-Continuous batching (batching.py) runs each sequence on a state of its own and puts the new tokens
-of many sequences through one forward:
-    state = model.start(prompt_ids, max_new_tokens)
+The engine runs each sequence on a state of its own and puts the new tokens of many sequences
+through one forward:
+    state = model.start(prompt_ids, max_new_tokens)                            # allocates, runs nothing
     model.adopt_prefix(state, kv_segments, keep)                               # prefix sharing
     logits = model.forward_ragged([(state, ids), (state2, ids2), ...])        # [n, V]
     logits = model.forward_ragged(parts, every=(0,))      # [n + len(ids), V]: also each position of part 0
     model.rows_keep_their_bits(rows)        # may prompt chunks and decode tokens share one forward?
+    logits = model.decode(next_ids, state)  # one token per sequence [b] -> [b, V]: the CUDA-graphed step
+Whole left-padded prompts, for scoring and parity tests:
+    logits, state = model.prefill(input_ids, attention_mask, max_new_tokens)   # [b, V], state
+    logits = model.full_logits(input_ids, attention_mask)                      # [b, s, V]
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -27,7 +27,7 @@ class CausalLM(Protocol):
     # The linears of each block (names relative to a block) that int8/int4 checkpoints quantize.
     QUANTIZED_LINEARS: Tuple[str, ...]
     # Whether the K/V of a prompt's prefix stay valid when the prompt grows (causal attention).
-    # Only then may the decode loop reuse a cached conversation through `extend`.
+    # Only then may the engine share a cached prefix between sequences (`adopt_prefix`).
     supports_prefix_reuse: bool
 
     @property
@@ -45,10 +45,6 @@ class CausalLM(Protocol):
     def decode(self, next_ids: torch.Tensor, state: Any) -> torch.Tensor:
         """One new token per sequence [b] -> next logits [b, V] (fp32)."""
 
-    def extend(self, state: Any, keep: int, new_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Keep the first `keep` cached tokens of a one-sequence state, run new_ids [1, s] after them
-        -> next logits [1, V]. Only where supports_prefix_reuse."""
-
     def start(self, prompt, max_new_tokens: int) -> Any:
         """A one-sequence decode state with room for the prompt and max_new_tokens; runs nothing."""
 
@@ -64,6 +60,18 @@ class CausalLM(Protocol):
 
     def full_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits at every position [b, s, V] (fp32), for scoring and parity tests."""
+
+
+def left_pad(prompts: List[List[int]], pad_id: int):
+    """-> input_ids [b, s], attention_mask [b, s] (1 = token, 0 = padding on the left)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        if p:
+            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p):] = 1
+    return ids, mask
 
 
 def ragged_logits(model, hidden: torch.Tensor, lengths, every=()) -> torch.Tensor:

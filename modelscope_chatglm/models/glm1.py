@@ -233,7 +233,7 @@ class GLM1Model(nn.Module):
             visible = torch.cat([torch.ones(b, s, pre, dtype=torch.bool, device=padding.device), visible], 2)
         return visible[:, None]
 
-    # -- the two calls the decode loop makes ---------------------------------------------------------
+    # -- whole prompts (scoring, tests) ---------------------------------------------------------------
     def prefill(self, input_ids, attention_mask, max_new_tokens: int):
         b, s = input_ids.shape
         padding, sop_index, mask_position, positions, block_positions = self._structure(input_ids, attention_mask)
@@ -254,7 +254,7 @@ class GLM1Model(nn.Module):
         state.length += 1
         return self.logits(hidden[:, -1]).float()
 
-    # -- continuous batching (batching.py) -----------------------------------------------------------
+    # -- the engine (engine/runner.py) ----------------------------------------------------------------
     def start(self, prompt, max_new_tokens: int) -> DecodeState:
         """The decode state of one sequence; its first part in `forward_ragged` must be the whole prompt
         (the prefix before <sop> is attended bidirectionally, so it cannot be prefilled in chunks)."""
@@ -299,10 +299,6 @@ class GLM1Model(nn.Module):
             state.cache.commit(n)
             state.length += n
         return ragged_logits(self, x[0], lengths)
-
-    def extend(self, state, keep, new_ids, max_new_tokens):
-        raise NotImplementedError('ChatGLM-6B cannot reuse cached K/V across prompts: its prompt prefix is '
-                                  'attended bidirectionally, so the K/V of a prefix change as the prompt grows')
 
     def full_logits(self, input_ids, attention_mask):
         padding, sop_index, _, positions, block_positions = self._structure(input_ids, attention_mask)

@@ -235,7 +235,7 @@ class PrefixEncoder(nn.Module):
 
 class GLM2Model(nn.Module):
     """Token ids in, hidden states or logits out; implements models/base.py's CausalLM. Generation
-    lives in `generation.py`."""
+    lives in the engine (engine/)."""
 
     # The four linears of each block that int8/int4 checkpoints quantize (relative to a GLMBlock).
     QUANTIZED_LINEARS = ('self_attention.query_key_value', 'self_attention.dense',
@@ -320,7 +320,7 @@ class GLM2Model(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_head(hidden, self.output_layer.weight)
 
-    # -- the calls the decode loop makes (generation.py) ---------------------------------------------
+    # -- whole prompts, and the graphed decode step (the engine's runner uses `decode` on CUDA) ------
     @property
     def device(self) -> torch.device:
         return self.word_embeddings.weight.device
@@ -341,17 +341,6 @@ class GLM2Model(nn.Module):
         state = DecodeState(self.new_cache(b, s + max_new_tokens), padding, positions[:, -1] + 1)
         return self._run_chunks(input_ids, positions, state), state
 
-    def extend(self, state: 'DecodeState', keep: int, new_ids: torch.Tensor, max_new_tokens: int):
-        """Reuse the first `keep` cached tokens of a single-sequence `state` (the P-tuning prefix not
-        counted) and run `new_ids` [1, s] after them: -> next logits [1, V]. Only the new tokens cost."""
-        pre = self.cfg.pre_seq_len or 0
-        s = new_ids.shape[1]
-        state.cache.truncate(pre + keep)
-        state.cache.reserve(pre + keep + s + max_new_tokens)
-        positions = torch.arange(keep, keep + s, device=new_ids.device)[None]
-        state.next_position = positions[:, -1] + 1
-        return self._run_chunks(new_ids, positions, state)
-
     def _run_chunks(self, input_ids, positions, state: 'DecodeState'):
         pre = self.cfg.pre_seq_len or 0
         hidden = None
@@ -363,7 +352,7 @@ class GLM2Model(nn.Module):
             hidden = self(input_ids[:, start:end], positions[:, start:end], state.cache, padding)
         return self.logits(hidden[:, -1]).float()
 
-    # -- continuous batching (batching.py): sequences of their own lengths side by side --------------
+    # -- the engine (engine/runner.py): sequences of their own lengths side by side -------------------
     def start(self, prompt, max_new_tokens: int) -> 'DecodeState':
         """The decode state of one sequence with room for the prompt and max_new_tokens; nothing runs yet."""
         return DecodeState(self.new_cache(1, len(prompt) + max_new_tokens), None,

@@ -26,7 +26,7 @@ from modelscope.utils.constant import Fields, Frameworks
 
 from ..chat import ChatModel, ChatTurn
 from ..errors import InputError
-from ..generation import SamplingParams
+from ..engine.sampling import SamplingParams
 from . import BUILTIN_MODELS, BUILTIN_PIPELINES, MODEL_NAME, PIPELINE_NAME, PREPROCESSOR_NAME, TASKS
 
 GENERATION_KEYS = tuple(SamplingParams.__dataclass_fields__)

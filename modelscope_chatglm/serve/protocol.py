@@ -10,9 +10,9 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from ..batching import KVBudgetError
+from ..engine.scheduler import KVBudgetError
 from ..errors import ContextLengthError, InputError
-from .engine import ChatCall, QueueFull, ReplicaUnavailable, Result
+from .async_engine import ChatCall, QueueFull, ReplicaUnavailable, Result
 
 
 # -- request bodies ------------------------------------------------------------------------------------
@@ -279,16 +279,27 @@ def completion_id(prefix: str = 'chatcmpl') -> str:
 
 
 def message(result: Result) -> dict:
-    if isinstance(result.response, dict):   # a ChatGLM3 tool call
-        args = result.response.get('parameters', {'content': result.response.get('content')})
-        return {'role': 'assistant', 'content': None, 'tool_calls': [{
-            'id': f'call_{uuid.uuid4().hex[:16]}', 'type': 'function',
-            'function': {'name': result.response['name'], 'arguments': json.dumps(args, ensure_ascii=False)}}]}
-    return {'role': 'assistant', 'content': result.response}
+    """The assistant message of a whole reply: its text (None when it has none) and its tool calls. A
+    ChatGLM3 reply may have both: text, then a call, as the stream showed them."""
+    calls = tool_calls(result)
+    body = {'role': 'assistant', 'content': result.text if result.text or not calls else None}
+    if calls:
+        body['tool_calls'] = calls
+    return body
+
+
+def tool_calls(result: Result) -> List[dict]:
+    """OpenAI's tool_calls of a result: each call's arguments as JSON (the code itself as `content`
+    when it was no call we could read)."""
+    return [{'id': f'call_{uuid.uuid4().hex[:16]}', 'type': 'function',
+             'function': {'name': call['name'], 'arguments': json.dumps(
+                 call['parameters'] if call.get('parameters') is not None else {'content': call.get('content')},
+                 ensure_ascii=False)}}
+            for call in result.tool_calls]
 
 
 def finish_reason(result: Result) -> str:
-    return 'tool_calls' if isinstance(result.response, dict) else result.finish_reason
+    return 'tool_calls' if result.tool_calls else result.finish_reason
 
 
 def usage(results: List[Result]) -> dict:
@@ -345,8 +356,8 @@ class ChatChunks:
     def done(self, result: Result, logprobs, usage_: Optional[dict]) -> List[str]:
         """The choice's last chunks; usage_ goes with the request's last choice to finish."""
         chunks = []
-        if isinstance(result.response, dict):   # a ChatGLM3 tool call
-            chunks.append(self._chunk({'tool_calls': [dict(message(result)['tool_calls'][0], index=0)]}))
+        if result.tool_calls:   # ChatGLM3's: they come whole, once the reply has ended
+            chunks.append(self._chunk({'tool_calls': [dict(call, index=i) for i, call in enumerate(tool_calls(result))]}))
         return chunks + [self._chunk({}, finish_reason(result), usage_, logprobs)]
 
 
@@ -499,7 +510,7 @@ def failure(exc: Exception):
 
 
 # -- metrics -----------------------------------------------------------------------------------------------
-# name -> (Prometheus type, help) of what /metrics reports, from Engine.stats().
+# name -> (Prometheus type, help) of what /metrics reports, from AsyncEngine.stats().
 METRICS = {
     'running': ('gauge', 'sequences in the running batch'),
     'waiting': ('gauge', 'requests waiting to join the batch'),

@@ -2,9 +2,9 @@
 
     HTTP -> Ray Serve's proxy -> ChatGLMIngress (the same FastAPI routes as server.py, no model)
          -> ConversationRouter (ray_routing.py: the replica holding the conversation's K/V)
-         -> ChatGLMReplica x N (one model each, running the continuous-batching Engine)
+         -> ChatGLMReplica x N (one model each, running an AsyncEngine)
 
-Each replica streams `Engine.generate`'s events back to the ingress, so the routes, errors and
+Each replica streams `AsyncEngine.generate`'s events back to the ingress, so the routes, errors and
 protocol are server.py's. A replica that dies takes only its in-flight requests with it: those get a
 503 (or an error event that ends their stream) within seconds, the router stops sending it work, and
 Ray Serve starts a new one.
@@ -33,7 +33,7 @@ from ray.exceptions import RayError, RayTaskError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError
 
-from .engine import ChatCall, Engine, QueueFull, ReplicaUnavailable
+from .async_engine import AsyncEngine, ChatCall, QueueFull, ReplicaUnavailable
 from .ray_routing import ConversationRouter
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class ChatGLMReplica:
                     adapter_revision=settings.adapter_revision,
                     cuda_graphs=False if settings.no_cuda_graphs else None)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.engine = Engine(chat, settings.max_queue, settings.max_batch, settings.kv_cache_bytes(),
+        self.engine = AsyncEngine(chat, settings.max_queue, settings.max_batch, settings.kv_cache_bytes(),
                              settings.prefill_chunk, replica=self.replica)
         logger.info('replica %s (pid %d) serves %s', self.replica, os.getpid(), chat)
 
@@ -141,7 +141,7 @@ class ChatGLMReplica:
         return {'model_name': e.model_name, 'adapters': e.adapters}
 
     async def generate(self, call: ChatCall):
-        """Engine.generate's events; exceptions travel as portable copies."""
+        """AsyncEngine.generate's events; exceptions travel as portable copies."""
         async for kind, value in self.engine.generate(call):
             if kind in ('rejected', 'error'):
                 value = _portable(value)
@@ -152,7 +152,7 @@ class ChatGLMReplica:
         return dict(self.engine.stats(), pid=os.getpid())
 
     def check_health(self):
-        if not self.engine.thread.is_alive():
+        if not self.engine.engine.stepping_in_background:
             raise RuntimeError('the engine thread stopped')
 
     def __del__(self):
@@ -258,7 +258,7 @@ def app(args: Optional[dict] = None):
     """The application (a Ray Serve application builder): `serve run modelscope_chatglm.serve.ray_app:app
     model=ZhipuAI/chatglm3-6b replicas=2`, or `import_path` + `args` in a Serve config file."""
     settings = args if isinstance(args, RaySettings) else RaySettings.from_args(args)
-    from ..batching import DEFAULT_MAX_BATCH
+    from ..engine.scheduler import DEFAULT_MAX_BATCH
     batch = settings.max_batch or DEFAULT_MAX_BATCH
     per_replica = batch + settings.max_queue   # what one replica takes before its engine says it is busy
     scale = settings.autoscale_range()

@@ -23,7 +23,7 @@ from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from .engine import ChatCall
+from .async_engine import ChatCall
 
 def rendezvous_rank(key: str, replica_ids: List[str]) -> List[str]:
     """Replica ids from most to least preferred for `key`: the same order in every process."""

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from ..chat import ChatModel
 from ..errors import InputError
 from . import protocol
-from .engine import Engine, Result
+from .async_engine import AsyncEngine, Result
 from .protocol import ChatCompletionRequest, ClassicRequest, TextCompletionRequest
 
 
@@ -67,13 +67,13 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
     api_key: when set, every route but /health and /metrics wants `Authorization: Bearer <api_key>`.
     max_queue: requests that may wait for the model; more get a 503 with Retry-After.
     max_batch, kv_cache_bytes, prefill_chunk: the continuous-batching scheduler's (batching.py)."""
-    engine = Engine(chat, max_queue, max_batch, kv_cache_bytes, prefill_chunk)
+    engine = AsyncEngine(chat, max_queue, max_batch, kv_cache_bytes, prefill_chunk)
     return create_app_over(engine, model_name, max_body_bytes, api_key)
 
 
 def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20,
                     api_key: Optional[str] = None) -> FastAPI:
-    """The routes over a backend: an `Engine` here, or `ray_app.RayBackend` over Ray Serve replicas.
+    """The routes over a backend: an `AsyncEngine` here, or `ray_app.RayBackend` over Ray Serve replicas.
     A backend has model_name, adapters, `generate(ChatCall)` (the event
     stream of engine.py), `async stats_list()` (one dict per engine) and `cancel_all()`."""
 

@@ -1352,7 +1352,7 @@ void q4_dequant_rows_bf16(const int8_t *W, const float *scale, int n0, int n1, i
  *
  * A query's result depends only on its q, the keys it sees and how many they are, not on the chunk
  * around it: a prompt prefilled whole, in chunks or after a prefix-cache hit gets the same bits, alone
- * or batched. Builds without AVX512-BF16 return 0 (not computed) and the caller uses torch's SDPA.
+ * or batched. Builds without AVX512-BF16 run the scalar reference (the model uses torch's SDPA there).
  */
 void attend_bf16_ref(const uint16_t *q, long ldq, int s, int H, int G, int d, const uint16_t *k, long ldk,
                      const uint16_t *v, long ldv, int t, uint16_t *out, float scale) {
@@ -1572,8 +1572,9 @@ static void decode_groups(void *arg, int g0, int g1) {
 }
 #endif
 
-/* -> 1 when computed; 0 when this build has no bf16 dot products, the shapes are not supported (d a
- * multiple of 16, H a multiple of G, 1 <= s <= t) or memory ran out: the caller then uses torch. */
+/* -> 1 when computed; 0 when the shapes are not supported (d a multiple of 16, H a multiple of G,
+ * 1 <= s <= t) or memory ran out: the caller then uses torch. A build without bf16 dot products runs
+ * the scalar reference. */
 int attend_bf16(const uint16_t *q, long ldq, int s, int H, int G, int d, const uint16_t *k, long ldk,
                 const uint16_t *v, long ldv, int t, uint16_t *out, float scale, int nthreads) {
 #ifdef XBF16_DP
@@ -1597,8 +1598,12 @@ int attend_bf16(const uint16_t *q, long ldq, int s, int H, int G, int d, const u
     free(vp);
     return !atomic_load(&job.failed);
 #else
-    (void)q; (void)ldq; (void)s; (void)H; (void)G; (void)d; (void)k; (void)ldk; (void)v; (void)ldv; (void)t;
-    (void)out; (void)scale; (void)nthreads;
-    return 0;
+    /* No bf16 dot products in this build: the scalar reference, so that a caller always gets the
+     * definition's result (never memory left unwritten). It is slow; the model only calls this kernel
+     * where the build has AVX512-BF16 (glm2.compiled_attention) and uses SDPA elsewhere. */
+    (void)nthreads;
+    if (s < 1 || t < s || G < 1 || H % G || d < 1) return 0;
+    attend_bf16_ref(q, ldq, s, H, G, d, k, ldk, v, ldv, t, out, scale);
+    return 1;
 #endif
 }

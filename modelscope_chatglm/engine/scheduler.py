@@ -1,6 +1,12 @@
-"""Continuous batching: many generations share every forward pass (iteration-level scheduling).
+"""The scheduler: which sequences run in the next step, with how many tokens each, in what memory.
 
-A `Scheduler` owns the sequences. Each `step()`:
+It decides; it never runs the model (engine/runner.py does) and knows nothing of HTTP, threads beyond
+one lock, devices or model families. Each step of the engine (engine/core.py) is
+    plan = scheduler.schedule()            # a list of forwards: [(sequence, new token ids), ...]
+    for forward in plan:
+        result = runner.execute(forward)   # one forward pass, then a token for each sequence due one
+        scheduler.update(forward, result)  # append the tokens, call the sequences' consumers, finish
+`schedule()`:
   1. forgets cancelled sequences: their KV memory is free at once;
   2. admits waiting requests in arrival order while the batch has room and their K/V fit the memory
      budget (least recently used prefix-cache entries are evicted first; a request that does not fit
@@ -9,25 +15,25 @@ A `Scheduler` owns the sequences. Each `step()`:
   3. takes one decode token of every sequence past its prompt, and up to `prefill_chunk` prompt tokens
      of the oldest sequences still prefilling, so a long prompt is spread over several steps instead
      of freezing everyone else;
-  4. runs them in one forward (`forward_ragged`): the weights are streamed once for all rows. Where a
-     forward's rows would not keep their bits (torch's matmuls choose their blocking by the shape), the
-     prompt chunks and the decode tokens run as two forwards.
+  4. puts them in one forward (the weights are streamed once for all rows) where that changes no row's
+     bits (torch's matmuls choose their blocking by the shape); otherwise prompt chunks and decode
+     tokens are two forwards.
 Attention runs per sequence and every other layer is row-wise, so a sequence's tokens do not depend
 on its neighbours: a greedy or seeded reply is the same alone and in a batch.
 
 Memory: every byte of K/V counts against one budget: running sequences' caches (their capacity) and
-the prefix cache. A sequence is admitted with room for its prompt and Scheduler.GROW_TOKENS more, and its cache
+the prefix cache. A sequence is admitted with room for its prompt and GROW_TOKENS more, and its cache
 doubles (up to prompt + max_new_tokens) when full. When the budget has no room for that, the least
 recently used prefix-cache leaves go first, then the most recently admitted sequence is preempted:
 its memory is freed and it goes back to the head of the queue, to be prefilled again (prompt plus the
 tokens it already generated) when there is room. So a request that omits max_tokens does not hold a
 whole context window of memory, and the budget is never overrun. A finished sequence's K/V go to the
 prefix cache (prefix_cache.py: a radix tree, so what many sequences share is kept once) and stay
-until their bytes are needed.
+until their bytes are needed: the next turn of a conversation prefills only what is new.
 
-The scheduler knows nothing of HTTP or threads beyond one lock: `submit` and `Sequence.cancel` may
-be called from any thread, `step` from one. Tokens reach the caller through `on_token(seq, token)`,
-called on the stepping thread.
+Caches are allocated through `KVAllocator` (runner.py), which owns their layout; the scheduler only
+counts their bytes. `submit` and `Sequence.cancel` may be called from any thread, the rest from the
+thread that steps. Tokens reach the caller through `on_token(seq, token)`, called in `update`.
 """
 from __future__ import annotations
 
@@ -36,15 +42,15 @@ import os
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence as Seq, Tuple
 
 import torch
 
-from . import adapters
-from .errors import ContextLengthError
-from .generation import SamplingParams, choose, process_logits, token_logprobs
-from .models.kv_cache import KVSegment
+from ..errors import ContextLengthError
+from ..models.kv_cache import KVSegment
 from .prefix_cache import PrefixCache, common_prefix
+from .sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -134,29 +140,63 @@ class KVBudgetError(ContextLengthError):
     """A request whose K/V alone exceed the whole KV memory budget."""
 
 
+@dataclass
+class Forward:
+    """One forward pass of a step: parts = [(sequence, new token ids), ...], the first `prompt_parts`
+    of them prompt chunks, the rest one decode token each."""
+    parts: List[Tuple[Sequence, List[int]]]
+    prompt_parts: int
+
+    @property
+    def scored(self) -> List[int]:
+        """The prompt chunks whose every position's logits are wanted (a prompt being scored)."""
+        return [row for row, (seq, _) in enumerate(self.parts[:self.prompt_parts]) if seq.scores_prompt]
+
+    def due(self, row: int) -> bool:
+        """Whether part `row` ends where its sequence's next token is to be sampled: a decode token,
+        or the last chunk of a prompt (not one coming back after a preemption, whose next token is
+        known, nor a prompt only scored)."""
+        seq, ids = self.parts[row]
+        if row >= self.prompt_parts:
+            return True
+        return seq.prefilled + len(ids) == len(seq.fill) and not seq.output and seq.budget > 0
+
+
+@dataclass
+class ForwardResult:
+    """What the runner computed for a Forward. error: the forward failed (every part ends). Per part
+    (by row): tokens[row] the sampled token (rows not due have none), logprobs[row] its (logprob,
+    alternatives), prompt_logprobs[row] a scored chunk's entries, failures[row] why its sampling
+    failed."""
+    error: Optional[BaseException] = None
+    tokens: Dict[int, int] = field(default_factory=dict)
+    logprobs: Dict[int, tuple] = field(default_factory=dict)
+    prompt_logprobs: Dict[int, list] = field(default_factory=dict)
+    failures: Dict[int, BaseException] = field(default_factory=dict)
+
+
 class Scheduler:
     GROW_TOKENS = 256      # room for new tokens a sequence is admitted with; its cache then doubles as needed
+    SHARED_WAIT = 64       # a prompt sharing this many uncomputed tokens with an older one waits for its K/V
 
-    def __init__(self, model, vocab_limit: int, max_batch: int = DEFAULT_MAX_BATCH,
-                 kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None):
-        if max_batch < 1:
-            raise ValueError(f'max_batch must be >= 1, got {max_batch}')
+    def __init__(self, kv, max_batch: int = DEFAULT_MAX_BATCH, kv_cache_bytes: Optional[int] = None,
+                 prefill_chunk: Optional[int] = None):
+        """kv: the runner's KVAllocator (what a cache costs, how to make and grow one)."""
+        if not (isinstance(max_batch, int) and max_batch >= 1):
+            raise ValueError(f'max_batch must be an integer >= 1, got {max_batch!r}')
         if prefill_chunk is None:
-            prefill_chunk = DEFAULT_PREFILL_CHUNK.get(model.device.type, DEFAULT_PREFILL_CHUNK['cpu'])
-        if prefill_chunk < 1:
-            raise ValueError(f'prefill_chunk must be >= 1, got {prefill_chunk}')
-        self.model = model
-        self.vocab_limit = vocab_limit
+            prefill_chunk = DEFAULT_PREFILL_CHUNK.get(kv.device.type, DEFAULT_PREFILL_CHUNK['cpu'])
+        if not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
+            raise ValueError(f'prefill_chunk must be an integer >= 1, got {prefill_chunk!r}')
+        self.kv = kv
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        cfg = model.cfg
-        self.pre = cfg.pre_seq_len or 0
-        dtype = model.word_embeddings.weight.dtype
-        self.bytes_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
-        self.budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(model.device)
+        self.pre = kv.pre                          # P-tuning prefix positions every cache starts with
+        self.bytes_per_token = kv.bytes_per_token
+        self.budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(kv.device)
         # ChatGLM-6B attends its prompt bidirectionally: a prefix's K/V change as the prompt grows.
-        self.prefix_cache = PrefixCache() if model.supports_prefix_reuse else None
-        self.adapters = adapters.adapter_names(model)   # LoRA adapters a request may pick
+        self.prefix_cache = PrefixCache() if kv.supports_prefix_reuse else None
+        self.adapters = kv.adapters                # LoRA adapters a request may pick
         self.waiting: 'deque[Sequence]' = deque()
         self.running: List[Sequence] = []
         self.reserved = 0           # K/V bytes of running sequences
@@ -182,7 +222,7 @@ class Scheduler:
             if value is not None and not (isinstance(value, int) and 0 <= value <= MAX_TOP_LOGPROBS):
                 raise ValueError(f'{name} must be the number of alternatives to report, 0 to {MAX_TOP_LOGPROBS}, '
                                  f'got {value!r}')
-        if prompt_logprobs is not None and not self.model.supports_prefix_reuse:
+        if prompt_logprobs is not None and not self.kv.supports_prefix_reuse:
             raise ValueError('ChatGLM-6B attends its prompt in both directions, so its prompt tokens have no '
                              'left-to-right log-probabilities; ask for the logprobs of generated tokens only')
         seq = Sequence(prompt, params, on_token, on_finish, adapter, logprobs, prompt_logprobs)
@@ -193,7 +233,7 @@ class Scheduler:
                 f'{seq.budget} new tokens) but the KV cache budget is {self.budget / 2**20:.1f} MiB; ask '
                 f'for fewer new tokens (max_tokens) or raise the budget (--kv-cache-gb)')
         if params.seed is not None:
-            seq.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+            seq.generator = torch.Generator(device=self.kv.device).manual_seed(params.seed)
         with self.work:
             self.waiting.append(seq)
             self.work.notify_all()
@@ -224,33 +264,22 @@ class Scheduler:
                     prefix_cache_entries=self.prefix_cache.nodes if self.prefix_cache else 0,
                     prefix_cache_hit_rate=self.stats['cached_prompt_tokens'] / prompt if prompt else 0.0)
 
-    # -- the stepping thread ------------------------------------------------------------------------
-    def run_until_done(self, seqs: List[Sequence]):
-        while not all(s.finished for s in seqs):
-            self.step()
-
-    @torch.inference_mode()
-    def step(self) -> bool:
-        """One iteration; -> whether anything ran."""
-        self._drop_cancelled()
+    # -- the stepping thread: deciding ---------------------------------------------------------------
+    def schedule(self) -> List[Forward]:
+        """The next step's forwards (empty when nothing can run)."""
+        self.drop_cancelled()
         self._admit()
         decoding = [(s, [s.output[-1]]) for s in self._with_room(
             [s for s in self.running if s.output and not s.finished and s.prefilled == len(s.fill)])]
         prefill = self._prefill_parts()
-        # Prompt chunks and decode tokens share one forward (the weights are read once for both) where
-        # that changes no row's bits; otherwise they run as two.
-        rows = sum(len(ids) for _, ids in prefill) + len(decoding)
-        if prefill and decoding and self.model.rows_keep_their_bits(rows):
-            self._forward(prefill + decoding, prompt_parts=len(prefill))
-        else:
-            if prefill:
-                self._forward(prefill, prompt_parts=len(prefill))
-            if decoding:
-                self._forward(decoding, prompt_parts=0)
         self.stats['steps'] += 1
-        return bool(prefill or decoding)
+        rows = sum(len(ids) for _, ids in prefill) + len(decoding)
+        if prefill and decoding and self.kv.rows_keep_their_bits(rows):
+            return [Forward(prefill + decoding, len(prefill))]
+        return [f for f in (Forward(prefill, len(prefill)), Forward(decoding, 0)) if f.parts]
 
-    def _drop_cancelled(self):
+    def drop_cancelled(self):
+        """Finish cancelled sequences now: their memory is free at once."""
         with self.lock:
             for seq in [s for s in self.waiting if s._cancelled]:
                 self.waiting.remove(seq)
@@ -289,14 +318,13 @@ class Scheduler:
         ready = []
         for seq in seqs:
             while seq.state is not None and seq.state.cache.length >= seq.state.cache.capacity:
-                cache = seq.state.cache
-                filled = cache.capacity - self.pre
+                filled = seq.state.cache.capacity - self.pre
                 capacity = min(max(2 * filled, filled + self.GROW_TOKENS), len(seq.prompt) + seq.budget)
                 extra = self.kv_bytes(capacity) - seq.kv_bytes
                 if extra <= 0:   # cannot happen: an unfinished sequence has new tokens left in its budget
                     raise RuntimeError(f'KV cache of a sequence is full at its maximum ({capacity} tokens)')
                 if self._make_room(extra):
-                    cache.reserve(self.pre + capacity, block=1)
+                    self.kv.grow(seq.state, self.pre + capacity)
                     seq.kv_bytes += extra
                     self.reserved += extra
                 else:
@@ -331,7 +359,7 @@ class Scheduler:
             self._finish(seq, 'length', keep_cache=False)
             return
         try:
-            seq.state = self.model.start(seq.fill, capacity - len(seq.fill))
+            seq.state = self.kv.start(seq.fill, capacity - len(seq.fill))
         except Exception as e:   # e.g. a ChatGLM-6B prompt without [gMASK]/<sop>
             seq.error = e
             self._finish(seq, 'error', keep_cache=False)
@@ -367,7 +395,7 @@ class Scheduler:
                 continue
             keep, segments = self._longest_prefix(seq)
             if keep > seq.prefilled:
-                self.model.adopt_prefix(seq.state, segments, keep)
+                self.kv.adopt_prefix(seq.state, segments, keep)
                 if seq.fill is seq.prompt:
                     self.stats['cached_prompt_tokens'] += keep - seq.prefilled
                 seq.prefilled = seq.reused = keep
@@ -379,14 +407,12 @@ class Scheduler:
             room = self.prefill_chunk - tokens
             if room <= 0:
                 break
-            n = left if not self.model.supports_prefix_reuse else min(left, room)
+            n = left if not self.kv.supports_prefix_reuse else min(left, room)
             if parts and n > room:
                 break
             parts.append((seq, seq.fill[seq.prefilled:seq.prefilled + n]))
             tokens += n
         return parts
-
-    SHARED_WAIT = 64
 
     def _waits_for(self, seq: Sequence, ahead: List[Sequence]) -> bool:
         if self.prefix_cache is None or seq.scores_prompt:   # (it could not take the K/V it waited for)
@@ -399,68 +425,35 @@ class Scheduler:
                 return True
         return False
 
-    def _forward(self, parts, prompt_parts: int):
-        """Run parts = [(sequence, new ids), ...], the first `prompt_parts` of them prompt chunks, the rest
-        one decode token each; sample where a sequence's next token is due."""
-        scored = [row for row, (seq, _) in enumerate(parts[:prompt_parts]) if seq.scores_prompt]
-        try:
-            with adapters.rows([(seq.adapter, len(ids)) for seq, ids in parts]):
-                logits = self.model.forward_ragged([(seq.state, ids) for seq, ids in parts], every=scored)
-        except Exception as e:   # a failing forward ends its sequences, never the scheduler
-            logger.exception('forward failed; ending %d sequence(s)', len(parts))
-            for seq, _ in parts:
-                seq.error = e
+    # -- the stepping thread: applying what a forward computed ---------------------------------------
+    def update(self, forward: Forward, result: ForwardResult):
+        """Advance the forward's sequences by what the runner computed: prompt positions filled, a
+        token appended where one was due, consumers told, finished sequences finished."""
+        if result.error is not None:   # a failing forward ends its sequences, never the scheduler
+            for seq, _ in forward.parts:
+                seq.error = result.error
                 self._finish(seq, 'error', keep_cache=False)
             return
-        offset = len(parts)   # each position of the scored prompt chunks follows the parts' last rows
-        for row in scored:
-            seq, ids = parts[row]
-            self._score_prompt(seq, logits[offset:offset + len(ids)])
-            offset += len(ids)
-        for row, (seq, ids) in enumerate(parts):
-            if row < prompt_parts:
+        for row, entries in result.prompt_logprobs.items():
+            forward.parts[row][0].prompt_logprobs += entries
+        for row, (seq, ids) in enumerate(forward.parts):
+            if seq.finished:
+                continue
+            if row < forward.prompt_parts:
                 seq.prefilled += len(ids)
-                if seq.prefilled < len(seq.fill) or seq.output:
-                    continue    # more to prefill; or a preempted sequence back: its next token is known
-                if seq.budget == 0:   # a prompt only scored
-                    self._finish(seq, 'length')
+                if seq.prefilled == len(seq.fill) and not seq.output and seq.budget == 0:
+                    self._finish(seq, 'length')   # a prompt only scored
                     continue
-            self._sample(seq, logits[row:row + 1])
+            if row in result.failures:
+                seq.error = result.failures[row]
+                self._finish(seq, 'error', keep_cache=False)
+            elif row in result.tokens:
+                self._append(seq, result.tokens[row], result.logprobs.get(row))
 
-    def _score_prompt(self, seq: Sequence, logits: torch.Tensor):
-        """Record the logprobs of the prompt tokens that a prompt chunk's logits [len, V] predict: its
-        row j, at position prefilled + j, predicts the token after it."""
-        first = len(seq.prompt_logprobs) + 1     # the next prompt position without a logprob
-        start = first - seq.prefilled - 1        # its row in this chunk
-        targets = seq.prompt[first:seq.prefilled + len(logits) + 1]
-        if start >= 0 and targets:
-            seq.prompt_logprobs += token_logprobs(logits[start:start + len(targets)], targets,
-                                                  seq.top_prompt_logprobs, self.vocab_limit)
-
-    def _sample(self, seq: Sequence, logits: torch.Tensor):
-        params = seq.params
-        if not bool(torch.isfinite(logits).all()):
-            # The forward overflowed (fp16 activations, typically): any token would be noise.
-            seq.error = FloatingPointError('the model produced NaN/inf logits (fp16 overflow?); load it in '
-                                           'bfloat16 or float32')
-            self._finish(seq, 'error', keep_cache=False)
-            return
-        counted = params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
-        ids = seq.ids_tensor(logits.device) if counted else logits.new_zeros((1, 0), dtype=torch.long)
-        seen = ids if params.repetition_penalty != 1.0 else ids[:, :0]
-        try:
-            scores = process_logits(logits, seen, params, self.vocab_limit, ids[:, len(seq.prompt):])
-            token = int(choose(scores, params, seq.generator)[0])
-        except Exception as e:   # e.g. parameters that passed no validation: end this sequence only
-            # Left running, it would have no next token to decode and nothing left to prefill, and
-            # the engine thread would step it forever.
-            logger.exception('sampling failed; ending the sequence')
-            seq.error = e
-            self._finish(seq, 'error', keep_cache=False)
-            return
+    def _append(self, seq: Sequence, token: int, logprob):
         seq.output.append(token)
-        if seq.logprobs is not None:
-            seq.logprobs += token_logprobs(logits, [token], seq.top_logprobs, self.vocab_limit)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         self.stats['generated_tokens'] += 1
         stop_here = False
         if seq.on_token is not None:
@@ -470,7 +463,7 @@ class Scheduler:
                 seq.error = e
                 self._finish(seq, 'error', keep_cache=False)
                 return
-        if stop_here or token in params.stop_ids:
+        if stop_here or token in seq.params.stop_ids:
             self._finish(seq, 'stop')
         elif len(seq.output) >= seq.budget:
             self._finish(seq, 'length')

@@ -1,5 +1,5 @@
-"""One model, many clients. `Engine.generate(call)` is what the HTTP routes see of a model: an async
-stream of events for one conversation turn,
+"""The server's client of the model's engine. `AsyncEngine.generate(call)` is what the HTTP routes see
+of a model: an async stream of events for one conversation turn,
     ('start', replica id) or ('rejected', exception), then
     ('delta', text) ... then ('done', Result) or ('error', exception)
 The deltas are the reply's visible text (a ChatGLM3 metadata line and a tool call's code are not text;
@@ -7,25 +7,24 @@ the call itself is in the Result). A call that asks for logprobs also gets ('log
 before each delta, for the tokens generated since the last (and before 'done', for the rest); one
 that scores its prompt (a completion with prompt_logprobs) gets ('prompt_logprobs', [TokenLogprob])
 once its prompt has run, before any of those.
-One engine thread steps the continuous-batching scheduler (batching.py) and pushes each job's events
-back onto the event loop, so generation never blocks it. Validation and prompt building run in a worker
-thread. A stream that is closed early (the client went away) cancels its job: the sequence leaves the
-batch at the next step and its memory is free. On Ray Serve (ray_app.py) each replica runs an Engine and
-the routes talk to them through `RayBackend`, which streams the same events.
+The model's one engine (engine/core.py, the same that `chat()` uses) steps in an engine thread of its
+own; each job's tokens become text through `ReplyDecoder` (chat.py), the same as a `stream_chat`, and
+its events go back onto the event loop, so generation never blocks it. Validation and prompt building
+run in a worker thread. A stream that is closed early (the client went away) cancels its job: the
+sequence leaves the batch at the next step and its memory is free. On Ray Serve (ray_app.py) each
+replica runs an AsyncEngine and the routes talk to them through `RayBackend`, which streams the same
+events.
 """
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, List, Optional, Tuple, Union
 
-from ..chat import ChatModel, ChatRequest, CompletionRequest
-from ..generation import StopStrings, TextDeltas
+from ..chat import ChatModel, ChatRequest, CompletionRequest, ReplyDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class ChatCall:
 
 @dataclass
 class Result:
-    response: object          # str, or a tool call dict (ChatGLM3)
+    response: object          # str, or a tool call dict (ChatGLM3): what chat() returns
     history: list
     prompt_tokens: int
     completion_tokens: int
@@ -65,6 +64,8 @@ class Result:
     cached_tokens: int = 0    # prompt tokens whose K/V came from the prefix cache
     logprobs: Optional[List['TokenLogprob']] = None   # per generated token (a stop id's excluded)
     prompt_logprobs: Optional[List['TokenLogprob']] = None   # per token of the caller's prompt
+    text: str = ''            # the reply's text, as streamed (a ChatGLM3 reply may have text and tool calls)
+    tool_calls: List[dict] = field(default_factory=list)     # ChatGLM3's, each {'name', 'parameters' | 'content'}
 
 
 # A token's bytes, its log-probability and its most likely alternatives [(bytes, logprob)]; a prompt's
@@ -79,19 +80,13 @@ class Job:
     loop: Optional[asyncio.AbstractEventLoop] = None
     events: Optional[asyncio.Queue] = None
     adapter: Optional[str] = None   # a LoRA adapter the model holds (the request's `model` names it)
-    seq: object = None        # its batching.Sequence once submitted
-    sent: List[str] = field(default_factory=list)   # the reply text sent so far
-    stops: Optional[StopStrings] = None
+    seq: object = None        # its engine Sequence once submitted
+    stream: Optional[ReplyDecoder] = None
     logprobs: Optional[int] = None
     token_logprobs: List[TokenLogprob] = field(default_factory=list)
     logprobs_sent: int = 0    # how many of token_logprobs went out with a delta
     prompt_logprobs: Optional[int] = None
     prompt_entries: Optional[List[TokenLogprob]] = None   # once its prompt has run
-    # ChatGLM3 begins each reply with a metadata line: empty for text, a tool's name for a tool call.
-    # None until that line is complete (its text waits in `pending`), then 'tool', or 'text-start' until
-    # the reply's first non-blank text, then 'text'.
-    mode: Optional[str] = 'text'
-    pending: List[str] = field(default_factory=list)
 
     def emit(self, kind, value):
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -113,7 +108,7 @@ class ReplicaUnavailable(Exception):
 Event = Tuple[str, object]
 
 
-class Engine:
+class AsyncEngine:
     def __init__(self, chat: ChatModel, max_queue: int = 100, max_batch: Optional[int] = None,
                  kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None, replica: str = ''):
         self.chat = chat
@@ -121,12 +116,11 @@ class Engine:
         self.model_name = chat.name
         self.adapters = list(chat.adapters)
         self.max_queue = max_queue
-        self.scheduler = chat.scheduler(max_batch, kv_cache_bytes, prefill_chunk)
+        self.engine = chat.configure_engine(max_batch, kv_cache_bytes, prefill_chunk)
+        self.scheduler = self.engine.scheduler
         self.started = time.time()
-        self._rate = deque(maxlen=64)     # (time, generated tokens) after recent steps: tokens/s
-        release_openmp_threads()          # the engine thread computes from now on; see there
-        self.thread = threading.Thread(target=self._work, name='chatglm-engine', daemon=True)
-        self.thread.start()
+        self._rate = deque(maxlen=1024)   # (time, generated tokens) at recent tokens: tokens/s
+        self.engine.start_background()
 
     async def generate(self, call: ChatCall) -> AsyncIterator[Event]:
         """The events of one turn (see the module docstring). Closing the stream cancels the job."""
@@ -153,41 +147,38 @@ class Engine:
             request = self.chat.prepare_completion(call.query, **call.options)
         else:
             request = self.chat.prepare(call.query, call.history, **call.options)
-        return Job(request, call.stop, adapter=call.adapter, logprobs=call.logprobs, stops=StopStrings(call.stop),
-                   prompt_logprobs=call.prompt_logprobs)
+        # (StopStrings indexes the stop strings here, off the event loop: 1 MB of them takes real time)
+        return Job(request, call.stop, adapter=call.adapter, logprobs=call.logprobs,
+                   stream=ReplyDecoder(self.chat, request, call.stop), prompt_logprobs=call.prompt_logprobs)
 
     async def stats_list(self) -> List[dict]:
         return [self.stats()]
 
     def submit(self, job: Job) -> Job:
-        """Raises QueueFull, or batching.KVBudgetError for a request that can never fit."""
+        """Raises QueueFull, or KVBudgetError for a request that can never fit."""
         waiting = len(self.scheduler.waiting)
         if waiting >= self.max_queue:
             raise QueueFull(f'the server is busy: {waiting} requests are waiting (--max-queue '
                             f'{self.max_queue}); retry later')
         job.loop = asyncio.get_running_loop()
         job.events = asyncio.Queue()
-        # A completion's text continues its prompt; a chat reply starts a text of its own.
-        continues = job.request.input_ids if isinstance(job.request, CompletionRequest) else ()
-        deltas = TextDeltas(self.chat.tokenizer, continues)
-        job.stops = job.stops or StopStrings(job.stop)
-        stop_ids = set(job.request.params.stop_ids)
-        if self.chat.format.reply_starts_with_metadata and isinstance(job.request, ChatRequest):
-            job.mode = None
+        job.stream = job.stream or ReplyDecoder(self.chat, job.request, job.stop)
 
         def on_token(seq, token):
             self._send_prompt_logprobs(job, seq)
-            if token in stop_ids:
+            if token in job.stream.stop_ids:
                 return False
             if seq.logprobs is not None:
                 job.token_logprobs.append(self._token_logprob(token, *seq.logprobs[-1]))
-            return self._text(job, _visible(job, deltas.push(token)))
+            self._send(job, job.stream.push(token))
+            self._rate.append((time.monotonic(), self.scheduler.stats['generated_tokens']))
+            return job.stream.stopped
 
         def on_finish(seq):
-            self._finish(job, seq, deltas)
+            self._finish(job, seq)
 
-        job.seq = self.scheduler.submit(job.request.input_ids, job.request.params, on_token, on_finish, job.adapter,
-                                        job.logprobs, job.prompt_logprobs)
+        job.seq = self.engine.submit(job.request.input_ids, job.request.params, on_token, on_finish, job.adapter,
+                                     job.logprobs, job.prompt_logprobs)
         return job
 
     def stats(self) -> dict:
@@ -197,7 +188,7 @@ class Engine:
         return snap
 
     def tokens_per_second(self) -> float:
-        """Generated tokens per second over the last steps (up to 64, within the last 30 s)."""
+        """Generated tokens per second over the last tokens (up to 1,024, within the last 30 s)."""
         now = time.monotonic()
         recent = [(t, n) for t, n in self._rate if now - t < 30]
         if len(recent) < 2:
@@ -209,35 +200,10 @@ class Engine:
         """Shutting down: running sequences stop at the next step, queued ones never start."""
         self.scheduler.cancel_all()
 
-    # -- the engine thread ----------------------------------------------------------------------------
-    def _work(self):
-        idle_steps = 0
-        while True:
-            self.scheduler.wait_for_work()
-            try:
-                ran = self.scheduler.step()
-            except Exception:   # a bug in scheduling: log it, keep serving
-                logger.exception('scheduler step failed')
-                ran = False
-                time.sleep(0.1)
-            self._rate.append((time.monotonic(), self.scheduler.stats['generated_tokens']))
-            # Work that no step can advance is a bug (a sequence left with nothing to run); do not let
-            # it turn this thread into a busy loop beside the sequences that still run.
-            idle_steps = 0 if ran else idle_steps + 1
-            if idle_steps == 100:
-                logger.error('the scheduler has work it cannot run: %s', self.scheduler.snapshot())
-            if idle_steps >= 100:
-                time.sleep(0.01)
-
-    def _text(self, job: Job, delta: str) -> bool:
-        """Send a text delta, up to an OpenAI `stop` string; -> True when one was hit (stop here)."""
-        self._send(job, job.stops.push(delta))
-        return job.stops.hit
-
+    # -- on the engine thread -------------------------------------------------------------------------
     def _send(self, job: Job, text: str):
         if text:
             self._send_logprobs(job)
-            job.sent.append(text)
             job.emit('delta', text)
 
     @staticmethod
@@ -262,77 +228,22 @@ class Engine:
             for p in range(getattr(job.request, 'text_start', 0), len(prompt))]
         job.emit('prompt_logprobs', job.prompt_entries)
 
-    def _finish(self, job: Job, seq, deltas: TextDeltas):
+    def _finish(self, job: Job, seq):
         if seq.error is not None:
             job.emit('error', seq.error)
             return
         self._send_prompt_logprobs(job, seq)   # (a prompt only scored: no token came)
-        if not job.stops.hit and seq.finish_reason != 'cancelled':
-            self._text(job, _visible(job, deltas.flush()))   # an incomplete character at the end, as U+FFFD
         try:
-            response, history = self.chat.respond(job.request, seq.output)
+            if seq.finish_reason != 'cancelled':
+                self._send(job, job.stream.finish())
+            response, history = job.stream.result()
+            reply = job.stream.reply() if isinstance(job.request, ChatRequest) else None
         except Exception as e:   # parsing the model's output must never take the engine down
             job.emit('error', e)
             return
-        if job.mode is None and isinstance(response, str) and response:
-            # The metadata line never ended: the whole reply is text, and none of it was sent yet.
-            self._text(job, response)
-        self._send(job, job.stops.flush())   # the end of a reply that only looked like a stop string's start
-        finish = 'stop' if job.stops.hit else seq.finish_reason
-        if job.stops.hit and isinstance(job.request, CompletionRequest):
-            response = ''.join(job.sent)
-        elif job.stops.hit and isinstance(response, str):
-            response = ''.join(job.sent).strip()
-            history = history[:-1] + [_with_reply(history[-1], response)]
+        finish = 'stop' if job.stream.stopped else seq.finish_reason
         self._send_logprobs(job)
         job.emit('done', Result(response, history, len(job.request.input_ids), len(seq.output), finish,
                                 seq.reused, job.token_logprobs if job.logprobs is not None else None,
-                                job.prompt_entries))
-
-
-def release_openmp_threads() -> bool:
-    """End the OpenMP worker threads that the calling thread started (loading a model runs parallel
-    torch ops); -> whether a runtime did.
-
-    libgomp keeps one pool of workers per thread that ran a parallel region. Once it manages more
-    threads than there are CPUs (the loading thread's idle pool beside the engine thread's), its workers
-    stop spinning between parallel regions and sleep, and every region waits for them to wake. On 2
-    cores, one ChatGLM2-6B int4 stream's decode step on a second thread took 131 ms (median of 50, in
-    turns) beside the loading thread's idle pool, 125 ms after this call, and 122 ms on the loading
-    thread itself (benchmarks/bench_scheduler.py). Nothing breaks if the thread runs parallel code
-    again: it starts a new pool."""
-    try:   # the libgomp this process has loaded (torch's copy, which the kernels share)
-        with open('/proc/self/maps', encoding='utf-8', errors='replace') as maps:
-            paths = {line.split()[-1] for line in maps if '/libgomp' in line}
-    except OSError:
-        return False
-    released = False
-    for path in paths:
-        try:
-            released |= ctypes.CDLL(path).omp_pause_resource_all(2) == 0   # omp_pause_hard
-        except (OSError, AttributeError):   # a libgomp older than OpenMP 5.0
-            pass
-    return released
-
-
-def _visible(job: Job, delta: str) -> str:
-    """The part of a decoded delta that is reply text: a ChatGLM3 reply's metadata line is held back
-    until it is complete, and a tool call's text is never streamed (its call comes with 'done')."""
-    if job.mode is None:
-        job.pending.append(delta)
-        if '\n' not in delta:   # (the parts before had none: look at the new one only)
-            return ''
-        metadata, _, delta = ''.join(job.pending).partition('\n')
-        job.mode, job.pending = ('tool' if metadata.strip() else 'text-start'), []
-    if job.mode == 'text-start':   # the reply text begins after the whitespace that follows the line
-        delta = delta.lstrip()
-        if delta:
-            job.mode = 'text'
-    return delta if job.mode == 'text' else ''
-
-
-def _with_reply(last, reply):
-    """The history's last entry with the reply cut at a stop string."""
-    if isinstance(last, tuple):
-        return (last[0], reply)
-    return dict(last, content=reply)
+                                job.prompt_entries, ''.join(job.stream.sent),
+                                reply.tool_calls if reply is not None else []))

@@ -21,7 +21,7 @@ import heapq
 import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .models.kv_cache import KVSegment
+from ..models.kv_cache import KVSegment
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

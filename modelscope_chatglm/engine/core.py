@@ -1,0 +1,149 @@
+"""The engine: one per model, and every surface is a client of it.
+
+`chat()`, `stream_chat()`, `chat_batch()`, the ModelScope pipeline, the CLI, the web page, the HTTP
+server and each Ray Serve replica all submit sequences to the same `LLMEngine`, the way vLLM's `LLM`
+class and its server share one engine. A single user's turn is a batch of one; the next turn of a
+conversation takes its history's K/V from the prefix cache, whoever asked.
+
+A step is: the scheduler plans (scheduler.py), the runner executes each forward of the plan and samples
+(runner.py), the scheduler applies what came back. One thread steps at a time (`_stepping`). Who steps:
+- in a process that serves (`start_background()`), one engine thread, woken by new work;
+- otherwise the callers themselves: a thread waiting for its sequences steps the engine, and every
+  sequence in the batch advances, whoever submitted it (vLLM's `LLM.generate` drives its engine the
+  same way). Two threads chatting at once take turns stepping and share each step.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable, Iterator, List, Optional
+
+import torch
+
+from .runner import ModelRunner
+from .sampling import SamplingParams
+from .scheduler import DEFAULT_MAX_BATCH, Scheduler, Sequence
+
+logger = logging.getLogger(__name__)
+
+IDLE_STEPS = 100     # steps in a row that ran nothing while work was queued: a bug, logged, then slowed
+
+
+class LLMEngine:
+    def __init__(self, model, vocab_limit: int, max_batch: Optional[int] = None,
+                 kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None):
+        self.runner = ModelRunner(model, vocab_limit)
+        self.scheduler = Scheduler(self.runner.kv, DEFAULT_MAX_BATCH if max_batch is None else max_batch,
+                                   kv_cache_bytes, prefill_chunk)
+        self._stepping = threading.Lock()
+        self._stepped = threading.Condition()      # notified after every step (callers of a background engine wait on it)
+        self._thread: Optional[threading.Thread] = None
+        self._idle_steps = 0
+
+    def submit(self, prompt: List[int], params: SamplingParams, on_token: Optional[Callable] = None,
+               on_finish: Optional[Callable] = None, adapter: Optional[str] = None,
+               logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None) -> Sequence:
+        """Queue a sequence (see Scheduler.submit); it advances as the engine steps."""
+        return self.scheduler.submit(prompt, params, on_token, on_finish, adapter, logprobs, prompt_logprobs)
+
+    def step(self) -> bool:
+        """One iteration of the whole batch; -> whether anything ran."""
+        with self._stepping, torch.inference_mode():   # (caches are made in schedule(): no autograd there either)
+            forwards = self.scheduler.schedule()
+            for forward in forwards:
+                self.scheduler.update(forward, self.runner.execute(forward))
+        with self._stepped:
+            self._stepped.notify_all()
+        self._idle_steps = 0 if forwards or not self.scheduler.has_work() else self._idle_steps + 1
+        if self._idle_steps == IDLE_STEPS:
+            logger.error('the scheduler has work it cannot run: %s', self.scheduler.snapshot())
+        if self._idle_steps >= IDLE_STEPS:   # never a busy loop beside the sequences that still run
+            time.sleep(0.01)
+        return bool(forwards)
+
+    def advance(self):
+        """Let the batch make progress once: step it, or with a background engine, wait for its next step."""
+        if self._thread is not None:
+            with self._stepped:
+                self._stepped.wait(0.05)
+        else:
+            self.step()
+
+    def run_until_done(self, seqs: List[Sequence]):
+        """Advance until every one of `seqs` has finished."""
+        while not all(s.finished for s in seqs):
+            self.advance()
+
+    def stream(self, seq_of: Callable[[Callable], Sequence]) -> Iterator[int]:
+        """The tokens of one sequence as they come. `seq_of(on_token)` submits it with the callback
+        given. Closing the iterator early cancels the sequence and frees its memory at once."""
+        tokens: 'deque[int]' = deque()
+        seq = seq_of(lambda _, token: tokens.append(token))
+        try:
+            while True:
+                while tokens:
+                    yield tokens.popleft()
+                if seq.finished:
+                    break
+                self.advance()
+            if seq.error is not None:
+                raise seq.error
+        finally:
+            if not seq.finished:
+                seq.cancel()
+                if self._thread is None:
+                    with self._stepping:
+                        self.scheduler.drop_cancelled()
+
+    # -- serving: one engine thread steps --------------------------------------------------------------
+    def start_background(self):
+        """Step from an engine thread of its own from now on (a server: the event loop never computes)."""
+        if self._thread is not None:
+            return
+        release_openmp_threads()          # the engine thread computes from now on; see there
+        self._thread = threading.Thread(target=self._work, name='chatglm-engine', daemon=True)
+        self._thread.start()
+
+    def _work(self):
+        while True:
+            self.scheduler.wait_for_work()
+            try:
+                self.step()
+            except Exception:   # a bug in scheduling: log it, keep serving
+                logger.exception('engine step failed')
+                time.sleep(0.1)
+
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def stepping_in_background(self) -> bool:
+        """Whether an engine thread steps it and is alive (a replica's health check)."""
+        return self._thread is not None and self._thread.is_alive()
+
+
+def release_openmp_threads() -> bool:
+    """End the OpenMP worker threads that the calling thread started (loading a model runs parallel
+    torch ops); -> whether a runtime did.
+
+    libgomp keeps one pool of workers per thread that ran a parallel region. Once it manages more
+    threads than there are CPUs (the loading thread's idle pool beside the engine thread's), its workers
+    stop spinning between parallel regions and sleep, and every region waits for them to wake (a
+    ChatGLM2-6B int4 decode step on 2 cores: benchmarks/bench_scheduler.py). Nothing breaks if the
+    thread runs parallel code again: it starts a new pool."""
+    try:   # the libgomp this process has loaded (torch's copy, which the kernels share)
+        with open('/proc/self/maps', encoding='utf-8', errors='replace') as maps:
+            paths = {line.split()[-1] for line in maps if '/libgomp' in line}
+    except OSError:
+        return False
+    released = False
+    for path in paths:
+        try:
+            released |= ctypes.CDLL(path).omp_pause_resource_all(2) == 0   # omp_pause_hard
+        except (OSError, AttributeError):   # a libgomp older than OpenMP 5.0
+            pass
+    return released
