@@ -5,9 +5,9 @@ Each measurement runs in a fresh process, the two trees taking turns (A B A B ..
 checkpoint: a full-width ChatGLM2-6B shape (hidden 4096, ffn 13696, vocab 65024) with --layers blocks,
 random fp16 weights, quantized while loading. Per turn and tree:
   - chat(): wall time of one greedy turn of --new-tokens tokens (stop ids off), after one warm-up turn;
-  - stream_chat() step: the median gap between consecutive tokens of that turn;
-  - server step (this tree's AsyncEngine, the baseline's Engine, in process): the median gap between
-    streamed tokens of one request, with nothing else running;
+  - stream_chat() step: ms per token of a streamed turn after its first delta (`per_token`);
+  - server step (this tree's AsyncEngine, the baseline's Engine, in process): the same for one streamed
+    request, with nothing else running;
   - returning conversation (this tree): a --history-tokens conversation comes back for one more turn
     through chat() and through the server: prompt tokens prefilled vs taken from the prefix cache.
 Reported: medians over turns with min-max, and the ratio this/baseline of the medians.
@@ -38,9 +38,9 @@ def child(tree, path, bits, int8_activations, new_tokens, history_tokens):
     t = time.perf_counter()
     chat.chat('你好，请介绍一下你自己。', **gen)
     out['chat_s'] = time.perf_counter() - t
-    stamps = [time.perf_counter() for _ in chat.stream_chat('介绍下清华大学', **gen)]
-    gaps = [b - a for a, b in zip(stamps[1:], stamps[2:])]   # (the first is prefill)
-    out['stream_step_ms'] = statistics.median(gaps) * 1e3 if gaps else None
+    turn = chat.turn('介绍下清华大学', **gen)     # what stream_chat iterates
+    stamps = [(time.perf_counter(), len(turn.output_ids)) for _ in turn]
+    out['stream_step_ms'] = per_token(stamps)
     out['server_step_ms'] = server_step(chat, new_tokens)
     if hasattr(chat, 'engine'):
         out.update(returning(chat, history_tokens))
@@ -59,16 +59,22 @@ def server_step(chat, new_tokens):
                     logprobs=0)
 
     async def run():
-        stamps = []
+        stamps, tokens = [], 0
         async for kind, value in serving.generate(call):
             if kind == 'logprobs':      # one entry per token, sent with the text it completes
-                stamps += [time.perf_counter()] * len(value)
+                tokens += len(value)
+                stamps.append((time.perf_counter(), tokens))
         return stamps
-    stamps = asyncio.run(run())
     asyncio.run(run())   # (the second run is the one measured: the first warms the engine thread)
-    stamps = asyncio.run(run())
-    gaps = [b - a for a, b in zip(stamps[1:], stamps[2:]) if b > a]
-    return statistics.median(gaps) * 1e3 if gaps else None
+    return per_token(asyncio.run(run()))
+
+
+def per_token(stamps):
+    """ms per decode step from [(time, tokens so far)] at each streamed delta: the time between the
+    first and the last delta over the tokens generated between them (text held back, a space until the
+    next word, say, makes some deltas carry several tokens)."""
+    (t0, n0), (t1, n1) = stamps[0], stamps[-1]
+    return (t1 - t0) / (n1 - n0) * 1e3 if n1 > n0 else None
 
 
 def returning(chat, history_tokens):

@@ -149,13 +149,17 @@ def decode_rate(chat, batch: int, new_tokens: int, repeats: int, prompt_len: int
 
 
 def prefill_rate(chat, tokens: int, repeats: int):
-    g = torch.Generator().manual_seed(tokens)
-    ids = torch.randint(5, chat.tokenizer.vocab_size, (1, tokens), generator=g).to('cuda')
+    """Prompt tokens/s through the engine, the whole prompt in one forward (a new prompt each time: no
+    prefix-cache hits)."""
+    engine = chat.new_engine(prefill_chunk=tokens)
+    params = chat.sampling(max_new_tokens=1, do_sample=False)
     times = []
-    with torch.inference_mode():
-        for _ in range(repeats + 1):
-            elapsed, _ = timed(lambda: chat.model.prefill(ids, None, 1))
-            times.append(elapsed)
+    for i in range(repeats + 1):
+        g = torch.Generator().manual_seed(tokens + i)
+        prompt = torch.randint(5, chat.tokenizer.vocab_size, (tokens,), generator=g).tolist()
+        seq = engine.submit(prompt, params)
+        elapsed, _ = timed(lambda: engine.run_until_done([seq]))
+        times.append(elapsed)
     return spread([tokens / t for t in times[1:]])
 
 

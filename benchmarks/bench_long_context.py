@@ -51,17 +51,16 @@ def kv_bytes_per_token(layers, act_bytes=2):
 
 
 def child_prefill(path, bits, n):
-    import torch
     import modelscope_chatglm
     peak_rss(reset=True)
     chat = modelscope_chatglm.load(path, device='cpu', quantization_bit=bits)
     loaded = peak_rss(reset=True)
     prompt = [(i * 7919) % 60000 + 100 for i in range(n)]
+    engine = chat.new_engine(prefill_chunk=512)
     t = time.perf_counter()
-    with torch.inference_mode():
-        _, state = chat.model.prefill(torch.tensor([prompt]), None, 1)
+    engine.run_until_done([engine.submit(prompt, chat.sampling(max_new_tokens=1, do_sample=False))])
     seconds = time.perf_counter() - t
-    return {'seconds': seconds, 'peak': peak_rss(), 'loaded_peak': loaded, 'kv': state.cache.nbytes()}
+    return {'seconds': seconds, 'peak': peak_rss(), 'loaded_peak': loaded, 'kv': engine.scheduler.kv_bytes(n + 1)}
 
 
 def child_turn(path, history_tokens):

@@ -1,6 +1,5 @@
 """Chat formats, truncation, tool calls, streaming and the decode loop on tiny real models."""
 import json
-import logging
 
 import pytest
 import torch

@@ -164,11 +164,13 @@ def greedy_steps(model, prompts, steps, decode, forced=None):
     """Prefill a left-padded batch, then `steps` decode steps through `decode`, feeding the greedy
     tokens (or `forced`, a previous run's); -> logits [steps + 1, b, V], the tokens fed."""
     from modelscope_chatglm.models.base import left_pad
+    from modelscope_chatglm.models.glm2 import DecodeState, positions_and_padding
     ids, mask = left_pad(prompts, 0)
     ids, mask = ids.to(model.device), mask.to(model.device)
     with torch.inference_mode():
-        logits, state = model.prefill(ids, mask, steps + 1)
-        out_logits, out_ids = [logits], []
+        positions, padding = positions_and_padding(ids, mask)
+        state = DecodeState(model.new_cache(ids.shape[0], ids.shape[1] + steps + 1), padding, positions[:, -1] + 1)
+        out_logits, out_ids = [model.logits(model(ids, positions, state.cache, padding)[:, -1]).float()], []
         for step in range(steps):
             nxt = out_logits[-1][:, :900].argmax(-1) if forced is None else torch.tensor(forced[step], device=ids.device)
             out_ids.append(nxt.tolist())
@@ -177,7 +179,13 @@ def greedy_steps(model, prompts, steps, decode, forced=None):
 
 
 def dynamic(model, ids, state):
-    return model.decode_dynamic(ids, state)
+    """The ordinary forward, one token per sequence: shapes grow with the cache."""
+    import torch.nn.functional as F
+    if state.padding is not None:
+        state.padding = F.pad(state.padding, (0, 1), value=True)
+    hidden = model(ids[:, None], state.next_position[:, None], state.cache, state.padding)
+    state.next_position = state.next_position + 1
+    return model.logits(hidden[:, -1]).float()
 
 
 def static(capture):

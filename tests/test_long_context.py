@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import modelscope_chatglm
-from modelscope_chatglm.models.base import left_pad
 from modelscope_chatglm.models.kv_cache import KVCache
 
 GREEDY = dict(do_sample=False, max_new_tokens=12)
@@ -14,36 +13,42 @@ def model(glm2_dir):
     return modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32')
 
 
-def last_logits(chat, prompts, chunk):
-    chat.model.prefill_chunk = chunk
-    ids, mask = left_pad(prompts, 0)
-    with torch.inference_mode():
-        logits, _ = chat.model.prefill(ids, mask if len(prompts) > 1 else None, 4)
-    return logits
+def scored(chat, prompts, chunk):
+    """Every prompt position's log-probabilities (the prompt's next token's, and the 20 best) through an
+    engine prefilling `chunk` tokens per step, the prompts side by side; and the greedy replies."""
+    engine = chat.new_engine(prefill_chunk=chunk)
+    params = chat.sampling(max_new_tokens=8, do_sample=False)
+    seqs = [engine.submit(p, params, prompt_logprobs=20) for p in prompts]
+    engine.run_until_done(seqs)
+    return [torch.tensor([[lp] + [v for _, v in top] for lp, top in s.prompt_logprobs]) for s in seqs], \
+        [s.output for s in seqs]
 
 
 @pytest.mark.parametrize('chunk', [1, 5, 64])
 def test_chunked_prefill_matches_one_pass(model, chunk):
     long = model.build_inputs('介绍下清华大学。' + 'The quick brown fox jumps over the lazy dog. ' * 30)
     short = model.build_inputs('hi')
-    whole = last_logits(model, [long], 10 ** 6)
-    diff = (last_logits(model, [long], chunk) - whole).abs().max().item()
-    print(f'\n[chunked prefill, chunk {chunk}] max |logit diff| = {diff:.3g} ({len(long)} tokens)')
-    assert diff < 1e-4
-    batch_whole = last_logits(model, [short, long], 10 ** 6)
-    assert (last_logits(model, [short, long], chunk) - batch_whole).abs().max() < 1e-4
-    # and through generation: identical greedy tokens
-    model.model.prefill_chunk = chunk
-    chunked = model.generate_batch([short, long], max_new_tokens=8, do_sample=False)
-    model.model.prefill_chunk = 10 ** 6
-    assert chunked == model.generate_batch([short, long], max_new_tokens=8, do_sample=False)
+    (whole_long,), (reply,) = scored(model, [long], 10 ** 6)
+    (chunked_long,), (chunked_reply,) = scored(model, [long], chunk)
+    diff = (chunked_long - whole_long).abs().max().item()
+    print(f'\n[chunked prefill, chunk {chunk}] max |logprob diff| = {diff:.3g} ({len(long)} tokens)')
+    assert diff < 1e-4 and chunked_reply == reply
+    # beside another prompt: the same numbers and the same greedy tokens
+    (_, batch_long), replies = scored(model, [short, long], chunk)
+    assert (batch_long - whole_long).abs().max() < 1e-4 and replies[1] == reply
+    assert replies[0] == scored(model, [short], 10 ** 6)[1][0]
 
 
 def test_chunked_prefill_with_ptuning_prefix(make_checkpoint):
     chat = modelscope_chatglm.load(make_checkpoint('glm2-prefix', 'glm2', 'bin', shards=2, seed=3, pre_seq_len=4),
                                    device='cpu', dtype='float32')
     ids = chat.build_inputs('The quick brown fox jumps over the lazy dog. ' * 10)
-    assert (last_logits(chat, [ids], 7) - last_logits(chat, [ids], 10 ** 6)).abs().max() < 1e-4
+    (chunked,), _ = scored(chat, [ids], 7)
+    (whole,), _ = scored(chat, [ids], 10 ** 6)
+    assert (chunked - whole).abs().max() < 1e-4
+    # against the plain computation of every position at once
+    expected = torch.log_softmax(chat.logits(ids)[0, :-1, :chat.tokenizer.vocab_size], -1)
+    assert (whole[:, 0] - expected.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]).abs().max() < 1e-4
 
 
 def conversation(chat, queries, reuse):

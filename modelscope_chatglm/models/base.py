@@ -9,9 +9,8 @@ through one forward:
     logits = model.forward_ragged([(state, ids), (state2, ids2), ...])        # [n, V]
     logits = model.forward_ragged(parts, every=(0,))      # [n + len(ids), V]: also each position of part 0
     model.rows_keep_their_bits(rows)        # may prompt chunks and decode tokens share one forward?
-    logits = model.decode(next_ids, state)  # one token per sequence [b] -> [b, V]: the CUDA-graphed step
-Whole left-padded prompts, for scoring and parity tests:
-    logits, state = model.prefill(input_ids, attention_mask, max_new_tokens)   # [b, V], state
+ChatGLM2/3 also have `decode_static`, the fixed-shape decode step that CUDA graphs capture
+(cuda_graphs.py). Whole left-padded prompts, for scoring and parity tests:
     logits = model.full_logits(input_ids, attention_mask)                      # [b, s, V]
 """
 from __future__ import annotations
@@ -37,16 +36,12 @@ class CausalLM(Protocol):
     def checkpoint_key(key: str) -> Optional[str]:
         """Hub state-dict key -> parameter name; None for keys the forward never reads."""
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                max_new_tokens: int) -> Tuple[torch.Tensor, Any]:
-        """Left-padded prompts [b, s] (mask 1 = token) -> (next-token logits [b, V] fp32, decode state)
-        with room for max_new_tokens more tokens."""
-
-    def decode(self, next_ids: torch.Tensor, state: Any) -> torch.Tensor:
-        """One new token per sequence [b] -> next logits [b, V] (fp32)."""
-
     def start(self, prompt, max_new_tokens: int) -> Any:
         """A one-sequence decode state with room for the prompt and max_new_tokens; runs nothing."""
+
+    def adopt_prefix(self, state: Any, segments, keep: int) -> None:
+        """Fill a fresh state's first `keep` positions from K/V segments others computed (the prefix
+        cache). Only where supports_prefix_reuse."""
 
     def forward_ragged(self, parts, every=()) -> torch.Tensor:
         """parts = [(state, new ids), ...] of different sequences -> logits of each part's last token

@@ -99,8 +99,8 @@ class GraphedDecoder:
 
 
 def decode_with_graphs(model, next_ids: torch.Tensor, state, capture: bool = True) -> torch.Tensor:
-    """`model.decode` on CUDA: feed next_ids [b], -> next logits [b, V] (fp32). capture=False runs the
-    same static step without graphs."""
+    """A decode step of the sequences of `state` (engine/runner.py's step for one sequence on CUDA): feed
+    next_ids [b], -> next logits [b, V] (fp32). capture=False runs the same static step without graphs."""
     if state.graphs is None or not state.graphs.fits(state, capture):
         state.graphs = GraphedDecoder(model, state, capture)
     return state.graphs.step(model, next_ids, state)

@@ -233,27 +233,6 @@ class GLM1Model(nn.Module):
             visible = torch.cat([torch.ones(b, s, pre, dtype=torch.bool, device=padding.device), visible], 2)
         return visible[:, None]
 
-    # -- whole prompts (scoring, tests) ---------------------------------------------------------------
-    def prefill(self, input_ids, attention_mask, max_new_tokens: int):
-        b, s = input_ids.shape
-        padding, sop_index, mask_position, positions, block_positions = self._structure(input_ids, attention_mask)
-        cache = self.new_cache(b, s + max_new_tokens)
-        hidden = self(input_ids, positions, block_positions, cache, self._prefill_visibility(padding, sop_index))
-        state = DecodeState(cache, padding, sop_index, mask_position, s)
-        return self.logits(hidden[:, -1]).float(), state
-
-    def decode(self, next_ids, state: DecodeState):
-        state.padding = F.pad(state.padding, (0, 1), value=True)
-        positions = state.mask_position[:, None]
-        block_positions = (state.length - state.sop_index + 1)[:, None]
-        visible = None
-        if not bool(state.padding.all()):
-            pre = self.cfg.pre_seq_len or 0
-            visible = F.pad(state.padding, (pre, 0), value=True)[:, None, None, :]
-        hidden = self(next_ids[:, None], positions, block_positions, state.cache, visible)
-        state.length += 1
-        return self.logits(hidden[:, -1]).float()
-
     # -- the engine (engine/runner.py) ----------------------------------------------------------------
     def start(self, prompt, max_new_tokens: int) -> DecodeState:
         """The decode state of one sequence; its first part in `forward_ragged` must be the whole prompt

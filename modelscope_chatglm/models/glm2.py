@@ -320,37 +320,12 @@ class GLM2Model(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_head(hidden, self.output_layer.weight)
 
-    # -- whole prompts, and the graphed decode step (the engine's runner uses `decode` on CUDA) ------
     @property
     def device(self) -> torch.device:
         return self.word_embeddings.weight.device
 
-    # Prompt tokens per forward during prefill. Activations then stay bounded whatever the prompt
-    # length (the SwiGLU intermediate alone is 2 x 13696 values per token); attention over the cached
-    # positions runs in SDPA's fused kernels, which never materialise the score matrix. A GPU takes
-    # larger chunks: fewer, fuller matrix products.
-    PREFILL_CHUNK = {'cpu': 512, 'cuda': 8192}
-    prefill_chunk: Optional[int] = None   # set to override PREFILL_CHUNK
     supports_prefix_reuse = True   # causal attention: the K/V of a prefix do not depend on what follows
     cuda_graphs = True             # decode steps on CUDA replay captured graphs (cuda_graphs.py)
-
-    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], max_new_tokens: int):
-        """Run left-padded prompts [b, s]; -> logits of the last position [b, V] (fp32), decode state."""
-        b, s = input_ids.shape
-        positions, padding = positions_and_padding(input_ids, attention_mask)
-        state = DecodeState(self.new_cache(b, s + max_new_tokens), padding, positions[:, -1] + 1)
-        return self._run_chunks(input_ids, positions, state), state
-
-    def _run_chunks(self, input_ids, positions, state: 'DecodeState'):
-        pre = self.cfg.pre_seq_len or 0
-        hidden = None
-        chunk = self.prefill_chunk or self.PREFILL_CHUNK.get(self.device.type, 512)
-        for start in range(0, input_ids.shape[1], chunk):
-            end = min(start + chunk, input_ids.shape[1])
-            filled = state.cache.length - pre
-            padding = None if state.padding is None else state.padding[:, :filled + end - start]
-            hidden = self(input_ids[:, start:end], positions[:, start:end], state.cache, padding)
-        return self.logits(hidden[:, -1]).float()
 
     # -- the engine (engine/runner.py): sequences of their own lengths side by side -------------------
     def start(self, prompt, max_new_tokens: int) -> 'DecodeState':
@@ -386,24 +361,6 @@ class GLM2Model(nn.Module):
             st.cache.commit(n)
             st.next_position = st.next_position + n
         return ragged_logits(self, x[0], lengths, every)
-
-    def decode(self, next_ids: torch.Tensor, state: 'DecodeState') -> torch.Tensor:
-        """Feed one new token per sequence [b]; -> next logits [b, V] (fp32).
-
-        On CUDA this is the static step (`decode_static`), replayed from CUDA graphs unless
-        `cuda_graphs` is off: the same kernels either way, so graphs change no result."""
-        if next_ids.is_cuda:
-            from .cuda_graphs import decode_with_graphs
-            return decode_with_graphs(self, next_ids, state, capture=self.cuda_graphs)
-        return self.decode_dynamic(next_ids, state)
-
-    def decode_dynamic(self, next_ids: torch.Tensor, state: 'DecodeState') -> torch.Tensor:
-        """`decode` through the ordinary forward: shapes grow with the cache."""
-        if state.padding is not None:
-            state.padding = F.pad(state.padding, (0, 1), value=True)
-        hidden = self(next_ids[:, None], state.next_position[:, None], state.cache, state.padding)
-        state.next_position = state.next_position + 1
-        return self.logits(hidden[:, -1]).float()
 
     def full_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits at every position [b, s, V] (fp32), for scoring and parity tests."""
