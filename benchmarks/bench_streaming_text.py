@@ -1,6 +1,6 @@
 """What turning generated tokens into streamed text costs, per token, as a reply grows.
 
-Each streamed token becomes a text delta (`generation.TextDeltas`, used by the server, the pipeline,
+Each streamed token becomes a text delta (`engine/detokenize.TextDeltas`, used by the server, the pipeline,
 the CLI and the web UI). The first version decoded the whole reply at every token, so a token's cost
 grew with the reply; the window version decodes only the latest tokens. Both run here side by side on
 the same replies: ChatGLM2's tokenizer layout, Chinese and English text with byte-fallback emoji,

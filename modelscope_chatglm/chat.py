@@ -79,24 +79,28 @@ class ChatModel:
 
     def stream_tokens(self, input_ids, **gen) -> Iterator[int]:
         """The new token ids of one sequence as they are generated (the stop id included when reached).
-        Closing the iterator early ends the generation."""
+        Bad arguments raise here, not at the first token; closing the iterator early ends the generation."""
         params = self.sampling(**gen)
-        prompt = self._check_prompts([torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).tolist()])[0]
+        prompt = self._check_prompts([input_ids])[0]
         engine = self.engine
-        yield from engine.stream(lambda on_token: engine.submit(prompt, params, on_token))
+        return engine.stream(lambda on_token: engine.submit(prompt, params, on_token))
 
     def generate_batch(self, prompts_ids: Sequence[Sequence[int]], **gen) -> List[List[int]]:
         """Several prompts generated side by side in the engine's batch; one list of new ids per prompt.
         Each equals what the prompt alone gives (a seed seeds each sequence alike)."""
         params = self.sampling(**gen)
-        return self._run([(p, params) for p in self._check_prompts([list(p) for p in prompts_ids])])
+        return self._run([(p, params) for p in self._check_prompts(prompts_ids)])
 
-    def _check_prompts(self, prompts: List[List[int]]) -> List[List[int]]:
+    def _check_prompts(self, prompts) -> List[List[int]]:
+        """Prompts as lists of ids (lists, tensors or arrays of token ids), each non-empty and in the vocabulary."""
+        out = []
         for p in prompts:
-            if not p or not all(isinstance(i, int) and 0 <= i < self.model.cfg.vocab_size for i in p):
+            ids = torch.as_tensor(p, dtype=torch.long).reshape(-1).tolist()
+            if not ids or not all(0 <= i < self.model.cfg.vocab_size for i in ids):
                 raise InputError(f'each prompt is a non-empty list of token ids below {self.model.cfg.vocab_size}, '
                                  f'got {str(p)[:80]}')
-        return prompts
+            out.append(ids)
+        return out
 
     def _run(self, jobs) -> List[List[int]]:
         """[(prompt ids, params), ...] through the engine, all at once -> their output ids."""
@@ -107,8 +111,7 @@ class ChatModel:
                 seqs.append(engine.submit(prompt, params))
             engine.run_until_done(seqs)
         finally:   # (interrupted: leave nothing running)
-            for seq in seqs:
-                seq.cancel()
+            engine.release(seqs)
         for seq in seqs:
             if seq.error is not None:
                 raise seq.error
@@ -129,11 +132,19 @@ class ChatModel:
                          prefill_chunk: Optional[int] = None):
         """Replace the engine with one of these settings (a server does this before it serves)."""
         with self._engine_lock:
-            if self._engine is not None and self._engine.busy:
-                raise RuntimeError('the engine is generating; configure it before the first request')
+            if self._engine is not None and (self._engine.busy or self._engine.stepping_in_background):
+                raise RuntimeError('this model is generating or being served; configure its engine before the '
+                                   'first request (to serve one checkpoint twice, load it twice)')
+            if self._engine is not None:
+                self._engine.stop()
             self._engine_settings = dict(max_batch=max_batch, kv_cache_bytes=kv_cache_bytes, prefill_chunk=prefill_chunk)
             self._engine = self.new_engine(**self._engine_settings)
             return self._engine
+
+    def clear_cache(self):
+        """Forget every finished conversation's cached K/V (the engine keeps them, up to its KV budget, so
+        that a returning conversation prefills only its new turn)."""
+        self.configure_engine(**self._engine_settings)
 
     def new_engine(self, max_batch: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
                    prefill_chunk: Optional[int] = None):
@@ -367,6 +378,8 @@ class ReplyDecoder:
     def reply(self) -> Reply:
         """The reply as streamed (after `finish`): cut at a stop string if one was hit."""
         text = ''.join(self.sent)
+        if self.stops.hit and not self.completion:
+            text = text.strip()   # (what a reply is without a stop string: stripped)
         if self.parser is None or self.stops.hit:
             message = {'role': 'assistant', 'content': text}
             if self.chat.format.supports_system:

@@ -245,8 +245,10 @@ class Reply:
 
     @property
     def response(self) -> Union[str, dict]:
-        """What `chat()` returns: the last tool call if there is one (as the official code), else the text."""
-        return self.tool_calls[-1] if self.tool_calls else self.text
+        """What `chat()` returns: as the official code, the last message's: a tool call when the reply
+        ends with one, else the text."""
+        last = self.messages[-1] if self.messages else {}
+        return self.tool_calls[-1] if self.tool_calls and (last.get('metadata') or '').strip() else self.text
 
 
 class ReplyParser:

@@ -172,6 +172,9 @@ def test_a_reply_streamed_in_any_pieces_is_the_whole_reply(family):
             shown = ''.join(parser.push(text[a:b]) for a, b in zip([0] + cuts, cuts + [len(text)])) + parser.finish()
             assert shown == whole.text, (text, cuts)
             assert parser.reply() == whole, (text, cuts)
+    if family == 'glm3':   # what chat() returns is the last message's, as the official code
+        assert fmt.parse_text(CALL + '<|assistant|>\nafter the call', messages).response == 'after the call'
+        assert fmt.parse_text('\nLet me check.<|assistant|>' + CALL, messages).response['name'] == 'get_weather'
     assert fmt.parse_text(STREAMED_REPLIES[family][0], messages).text == {
         'glm1': '你好，我是ChatGLM！真的吗？是的：好；', 'glm2': '你好 2023年', 'glm3': '你好 2023年'}[family]
 
@@ -338,6 +341,29 @@ def test_casting_the_model_mid_conversation_drops_the_cached_kv(glm2_dir):
     assert cached == 0
     fp32 = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32')
     assert reply == fp32.chat('再说一次', history=history, max_new_tokens=6, do_sample=False)[0]
+
+
+def test_an_interrupted_generate_leaves_nothing_running(glm2_model, monkeypatch):
+    """Ctrl-C in the middle of generate(): its sequences end at once, their memory is free, and the next
+    call (or a new engine setting) works."""
+    chat = glm2_model
+    engine = chat.engine
+    forward, calls = chat.model.forward_ragged, [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(chat.model, 'forward_ragged', interrupted)
+    prompts = [chat.build_inputs(q) for q in ('你好', 'hello')]
+    with pytest.raises(KeyboardInterrupt):
+        chat.generate_batch(prompts, max_new_tokens=8, do_sample=False)
+    monkeypatch.setattr(chat.model, 'forward_ragged', forward)
+    assert not engine.busy and engine.scheduler.reserved == 0
+    # tensors and arrays of ids are prompts too
+    assert chat.generate_batch(torch.tensor([prompts[0], prompts[0]]), max_new_tokens=4, do_sample=False) == \
+        [chat.generate(prompts[0], max_new_tokens=4, do_sample=False)] * 2
 
 
 def test_batched_generation_equals_one_by_one(glm2_model):

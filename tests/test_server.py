@@ -760,6 +760,16 @@ def test_chatglm3_tools_map_to_openai_tool_calls():
     # text, then a call (how the real model often answers with tools): both, as the stream showed them
     message_ = message(Result(call_, [], 1, 1, 'stop', text='Let me look that up.', tool_calls=[call_]))
     assert message_['content'] == 'Let me look that up.' and len(message_['tool_calls']) == 1
+    # ... and sent back, the history holds the text and every call, as the model wrote them
+    calls = [{'id': f'c{i}', 'type': 'function', 'function': {'name': name, 'arguments': '{"city": "北京"}'}}
+             for i, name in enumerate(('get_weather', 'get_time'))]
+    req = ChatCompletionRequest(messages=[
+        {'role': 'user', 'content': '北京?'},
+        {'role': 'assistant', 'content': 'Let me look that up.', 'tool_calls': calls},
+        {'role': 'tool', 'tool_call_id': 'c0', 'content': '{"temp": 20}'}], tools=[])
+    _, history, _, _, _ = to_conversation(req)
+    assert [(m['metadata'], m['content'][:12]) for m in history[1:]] == [
+        ('', 'Let me look '), ('get_weather', '```python\nto'), ('get_time', '```python\nto')]
 
 
 # -- many users at once (continuous batching) -------------------------------------------------------------

@@ -41,6 +41,7 @@ class LLMEngine:
         self._stepping = threading.Lock()
         self._stepped = threading.Condition()      # notified after every step (callers of a background engine wait on it)
         self._thread: Optional[threading.Thread] = None
+        self._stopped = False
         self._idle_steps = 0
 
     def submit(self, prompt: List[int], params: SamplingParams, on_token: Optional[Callable] = None,
@@ -53,8 +54,17 @@ class LLMEngine:
         """One iteration of the whole batch; -> whether anything ran."""
         with self._stepping, torch.inference_mode():   # (caches are made in schedule(): no autograd there either)
             forwards = self.scheduler.schedule()
-            for forward in forwards:
-                self.scheduler.update(forward, self.runner.execute(forward))
+            done = 0
+            try:
+                for forward in forwards:
+                    self.scheduler.update(forward, self.runner.execute(forward))
+                    done += 1
+            except BaseException as e:   # Ctrl-C mid-step: a forward may have written K/V its tokens never got
+                interrupted = [seq for forward in forwards[done:] for seq, _ in forward.parts]
+                self.scheduler.abort(interrupted, RuntimeError(
+                    f'generation was interrupted ({type(e).__name__} in the step this sequence was part of); '
+                    'ask again'))
+                raise
         with self._stepped:
             self._stepped.notify_all()
         self._idle_steps = 0 if forwards or not self.scheduler.has_work() else self._idle_steps + 1
@@ -84,19 +94,29 @@ class LLMEngine:
         seq = seq_of(lambda _, token: tokens.append(token))
         try:
             while True:
+                finished = seq.finished   # (read first: an engine thread may add the last token meanwhile)
                 while tokens:
                     yield tokens.popleft()
-                if seq.finished:
+                if finished:
                     break
                 self.advance()
             if seq.error is not None:
                 raise seq.error
         finally:
-            if not seq.finished:
-                seq.cancel()
-                if self._thread is None:
-                    with self._stepping:
-                        self.scheduler.drop_cancelled()
+            self.release([seq])
+
+    def release(self, seqs: List[Sequence]):
+        """Cancel whichever of `seqs` are unfinished and free their memory now if no step is running
+        (else the next step does). Never waits for the stepping lock: this runs in `finally` blocks and
+        from the garbage collector, possibly inside a step."""
+        unfinished = [seq for seq in seqs if not seq.finished]
+        for seq in unfinished:
+            seq.cancel()
+        if unfinished and self._thread is None and self._stepping.acquire(blocking=False):
+            try:
+                self.scheduler.drop_cancelled()
+            finally:
+                self._stepping.release()
 
     # -- serving: one engine thread steps --------------------------------------------------------------
     def start_background(self):
@@ -108,13 +128,24 @@ class LLMEngine:
         self._thread.start()
 
     def _work(self):
-        while True:
-            self.scheduler.wait_for_work()
+        while not self._stopped:
+            if not self.scheduler.wait_for_work(timeout=0.5):
+                continue
             try:
                 self.step()
             except Exception:   # a bug in scheduling: log it, keep serving
                 logger.exception('engine step failed')
                 time.sleep(0.1)
+
+    def stop(self):
+        """End the engine thread (when one runs) and forget the prefix cache: the engine is replaced."""
+        self._stopped = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.scheduler.prefix_cache is not None:
+            with self.scheduler.lock:
+                while self.scheduler.prefix_cache.evict_oldest():
+                    pass
 
     @property
     def busy(self) -> bool:

@@ -61,6 +61,10 @@ class KVAllocator:
 
 
 class ModelRunner:
+    # Decode tokens a sequence runs eagerly before its steps are captured: a sequence's cache is memory of
+    # its own, so its graphs are captured anew (and again when its cache grows); a short reply never pays.
+    GRAPH_AFTER_TOKENS = 16
+
     def __init__(self, model, vocab_limit: int):
         self.model = model
         self.vocab_limit = vocab_limit      # ids at or past it are padded embedding rows, not tokens
@@ -74,7 +78,8 @@ class ModelRunner:
     def execute(self, forward: Forward) -> ForwardResult:
         parts, scored = forward.parts, forward.scored
         try:
-            if self.static_decode and forward.prompt_parts == 0 and len(parts) == 1:
+            if (self.static_decode and forward.prompt_parts == 0 and len(parts) == 1
+                    and len(parts[0][0].output) >= self.GRAPH_AFTER_TOKENS):
                 seq, ids = parts[0]
                 capture = self.model.device.type == 'cuda' and self.model.cuda_graphs
                 logits = decode_with_graphs(self.model, torch.tensor(ids, device=self.model.device), seq.state,

@@ -85,7 +85,6 @@ class Sequence:
         self.top_prompt_logprobs = prompt_logprobs or 0
         self.finish_reason: Optional[str] = None   # 'stop' | 'length' | 'cancelled' | 'error'
         self.error: Optional[BaseException] = None
-        self.done = threading.Event()
         # What goes through prefill before decoding: the prompt, or after a preemption the prompt and
         # all but the last generated token (that one is fed by the next decode step).
         self.fill = self.prompt
@@ -263,6 +262,14 @@ class Scheduler:
                     kv_budget_bytes=self.budget, kv_reserved_bytes=self.reserved, kv_prefix_cache_bytes=cached,
                     prefix_cache_entries=self.prefix_cache.nodes if self.prefix_cache else 0,
                     prefix_cache_hit_rate=self.stats['cached_prompt_tokens'] / prompt if prompt else 0.0)
+
+    def abort(self, seqs: List[Sequence], error: BaseException):
+        """End `seqs` with an error now, their K/V unkept (a step was interrupted midway: their caches
+        may hold positions their tokens never got)."""
+        for seq in seqs:
+            if not seq.finished:
+                seq.error = error
+                self._finish(seq, 'error', keep_cache=False)
 
     # -- the stepping thread: deciding ---------------------------------------------------------------
     def schedule(self) -> List[Forward]:
@@ -491,7 +498,6 @@ class Scheduler:
                 seq.on_finish(seq)
             except Exception:
                 logger.exception('on_finish failed')
-        seq.done.set()
 
 
 def default_kv_budget(device: torch.device) -> int:

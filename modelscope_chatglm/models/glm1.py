@@ -241,6 +241,10 @@ class GLM1Model(nn.Module):
         padding, sop_index, mask_position, _, _ = self._structure(ids, None)
         return DecodeState(self.new_cache(1, ids.shape[1] + max_new_tokens), padding, sop_index, mask_position, 0)
 
+    def adopt_prefix(self, state, segments, keep: int):
+        raise NotImplementedError('ChatGLM-6B cannot reuse cached K/V across prompts: its prompt prefix is '
+                                  'attended bidirectionally, so the K/V of a prefix change as the prompt grows')
+
     def rows_keep_their_bits(self, rows: int) -> bool:
         return linears_keep_row_bits(self.layers, rows, self.word_embeddings.weight.dtype)
 

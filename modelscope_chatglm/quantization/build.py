@@ -260,7 +260,7 @@ def _declare(lib):
     lib.attend_bf16.argtypes = [p, lg, i, i, i, i, p, lg, p, lg, i, p, f, i]
     lib.attend_bf16.restype = ctypes.c_int
     lib.attend_bf16_ref.argtypes = [p, lg, i, i, i, i, p, lg, p, lg, i, p, f]
-    lib.attend_bf16_ref.restype = None
+    lib.attend_bf16_ref.restype = ctypes.c_int
     lib.kernel_isa.restype = ctypes.c_char_p
     lib.kernel_openmp.restype = ctypes.c_int
     lib.isa = lib.kernel_isa().decode()   # the SIMD branch compiled in: 'avx512-vnni-bf16', ..., 'scalar'

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -120,6 +121,7 @@ class AsyncEngine:
         self.scheduler = self.engine.scheduler
         self.started = time.time()
         self._rate = deque(maxlen=1024)   # (time, generated tokens) at recent tokens: tokens/s
+        self._rate_lock = threading.Lock()  # (appended on the engine thread, read for /metrics on the loop's)
         self.engine.start_background()
 
     async def generate(self, call: ChatCall) -> AsyncIterator[Event]:
@@ -171,7 +173,8 @@ class AsyncEngine:
             if seq.logprobs is not None:
                 job.token_logprobs.append(self._token_logprob(token, *seq.logprobs[-1]))
             self._send(job, job.stream.push(token))
-            self._rate.append((time.monotonic(), self.scheduler.stats['generated_tokens']))
+            with self._rate_lock:
+                self._rate.append((time.monotonic(), self.scheduler.stats['generated_tokens']))
             return job.stream.stopped
 
         def on_finish(seq):
@@ -190,7 +193,8 @@ class AsyncEngine:
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last tokens (up to 1,024, within the last 30 s)."""
         now = time.monotonic()
-        recent = [(t, n) for t, n in self._rate if now - t < 30]
+        with self._rate_lock:
+            recent = [(t, n) for t, n in self._rate if now - t < 30]
         if len(recent) < 2:
             return 0.0
         (t0, n0), (t1, n1) = recent[0], recent[-1]

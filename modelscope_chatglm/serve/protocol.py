@@ -121,16 +121,21 @@ def to_conversation(req: ChatCompletionRequest):
     messages = []
     for m in req.messages:
         if m.role == 'assistant' and m.tool_calls:
-            call = m.tool_calls[0].function
-            try:
-                args = json.loads(call.arguments or '{}')
-            except (ValueError, RecursionError) as e:   # not JSON; an int past 4,300 digits; nesting too deep
-                raise InputError(f'tool call {call.name!r}: arguments are not JSON the server can read '
-                                 f'({type(e).__name__}: {str(e)[:100]}); send them as a JSON object') from None
-            if not isinstance(args, dict):
-                raise InputError(f'tool call {call.name!r}: arguments must be a JSON object, got {call.arguments!r}')
-            code = 'tool_call(' + ', '.join(f'{k}={v!r}' for k, v in args.items()) + ')'
-            messages.append({'role': 'assistant', 'metadata': call.name, 'content': f'```python\n{code}\n```'})
+            # As the model wrote it: its text (if any), then one message per call.
+            if _text(m.content):
+                messages.append({'role': 'assistant', 'metadata': '', 'content': _text(m.content)})
+            for tool_call in m.tool_calls:
+                call = tool_call.function
+                try:
+                    args = json.loads(call.arguments or '{}')
+                except (ValueError, RecursionError) as e:   # not JSON; an int past 4,300 digits; nesting too deep
+                    raise InputError(f'tool call {call.name!r}: arguments are not JSON the server can read '
+                                     f'({type(e).__name__}: {str(e)[:100]}); send them as a JSON object') from None
+                if not isinstance(args, dict):
+                    raise InputError(f'tool call {call.name!r}: arguments must be a JSON object, got '
+                                     f'{call.arguments!r}')
+                code = 'tool_call(' + ', '.join(f'{k}={v!r}' for k, v in args.items()) + ')'
+                messages.append({'role': 'assistant', 'metadata': call.name, 'content': f'```python\n{code}\n```'})
         else:
             role = {'tool': 'observation', 'function': 'observation'}.get(m.role, m.role)
             messages.append({'role': role, 'content': _text(m.content)})
@@ -528,7 +533,7 @@ METRICS = {
     'failed': ('counter', 'requests that failed in the engine'),
     'preempted': ('counter', 'sequences preempted (memory freed, prefilled again) for lack of KV memory'),
     'steps': ('counter', 'scheduler iterations'),
-    'tokens_per_second': ('gauge', 'generated tokens per second over the last steps'),
+    'tokens_per_second': ('gauge', 'generated tokens per second over the last tokens (up to 1,024, within 30 s)'),
 }
 
 

@@ -66,7 +66,7 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
     """The server over one model in this process.
     api_key: when set, every route but /health and /metrics wants `Authorization: Bearer <api_key>`.
     max_queue: requests that may wait for the model; more get a 503 with Retry-After.
-    max_batch, kv_cache_bytes, prefill_chunk: the continuous-batching scheduler's (batching.py)."""
+    max_batch, kv_cache_bytes, prefill_chunk: the settings of the model's engine (engine/scheduler.py)."""
     engine = AsyncEngine(chat, max_queue, max_batch, kv_cache_bytes, prefill_chunk)
     return create_app_over(engine, model_name, max_body_bytes, api_key)
 
@@ -75,7 +75,7 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
                     api_key: Optional[str] = None) -> FastAPI:
     """The routes over a backend: an `AsyncEngine` here, or `ray_app.RayBackend` over Ray Serve replicas.
     A backend has model_name, adapters, `generate(ChatCall)` (the event
-    stream of engine.py), `async stats_list()` (one dict per engine) and `cancel_all()`."""
+    stream of async_engine.py), `async stats_list()` (one dict per engine) and `cancel_all()`."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

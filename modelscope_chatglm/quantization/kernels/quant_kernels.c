@@ -1354,10 +1354,15 @@ void q4_dequant_rows_bf16(const int8_t *W, const float *scale, int n0, int n1, i
  * around it: a prompt prefilled whole, in chunks or after a prefix-cache hit gets the same bits, alone
  * or batched. Builds without AVX512-BF16 run the scalar reference (the model uses torch's SDPA there).
  */
-void attend_bf16_ref(const uint16_t *q, long ldq, int s, int H, int G, int d, const uint16_t *k, long ldk,
-                     const uint16_t *v, long ldv, int t, uint16_t *out, float scale) {
+int attend_bf16_ref(const uint16_t *q, long ldq, int s, int H, int G, int d, const uint16_t *k, long ldk,
+                    const uint16_t *v, long ldv, int t, uint16_t *out, float scale) {
     const int per_group = H / G;
     float *score = (float *)malloc(sizeof(float) * t), *o = (float *)malloc(sizeof(float) * d);
+    if (!score || !o) {   /* -> 0: not computed (out of memory) */
+        free(score);
+        free(o);
+        return 0;
+    }
     for (int i = 0; i < s; i++)
         for (int h = 0; h < H; h++) {
             const uint16_t *qh = q + (size_t)i * ldq + (size_t)h * d;
@@ -1380,6 +1385,7 @@ void attend_bf16_ref(const uint16_t *q, long ldq, int s, int H, int G, int d, co
         }
     free(score);
     free(o);
+    return 1;
 }
 
 #ifdef XBF16_DP
@@ -1603,7 +1609,6 @@ int attend_bf16(const uint16_t *q, long ldq, int s, int H, int G, int d, const u
      * where the build has AVX512-BF16 (glm2.compiled_attention) and uses SDPA elsewhere. */
     (void)nthreads;
     if (s < 1 || t < s || G < 1 || H % G || d < 1) return 0;
-    attend_bf16_ref(q, ldq, s, H, G, d, k, ldk, v, ldv, t, out, scale);
-    return 1;
+    return attend_bf16_ref(q, ldq, s, H, G, d, k, ldk, v, ldv, t, out, scale);
 #endif
 }
