@@ -7,8 +7,6 @@ removed since). Imported only by the `web` command.
 """
 from __future__ import annotations
 
-import threading
-
 from .chat import ChatModel
 
 
@@ -31,7 +29,7 @@ def to_messages(history) -> list:
 
 def build_app(chat: ChatModel, title: str = 'ChatGLM'):
     import gradio as gr
-    lock = threading.Lock()   # one model: one reply at a time (gradio's queue also serialises)
+    from .engine.scheduler import DEFAULT_MAX_BATCH
 
     def respond(message, history, max_new_tokens, temperature, top_p):
         options = {'max_new_tokens': int(max_new_tokens), 'top_p': float(top_p)}
@@ -39,13 +37,13 @@ def build_app(chat: ChatModel, title: str = 'ChatGLM'):
             options.update(do_sample=True, temperature=float(temperature))
         else:
             options['do_sample'] = False
-        with lock:
-            turn = chat.turn(_text(message), to_messages(history), **options)
-            text = ''
-            for delta in turn:
-                text += delta
-                yield text.strip()
-            yield turn.response if isinstance(turn.response, str) else str(turn.response)
+        # Several visitors at once share the model's engine: their replies are generated side by side.
+        turn = chat.turn(_text(message), to_messages(history), **options)
+        text = ''
+        for delta in turn:
+            text += delta
+            yield text
+        yield turn.response if isinstance(turn.response, str) else str(turn.response)
 
     settings = [
         gr.Slider(1, min(4096, chat.context_length), value=min(512, chat.context_length), step=1,
@@ -55,7 +53,7 @@ def build_app(chat: ChatModel, title: str = 'ChatGLM'):
     ]
     return gr.ChatInterface(respond, additional_inputs=settings, title=title,
                             description=f'{chat.name} ({chat.family}, {chat.device}, {chat.dtype})',
-                            concurrency_limit=1)
+                            concurrency_limit=DEFAULT_MAX_BATCH)   # a batch's worth of visitors at once
 
 
 def serve_web(chat: ChatModel, host: str = '127.0.0.1', port: int = 7860):

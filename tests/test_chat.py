@@ -443,3 +443,37 @@ def test_stop_strings_hold_back_only_what_may_begin_one():
     # A stop string as long as a request may carry, over text that keeps almost matching it.
     long_stop = 'a' * 200_000 + 'b'
     assert _stopped([long_stop], 'a' * 300_000 + 'b', [1000] * 301) == ('a' * 100_000, True)
+
+
+def test_threads_chatting_at_once_share_the_engine_and_get_their_own_replies(glm3_model):
+    """Four threads call chat() / stream_chat() at once (one abandons its stream halfway): each gets the
+    reply it gets alone, the steps are shared (fewer than one by one), and nothing is left running."""
+    import threading
+    queries = ['你好', 'hello there', '介绍下清华大学', 'what is 1+1?']
+    gen = dict(do_sample=False, max_new_tokens=24)
+    alone = [glm3_model.chat(q, **gen)[0] for q in queries]
+    stats = glm3_model.engine.scheduler.stats
+    steps_before, results, errors = stats['steps'], {}, []
+
+    def chat(i):
+        try:
+            if i % 2:
+                results[i] = [r for r, _ in glm3_model.stream_chat(queries[i], **gen)][-1]
+            else:
+                results[i] = glm3_model.chat(queries[i], **gen)[0]
+        except Exception as e:   # (reported below: an assert in a thread would pass silently)
+            errors.append(e)
+
+    def abandon():
+        stream = glm3_model.stream_tokens(glm3_model.build_inputs('abandoned'), max_new_tokens=200)
+        next(stream), next(stream)
+        stream.close()
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(4)] + [threading.Thread(target=abandon)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and [results[i] for i in range(4)] == alone
+    assert stats['steps'] - steps_before < 4 * 25                 # steps were shared
+    engine = glm3_model.engine
+    assert not engine.busy and engine.scheduler.reserved == 0
