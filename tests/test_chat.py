@@ -1,4 +1,4 @@
-"""Chat formats, truncation, tool calls, streaming and the decode loop on tiny real models."""
+"""Chat formats, truncation, tool calls, streaming and generation through the engine on tiny real models."""
 import json
 
 import pytest
@@ -216,7 +216,7 @@ def test_hostile_tool_calls_are_refused_not_raised(code):
     json.dumps(reply)
 
 
-# -- the decode loop ------------------------------------------------------------------------------------------
+# -- generation options ------------------------------------------------------------------------------------------
 def test_sampling_options(glm2_model):
     ids = glm2_model.build_inputs('你好')
     greedy = glm2_model.generate(ids, max_new_tokens=10, do_sample=False)
@@ -245,7 +245,7 @@ def test_openai_penalties_count_generated_tokens():
 
 
 def test_penalties_are_the_same_alone_and_in_a_batch(glm2_model):
-    """The one-sequence decode loop (left-padded prompts) and the scheduler count the same tokens."""
+    """generate() one by one, an engine of its own and generate_batch count the same tokens."""
     gen = dict(do_sample=False, frequency_penalty=1.5, presence_penalty=0.5)
     prompts = [glm2_model.build_inputs(q) for q in ('你好', 'tell me about the capital of France')]
     alone = [glm2_model.generate(p, max_new_tokens=48, **gen) for p in prompts]   # 48: tokens repeat
