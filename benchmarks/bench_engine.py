@@ -27,8 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
 
-def child(tree, path, bits, int8_activations, new_tokens, history_tokens):
-    """In a fresh process whose modelscope_chatglm comes from `tree`."""
+def child(path, bits, int8_activations, new_tokens, history_tokens):
+    """In a fresh process whose modelscope_chatglm comes from one tree (PYTHONPATH)."""
     import torch
     import modelscope_chatglm
     chat = modelscope_chatglm.load(path, device='cpu', quantization_bit=bits, int8_activations=int8_activations)
@@ -108,8 +108,8 @@ def main():
     parser.add_argument('--child', nargs=2, metavar=('TREE', 'PATH'))
     args = parser.parse_args()
     if args.child:
-        tree, path = args.child
-        print(json.dumps(child(tree, path, args.bits, args.int8_activations, args.new_tokens, args.history_tokens)))
+        _, path = args.child
+        print(json.dumps(child(path, args.bits, args.int8_activations, args.new_tokens, args.history_tokens)))
         return
     from fullsize import build
     build(args.dir, layers=args.layers)

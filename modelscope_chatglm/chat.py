@@ -381,10 +381,7 @@ class ReplyDecoder:
         if self.stops.hit and not self.completion:
             text = text.strip()   # (what a reply is without a stop string: stripped)
         if self.parser is None or self.stops.hit:
-            message = {'role': 'assistant', 'content': text}
-            if self.chat.format.supports_system:
-                message['metadata'] = ''
-            return Reply(text, [], [message])
+            return self.chat.format.text_reply(text)
         return self.parser.reply()
 
     def result(self) -> Tuple[Union[str, dict], list]:
@@ -403,7 +400,7 @@ class ChatTurn:
         self.chat, self.request = chat, request
         self.output_ids: List[int] = []
         self.finish_reason: Optional[str] = None
-        self.stream = ReplyDecoder(chat, request)
+        self.decoder = ReplyDecoder(chat, request)
         self._final: Optional[Tuple[Union[str, dict], list]] = None
         self._so_far = (-1, None)      # (deltas seen, (response, history) then): read twice per delta
 
@@ -418,12 +415,9 @@ class ChatTurn:
     def _replied(self):
         if self._final is not None:
             return self._final
-        if self._so_far[0] != len(self.stream.sent):
-            text = ''.join(self.stream.sent)
-            message = {'role': 'assistant', 'content': text}
-            if self.chat.format.supports_system:
-                message['metadata'] = ''
-            self._so_far = (len(self.stream.sent), self.chat.conclude(self.request, Reply(text, [], [message])))
+        sent = self.decoder.sent
+        if self._so_far[0] != len(sent):
+            self._so_far = (len(sent), self.chat.conclude(self.request, self.chat.format.text_reply(''.join(sent))))
         return self._so_far[1]
 
     def __iter__(self) -> Iterator[str]:
@@ -438,11 +432,11 @@ class ChatTurn:
 
         for token in engine.stream(submit):
             self.output_ids.append(token)
-            delta = self.stream.push(token)
+            delta = self.decoder.push(token)
             if delta:
                 yield delta
         self.finish_reason = seq.finish_reason
-        rest = self.stream.finish()
-        self._final = self.stream.result()
+        rest = self.decoder.finish()
+        self._final = self.decoder.result()
         if rest:
             yield rest

@@ -13,6 +13,7 @@ into deltas. `families.py` says which generation uses which.
 """
 from __future__ import annotations
 
+import abc
 import ast
 import json
 from dataclasses import dataclass, field
@@ -170,6 +171,12 @@ class _Strip:
         return ''
 
 
+def _held_prefix(text: str, word: str) -> int:
+    """How long an end of `text` is that could begin `word` (the longest proper prefix of `word` that
+    `text` ends with): what a stream must hold back until the next characters settle it."""
+    return next((k for k in range(min(len(word) - 1, len(text)), 0, -1) if text.endswith(word[:k])), 0)
+
+
 class _Replace:
     """str.replace(old, new), holding back an end of the text that could begin `old`."""
 
@@ -178,7 +185,7 @@ class _Replace:
 
     def push(self, text: str) -> str:
         text = (self.held + text).replace(self.old, self.new)
-        keep = next((k for k in range(min(len(self.old) - 1, len(text)), 0, -1) if text.endswith(self.old[:k])), 0)
+        keep = _held_prefix(text, self.old)
         self.held = text[len(text) - keep:]
         return text[:len(text) - keep]
 
@@ -234,6 +241,11 @@ class _Stages:
 TRAINING_DATE = ('[[训练时间]]', '2023年')   # a placeholder the official post-processing fills in
 
 
+def _text_stages(*more) -> _Stages:
+    """What the official post-processing does to reply text: strip, fill the training date; then `more`."""
+    return _Stages(_Strip(), _Replace(*TRAINING_DATE), *more)
+
+
 @dataclass
 class Reply:
     """A parsed reply. text: what a client shows (ChatGLM3: its text segments, joined by newlines);
@@ -251,25 +263,33 @@ class Reply:
         return self.tool_calls[-1] if self.tool_calls and (last.get('metadata') or '').strip() else self.text
 
 
-class ReplyParser:
+def text_reply(text: str, with_metadata: bool) -> Reply:
+    """A reply that is one text message (ChatGLM3's messages carry an empty metadata line)."""
+    message = {'role': 'assistant', 'content': text}
+    if with_metadata:
+        message['metadata'] = ''
+    return Reply(text, [], [message])
+
+
+class ReplyParser(abc.ABC):
     """Reads one reply's text as it is generated: `push(delta) -> visible text now`, `finish() -> the
     rest`, then `reply()`."""
 
-    def push(self, text: str) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def push(self, text: str) -> str: ...
 
-    def finish(self) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def finish(self) -> str: ...
 
-    def reply(self) -> Reply:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def reply(self) -> Reply: ...
 
 
 class _PlainReplyParser(ReplyParser):
     """ChatGLM-6B and ChatGLM2-6B: the reply is text, cleaned up by stages."""
 
-    def __init__(self, *stages):
-        self.stages, self.text = _Stages(*stages), []
+    def __init__(self, stages: _Stages):
+        self.stages, self.text = stages, []
 
     def push(self, text: str) -> str:
         out = self.stages.push(text)
@@ -282,8 +302,7 @@ class _PlainReplyParser(ReplyParser):
         return out
 
     def reply(self) -> Reply:
-        text = ''.join(self.text)
-        return Reply(text, [], [{'role': 'assistant', 'content': text}])
+        return text_reply(''.join(self.text), with_metadata=False)
 
 
 class GLM3ReplyParser(ReplyParser):
@@ -320,8 +339,7 @@ class GLM3ReplyParser(ReplyParser):
             out.append(self._end_segment())
             self._new_segment()
             text = text[at + len(self.SEPARATOR):]
-        keep = next((k for k in range(min(len(self.SEPARATOR) - 1, len(text)), 0, -1)
-                     if text.endswith(self.SEPARATOR[:k])), 0)
+        keep = _held_prefix(text, self.SEPARATOR)
         self.held = text[len(text) - keep:]
         out.append(self._feed(text[:len(text) - keep]))
         return ''.join(out)
@@ -341,7 +359,7 @@ class GLM3ReplyParser(ReplyParser):
             self.metadata, _, text = ''.join(self.raw).partition('\n')
             self.raw = []
             if not self.metadata.strip():
-                self.cleaner = _Stages(_Strip(), _Replace(*TRAINING_DATE))
+                self.cleaner = _text_stages()
         self.raw.append(text)
         return self._show(self.cleaner.push(text)) if self.cleaner else ''
 
@@ -356,7 +374,7 @@ class GLM3ReplyParser(ReplyParser):
 
     def _end_segment(self) -> str:
         if self.metadata is None:   # the first line never ended: the whole segment is text
-            self.metadata, self.cleaner = '', _Stages(_Strip(), _Replace(*TRAINING_DATE))
+            self.metadata, self.cleaner = '', _text_stages()
             out = self._show(self.cleaner.push(''.join(self.raw)))
         else:
             out = ''
@@ -377,21 +395,25 @@ class GLM3ReplyParser(ReplyParser):
 
 
 # -- the formats as objects ----------------------------------------------------------------------------
-class ChatFormat:
+class ChatFormat(abc.ABC):
     """How one generation turns a conversation into prompt ids and generated text into a reply."""
     title = ''                            # the generation's name, for messages
     supports_system = False               # system prompt, tools, tool results (the observation role)
 
-    def encode(self, tokenizer, messages: List[Message]) -> List[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, tokenizer, messages: List[Message]) -> List[int]: ...
 
     def wrap(self, tokenizer, ids: List[int]) -> List[int]:
         """A plain text's ids as a prompt: with the [gMASK]/sop tokens the model expects around them."""
         return tokenizer.prefix_ids + ids      # [gMASK] sop text
 
+    @abc.abstractmethod
     def reply_parser(self, messages: List[Message]) -> ReplyParser:
         """A parser for the reply to `messages` (the conversation before the reply's query)."""
-        raise NotImplementedError
+
+    def text_reply(self, text: str) -> Reply:
+        """A reply that is this text alone (a reply cut at a stop string, or one still streaming)."""
+        return text_reply(text, with_metadata=self.supports_system)
 
     def parse(self, tokenizer, output_ids: List[int], messages: List[Message]) -> Reply:
         """A whole reply: generated ids (a final stop id is left out) -> Reply."""
@@ -417,7 +439,7 @@ class _PairsFormat(ChatFormat):
         return self.wrap(tokenizer, tokenizer.encode(self.prompt(query, pairs)))
 
     def reply_parser(self, messages):
-        return _PlainReplyParser(_Strip(), _Replace(*TRAINING_DATE))
+        return _PlainReplyParser(_text_stages())
 
 
 class GLM1Format(_PairsFormat):
@@ -428,7 +450,7 @@ class GLM1Format(_PairsFormat):
         return ids + tokenizer.suffix_ids      # text [gMASK] <sop>
 
     def reply_parser(self, messages):
-        return _PlainReplyParser(_Strip(), _Replace(*TRAINING_DATE), _WidePunctuation())
+        return _PlainReplyParser(_text_stages(_WidePunctuation()))
 
 
 class GLM2Format(_PairsFormat):

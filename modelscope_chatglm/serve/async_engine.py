@@ -82,7 +82,7 @@ class Job:
     events: Optional[asyncio.Queue] = None
     adapter: Optional[str] = None   # a LoRA adapter the model holds (the request's `model` names it)
     seq: object = None        # its engine Sequence once submitted
-    stream: Optional[ReplyDecoder] = None
+    decoder: Optional[ReplyDecoder] = None
     logprobs: Optional[int] = None
     token_logprobs: List[TokenLogprob] = field(default_factory=list)
     logprobs_sent: int = 0    # how many of token_logprobs went out with a delta
@@ -151,7 +151,7 @@ class AsyncEngine:
             request = self.chat.prepare(call.query, call.history, **call.options)
         # (StopStrings indexes the stop strings here, off the event loop: 1 MB of them takes real time)
         return Job(request, call.stop, adapter=call.adapter, logprobs=call.logprobs,
-                   stream=ReplyDecoder(self.chat, request, call.stop), prompt_logprobs=call.prompt_logprobs)
+                   decoder=ReplyDecoder(self.chat, request, call.stop), prompt_logprobs=call.prompt_logprobs)
 
     async def stats_list(self) -> List[dict]:
         return [self.stats()]
@@ -164,18 +164,18 @@ class AsyncEngine:
                             f'{self.max_queue}); retry later')
         job.loop = asyncio.get_running_loop()
         job.events = asyncio.Queue()
-        job.stream = job.stream or ReplyDecoder(self.chat, job.request, job.stop)
+        job.decoder = job.decoder or ReplyDecoder(self.chat, job.request, job.stop)
 
         def on_token(seq, token):
             self._send_prompt_logprobs(job, seq)
-            if token in job.stream.stop_ids:
+            if token in job.decoder.stop_ids:
                 return False
             if seq.logprobs is not None:
                 job.token_logprobs.append(self._token_logprob(token, *seq.logprobs[-1]))
-            self._send(job, job.stream.push(token))
+            self._send(job, job.decoder.push(token))
             with self._rate_lock:
                 self._rate.append((time.monotonic(), self.scheduler.stats['generated_tokens']))
-            return job.stream.stopped
+            return job.decoder.stopped
 
         def on_finish(seq):
             self._finish(job, seq)
@@ -239,15 +239,18 @@ class AsyncEngine:
         self._send_prompt_logprobs(job, seq)   # (a prompt only scored: no token came)
         try:
             if seq.finish_reason != 'cancelled':
-                self._send(job, job.stream.finish())
-            response, history = job.stream.result()
-            reply = job.stream.reply() if isinstance(job.request, ChatRequest) else None
+                self._send(job, job.decoder.finish())
+            if isinstance(job.request, ChatRequest):
+                reply = job.decoder.reply()
+                response, history = self.chat.conclude(job.request, reply)
+            else:
+                reply, (response, history) = None, job.decoder.result()
         except Exception as e:   # parsing the model's output must never take the engine down
             job.emit('error', e)
             return
-        finish = 'stop' if job.stream.stopped else seq.finish_reason
+        finish = 'stop' if job.decoder.stopped else seq.finish_reason
         self._send_logprobs(job)
         job.emit('done', Result(response, history, len(job.request.input_ids), len(seq.output), finish,
                                 seq.reused, job.token_logprobs if job.logprobs is not None else None,
-                                job.prompt_entries, ''.join(job.stream.sent),
+                                job.prompt_entries, ''.join(job.decoder.sent),
                                 reply.tool_calls if reply is not None else []))
