@@ -10,9 +10,10 @@ launch shapes around the defaults and prints the best per shape.
 
 `e2e`: builds (once) a checkpoint with the real ChatGLM2-6B shapes (28 layers, hidden 4096, ffn
 13696, vocab 65024; random fp16 weights, safetensors shards in the hub layout) and loads it through
-`modelscope_chatglm.load` as bf16, fp16, int8 and int4 (quantized on load). Per mode: decode tok/s at
-batch 1 with CUDA graphs and without, at batch 16 (a static left-padded batch), prefill tok/s at 1K and
-8K prompt tokens, peak GPU memory; then a ChatGLM2-6B-32K int4 model (rope_ratio 16) prefilling and
+`modelscope_chatglm.load` as bf16, fp16, int8 and int4 (quantized on load). Per mode, through the engine
+the server steps (paged K/V, one attention call per layer, decode steps from CUDA graphs per batch
+bucket): decode tok/s at batch 1 with graphs and without, at batch 16 (16 streams of the continuous
+batch), prefill tok/s at 1K and 8K prompt tokens, peak GPU memory; then a ChatGLM2-6B-32K int4 model (rope_ratio 16) prefilling and
 decoding at 32K context, with its peak memory. Results also go to --json.
 """
 import argparse
@@ -129,29 +130,34 @@ def timed(fn):
     return time.perf_counter() - t, result
 
 
-def decode_rate(chat, batch: int, new_tokens: int, repeats: int, prompt_len: int = 32):
-    """Decode tokens/s per sequence through the engine (as chat() and the server run it): greedy, stop
-    ids off, after the first token (prefill excluded)."""
+def decode_rate(chat, batch: int, new_tokens: int, repeats: int, prompt_len: int = 32, graphs: bool = True):
+    """Decode tokens/s per sequence through an engine of its own (as chat() and the server run it):
+    greedy, stop ids off, after the first token (prefill excluded)."""
     g = torch.Generator().manual_seed(batch)
     vocab = chat.tokenizer.vocab_size
     prompts = [torch.randint(5, vocab, (prompt_len - 3 * i % 7,), generator=g).tolist() for i in range(batch)]
     params = chat.sampling(max_new_tokens=new_tokens + 1, do_sample=False, stop_ids=[])
     rates = []
+    chat.model.cuda_graphs = graphs
+    engine = chat.new_engine(max_batch=16, kv_cache_bytes=4 << 30)
+    chat.model.cuda_graphs = True
     for _ in range(repeats + 1):        # the first run captures the graphs and is not counted
-        engine, stamps = chat.engine, []
+        stamps = []
         seqs = [engine.submit(p, params) for p in prompts]
         while not all(s.finished for s in seqs):
             engine.step()
             if all(s.output for s in seqs):   # every prompt has run: from here on, decode steps
                 stamps.append(time.perf_counter())
         rates.append(new_tokens / (stamps[-1] - stamps[0]))
+    del engine
+    torch.cuda.empty_cache()
     return spread(rates[1:])
 
 
 def prefill_rate(chat, tokens: int, repeats: int):
     """Prompt tokens/s through the engine, the whole prompt in one forward (a new prompt each time: no
     prefix-cache hits)."""
-    engine = chat.new_engine(prefill_chunk=tokens)
+    engine = chat.new_engine(prefill_chunk=tokens, kv_cache_bytes=4 << 30)
     params = chat.sampling(max_new_tokens=1, do_sample=False)
     times = []
     for i in range(repeats + 1):
@@ -177,9 +183,7 @@ def bench_e2e(path: str, modes, repeats: int, new_tokens: int, out: dict):
         load_s, chat = timed(lambda: modelscope_chatglm.load(path, device='cuda', dtype=dtype, quantization_bit=bits))
         r = {'load_s': load_s, 'weights_gb': torch.cuda.memory_allocated() / 1e9}
         r['decode_b1'] = decode_rate(chat, 1, new_tokens, repeats)
-        chat.model.cuda_graphs = False
-        r['decode_b1_eager'] = decode_rate(chat, 1, min(new_tokens, 32), max(2, repeats // 2))
-        chat.model.cuda_graphs = True
+        r['decode_b1_eager'] = decode_rate(chat, 1, min(new_tokens, 32), max(2, repeats // 2), graphs=False)
         r['decode_b16'] = decode_rate(chat, 16, new_tokens, repeats)
         r['prefill_1k'] = prefill_rate(chat, 1024, repeats)
         r['prefill_8k'] = prefill_rate(chat, 8192, repeats)
@@ -209,7 +213,7 @@ def bench_long(path: str, tokens: int, out: dict):
     stamps, start = [], time.perf_counter()
     for _ in chat.stream_tokens(prompt.tolist(), max_new_tokens=64, do_sample=False, stop_ids=[]):
         stamps.append(time.perf_counter())
-    # stamps[1] follows the first decode step, which captures the graph for the 32K window
+    # stamps[1] follows the first decode step, which captures the graph for the 32K table width
     r = {'context': tokens, 'weights_gb': weights, 'prefill_s': stamps[0] - start, 'capture_s': stamps[1] - stamps[0],
          'decode_tok_s': (len(stamps) - 2) / (stamps[-1] - stamps[1]),
          'peak_allocated_gb': torch.cuda.max_memory_allocated() / 1e9,

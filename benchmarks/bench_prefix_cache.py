@@ -5,25 +5,19 @@ prompt, coming back turn after turn, within a KV budget.
 --system-tokens tokens. Each runs --turns turns; the users take turns round-robin (every user's turn 1,
 then every user's turn 2, ...), --batch at a time, as the server builds them: the next prompt is the
 conversation so far (`ChatModel.prepare` / `respond`, the reply decoded and encoded again). The budget
-(--budget-tokens of K/V, running sequences and prefix cache together) is smaller than all the
+(--budget-tokens pages of K/V, running sequences and prefix cache together) is smaller than all the
 conversations' K/V, so the cache must choose what to keep.
 
 Reported, exactly (token counts, not times): prompt tokens, how many were prefilled (the rest came from
 the prefix cache), the cache's size in tokens of K/V at the end, and its entries (nodes). Then the time
 one cache lookup takes with every conversation cached (median of 200, us).
 
---hostile: the prefix cache alone, with ChatGLM2/3-6B's K/V shapes (28 layers, 2 groups of 128, bf16),
-against the workloads an abusive client can send: --leaves requests that each cache one token of their
-own after a shared 100-token prefix, then one request that needs them all evicted (the time to evict
-every leaf); and --depth requests that each branch off one long prompt one token further than the last,
-so that the long prompt's path is --depth nodes of one token (each insert, the lookup, and copying the
-path's K/V into a sequence's cache).
-
---replay N: the K/V allocations of N requests as the server makes them (200 conversations, half opening
-with a 1,000-token system prompt; per request a cache for its prompt and 256 tokens, grown when its
-reply is longer, the prefix cache's copy of its new tokens, then the cache freed), the prefix cache held
-to --replay-gib: resident memory against the cache's bytes every 500 requests. --malloc serves every
-K/V buffer from malloc instead of mapping the large ones (kv_cache.new_buffer), for comparison.
+--hostile: the prefix cache alone (page ids: what it costs does not depend on the model) against the
+workloads an abusive client can send: --leaves requests that each cache one token of their own after a
+shared 100-token prefix, then one request that needs them all evicted (the time to evict every leaf);
+and --depth requests that each branch off one long prompt one token further than the last, so that the
+long prompt's path is --depth nodes of one token (each insert, and the lookup that gives a new sequence
+the path's pages: a hit copies no K/V).
 
 The model is a tiny random checkpoint with ChatGLM3's real tokenizer layout: which tokens are prefilled
 does not depend on the model's width. (On the 2-core CPU a full-size ChatGLM2/3 int4 prefills about
@@ -31,7 +25,6 @@ does not depend on the model's width. (On the 2-core CPU a full-size ChatGLM2/3 
 
     python benchmarks/bench_prefix_cache.py [--users 24 --turns 3 --system-tokens 1000 --budget-tokens 24000]
     python benchmarks/bench_prefix_cache.py --hostile [--leaves 20000 --depth 2000]
-    python benchmarks/bench_prefix_cache.py --replay 3000 [--malloc]
 To compare with another version of the package, run the same script with that checkout first on
 PYTHONPATH; it prints which package it imported.
 """
@@ -54,92 +47,39 @@ def words(n, rng):
 
 
 def hostile(leaves, depth):
-    import torch
-    from modelscope_chatglm.models.kv_cache import KVCache, KVSegment
+    from modelscope_chatglm.engine.kv_pages import PagePool
     from modelscope_chatglm.engine.prefix_cache import PrefixCache
 
-    def kv(tokens):   # a finished sequence's K/V of that many positions, in a cache's memory
-        cache = KVCache(28, 1, 2, tokens, 128, torch.bfloat16, 'cpu')
-        cache.k_all.zero_(), cache.v_all.zero_()
-        return KVSegment.of(cache, 0, tokens)
-
-    cache, shared, finished = PrefixCache(), list(range(1000, 1100)), kv(102)
+    pool = PagePool(leaves + 200)
+    cache, shared = PrefixCache(pool), list(range(1000, 1100))
+    shared_pages = pool.take(100)
     t = time.perf_counter()
     for i in range(leaves):
-        cache.insert(shared + [i // 50000, 100000 + i % 50000], finished)
+        own = pool.take(2)
+        known = cache.insert(shared + [i // 50000, 100000 + i % 50000], shared_pages + own)
+        pool.give_back(own[:max(0, known - 100)])    # (positions the tree held already: duplicates)
     inserted = time.perf_counter() - t
+    nodes = cache.nodes
     t = time.perf_counter()
-    evicted = 0
-    while cache.evict_oldest():
-        evicted += 1
+    freed = cache.evict(cache.pages)
     print(f'{leaves} one-token leaves after a shared prefix: inserted in {inserted:.2f} s; evicting all '
-          f'{evicted} nodes took {(time.perf_counter() - t) * 1e3:.0f} ms')
+          f'{nodes} nodes ({freed} pages) took {(time.perf_counter() - t) * 1e3:.0f} ms')
 
-    cache, long = PrefixCache(), list(range(1, depth + 2))
-    whole = kv(depth + 1)
-    cache.insert(long, whole)
+    pool = PagePool(2 * depth + 10)
+    cache, long = PrefixCache(pool), list(range(1, depth + 2))
+    pages = pool.take(depth + 1)
+    cache.insert(long, pages)
     t = time.perf_counter()
     for k in range(1, depth):
-        cache.insert(long[:k] + [10 ** 6 + k], whole.slice(0, k + 1))
+        cache.insert(long[:k] + [10 ** 6 + k], pages[:k] + pool.take(1))
     inserted = time.perf_counter() - t
     t = time.perf_counter()
-    n, segments = cache.match(long + [0])
+    n, path_pages, node = cache.match(long + [0])
     matched = time.perf_counter() - t
-    target = KVCache(28, 1, 2, depth + 2, 128, torch.bfloat16, 'cpu')
-    t = time.perf_counter()
-    target.copy_prefix(segments, 0, n)
-    copied = time.perf_counter() - t
-    print(f'a {depth + 1}-token prompt split by {depth - 1} requests into a path of {len(segments)} nodes: '
-          f'{inserted / (depth - 1) * 1e3:.2f} ms per insert, lookup {matched * 1e3:.1f} ms, copying its '
-          f'K/V {copied * 1e3:.0f} ms')
-    rss = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-    print(f'resident memory now: {rss / 2**30:.2f} GiB')
-
-
-def replay(requests, budget_gib, use_malloc):
-    import torch
-    from modelscope_chatglm.models import kv_cache
-    from modelscope_chatglm.models.kv_cache import KVCache, KVSegment
-    from modelscope_chatglm.engine.prefix_cache import PrefixCache
-    # What a mapped buffer costs: its pages fault in on first write (malloc maps buffers over 32 MB too).
-    src, times = torch.ones(21 << 20, dtype=torch.bfloat16), {'mapped': [], 'malloc': []}
-    for _ in range(30):
-        for name, make in (('mapped', kv_cache.new_buffer), ('malloc', torch.empty)):
-            t = time.perf_counter()
-            make(src.shape, torch.bfloat16, 'cpu').copy_(src) if name == 'mapped' else \
-                make(src.shape, dtype=torch.bfloat16).copy_(src)
-            times[name].append(time.perf_counter() - t)
-    print('allocate and write 42 MB, median of 30 in turns: ' + ', '.join(
-        f'{name} {statistics.median(ts) * 1e3:.1f} ms' for name, ts in times.items()))
-    if use_malloc:
-        kv_cache.MAPPED_BYTES = float('inf')
-    rng, cache, conversations = random.Random(0), PrefixCache(), {}
-    system = [rng.randrange(60000) for _ in range(1000)]
-
-    def tokens(n):
-        return [rng.randrange(60000) for _ in range(n)]
-    for i in range(requests):
-        user = rng.randrange(200)
-        history = conversations.get(user) or (system if rng.random() < 0.5 else [])
-        prompt = history + tokens(rng.randrange(20, 400))
-        n, segments = cache.match(prompt)
-        kv = KVCache(28, 1, 2, len(prompt) + 256, 128, torch.bfloat16, 'cpu')
-        kv.copy_prefix(segments, 0, n)
-        kv.k_all[:, :, :, n:len(prompt)] = 1        # its prefill writes the rest
-        kv.v_all[:, :, :, n:len(prompt)] = 1
-        reply = rng.randrange(10, 600)
-        kv.reserve(len(prompt) + reply, block=1)
-        kv.k_all[:, :, :, len(prompt):] = 1
-        kv.v_all[:, :, :, len(prompt):] = 1
-        conversations[user] = prompt + tokens(reply - 1)
-        cache.insert(conversations[user], KVSegment.of(kv, 0, len(conversations[user])))
-        while cache.nbytes > budget_gib * 2**30 and cache.evict_oldest():
-            pass
-        del kv
-        if (i + 1) % 500 == 0:
-            rss = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-            print(f'{i + 1} requests: resident {rss / 2**30:.2f} GiB, prefix cache {cache.nbytes / 2**30:.2f} GiB '
-                  f'in {cache.nodes} nodes', flush=True)
+    assert path_pages == pages and n == depth + 1
+    print(f'a {depth + 1}-token prompt split by {depth - 1} requests into a path of {cache.nodes - depth + 1} '
+          f'nodes: {inserted / (depth - 1) * 1e3:.3f} ms per insert, lookup {matched * 1e3:.1f} ms (its '
+          f'{n} pages shared, no K/V copied)')
 
 
 def main():
@@ -153,23 +93,18 @@ def main():
     ap.add_argument('--hostile', action='store_true', help='the abusive workloads (see above) instead')
     ap.add_argument('--leaves', type=int, default=20000)
     ap.add_argument('--depth', type=int, default=2000)
-    ap.add_argument('--replay', type=int, default=0, help='replay the K/V allocations of this many requests')
-    ap.add_argument('--replay-gib', type=float, default=2.0)
-    ap.add_argument('--malloc', action='store_true', help='with --replay: every K/V buffer from malloc')
     args = ap.parse_args()
     print(f'package: {modelscope_chatglm.__file__}')
     if args.hostile:
         return hostile(args.leaves, args.depth)
-    if args.replay:
-        return replay(args.replay, args.replay_gib, args.malloc)
     chat = modelscope_chatglm.load(tiny.build(tempfile.mkdtemp(prefix='bench-prefix-'), 'glm3', seq_length=32768),
                                    device='cpu', dtype='float32')
     rng = random.Random(0)
     system = words(1, rng)
     while len(chat.build_inputs('hi', system=system)) < args.system_tokens:
         system += ' ' + words(20, rng)
-    sched = chat.new_engine(max_batch=args.batch, kv_cache_bytes=None)
-    sched.scheduler.budget = sched.scheduler.kv_bytes(args.budget_tokens)
+    per_token = chat.new_engine(kv_cache_bytes=1 << 20).scheduler.bytes_per_token
+    sched = chat.new_engine(max_batch=args.batch, kv_cache_bytes=per_token * args.budget_tokens)
     histories = [None] * args.users
     prompt_tokens = prefilled = 0
     for turn in range(args.turns):
@@ -193,8 +128,7 @@ def main():
           f'{snap["prefix_cache_entries"]:.0f} entries; preempted {snap["preempted"]:.0f}')
 
     # One lookup with every conversation cached (a budget that evicts nothing).
-    sched = chat.new_engine(max_batch=args.batch, kv_cache_bytes=None)
-    sched.scheduler.budget = 10 ** 15
+    sched = chat.new_engine(max_batch=args.batch, kv_cache_bytes=per_token * 10 ** 6)   # (evicts nothing)
     conversations = [histories[u] for u in range(args.users)]
     for first in range(0, args.users, args.batch):
         seqs = [sched.submit(chat.prepare('one more', h, max_new_tokens=4, do_sample=False).input_ids,

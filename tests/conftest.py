@@ -6,6 +6,7 @@ Without it the parity tests skip, unless $CHATGLM_REQUIRE_REFERENCE=1 (CI sets i
 """
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 from modelscope_chatglm import tiny
+from modelscope_chatglm.quantization import build
+from modelscope_chatglm.quantization.build import load_library
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORACLE = os.path.join(ROOT, 'tests', 'reference', 'oracle.py')
@@ -119,6 +122,18 @@ def missing_optional(reason: str, require_env: str):
     pytest.skip(reason, allow_module_level=True)
 
 
+def replies_of(engine, prompts, params, stagger=0):
+    """Submit `prompts` to `engine` one after another, `stagger` steps apart (so later ones join a running
+    batch), run them to the end -> [(output ids, logprob of each), ...]."""
+    seqs = []
+    for prompt in prompts:
+        seqs.append(engine.submit(prompt, params, logprobs=0))
+        for _ in range(stagger):
+            engine.step()
+    engine.run_until_done(seqs)
+    return [(s.output, [p for p, _ in s.logprobs]) for s in seqs]
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -170,3 +185,45 @@ def post_and_hang_up(base, path, body, running=1, timeout=30):
 
 def pytest_report_header(config):
     return f'reference python: {reference_python()}; python {sys.version.split()[0]}, torch {torch.__version__}'
+
+
+# -- the compiled CPU kernels -----------------------------------------------------------------------------
+@pytest.fixture(scope='session')
+def lib():
+    library = load_library()
+    assert library is not None, 'the CPU kernels must compile on the test machines (gcc is installed)'
+    return library
+
+
+# Every instruction-set branch of quant_kernels.c, whatever this CPU would pick: -march=native (here
+# AVX-512 with VNNI where the CPU has it), AVX-512 without VNNI (x86-64-v4, on CPUs that can run it),
+# AVX2+FMA (x86-64-v3) and the plain scalar code (x86-64).
+ISA_VARIANTS = {'native': None, 'x86-64-v4': 'avx512', 'x86-64-v3': 'avx2', 'x86-64': 'scalar'}
+
+
+def cpu_flags():
+    try:
+        with open('/proc/cpuinfo') as f:
+            return set(next(line for line in f if line.startswith('flags')).split(':', 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.fixture(scope='session')
+def isa_builds(tmp_path_factory):
+    """The kernel library of each variant this CPU can run."""
+    builds = {'native': load_library()}
+    if platform.machine() in ('x86_64', 'AMD64'):
+        directory = str(tmp_path_factory.mktemp('isa'))
+        for march, isa in ISA_VARIANTS.items():
+            if march != 'native' and not (isa == 'avx512' and not {'avx512f', 'avx512bw', 'avx512vl'} <= cpu_flags()):
+                builds[march] = build.build_variant(march, directory)
+                assert builds[march].kernel_isa().decode() == isa
+    return builds
+
+
+@pytest.fixture(scope='module', params=list(ISA_VARIANTS))
+def isa_lib(request, isa_builds):
+    if request.param not in isa_builds:
+        pytest.skip(f'this CPU cannot run the {request.param} build')
+    return isa_builds[request.param]

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import modelscope_chatglm
+from modelscope_chatglm.engine.kv_pages import PagePool
 from modelscope_chatglm.engine.prefix_cache import PrefixCache, common_prefix
 from modelscope_chatglm.engine.scheduler import KVBudgetError
 from modelscope_chatglm.loading import default_dtype
-from modelscope_chatglm.models.kv_cache import KVSegment
+from modelscope_chatglm.models.kv_cache import PagedKV
 
 QUERIES = ['你好', 'hello world, how are you today?', 'a b c d e f g h i j k l m n o p', 'x', '介绍下清华大学']
 
@@ -33,6 +34,20 @@ def run(sched, prompts, params):
     return seqs
 
 
+def held_by_running(sched) -> int:
+    """Pages that running sequences hold of their own (not the prefix cache's), checked against the pool:
+    every page is free, the prefix cache's, a running sequence's own, or the P-tuning prefix's."""
+    scheduler = scheduler_of(sched)
+    own = sum(len(s.table) - s.cached + len(s.pending) for s in scheduler.running)
+    cached = scheduler.prefix_cache.pages if scheduler.prefix_cache else 0
+    assert scheduler.pages.free + cached + own + len(scheduler.pages.reserved) == scheduler.pages.pages
+    return own
+
+
+def scheduler_of(sched):
+    return sched.scheduler
+
+
 @pytest.mark.parametrize('name', ['glm1', 'glm2', 'glm3', 'glm2-int4', 'glm3-int8', 'glm2-int4-x8'])
 def test_batched_greedy_equals_each_alone(models, name):
     chat = models[name]
@@ -43,21 +58,17 @@ def test_batched_greedy_equals_each_alone(models, name):
     budgets = [24, 9, 17, 30, 5]
     seqs = [sched.submit(p, chat.sampling(max_new_tokens=n, do_sample=False)) for p, n in zip(prompts, budgets)]
     forwards, most_running = [], 0     # by step: what each forward held ({'prompt', 'decode'})
-    run_forward = chat.model.forward_ragged
-    chat.model.forward_ragged = lambda parts, every=(): (forwards[-1].append(part_kinds(sched, parts))
-                                                         or run_forward(parts, every))
-    try:
-        while not all(s.finished for s in seqs):
-            forwards.append([])
-            sched.step()
-            most_running = max(most_running, len(sched.scheduler.running))
-    finally:
-        del chat.model.forward_ragged
+    execute = sched.runner.execute
+    sched.runner.execute = lambda forward: (forwards[-1].append(part_kinds(forward)) or execute(forward))
+    while not all(s.finished for s in seqs):
+        forwards.append([])
+        sched.step()
+        most_running = max(most_running, len(sched.scheduler.running))
     assert most_running == 2
     for seq, prompt, n in zip(seqs, prompts, budgets):
         assert seq.output == solo(chat, prompt, n), name
         assert seq.finish_reason in ('stop', 'length')
-    assert sched.scheduler.reserved == 0 and not sched.scheduler.running
+    assert held_by_running(sched) == 0 and not sched.scheduler.running
     # The quantized models' CPU kernels keep each row's bits at any batch: a prompt chunk and a decode
     # token share a forward. A float model's matmuls do not: they run as two forwards of a step.
     shared = sum(f == {'prompt', 'decode'} for step in forwards for f in step)
@@ -68,10 +79,9 @@ def test_batched_greedy_equals_each_alone(models, name):
         assert not shared and two_forwards > 0, forwards
 
 
-def part_kinds(sched, parts):
-    """{'prompt', 'decode'}: what the parts of a forward are (a decode token follows a whole prompt)."""
-    seqs = {id(s.state): s for s in sched.scheduler.running}
-    return {'decode' if seqs[id(state)].prefilled == len(seqs[id(state)].fill) else 'prompt' for state, _ in parts}
+def part_kinds(forward):
+    """{'prompt', 'decode'}: what the parts of a forward are."""
+    return {'prompt' if row < forward.prompt_parts else 'decode' for row in range(len(forward.parts))}
 
 
 def test_only_rows_that_keep_their_bits_share_a_forward(models):
@@ -101,20 +111,27 @@ def test_a_prefix_cache_hit_gives_the_logits_of_a_cold_prefill(glm2_model):
     sched = glm2_model.new_engine()
     seq = run(sched, [first], glm2_model.sampling(max_new_tokens=6, do_sample=False))[0]
     follow = first + seq.output[:-1] + glm2_model.tokenizer.encode('and then?')
+    scheduler = sched.scheduler
     with torch.inference_mode():
-        state = model.start(follow, 4)
-        keep, segments = sched.scheduler._longest_prefix(type(seq)(follow, seq.params))
+        keep, pages, _ = scheduler._longest_prefix(type(seq)(follow, seq.params))
         assert keep == len(first) + len(seq.output) - 1
-        model.adopt_prefix(state, segments, keep)
-        warm = model.forward_ragged([(state, follow[keep:])])[0]
+        new = scheduler.pages.take(len(follow) - keep)
+        kv = PagedKV.build(sched.runner.kv.pool, [torch.tensor(pages[:keep] + new, dtype=torch.int32)], [len(follow) - keep])
+        warm = model.forward_ragged([(None, keep, follow[keep:])], kv)[0]
+        scheduler.pages.give_back(new)
         cold = model.full_logits(torch.tensor([follow]), None)[0, -1]
     torch.testing.assert_close(warm, cold, rtol=0, atol=1e-5)
-    # Through the scheduler: the returning turn prefills only its new tokens, same greedy reply.
-    again = run(sched, [follow], glm2_model.sampling(max_new_tokens=10, do_sample=False))[0]
+    # Through the scheduler: the returning turn prefills only its new tokens, same greedy reply, and its
+    # page table starts with turn 1's pages (a hit copies nothing).
+    tables = []
+    again = scheduler.submit(follow, glm2_model.sampling(max_new_tokens=10, do_sample=False),
+                             on_token=lambda s, _: tables.append(s.table.pages()) and False)
+    sched.run_until_done([again])
     assert again.reused == keep and again.output == solo(glm2_model, follow, 10)
-    # Turn 2's K/V extend turn 1's node: nothing is held twice.
-    assert sched.scheduler.prefix_cache.nbytes == sched.scheduler.kv_bytes(len(follow) + len(again.output) - 1)
-    assert sched.scheduler.prefix_cache.nodes == 2
+    assert tables[0][:keep] == pages[:keep]
+    # Turn 2's K/V extend turn 1's node (in place): nothing is held twice.
+    assert scheduler.prefix_cache.pages == len(follow) + len(again.output) - 1
+    assert scheduler.prefix_cache.nodes == 1 and held_by_running(sched) == 0
 
 
 @pytest.fixture(scope='module', params=sorted({'float32', default_dtype(torch.device('cpu'), quantized=True)}))
@@ -166,8 +183,8 @@ def test_a_shared_system_prompt_is_prefilled_once(glm3_model):
         assert seq.output == solo(glm3_model, prompt, 8)
     # Finished, the four conversations' K/V hold the system prompt once: a node they all branch off.
     kept = [p + s.output[:-1] for p, s in zip(prompts, seqs)]
-    assert sched.scheduler.prefix_cache.nbytes == sched.scheduler.kv_bytes(trie_size(kept))
-    assert sched.scheduler.prefix_cache.nbytes < sched.scheduler.kv_bytes(sum(map(len, kept))) - sched.scheduler.kv_bytes(2 * shared)
+    assert sched.scheduler.prefix_cache.pages == trie_size(kept)
+    assert sched.scheduler.prefix_cache.pages < sum(map(len, kept)) - 2 * shared
     # Each comes back for a second turn: all of its history is served, from the shared node and its own.
     follows = [k + s.output[-1:] + glm3_model.tokenizer.encode('and then?') for k, s in zip(kept, seqs)]
     again = run(sched, follows, glm3_model.sampling(max_new_tokens=6, do_sample=False))
@@ -177,15 +194,15 @@ def test_a_shared_system_prompt_is_prefilled_once(glm3_model):
 
 
 def test_a_ptuning_model_shares_what_follows_its_learned_prefix(make_checkpoint):
-    """Every cache of a P-tuning model opens with the learned prefix's K/V (written when the sequence
-    starts); the prefix cache keeps and copies only the positions after it."""
+    """Every page table of a P-tuning model opens with the learned prefix's pages (written once, when the
+    engine starts); the prefix cache keeps only the positions after it."""
     chat = modelscope_chatglm.load(make_checkpoint('glm2-prefix', 'glm2', 'bin', shards=2, seed=3, pre_seq_len=4),
                                    device='cpu', dtype='float32')
     first = chat.build_inputs('hello world, how are you today?')
     sched = chat.new_engine()
     seq = run(sched, [first], chat.sampling(max_new_tokens=6, do_sample=False))[0]
     kept = first + seq.output[:-1]
-    assert sched.scheduler.pre == 4 and sched.scheduler.prefix_cache.nbytes == sched.scheduler.bytes_per_token * len(kept)
+    assert sched.scheduler.pre == 4 and sched.scheduler.prefix_cache.pages == len(kept)
     follow = kept + seq.output[-1:] + chat.tokenizer.encode('and then?')
     again = run(sched, [follow], chat.sampling(max_new_tokens=8, do_sample=False))[0]
     assert again.reused == len(kept) and again.output == solo(chat, follow, 8)
@@ -198,52 +215,51 @@ def trie_size(token_lists):
                for i, t in enumerate(token_lists))
 
 
-def segment(tokens, layers=2):
-    """A KVSegment whose K and V at each position hold that position's token (so copies can be traced)."""
-    values = torch.tensor(tokens, dtype=torch.float32)[None, None, None, :, None].expand(layers, 1, 2, len(tokens), 4)
-    layer = torch.arange(layers, dtype=torch.float32)[:, None, None, None, None]
-    return KVSegment(values + layer, -values - layer)
+def pages_of(tokens):
+    """Each token's K/V in the page numbered after it (so that where a page went can be traced)."""
+    return list(tokens)
 
 
-def spelled(segments, n):
-    """The tokens whose K/V the first n positions of these segments hold (see `segment`)."""
-    return torch.cat([s.k[0][0, 0, :, 0] for s in segments])[:n].long().tolist()
-
-
-def test_the_radix_tree_keeps_a_shared_prefix_once_and_evicts_the_least_recently_used_leaf():
-    cache, per_position = PrefixCache(), segment([0]).nbytes()
+def test_the_radix_tree_keeps_a_shared_prefix_once_and_evicts_the_least_recently_used_unlocked_leaf():
+    pool = PagePool(200)
+    assert pool.take(200) == list(range(200))         # (the pages the test hands the tree are taken)
+    cache = PrefixCache(pool)
     a = list(range(1, 11))
     b = a[:5] + [20, 21, 22]
-    assert cache.insert(a, segment(a)) == 10 * per_position
-    assert cache.insert(b, segment(b)) == 3 * per_position    # splits a's node after 5 tokens
-    assert cache.nodes == 3 and cache.nbytes == 13 * per_position
-    assert cache.insert(a[:7], segment(a[:7])) == 0           # a prefix of what is held: nothing new
+    assert cache.insert(a, pages_of(a)) == 0
+    assert cache.insert(b, pages_of(b)) == 5                  # splits a's node after 5 tokens
+    assert cache.nodes == 3 and cache.pages == 13
+    assert cache.insert(a[:7], pages_of(a[:7])) == 7          # a prefix of what is held: nothing new
     for tokens, held in ((a + [99], 10), (b + [99], 8), (a[:7] + [50], 7), (a[:3], 3)):
-        n, segments = cache.match(tokens)
-        assert n == held
-        assert spelled(segments, n) == tokens[:n]             # the K/V of exactly those tokens, in order
-        assert all(torch.equal(s.v[1], -s.k[0] - 1) for s in segments)
-    assert cache.match([7, 8, 9]) == (0, []) and cache.match(a, adapter='lora')[0] == 0
-    # Least recently used leaf first; the shared head goes only once no branch is left.
-    cache.match(a)
-    assert cache.evict_oldest() == 3 * per_position           # b's tail (a was used after it)
-    assert cache.evict_oldest() == 5 * per_position           # a's tail: now the head is a leaf
-    assert cache.nodes == 1 and cache.match(b)[0] == 5
-    assert cache.evict_oldest() == 5 * per_position and cache.evict_oldest() == 0
-    assert cache.nbytes == 0 and cache.nodes == 0 and cache.match(a) == (0, [])
+        n, pages, node = cache.match(tokens)
+        assert n == held and pages == pages_of(tokens[:n])    # the pages of exactly those tokens, in order
+    assert cache.match([7, 8, 9])[:2] == (0, []) and cache.match(a, adapter='lora')[0] == 0
+    # A locked path is never evicted; unlocked, least recently used leaf first, and the shared head goes
+    # only once no branch is left. Evicted pages go back to the pool.
+    _, _, b_node = cache.match(b)
+    cache.lock(b_node)
+    assert cache.locked == 8 and cache.evictable == cache.pages - 8
+    assert cache.evict(1) == 3 and pool.free == 3             # a's tail, 8 9 10 (b's path is locked)
+    assert cache.evict(100) == 2 and pool.free == 5           # then 6 7; what is left is b's path
+    assert cache.match(b)[0] == 8 and cache.pages == 8 and cache.evict(100) == 0
+    cache.unlock(b_node)
+    assert cache.evict(100) == 8 and cache.pages == 0 and cache.nodes == 0 and cache.match(a)[:2] == (0, [])
+    assert sorted(pool.take(13)) == sorted(set(a + b))       # every page back in the pool, once
 
 
 def test_the_eviction_heap_stays_bounded_while_leaves_are_used():
     """Each use of a leaf queues it again for eviction; the stale entries are dropped before they
     outgrow the leaves, and the order stays least recently used first."""
-    cache = PrefixCache()
+    pool = PagePool(1000)
+    pool.take(1000)
+    cache = PrefixCache(pool)
     for j in range(10):
-        cache.insert([1, 2, 3, 100 + j], segment([1, 2, 3, 100 + j]))
+        cache.insert([1, 2, 3, 100 + j], pages_of([1, 2, 3, 100 + j]))
     for r in range(1000):
         assert cache.match([1, 2, 3, 100 + r % 10, 7])[0] == 4
         assert len(cache._heap) <= 2 * 10 + 65
     for _ in range(3):
-        cache.evict_oldest()
+        cache.evict(1)
     assert [cache.match([1, 2, 3, 100 + j])[0] for j in range(5)] == [3, 3, 3, 4, 4]
 
 
@@ -260,7 +276,7 @@ def test_chatglm6b_batches_but_never_shares_prefixes(glm1_model):
 
 
 def test_the_kv_budget_holds_under_a_burst_of_long_prompts(glm2_model):
-    prompts = [glm2_model.build_inputs(f'{q} ' * 30) for q in QUERIES] * 2
+    prompts = [glm2_model.build_inputs(f'{i} ' + f'{q} ' * 30) for i, q in enumerate(QUERIES * 2)]   # (no shared prefixes)
     params = glm2_model.sampling(max_new_tokens=16, do_sample=False)
     probe = glm2_model.new_engine()
     per_request = max(probe.scheduler.kv_bytes(len(p) + 16) for p in prompts)
@@ -269,7 +285,7 @@ def test_the_kv_budget_holds_under_a_burst_of_long_prompts(glm2_model):
     most_running, most_waiting = 0, 0
     while not all(s.finished for s in seqs):
         sched.step()
-        assert sched.scheduler.reserved + sched.scheduler.prefix_cache.nbytes <= sched.scheduler.budget
+        held_by_running(sched)      # every page accounted for
         most_running, most_waiting = max(most_running, len(sched.scheduler.running)), max(most_waiting, len(sched.scheduler.waiting))
     assert 2 <= most_running < len(prompts) and most_waiting >= len(prompts) - most_running   # they waited for room
     assert [s.output for s in seqs] == [solo(glm2_model, p, 16) for p in prompts]
@@ -279,8 +295,9 @@ def test_the_kv_budget_holds_under_a_burst_of_long_prompts(glm2_model):
 
 @pytest.mark.parametrize('name', ['glm1', 'glm2'])
 def test_caches_grow_as_needed_and_a_full_budget_preempts_the_newest(models, name):
-    """Sequences start small and grow; when the budget cannot take a growth, the newest sequence is
-    preempted (memory freed, prefilled again later) and every reply is still the one it gets alone."""
+    """Sequences take a page per token; when the pool has none left, the newest sequence is preempted (its
+    pages freed, what it computed kept in the prefix cache while it lasts) and every reply is still the one
+    it gets alone."""
     chat = models[name]
     prompts = [chat.build_inputs(q) for q in QUERIES[:4]]
     params = chat.sampling(max_new_tokens=40, do_sample=False)
@@ -288,14 +305,12 @@ def test_caches_grow_as_needed_and_a_full_budget_preempts_the_newest(models, nam
     sched = chat.new_engine(kv_cache_bytes=probe.scheduler.kv_bytes(2 * max(len(p) for p in prompts) + 60))
     sched.scheduler.GROW_TOKENS = 4
     seqs = [sched.submit(p, params) for p in prompts]
-    capacities = set()
+    lengths = set()
     while not all(s.finished for s in seqs):
         sched.step()
-        cached = sched.scheduler.prefix_cache.nbytes if sched.scheduler.prefix_cache else 0
-        assert sched.scheduler.reserved + cached <= sched.scheduler.budget
-        assert sched.scheduler.reserved == sum(s.kv_bytes for s in sched.scheduler.running)
-        capacities |= {s.state.cache.capacity for s in sched.scheduler.running}
-    assert len(capacities) > 2 and sched.scheduler.stats['preempted'] > 0
+        held_by_running(sched)
+        lengths |= {len(s.table) for s in sched.scheduler.running}
+    assert len(lengths) > 40 and sched.scheduler.stats['preempted'] > 0
     assert [s.output for s in seqs] == [solo(chat, p, 40) for p in prompts]
     assert sched.scheduler.stats['prompt_tokens'] == sum(len(p) for p in prompts)   # a preempted one is not new
 
@@ -308,16 +323,17 @@ def test_cancelling_mid_batch_frees_its_memory_at_once(glm2_model):
     for _ in range(4):
         sched.step()
     assert len(sched.scheduler.running) == 3
-    before, freed = sched.scheduler.reserved, seqs[1].kv_bytes
+    before, freed = held_by_running(sched), len(seqs[1].table) - seqs[1].cached + len(seqs[1].pending)
     seqs[1].cancel()
-    sched.step()
-    assert freed > 0 and sched.scheduler.reserved == before - freed
+    sched.scheduler.drop_cancelled()
+    assert freed > 0 and held_by_running(sched) == before - freed
     assert seqs[1].finish_reason == 'cancelled' and seqs[1] not in sched.scheduler.running
     sched.run_until_done(seqs)
     assert seqs[0].output == solo(glm2_model, prompts[0], 20) and seqs[2].output == solo(glm2_model, prompts[2], 20)
-    # A cancelled sequence leaves nothing behind: the cache holds the other two (their common opening once).
-    kept = [prompts[i] + seqs[i].output[:-1] for i in (0, 2)]
-    assert sched.scheduler.prefix_cache.nbytes == sched.scheduler.kv_bytes(trie_size(kept))
+    # The cache holds the other two (their common opening once) and the cancelled one's prompt, which was
+    # computed before it was cancelled; nothing of its own pages is left.
+    kept = [prompts[i] + seqs[i].output[:-1] for i in (0, 2)] + [prompts[1]]
+    assert sched.scheduler.prefix_cache.pages == trie_size(kept)
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(glm3_model):
@@ -342,7 +358,7 @@ def test_a_failing_consumer_ends_only_its_own_sequence(glm2_model):
     good = sched.submit(prompts[1], params)
     sched.run_until_done([bad, good])
     assert bad.finish_reason == 'error' and 'went away' in str(bad.error)
-    assert good.output == solo(glm2_model, prompts[1], 6) and sched.scheduler.reserved == 0
+    assert good.output == solo(glm2_model, prompts[1], 6) and held_by_running(sched) == 0
 
 
 def test_a_sequence_whose_sampling_fails_ends_and_the_scheduler_goes_idle(glm2_model):
@@ -360,7 +376,7 @@ def test_a_sequence_whose_sampling_fails_ends_and_the_scheduler_goes_idle(glm2_m
     sched.run_until_done([bad, good])
     assert bad.finish_reason == 'error' and 'probability tensor' in str(bad.error)
     assert good.output == solo(glm2_model, prompts[1], 6, do_sample=True, temperature=0.7, seed=3)
-    assert not sched.scheduler.has_work() and sched.scheduler.reserved == 0
+    assert not sched.scheduler.has_work() and held_by_running(sched) == 0
 
 
 def test_scheduler_rejects_bad_settings(glm2_model):
@@ -455,32 +471,47 @@ def test_a_prompt_is_scored_chunk_by_chunk_beside_other_sequences(glm2_model, gl
         glm1_model.new_engine().submit(glm1_model.build_inputs('hi'), greedy, prompt_logprobs=1)
 
 
-def test_the_graph_capturable_decode_step_gives_the_eager_replies(glm2_model, monkeypatch):
-    """On CUDA the runner decodes a lone sequence with the step CUDA graphs capture (`decode_static`: a
-    fixed cache window, the new position in a device tensor). Run without capture on the CPU, it gives
-    the eager step's greedy tokens and logprobs, while the cache grows under it and while a second
-    sequence joins (those steps run batched and eager) and leaves."""
-    calls = []
-    static_step = glm2_model.model.decode_static
-    monkeypatch.setattr(glm2_model.model, 'decode_static', lambda *a, **k: calls.append(1) or static_step(*a, **k))
-    prompts = [glm2_model.build_inputs(q) for q in QUERIES[:2]]
-    params = glm2_model.sampling(max_new_tokens=40, do_sample=False, stop_ids=[])
 
-    def run(static):
-        engine = glm2_model.new_engine()
-        engine.runner.static_decode = static
-        engine.scheduler.GROW_TOKENS = 8     # caches grow (new buffers) mid-reply
-        first = engine.submit(prompts[0], params, logprobs=0)
-        for _ in range(20):
-            engine.step()
-        second = engine.submit(prompts[1], glm2_model.sampling(max_new_tokens=10, do_sample=False, stop_ids=[]),
-                               logprobs=0)
-        engine.run_until_done([first, second])
-        return [(s.output, [p for p, _ in s.logprobs]) for s in (first, second)]
-    eager = run(False)
-    assert not calls
-    static = run(True)
-    assert len(calls) >= 40 - 16 - 10   # the lone sequence's steps after its first 16, but the batched ones
-    for (tokens, logprobs), (tokens_, logprobs_) in zip(static, eager):
-        assert tokens == tokens_
-        assert max(abs(a - b) for a, b in zip(logprobs, logprobs_)) < 1e-4
+
+def test_the_sampler_gives_each_row_of_a_batch_what_it_gives_that_row_alone(glm3_model):
+    """One call over rows with different parameters (greedy, seeded top-k, top-p with a temperature,
+    logit bias, repetition and OpenAI penalties): each row's token is the one it gets sampled alone, and
+    each parameter changed the tokens it applies to."""
+    from dataclasses import replace
+    from modelscope_chatglm.engine.sampling import sample
+    from modelscope_chatglm.engine.scheduler import Sequence
+    vocab = glm3_model.tokenizer.vocab_size
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, vocab + 7, generator=g) * 3
+    base = glm3_model.sampling(max_new_tokens=4, do_sample=False)
+    kinds = [base, replace(base, do_sample=True, top_k=5, temperature=4.0, seed=1), replace(base, do_sample=True, top_p=0.5, temperature=0.7, seed=2),
+             replace(base, logit_bias={11: 100.0}), replace(base, repetition_penalty=50.0),
+             replace(base, frequency_penalty=2.0, presence_penalty=2.0)]
+
+    def seqs():
+        out = []
+        for row, params in enumerate(kinds):
+            best = int(logits[row, :vocab].argmax())      # each row has seen (and generated) its own best token
+            seq = Sequence([best, 5], params)
+            seq.output = [best]
+            if params.seed is not None:
+                seq.generator = torch.Generator().manual_seed(params.seed)
+            out.append(seq)
+        return out
+    together, failures = sample(logits, seqs(), vocab)
+    assert not failures
+    alone = [sample(logits[row:row + 1], [seq], vocab)[0][0] for row, seq in enumerate(seqs())]
+    assert [together[row] for row in range(6)] == alone
+    greedy = logits[:, :vocab].argmax(-1).tolist()
+    assert together[0] == greedy[0] and together[3] == 11
+    assert together[4] != greedy[4] and together[5] != greedy[5]   # the penalised best token lost its place
+    draws = set()
+    for k in range(40):
+        seq = Sequence([1], replace(kinds[1], seed=k))
+        seq.generator = torch.Generator().manual_seed(k)
+        draws.add(sample(logits[1:2], [seq], vocab)[0][0])
+    assert 1 < len(draws) <= 5 and draws <= set(logits[1, :vocab].topk(5).indices.tolist())   # top_k=5
+    nan = logits.clone()
+    nan[2, 3] = float('nan')
+    tokens, failures = sample(nan, seqs(), vocab)
+    assert set(failures) == {2} and 'NaN' in str(failures[2]) and set(tokens) == {0, 1, 3, 4, 5}

@@ -322,7 +322,7 @@ def test_an_interrupted_prefill_leaves_no_wrong_kv_in_the_prefix_cache(glm2_dir)
     cold, cold_logprobs = logprobs(chat.new_engine())
     assert warm.reused == len(first) and cold.reused == 0 and warm.output == cold.output
     assert max(abs(a - b) for a, b in zip(warm_logprobs, cold_logprobs)) < 1e-4
-    assert not engine.scheduler.running and engine.scheduler.reserved == 0   # the interrupted one is gone
+    assert not engine.scheduler.running and engine.scheduler.snapshot()["kv_reserved_bytes"] == 0   # the interrupted one is gone
 
 
 def test_casting_the_model_mid_conversation_drops_the_cached_kv(glm2_dir):
@@ -360,7 +360,7 @@ def test_an_interrupted_generate_leaves_nothing_running(glm2_model, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         chat.generate_batch(prompts, max_new_tokens=8, do_sample=False)
     monkeypatch.setattr(chat.model, 'forward_ragged', forward)
-    assert not engine.busy and engine.scheduler.reserved == 0
+    assert not engine.busy and engine.scheduler.snapshot()["kv_reserved_bytes"] == 0
     # tensors and arrays of ids are prompts too
     assert chat.generate_batch(torch.tensor([prompts[0], prompts[0]]), max_new_tokens=4, do_sample=False) == \
         [chat.generate(prompts[0], max_new_tokens=4, do_sample=False)] * 2
@@ -396,7 +396,7 @@ def test_nan_logits_are_an_error_that_names_the_fix(glm2_dir):
         model.chat('你好', max_new_tokens=10, do_sample=True)
     with pytest.raises(FloatingPointError):
         model.generate(model.build_inputs('你好'), max_new_tokens=10)
-    assert not model.engine.scheduler.running and model.engine.scheduler.reserved == 0
+    assert not model.engine.scheduler.running and model.engine.scheduler.snapshot()["kv_reserved_bytes"] == 0
 
 
 def _stopped(stops, text, pieces):
@@ -476,4 +476,4 @@ def test_threads_chatting_at_once_share_the_engine_and_get_their_own_replies(glm
     assert not errors and [results[i] for i in range(4)] == alone
     assert stats['steps'] - steps_before < 4 * 25                 # steps were shared
     engine = glm3_model.engine
-    assert not engine.busy and engine.scheduler.reserved == 0
+    assert not engine.busy and engine.scheduler.snapshot()["kv_reserved_bytes"] == 0

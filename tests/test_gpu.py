@@ -1,10 +1,11 @@
-"""The GPU path: Triton int8/int4 kernels, the static decode step that CUDA graphs replay, and whole
-models on device='cuda'.
+"""The GPU path: Triton int8/int4 kernels, the paged decode attention, the decode steps that CUDA graphs
+replay, and whole models on device='cuda'.
 
 Without a GPU (CI): the kernels run under Triton's interpreter (TRITON_INTERPRET=1, in a subprocess
 so that the setting cannot leak) against the torch reference, in fp32 and fp16; the interpreter's
-bf16 `tl.dot` is wrong (numpy has no bf16), so bf16 is checked on the GPU only. The static decode
-step runs eagerly (no capture) against the ordinary decode, crossing several window widths.
+bf16 `tl.dot` is wrong (numpy has no bf16), so bf16 is checked on the GPU only. The graph runner's
+fixed-shape steps run eagerly (no capture) against the engine's ordinary forwards, across batch buckets
+and table widths.
 With a GPU: the compiled kernels in every dtype at real layer shapes, graphs against eager decode,
 every family and precision through load(), the pipeline, the CLI and the server.
 """
@@ -17,9 +18,9 @@ import pytest
 import torch
 
 import modelscope_chatglm
-from modelscope_chatglm.models import cuda_graphs
+from modelscope_chatglm.engine import graphs
 
-from conftest import free_port, missing_optional, start_service
+from conftest import free_port, missing_optional, replies_of, start_service
 
 CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not CUDA, reason='needs a CUDA GPU')
@@ -101,7 +102,8 @@ def test_triton_kernels_match_the_reference_on_the_gpu():
 
 OPS_CHECK = r'''
 import json, sys, torch
-from modelscope_chatglm.models import glm2, triton_ops as ops
+from modelscope_chatglm.models import attention, glm2, triton_ops as ops
+from modelscope_chatglm.models.kv_cache import KVPool, PagedKV
 device, dtypes, (heads, groups, d) = sys.argv[1], sys.argv[2].split(','), json.loads(sys.argv[3])
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
@@ -120,33 +122,33 @@ for name in dtypes:
     ref = torch.cat([glm2.apply_rotary(q.reshape(b, s, heads, d), cos, sin).flatten(2),
                      glm2.apply_rotary(k.reshape(b, s, groups, d), cos, sin).flatten(2), v], dim=-1)
     results.append(['rotary', name, rel(fused, ref)])
-    for capacity, width, slot in ((300, 300, 0), (300, 300, 151), (300, 300, 299), (4096, 4096, 3000)):
-        kc = torch.randn(b, groups, capacity, d, device=device).to(dt)
-        vc = torch.randn(b, groups, capacity, d, device=device).to(dt)
-        kc[:, :, slot + 1:], vc[:, :, slot + 1:] = float('nan'), float('nan')   # must never be read
-        key_ok = torch.ones(b, width, dtype=torch.bool, device=device)
-        key_ok[1, :min(slot, 9)] = False                                          # left padding
+    for pages, lengths in ((300, [1, 40]), (300, [151, 299]), (5000, [3000, 17])):
+        pool = KVPool(1, groups, d, pages, dt, device)
+        pool.k.normal_(), pool.v.normal_()
+        order = torch.randperm(pages - 1) + 1
+        tables = [order[:lengths[0]], order[lengths[0]:lengths[0] + lengths[1]]]
+        unused = torch.ones(pages, dtype=torch.bool)
+        unused[torch.cat(tables)] = False
+        pool.k[0][unused.to(device)], pool.v[0][unused.to(device)] = float('nan'), float('nan')   # never read
+        kv = PagedKV.build(pool, [t.to(torch.int32) for t in tables], [1, 1])
         qd = torch.randn(b, heads, d, device=device).to(dt)
-        slot_t = torch.tensor([slot], device=device)
-        out = ops.decode_attention(qd, kc[:, :, :width], vc[:, :, :width], slot_t, key_ok)
-        clean_k, clean_v = kc.nan_to_num(0.0)[:, :, :width], vc.nan_to_num(0.0)[:, :, :width]
-        window = glm2.DecodeWindow(slot_t, key_ok)
-        ref = glm2.attend(qd[:, :, None], clean_k, clean_v, window.mask())[:, :, 0]
-        results.append([f'decode_attention width {width} slot {slot}', name, rel(out, ref)])
+        out = ops.paged_decode(qd, pool.k[0], pool.v[0], kv.tables, kv.keys, d ** -0.5)
+        ref = attention.gathered(qd, pool.k[0], pool.v[0], kv, d ** -0.5)
+        results.append([f'paged_decode {lengths}', name, rel(out, ref)])
 print(json.dumps(results))
 '''
 
 
 def run_ops_check(device, dtypes, shape, interpret):
     results = run_check(OPS_CHECK, device, dtypes, shape, interpret)
-    assert len(results) == 6 * len(dtypes)
+    assert len(results) == 5 * len(dtypes)
     for op, dtype, err in results:
         assert err < TOLERANCE[dtype], (op, dtype, err)
 
 
 def test_fused_block_ops_match_torch_under_the_interpreter():
-    """RMSNorm, in-place RoPE on Q/K heads, split-K decode attention (H/G = 2 query heads per group,
-    padded to a 16-row tile; NaN past the slot must never be read)."""
+    """RMSNorm, in-place RoPE on Q/K heads, split-K paged decode attention (H/G = 2 query heads per group,
+    padded to a 16-row tile; keys on shuffled pages; NaN in pages no table lists must never be read)."""
     if CUDA:
         pytest.skip('a GPU is present: test_fused_block_ops_match_torch_on_the_gpu runs them compiled')
     have_triton()
@@ -159,51 +161,38 @@ def test_fused_block_ops_match_torch_on_the_gpu():
     run_ops_check('cuda', ['float16'], [4, 2, 16], interpret=False)
 
 
-# -- the static decode step, eagerly on CPU --------------------------------------------------------
-def greedy_steps(model, prompts, steps, decode, forced=None):
-    """Prefill a left-padded batch, then `steps` decode steps through `decode`, feeding the greedy
-    tokens (or `forced`, a previous run's); -> logits [steps + 1, b, V], the tokens fed."""
-    from modelscope_chatglm.models.base import left_pad
-    from modelscope_chatglm.models.glm2 import DecodeState, positions_and_padding
-    ids, mask = left_pad(prompts, 0)
-    ids, mask = ids.to(model.device), mask.to(model.device)
-    with torch.inference_mode():
-        positions, padding = positions_and_padding(ids, mask)
-        state = DecodeState(model.new_cache(ids.shape[0], ids.shape[1] + steps + 1), padding, positions[:, -1] + 1)
-        out_logits, out_ids = [model.logits(model(ids, positions, state.cache, padding)[:, -1]).float()], []
-        for step in range(steps):
-            nxt = out_logits[-1][:, :900].argmax(-1) if forced is None else torch.tensor(forced[step], device=ids.device)
-            out_ids.append(nxt.tolist())
-            out_logits.append(decode(model, nxt, state))
-    return torch.stack(out_logits).float().cpu(), out_ids
+# -- the graph runner's fixed-shape steps, eagerly on CPU ---------------------------------------------
+def replies(chat, prompts, graphed, capture=False, joins_at=6):
+    """Greedy replies (tokens and logprobs) of `prompts` through one engine, the later ones joining mid-way
+    (the batch goes 1 -> 2 -> 3 sequences and back: buckets 1, 2 and 4). graphed: decode steps through the
+    graph runner (capture=False: its fixed-shape step run eagerly)."""
+    engine = chat.new_engine(max_batch=4)
+    if graphed:
+        kv = engine.runner.kv
+        engine.runner.graphs = graphs.GraphRunner(chat.model, kv.pool, 4, kv.scratch_page, capture=capture)
+    params = chat.sampling(max_new_tokens=40, do_sample=False, stop_ids=[])
+    return replies_of(engine, prompts, params, stagger=joins_at), engine
 
 
-def dynamic(model, ids, state):
-    """The ordinary forward, one token per sequence: shapes grow with the cache."""
-    import torch.nn.functional as F
-    if state.padding is not None:
-        state.padding = F.pad(state.padding, (0, 1), value=True)
-    hidden = model(ids[:, None], state.next_position[:, None], state.cache, state.padding)
-    state.next_position = state.next_position + 1
-    return model.logits(hidden[:, -1]).float()
-
-
-def static(capture):
-    return lambda model, ids, state: cuda_graphs.decode_with_graphs(model, ids, state, capture=capture)
-
-
-@pytest.mark.parametrize('name', ['glm2', 'glm3', 'glm2-ptuning'])
-def test_static_decode_step_matches_the_ordinary_decode(make_checkpoint, name, monkeypatch):
+@pytest.mark.parametrize('name', ['glm2', 'glm3', 'glm2-ptuning', 'glm2-int4'])
+def test_graphed_decode_steps_give_the_eager_replies(make_checkpoint, name, monkeypatch):
+    """The step the runner captures (ids, positions, pages and page tables in fixed buffers; the batch
+    padded to its bucket with rows on a scratch page; tables padded to a power-of-two width), run without
+    capture: the same greedy tokens and logprobs as the engine's ordinary forwards, across widths."""
     family = name.split('-')[0]
-    extra = {'pre_seq_len': 4, 'prefix_projection': False} if name.endswith('ptuning') else {}
-    path = make_checkpoint(f'static-{name}', family, 'safetensors', shards=1, **extra)
-    model = modelscope_chatglm.load(path, device='cpu', dtype='float32').model
-    monkeypatch.setattr(cuda_graphs, 'MIN_WIDTH', 4)   # cross the widths 16, 32, 64 in a short run
-    prompts = [[5, 9, 33, 61, 7, 8, 120, 4, 66, 10, 11, 12], [70, 71, 72, 73, 74]]   # padded batch
-    ref_logits, ref_ids = greedy_steps(model, prompts, 40, dynamic)
-    logits, ids = greedy_steps(model, prompts, 40, static(capture=False))
-    assert ids == ref_ids
-    assert (logits - ref_logits).abs().max().item() < 1e-4
+    extra = {'pre_seq_len': 4, 'prefix_projection': False} if 'ptuning' in name else {}
+    if 'int4' in name:
+        extra['quantization_bit'] = 4
+    path = make_checkpoint(f'graphs-{name}', family, 'safetensors', shards=1, **extra)
+    chat = modelscope_chatglm.load(path, device='cpu', dtype='float32')
+    monkeypatch.setattr(graphs, 'MIN_WIDTH', 8)
+    prompts = [chat.build_inputs(q) for q in ('你好', 'hello world, how are you today?', 'x')]
+    eager, _ = replies(chat, prompts, graphed=False)
+    stepped, engine = replies(chat, prompts, graphed=True)
+    assert set(engine.runner.graphs.tables) >= {32, 64}
+    for (tokens, logprobs), (tokens_, logprobs_) in zip(stepped, eager):
+        assert tokens == tokens_
+        assert max(abs(a - b) for a, b in zip(logprobs, logprobs_)) < 1e-4
 
 
 # -- whole models on the GPU -----------------------------------------------------------------------
@@ -232,24 +221,27 @@ def test_every_variant_runs_on_the_gpu(tmp_path, family, extra, dtype, bits):
 @pytest.mark.parametrize('family', ['glm2', 'glm3'])
 @pytest.mark.parametrize('dtype,bits', PRECISIONS, ids=lambda v: str(v))
 def test_graph_decode_matches_the_ordinary_decode(make_checkpoint, family, dtype, bits):
-    """Graphs replay the static step's kernels: identical to running them without graphs. The static
-    step (fused kernels) against the ordinary forward (torch SDPA), fed the same tokens: close."""
+    """Graphs replay the fixed-shape step's kernels: identical to running them without capture, across
+    buckets 1, 2 and 4. Against the engine's ordinary forwards (other shapes, so other kernel choices):
+    close."""
     path = make_checkpoint(f'graphs-{family}', family, 'safetensors', shards=1)
-    model = modelscope_chatglm.load(path, device='cuda', dtype=dtype, quantization_bit=bits or None).model
-    prompts = [[5, 9, 33, 61, 7, 8, 120, 4, 66, 10, 11, 12], [70, 71, 72, 73, 74]]
-    before = cuda_graphs.captures
-    plain_logits, plain_ids = greedy_steps(model, prompts, 300, static(capture=False))  # 300: two windows
-    logits, ids = greedy_steps(model, prompts, 300, static(capture=True))
-    assert cuda_graphs.captures - before == 2        # widths 256 and 512
-    assert ids == plain_ids and torch.equal(logits, plain_logits)
-    forced_logits, _ = greedy_steps(model, prompts, 300, dynamic, forced=ids)
-    scale = forced_logits.abs().max().item()
-    assert (logits - forced_logits).abs().max().item() / scale < (2e-2 if dtype == 'bfloat16' else 5e-3)
+    chat = modelscope_chatglm.load(path, device='cuda', dtype=dtype, quantization_bit=bits or None)
+    prompts = [chat.build_inputs(q) for q in ('你好', 'hello world, how are you today?', 'x')]
+    before = graphs.captures
+    plain, _ = replies(chat, prompts, graphed=True, capture=False)
+    captured, engine = replies(chat, prompts, graphed=True, capture=True)
+    assert graphs.captures - before >= 3 and len(engine.runner.graphs.graphs) >= 3
+    assert captured == plain
+    eager, _ = replies(chat, prompts, graphed=False)
+    for (_, logprobs), (_, eager_logprobs) in zip(captured, eager):
+        n = 8     # (greedy paths may part once a near tie rounds the other way)
+        assert max(abs(a - b) for a, b in zip(logprobs[:n], eager_logprobs[:n])) < (0.1 if dtype == 'bfloat16' else 0.02)
 
 
 @needs_gpu
 def test_graphs_follow_a_conversation_whose_cache_grows(glm3_dir):
-    """Chat turns reuse the KV cache; when it is reallocated, the graphs are captured again."""
+    """Chat turns reuse the prefix cache's pages; the tables outgrow the first width and a wider graph is
+    captured."""
     graphed = modelscope_chatglm.load(glm3_dir, device='cuda', dtype='float16')
     plain = modelscope_chatglm.load(glm3_dir, device='cuda', dtype='float16', cuda_graphs=False)
     history_a, history_b = [], []

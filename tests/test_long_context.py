@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import modelscope_chatglm
-from modelscope_chatglm.models.kv_cache import KVCache
+from modelscope_chatglm.engine.kv_pages import PagePool, PageTable
+from modelscope_chatglm.models.kv_cache import KVPool
 
 GREEDY = dict(do_sample=False, max_new_tokens=12)
 
@@ -131,20 +132,24 @@ def test_pipeline_turns_reuse_the_cache(glm2_dir):
     assert pipe.chat_model.engine.scheduler.stats['cached_prompt_tokens'] > 0
 
 
-def test_kv_cache_reserve_keeps_the_filled_positions():
-    cache = KVCache(2, 1, 2, 8, 4, torch.float32, 'cpu')
-    k = torch.randn(1, 2, 5, 4)
-    cache.append(0, k, k + 1)
-    cache.append(1, k * 2, k * 3)
-    cache.commit(5)
-    cache.reserve(20, block=16)
-    assert cache.capacity == 32 and cache.length == 5
-    assert torch.equal(cache.k[0][:, :, :5], k) and torch.equal(cache.v[1][:, :, :5], k * 3)
-    cache.truncate(3)
-    full_k, _ = cache.append(0, k[:, :, :1], k[:, :, :1])
-    assert full_k.shape[2] == 4 and torch.equal(full_k[:, :, :3], k[:, :, :3])
-    with pytest.raises(RuntimeError, match='overflow'):
-        cache.append(0, torch.zeros(1, 2, 40, 4), torch.zeros(1, 2, 40, 4))
+def test_page_tables_grow_without_moving_k_v_and_the_pool_hands_out_low_pages_first():
+    pool = PagePool(300, reserved=4)
+    assert pool.free == 296 and pool.take(3) == [4, 5, 6]
+    table = PageTable([4, 5, 6])
+    for _ in range(100):                       # past its first buffer: it grows, the pages stay in order
+        table.extend(pool.take(2))
+    assert table.pages() == list(range(4, 207)) and table.tensor().dtype == torch.int32
+    table.replace(1, [290, 291])
+    assert table.pages(0, 4) == [4, 290, 291, 7]
+    pool.give_back([5, 6])
+    assert pool.take(2) == [5, 6]              # a freed page is the next one handed out
+    with pytest.raises(MemoryError, match='K/V pages'):
+        pool.take(pool.free + 1)
+    kv = KVPool(2, 2, 4, 10, torch.float32, 'cpu')
+    prefix = torch.randn(2, 2, 2, 3, 4)        # [layers, k/v, G, positions, d]
+    kv.hold_prefix([7, 1, 4], prefix)
+    k, v = kv.gather([7, 1, 4])
+    assert torch.equal(k, prefix[:, 0].transpose(1, 2)) and torch.equal(v, prefix[:, 1].transpose(1, 2))
 
 
 def test_query_truncation_on_request(glm2_dir):
@@ -159,13 +164,12 @@ def test_query_truncation_on_request(glm2_dir):
     assert '答：r' not in text and text.count('[Round') == 1   # the older round went first
 
 
-def test_large_kv_buffers_are_private_mappings_returned_when_freed():
-    """A cache of MAPPED_BYTES or more is a mapping of its own: unmapped once freed (no heap to fragment),
-    and private, so a forked process writing to it leaves ours alone."""
+def test_the_cpu_pool_is_a_private_mapping_returned_when_freed():
+    """The K/V pool is sized for the whole budget: an anonymous mapping of its own (only written pages are
+    backed), unmapped once freed, and private, so a forked process writing to it leaves ours alone."""
     import ctypes
     import gc
     import os
-    from modelscope_chatglm.models import kv_cache
 
     def mapped(address):
         with open('/proc/self/maps') as maps:
@@ -174,15 +178,15 @@ def test_large_kv_buffers_are_private_mappings_returned_when_freed():
                 if start <= address < end:
                     return True
         return False
-    cache = KVCache(4, 1, 2, 1024, 128, torch.bfloat16, 'cpu')     # 2 MiB each for K and V
-    address, nbytes = cache.k_all.data_ptr(), cache.k_all.numel() * 2
-    assert nbytes >= kv_cache.MAPPED_BYTES and address % os.sysconf('SC_PAGE_SIZE') == 0
-    cache.k_all.fill_(1)
+    pool = KVPool(4, 2, 128, 1024, torch.bfloat16, 'cpu')       # 2 MiB each for K and V
+    address, nbytes = pool.k.data_ptr(), pool.k.numel() * 2
+    assert address % os.sysconf('SC_PAGE_SIZE') == 0
+    pool.k.fill_(1)
     pid = os.fork()
     if pid == 0:   # (no torch in the child: its thread pool does not survive a fork)
         ctypes.memset(address, 0x7F, nbytes)
         os._exit(0)
-    assert os.waitpid(pid, 0)[1] == 0 and bool((cache.k[3] == 1).all())
-    del cache
+    assert os.waitpid(pid, 0)[1] == 0 and bool((pool.k[3] == 1).all())
+    del pool
     gc.collect()
     assert not mapped(address) and not mapped(address + nbytes - 1)

@@ -24,47 +24,6 @@ from modelscope_chatglm.quantization.build import load_library
 SHAPES = [(1, 64, 48), (3, 200, 37), (1, 4096, 33), (8, 1000, 130), (5, 96, 1), (2, 2500, 9), (64, 1104, 21)]
 
 
-@pytest.fixture(scope='module')
-def lib():
-    library = load_library()
-    assert library is not None, 'the CPU kernels must compile on the test machines (gcc is installed)'
-    return library
-
-
-# Every instruction-set branch of quant_kernels.c, whatever this CPU would pick: -march=native (here
-# AVX-512 with VNNI where the CPU has it), AVX-512 without VNNI (x86-64-v4, on CPUs that can run it),
-# AVX2+FMA (x86-64-v3) and the plain scalar code (x86-64).
-ISA_VARIANTS = {'native': None, 'x86-64-v4': 'avx512', 'x86-64-v3': 'avx2', 'x86-64': 'scalar'}
-
-
-def cpu_flags():
-    try:
-        with open('/proc/cpuinfo') as f:
-            return set(next(line for line in f if line.startswith('flags')).split(':', 1)[1].split())
-    except (OSError, StopIteration):
-        return set()
-
-
-@pytest.fixture(scope='module')
-def isa_builds(tmp_path_factory):
-    """The kernel library of each variant this CPU can run."""
-    builds = {'native': load_library()}
-    if platform.machine() in ('x86_64', 'AMD64'):
-        directory = str(tmp_path_factory.mktemp('isa'))
-        for march, isa in ISA_VARIANTS.items():
-            if march != 'native' and not (isa == 'avx512' and not {'avx512f', 'avx512bw', 'avx512vl'} <= cpu_flags()):
-                builds[march] = build.build_variant(march, directory)
-                assert builds[march].kernel_isa().decode() == isa
-    return builds
-
-
-@pytest.fixture(scope='module', params=list(ISA_VARIANTS))
-def isa_lib(request, isa_builds):
-    if request.param not in isa_builds:
-        pytest.skip(f'this CPU cannot run the {request.param} build')
-    return isa_builds[request.param]
-
-
 # -- formats ------------------------------------------------------------------------------------------------
 def test_int4_packing_is_bit_exact_against_the_spec():
     q = torch.tensor([[-7, 7, 0, -1, 3, -8]], dtype=torch.int8)
@@ -380,121 +339,6 @@ def test_quantized_linear_with_int8_activations(lib, bits):
     assert 'int8_activations=True' in repr(layer)
 
 
-# -- attention (quant_kernels.c `attend_bf16`) ------------------------------------------------------------
-def attention_inputs(s, t, H, G, d, seed=0):
-    """q as the QKV projection leaves it ([s, H, d] inside wider rows) and K/V as the cache holds them
-    ([G, capacity, d], the first t positions filled)."""
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(s, H * d + 2 * G * d, generator=g).bfloat16()
-    k, v = (torch.randn(G, t + 3, d, generator=g).bfloat16() for _ in range(2))
-    return qkv, k, v
-
-
-def run_attention(lib, name, qkv, k, v, s, t, H, G, d, threads=2):
-    out = torch.full((s, H, d), float('nan'), dtype=torch.bfloat16)
-    args = [qkv.data_ptr(), qkv.shape[1], s, H, G, d, k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), t,
-            out.data_ptr(), d ** -0.5]
-    done = getattr(lib, name)(*args, *([threads] if name == 'attend_bf16' else []))
-    return out, done
-
-
-def attention_definition(qkv, k, v, s, t, H, G, d):
-    """float64 softmax attention; query i sees the keys up to t - s + i (causal, lower-right)."""
-    q = qkv[:, :H * d].double().view(s, H, d).transpose(0, 1)                  # [H, s, d]
-    keys, values = (x[:, :t].double().repeat_interleave(H // G, dim=0) for x in (k, v))
-    scores = q @ keys.transpose(1, 2) * d ** -0.5
-    visible = torch.ones(s, t, dtype=torch.bool).tril(t - s)
-    return torch.softmax(scores.masked_fill(~visible, float('-inf')), -1).matmul(values).transpose(0, 1)
-
-
-# (s, t, H, G, d): a decode step (s = 1), a prompt with nothing cached (s = t), chunks after cached
-# positions with t not a multiple of 16 and odd, ChatGLM2's shape, heads per group not a multiple of 4,
-# one head per group, d over 128
-ATTENTION_SHAPES = [(1, 1, 32, 2, 128), (1, 300, 32, 2, 128), (37, 37, 4, 2, 16), (40, 333, 32, 2, 128),
-                    (5, 70, 6, 2, 32), (3, 50, 8, 8, 256), (16, 16, 2, 1, 64)]
-
-
-@pytest.mark.parametrize('s,t,H,G,d', ATTENTION_SHAPES)
-def test_attention_kernel_equals_its_definition_and_scalar_reference(isa_lib, s, t, H, G, d):
-    """bf16 products summed in fp32, p rounded to bf16, the output rounded to bf16: within bf16 rounding of
-    the float64 definition. Builds without AVX512-BF16 run the scalar reference itself (they once
-    returned without writing, and a caller read uninitialised memory)."""
-    qkv, k, v = attention_inputs(s, t, H, G, d)
-    expected = attention_definition(qkv, k, v, s, t, H, G, d)
-    ref, _ = run_attention(isa_lib, 'attend_bf16_ref', qkv, k, v, s, t, H, G, d)
-    fast, done = run_attention(isa_lib, 'attend_bf16', qkv, k, v, s, t, H, G, d)
-    assert (ref.double() - expected).abs().max() < 2e-2
-    assert done == 1
-    if isa_lib.kernel_isa().decode() != 'avx512-vnni-bf16':
-        assert torch.equal(fast, ref)
-        return
-    assert (fast.double() - expected).abs().max() < 2e-2
-    assert (fast.double() - expected).abs().mean() < 2e-3
-    assert (fast.double() - ref.double()).abs().max() < 2e-2
-
-
-def test_attention_kernel_gives_a_query_the_same_bits_in_any_chunk(lib):
-    """A query's output depends only on its q and the keys it sees: a prompt run whole, in chunks (each
-    after the positions before it), or one position at a time as decode steps gets the same bits."""
-    if lib.isa != 'avx512-vnni-bf16':
-        pytest.skip('the attention kernel needs AVX512-BF16')
-    s, H, G, d = 70, 32, 2, 128
-    qkv, k, v = attention_inputs(s, s, H, G, d, seed=1)
-    whole, _ = run_attention(lib, 'attend_bf16', qkv, k, v, s, s, H, G, d)
-    for cuts in ([0, 20, 70], [0, 1, 17, 18, 64, 70], list(range(71))):
-        parts = [run_attention(lib, 'attend_bf16', qkv[a:b], k, v, b - a, b, H, G, d)[0]
-                 for a, b in zip(cuts, cuts[1:])]
-        assert torch.equal(torch.cat(parts), whole), cuts
-    for threads in (1, 3):
-        assert torch.equal(run_attention(lib, 'attend_bf16', qkv, k, v, s, s, H, G, d, threads)[0], whole)
-
-
-def test_attention_kernel_lets_a_nan_through(isa_lib):
-    """A NaN in q, K or V reaches the outputs that read it, as in SDPA: never a silently finite result
-    (the kernel's exp once clamped a NaN score to exp(-87), about 0)."""
-    s, t, H, G, d = 4, 40, 8, 2, 32
-    for name in ('attend_bf16', 'attend_bf16_ref'):
-        for where in ('q', 'k', 'v'):
-            qkv, k, v = attention_inputs(s, t, H, G, d, seed=3)
-            if where == 'q':
-                qkv[2, 5 * d + 3] = float('nan')             # position 2, head 5 (group 1)
-            else:
-                (k if where == 'k' else v)[1, 30, 7] = float('nan')   # group 1, key 30: seen by every query
-            out, done = run_attention(isa_lib, name, qkv, k, v, s, t, H, G, d)
-            assert done == 1
-            nan = out.isnan().any(dim=-1)                  # [s, H]
-            expected = torch.zeros(s, H, dtype=torch.bool)
-            if where == 'q':
-                expected[2, 5] = True
-            else:
-                expected[:, 4:] = True
-            assert torch.equal(nan, expected), (name, where)
-
-
-def test_model_attention_takes_the_kernel_for_bf16_on_cpu(lib):
-    """glm2.attend runs causal bf16 attention on the kernel (prompt chunks after cached positions and
-    decode steps); fp32, padding masks and autograd stay on SDPA, which agrees to bf16 rounding."""
-    from torch.nn.attention.bias import causal_lower_right
-    from modelscope_chatglm.models.glm2 import attend, compiled_attention
-    s, t, H, G, d = 24, 90, 32, 2, 128
-    qkv, k, v = attention_inputs(s, t, H, G, d, seed=2)
-    q = qkv[:, :H * d].view(1, s, H, d).transpose(1, 2)
-    k, v = k[None, :, :t], v[None, :, :t]
-    mask = torch.ones(s, t, dtype=torch.bool).tril(t - s)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    out = attend(q, k, v, causal_lower_right(s, t))
-    assert (out.double() - sdpa.double()).abs().max() < 2e-2
-    kernel = compiled_attention(q, k, v)
-    if lib.isa != 'avx512-vnni-bf16':
-        assert kernel is None and torch.equal(out, sdpa)
-        return
-    assert torch.equal(out, kernel) and not torch.equal(out, sdpa)
-    decode = attend(q[:, :, -1:], k, v, None)        # the last position as a decode step
-    assert torch.equal(decode, out[:, :, -1:])
-    assert compiled_attention(q.float(), k.float(), v.float()) is None
-    assert compiled_attention(q.requires_grad_(), k, v) is None
-
-
 # -- the kernels' threads -------------------------------------------------------------------------------------
 def kernel_calls(lib, seed=0):
     """Each exported kernel on one shape, inputs made now: {name: call(threads) -> its output}."""
@@ -534,14 +378,19 @@ def kernel_calls(lib, seed=0):
         return call
     calls['f32_gemv'] = head('f32_gemv', x, w)
     calls['bf16_gemv'] = head('bf16_gemv', x.bfloat16(), w.bfloat16())
-    q, k, v = (torch.randn(n, 32 * 128 if n == 9 else 128, generator=g).bfloat16() for n in (9, 2 * 300, 2 * 300))
+    from test_attention import paged_call, paged_inputs
+    inputs = paged_inputs([(9, 300, None), (1, 77, None), (5, 40, 20)], 32, 2, 128, seed)
 
-    def attention(threads):
-        out = torch.empty(9, 32, 128, dtype=torch.bfloat16)   # (no torch op that runs on OpenMP: see the fork test)
-        lib.attend_bf16(q.data_ptr(), 32 * 128, 9, 32, 2, 128, k.data_ptr(), 300 * 128, v.data_ptr(), 300 * 128,
-                        300, out.data_ptr(), 128 ** -0.5, threads)
-        return out
-    calls['attend_bf16'] = attention
+    def attention(name, dtype):
+        args, out, keep = paged_call(inputs, dtype)
+
+        def call(threads):   # (no torch op that runs on OpenMP inside: see the fork test)
+            fresh = torch.empty_like(out)
+            assert getattr(lib, name)(*args[:-1], fresh.data_ptr(), threads) == 1 and keep
+            return fresh
+        return call
+    calls['attend_f32'] = attention('attend_f32', torch.float32)
+    calls['attend_bf16'] = attention('attend_bf16', torch.bfloat16)
     return calls
 
 

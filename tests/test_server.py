@@ -841,7 +841,8 @@ def test_prefill_chunk_and_kv_budget_options_take_effect(serial_server, glm2_mod
     usage = r.json()['usage']
     prefilled = usage['prompt_tokens'] - usage['prompt_tokens_details']['cached_tokens']
     assert prefilled > 40 and metrics_of(serial_server)['chatglm_steps_total'] - before >= prefilled / 4
-    assert metrics_of(serial_server)['chatglm_kv_budget_bytes'] == int(0.0002 * 2**30)
+    # (the pool holds whole pages: the budget rounded down to one)
+    assert 0.99 * 0.0002 * 2**30 < metrics_of(serial_server)['chatglm_kv_budget_bytes'] <= 0.0002 * 2**30
     # A request whose K/V alone exceed the budget is a clear 400 naming the option.
     r = httpx.post(f'{serial_server}/v1/chat/completions', timeout=60, json={
         'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 2000})

@@ -25,7 +25,7 @@ import torch
 
 from .runner import ModelRunner
 from .sampling import SamplingParams
-from .scheduler import DEFAULT_MAX_BATCH, Scheduler, Sequence
+from .scheduler import DEFAULT_MAX_BATCH, Scheduler, Sequence, default_kv_budget
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +35,10 @@ IDLE_STEPS = 100     # steps in a row that ran nothing while work was queued: a 
 class LLMEngine:
     def __init__(self, model, vocab_limit: int, max_batch: Optional[int] = None,
                  kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None):
-        self.runner = ModelRunner(model, vocab_limit)
-        self.scheduler = Scheduler(self.runner.kv, DEFAULT_MAX_BATCH if max_batch is None else max_batch,
-                                   kv_cache_bytes, prefill_chunk)
+        budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(model.device)
+        max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
+        self.runner = ModelRunner(model, vocab_limit, budget, max_batch)
+        self.scheduler = Scheduler(self.runner.kv, max_batch, prefill_chunk)
         self._stepping = threading.Lock()
         self._stepped = threading.Condition()      # notified after every step (callers of a background engine wait on it)
         self._thread: Optional[threading.Thread] = None
@@ -142,10 +143,12 @@ class LLMEngine:
         self._stopped = True
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self.scheduler.prefix_cache is not None:
-            with self.scheduler.lock:
-                while self.scheduler.prefix_cache.evict_oldest():
-                    pass
+        self.clear_prefix_cache()
+
+    def clear_prefix_cache(self) -> int:
+        """Forget the prefix cache's entries (those no running sequence uses); -> K/V bytes freed."""
+        with self._stepping:
+            return self.scheduler.clear_prefix_cache() * self.scheduler.bytes_per_token
 
     @property
     def busy(self) -> bool:

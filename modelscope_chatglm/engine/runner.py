@@ -1,28 +1,26 @@
 """The model runner: executes what the scheduler planned, one forward at a time, and samples.
 
 `execute(forward)` puts the new tokens of every part (a prompt chunk or one decode token of a sequence)
-through the model in one pass (`forward_ragged`: the linears see all rows at once, attention runs over
-each sequence's own cache), then samples a token for each part whose sequence is due one, and scores
-the prompt positions a request asked logprobs for. It returns a `ForwardResult`; applying it to the
-sequences is the scheduler's (`Scheduler.update`).
+through the model in one pass (`forward_ragged`): the linears see all rows at once, and each layer's
+attention is one call over every part's page table (models/attention.py). It then samples a token for each
+part whose sequence is due one, and scores the prompt positions a request asked logprobs for. It returns a
+`ForwardResult`; applying it to the sequences is the scheduler's (`Scheduler.update`).
 
-On CUDA a decode step of a single sequence (one user chatting) is the model's static step
-(`decode_static`) replayed from CUDA graphs (models/cuda_graphs.py): the same kernels, launched as one
-graph instead of ~600 launches. Batched decode steps run eagerly for now. On a CPU the same static
-step can run without capture (`static_decode`), which is how the tests check it.
+On CUDA, a forward of decode tokens only is replayed from a CUDA graph captured for its batch bucket
+(graphs.py); prompt chunks run eagerly.
 
-`KVAllocator` is the runner's side of memory: it makes, grows and fills the caches the scheduler
-budgets for, so the scheduler never touches a tensor.
+`KVAllocator` is the runner's side of memory: the K/V pool (models/kv_cache.py) whose pages the scheduler
+hands out by number, so the scheduler never touches a tensor.
 """
 from __future__ import annotations
 
 import logging
-from typing import List
 
 import torch
 
 from .. import adapters
-from ..models.cuda_graphs import decode_with_graphs
+from ..models.kv_cache import KVPool, PagedKV
+from .graphs import GraphRunner
 from .sampling import sample, token_logprobs
 from .scheduler import Forward, ForwardResult
 
@@ -30,63 +28,68 @@ logger = logging.getLogger(__name__)
 
 
 class KVAllocator:
-    """What the scheduler may know and ask of a model's K/V memory."""
+    """The model's K/V pool, and what the scheduler may know of it."""
 
-    def __init__(self, model):
+    def __init__(self, model, budget_bytes: int):
         self.model = model
         cfg = model.cfg
         self.device = model.device
         self.pre = cfg.pre_seq_len or 0
         self.dtype = model.word_embeddings.weight.dtype
-        self.bytes_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        self.bytes_per_token = cfg.num_layers * 2 * model.kv_heads * cfg.head_dim * self.dtype.itemsize
+        # Pages: the P-tuning prefix, a scratch page (the padding rows of a graphed step write there), then
+        # the sequences'.
+        self.scratch_page = self.pre
+        self.reserved = self.pre + 1
+        self.pages = max(self.reserved + 1, budget_bytes // self.bytes_per_token)
+        self.pool = KVPool(cfg.num_layers, model.kv_heads, cfg.head_dim, self.pages, self.dtype, self.device)
+        if self.pre:   # P-tuning v2: the learned prefix, in the pages every page table starts with
+            with torch.no_grad():
+                self.pool.hold_prefix(range(self.pre), model.prefix_kv())
+        self.prefix_pages = torch.arange(self.pre, dtype=torch.int32)
         self.supports_prefix_reuse = model.supports_prefix_reuse
         self.adapters = adapters.adapter_names(model)
 
     def fits(self, model) -> bool:
-        """Whether caches made for the model as it was still fit it (`model.to(...)` casts or moves it)."""
+        """Whether the pool made for the model as it was still fits it (`model.to(...)` casts or moves it)."""
         return model.word_embeddings.weight.dtype == self.dtype and model.device == self.device
 
-    def start(self, fill: List[int], room: int):
-        """A sequence's decode state with room for `fill` and `room` more tokens (nothing runs)."""
-        return self.model.start(fill, room)
+    def start(self, fill):
+        """A sequence's family state (models/base.py `start`; nothing runs)."""
+        return self.model.start(fill)
 
-    def grow(self, state, capacity: int):
-        state.cache.reserve(capacity, block=1)
-
-    def adopt_prefix(self, state, segments, keep: int):
-        self.model.adopt_prefix(state, segments, keep)
+    def keys(self, seq) -> torch.Tensor:
+        """A running sequence's whole page table: the P-tuning prefix, then its own."""
+        table = seq.table.tensor()
+        return torch.cat([self.prefix_pages, table]) if self.pre else table
 
     def rows_keep_their_bits(self, rows: int) -> bool:
         return self.model.rows_keep_their_bits(rows)
 
 
 class ModelRunner:
-    # Decode tokens a sequence runs eagerly before its steps are captured: a sequence's cache is memory of
-    # its own, so its graphs are captured anew (and again when its cache grows); a short reply never pays.
-    GRAPH_AFTER_TOKENS = 16
-
-    def __init__(self, model, vocab_limit: int):
+    def __init__(self, model, vocab_limit: int, kv_budget_bytes: int, max_batch: int):
         self.model = model
         self.vocab_limit = vocab_limit      # ids at or past it are padded embedding rows, not tokens
-        self.kv = KVAllocator(model)
-        # A single sequence's decode step is the static, graph-capturable step where the model has one
-        # (ChatGLM2/3) and no LoRA adapter is held unmerged (a graph would freeze which adapter its rows
-        # take); on CUDA it is captured and replayed unless the model's cuda_graphs is off.
-        self.static_decode = (model.device.type == 'cuda' and hasattr(model, 'decode_static')
-                              and not self.kv.adapters)
+        self.kv = KVAllocator(model, kv_budget_bytes)
+        # Decode steps from CUDA graphs: on CUDA, for a model with the fixed-shape step, unless turned off
+        # (load(cuda_graphs=False)) or LoRA adapters are held unmerged.
+        graphable = hasattr(model, 'forward_tokens') and getattr(model, 'cuda_graphs', False) and not self.kv.adapters
+        self.graphs = (GraphRunner(model, self.kv.pool, max_batch, self.kv.scratch_page)
+                       if graphable and model.device.type == 'cuda' else None)
 
     def execute(self, forward: Forward) -> ForwardResult:
         parts, scored = forward.parts, forward.scored
         try:
-            if (self.static_decode and forward.prompt_parts == 0 and len(parts) == 1
-                    and len(parts[0][0].output) >= self.GRAPH_AFTER_TOKENS):
-                seq, ids = parts[0]
-                capture = self.model.device.type == 'cuda' and self.model.cuda_graphs
-                logits = decode_with_graphs(self.model, torch.tensor(ids, device=self.model.device), seq.state,
-                                            capture=capture)
+            if self.graphs is not None and forward.prompt_parts == 0 and len(parts) <= self.graphs.max_batch:
+                logits = self.graphs.step([ids[0] for _, ids in parts], [len(seq.table) - 1 for seq, _ in parts],
+                                          [self.kv.keys(seq) for seq, _ in parts])
             else:
+                kv = PagedKV.build(self.kv.pool, [self.kv.keys(seq) for seq, _ in parts],
+                                   [len(ids) for _, ids in parts])
                 with adapters.rows([(seq.adapter, len(ids)) for seq, ids in parts]):
-                    logits = self.model.forward_ragged([(seq.state, ids) for seq, ids in parts], every=scored)
+                    logits = self.model.forward_ragged(
+                        [(seq.state, len(seq.table) - len(ids), ids) for seq, ids in parts], kv, every=scored)
         except Exception as e:   # a failing forward ends its sequences, never the engine
             logger.exception('forward failed; ending %d sequence(s)', len(parts))
             return ForwardResult(error=e)
@@ -96,19 +99,20 @@ class ModelRunner:
             seq, ids = parts[row]
             result.prompt_logprobs[row] = self._score_prompt(seq, logits[offset:offset + len(ids)])
             offset += len(ids)
-        for row, (seq, _) in enumerate(parts):
-            if not forward.due(row):
-                continue
-            try:
-                token = sample(logits[row:row + 1], seq, self.vocab_limit)
-            except Exception as e:   # NaN logits, or parameters that passed no validation: this sequence only
-                logger.warning('sampling failed; ending the sequence: %s', e)
-                result.failures[row] = e
-                continue
-            result.tokens[row] = token
-            if seq.logprobs is not None:
-                result.logprobs[row] = token_logprobs(logits[row:row + 1], [token], seq.top_logprobs,
-                                                      self.vocab_limit)[0]
+        due = [row for row in range(len(parts)) if forward.due(row)]
+        if due:
+            index = torch.tensor(due, device=logits.device)
+            tokens, failures = sample(logits[index], [parts[row][0] for row in due], self.vocab_limit)
+            for i, row in enumerate(due):
+                if i in failures:   # NaN logits, or parameters that passed no validation: this sequence only
+                    logger.warning('sampling failed; ending the sequence: %s', failures[i])
+                    result.failures[row] = failures[i]
+                    continue
+                seq = parts[row][0]
+                result.tokens[row] = tokens[i]
+                if seq.logprobs is not None:
+                    result.logprobs[row] = token_logprobs(logits[row:row + 1], [tokens[i]], seq.top_logprobs,
+                                                          self.vocab_limit)[0]
         return result
 
     def _score_prompt(self, seq, logits: torch.Tensor) -> list:

@@ -1,17 +1,20 @@
-"""Choosing tokens: a request's sampling parameters, and the one sampler every sequence goes through.
+"""Choosing tokens: a request's sampling parameters, and the one sampler every step's rows go through.
 
-`sample(logits, seq, vocab_limit)` turns a sequence's logits row into its next token.
-Logits are processed in the order transformers uses, so greedy and seeded sampling behave like the
-official `generate`: logit bias, repetition penalty, OpenAI's frequency and presence penalties, then
-temperature, top-k, top-p. Each sequence draws from its own generator (seeded per request), so a seeded
-reply is the same alone and in any batch.
+`sample(logits, seqs, vocab_limit)` turns a step's logits [n, V] into each sequence's next token. The
+logits go through a list of processors (LOGITS_PROCESSORS), each a function of the whole batch with each
+row's own parameters, in the order transformers uses, so greedy and seeded sampling behave like the
+official `generate`: logit bias, the padded vocabulary masked, repetition penalty, OpenAI's frequency and
+presence penalties, then temperature, top-k, top-p (a grammar's token mask would be one more). A
+processor touches only the rows whose parameters ask for it. Greedy rows take the argmax; sampled rows
+draw from their own generator when seeded (a seeded reply is the same alone and in any batch), the
+others in one draw.
 """
 from __future__ import annotations
 
 import math
 import numbers
 from dataclasses import dataclass, field, fields, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -117,39 +120,125 @@ class SamplingParams:
         raise ValueError('set max_new_tokens or max_length')
 
 
-def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams,
-                   vocab_limit: int, generated: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """logits [b, V] (fp32) -> processed scores; seen [b, n] = ids so far (prompt + generated),
-    generated [b, m] = the generated ones (what OpenAI's frequency and presence penalties count)."""
-    logits = logits.float().clone()
-    if params.logit_bias:
-        ids, biases = params.bias_tensors(logits.device)
+class Rows:
+    """A step's sampled rows: each row's sequence (its parameters, tokens so far, generator)."""
+
+    def __init__(self, seqs, vocab_limit: int):
+        self.seqs, self.params = seqs, [seq.params for seq in seqs]
+        self.vocab_limit = vocab_limit
+
+    def where(self, wanted) -> List[int]:
+        return [row for row, params in enumerate(self.params) if wanted(params)]
+
+
+def logit_bias(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
+    for row in rows.where(lambda p: p.logit_bias):
+        ids, biases = rows.params[row].bias_tensors(logits.device)
         inside = ids < logits.shape[-1]
-        logits[:, ids[inside]] += biases[inside]   # (ids are unique: dict keys)
-    logits[:, vocab_limit:] = float('-inf')   # padded embedding rows are not tokens
-    if params.repetition_penalty != 1.0 and seen.numel():
-        picked = logits.gather(1, seen)
-        picked = torch.where(picked < 0, picked * params.repetition_penalty,
-                             picked / params.repetition_penalty)
-        logits.scatter_(1, seen, picked)
-    if (params.frequency_penalty or params.presence_penalty) and generated is not None and generated.numel():
-        counts = torch.zeros_like(logits).scatter_add_(1, generated, torch.ones_like(generated, dtype=logits.dtype))
-        logits -= counts * params.frequency_penalty + (counts > 0).to(logits.dtype) * params.presence_penalty
-    if not params.sampling:
-        return logits
-    # Shift the best score to 0 before dividing: the same distribution, but a tiny temperature then
-    # sharpens it towards greedy instead of overflowing to inf - inf = NaN.
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float('-inf'))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1 - params.top_p)
-        drop[:, -1] = False   # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float('-inf'))
+        logits[row, ids[inside]] += biases[inside]   # (ids are unique: dict keys)
     return logits
+
+
+def padded_vocabulary(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
+    logits[:, rows.vocab_limit:] = float('-inf')   # padded embedding rows are not tokens
+    return logits
+
+
+def repetition_penalty(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """transformers' rule: every token seen so far (prompt and output) has its logit divided by the
+    penalty (multiplied when negative)."""
+    for row in rows.where(lambda p: p.repetition_penalty != 1.0):
+        seen, penalty = rows.seqs[row].ids_tensor(logits.device)[0], rows.params[row].repetition_penalty
+        picked = logits[row].gather(0, seen)
+        logits[row].scatter_(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
+    return logits
+
+
+def openai_penalties(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """OpenAI's frequency (per time generated) and presence (once generated) penalties."""
+    for row in rows.where(lambda p: p.frequency_penalty or p.presence_penalty):
+        seq, params = rows.seqs[row], rows.params[row]
+        generated = seq.ids_tensor(logits.device)[0, len(seq.prompt):]
+        if generated.numel():
+            counts = torch.zeros_like(logits[row]).scatter_add_(0, generated, torch.ones_like(generated, dtype=logits.dtype))
+            logits[row] -= counts * params.frequency_penalty + (counts > 0).to(logits.dtype) * params.presence_penalty
+    return logits
+
+
+def temperature(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """Sampled rows: the best score shifted to 0, then divided by the temperature (the same distribution,
+    but a tiny temperature sharpens it towards greedy instead of overflowing to inf - inf = NaN)."""
+    sampled = rows.where(lambda p: p.sampling)
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        t = torch.tensor([rows.params[r].temperature for r in sampled], device=logits.device)[:, None]
+        part = logits[index]
+        logits[index] = (part - part.max(dim=-1, keepdim=True).values) / t
+    return logits
+
+
+def top_k(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
+    chosen = rows.where(lambda p: p.sampling and p.top_k > 0)
+    if chosen:
+        index = torch.tensor(chosen, device=logits.device)
+        k = torch.tensor([min(rows.params[r].top_k, logits.shape[-1]) for r in chosen], device=logits.device)
+        part = logits[index]
+        kth = part.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+        logits[index] = part.masked_fill(part < kth, float('-inf'))
+    return logits
+
+
+def top_p(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """Nucleus sampling: the fewest most likely tokens whose probabilities add up to top_p (the most
+    likely token always stays)."""
+    chosen = rows.where(lambda p: p.sampling and p.top_p < 1.0)
+    if chosen:
+        index = torch.tensor(chosen, device=logits.device)
+        p = torch.tensor([rows.params[r].top_p for r in chosen], device=logits.device)[:, None]
+        part = logits[index]
+        sorted_logits, order = torch.sort(part, descending=False, dim=-1)
+        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - p)
+        drop[:, -1] = False
+        logits[index] = part.masked_fill(drop.scatter(1, order, drop), float('-inf'))
+    return logits
+
+
+LOGITS_PROCESSORS = (logit_bias, padded_vocabulary, repetition_penalty, openai_penalties, temperature, top_k, top_p)
+
+
+def sample(logits: torch.Tensor, seqs, vocab_limit: int) -> Tuple[Dict[int, int], Dict[int, BaseException]]:
+    """The next token of each sequence (engine/scheduler.py's Sequence) from its row of logits [n, V]
+    (fp32). -> ({row: token}, {row: why it has none}). A row with NaN/inf logits fails on its own: the
+    forward overflowed (fp16 activations, typically), and any token would be noise; so does a row whose
+    parameters leave no valid distribution."""
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    failures: Dict[int, BaseException] = {
+        row: FloatingPointError('the model produced NaN/inf logits (fp16 overflow?); load it in bfloat16 or float32')
+        for row, ok in enumerate(finite) if not ok}
+    rows = Rows(seqs, vocab_limit)
+    scores = logits.float().clone()
+    for process in LOGITS_PROCESSORS:
+        scores = process(scores, rows)
+    tokens = dict(enumerate(scores.argmax(dim=-1).tolist()))   # greedy rows' tokens (the others' are replaced)
+    sampled = [row for row in rows.where(lambda p: p.sampling) if row not in failures]
+    if sampled:
+        probs = scores[sampled].softmax(dim=-1)
+        valid = (torch.isfinite(probs).all(dim=-1) & (probs >= 0).all(dim=-1)).tolist()
+        shared = []
+        for i, row in enumerate(sampled):
+            if not valid[i]:
+                failures[row] = ValueError('the probability tensor holds inf, NaN or a negative number after the '
+                                           'sampling parameters were applied (check repetition_penalty, '
+                                           'temperature and logit_bias)')
+            elif seqs[row].generator is not None:   # its own stream: the same draw alone or batched
+                tokens[row] = int(torch.multinomial(probs[i], 1, generator=seqs[row].generator))
+            else:
+                shared.append(i)
+        if shared:
+            drawn = torch.multinomial(probs[shared], 1).squeeze(1).tolist()
+            for i, token in zip(shared, drawn):
+                tokens[sampled[i]] = token
+    return {row: token for row, token in tokens.items() if row not in failures}, failures
 
 
 def token_logprobs(logits: torch.Tensor, tokens: List[int], top: int, vocab_limit: int):
@@ -164,23 +253,3 @@ def token_logprobs(logits: torch.Tensor, tokens: List[int], top: int, vocab_limi
     return [(p, list(zip(ids, values))) for p, ids, values in zip(chosen, best.indices.tolist(), best.values.tolist())]
 
 
-def choose(scores: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]):
-    if not params.sampling:
-        return scores.argmax(dim=-1)
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def sample(logits: torch.Tensor, seq, vocab_limit: int) -> int:
-    """The next token of one sequence (engine/scheduler.py's Sequence: its parameters, generator and
-    tokens so far) from its logits row [1, V] (fp32). NaN/inf logits raise FloatingPointError: the
-    forward overflowed (fp16 activations, typically), and any token would be noise."""
-    if not bool(torch.isfinite(logits).all()):
-        raise FloatingPointError('the model produced NaN/inf logits (fp16 overflow?); load it in bfloat16 '
-                                 'or float32')
-    params = seq.params
-    counted = params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
-    ids = seq.ids_tensor(logits.device) if counted else logits.new_zeros((1, 0), dtype=torch.long)
-    seen = ids if params.repetition_penalty != 1.0 else ids[:, :0]
-    scores = process_logits(logits, seen, params, vocab_limit, ids[:, len(seq.prompt):])
-    return int(choose(scores, params, seq.generator)[0])

@@ -21,18 +21,20 @@ one lock, devices or model families. Each step of the engine (engine/core.py) is
 Attention runs per sequence and every other layer is row-wise, so a sequence's tokens do not depend
 on its neighbours: a greedy or seeded reply is the same alone and in a batch.
 
-Memory: every byte of K/V counts against one budget: running sequences' caches (their capacity) and
-the prefix cache. A sequence is admitted with room for its prompt and GROW_TOKENS more, and its cache
-doubles (up to prompt + max_new_tokens) when full. When the budget has no room for that, the least
-recently used prefix-cache leaves go first, then the most recently admitted sequence is preempted:
-its memory is freed and it goes back to the head of the queue, to be prefilled again (prompt plus the
-tokens it already generated) when there is room. So a request that omits max_tokens does not hold a
-whole context window of memory, and the budget is never overrun. A finished sequence's K/V go to the
-prefix cache (prefix_cache.py: a radix tree, so what many sequences share is kept once) and stay
-until their bytes are needed: the next turn of a conversation prefills only what is new.
+Memory: K/V live in one pool of pages (a page is one position, every layer; `--kv-cache-gb` sizes it),
+handed out by `PagePool` (kv_pages.py). A sequence's page table lists its pages in position order: it
+starts with the pages of the longest cached prefix of its prompt (shared, not copied), then takes a page
+per new position as it is computed, so growing copies nothing. The prefix cache (prefix_cache.py, a radix
+tree) keeps the pages of every prompt chunk as it is computed and of every finished sequence; a running
+sequence locks the part of the tree its table starts with. When the pool runs short, the least recently
+used unlocked prefix-cache leaves go first; then the most recently admitted sequence is preempted: its
+computed prefix goes to the prefix cache and it goes back to the head of the queue, to continue from
+what the cache still holds when there is room. A request is admitted only when its prompt and
+GROW_TOKENS more positions fit, so a request that omits max_tokens does not hold a whole context window
+of memory.
 
-Caches are allocated through `KVAllocator` (runner.py), which owns their layout; the scheduler only
-counts their bytes. `submit` and `Sequence.cancel` may be called from any thread, the rest from the
+The scheduler deals in page ids only; the runner (runner.py) owns the pool's memory and reads the page
+tables. `submit` and `Sequence.cancel` may be called from any thread, the rest from the
 thread that steps. Tokens reach the caller through `on_token(seq, token)`, called in `update`.
 """
 from __future__ import annotations
@@ -48,7 +50,7 @@ from typing import Callable, Dict, List, Optional, Sequence as Seq, Tuple
 import torch
 
 from ..errors import ContextLengthError
-from ..models.kv_cache import KVSegment
+from .kv_pages import PagePool, PageTable
 from .prefix_cache import PrefixCache, common_prefix
 from .sampling import SamplingParams
 
@@ -88,10 +90,13 @@ class Sequence:
         # What goes through prefill before decoding: the prompt, or after a preemption the prompt and
         # all but the last generated token (that one is fed by the next decode step).
         self.fill = self.prompt
-        self.reused = 0             # tokens of `fill` whose K/V came from the prefix cache
-        self.prefilled = 0          # tokens of `fill` whose K/V are in this sequence's cache
-        self.state = None           # the model's decode state, while running
-        self.kv_bytes = 0           # K/V memory reserved while running (its cache's capacity)
+        self.prefilled = 0          # tokens of `fill` whose K/V are computed (or shared from the prefix cache)
+        self.reused = 0             # of those, tokens whose pages came from the prefix cache
+        self.state = None           # the model family's per-sequence state (models/base.py `start`), while running
+        self.table: Optional[PageTable] = None   # its pages in position order, while running
+        self.pending: List[int] = []   # pages taken at admission for the rest of `fill`, in position order
+        self.node = None            # the prefix-cache node its table's first `cached` positions lead to (locked)
+        self.cached = 0             # leading positions of its table that the prefix cache holds
         self.arrival = time.monotonic()
         self.generator = None
         self._cancelled = False
@@ -129,14 +134,18 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def cached_tokens(self, pre: int) -> List[int]:
-        """The tokens whose K/V this running sequence's cache holds (the last output is not fed yet)."""
-        filled = self.state.cache.length - pre
-        return (self.prompt + self.output)[:filled]
+    @property
+    def running(self) -> bool:
+        return self.table is not None
+
+    def written_tokens(self) -> List[int]:
+        """The tokens whose K/V this running sequence's pages hold (between steps: every page is written;
+        the last output is not fed yet)."""
+        return (self.prompt + self.output)[:len(self.table)]
 
 
 class KVBudgetError(ContextLengthError):
-    """A request whose K/V alone exceed the whole KV memory budget."""
+    """A request whose K/V alone exceed the whole K/V pool."""
 
 
 @dataclass
@@ -175,12 +184,11 @@ class ForwardResult:
 
 
 class Scheduler:
-    GROW_TOKENS = 256      # room for new tokens a sequence is admitted with; its cache then doubles as needed
+    GROW_TOKENS = 256      # room for new tokens a sequence is admitted with (it takes pages as it goes)
     SHARED_WAIT = 64       # a prompt sharing this many uncomputed tokens with an older one waits for its K/V
 
-    def __init__(self, kv, max_batch: int = DEFAULT_MAX_BATCH, kv_cache_bytes: Optional[int] = None,
-                 prefill_chunk: Optional[int] = None):
-        """kv: the runner's KVAllocator (what a cache costs, how to make and grow one)."""
+    def __init__(self, kv, max_batch: int = DEFAULT_MAX_BATCH, prefill_chunk: Optional[int] = None):
+        """kv: the runner's KVAllocator (its pool's size in pages, what a page costs, the model's traits)."""
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise ValueError(f'max_batch must be an integer >= 1, got {max_batch!r}')
         if prefill_chunk is None:
@@ -190,15 +198,15 @@ class Scheduler:
         self.kv = kv
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        self.pre = kv.pre                          # P-tuning prefix positions every cache starts with
+        self.pre = kv.pre                          # P-tuning prefix positions every page table starts with
         self.bytes_per_token = kv.bytes_per_token
-        self.budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(kv.device)
+        self.pages = PagePool(kv.pages, reserved=kv.reserved)   # (the P-tuning prefix's and a scratch page)
+        self.budget = kv.pages * self.bytes_per_token
         # ChatGLM-6B attends its prompt bidirectionally: a prefix's K/V change as the prompt grows.
-        self.prefix_cache = PrefixCache() if kv.supports_prefix_reuse else None
+        self.prefix_cache = PrefixCache(self.pages) if kv.supports_prefix_reuse else None
         self.adapters = kv.adapters                # LoRA adapters a request may pick
         self.waiting: 'deque[Sequence]' = deque()
         self.running: List[Sequence] = []
-        self.reserved = 0           # K/V bytes of running sequences
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)
         self.stats: Dict[str, float] = dict(prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0,
@@ -229,8 +237,8 @@ class Scheduler:
         if need > self.budget:
             raise KVBudgetError(
                 f'this request needs {need / 2**20:.1f} MiB of KV cache ({len(seq.prompt)} prompt + '
-                f'{seq.budget} new tokens) but the KV cache budget is {self.budget / 2**20:.1f} MiB; ask '
-                f'for fewer new tokens (max_tokens) or raise the budget (--kv-cache-gb)')
+                f'{seq.budget} new tokens) but the KV cache holds {self.budget / 2**20:.1f} MiB; ask '
+                f'for fewer new tokens (max_tokens) or give it more memory (--kv-cache-gb)')
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.kv.device).manual_seed(params.seed)
         with self.work:
@@ -256,10 +264,12 @@ class Scheduler:
 
     def snapshot(self) -> Dict[str, float]:
         """Counters and gauges for /health and /metrics."""
-        cached = self.prefix_cache.nbytes if self.prefix_cache else 0
+        cached = self.prefix_cache.pages if self.prefix_cache else 0
+        running = self.pages.pages - len(self.pages.reserved) - self.pages.free - cached
         prompt = self.stats['prompt_tokens']
         return dict(self.stats, running=len(self.running), waiting=len(self.waiting), max_batch=self.max_batch,
-                    kv_budget_bytes=self.budget, kv_reserved_bytes=self.reserved, kv_prefix_cache_bytes=cached,
+                    kv_budget_bytes=self.budget, kv_reserved_bytes=running * self.bytes_per_token,
+                    kv_prefix_cache_bytes=cached * self.bytes_per_token,
                     prefix_cache_entries=self.prefix_cache.nodes if self.prefix_cache else 0,
                     prefix_cache_hit_rate=self.stats['cached_prompt_tokens'] / prompt if prompt else 0.0)
 
@@ -273,10 +283,11 @@ class Scheduler:
 
     # -- the stepping thread: deciding ---------------------------------------------------------------
     def schedule(self) -> List[Forward]:
-        """The next step's forwards (empty when nothing can run)."""
+        """The next step's forwards (empty when nothing can run). Every part's pages are in its sequence's
+        table when this returns: the runner writes their K/V."""
         self.drop_cancelled()
         self._admit()
-        decoding = [(s, [s.output[-1]]) for s in self._with_room(
+        decoding = [(s, [s.output[-1]]) for s in self._with_pages(
             [s for s in self.running if s.output and not s.finished and s.prefilled == len(s.fill)])]
         prefill = self._prefill_parts()
         self.stats['steps'] += 1
@@ -286,7 +297,7 @@ class Scheduler:
         return [f for f in (Forward(prefill, len(prefill)), Forward(decoding, 0)) if f.parts]
 
     def drop_cancelled(self):
-        """Finish cancelled sequences now: their memory is free at once."""
+        """Finish cancelled sequences now: their pages are free at once."""
         with self.lock:
             for seq in [s for s in self.waiting if s._cancelled]:
                 self.waiting.remove(seq)
@@ -300,113 +311,116 @@ class Scheduler:
                 if not self.waiting:
                     return
                 seq = self.waiting[0]
-                capacity = self._initial_capacity(seq)
-                need = self.kv_bytes(capacity)
-                if not self._make_room(need):
+                keep, pages, node = self._longest_prefix(seq)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.lock(node)     # (before making room: its pages must stay)
+                # Pages for what it prefills (taken now), and room for GROW_TOKENS more (decode steps take
+                # a page each; when none is left, the newest sequence is preempted).
+                fill = len(seq.fill) - keep
+                headroom = min(self.GROW_TOKENS, len(seq.prompt) + seq.budget - len(seq.fill))
+                if not self._make_room(fill + headroom):
+                    if self.prefix_cache is not None:
+                        self.prefix_cache.unlock(node)
                     return   # it waits for running sequences to finish; so do the ones behind it
                 self.waiting.popleft()
-            self._start(seq, capacity, need)
+                seq.pending = self.pages.take(fill)
+            self._start(seq, keep, pages, node)
 
-    def _initial_capacity(self, seq: Sequence) -> int:
-        """Tokens of cache a sequence starts with: what it prefills and GROW_TOKENS more."""
-        return min(len(seq.fill) + self.GROW_TOKENS, len(seq.prompt) + seq.budget)
+    def _make_room(self, pages: int) -> bool:
+        """Evict prefix-cache leaves until `pages` pages are free; -> whether they are."""
+        short = pages - self.pages.free
+        if short > 0 and self.prefix_cache is not None:
+            self.prefix_cache.evict(short)
+        return self.pages.free >= pages
 
-    def _make_room(self, nbytes: int) -> bool:
-        """Evict prefix-cache entries until `nbytes` more fit the budget; -> whether they fit."""
-        while self.reserved + self._cached_bytes() + nbytes > self.budget:
-            if not self._evict():
-                return False
-        return True
-
-    def _with_room(self, seqs: List[Sequence]) -> List[Sequence]:
-        """The sequences (oldest first) whose caches have room for one more token, growing full ones;
-        when the budget cannot take a growth, the newest running sequence is preempted (which may be
-        one of `seqs`, then it is left out)."""
+    def _with_pages(self, seqs: List[Sequence]) -> List[Sequence]:
+        """The decoding sequences (oldest first), each with a page for its next position; when the pool has
+        none left, the newest running sequence is preempted (which may be one of `seqs`: then it is left
+        out)."""
         ready = []
         for seq in seqs:
-            while seq.state is not None and seq.state.cache.length >= seq.state.cache.capacity:
-                filled = seq.state.cache.capacity - self.pre
-                capacity = min(max(2 * filled, filled + self.GROW_TOKENS), len(seq.prompt) + seq.budget)
-                extra = self.kv_bytes(capacity) - seq.kv_bytes
-                if extra <= 0:   # cannot happen: an unfinished sequence has new tokens left in its budget
-                    raise RuntimeError(f'KV cache of a sequence is full at its maximum ({capacity} tokens)')
-                if self._make_room(extra):
-                    self.kv.grow(seq.state, self.pre + capacity)
-                    seq.kv_bytes += extra
-                    self.reserved += extra
-                else:
-                    self._preempt(self.running[-1])
-            if seq.state is not None:
+            while seq.running and not self._make_room(1):
+                self._preempt(self.running[-1])
+            if seq.running:
+                seq.table.extend(self.pages.take(1))
                 ready.append(seq)
         return ready
 
     def _preempt(self, seq: Sequence):
-        """Free a running sequence's memory and queue it first again; it is prefilled anew later."""
-        logger.info('KV budget full: preempting a sequence of %d tokens (it will be prefilled again)',
+        """Give back a running sequence's pages and queue it first again. What it computed goes to the
+        prefix cache first: coming back, it continues from whatever of it is still there."""
+        logger.info('K/V pool full: preempting a sequence of %d tokens (it continues later)',
                     len(seq.prompt) + len(seq.output))
-        self.running.remove(seq)
-        self.reserved -= seq.kv_bytes
-        seq.state, seq.kv_bytes = None, 0
+        self._release(seq, keep_cache=True)
         seq.fill = seq.prompt + seq.output[:-1]
         seq.prefilled = seq.reused = 0
         self.stats['preempted'] += 1
         with self.lock:
             self.waiting.appendleft(seq)
 
-    def _cached_bytes(self) -> int:
-        return self.prefix_cache.nbytes if self.prefix_cache else 0
-
-    def _evict(self) -> bool:
-        return bool(self.prefix_cache and self.prefix_cache.evict_oldest())
-
-    def _start(self, seq: Sequence, capacity: int, need: int):
+    def _start(self, seq: Sequence, keep: int, pages: List[int], node):
         if seq.fill is seq.prompt:    # (a preempted sequence coming back is not new)
             self.stats['prompt_tokens'] += len(seq.prompt)
+            self.stats['cached_prompt_tokens'] += keep
+        ended = None
         if seq.budget == 0 and not seq.scores_prompt:
-            self._finish(seq, 'length', keep_cache=False)
+            ended = 'length'      # nothing to generate, nothing to score
+        else:
+            try:
+                seq.state = self.kv.start(seq.fill)
+            except Exception as e:   # e.g. a ChatGLM-6B prompt without [gMASK]/<sop>
+                seq.error, ended = e, 'error'
+        if ended is not None:
+            if self.prefix_cache is not None:
+                self.prefix_cache.unlock(node)
+            self.pages.give_back(seq.pending)
+            seq.pending = []
+            self._finish(seq, ended, keep_cache=False)
             return
-        try:
-            seq.state = self.kv.start(seq.fill, capacity - len(seq.fill))
-        except Exception as e:   # e.g. a ChatGLM-6B prompt without [gMASK]/<sop>
-            seq.error = e
-            self._finish(seq, 'error', keep_cache=False)
-            return
-        seq.kv_bytes = need
-        self.reserved += need
+        seq.table, seq.node, seq.cached, seq.prefilled, seq.reused = PageTable(pages[:keep]), node, keep, keep, keep
         self.running.append(seq)
 
     def _longest_prefix(self, seq: Sequence):
-        """(tokens, K/V segments) of the longest prefix of seq.fill that the prefix cache or a running
-        sequence holds (at least one token is left to prefill: its logits give the next token)."""
-        if self.prefix_cache is None or len(seq.fill) < 2 or seq.scores_prompt:
-            return 0, []
-        best, segments = self.prefix_cache.match(seq.fill, seq.adapter)
-        for other in self.running:
-            if other is not seq and other.state is not None and other.adapter == seq.adapter:
-                n = common_prefix(other.cached_tokens(self.pre), seq.fill)
-                if n > best:
-                    best, segments = n, [KVSegment.of(other.state.cache, self.pre, self.pre + n)]
-        return min(best, len(seq.fill) - 1), segments
+        """(n, pages, node): the longest prefix of seq.fill that the prefix cache holds, at least one
+        token short of it (the last one's logits give the next token); node (to lock) ends a path at
+        least that long. (0, [], None) without a prefix cache."""
+        if self.prefix_cache is None:
+            return 0, [], None
+        if len(seq.fill) < 2 or seq.scores_prompt:
+            return 0, [], self.prefix_cache.root(seq.adapter)
+        n, pages, node = self.prefix_cache.match(seq.fill, seq.adapter)
+        return min(n, len(seq.fill) - 1), pages, node
+
+    def _adopt_longer_prefix(self, seq: Sequence):
+        """A sequence that has computed nothing of its own yet takes a longer cached prefix if one has
+        appeared since it was admitted (an older sequence prefilled the system prompt they share)."""
+        if self.prefix_cache is None or seq.prefilled != seq.cached or len(seq.table) != seq.cached:
+            return
+        keep, pages, node = self._longest_prefix(seq)
+        if keep <= seq.cached:
+            return
+        self.prefix_cache.lock(node)
+        self.prefix_cache.unlock(seq.node)
+        self.pages.give_back(seq.pending[:keep - seq.cached])   # (those positions need no pages of their own now)
+        del seq.pending[:keep - seq.cached]
+        if seq.fill is seq.prompt:
+            self.stats['cached_prompt_tokens'] += keep - seq.cached
+        seq.table, seq.node, seq.cached, seq.prefilled, seq.reused = PageTable(pages[:keep]), node, keep, keep, keep
 
     def _prefill_parts(self):
         """Prompt chunks of the oldest sequences still prefilling, up to prefill_chunk tokens in all
-        (a ChatGLM-6B prompt goes whole: its prefix is attended bidirectionally).
+        (a ChatGLM-6B prompt goes whole: its prefix is attended bidirectionally), each with its pages.
 
-        Before its chunk runs, a sequence takes the longest cached prefix of its prompt; one whose
+        Before its first chunk runs, a sequence takes the longest cached prefix of its prompt; one whose
         prompt shares a long prefix (SHARED_WAIT tokens or more) with an older sequence that has not
-        computed it yet waits for it, so a system prompt that 8 new conversations share is prefilled once."""
+        computed it yet waits for it, so a system prompt that 8 new conversations share is prefilled once.
+        A chunk's pages are the ones its sequence took when it was admitted."""
         parts, tokens, ahead = [], 0, []
         for seq in self.running:
-            left = len(seq.fill) - seq.prefilled
-            if left == 0 or seq.finished:
+            if len(seq.fill) == seq.prefilled or seq.finished:
                 continue
-            keep, segments = self._longest_prefix(seq)
-            if keep > seq.prefilled:
-                self.kv.adopt_prefix(seq.state, segments, keep)
-                if seq.fill is seq.prompt:
-                    self.stats['cached_prompt_tokens'] += keep - seq.prefilled
-                seq.prefilled = seq.reused = keep
-                left = len(seq.fill) - keep
+            self._adopt_longer_prefix(seq)
+            left = len(seq.fill) - seq.prefilled
             if self._waits_for(seq, ahead):
                 ahead.append(seq)
                 continue
@@ -417,6 +431,8 @@ class Scheduler:
             n = left if not self.kv.supports_prefix_reuse else min(left, room)
             if parts and n > room:
                 break
+            seq.table.extend(seq.pending[:n])
+            del seq.pending[:n]
             parts.append((seq, seq.fill[seq.prefilled:seq.prefilled + n]))
             tokens += n
         return parts
@@ -448,6 +464,7 @@ class Scheduler:
                 continue
             if row < forward.prompt_parts:
                 seq.prefilled += len(ids)
+                self._cache_prefix(seq)   # a later sequence with the same prompt start shares these pages
                 if seq.prefilled == len(seq.fill) and not seq.output and seq.budget == 0:
                     self._finish(seq, 'length')   # a prompt only scored
                     continue
@@ -479,18 +496,8 @@ class Scheduler:
         if seq.finished:
             return
         seq.finish_reason = reason
-        if seq in self.running:
-            self.running.remove(seq)
-            self.reserved -= seq.kv_bytes
-            if keep_cache and self.prefix_cache is not None and seq.state.cache.length > self.pre:
-                # Keep what it computed for the next turn of this conversation (or a shared prefix).
-                cache = seq.state.cache
-                with self.lock:
-                    self.prefix_cache.insert(seq.cached_tokens(self.pre), KVSegment.of(cache, self.pre, cache.length),
-                                             seq.adapter)
-                    while self.reserved + self._cached_bytes() > self.budget and self._evict():
-                        pass
-            seq.state, seq.kv_bytes = None, 0
+        if seq.running:
+            self._release(seq, keep_cache)
         key = {'stop': 'completed', 'length': 'completed', 'cancelled': 'cancelled', 'error': 'failed'}[reason]
         self.stats[key] += 1
         if seq.on_finish is not None:
@@ -498,6 +505,41 @@ class Scheduler:
                 seq.on_finish(seq)
             except Exception:
                 logger.exception('on_finish failed')
+
+    def _release(self, seq: Sequence, keep_cache: bool):
+        """Give a running sequence's pages back: with keep_cache, what it computed goes to the prefix cache
+        (the next turn of its conversation, or another request with the same start, prefills only what is
+        new); the rest go back to the pool."""
+        self.running.remove(seq)
+        if keep_cache:
+            self._cache_prefix(seq)
+        self.pages.give_back(seq.table.pages(seq.cached) + seq.pending)
+        seq.pending = []
+        if self.prefix_cache is not None and seq.node is not None:
+            self.prefix_cache.unlock(seq.node)
+        seq.table, seq.node, seq.cached, seq.state = None, None, 0, None
+
+    def _cache_prefix(self, seq: Sequence):
+        """Hand the pages of a running sequence's written positions to the prefix cache (it keeps using
+        them: they are locked for it). Positions another sequence's pages already hold there are pointed
+        at those, and its own copies given back."""
+        if self.prefix_cache is None or len(seq.table) <= seq.cached:
+            return
+        tokens = seq.written_tokens()
+        known = self.prefix_cache.insert(tokens, seq.table.pages(), seq.adapter)
+        n, pages, node = self.prefix_cache.match(tokens, seq.adapter)
+        self.prefix_cache.lock(node)
+        if seq.node is not None:
+            self.prefix_cache.unlock(seq.node)
+        if known > seq.cached:
+            self.pages.give_back(seq.table.pages(seq.cached, known))
+            seq.table.replace(seq.cached, pages[seq.cached:known])
+        seq.node, seq.cached = node, n
+
+    def clear_prefix_cache(self) -> int:
+        """Forget every prefix-cache entry no running sequence uses; -> pages freed. (On the stepping
+        thread, or holding the engine's stepping lock.)"""
+        return self.prefix_cache.clear() if self.prefix_cache is not None else 0
 
 
 def default_kv_budget(device: torch.device) -> int:

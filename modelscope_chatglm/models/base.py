@@ -2,15 +2,14 @@
 (glm1.py, glm2.py) and the engine (engine/runner.py), the loader (loading.py, checkpoint.py) and
 `ChatModel`. Written down as a Protocol; each architecture implements all of it.
 
-The engine runs each sequence on a state of its own and puts the new tokens of many sequences
-through one forward:
-    state = model.start(prompt_ids, max_new_tokens)                            # allocates, runs nothing
-    model.adopt_prefix(state, kv_segments, keep)                               # prefix sharing
-    logits = model.forward_ragged([(state, ids), (state2, ids2), ...])        # [n, V]
-    logits = model.forward_ragged(parts, every=(0,))      # [n + len(ids), V]: also each position of part 0
+The engine keeps every sequence's K/V in one paged pool (kv_cache.py) and puts the new tokens of many
+sequences through one forward:
+    state = model.start(prompt_ids)                            # the family's per-sequence state; runs nothing
+    logits = model.forward_ragged([(state, past, ids), ...], kv)            # [n, V]
+    logits = model.forward_ragged(parts, kv, every=(0,))      # [n + len(ids), V]: also each position of part 0
     model.rows_keep_their_bits(rows)        # may prompt chunks and decode tokens share one forward?
-ChatGLM2/3 also have `decode_static`, the fixed-shape decode step that CUDA graphs capture
-(cuda_graphs.py). Whole left-padded prompts, for scoring and parity tests:
+where kv is the forward's PagedKV (page tables and the new tokens' pages). Whole left-padded prompts, for
+scoring and parity tests, go through the same forward (`score_whole`):
     logits = model.full_logits(input_ids, attention_mask)                      # [b, s, V]
 """
 from __future__ import annotations
@@ -26,7 +25,7 @@ class CausalLM(Protocol):
     # The linears of each block (names relative to a block) that int8/int4 checkpoints quantize.
     QUANTIZED_LINEARS: Tuple[str, ...]
     # Whether the K/V of a prompt's prefix stay valid when the prompt grows (causal attention).
-    # Only then may the engine share a cached prefix between sequences (`adopt_prefix`).
+    # Only then may the engine share a cached prefix's pages between sequences (the prefix cache).
     supports_prefix_reuse: bool
 
     @property
@@ -36,18 +35,22 @@ class CausalLM(Protocol):
     def checkpoint_key(key: str) -> Optional[str]:
         """Hub state-dict key -> parameter name; None for keys the forward never reads."""
 
-    def start(self, prompt, max_new_tokens: int) -> Any:
-        """A one-sequence decode state with room for the prompt and max_new_tokens; runs nothing."""
+    @property
+    def kv_heads(self) -> int:
+        """K/V heads per position (the pool's G)."""
 
-    def adopt_prefix(self, state: Any, segments, keep: int) -> None:
-        """Fill a fresh state's first `keep` positions from K/V segments others computed (the prefix
-        cache). Only where supports_prefix_reuse."""
+    def start(self, prompt) -> Any:
+        """The family's state of one sequence (ChatGLM-6B: where its prompt's [gMASK] and <sop> are); runs
+        nothing. May raise ValueError for a prompt the family cannot take."""
 
-    def forward_ragged(self, parts, every=()) -> torch.Tensor:
-        """parts = [(state, new ids), ...] of different sequences -> logits of each part's last token
-        [n, V] (fp32); a sequence's result does not depend on the other parts. The parts whose indices
-        are in `every` (only where supports_prefix_reuse: scoring a prompt) add the logits of each of
-        their positions after those n rows, part after part."""
+    def prefix_kv(self) -> torch.Tensor:
+        """P-tuning v2 (cfg.pre_seq_len): the learned prefix K/V, [layers, 2 (k, v), G, pre_seq_len, d]."""
+
+    def forward_ragged(self, parts, kv, every=()) -> torch.Tensor:
+        """parts = [(state, past, new ids), ...] of different sequences, kv their PagedKV -> logits of each
+        part's last token [n, V] (fp32); a sequence's result does not depend on the other parts. The parts
+        whose indices are in `every` add the logits of each of their positions after those n rows, part
+        after part."""
 
     def rows_keep_their_bits(self, rows: int) -> bool:
         """Whether `forward_ragged` over `rows` rows in all gives every row the bits it gets in a forward
@@ -69,6 +72,34 @@ def left_pad(prompts: List[List[int]], pad_id: int):
     return ids, mask
 
 
+def score_whole(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """`full_logits` of any model: each row's real tokens as one part of a forward over a pool of its own.
+    -> [b, s, V] fp32 (zeros at padding)."""
+    from .kv_cache import KVPool, PagedKV
+    cfg, device = model.cfg, model.device
+    b, s = input_ids.shape
+    real = torch.ones(b, s, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
+    rows = [input_ids[i].cpu()[real[i]].tolist() for i in range(b)]
+    pre = cfg.pre_seq_len or 0
+    pool = KVPool(cfg.num_layers, model.kv_heads, cfg.head_dim, pre + sum(map(len, rows)),
+                  model.word_embeddings.weight.dtype, device)
+    if pre:
+        pool.hold_prefix(range(pre), model.prefix_kv())
+    tables, start, parts = [], pre, [i for i in range(b) if rows[i]]
+    for i in parts:
+        tables.append(torch.cat([torch.arange(pre), torch.arange(start, start + len(rows[i]))]).to(torch.int32))
+        start += len(rows[i])
+    kv = PagedKV.build(pool, tables, [len(rows[i]) for i in parts])
+    logits = model.forward_ragged([(model.start(rows[i]), 0, rows[i]) for i in parts], kv,
+                                  every=list(range(len(parts))))
+    out = torch.zeros(b, s, logits.shape[-1], dtype=torch.float32, device=device)
+    offset = len(parts)
+    for i in parts:
+        out[i, real[i].to(device)] = logits[offset:offset + len(rows[i])]
+        offset += len(rows[i])
+    return out
+
+
 def ragged_logits(model, hidden: torch.Tensor, lengths, every=()) -> torch.Tensor:
     """The rows of `forward_ragged`'s result from the last block's output [T, D]: each part's last
     position, then every position of the parts in `every`. The last positions go through the final
@@ -83,7 +114,7 @@ def ragged_logits(model, hidden: torch.Tensor, lengths, every=()) -> torch.Tenso
 
 def linears_keep_row_bits(layers: torch.nn.Module, rows: int, dtype: torch.dtype) -> bool:
     """Whether every linear of `layers` gives each of `rows` rows of x (in `dtype`) the bits that row
-    gets alone. Attention runs per sequence and the norms per row, so a forward's rows are independent
+    gets alone. Attention gives each query its own sums and the norms run per row, so a forward's rows are independent
     exactly when its linears are. The compiled CPU kernels sum a row in one order whatever the number of
     rows (`QuantizedLinear.kernel_takes`); torch's matmuls (a float model, dequantized tiles for long
     inputs, a LoRA adapter's side product, any GPU) choose their blocking by the shape."""

@@ -25,9 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model_config import ModelConfig
-from . import kv_cache
-from .base import linears_keep_row_bits, lm_head, ragged_logits
-from .kv_cache import KVCache, Ragged
+from .base import linears_keep_row_bits, lm_head, ragged_logits, score_whole
 
 
 def rotary_tables(positions: torch.Tensor, rotary_dim: int):
@@ -64,24 +62,22 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.num_heads * cfg.head_dim)
         self.dense = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
 
-    def forward(self, x, pos_tables, block_tables, kv, visible):
-        b, s, _ = x.shape
-        q, k, v = self.query_key_value(x).view(b, s, self.num_heads, 3 * self.head_dim).chunk(3, dim=-1)
-        q = apply_2d_rotary(q, pos_tables, block_tables)
-        k = apply_2d_rotary(k, pos_tables, block_tables)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)    # [b, H, s, d]
-        if isinstance(kv, Ragged):     # rows of several sequences: each attends over its own cache
-            out = kv.attend(q, k, v, self.attend)
-        else:
-            out = self.attend(q, *kv.update(k, v), visible)
-        return self.dense(out.transpose(1, 2).reshape(b, s, -1))
+    def forward(self, x, pos_tables, block_tables, kv):
+        """x [1, N, D]: the new rows of every part of a forward; kv: this layer's handle on the K/V pool
+        (its page tables say which keys each query sees: the prompt before <sop> both ways)."""
+        b, n, _ = x.shape
+        q, k, v = self.query_key_value(x).view(b, n, self.num_heads, 3 * self.head_dim).chunk(3, dim=-1)
+        q = apply_2d_rotary(q, pos_tables, block_tables)[0]
+        k = apply_2d_rotary(k, pos_tables, block_tables)[0]
+        # The reference's scaling: q / (sqrt(d) (l + 1)), then the scores times (l + 1) before the softmax.
+        q = q / (math.sqrt(self.head_dim) * self.coeff)
+        out = kv.attend(q.contiguous(), k, v[0], self.coeff)             # [N, H, d]
+        return self.dense(out.reshape(b, n, -1))
 
     def attend(self, q, k, v, visible):
-        """q [b, H, s, d] over the cached k, v [b, H, t, d]; visible [b, 1, s, t] or None."""
-        q = q / (math.sqrt(self.head_dim) * self.coeff)
-        scores = q @ k.transpose(-1, -2)                                      # [b, H, s, t]
-        if visible is not None:
-            scores = scores.masked_fill(~visible, -10000.0)
+        """The reference's numerics, where the compiled kernel does not run (fp16, other devices): q
+        [1, H, s, d] (already scaled) over k, v [1, H, t, d]; visible [s, t]."""
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~visible, -10000.0)   # [1, H, s, t]
         probs = torch.softmax(scores.float() * self.coeff, dim=-1).to(v.dtype)
         return probs @ v
 
@@ -111,9 +107,9 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, pos_tables, block_tables, kv, visible):
+    def forward(self, x, pos_tables, block_tables, kv):
         h = self.input_layernorm(x)
-        x = self.alpha * h + self.attention(h, pos_tables, block_tables, kv, visible)
+        x = self.alpha * h + self.attention(h, pos_tables, block_tables, kv)
         m = self.post_attention_layernorm(x)
         return self.alpha * m + self.mlp(m)
 
@@ -139,12 +135,10 @@ class PrefixEncoder(nn.Module):
 
 
 @dataclass
-class DecodeState:
-    cache: KVCache
-    padding: torch.Tensor        # [b, t] bool, True = real token
-    sop_index: torch.Tensor      # [b] index of <sop> in the (padded) row
-    mask_position: torch.Tensor  # [b] rotary position of [gMASK] (unpadded), used from <sop> on
-    length: int                  # tokens in each (padded) row so far
+class PromptShape:
+    """Where a sequence's prompt has its <sop> and [gMASK]: its positions follow from them."""
+    sop_index: int               # the prompt before it is attended both ways
+    mask_position: int           # rotary position of [gMASK], used from <sop> on
 
 
 class GLM1Model(nn.Module):
@@ -178,20 +172,15 @@ class GLM1Model(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_head(hidden, self.word_embeddings.weight)   # the tied head, as a [V, D] linear
 
-    def new_cache(self, batch: int, max_tokens: int) -> KVCache:
-        return kv_cache.allocate(self.cfg, self.cfg.num_heads, batch, max_tokens, self.word_embeddings.weight.dtype,
-                                 self.device, self.prefix_encoder)
+    @property
+    def kv_heads(self) -> int:
+        return self.cfg.num_heads
 
-    def forward(self, input_ids, positions, block_positions, cache: KVCache, visible) -> torch.Tensor:
-        """input_ids/positions/block_positions [b, s]; visible [b, 1, s, t] bool (True = may attend,
-        the P-tuning prefix included) or None for all-visible. Returns final hidden states [b, s, D]."""
-        x = self.word_embeddings(input_ids)
-        pos_tables = rotary_tables(positions, self.rotary_dim)
-        block_tables = rotary_tables(block_positions, self.rotary_dim)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, pos_tables, block_tables, cache.layer(i), visible)
-        cache.commit(input_ids.shape[1])
-        return self.final_layernorm(x)
+    def prefix_kv(self) -> torch.Tensor:
+        """P-tuning v2: the prefix encoder's output as [layers, 2 (k, v), H, pre_seq_len, d]."""
+        cfg = self.cfg
+        prefix = self.prefix_encoder().view(cfg.pre_seq_len, cfg.num_layers, 2, cfg.num_heads, cfg.head_dim)
+        return prefix.permute(1, 2, 3, 0, 4)
 
     # -- prompt structure ---------------------------------------------------------------------------
     def _structure(self, input_ids, attention_mask):
@@ -220,71 +209,49 @@ class GLM1Model(nn.Module):
         block_positions = block_positions.masked_fill(~padding, 0)
         return padding, sop_index, mask_position, positions, block_positions
 
-    def _prefill_visibility(self, padding, sop_index):
-        """[b, 1, s, pre+s]: key u is visible to query t iff u is real and (u < <sop> or u <= t)."""
-        b, s = padding.shape
-        pre = self.cfg.pre_seq_len or 0
-        index = torch.arange(s, device=padding.device)
-        causal = index[None, :] <= index[:, None]                              # [s(query), s(key)]
-        prefix_part = index[None, None, :] < sop_index[:, None, None]          # [b, 1, s(key)]
-        visible = (causal[None] | prefix_part) & padding[:, None, :]
-        visible |= ~padding[:, :, None]   # padding rows: see everything (their output is unused)
-        if pre:
-            visible = torch.cat([torch.ones(b, s, pre, dtype=torch.bool, device=padding.device), visible], 2)
-        return visible[:, None]
-
     # -- the engine (engine/runner.py) ----------------------------------------------------------------
-    def start(self, prompt, max_new_tokens: int) -> DecodeState:
-        """The decode state of one sequence; its first part in `forward_ragged` must be the whole prompt
-        (the prefix before <sop> is attended bidirectionally, so it cannot be prefilled in chunks)."""
-        ids = torch.as_tensor([list(prompt)], dtype=torch.long, device=self.device)
-        padding, sop_index, mask_position, _, _ = self._structure(ids, None)
-        return DecodeState(self.new_cache(1, ids.shape[1] + max_new_tokens), padding, sop_index, mask_position, 0)
-
-    def adopt_prefix(self, state, segments, keep: int):
-        raise NotImplementedError('ChatGLM-6B cannot reuse cached K/V across prompts: its prompt prefix is '
-                                  'attended bidirectionally, so the K/V of a prefix change as the prompt grows')
+    def start(self, prompt) -> PromptShape:
+        """Where the prompt's <sop> and [gMASK] are. Its first part in `forward_ragged` must be the whole
+        prompt: the prefix before <sop> is attended both ways, so it cannot be prefilled in chunks."""
+        ids = torch.as_tensor([list(prompt)], dtype=torch.long)
+        _, sop_index, mask_position, _, _ = self._structure(ids, None)
+        return PromptShape(int(sop_index[0]), int(mask_position[0]))
 
     def rows_keep_their_bits(self, rows: int) -> bool:
         return linears_keep_row_bits(self.layers, rows, self.word_embeddings.weight.dtype)
 
-    def forward_ragged(self, parts, every=()) -> torch.Tensor:
-        """New tokens of several sequences in one forward: parts = [(one sequence's state, ids), ...], each
-        either its whole prompt (the state is fresh) or one decode token. The linears see all rows at
-        once; attention runs per sequence. -> logits of each part's last token [n, V] (fp32)."""
-        if every:
-            raise ValueError('ChatGLM-6B attends its prompt in both directions: its positions have no '
-                             'next-token logits to score a prompt with')
-        device = self.device
-        lengths, positions, blocks, masks = [], [], [], []
-        for state, ids in parts:
-            ids = torch.as_tensor([list(ids)], dtype=torch.long, device=device)
-            if state.length == 0:
-                padding, sop_index, _, pos, block = self._structure(ids, None)
-                masks.append(self._prefill_visibility(padding, sop_index))
+    def forward_ragged(self, parts, kv, every=()) -> torch.Tensor:
+        """New tokens of several sequences in one forward: parts = [(PromptShape, past, ids), ...], each
+        either its whole prompt (past = 0) or one decode token; kv: the forward's PagedKV. The family's
+        pieces are its 2D positions and the prompt's bidirectional prefix (each prompt part's queries see
+        at least the keys before <sop>). -> logits of each part's last token [n, V] (fp32), then those of
+        every position of the parts in `every`."""
+        pre = self.cfg.pre_seq_len or 0
+        positions, blocks, min_keys = [], [], []
+        for shape, past, ids in parts:
+            n = len(ids)
+            if past == 0:
+                index = torch.arange(n)
+                before_sop = index < shape.sop_index
+                positions.append(torch.where(before_sop, index, shape.mask_position))
+                blocks.append(torch.where(before_sop, 0, index - shape.sop_index + 1))
+                min_keys.append(pre + shape.sop_index)
             else:
-                if ids.shape[1] != 1:
+                if n != 1:
                     raise ValueError('after its prompt, a ChatGLM-6B sequence takes one token per step')
-                pos = state.mask_position[:, None]
-                block = (state.length - state.sop_index + 1)[:, None]
-                masks.append(None)
-            lengths.append(ids.shape[1])
-            positions.append(pos)
-            blocks.append(block)
-        ids = torch.cat([torch.as_tensor(list(ids), dtype=torch.long) for _, ids in parts]).to(device)[None]
+                positions.append(torch.tensor([shape.mask_position]))
+                blocks.append(torch.tensor([past - shape.sop_index + 1]))
+                min_keys.append(0)
+        kv.min_keys = torch.tensor(min_keys, dtype=torch.int32)
+        device = self.device
+        ids = torch.cat([torch.as_tensor(list(ids), dtype=torch.long) for _, _, ids in parts]).to(device)[None]
         x = self.word_embeddings(ids)
-        pos_tables = rotary_tables(torch.cat(positions, dim=1), self.rotary_dim)
-        block_tables = rotary_tables(torch.cat(blocks, dim=1), self.rotary_dim)
+        pos_tables = rotary_tables(torch.cat(positions).to(device)[None], self.rotary_dim)
+        block_tables = rotary_tables(torch.cat(blocks).to(device)[None], self.rotary_dim)
         for i, layer in enumerate(self.layers):
-            x = layer(x, pos_tables, block_tables, Ragged([st.cache.layer(i) for st, _ in parts], lengths, masks),
-                      None)
-        for (state, _), n in zip(parts, lengths):
-            state.cache.commit(n)
-            state.length += n
-        return ragged_logits(self, x[0], lengths)
+            x = layer(x, pos_tables, block_tables, kv.layer(i, layer.attention.attend))
+        return ragged_logits(self, x[0], [len(ids) for _, _, ids in parts], every)
 
     def full_logits(self, input_ids, attention_mask):
-        padding, sop_index, _, positions, block_positions = self._structure(input_ids, attention_mask)
-        cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
-        visible = self._prefill_visibility(padding, sop_index)
-        return self.logits(self(input_ids, positions, block_positions, cache, visible)).float()
+        """Logits at every position [b, s, V] (fp32) of left-padded prompts, for parity tests."""
+        return score_whole(self, input_ids, attention_mask)

@@ -16,19 +16,15 @@ prefixes (see `checkpoint_key`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from ..model_config import ModelConfig
 from ..triton_support import optional
-from . import kv_cache
-from .base import linears_keep_row_bits, lm_head, ragged_logits
-from .kv_cache import KVCache, KVSegment, Ragged
+from .base import linears_keep_row_bits, lm_head, ragged_logits, score_whole
 
 
 class RMSNorm(nn.Module):
@@ -88,107 +84,22 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(q_size, cfg.hidden_size, bias=False)
         self.split_sizes = (q_size, kv_size, kv_size)
 
-    def forward(self, x, cos, sin, kv, attn_mask):
-        b, s, _ = x.shape
+    def forward(self, x, cos, sin, kv):
+        """x [1, N, D]: the new rows of every part of a forward; kv: this layer's handle on the K/V pool."""
+        b, n, _ = x.shape
         qkv = self.query_key_value(x)
         if qkv.is_cuda and (ops := optional('models.triton_ops')) is not None:
             # Q and K heads are adjacent in each row: rotate them all in place, in one kernel.
             ops.rotary_qk_(qkv, cos, sin, self.num_heads + self.num_kv_heads, self.head_dim)
-            q, k, v = (t.view(b, s, -1, self.head_dim) for t in qkv.split(self.split_sizes, dim=-1))
+            q, k, v = (t.view(n, -1, self.head_dim) for t in qkv[0].split(self.split_sizes, dim=-1))
         else:
             q, k, v = qkv.split(self.split_sizes, dim=-1)
-            q = apply_rotary(q.view(b, s, self.num_heads, self.head_dim), cos, sin)
-            k = apply_rotary(k.view(b, s, self.num_kv_heads, self.head_dim), cos, sin)
-            v = v.view(b, s, self.num_kv_heads, self.head_dim)
-        # The cache keeps the compact G-group K/V (post-RoPE): [b, G, t, d].
-        if isinstance(kv, Ragged):     # rows of several sequences: each attends over its own cache
-            out = kv.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attend)
-        else:
-            k, v = kv.update(k.transpose(1, 2), v.transpose(1, 2))
-            out = attend(q.transpose(1, 2), k, v, attn_mask)           # [b, H, s, d]
-        return self.dense(out.transpose(1, 2).reshape(b, s, -1))
-
-
-def attend(q, k, v, attn_mask):
-    """Softmax attention of q [b, H, s, d] over the G-group k, v [b, G, t, d] -> [b, H, s, d].
-
-    attn_mask: None (no padding: causal when s > 1 and nothing is cached, else all visible), a
-    lower-right `CausalBias` (a chunk after cached positions), a bool [b, 1, s, t] (True = may attend;
-    padding), or a `DecodeWindow` (the static decode step)."""
-    b, heads, s, d = q.shape
-    groups = k.shape[1]
-    if isinstance(attn_mask, DecodeWindow):
-        if q.is_cuda and (ops := optional('models.triton_ops')) is not None:
-            out = ops.decode_attention(q.reshape(b, heads, d), k, v, attn_mask.slot, attn_mask.key_ok)
-            return out.view(b, heads, 1, d)
-        attn_mask = attn_mask.mask()
-    if attn_mask is None or isinstance(attn_mask, CausalBias):   # causal, lower-right
-        if (out := compiled_attention(q, k, v)) is not None:
-            return out
-    if isinstance(attn_mask, CausalBias):
-        if not q.is_cuda:
-            attn_mask = causal_mask(s, k.shape[2] - s, q.device)
-        else:
-            # The fused kernels take a lower-right causal bias but not grouped K/V: expand the groups.
-            k, v = (t.repeat_interleave(heads // groups, dim=1) for t in (k, v))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    if s == 1:
-        # One query per head (decode): the H/G heads of a group read the same K/V, so lay them out as
-        # H/G query rows of G heads. Plain SDPA then needs neither expanded K/V nor `enable_gqa`, which
-        # on CPU in bf16 takes a slow path: 567 against 41 us per call at 160 cached positions, 3.4
-        # against 0.19 ms at 1,000 (16 bf16 sequences' decode step spent 247 of its 926 ms there).
-        out = F.scaled_dot_product_attention(q.view(b, groups, heads // groups, d), k, v, attn_mask=attn_mask)
-        return out.reshape(b, heads, 1, d)
-    if attn_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
-
-
-def causal_mask(s, past, device) -> torch.Tensor:
-    """[s, past + s] bool: query i (after `past` cached positions) may attend keys 0 .. past + i."""
-    q = torch.arange(past, past + s, device=device)[:, None]
-    k = torch.arange(past + s, device=device)[None, :]
-    return k <= q
-
-
-def compiled_attention(q, k, v) -> Optional[torch.Tensor]:
-    """Causal (lower-right) attention of one bf16 sequence on the CPU kernel (quant_kernels.c
-    `attend_bf16`): q [1, H, s, d] with each position's heads side by side, as the QKV projection
-    leaves them; k, v [1, G, t, d] views of the cache. -> [1, H, s, d], or None where the kernel does
-    not apply (another device or dtype, a batch, autograd, a build without AVX512-BF16): then SDPA.
-
-    Prompt chunks run 2.0-4.9x faster than torch's bf16 SDPA on a Zen 4, decode steps 1.3-1.8x
-    (benchmarks/bench_attention.py), and a query's result depends only on the keys it sees: a prompt
-    gets the same bits prefilled whole, in chunks, or after a prefix-cache hit."""
-    b, heads, s, d = q.shape
-    if (q.device.type != 'cpu' or b != 1 or not q.dtype == k.dtype == v.dtype == torch.bfloat16
-            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            or q.stride(-1) != 1 or q.stride(1) != d
-            or any(t.stride(-1) != 1 or t.stride(-2) != d for t in (k, v))):
-        return None
-    from ..quantization.build import load_library
-    lib = load_library()
-    if lib is None or not lib.isa.endswith('-bf16'):
-        return None
-    out = torch.empty(1, s, heads, d, dtype=torch.bfloat16)
-    if not lib.attend_bf16(q.data_ptr(), q.stride(2), s, heads, k.shape[1], d, k.data_ptr(), k.stride(1),
-                           v.data_ptr(), v.stride(1), k.shape[2], out.data_ptr(), d ** -0.5,
-                           torch.get_num_threads()):
-        return None
-    return out.transpose(1, 2)
-
-
-@dataclass
-class DecodeWindow:
-    """One query per sequence over the first `width` cache positions: those at or before `slot` (a
-    1-element device tensor) where key_ok [b, width] is True. All shapes fixed, values on the device."""
-    slot: torch.Tensor
-    key_ok: torch.Tensor
-
-    def mask(self) -> torch.Tensor:
-        """The same as a bool mask [b, 1, 1, width]."""
-        width = self.key_ok.shape[1]
-        return (self.key_ok & (torch.arange(width, device=self.key_ok.device) <= self.slot))[:, None, None, :]
+            q = apply_rotary(q.view(b, n, self.num_heads, self.head_dim), cos, sin)[0]
+            k = apply_rotary(k.view(b, n, self.num_kv_heads, self.head_dim), cos, sin)[0]
+            v = v.view(n, self.num_kv_heads, self.head_dim)
+        # The pool keeps the compact G-group K/V (post-RoPE).
+        out = kv.attend(q, k, v, self.head_dim ** -0.5)          # [N, H, d]
+        return self.dense(out.reshape(b, n, -1))
 
 
 class MLP(nn.Module):
@@ -212,8 +123,8 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv, attn_mask):
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, kv, attn_mask)
+    def forward(self, x, cos, sin, kv):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -263,59 +174,26 @@ class GLM2Model(nn.Module):
         return key
 
     # -- forward -----------------------------------------------------------------------------------
-    def new_cache(self, batch: int, max_tokens: int) -> KVCache:
-        """A KV cache for `max_tokens` positions, holding the P-tuning prefix if there is one."""
-        return kv_cache.allocate(self.cfg, self.cfg.num_kv_heads, batch, max_tokens, self.word_embeddings.weight.dtype,
-                                 self.device, self.prefix_encoder)
+    def forward_ragged(self, parts, kv, every=()) -> torch.Tensor:
+        """New tokens of several sequences in one forward: parts = [(state, past, ids), ...], each part's
+        ids [s] following `past` positions of its sequence; kv: the forward's PagedKV (each part's page
+        table, the new tokens' pages). The linears see every row at once (the weights are read once for
+        all), each layer's attention is one call over every part. -> logits of each part's last token
+        [n, V] (fp32), then those of every position of the parts in `every` (base.ragged_logits)."""
+        lengths = [len(ids) for _, _, ids in parts]
+        ids = torch.cat([torch.as_tensor(ids, dtype=torch.long) for _, _, ids in parts])
+        positions = torch.cat([torch.arange(past, past + n) for (_, past, _), n in zip(parts, lengths)])
+        hidden = self.forward_tokens(ids.to(self.device), positions.to(self.device), kv)
+        return ragged_logits(self, hidden, lengths, every)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-                key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run `input_ids` [b, s] through the blocks, appending their K/V to `cache`.
-
-        position_ids [b, s]: RoPE positions. key_padding [b, t] (bool, True = real token) covers every
-        position the cache will hold after this call, the P-tuning prefix excluded; None = no padding.
-        Returns the final hidden states [b, s, D] (after the final norm).
-        """
-        b, s = input_ids.shape
-        x = self.word_embeddings(input_ids)
-        cos, sin = self.rotary(position_ids)
-        attn_mask = self._attention_mask(b, s, cache.length, key_padding, x.device)
+    def forward_tokens(self, ids: torch.Tensor, positions: torch.Tensor, kv) -> torch.Tensor:
+        """ids, positions [N] (on the model's device) of a forward's new rows -> the last block's output
+        [N, D]. Tensor operations only: with fixed shapes, the step a CUDA graph captures (engine/graphs.py)."""
+        x = self.word_embeddings(ids[None])
+        cos, sin = self.rotary(positions[None])
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.layer(i), attn_mask)
-        cache.commit(s)
-        return self.final_layernorm(x)
-
-    def decode_static(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot: torch.Tensor,
-                      key_ok: torch.Tensor) -> torch.Tensor:
-        """One new token per sequence, written at cache position `slot` (a 1-element long tensor);
-        attends over the first key_ok.shape[1] cache positions, those with key_ok [b, width] True and
-        at or before the slot. -> next logits [b, V] (fp32).
-
-        Every shape is fixed by (batch, width) and every changing value lives in a device tensor, so
-        this is the step that CUDA graphs capture (cuda_graphs.py). It does not commit: the caller
-        advances cache.length."""
-        x = self.word_embeddings(ids[:, None])
-        cos, sin = self.rotary(positions[:, None])
-        window = DecodeWindow(slot, key_ok)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.at_slot(i, slot, key_ok.shape[1]), window)
-        return self.logits(self.final_layernorm(x)[:, -1]).float()
-
-    def _attention_mask(self, b, s, past, key_padding, device) -> Optional[torch.Tensor]:
-        """[b, 1, s, past+s] bool, True = may attend; None when causal order alone decides."""
-        pre = self.cfg.pre_seq_len or 0
-        if key_padding is None or bool(key_padding.all()):
-            if s == 1 or past == pre == 0:
-                return None
-            return causal_lower_right(s, past + s)   # attend() picks the kernel that takes it
-        t = past + s
-        visible = torch.ones(b, t, dtype=torch.bool, device=device)
-        visible[:, pre:] = key_padding.to(device)
-        mask = causal_mask(s, past, device)[None] & visible[:, None, :]
-        # A padding query row would see no key at all (NaN); let it see everything, as the reference
-        # does. Its output is never used.
-        mask |= ~visible[:, past:, None]
-        return mask[:, None]
+            x = layer(x, cos, sin, kv.layer(i))
+        return x[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_head(hidden, self.output_layer.weight)
@@ -325,63 +203,26 @@ class GLM2Model(nn.Module):
         return self.word_embeddings.weight.device
 
     supports_prefix_reuse = True   # causal attention: the K/V of a prefix do not depend on what follows
-    cuda_graphs = True             # decode steps on CUDA replay captured graphs (cuda_graphs.py)
+    cuda_graphs = True             # on CUDA the engine may replay decode steps from graphs (loading.py sets it)
 
-    # -- the engine (engine/runner.py): sequences of their own lengths side by side -------------------
-    def start(self, prompt, max_new_tokens: int) -> 'DecodeState':
-        """The decode state of one sequence with room for the prompt and max_new_tokens; nothing runs yet."""
-        return DecodeState(self.new_cache(1, len(prompt) + max_new_tokens), None,
-                           torch.zeros(1, dtype=torch.long, device=self.device))
+    @property
+    def kv_heads(self) -> int:
+        return self.cfg.num_kv_heads
 
-    def adopt_prefix(self, state: 'DecodeState', segments: List[KVSegment], keep: int):
-        """Start a fresh `state` from K/V other sequences computed: the first `keep` positions that
-        `segments` hold, in order (after the P-tuning prefix, which the state already has)."""
-        state.cache.copy_prefix(segments, self.cfg.pre_seq_len or 0, keep)
-        state.next_position = torch.full((1,), keep, dtype=torch.long, device=self.device)
+    def start(self, prompt):
+        """A sequence's state: nothing beyond its positions, which the engine counts."""
+        return None
+
+    def prefix_kv(self) -> torch.Tensor:
+        """P-tuning v2: the prefix encoder's output as [layers, 2 (k, v), G, pre_seq_len, d] (already-rotated
+        keys and values, which is how the reference feeds it)."""
+        cfg = self.cfg
+        prefix = self.prefix_encoder().view(cfg.pre_seq_len, cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim)
+        return prefix.permute(1, 2, 3, 0, 4)
 
     def rows_keep_their_bits(self, rows: int) -> bool:
         return linears_keep_row_bits(self.layers, rows, self.word_embeddings.weight.dtype)
 
-    def forward_ragged(self, parts, every=()) -> torch.Tensor:
-        """New tokens of several sequences in one forward: parts = [(one sequence's state, ids [s]), ...].
-        The linears see every row at once (the weights are read once for all), attention runs per
-        sequence over its own cache. -> logits of each part's last token [n, V] (fp32), then those of
-        every position of the parts in `every` (base.ragged_logits)."""
-        device = self.device
-        lengths = [len(ids) for _, ids in parts]
-        ids = torch.cat([torch.as_tensor(ids, dtype=torch.long) for _, ids in parts]).to(device)[None]
-        positions = torch.cat([st.next_position + torch.arange(n, device=device)
-                               for (st, _), n in zip(parts, lengths)])[None]
-        masks = [self._attention_mask(1, n, st.cache.length, None, device) for (st, _), n in zip(parts, lengths)]
-        x = self.word_embeddings(ids)
-        cos, sin = self.rotary(positions)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, Ragged([st.cache.layer(i) for st, _ in parts], lengths, masks), None)
-        for (st, _), n in zip(parts, lengths):
-            st.cache.commit(n)
-            st.next_position = st.next_position + n
-        return ragged_logits(self, x[0], lengths, every)
-
     def full_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Logits at every position [b, s, V] (fp32), for scoring and parity tests."""
-        positions, padding = positions_and_padding(input_ids, attention_mask)
-        cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
-        return self.logits(self(input_ids, positions, cache, padding)).float()
-
-
-@dataclass
-class DecodeState:
-    cache: KVCache
-    padding: Optional[torch.Tensor]      # [b, t] bool, True = real token; None = no padding
-    next_position: torch.Tensor          # [b] RoPE position of the next token
-    graphs: Optional[object] = None      # cuda_graphs.GraphedDecoder of this cache, once captured
-
-
-def positions_and_padding(input_ids, attention_mask):
-    """RoPE positions count real tokens only: left padding gets 0, then 0, 1, 2, ... (as the
-    reference tokenizer pads position_ids)."""
-    b, s = input_ids.shape
-    if attention_mask is None or bool(attention_mask.all()):
-        return torch.arange(s, device=input_ids.device).expand(b, s), None
-    mask = attention_mask.to(input_ids.device).bool()
-    return (mask.long().cumsum(-1) - 1).clamp(min=0), mask
+        """Logits at every position [b, s, V] (fp32) of left-padded prompts, for scoring and parity tests."""
+        return score_whole(self, input_ids, attention_mask)

@@ -1,195 +1,119 @@
-"""A key/value cache allocated once and written in place.
+"""Paged K/V: one pool of cache rows for every sequence, and the handle a forward's attention writes and
+reads it through.
 
-The reference grows its cache by concatenation at every step (a copy of the whole cache per token).
-Here K and V are each one buffer [layers, b, heads, capacity, d]; each layer's forward writes its new
-positions into its own slice at `length` and reads the prefix [0, length + s). All layers append
-during one forward, then `commit(s)` advances the shared length. A cache kept across chat turns is cut back with
-`truncate` and grown with `reserve` (in blocks, so a conversation reallocates rarely).
+`KVPool` holds K and V of every layer as [layers, pages, G, d]: a page is one position of one sequence
+(pages of one token, as SGLang's token pool; a sequence's pages need not be adjacent). Which pages a
+sequence owns is the engine's business (engine/kv_pages.py hands out page ids, the prefix cache shares
+them): the pool only holds the numbers. A sequence's page table lists its pages in position order, so a
+prompt prefix that many sequences share is the same pages in each table and is never copied; a sequence
+that grows takes one more page and copies nothing.
 
-An attention layer sees its own slice of the cache through a handle with one method,
-`update(k, v) -> (all K, all V)`: `layer(i)` appends after the committed positions (eager forwards),
-`at_slot(i, slot, width)` writes at a position held in a device tensor and always returns the first
-`width` positions, so the shapes never change and a CUDA graph can replay the step.
+`PagedKV` is one forward's view of the pool: the new tokens' pages (where their K/V go) and each part's
+page table (which keys its queries read). Each attention layer holds its handle, `kv.layer(i)`, and
+calls `attend(q, k, v)`: the new K/V are written to their pages, then one attention call covers every
+part of the forward, prompt chunks and decode tokens alike (models/attention.py).
 
-A `KVSegment` is the K/V of a run of positions outside any cache (the prefix cache's unit, see
-prefix_cache.py); `copy_prefix` starts a sequence's cache from segments others computed.
+P-tuning v2 prefixes are pages too: `KVPool.hold_prefix` writes the learned K/V once into pages that every
+page table starts with.
 """
 from __future__ import annotations
 
-import mmap
 import math
+import mmap
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
-# CPU buffers of this size or more come straight from the OS (see `new_buffer`).
-MAPPED_BYTES = 1 << 20
+from . import attention
 
 
 def new_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """Uninitialised memory for K/V. On the CPU a buffer of MAPPED_BYTES or more is an anonymous mapping
-    of its own, returned to the OS when the tensor is freed. From glibc's allocator it would come from
-    the heap once large blocks have been freed (its mmap threshold rises to their size), and caches of
-    every size freed as requests finish, between the prefix cache's smaller copies that outlive them,
-    fragment that heap: replaying the server's K/V allocations for 3,000 requests with a 2 GiB prefix
-    cache, the process held 3.21-3.88 GiB from malloc against 2.11-2.26 mapped
-    (benchmarks/bench_prefix_cache.py --replay). Private, so a forked process never shares our K/V.
-    (Small buffers stay with malloc: each mapping counts against vm.max_map_count.)"""
+    """Memory for the pool. On the CPU an anonymous private mapping: its pages are only backed once
+    written (the pool is sized for the whole K/V budget, and the page allocator hands out the lowest
+    pages first, so an idle server holds what its busiest moment used), and a forked process never
+    shares our K/V."""
     count = math.prod(shape)
-    nbytes = count * dtype.itemsize
-    if torch.device(device).type != 'cpu' or nbytes < MAPPED_BYTES:
+    if torch.device(device).type != 'cpu' or count == 0:
+        # (unwritten pages are never read: a page table lists only pages written before the attention)
         return torch.empty(shape, dtype=dtype, device=device)
+    nbytes = count * dtype.itemsize
     return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype, count=count).view(shape)
 
 
-class KVCache:
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
-                 dtype: torch.dtype, device):
-        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
-        self._hold(new_buffer(shape, dtype, device), new_buffer(shape, dtype, device))
-        self.length = 0          # positions filled and committed
-        self.dtype = dtype
+class KVPool:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, pages: int, dtype: torch.dtype, device):
+        shape = (num_layers, pages, num_kv_heads, head_dim)
+        self.k, self.v = new_buffer(shape, dtype, device), new_buffer(shape, dtype, device)
+        self.pages, self.dtype, self.device = pages, dtype, torch.device(device)
+        self.bytes_per_page = 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
 
-    def _hold(self, k_all: torch.Tensor, v_all: torch.Tensor):
-        """All layers' K (and V) are one tensor [layers, b, heads, capacity, d]: copying positions between
-        caches is one operation, not one per layer. self.k[layer] is a view of one layer."""
-        self.k_all, self.v_all = k_all, v_all
-        self.k, self.v = list(k_all.unbind(0)), list(v_all.unbind(0))
-        self.capacity = k_all.shape[3]
+    def hold_prefix(self, pages: Sequence[int], kv: torch.Tensor):
+        """Write a P-tuning prefix: kv [layers, 2 (k, v), G, pre_seq_len, d] into `pages`."""
+        index = torch.as_tensor(list(pages), dtype=torch.long, device=self.device)
+        for layer in range(self.k.shape[0]):
+            self.k[layer].index_copy_(0, index, kv[layer, 0].transpose(0, 1).to(self.dtype))
+            self.v[layer].index_copy_(0, index, kv[layer, 1].transpose(0, 1).to(self.dtype))
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [b, heads, s, d] after the committed positions; return this layer's full K, V."""
-        end = self.length + k.shape[2]
-        if end > self.capacity:
-            raise RuntimeError(f'KV cache overflow: {end} positions needed, {self.capacity} allocated')
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def layer(self, layer: int) -> '_Appender':
-        return _Appender(self, layer)
-
-    def at_slot(self, layer: int, slot: torch.Tensor, width: int) -> '_SlotWriter':
-        return _SlotWriter(self.k[layer], self.v[layer], slot, width)
-
-    def commit(self, s: int):
-        self.length += s
-
-    def truncate(self, length: int):
-        """Forget every position from `length` on (the buffers are reused)."""
-        self.length = min(self.length, length)
-
-    def reserve(self, capacity: int, block: int = 1024):
-        """Make room for `capacity` positions, keeping the filled ones."""
-        if capacity <= self.capacity:
-            return
-        capacity = -(-capacity // block) * block
-        grown = []
-        for old in (self.k_all, self.v_all):
-            new = new_buffer((*old.shape[:3], capacity, old.shape[4]), old.dtype, old.device)
-            new[:, :, :, :self.length] = old[:, :, :, :self.length]
-            grown.append(new)
-        self._hold(*grown)
-
-    def copy_prefix(self, segments: 'list[KVSegment]', start: int, length: int):
-        """Fill positions [start, start + length) from `segments` (taken in order, the last one possibly
-        longer than needed) and make them the filled ones: the K/V of a prefix another sequence
-        computed."""
-        end = start + length
-        for segment in segments:
-            n = min(segment.length, end - start)
-            if n <= 0:
-                break
-            self.k_all[:, :, :, start:start + n] = segment.k[:, :, :, :n]
-            self.v_all[:, :, :, start:start + n] = segment.v[:, :, :, :n]
-            start += n
-        if start != end:
-            raise ValueError(f'the segments hold {length - (end - start)} positions, {length} asked for')
-        self.length = end
+    def gather(self, pages: Sequence[int]) -> 'tuple[torch.Tensor, torch.Tensor]':
+        """K, V of `pages`, every layer: [layers, n, G, d] copies (tests and exports; never a forward)."""
+        index = torch.as_tensor(list(pages), dtype=torch.long, device=self.device)
+        return self.k.index_select(1, index), self.v.index_select(1, index)
 
 
-class KVSegment:
-    """The K/V of a run of consecutive positions, every layer: what the prefix cache keeps of a
-    sequence. k and v are [layers, 1, heads, n, d]. `of(cache, start, end)` views a cache's positions
-    (no copy); `clone()` gives them memory of their own."""
+@dataclass
+class PagedKV:
+    """The K/V side of one forward over the pool.
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v
+    Part p has rows[p] .. rows[p + 1] - 1 of the forward's new tokens and reads the first keys[p] pages
+    of its row of `tables` (the P-tuning prefix, the sequence's cached positions, then the new ones; the
+    rest of the row is padding, never read); each query sees its causal share of them, at least
+    min_keys[p] (ChatGLM-6B's bidirectional prompt; None = causal only). write[r] is the page of new
+    token r. `tables` and `keys` live where the pool does (the kernels read them); `rows` on the CPU. A
+    CUDA-graph step keeps all of them in fixed buffers (engine/graphs.py)."""
+    pool: KVPool
+    write: torch.Tensor               # [N] long: new token r's page
+    rows: torch.Tensor                # [P + 1] int32, CPU
+    keys: torch.Tensor                # [P] int32
+    tables: torch.Tensor              # [P, W] int32: row p = part p's page table, padded
+    min_keys: Optional[torch.Tensor] = None   # [P] int32
 
     @classmethod
-    def of(cls, cache: KVCache, start: int, end: int) -> 'KVSegment':
-        return cls(cache.k_all[:, :, :, start:end], cache.v_all[:, :, :, start:end])
+    def build(cls, pool: KVPool, tables: List[torch.Tensor], new: List[int],
+              min_keys: Optional[List[int]] = None) -> 'PagedKV':
+        """tables[p]: part p's whole page table (int32, its last new[p] pages are where its new tokens go)."""
+        rows = torch.zeros(len(tables) + 1, dtype=torch.int32)
+        rows[1:] = torch.tensor(new, dtype=torch.int32).cumsum(0)
+        keys = torch.tensor([len(t) for t in tables], dtype=torch.int32)
+        padded = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True) if tables else torch.zeros(0, 1, dtype=torch.int32)
+        write = torch.cat([t[len(t) - n:] for t, n in zip(tables, new)]).to(dtype=torch.long)
+        device = pool.device
+        return cls(pool, write.to(device), rows, keys.to(device), padded.to(device),
+                   None if min_keys is None else torch.tensor(min_keys, dtype=torch.int32, device=device))
 
     @property
-    def length(self) -> int:
-        return self.k.shape[3]
+    def parts(self) -> int:
+        return self.keys.shape[0]
 
-    def slice(self, start: int, end: int) -> 'KVSegment':
-        return KVSegment(self.k[:, :, :, start:end], self.v[:, :, :, start:end])
+    @property
+    def decode_only(self) -> bool:
+        """Every part is one new token (a decode step)."""
+        return int(self.rows[-1]) == self.parts
 
-    def clone(self) -> 'KVSegment':
-        return KVSegment(*(new_buffer(t.shape, t.dtype, t.device).copy_(t) for t in (self.k, self.v)))
-
-    def nbytes(self) -> int:
-        return (self.k.numel() + self.v.numel()) * self.k.element_size()
-
-
-class _Appender:
-    def __init__(self, cache: KVCache, layer: int):
-        self.cache, self.index = cache, layer
-
-    def update(self, k, v):
-        return self.cache.append(self.index, k, v)
+    def layer(self, index: int, attend_fallback: Optional[Callable] = None) -> '_LayerKV':
+        return _LayerKV(self, index, attend_fallback)
 
 
-class _SlotWriter:
-    """Writes one new position per sequence at `slot` (a 1-element long tensor on the cache's device);
-    returns the first `width` positions. Positions past the slot hold stale or unset values: the
-    attention mask hides them."""
+class _LayerKV:
+    """One layer's handle on the pool for one forward (gpt-fast's KVCache.update, paged)."""
 
-    def __init__(self, k, v, slot, width):
-        self.k, self.v, self.slot, self.width = k, v, slot, width
+    def __init__(self, kv: PagedKV, index: int, attend_fallback):
+        self.kv, self.index, self.attend_fallback = kv, index, attend_fallback
 
-    def update(self, k, v):
-        self.k.index_copy_(2, self.slot, k)
-        self.v.index_copy_(2, self.slot, v)
-        return self.k[:, :, :self.width], self.v[:, :, :self.width]
-
-
-class Ragged:
-    """The new rows of several sequences side by side in one [1, N] batch, each sequence with its own
-    cache handle and attention mask. The linears of a block run on all N rows at once; attention is
-    the one per-sequence step: `attend` splits the rows, appends each sequence's K/V to its cache and
-    attends over that cache alone, so a sequence's result does not depend on its neighbours."""
-
-    def __init__(self, handles, lengths, masks):
-        self.handles, self.lengths, self.masks = handles, lengths, masks
-
-    def attend(self, q, k, v, attend_fn):
-        """q [1, heads, N, d], k/v [1, kv_heads, N, d] -> [1, heads, N, d]"""
-        out, start = [], 0
-        for handle, n, mask in zip(self.handles, self.lengths, self.masks):
-            rows = slice(start, start + n)
-            keys, values = handle.update(k[:, :, rows], v[:, :, rows])
-            out.append(attend_fn(q[:, :, rows], keys, values, mask))
-            start += n
-        return torch.cat(out, dim=2)
-
-
-def prefix_to_kv(prefix: torch.Tensor, num_layers: int, num_heads: int, head_dim: int, batch: int):
-    """P-tuning v2: the prefix encoder's [pre_seq_len, layers * 2 * heads * d] output, laid out as the
-    reference splits it, -> [layers, 2 (k, v), b, heads, pre_seq_len, d]."""
-    prefix = prefix.view(prefix.shape[0], num_layers, 2, num_heads, head_dim)
-    return prefix.permute(1, 2, 3, 0, 4)[:, :, None].expand(-1, -1, batch, -1, -1, -1)
-
-
-def allocate(cfg, num_heads: int, batch: int, max_tokens: int, dtype, device, prefix_encoder=None) -> KVCache:
-    """A cache for `max_tokens` positions per sequence; with P-tuning, its first positions hold the
-    learned prefix (as already-rotated keys and values, which is how the reference feeds it)."""
-    pre = cfg.pre_seq_len or 0
-    cache = KVCache(cfg.num_layers, batch, num_heads, pre + max_tokens, cfg.head_dim, dtype, device)
-    if pre:
-        kv = prefix_to_kv(prefix_encoder(), cfg.num_layers, num_heads, cfg.head_dim, batch).to(dtype)
-        for layer in range(cfg.num_layers):
-            cache.append(layer, kv[layer, 0], kv[layer, 1])
-        cache.commit(pre)
-    return cache
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [N, H, d], k/v [N, G, d] of the forward's new tokens -> [N, H, d]: k and v are written to
+        their pages, then every query attends over its part's keys."""
+        pool = self.kv.pool
+        pool.k[self.index].index_copy_(0, self.kv.write, k.to(pool.dtype))
+        pool.v[self.index].index_copy_(0, self.kv.write, v.to(pool.dtype))
+        return attention.paged(q, pool.k[self.index], pool.v[self.index], self.kv, scale, self.attend_fallback)

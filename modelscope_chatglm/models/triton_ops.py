@@ -7,13 +7,15 @@ between kernels than in them, even replayed from a CUDA graph. Each op here is o
 - `rms_norm`: y = weight * x * rsqrt(mean(x^2) + eps), in fp32, rounded once (as glm2.RMSNorm).
 - `rotary_qk_`: RoPE in place on the Q and K heads of the fused QKV projection's output (their
   heads are adjacent in each row), computed in fp32 (as glm2.apply_rotary).
-- `decode_attention`: one query per head against the cache, split over the keys (flash-decoding):
-  program (sequence, K/V group, split) scores its chunk for all H/G query heads of the group with one
-  `tl.dot`, keeps a running max and sum, and a second kernel merges the splits. The number of keys is
-  read from a device tensor, so the launch shape is fixed by the window (a CUDA graph can replay
-  it) while the work follows the real length: chunks past the last written position do nothing.
+- `paged_decode`: one query per head of each sequence against its pages of the K/V pool, split over
+  the keys (flash-decoding): program (sequence, K/V group, split) scores its chunk for all H/G query
+  heads of the group with one `tl.dot`, keeps a running max and sum, and a second kernel merges the
+  splits. Each key's page comes from the sequence's page table and the number of keys from a device
+  tensor, so the launch shape is fixed by the table's width (a CUDA graph can replay it) while the work
+  follows the real length: chunks past the last key do nothing.
 
-The torch code in glm2.py is the reference each is tested against (tests/test_gpu.py).
+The torch code (glm2.py, models/attention.py `gathered`) is the reference each is tested against
+(tests/test_gpu.py).
 """
 from __future__ import annotations
 
@@ -75,22 +77,20 @@ def rotary_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: i
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, ok_ptr, o_ptr, ml_ptr,
-                         G, QH, D, CHUNK, SPLITS, stride_ok,
-                         stride_kb, stride_kg, stride_kt, sm_scale, IEEE: tl.constexpr,
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, keys_ptr, o_ptr, ml_ptr,
+                         G, QH, D, CHUNK, SPLITS, stride_table, stride_page, sm_scale, IEEE: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
     # IEEE: fp32 models multiply in full fp32, not the tensor cores' tf32
     bg = tl.program_id(0)          # sequence * G + group
     split = tl.program_id(1)
     seq = bg // G
     group = bg % G
-    n_keys = tl.load(slot_ptr) + 1
+    n_keys = tl.load(keys_ptr + seq)
     hs = tl.arange(0, BLOCK_H)
     ds = tl.arange(0, BLOCK_D)
     # The group's H/G query heads, as rows of one tile: q is [b, H, d], group g owns heads g*QH + i.
     q = tl.load(q_ptr + (bg * QH + hs[:, None]) * D + ds[None, :],
                 mask=(hs[:, None] < QH) & (ds[None, :] < D), other=0.)
-    kv_base = seq.to(tl.int64) * stride_kb + group.to(tl.int64) * stride_kg
     m = tl.full((BLOCK_H,), float('-inf'), tl.float32)
     l = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
@@ -99,16 +99,17 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, ok_ptr, o_ptr, ml_ptr,
     for t0 in range(start, end, BLOCK_T):
         ts = t0 + tl.arange(0, BLOCK_T)
         live = ts < end
-        offs = kv_base + ts[:, None].to(tl.int64) * stride_kt + ds[None, :]
+        # Key j of this sequence lives in pool page table[seq, j]: one row [G, d] per page.
+        pages = tl.load(table_ptr + seq.to(tl.int64) * stride_table + ts, mask=live, other=0)
+        offs = pages[:, None].to(tl.int64) * stride_page + group * D + ds[None, :]
         kv_mask = live[:, None] & (ds[None, :] < D)
         k = tl.load(k_ptr + offs, mask=kv_mask, other=0.)
         v = tl.load(v_ptr + offs, mask=kv_mask, other=0.)
-        ok = tl.load(ok_ptr + seq * stride_ok + ts, mask=live, other=0) != 0
         if IEEE:
             scores = tl.dot(q, tl.trans(k), input_precision='ieee') * sm_scale
         else:
             scores = tl.dot(q, tl.trans(k)) * sm_scale
-        scores = tl.where((live & ok)[None, :], scores, float('-inf'))
+        scores = tl.where(live[None, :], scores, float('-inf'))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)   # a row with nothing visible yet
         p = tl.exp(scores - m_safe[:, None])
@@ -143,13 +144,17 @@ def _decode_merge_kernel(o_ptr, ml_ptr, y_ptr, QH, D, SPLITS,
     tl.store(y_ptr + (bg * QH + h) * D + ds, y.to(y_ptr.dtype.element_ty), mask=ds < D)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
-                     key_ok: torch.Tensor) -> torch.Tensor:
-    """q [b, H, d] (one query per head) over k, v [b, G, >= width, d] (strided views of the cache):
-    keys at positions <= slot (1-element device tensor) with key_ok [b, width] True. -> [b, H, d]."""
+def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                 keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence (a decode step) over the paged pool: q [b, H, d]; k_pool, v_pool [pages, G, d]
+    (one layer); sequence i reads pages tables[i, :keys[i]] (int32, on the device). -> [b, H, d].
+
+    Split-K: each (sequence, group) program covers one chunk of the table's width, and a second kernel
+    merges the chunks' partial softmax sums, so a long context keeps every SM busy. Every size the grid
+    depends on comes from the tables' shape, never from their values: a CUDA graph replays it as is."""
     b, heads, d = q.shape
-    groups, width = k.shape[1], key_ok.shape[1]
-    assert k.stride() == v.stride() and k.stride(3) == 1, 'k and v must be views of one cache layout' 
+    groups, width = k_pool.shape[1], tables.shape[1]
+    assert k_pool.is_contiguous() and v_pool.is_contiguous() and tables.stride(1) == 1
     qh = heads // groups
     chunk = max(64, triton.next_power_of_2(width) // 64)   # at most 64 splits
     splits = triton.cdiv(width, chunk)
@@ -158,8 +163,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: to
     partial = torch.empty(b * groups * splits * block_h, block_d, dtype=torch.float32, device=q.device)
     ml = torch.empty(b * groups * splits * block_h, 2, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(b * groups, splits)](
-        q, k, v, slot, key_ok, partial, ml, groups, qh, d, chunk, splits, key_ok.stride(0),
-        k.stride(0), k.stride(1), k.stride(2), 1.0 / d ** 0.5, q.dtype == torch.float32,
+        q, k_pool, v_pool, tables, keys, partial, ml, groups, qh, d, chunk, splits, tables.stride(0),
+        k_pool.stride(0), scale, q.dtype == torch.float32,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_T=64, num_warps=4)
     out = torch.empty(b, heads, d, dtype=q.dtype, device=q.device)
     _decode_merge_kernel[(b * groups, qh)](partial, ml, out, qh, d, splits, BLOCK_H=block_h, BLOCK_D=block_d,

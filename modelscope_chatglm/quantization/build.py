@@ -257,10 +257,12 @@ def _declare(lib):
         getattr(lib, name + '_ref').argtypes = [p, i, i, p, p, p, i]
         getattr(lib, name + '_ref').restype = None
     lg, f = ctypes.c_long, ctypes.c_float
-    lib.attend_bf16.argtypes = [p, lg, i, i, i, i, p, lg, p, lg, i, p, f, i]
-    lib.attend_bf16.restype = ctypes.c_int
-    lib.attend_bf16_ref.argtypes = [p, lg, i, i, i, i, p, lg, p, lg, i, p, f]
-    lib.attend_bf16_ref.restype = ctypes.c_int
+    paged = [p, lg, i, p, p, p, p, p, p, p, lg, i, i, i, f, p]   # see quant_kernels.c, "attention over paged K/V"
+    for name in ('attend_f32', 'attend_bf16'):
+        getattr(lib, name).argtypes = paged + [i]
+        getattr(lib, name).restype = ctypes.c_int
+        getattr(lib, name + '_ref').argtypes = paged
+        getattr(lib, name + '_ref').restype = ctypes.c_int
     lib.kernel_isa.restype = ctypes.c_char_p
     lib.kernel_openmp.restype = ctypes.c_int
     lib.isa = lib.kernel_isa().decode()   # the SIMD branch compiled in: 'avx512-vnni-bf16', ..., 'scalar'

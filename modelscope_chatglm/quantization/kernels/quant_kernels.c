@@ -30,8 +30,8 @@
  * int8 too and the dot products are exact integer sums (AVX512-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, or
  * the scalar code); they take every row of x, prompt or decode.
  *
- * `attend_bf16` is a bf16 model's causal attention of one sequence over its KV cache (prompt chunks and
- * decode steps; models/glm2.py `compiled_attention`), on AVX512-BF16 builds only (see the last section).
+ * `attend_f32` and `attend_bf16` are the attention of every new row of a forward (prompt chunks and decode
+ * tokens of many sequences) over their keys in the paged K/V pool, one call per layer (the last section).
  */
 #include <math.h>     /* NAN, fmaf */
 #include <pthread.h>  /* pthread_atfork */
@@ -143,8 +143,7 @@ static void parallel_run(int items, int nthreads, range_fn fn, void *ctx, int br
 
 static void parallel_for(int items, int nthreads, range_fn fn, void *ctx) { parallel_run(items, nthreads, fn, ctx, 0); }
 
-#ifdef X8_VNNI   /* (the AVX512-VNNI builds' kernels are its users) */
-/* Each thread's scratch buffer (weights widened or rearranged for a work item), kept between calls: a
+/* Each thread's scratch buffer (weights widened or rearranged for a work item, attention's scores), kept between calls: a
  * fresh malloc of a few hundred KB is an mmap whose pages fault in again on every call. Freed when its
  * thread exits. One user at a time per thread: a work item takes it and gives it back. */
 typedef struct {
@@ -176,7 +175,6 @@ static void *thread_scratch(size_t bytes) {
     }
     return s->data;
 }
-#endif
 
 /* ---- int4 nibbles ---------------------------------------------------------------------------- */
 
@@ -1329,134 +1327,400 @@ void q4_dequant_rows_bf16(const int8_t *W, const float *scale, int n0, int n1, i
     dequant(W, scale, n0, n1, K, 4, 1, out, nthreads);
 }
 
-/* ---- causal attention in bf16: prompt chunks and decode steps ---------------------------------- */
+/* ---- attention over paged K/V: every new row of a forward in one call ---------------------------- */
 /*
- * One sequence's attention over its KV cache, with multi-query groups (ChatGLM2/3: 32 query heads read
- * 2 K/V groups; head h reads group g = h / (H / G)):
+ * The attention of a forward's new rows (prompt chunks and decode tokens of many sequences) over their
+ * sequences' keys, one call per layer. Multi-query groups: query head h reads K/V group g = h / (H / G).
  *
- *   s[i, h, j] = scale * (q[i, h] . K[g, j])                 for the keys j <= t - s + i
- *   p[i, h, j] = bf16(exp(s[i, h, j] - max_j s[i, h, j]))
- *   out[i, h]  = bf16(sum_j p[i, h, j] V[g, j] / sum_j p[i, h, j])
+ * K and V live in a pool that every sequence shares: pool row `slot` holds one position's K (or V) for
+ * all groups, [G][d], rows ld_slot elements apart. A sequence's keys need not be adjacent: part p's keys
+ * are the pool rows slots[key_start[p] + j], j < keys[p], in position order (its page table, one position
+ * per page, so a prefix that several sequences share is the same slots in each table). Part p's new
+ * queries are rows rows[p] .. rows[p + 1] - 1 of q ([row][H][d], rows ldq apart; rows[0] = 0); its last
+ * query is the sequence's last position. Query i of a part of s rows sees its first
  *
- * The s queries of a chunk follow t - s cached positions (causal, lower-right; a decode step is s = 1).
- * q [s][H][d] (positions ldq apart, heads d apart), K and V [G][t][d] (groups ldk / ldv apart, rows d
- * apart), out [s][H][d]. Scores are fp32 sums of exact bf16 products; p is rounded to bf16 before it
- * multiplies V, as in torch's CPU flash attention, and the denominator sums the rounded p.
+ *   n = max(keys - (s - 1 - i), min_keys)    keys (never more than keys)
  *
- * Why our own: torch's bf16 SDPA on CPU took 12-15 ms per layer for a 40-token chunk over 2,040 cached
- * positions (a returning conversation), a fifth of what `vdpbf16ps` can do. Here one work item is one
- * query position and one group: its H/G heads' scores over the visible keys are a small GEMM of bf16
- * pairs (ATT_HEADS heads x ATT_BLOCKS blocks of 16 keys per pass, K packed so that one vector holds one
- * pair of dims of 16 keys), then the softmax row by row, then P V (ATT_PV_HEADS heads x 128 dims per
- * pass, V packed so that one vector holds 16 dims of a pair of keys).
+ * (causal order; min_keys[p] lets ChatGLM-6B's prompt see itself both ways, NULL = none), and
  *
- * A query's result depends only on its q, the keys it sees and how many they are, not on the chunk
- * around it: a prompt prefilled whole, in chunks or after a prefix-cache hit gets the same bits, alone
- * or batched. Builds without AVX512-BF16 run the scalar reference (the model uses torch's SDPA there).
+ *   S[h, j]  = scale * (q[h] . K[g, j])                                       j < n
+ *   out[h]   = sum_j exp(S[h, j] - max S) V[g, j] / sum_j exp(S[h, j] - max S)
+ *
+ * In bf16 p = bf16(exp(...)) multiplies V and makes the denominator, as in torch's CPU flash attention.
+ * out is [row][H][d] (rows H * d apart).
+ *
+ * One work item is one query row and one group, computed by one thread in an order that depends only on
+ * its q, its n keys and their values: a query gets the same bits whatever chunk, batch or number of
+ * threads it is computed in. (torch's fp32 SDPA blocks its sums by the chunk's shape: a prompt split
+ * into other chunks got other bits, and greedy replies depended on where the scheduler split it.)
+ *
+ * `attend_f32_ref` / `attend_bf16_ref` are the definition, one loop per formula; the tests compare
+ * every instruction-set build with them.
  */
-int attend_bf16_ref(const uint16_t *q, long ldq, int s, int H, int G, int d, const uint16_t *k, long ldk,
-                    const uint16_t *v, long ldv, int t, uint16_t *out, float scale) {
-    const int per_group = H / G;
-    float *score = (float *)malloc(sizeof(float) * t), *o = (float *)malloc(sizeof(float) * d);
+
+typedef struct {
+    const void *q;
+    long ldq;
+    int nparts;
+    const int *rows, *keys, *min_keys;
+    const int32_t *slots;
+    const long *key_start;
+    const void *k, *v;
+    long ld_slot;
+    int H, G, d;
+    float scale;
+    void *out;
+    _Atomic int failed;   /* a thread found no memory for its scratch: nothing it skipped may be used */
+    int bf16;             /* q, K, V and out are bf16 (the vector kernel below widens them) */
+} paged_job;
+
+/* The part that query row r belongs to (rows[] ascends). */
+static int part_of(const paged_job *job, int r) {
+    int lo = 0, hi = job->nparts - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (job->rows[mid] <= r) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+static int visible_keys(const paged_job *job, int p, int r) {
+    const int s = job->rows[p + 1] - job->rows[p], keys = job->keys[p];
+    const int n = keys - (s - 1 - (r - job->rows[p]));
+    if (job->min_keys && n < job->min_keys[p]) return job->min_keys[p] < keys ? job->min_keys[p] : keys;
+    return n;
+}
+
+/* A call's shapes: parts of 1 <= rows <= keys, rows[0] = 0, heads a multiple of the groups. */
+static int paged_shapes_ok(const paged_job *job) {
+    if (job->nparts < 0 || job->G < 1 || job->H % job->G || job->d < 1 || (job->nparts && job->rows[0] != 0)) return 0;
+    for (int p = 0; p < job->nparts; p++) {
+        const int s = job->rows[p + 1] - job->rows[p];
+        if (s < 1 || job->keys[p] < s) return 0;
+    }
+    return 1;
+}
+
+static inline size_t key_offset(const paged_job *job, int p, int j, int g) {
+    return (size_t)job->slots[job->key_start[p] + j] * job->ld_slot + (size_t)g * job->d;
+}
+
+static inline float element(const void *base, size_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+static int attend_paged_ref(paged_job *job, int bf16) {
+    if (!paged_shapes_ok(job)) return 0;
+    const int H = job->H, d = job->d, per_group = H / job->G;
+    int most = 1;
+    for (int p = 0; p < job->nparts; p++) most = job->keys[p] > most ? job->keys[p] : most;
+    float *score = (float *)malloc(sizeof(float) * most), *o = (float *)malloc(sizeof(float) * d);
     if (!score || !o) {   /* -> 0: not computed (out of memory) */
         free(score);
         free(o);
         return 0;
     }
-    for (int i = 0; i < s; i++)
-        for (int h = 0; h < H; h++) {
-            const uint16_t *qh = q + (size_t)i * ldq + (size_t)h * d;
-            const uint16_t *kg = k + (size_t)(h / per_group) * ldk, *vg = v + (size_t)(h / per_group) * ldv;
-            const int n = t - s + i + 1;
-            float max = -INFINITY, sum = 0.0f;
-            for (int j = 0; j < n; j++) {
-                float acc = 0.0f;
-                for (int c = 0; c < d; c++) acc += bf16_to_f32(qh[c]) * bf16_to_f32(kg[(size_t)j * d + c]);
-                score[j] = acc * scale;
-                max = score[j] > max ? score[j] : max;
+    for (int p = 0; p < job->nparts; p++)
+        for (int r = job->rows[p]; r < job->rows[p + 1]; r++) {
+            const int n = visible_keys(job, p, r);
+            for (int h = 0; h < H; h++) {
+                const int g = h / per_group;
+                const size_t qh = (size_t)r * job->ldq + (size_t)h * d;
+                float max = -INFINITY, sum = 0.0f;
+                for (int j = 0; j < n; j++) {
+                    const size_t kj = key_offset(job, p, j, g);
+                    float acc = 0.0f;
+                    for (int c = 0; c < d; c++) acc += element(job->q, qh + c, bf16) * element(job->k, kj + c, bf16);
+                    score[j] = acc * job->scale;
+                    max = score[j] > max ? score[j] : max;
+                }
+                for (int c = 0; c < d; c++) o[c] = 0.0f;
+                for (int j = 0; j < n; j++) {
+                    const size_t vj = key_offset(job, p, j, g);
+                    const float e = bf16 ? bf16_to_f32(to_bf16(expf(score[j] - max))) : expf(score[j] - max);
+                    sum += e;
+                    for (int c = 0; c < d; c++) o[c] += e * element(job->v, vj + c, bf16);
+                }
+                const size_t out = ((size_t)r * H + h) * d;
+                for (int c = 0; c < d; c++) {
+                    if (bf16) ((uint16_t *)job->out)[out + c] = to_bf16(o[c] / sum);
+                    else ((float *)job->out)[out + c] = o[c] / sum;
+                }
             }
-            for (int c = 0; c < d; c++) o[c] = 0.0f;
-            for (int j = 0; j < n; j++) {
-                const float p = bf16_to_f32(to_bf16(expf(score[j] - max)));
-                sum += p;
-                for (int c = 0; c < d; c++) o[c] += p * bf16_to_f32(vg[(size_t)j * d + c]);
-            }
-            for (int c = 0; c < d; c++) out[((size_t)i * H + h) * d + c] = to_bf16(o[c] / sum);
         }
     free(score);
     free(o);
     return 1;
 }
 
+#define PAGED_ARGS const void *q, long ldq, int nparts, const int *rows, const int *keys, const int *min_keys, \
+    const int32_t *slots, const long *key_start, const void *k, const void *v, long ld_slot, int H, int G, int d, \
+    float scale, void *out
+#define PAGED_JOB {q, ldq, nparts, rows, keys, min_keys, slots, key_start, k, v, ld_slot, H, G, d, scale, out, 0, 0}
+
+int attend_f32_ref(PAGED_ARGS) {
+    paged_job job = PAGED_JOB;
+    return attend_paged_ref(&job, 0);
+}
+
+int attend_bf16_ref(PAGED_ARGS) {
+    paged_job job = PAGED_JOB;
+    return attend_paged_ref(&job, 1);
+}
+
+/* -- on the vector type of this build (vf: 16, 8 or 1 lanes) ---------------------------------------- */
+/* fp32, and bf16 on builds without bf16 dot products (widened to fp32 as they are read; p and the output
+ * rounded to bf16 as the definition says). */
+#if VW == 16
+static inline vf vset1(float x) { return _mm512_set1_ps(x); }
+static inline void vstore(float *p, vf x) { _mm512_storeu_ps(p, x); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline float vhmax(vf x) { return _mm512_reduce_max_ps(x); }
+#elif VW == 8
+static inline vf vset1(float x) { return _mm256_set1_ps(x); }
+static inline void vstore(float *p, vf x) { _mm256_storeu_ps(p, x); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline float vhmax(vf x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+#else
+static inline vf vset1(float x) { return x; }
+static inline void vstore(float *p, vf x) { *p = x; }
+static inline vf vmul(vf a, vf b) { return a * b; }
+static inline vf vadd(vf a, vf b) { return a + b; }
+static inline vf vsub(vf a, vf b) { return a - b; }
+static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+static inline float vhmax(vf x) { return x; }
+#endif
+
+/* exp(x) for the softmax (x <= 0): 2^(x log2 e) = 2^n 2^f, n an integer and |f| <= 1/2, 2^f by a degree-6
+ * polynomial (relative error ~2e-7). NaN stays NaN (max returns its second operand when one is NaN). */
+static inline vf vexp(vf x) {
+#if VW == 1
+    return expf(x);
+#else
+    const vf t = vmul(vmax(vset1(-87.0f), x), vset1(1.44269504088896341f));
+#if VW == 16
+    const vf n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const vf f = _mm512_sub_ps(t, n);
+#else
+    const vf n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const vf f = _mm256_sub_ps(t, n);
+#endif
+    vf p = vset1(1.535336188319500e-4f);
+    p = vfma(p, f, vset1(1.339887440266574e-3f));
+    p = vfma(p, f, vset1(9.618437357674640e-3f));
+    p = vfma(p, f, vset1(5.550332471162809e-2f));
+    p = vfma(p, f, vset1(2.402264791363012e-1f));
+    p = vfma(p, f, vset1(6.931472028550421e-1f));
+    p = vfma(p, f, vset1(1.0f));
+#if VW == 16
+    return _mm512_scalef_ps(p, n);
+#else   /* times 2^n, built in the exponent bits (n >= -126 after the clamp) */
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+#endif
+#endif
+}
+
+#define F32_SCORE_HEADS 4                   /* heads per pass of the scores: each packed key vector feeds 4 */
+#define F32_PV_HEADS 2                      /* heads per pass of P V ... */
+#define F32_PV_VECTORS (VW == 8 ? 4 : 8)    /* ... times this many vectors of dims: 8 (16) accumulators */
+
+/* Scores of `heads` heads (q rows d apart) against VW keys packed dim-major in kb ([d][VW]), into S. */
+static inline __attribute__((always_inline)) void f32_score_pass(const float *q, int d, int heads, const float *kb,
+                                                                 float scale, float *S, size_t ldS) {
+    vf acc[F32_SCORE_HEADS];
+    for (int h = 0; h < heads; h++) acc[h] = vzero();
+    for (int c = 0; c < d; c++) {
+        const vf key = vload(kb + (size_t)c * VW);
+        for (int h = 0; h < heads; h++) acc[h] = vfma(vset1(q[(size_t)h * d + c]), key, acc[h]);
+    }
+    for (int h = 0; h < heads; h++) vstore(S + h * ldS, vmul(acc[h], vset1(scale)));
+}
+
+/* One row of scores over n keys (ld >= n, a multiple of VW) -> p in place (zeros from n to ld); -> 1 / sum p. */
+static float f32_softmax_row(float *S, int n, size_t ld, int bf16) {
+    for (size_t j = n; j < ld; j++) S[j] = -INFINITY;
+    vf mx = vset1(-INFINITY), sum = vzero();
+    for (size_t j = 0; j < ld; j += VW) mx = vmax(mx, vload(S + j));
+    const vf m = vset1(vhmax(mx));
+    for (size_t j = 0; j < ld; j += VW) vstore(S + j, vexp(vsub(vload(S + j), m)));
+    for (size_t j = n; j < ld; j++) S[j] = 0.0f;
+    if (bf16)
+        for (int j = 0; j < n; j++) S[j] = bf16_to_f32(to_bf16(S[j]));
+    for (size_t j = 0; j < ld; j += VW) sum = vadd(sum, vload(S + j));
+    return 1.0f / vhsum(sum);
+}
+
+/* out (heads rows d apart) = inv * sum_j p[., j] V[j] for the dims [c0, c0 + VW * vectors), p rows ldS apart. */
+static inline __attribute__((always_inline)) void f32_pv_pass(const paged_job *job, int p, int g, int n, const float *P,
+                                                              size_t ldS, int heads, int c0, int vectors,
+                                                              const float *inv, float *out, int bf16) {
+    vf acc[F32_PV_HEADS][F32_PV_VECTORS];
+    for (int h = 0; h < heads; h++)
+        for (int c = 0; c < vectors; c++) acc[h][c] = vzero();
+    for (int j = 0; j < n; j++) {
+        const size_t at = key_offset(job, p, j, g) + c0;
+        const float *row = (const float *)job->v + at;
+        const uint16_t *row16 = (const uint16_t *)job->v + at;
+        for (int h = 0; h < heads; h++) {
+            const vf pj = vset1(P[h * ldS + j]);
+            for (int c = 0; c < vectors; c++)
+                acc[h][c] = vfma(pj, bf16 ? load_bf16(row16 + c * VW) : vload(row + c * VW), acc[h][c]);
+        }
+    }
+    for (int h = 0; h < heads; h++)
+        for (int c = 0; c < vectors; c++) vstore(out + (size_t)h * job->d + c0 + c * VW, vmul(acc[h][c], vset1(inv[h])));
+}
+
+/* Work items: query row r and group g (item = r * G + g). */
+static void attend_f32_items(void *arg, int item0, int item1) {
+    paged_job *job = (paged_job *)arg;
+    const int d = job->d, G = job->G, per_group = job->H / G, bf16 = job->bf16;
+    for (int item = item0; item < item1; item++) {
+        const int r = item / G, g = item % G, p = part_of(job, r), n = visible_keys(job, p, r);
+        const size_t ldS = ((size_t)n + VW - 1) / VW * VW;
+        /* scores [per_group][ldS], packed keys [d][VW], q widened [per_group][d], out [per_group][d], 1/sums */
+        float *S = (float *)thread_scratch(sizeof(float) * (ldS * per_group + (size_t)d * VW + 2 * (size_t)per_group * d
+                                                            + per_group));
+        if (!S) {
+            atomic_store(&job->failed, 1);
+            return;
+        }
+        float *kb = S + ldS * per_group, *q = kb + (size_t)d * VW, *o = q + (size_t)per_group * d;
+        float *inv = o + (size_t)per_group * d;
+        const size_t q0 = (size_t)r * job->ldq + (size_t)g * per_group * d;
+        for (size_t c = 0; c < (size_t)per_group * d; c++) q[c] = element(job->q, q0 + c, bf16);
+        for (int j0 = 0; j0 < n; j0 += VW) {   /* VW keys at a time, packed dim-major: one vector per dim */
+            for (int l = 0; l < VW; l++) {
+                const int live = j0 + l < n;
+                const size_t at = live ? key_offset(job, p, j0 + l, g) : 0;
+                for (int c = 0; c < d; c++) kb[(size_t)c * VW + l] = live ? element(job->k, at + c, bf16) : 0.0f;
+            }
+            for (int h = 0; h < per_group; h += F32_SCORE_HEADS) {
+                const int heads = per_group - h < F32_SCORE_HEADS ? per_group - h : F32_SCORE_HEADS;
+                if (heads == F32_SCORE_HEADS)
+                    f32_score_pass(q + (size_t)h * d, d, F32_SCORE_HEADS, kb, job->scale, S + h * ldS + j0, ldS);
+                else
+                    f32_score_pass(q + (size_t)h * d, d, heads, kb, job->scale, S + h * ldS + j0, ldS);
+            }
+        }
+        for (int h = 0; h < per_group; h++) inv[h] = f32_softmax_row(S + h * ldS, n, ldS, bf16);
+        const int full = d / VW;   /* whole vectors of dims; the rest (d % VW) one dim at a time */
+        for (int h = 0; h < per_group; h += F32_PV_HEADS) {
+            const int heads = per_group - h < F32_PV_HEADS ? per_group - h : F32_PV_HEADS;
+            for (int c = 0; c < full; c += F32_PV_VECTORS) {
+                const int vectors = full - c < F32_PV_VECTORS ? full - c : F32_PV_VECTORS;
+                float *oh = o + (size_t)h * d;
+                if (heads == F32_PV_HEADS && vectors == F32_PV_VECTORS)
+                    f32_pv_pass(job, p, g, n, S + h * ldS, ldS, F32_PV_HEADS, c * VW, F32_PV_VECTORS, inv + h, oh, bf16);
+                else
+                    f32_pv_pass(job, p, g, n, S + h * ldS, ldS, heads, c * VW, vectors, inv + h, oh, bf16);
+            }
+            for (int c = full * VW; c < d; c++)
+                for (int hh = h; hh < h + heads; hh++) {
+                    float acc = 0.0f;
+                    for (int j = 0; j < n; j++) acc = fmaf(S[hh * ldS + j], element(job->v, key_offset(job, p, j, g) + c, bf16), acc);
+                    o[(size_t)hh * d + c] = acc * inv[hh];
+                }
+        }
+        const size_t out = ((size_t)r * job->H + (size_t)g * per_group) * d;
+        if (bf16)
+            for (size_t c = 0; c < (size_t)per_group * d; c++) ((uint16_t *)job->out)[out + c] = to_bf16(o[c]);
+        else
+            memcpy((float *)job->out + out, o, sizeof(float) * per_group * d);
+    }
+}
+
+/* The vector kernel over a checked job (fp32, or bf16 widened). */
+static int attend_vector(paged_job *job, int nthreads) {
+    if (!paged_shapes_ok(job)) return 0;
+    if (job->nparts) parallel_run(job->rows[job->nparts] * job->G, nthreads, attend_f32_items, job, 1);
+    return !atomic_load(&job->failed);
+}
+
+/* -> 1 when computed; 0 when the shapes are wrong (see paged_shapes_ok) or memory ran out. */
+int attend_f32(PAGED_ARGS, int nthreads) {
+    paged_job job = PAGED_JOB;
+    return attend_vector(&job, nthreads);
+}
+
+/* -- bf16 with bf16 dot products (AVX512-BF16) ----------------------------------------------------- */
 #ifdef XBF16_DP
+/*
+ * The same items, with bf16 pair products (`vdpbf16ps`): the scores of a query's H/G heads are a small GEMM
+ * (ATT_HEADS heads x ATT_BLOCKS blocks of 16 keys per pass, K packed so that one vector holds one pair of
+ * dims of 16 keys), then the softmax row by row, then P V (ATT_PV_HEADS heads x 128 dims per pass, V packed
+ * so that one vector holds 16 dims of a pair of keys). K and V are packed from the pool once per part and
+ * group, for all of its queries. (torch's bf16 SDPA took 12-15 ms per layer for a 40-token chunk over 2,040
+ * cached positions, a fifth of what `vdpbf16ps` does.)
+ */
 #define ATT_HEADS 4      /* heads per pass of the scores: 4 x 4 accumulators, each K vector feeds 4 */
 #define ATT_BLOCKS 4     /* blocks of 16 keys per pass */
 #define ATT_PV_HEADS 2   /* heads per pass of P V: 2 x 8 accumulators (128 dims) */
 
 typedef struct {
-    const uint16_t *q, *k, *v;
-    long ldq, ldk, ldv;
-    int s, H, G, d, t;
-    int blocks;          /* ceil(t / 16) */
+    const paged_job *job;
+    int p;               /* the part being computed */
+    int blocks;          /* ceil(keys / 16) */
     uint32_t *kp;        /* K packed: [G][blocks][d/2][16] bf16 pairs (dims 2c, 2c+1 of 16 keys) */
     uint32_t *vp;        /* V packed: [G][blocks * 8][d] bf16 pairs (keys 2j, 2j+1 of one dim) */
-    uint16_t *out;
-    float scale;
-    _Atomic int failed;  /* a thread found no memory for its scratch: nothing it skipped may be used */
-} attention_job;
+} bf16_part;
 
-/* exp(x) for the softmax (x <= 0): 2^(x log2 e) = 2^n 2^f with n an integer and |f| <= 1/2, 2^f by a
- * degree-6 polynomial (relative error ~2e-7, far below the bf16 rounding of p that follows). */
-static inline __m512 exp_ps(__m512 x) {
-    /* (max returns its second operand when one is NaN: a NaN score stays NaN, never exp(-87).) */
-    const __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-87.0f), x), _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
+/* exp(x) on 16 lanes, as vexp above (kept apart: a build with AVX512-BF16 has VW 16 anyway). */
+static inline __m512 exp_ps(__m512 x) { return vexp(x); }
 
-/* Block b of 16 keys of group g, K and V, into their packed layouts; keys past t become zeros. With d a
- * multiple of 32 in vectors: K by 16 x 16 transposes of dim pairs (transpose16, above), V by interleaving
- * two keys' rows. (Scalar loops took 60% of a decode step's attention.) */
+/* Block b of 16 keys of group g, K and V, into their packed layouts; keys past the part's keys become
+ * zeros. With d a multiple of 32 in vectors: K by 16 x 16 transposes of dim pairs (transpose16, above), V by
+ * interleaving two keys' rows. (Scalar loops took 60% of a decode step's attention.) */
 static void pack_kv(void *arg, int item0, int item1) {
-    const attention_job *job = (const attention_job *)arg;
-    const int d = job->d, half = d / 2;
+    const bf16_part *part = (const bf16_part *)arg;
+    const paged_job *job = part->job;
+    const int d = job->d, half = d / 2, t = job->keys[part->p];
     const __m512i lo = _mm512_setr_epi32(0x200000, 0x210001, 0x220002, 0x230003, 0x240004, 0x250005, 0x260006,
                                          0x270007, 0x280008, 0x290009, 0x2A000A, 0x2B000B, 0x2C000C, 0x2D000D,
                                          0x2E000E, 0x2F000F);   /* 16-bit indices 0, 32, 1, 33, ... 15, 47 */
     const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
     for (int item = item0; item < item1; item++) {
-        const int g = item / job->blocks, b = item % job->blocks, keys = job->t - b * 16 < 16 ? job->t - b * 16 : 16;
-        const uint32_t *kg = (const uint32_t *)(job->k + (size_t)g * job->ldk) + (size_t)b * 16 * half;
-        const uint16_t *vg = job->v + (size_t)g * job->ldv + (size_t)b * 16 * d;
-        uint32_t *kp = job->kp + ((size_t)g * job->blocks + b) * half * 16;
-        uint16_t *vp = (uint16_t *)(job->vp + ((size_t)g * job->blocks + b) * 8 * d);
+        const int g = item / part->blocks, b = item % part->blocks, keys = t - b * 16 < 16 ? t - b * 16 : 16;
+        const uint16_t *krow[16], *vrow[16];
+        for (int l = 0; l < keys; l++) {
+            const size_t at = key_offset(job, part->p, b * 16 + l, g);
+            krow[l] = (const uint16_t *)job->k + at;
+            vrow[l] = (const uint16_t *)job->v + at;
+        }
+        uint32_t *kp = part->kp + ((size_t)g * part->blocks + b) * half * 16;
+        uint16_t *vp = (uint16_t *)(part->vp + ((size_t)g * part->blocks + b) * 8 * d);
         if (d % 32) {
             for (int l = 0; l < 16; l++) {
                 uint16_t *vl = vp + (size_t)(l / 2) * d * 2 + l % 2;
-                for (int j = 0; j < half; j++) kp[j * 16 + l] = l < keys ? kg[(size_t)l * half + j] : 0;
-                for (int c = 0; c < d; c++) vl[2 * c] = l < keys ? vg[(size_t)l * d + c] : 0;
+                for (int j = 0; j < half; j++) kp[j * 16 + l] = l < keys ? ((const uint32_t *)krow[l])[j] : 0;
+                for (int c = 0; c < d; c++) vl[2 * c] = l < keys ? vrow[l][c] : 0;
             }
             continue;
         }
         for (int j = 0; j < half; j += 16) {
             __m512i r[16];
-            for (int l = 0; l < 16; l++) r[l] = l < keys ? _mm512_loadu_si512(kg + (size_t)l * half + j) : _mm512_setzero_si512();
+            for (int l = 0; l < 16; l++)
+                r[l] = l < keys ? _mm512_loadu_si512((const uint32_t *)krow[l] + j) : _mm512_setzero_si512();
             transpose16(r);
             for (int i = 0; i < 16; i++) _mm512_storeu_si512(kp + (size_t)(j + i) * 16, r[i]);
         }
         for (int pair = 0; pair < 8; pair++)
             for (int c = 0; c < d; c += 32) {
                 const int k0 = 2 * pair, k1 = k0 + 1;
-                const __m512i x = k0 < keys ? _mm512_loadu_si512(vg + (size_t)k0 * d + c) : _mm512_setzero_si512();
-                const __m512i y = k1 < keys ? _mm512_loadu_si512(vg + (size_t)k1 * d + c) : _mm512_setzero_si512();
+                const __m512i x = k0 < keys ? _mm512_loadu_si512(vrow[k0] + c) : _mm512_setzero_si512();
+                const __m512i y = k1 < keys ? _mm512_loadu_si512(vrow[k1] + c) : _mm512_setzero_si512();
                 uint16_t *out = vp + ((size_t)pair * d + c) * 2;
                 _mm512_storeu_si512(out, _mm512_permutex2var_epi16(x, lo, y));
                 _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(x, hi, y));
@@ -1523,24 +1787,25 @@ static inline __attribute__((always_inline)) void pv_pass(const uint32_t *p, siz
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r]))));
 }
 
-/* Work items: query position i and group g (item = i * G + g). */
+/* Work items of a part: its query i and group g (item = i * G + g). */
 static void attend_positions(void *arg, int item0, int item1) {
-    const attention_job *job = (const attention_job *)arg;
-    const int d = job->d, half = d / 2, per_group = job->H / job->G;
-    const size_t ldS = (size_t)job->blocks * 16;
+    const bf16_part *part = (const bf16_part *)arg;
+    paged_job *job = (paged_job *)part->job;
+    const int d = job->d, half = d / 2, per_group = job->H / job->G, r0 = job->rows[part->p];
+    const size_t ldS = (size_t)part->blocks * 16;
     char *scratch = (char *)thread_scratch(ldS * per_group * (sizeof(float) + sizeof(uint16_t))
                                            + per_group * sizeof(float) + 64);
     if (!scratch) {
-        atomic_store(&((attention_job *)arg)->failed, 1);
+        atomic_store(&job->failed, 1);
         return;
     }
     float *S = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63), *inv = S + ldS * per_group;
     uint16_t *P = (uint16_t *)(inv + per_group);
     for (int item = item0; item < item1; item++) {
-        const int i = item / job->G, g = item % job->G, n = job->t - job->s + i + 1;
+        const int r = r0 + item / job->G, g = item % job->G, n = visible_keys(job, part->p, r);
         const int nblocks = (n + 15) / 16, pairs = (n + 1) / 2;
-        const uint32_t *q = (const uint32_t *)(job->q + (size_t)i * job->ldq + (size_t)g * per_group * d);
-        const uint32_t *kp = job->kp + (size_t)g * job->blocks * half * 16;
+        const uint32_t *q = (const uint32_t *)((const uint16_t *)job->q + (size_t)r * job->ldq + (size_t)g * per_group * d);
+        const uint32_t *kp = part->kp + (size_t)g * part->blocks * half * 16;
         for (int h = 0; h < per_group; h += ATT_HEADS)
             for (int b = 0; b < nblocks; b += ATT_BLOCKS) {
                 const int heads = per_group - h < ATT_HEADS ? per_group - h : ATT_HEADS;
@@ -1552,8 +1817,8 @@ static void attend_positions(void *arg, int item0, int item1) {
                     score_pass(q + (size_t)h * half, half, heads, kp + (size_t)b * half * 16, blocks, job->scale, Sb, ldS);
             }
         for (int h = 0; h < per_group; h++) inv[h] = softmax_row(S + h * ldS, n, P + h * ldS);
-        const uint32_t *vp = job->vp + (size_t)g * job->blocks * 8 * d;
-        uint16_t *out = job->out + ((size_t)i * job->H + (size_t)g * per_group) * d;
+        const uint32_t *vp = part->vp + (size_t)g * part->blocks * 8 * d;
+        uint16_t *out = (uint16_t *)job->out + ((size_t)r * job->H + (size_t)g * per_group) * d;
         for (int h = 0; h < per_group; h += ATT_PV_HEADS)
             for (int c = 0; c < d; c += 128) {
                 const int heads = per_group - h < ATT_PV_HEADS ? per_group - h : ATT_PV_HEADS;
@@ -1567,25 +1832,29 @@ static void attend_positions(void *arg, int item0, int item1) {
     }
 }
 
-/* A decode step (s = 1): each group packs its own keys and attends, in one parallel region (a step makes
- * this call for every sequence and layer, and waking the other threads twice cost more than SDPA). */
+/* A decode row (one query): each group packs its own keys and attends, in one parallel region per part. */
 static void decode_groups(void *arg, int g0, int g1) {
-    const attention_job *job = (const attention_job *)arg;
+    const bf16_part *part = (const bf16_part *)arg;
     for (int g = g0; g < g1; g++) {
-        pack_kv(arg, g * job->blocks, (g + 1) * job->blocks);
+        pack_kv(arg, g * part->blocks, (g + 1) * part->blocks);
         attend_positions(arg, g, g + 1);
     }
 }
 #endif
 
-/* -> 1 when computed; 0 when the shapes are not supported (d a multiple of 16, H a multiple of G,
- * 1 <= s <= t) or memory ran out: the caller then uses torch. A build without bf16 dot products runs
- * the scalar reference. */
-int attend_bf16(const uint16_t *q, long ldq, int s, int H, int G, int d, const uint16_t *k, long ldk,
-                const uint16_t *v, long ldv, int t, uint16_t *out, float scale, int nthreads) {
+/* -> 1 when computed; 0 when the shapes are wrong or memory ran out. A build without bf16 dot products runs
+ * the vector kernel above on bf16 widened to fp32. */
+int attend_bf16(PAGED_ARGS, int nthreads) {
+    paged_job job = PAGED_JOB;
 #ifdef XBF16_DP
-    if (s < 1 || t < s || G < 1 || H % G || d < 16 || d % 16) return 0;
-    const int blocks = (t + 15) / 16;
+    if (!paged_shapes_ok(&job)) return 0;
+    if (d % 16) {   /* the packed layouts take whole vectors of dims: widen instead */
+        job.bf16 = 1;
+        return attend_vector(&job, nthreads);
+    }
+    int most = 1;
+    for (int p = 0; p < nparts; p++) most = keys[p] > most ? keys[p] : most;
+    const int blocks = (most + 15) / 16;
     const size_t packed = (size_t)G * blocks * 16 * d * sizeof(uint16_t);   /* a multiple of 64 */
     uint32_t *kp = (uint32_t *)aligned_alloc(64, packed), *vp = (uint32_t *)aligned_alloc(64, packed);
     if (!kp || !vp) {
@@ -1593,22 +1862,21 @@ int attend_bf16(const uint16_t *q, long ldq, int s, int H, int G, int d, const u
         free(vp);
         return 0;
     }
-    attention_job job = {q, k, v, ldq, ldk, ldv, s, H, G, d, t, blocks, kp, vp, out, scale, 0};
-    if (s == 1)
-        parallel_run(G, nthreads, decode_groups, &job, 1);
-    else {
-        parallel_run(G * blocks, nthreads, pack_kv, &job, 1);
-        parallel_run(G * s, nthreads, attend_positions, &job, 1);
+    for (int p = 0; p < nparts && !atomic_load(&job.failed); p++) {
+        const int s = rows[p + 1] - rows[p];
+        bf16_part part = {&job, p, (keys[p] + 15) / 16, kp, vp};
+        if (s == 1)
+            parallel_run(G, nthreads, decode_groups, &part, 1);
+        else {
+            parallel_run(G * part.blocks, nthreads, pack_kv, &part, 1);
+            parallel_run(G * s, nthreads, attend_positions, &part, 1);
+        }
     }
     free(kp);
     free(vp);
     return !atomic_load(&job.failed);
 #else
-    /* No bf16 dot products in this build: the scalar reference, so that a caller always gets the
-     * definition's result (never memory left unwritten). It is slow; the model only calls this kernel
-     * where the build has AVX512-BF16 (glm2.compiled_attention) and uses SDPA elsewhere. */
-    (void)nthreads;
-    if (s < 1 || t < s || G < 1 || H % G || d < 1) return 0;
-    return attend_bf16_ref(q, ldq, s, H, G, d, k, ldk, v, ldv, t, out, scale);
+    job.bf16 = 1;
+    return attend_vector(&job, nthreads);
 #endif
 }
