@@ -314,6 +314,53 @@ static inline vf load_bf16(const uint16_t *w) { return bf16_to_f32(*w); }
 static inline void load_q4(const int8_t *w, vf *hi, vf *lo) { *hi = (float)int4_high(*w); *lo = (float)int4_low(*w); }
 #endif
 
+#if VW == 16
+/* Transpose 16 x 16 int32 in registers: at s = 8, 4, 2, 1, element (i, j) trades places with (i ^ s, j ^ s)
+ * where bit s of i and of j differ. Each stage is one vpermt2d per register. */
+static inline void transpose16(__m512i r[16]) {
+    static const int32_t index[4][2][16] = {
+        /* s = 8 */ {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                     {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
+        /* s = 4 */ {{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                     {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}},
+        /* s = 2 */ {{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                     {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}},
+        /* s = 1 */ {{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                     {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}}};
+    for (int stage = 0, s = 8; stage < 4; stage++, s /= 2) {
+        const __m512i lo = _mm512_loadu_si512(index[stage][0]), hi = _mm512_loadu_si512(index[stage][1]);
+        for (int i = 0; i < 16; i++)
+            if (!(i & s)) {
+                const __m512i a = r[i], b = r[i + s];
+                r[i] = _mm512_permutex2var_epi32(a, lo, b);
+                r[i + s] = _mm512_permutex2var_epi32(a, hi, b);
+            }
+    }
+}
+
+#endif
+
+#if VW == 8
+/* Transpose 8 x 8 floats in registers. */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+#endif
+
 /*
  * The summation order, the same for every number of rows M: y[m, n] accumulates in one vector per
  * (m, n), VW weights at a time in increasing k (int4: per VW bytes, the high nibbles against the even
@@ -1012,29 +1059,6 @@ static inline int vnni_rows(int bits) { return bits == 4 ? 3 : 5; }     /* R: ro
 #define VNNI_MAX_G 4
 #define VNNI_MAX_R 5
 
-/* Transpose 16 x 16 int32 in registers: at s = 8, 4, 2, 1, element (i, j) trades places with (i ^ s, j ^ s)
- * where bit s of i and of j differ. Each stage is one vpermt2d per register. */
-static inline void transpose16(__m512i r[16]) {
-    static const int32_t index[4][2][16] = {
-        /* s = 8 */ {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-                     {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
-        /* s = 4 */ {{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
-                     {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}},
-        /* s = 2 */ {{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
-                     {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}},
-        /* s = 1 */ {{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
-                     {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}}};
-    for (int stage = 0, s = 8; stage < 4; stage++, s /= 2) {
-        const __m512i lo = _mm512_loadu_si512(index[stage][0]), hi = _mm512_loadu_si512(index[stage][1]);
-        for (int i = 0; i < 16; i++)
-            if (!(i & s)) {
-                const __m512i a = r[i], b = r[i + s];
-                r[i] = _mm512_permutex2var_epi32(a, lo, b);
-                r[i + s] = _mm512_permutex2var_epi32(a, hi, b);
-            }
-    }
-}
-
 /* The sign bit of every weight in a 4-byte group: 0x88888888 (two nibbles a byte) or 0x80808080. */
 static inline int32_t sign_bits(int bits) { return bits == 4 ? (int32_t)0x88888888u : (int32_t)0x80808080u; }
 
@@ -1583,6 +1607,40 @@ static inline __attribute__((always_inline)) void f32_pv_pass(const paged_job *j
         for (int c = 0; c < vectors; c++) vstore(out + (size_t)h * job->d + c0 + c * VW, vmul(acc[h][c], vset1(inv[h])));
 }
 
+/* Keys j0 .. j0 + VW - 1 (those below n; zeros after) of part p, group g, packed dim-major: kb[c * VW + l] is
+ * dim c of key j0 + l. By VW x VW transposes in registers where the dims come in whole vectors (the scalar
+ * loop took half of a long decode step's attention). */
+static void pack_keys(const paged_job *job, int p, int g, int j0, int n, float *kb) {
+    const int d = job->d, live = n - j0 < VW ? n - j0 : VW;
+#if VW > 1
+    if (d % VW == 0) {
+        const float *row[VW];
+        const uint16_t *row16[VW];
+        for (int l = 0; l < live; l++) {
+            const size_t at = key_offset(job, p, j0 + l, g);
+            row[l] = (const float *)job->k + at;
+            row16[l] = (const uint16_t *)job->k + at;
+        }
+        for (int c = 0; c < d; c += VW) {
+            vf r[VW];
+            for (int l = 0; l < VW; l++)
+                r[l] = l >= live ? vzero() : job->bf16 ? load_bf16(row16[l] + c) : vload(row[l] + c);
+#if VW == 16
+            transpose16((__m512i *)r);
+#else
+            transpose8(r);
+#endif
+            for (int i = 0; i < VW; i++) vstore(kb + (size_t)(c + i) * VW, r[i]);
+        }
+        return;
+    }
+#endif
+    for (int l = 0; l < VW; l++) {
+        const size_t at = l < live ? key_offset(job, p, j0 + l, g) : 0;
+        for (int c = 0; c < d; c++) kb[(size_t)c * VW + l] = l < live ? element(job->k, at + c, job->bf16) : 0.0f;
+    }
+}
+
 /* Work items: query row r and group g (item = r * G + g). */
 static void attend_f32_items(void *arg, int item0, int item1) {
     paged_job *job = (paged_job *)arg;
@@ -1602,11 +1660,7 @@ static void attend_f32_items(void *arg, int item0, int item1) {
         const size_t q0 = (size_t)r * job->ldq + (size_t)g * per_group * d;
         for (size_t c = 0; c < (size_t)per_group * d; c++) q[c] = element(job->q, q0 + c, bf16);
         for (int j0 = 0; j0 < n; j0 += VW) {   /* VW keys at a time, packed dim-major: one vector per dim */
-            for (int l = 0; l < VW; l++) {
-                const int live = j0 + l < n;
-                const size_t at = live ? key_offset(job, p, j0 + l, g) : 0;
-                for (int c = 0; c < d; c++) kb[(size_t)c * VW + l] = live ? element(job->k, at + c, bf16) : 0.0f;
-            }
+            pack_keys(job, p, g, j0, n, kb);
             for (int h = 0; h < per_group; h += F32_SCORE_HEADS) {
                 const int heads = per_group - h < F32_SCORE_HEADS ? per_group - h : F32_SCORE_HEADS;
                 if (heads == F32_SCORE_HEADS)
