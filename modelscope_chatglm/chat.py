@@ -206,6 +206,10 @@ class ChatModel:
         else:
             raise InputError(f'a prompt is a string or a non-empty list of token ids below {self.tokenizer.vocab_size}, '
                              f'got {str(prompt)[:80]}')
+        try:
+            self.model.start(ids)   # the family's own check (ChatGLM-6B: [gMASK] and <sop> in the prompt)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         params = self.sampling(**gen)
         limit = self.context_length if params.max_length is None else min(self.context_length, params.max_length)
         room = limit - len(ids)

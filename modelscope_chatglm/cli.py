@@ -168,9 +168,12 @@ def cmd_serve(args):
         from .serve.server import serve
     except ImportError as e:
         raise RuntimeError(f'the server needs the [serve] extra ({e}); pip install "modelscope-chatglm[serve]"')
+    from .serve.auth import api_keys
+    keys = api_keys(args.api_key or os.environ.get('MODELSCOPE_CHATGLM_API_KEY'))   # (refused before loading)
     serve(load_from_args(args), host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
-          model_name=args.name, api_key=args.api_key or os.environ.get('MODELSCOPE_CHATGLM_API_KEY') or None,
+          model_name=args.name, api_key=keys or None,
           max_queue=args.max_queue, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+          max_logprobs=args.max_logprobs,
           kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30))
 
 
@@ -181,12 +184,14 @@ def cmd_serve_ray(args):
         raise RuntimeError(f'serve --ray needs the [ray] extra ({e}); pip install "modelscope-chatglm[ray]"')
     if args.replicas is not None and args.autoscale is not None:
         raise ValueError('give --replicas N or --autoscale MIN:MAX, not both')
+    from .serve.auth import api_keys
     settings = RaySettings(
         model=args.config or args.model, revision=args.revision, device=args.device, dtype=args.dtype,
         quantize=args.quantize, int8_activations=args.int8_activations, adapter=adapter_argument(args.adapter, several=True),
         adapter_revision=args.adapter_revision, no_cuda_graphs=args.no_cuda_graphs, name=args.name,
-        api_key=args.api_key or os.environ.get('MODELSCOPE_CHATGLM_API_KEY') or None,
+        api_key=api_keys(args.api_key or os.environ.get('MODELSCOPE_CHATGLM_API_KEY')) or None,
         max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
+        max_logprobs=args.max_logprobs,
         kv_cache_gb=args.kv_cache_gb, prefill_chunk=args.prefill_chunk, replicas=args.replicas or 1,
         autoscale=args.autoscale, cpus_per_replica=1 if args.cpus_per_replica is None else args.cpus_per_replica,
         gpus_per_replica=args.gpus_per_replica or 0)
@@ -205,6 +210,27 @@ def _positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+    return value
+
+
+def _port(text):
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f'a TCP port is 1 to 65535, got {value}')
+    return value
+
+
+def _body_limit(text):
+    value = int(text)
+    if value < 1024:
+        raise argparse.ArgumentTypeError(f'must be at least 1024 (bytes; a request body is JSON), got {value}')
+    return value
+
+
+def _logprob_count(text):
+    value = int(text)
+    if not 0 <= value <= 20:
+        raise argparse.ArgumentTypeError(f'must be 0 to 20 (OpenAI\'s top_logprobs range), got {value}')
     return value
 
 
@@ -227,8 +253,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog='modelscope-chatglm', description='ChatGLM chat models for ModelScope')
     sub = ap.add_subparsers(dest='command', required=True)
     p = sub.add_parser('demo', help='offline demo on a tiny random checkpoint through pipeline()')
-    p.add_argument('--family', default='glm2', choices=list(FAMILIES))
-    p.add_argument('--max-new-tokens', type=int, default=16)
+    p.add_argument('--family', default='glm2', choices=list(FAMILIES),
+                   help='which generation of ChatGLM the tiny checkpoint has (default glm2)')
+    p.add_argument('--max-new-tokens', type=_positive_int, default=16, help='tokens per reply (default 16)')
     p.set_defaults(func=cmd_demo)
     for name, func, help_text in (('chat', cmd_chat, 'interactive chat in the terminal'),
                                   ('serve', cmd_serve, 'OpenAI-compatible HTTP server'),
@@ -237,7 +264,7 @@ def main(argv=None):
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument('--config', help='a configuration name or YAML path')
         src.add_argument('--model', help='a hub id or a model directory')
-        p.add_argument('--revision')
+        p.add_argument('--revision', help='hub revision of --model (default: the newest)')
         p.add_argument('--device', help='auto | cpu | cuda | cuda:N')
         p.add_argument('--dtype', help='float32 | bfloat16 | float16')
         p.add_argument('--quantize', type=int, choices=[4, 8], default=None, help='quantize the blocks on load')
@@ -253,17 +280,26 @@ def main(argv=None):
                        help='on a GPU, launch decode kernels one by one instead of replaying CUDA graphs')
         p.set_defaults(func=func)
         if name == 'chat':
-            p.add_argument('--max-new-tokens', type=int, default=None)
+            p.add_argument('--max-new-tokens', type=_positive_int, default=None,
+                           help='tokens per reply at most (default: what the context window leaves)')
         else:
-            p.add_argument('--host', default='127.0.0.1')
-            p.add_argument('--port', type=int, default=8000 if name == 'serve' else 7860)
+            p.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1: this '
+                                                                'machine only; 0.0.0.0: every interface)')
+            port = 8000 if name == 'serve' else 7860
+            p.add_argument('--port', type=_port, default=port, help=f'TCP port, 1-65535 (default {port})')
         if name == 'serve':
             p.add_argument('--name', default=None, help='model name reported by /v1/models')
-            p.add_argument('--max-body-bytes', type=int, default=1 << 20)
-            p.add_argument('--max-queue', type=int, default=100,
+            p.add_argument('--max-body-bytes', type=_body_limit, default=1 << 20,
+                           help='largest request body accepted, in bytes, at least 1024 (default 1048576)')
+            p.add_argument('--max-queue', type=_positive_int, default=100,
                            help='requests that may wait for the model; more get 503 + Retry-After (default 100)')
-            p.add_argument('--api-key', help='require "Authorization: Bearer KEY" on every route but /health and '
-                                             '/metrics (default: $MODELSCOPE_CHATGLM_API_KEY; none: open)')
+            p.add_argument('--api-key', action='append',
+                           help='require "Authorization: Bearer KEY" on every route but /health and /metrics; '
+                                'give it once per tenant (or a comma list): each key\'s requests share cached '
+                                'prompts only with each other (default: $MODELSCOPE_CHATGLM_API_KEY; none: open)')
+            p.add_argument('--max-logprobs', type=_logprob_count, default=20,
+                           help='most alternatives per token a request may ask logprobs for, 0-20 (default 20); '
+                                'a response carries at most 131,072 logprobs in all')
             p.add_argument('--max-batch', type=_positive_int, default=None,
                            help='most sequences decoded together (default 16; 1 = one request at a time)')
             p.add_argument('--kv-cache-gb', type=_positive_float, default=None,

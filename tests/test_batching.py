@@ -233,7 +233,7 @@ def test_the_radix_tree_keeps_a_shared_prefix_once_and_evicts_the_least_recently
     for tokens, held in ((a + [99], 10), (b + [99], 8), (a[:7] + [50], 7), (a[:3], 3)):
         n, pages, node = cache.match(tokens)
         assert n == held and pages == pages_of(tokens[:n])    # the pages of exactly those tokens, in order
-    assert cache.match([7, 8, 9])[:2] == (0, []) and cache.match(a, adapter='lora')[0] == 0
+    assert cache.match([7, 8, 9])[:2] == (0, []) and cache.match(a, namespace=('lora', None))[0] == 0
     # A locked path is never evicted; unlocked, least recently used leaf first, and the shared head goes
     # only once no branch is left. Evicted pages go back to the pool.
     _, _, b_node = cache.match(b)

@@ -4,6 +4,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 
 def run_cli(*args, cache, stdin=None, timeout=300):
     env = dict(os.environ, MODELSCOPE_CHATGLM_CACHE=str(cache))
@@ -87,3 +89,28 @@ def test_chat_in_a_real_terminal_streams_clears_and_survives_ctrl_c(glm2_dir, tm
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+@pytest.mark.parametrize('flags,needle', [
+    (['--port', '99999'], 'a TCP port is 1 to 65535'),       # once bound port 34463, or an OverflowError
+    (['--port', '0'], 'a TCP port is 1 to 65535'),
+    (['--max-queue', '0'], '--max-queue: must be >= 1'),     # once started a server that refused everything
+    (['--max-body-bytes', '0'], 'at least 1024'),
+    (['--max-logprobs', '21'], '0 to 20'),
+])
+def test_serve_flags_that_could_never_serve_are_refused_in_one_line(flags, needle, capsys):
+    from modelscope_chatglm import cli
+    with pytest.raises(SystemExit) as stop:
+        cli.main(['serve', '--model', 'unused', *flags])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and 'Traceback' not in err
+
+
+def test_help_shows_what_each_serve_option_does(capsys):
+    from modelscope_chatglm import cli
+    with pytest.raises(SystemExit):
+        cli.main(['serve', '--help'])
+    out = capsys.readouterr().out
+    for text in ('default 8000', 'default 127.0.0.1', 'default 1048576', 'hub revision', 'default 20'):
+        assert text in out, text

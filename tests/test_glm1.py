@@ -139,3 +139,14 @@ def test_placeholders_the_model_spells_decode_as_the_reference_does(glm1_model, 
     ref = reference({'model_dir': glm1_dir, 'family': 'glm1', 'cases': [{'kind': 'decode', 'name': 'd', 'ids': ids}]})
     assert [tok.decode(i) for i in ids] == ref['d']
     assert ref['d'][2] == ' ' * 80 and ref['d'][6] == '<|blank_99999999999|>'
+
+
+def test_a_completion_prompt_without_gmask_and_sop_is_the_callers_error(glm1_model):
+    """/v1/completions with token ids that ChatGLM-6B cannot take (no [gMASK], no <sop>) was a 500
+    server_error from inside the engine; it is an InputError (a 400) when the request is prepared."""
+    from modelscope_chatglm.errors import InputError
+    with pytest.raises(InputError, match=r'\[gMASK\]'):
+        glm1_model.prepare_completion([5, 6, 7], max_new_tokens=2)
+    ids = glm1_model.tokenizer.encode('hello')
+    whole = ids + [glm1_model.model.cfg.gmask_token_id, glm1_model.model.cfg.bos_token_id]
+    assert glm1_model.prepare_completion(whole, max_new_tokens=2).input_ids == whole

@@ -56,6 +56,58 @@ def glm3_server(glm3_dir, tmp_path_factory):
     proc.wait(timeout=30)
 
 
+@pytest.fixture(scope='module')
+def tenant_server(glm2_dir, tmp_path_factory):
+    """A server for three tenants: two --api-key flags, the second a comma list."""
+    port = free_port()
+    proc = start_service(['serve', '--model', glm2_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port),
+                          '--api-key', 'tenant-a', '--api-key', 'tenant-b,tenant-c'],
+                         f'http://127.0.0.1:{port}/health', tmp_path_factory.mktemp('tenants') / 'server.log')
+    yield f'http://127.0.0.1:{port}'
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def cached_tokens(url, key, content, salt=None):
+    """(prompt tokens the server says came from its prefix cache, prompt tokens) of one request."""
+    body = {'messages': [{'role': 'user', 'content': content}], 'max_tokens': 1, 'temperature': 0}
+    if salt is not None:
+        body['cache_salt'] = salt
+    r = httpx.post(f'{url}/v1/chat/completions', json=body, headers={'Authorization': f'Bearer {key}'}, timeout=60)
+    assert r.status_code == 200, r.text
+    usage = r.json()['usage']
+    return usage['prompt_tokens_details']['cached_tokens'], usage['prompt_tokens']
+
+
+def test_one_tenant_cannot_read_anothers_prompt_through_the_prefix_cache(tenant_server):
+    """cached_tokens once counted the prefix shared with any client's request: one-token probes recovered
+    a PIN another client had sent. Each API key, and each cache_salt within one, has a prefix cache of
+    its own."""
+    secret = 'My bank PIN is 7391, keep it safe.'
+    _, total = cached_tokens(tenant_server, 'tenant-a', secret)
+    assert cached_tokens(tenant_server, 'tenant-a', secret)[0] >= total - 1       # its own prompt, cached
+    assert cached_tokens(tenant_server, 'tenant-b', secret)[0] == 0              # nothing of it for another key
+    assert cached_tokens(tenant_server, 'tenant-c', secret + ' no')[0] == 0      # (keys of a comma list too)
+    assert cached_tokens(tenant_server, 'tenant-a', secret, salt='s1')[0] == 0   # nor for another salt
+    assert cached_tokens(tenant_server, 'tenant-a', secret, salt='s1')[0] >= total - 1
+    for key in ('tenant-a,tenant-b', 'tenant-d', 'x'):
+        r = httpx.post(f'{tenant_server}/v1/chat/completions', headers={'Authorization': f'Bearer {key}'},
+                       json={'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 1}, timeout=60)
+        assert r.status_code == 401
+
+
+def test_an_api_key_that_could_never_match_is_refused_at_startup(glm2_dir):
+    """A key an HTTP header cannot carry (non-ASCII, spaces) was accepted and then matched nothing."""
+    import subprocess
+    import sys
+    for key in ('ключ', 'two words'):
+        t = time.monotonic()
+        out = subprocess.run([sys.executable, '-m', 'modelscope_chatglm.cli', 'serve', '--model', glm2_dir,
+                              '--api-key', key], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and 'printable ASCII' in out.stderr and 'Traceback' not in out.stderr
+        assert time.monotonic() - t < 60
+
+
 def test_api_key_is_required_where_set(glm3_server, server):
     body = {'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 2, 'temperature': 0}
     for headers in ({}, {'Authorization': 'Bearer wrong'}, {'Authorization': API_KEY}):
@@ -179,6 +231,9 @@ def test_a_busy_server_says_so_and_sigterm_ends_it_within_seconds(glm2_dir, tmp_
     url = f'http://127.0.0.1:{port}/v1/chat/completions'
     body = {'messages': [{'role': 'user', 'content': '你好'}], 'temperature': 0, 'max_tokens': 1500}
     try:
+        # Idle, a request of more choices than --max-queue runs: its choices take one place in the queue.
+        r = httpx.post(url, json=dict(body, max_tokens=2, n=3, temperature=1, seed=1), timeout=120)
+        assert r.status_code == 200 and len(r.json()['choices']) == 3, r.text
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(httpx.post, url, json=body, timeout=120) for _ in range(6)]
             busy, deadline = [], time.time() + 60
@@ -415,6 +470,10 @@ def test_client_disconnect_cancels_its_generation(server, n):
      'logit_bias must map token ids'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'logit_bias': {'a': 5}}).encode(), 400,
      'logit_bias keys must be token ids'),
+    # int() reads these as 5, 10 and 5: only ASCII digits name a token
+    *[(json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'logit_bias': {key: 5}}).encode(), 400,
+       'ASCII digits') for key in (' 5 ', '1_0', '\u0665', '+5')],
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'cache_salt': ''}).encode(), 422, 'cache_salt'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'presence_penalty': 3}).encode(), 422,
      'presence_penalty'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'max_tokens': 10 ** 12}).encode(), 400, 'no room'),
@@ -808,14 +867,31 @@ def concurrent_replies(url, queries, max_tokens=24, history=()):
 
 @pytest.fixture(scope='module')
 def serial_server(glm2_dir, tmp_path_factory):
-    """One request at a time, a tiny KV budget and 4-token prefill chunks."""
+    """One request at a time, a tiny KV budget, 4-token prefill chunks and at most 2 logprob alternatives."""
     port = free_port()
     proc = start_service(['serve', '--model', glm2_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port),
-                          '--max-batch', '1', '--kv-cache-gb', '0.0002', '--prefill-chunk', '4'],
+                          '--max-batch', '1', '--kv-cache-gb', '0.0002', '--prefill-chunk', '4', '--max-logprobs', '2'],
                          f'http://127.0.0.1:{port}/health', tmp_path_factory.mktemp('serial') / 'server.log')
     yield f'http://127.0.0.1:{port}'
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def test_logprobs_are_bounded_per_token_and_per_response(server, serial_server):
+    """16 choices x 2,000 tokens x 20 alternatives made 52 MiB of JSON: a response carries at most 131,072
+    logprobs, and --max-logprobs bounds the alternatives per token; each refusal names its limit."""
+    chat = {'messages': [{'role': 'user', 'content': 'x'}], 'logprobs': True}
+    r = httpx.post(f'{server}/v1/chat/completions', timeout=60, json=dict(chat, top_logprobs=20, n=16, max_tokens=1000))
+    assert r.status_code == 400 and 'at most 131072' in r.json()['error']['message']
+    r = httpx.post(f'{server}/v1/completions', timeout=60,
+                   json={'prompt': 'x', 'logprobs': 20, 'n': 16, 'max_tokens': 1000})
+    assert r.status_code == 400 and 'at most 131072' in r.json()['error']['message']
+    r = httpx.post(f'{server}/v1/chat/completions', timeout=60, json=dict(chat, top_logprobs=20, n=2, max_tokens=4))
+    assert r.status_code == 200 and len(r.json()['choices'][1]['logprobs']['content'][0]['top_logprobs']) == 20
+    r = httpx.post(f'{serial_server}/v1/chat/completions', timeout=60, json=dict(chat, top_logprobs=3, max_tokens=2))
+    assert r.status_code == 400 and '--max-logprobs' in r.json()['error']['message']
+    r = httpx.post(f'{serial_server}/v1/chat/completions', timeout=60, json=dict(chat, top_logprobs=2, max_tokens=2))
+    assert r.status_code == 200
 
 
 def test_max_batch_decides_how_many_requests_share_the_steps(server, serial_server, glm2_model):

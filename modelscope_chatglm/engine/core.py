@@ -47,9 +47,10 @@ class LLMEngine:
 
     def submit(self, prompt: List[int], params: SamplingParams, on_token: Optional[Callable] = None,
                on_finish: Optional[Callable] = None, adapter: Optional[str] = None,
-               logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None) -> Sequence:
+               logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None, cache_scope=None) -> Sequence:
         """Queue a sequence (see Scheduler.submit); it advances as the engine steps."""
-        return self.scheduler.submit(prompt, params, on_token, on_finish, adapter, logprobs, prompt_logprobs)
+        return self.scheduler.submit(prompt, params, on_token, on_finish, adapter, logprobs, prompt_logprobs,
+                                     cache_scope)
 
     def step(self) -> bool:
         """One iteration of the whole batch; -> whether anything ran."""

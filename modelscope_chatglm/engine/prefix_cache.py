@@ -18,15 +18,17 @@ with that node's pages: nothing is copied, neither on a hit nor when a sequence'
   branch off it.
 
 Running sequences insert each prompt chunk as it is computed, so a sequence that starts while another
-is still prefilling the same system prompt takes the pages already done. Each LoRA adapter has a tree
-of its own: its K/V differ from the base model's for the same tokens. `pages`, `locked` and `nodes` are
+is still prefilling the same system prompt takes the pages already done. Each namespace has a tree of
+its own: a LoRA adapter's K/V differ from the base model's for the same tokens, and a server keeps each
+tenant's (API key's, cache_salt's) prompts apart, since how much of a prompt is cached, or how fast it
+comes back, would tell one client what another sent. `pages`, `locked` and `nodes` are
 plain numbers: /health reads them from another thread.
 """
 from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 from .kv_pages import PagePool
 
@@ -60,7 +62,7 @@ class Node:
 class PrefixCache:
     def __init__(self, pool: PagePool):
         self.pool = pool
-        self._roots: Dict[Optional[str], Node] = {}
+        self._roots: Dict[Hashable, Node] = {}     # one tree per namespace
         self._leaves: Dict[int, Node] = {}      # id(node) -> node
         # The leaves by last use, a heap of (last_used, tiebreak, node). An entry whose node has been used
         # since (or has grown children, left the tree, been locked) is stale and skipped when it comes up;
@@ -77,16 +79,16 @@ class PrefixCache:
     def evictable(self) -> int:
         return self.pages - self.locked
 
-    def root(self, adapter: Optional[str]) -> Node:
-        node = self._roots.get(adapter)
+    def root(self, namespace: Hashable) -> Node:
+        node = self._roots.get(namespace)
         if node is None:
-            node = self._roots[adapter] = Node([], [], None, 0)
+            node = self._roots[namespace] = Node([], [], None, 0)
         return node
 
-    def match(self, tokens: Sequence[int], adapter: Optional[str] = None) -> Tuple[int, List[int], Node]:
+    def match(self, tokens: Sequence[int], namespace: Hashable = None) -> Tuple[int, List[int], Node]:
         """-> (n, pages, node): the first n tokens are cached, `pages` hold their K/V, and the path to
         `node` spells exactly them (the root when n = 0). Every node on the path counts as used."""
-        node, n, pages = self.root(adapter), 0, []
+        node, n, pages = self.root(namespace), 0, []
         now = next(self._clock)
         while n < len(tokens):
             child = node.children.get(tokens[n])
@@ -101,12 +103,12 @@ class PrefixCache:
             node = child
         return n, pages, node
 
-    def insert(self, tokens: Sequence[int], pages: Sequence[int], adapter: Optional[str] = None) -> int:
+    def insert(self, tokens: Sequence[int], pages: Sequence[int], namespace: Hashable = None) -> int:
         """Keep `pages` as the K/V of `tokens` (position i in pages[i]). -> how many leading tokens the tree
         held already: their pages in `pages` stay the caller's (duplicates, to give back or keep); the tree
         takes the rest."""
         now = next(self._clock)
-        node, n = self.root(adapter), 0
+        node, n = self.root(namespace), 0
         while n < len(tokens):
             child = node.children.get(tokens[n])
             if child is None:

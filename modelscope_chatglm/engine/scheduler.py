@@ -69,10 +69,14 @@ class Sequence:
 
     def __init__(self, prompt: Seq[int], params: SamplingParams, on_token: Optional[Callable] = None,
                  on_finish: Optional[Callable] = None, adapter: Optional[str] = None,
-                 logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None):
+                 logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None, cache_scope=None):
         self.prompt = list(prompt)
         self.params = params
         self.adapter = adapter      # a LoRA adapter held by the model (adapters.py); None = the base
+        # Whose prefix cache it reads and feeds: its adapter's (other K/V for the same tokens), and within
+        # that its scope's (a server's tenant and cache_salt: one client must not learn what another's
+        # prompts were from what is cached).
+        self.namespace = (adapter, cache_scope)
         # Both called on the stepping thread: on_token(seq, token) -> True to stop here (a stop string),
         # on_finish(seq) once finish_reason is set.
         self.on_token, self.on_finish = on_token, on_finish
@@ -215,11 +219,12 @@ class Scheduler:
     # -- from any thread ----------------------------------------------------------------------------
     def submit(self, prompt: Seq[int], params: SamplingParams, on_token: Optional[Callable] = None,
                on_finish: Optional[Callable] = None, adapter: Optional[str] = None,
-               logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None) -> Sequence:
+               logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None, cache_scope=None) -> Sequence:
         """Queue a generation. logprobs=k (0-20) records the model's log-probability of each output
         token and of its k most likely alternatives in `seq.logprobs`; prompt_logprobs=k the same for
         each prompt token but the first in `seq.prompt_logprobs` (then max_new_tokens may be 0: the
-        prompt is only scored)."""
+        prompt is only scored). cache_scope (any hashable): sequences share prefix-cache entries only
+        within one scope."""
         if not prompt:
             raise ValueError('a prompt needs at least one token')
         if adapter is not None and adapter not in self.adapters:
@@ -232,7 +237,7 @@ class Scheduler:
         if prompt_logprobs is not None and not self.kv.supports_prefix_reuse:
             raise ValueError('ChatGLM-6B attends its prompt in both directions, so its prompt tokens have no '
                              'left-to-right log-probabilities; ask for the logprobs of generated tokens only')
-        seq = Sequence(prompt, params, on_token, on_finish, adapter, logprobs, prompt_logprobs)
+        seq = Sequence(prompt, params, on_token, on_finish, adapter, logprobs, prompt_logprobs, cache_scope)
         need = self.kv_bytes(len(seq.prompt) + seq.budget)
         if need > self.budget:
             raise KVBudgetError(
@@ -387,8 +392,8 @@ class Scheduler:
         if self.prefix_cache is None:
             return 0, [], None
         if len(seq.fill) < 2 or seq.scores_prompt:
-            return 0, [], self.prefix_cache.root(seq.adapter)
-        n, pages, node = self.prefix_cache.match(seq.fill, seq.adapter)
+            return 0, [], self.prefix_cache.root(seq.namespace)
+        n, pages, node = self.prefix_cache.match(seq.fill, seq.namespace)
         return min(n, len(seq.fill) - 1), pages, node
 
     def _adopt_longer_prefix(self, seq: Sequence):
@@ -441,7 +446,7 @@ class Scheduler:
         if self.prefix_cache is None or seq.scores_prompt:   # (it could not take the K/V it waited for)
             return False
         for other in ahead:
-            if other.adapter != seq.adapter:
+            if other.namespace != seq.namespace:
                 continue
             shared = common_prefix(other.fill, seq.fill)
             if shared - seq.prefilled >= self.SHARED_WAIT and other.prefilled < shared:
@@ -526,8 +531,8 @@ class Scheduler:
         if self.prefix_cache is None or len(seq.table) <= seq.cached:
             return
         tokens = seq.written_tokens()
-        known = self.prefix_cache.insert(tokens, seq.table.pages(), seq.adapter)
-        n, pages, node = self.prefix_cache.match(tokens, seq.adapter)
+        known = self.prefix_cache.insert(tokens, seq.table.pages(), seq.namespace)
+        n, pages, node = self.prefix_cache.match(tokens, seq.namespace)
         self.prefix_cache.lock(node)
         if seq.node is not None:
             self.prefix_cache.unlock(seq.node)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, List, Optional, Tuple, Union
 
 from ..chat import ChatModel, ChatRequest, CompletionRequest, ReplyDecoder
+from ..errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class ChatCall:
     logprobs: Optional[int] = None                 # report each token's logprob and this many alternatives
     completion: bool = False
     prompt_logprobs: Optional[int] = None          # the same for the prompt's tokens (a completion's)
+    cache_scope: Optional[tuple] = None            # whose prefix-cache entries it may share (tenant, cache_salt)
+    choice: int = 0                                # which of its request's n choices (only the first queues)
+    n: int = 1                                     # how many choices its request has
 
     def conversation_key(self) -> str:
         """What stays the same over the turns of one conversation: its adapter, system prompt, tools
@@ -52,7 +56,7 @@ class ChatCall:
         elif isinstance(first, (tuple, list)):  # a (query, response) round
             first = first[0]
         opts = self.options
-        return repr((self.adapter, opts.get('system'), opts.get('tools'), first))
+        return repr((self.adapter, self.cache_scope, opts.get('system'), opts.get('tools'), first))
 
 
 @dataclass
@@ -88,6 +92,8 @@ class Job:
     logprobs_sent: int = 0    # how many of token_logprobs went out with a delta
     prompt_logprobs: Optional[int] = None
     prompt_entries: Optional[List[TokenLogprob]] = None   # once its prompt has run
+    cache_scope: Optional[tuple] = None
+    choice: int = 0
 
     def emit(self, kind, value):
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -96,6 +102,25 @@ class Job:
         """The client is gone (or the stream ended): leave the batch at the next step."""
         if self.seq is not None:
             self.seq.cancel()
+
+
+# Log-probabilities one response may carry: n choices x tokens x (1 + alternatives), and the same for a
+# scored prompt. 16 choices of 2,000 tokens with 20 alternatives each were 52 MiB of JSON and 560 MiB of
+# memory; this many entries are about 10 MB.
+MAX_LOGPROB_ENTRIES = 1 << 17
+
+
+def check_logprob_entries(call: ChatCall, request):
+    """Refuse a request whose logprobs could not be sent in a response of bounded size."""
+    entries = 0
+    if call.logprobs is not None:
+        entries += request.params.max_new_tokens * (call.logprobs + 1)
+    if call.prompt_logprobs is not None:
+        entries += len(request.input_ids) * (call.prompt_logprobs + 1)
+    if entries * call.n > MAX_LOGPROB_ENTRIES:
+        raise InputError(f'this request asks for up to {entries * call.n} log-probabilities (choices x tokens x '
+                         f'(1 + alternatives)); a response carries at most {MAX_LOGPROB_ENTRIES}: ask for fewer '
+                         'tokens (max_tokens), choices (n) or alternatives (top_logprobs / logprobs)')
 
 
 class QueueFull(Exception):
@@ -149,17 +174,20 @@ class AsyncEngine:
             request = self.chat.prepare_completion(call.query, **call.options)
         else:
             request = self.chat.prepare(call.query, call.history, **call.options)
+        check_logprob_entries(call, request)
         # (StopStrings indexes the stop strings here, off the event loop: 1 MB of them takes real time)
         return Job(request, call.stop, adapter=call.adapter, logprobs=call.logprobs,
-                   decoder=ReplyDecoder(self.chat, request, call.stop), prompt_logprobs=call.prompt_logprobs)
+                   decoder=ReplyDecoder(self.chat, request, call.stop), prompt_logprobs=call.prompt_logprobs,
+                   cache_scope=call.cache_scope, choice=call.choice)
 
     async def stats_list(self) -> List[dict]:
         return [self.stats()]
 
     def submit(self, job: Job) -> Job:
-        """Raises QueueFull, or KVBudgetError for a request that can never fit."""
+        """Raises QueueFull, or KVBudgetError for a request that can never fit. A request's n choices take
+        one place in the queue: only its first is checked (the routes submit it before the others)."""
         waiting = len(self.scheduler.waiting)
-        if waiting >= self.max_queue:
+        if job.choice == 0 and waiting >= self.max_queue:
             raise QueueFull(f'the server is busy: {waiting} requests are waiting (--max-queue '
                             f'{self.max_queue}); retry later')
         job.loop = asyncio.get_running_loop()
@@ -181,7 +209,7 @@ class AsyncEngine:
             self._finish(job, seq)
 
         job.seq = self.engine.submit(job.request.input_ids, job.request.params, on_token, on_finish, job.adapter,
-                                     job.logprobs, job.prompt_logprobs)
+                                     job.logprobs, job.prompt_logprobs, job.cache_scope)
         return job
 
     def stats(self) -> dict:

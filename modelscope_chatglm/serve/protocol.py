@@ -54,6 +54,7 @@ class ChatCompletionRequest(BaseModel):
     n: StrictInt = Field(default=1, ge=1)
     logprobs: Optional[StrictBool] = None
     top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
+    cache_salt: Optional[str] = Field(default=None, min_length=1, max_length=256)   # vLLM's: a prefix cache of its own
     # Accepted at their defaults only: a client that asks for more is told so, never silently ignored.
     response_format: Optional[Dict[str, Any]] = None
     functions: Optional[List[Dict[str, Any]]] = None
@@ -79,6 +80,7 @@ class TextCompletionRequest(BaseModel):
     n: StrictInt = Field(default=1, ge=1)
     best_of: Optional[StrictInt] = Field(default=None, ge=1)
     suffix: Optional[str] = None
+    cache_salt: Optional[str] = Field(default=None, min_length=1, max_length=256)
 
 
 class ClassicRequest(BaseModel):
@@ -93,11 +95,11 @@ class ClassicRequest(BaseModel):
 def _token_biases(logit_bias: Dict[str, float]) -> Dict[int, float]:
     """OpenAI's logit_bias (token ids as JSON object keys) -> {id: bias}; the range is checked with the
     other sampling parameters."""
-    try:
-        return {int(token): bias for token, bias in logit_bias.items()}
-    except ValueError:
-        raise InputError(f'logit_bias keys must be token ids (integers as strings), got {list(logit_bias)[:5]}') \
-            from None
+    # Plain ASCII digits only: int() also reads ' 5 ', '1_0' and other scripts' digits ('٥').
+    wrong = [token for token in logit_bias if not (token.isascii() and token.isdigit())]
+    if wrong:
+        raise InputError(f'logit_bias keys must be token ids written in ASCII digits, like "1234"; got {wrong[:5]}')
+    return {int(token): bias for token, bias in logit_bias.items()}
 
 
 # -- requests -> ChatCall ----------------------------------------------------------------------------------
@@ -267,8 +269,8 @@ def choice_calls(call: ChatCall, n: int) -> List[ChatCall]:
         raise InputError(f'n={n}: at most {MAX_CHOICES} choices per request; send several requests for more')
     seed = call.options.get('seed')
     if seed is None or not 0 <= seed < 2 ** 63:   # (a seed out of range is refused by name on submission)
-        return [call] + [replace(call) for _ in range(n - 1)]
-    return [replace(call, options=dict(call.options, seed=(seed + i) % 2 ** 63)) for i in range(n)]
+        return [replace(call, choice=i, n=n) for i in range(n)]
+    return [replace(call, options=dict(call.options, seed=(seed + i) % 2 ** 63), choice=i, n=n) for i in range(n)]
 
 
 def classic_call(req: ClassicRequest) -> ChatCall:

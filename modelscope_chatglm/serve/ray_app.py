@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 import uuid
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
@@ -58,9 +58,10 @@ class RaySettings:
     adapter_revision: Optional[str] = None
     no_cuda_graphs: bool = False
     name: Optional[str] = None
-    api_key: Optional[str] = None
+    api_key: Optional[List[str]] = None   # the keys (serve/auth.py), each its own prefix-cache scope
     max_body_bytes: int = 1 << 20
     max_queue: int = 100               # per replica
+    max_logprobs: int = 20
     max_batch: Optional[int] = None
     kv_cache_gb: Optional[float] = None
     prefill_chunk: Optional[int] = None
@@ -251,7 +252,8 @@ class ChatGLMIngress:
     async def __serve_build_asgi_app__(self):
         from .server import create_app_over
         s = self.settings
-        return create_app_over(RayBackend(self.replicas, self.info), s.name, s.max_body_bytes, s.api_key)
+        return create_app_over(RayBackend(self.replicas, self.info), s.name, s.max_body_bytes, s.api_key,
+                               s.max_logprobs)
 
 
 def app(args: Optional[dict] = None):

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 from ..chat import ChatModel
 from ..errors import InputError
 from . import protocol
+from .auth import api_keys
 from .async_engine import AsyncEngine, Result
 from .protocol import ChatCompletionRequest, ClassicRequest, TextCompletionRequest
 
@@ -62,17 +63,21 @@ REPLICA_HEADER = 'x-chatglm-replica'   # which engine served a request (several 
 # -- the app ---------------------------------------------------------------------------------------------
 def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20,
                api_key: Optional[str] = None, max_queue: int = 100, max_batch: Optional[int] = None,
-               kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None) -> FastAPI:
+               kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None,
+               max_logprobs: int = 20) -> FastAPI:
     """The server over one model in this process.
-    api_key: when set, every route but /health and /metrics wants `Authorization: Bearer <api_key>`.
+    api_key: when set (a key, a comma-separated list, or a list), every route but /health and /metrics wants
+    `Authorization: Bearer <key>` with one of the keys, and each key's requests share prefix-cache entries
+    only with each other (a request's `cache_salt` narrows that to the requests that send the same salt).
     max_queue: requests that may wait for the model; more get a 503 with Retry-After.
+    max_logprobs: the most alternatives per token a request may ask logprobs for (vLLM's --max-logprobs).
     max_batch, kv_cache_bytes, prefill_chunk: the settings of the model's engine (engine/scheduler.py)."""
     engine = AsyncEngine(chat, max_queue, max_batch, kv_cache_bytes, prefill_chunk)
-    return create_app_over(engine, model_name, max_body_bytes, api_key)
+    return create_app_over(engine, model_name, max_body_bytes, api_key, max_logprobs)
 
 
 def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20,
-                    api_key: Optional[str] = None) -> FastAPI:
+                    api_key: Optional[str] = None, max_logprobs: int = 20) -> FastAPI:
     """The routes over a backend: an `AsyncEngine` here, or `ray_app.RayBackend` over Ray Serve replicas.
     A backend has model_name, adapters, `generate(ChatCall)` (the event
     stream of async_engine.py), `async stats_list()` (one dict per engine) and `cancel_all()`."""
@@ -86,15 +91,20 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
     name = model_name or backend.model_name
     app.state.engine = backend
 
+    keys = [key.encode() for key in api_keys(api_key)]
+
     @app.middleware('http')
     async def check_api_key(request: Request, call_next):
-        if api_key and request.url.path not in ('/health', '/metrics'):
+        if keys and request.url.path not in ('/health', '/metrics'):
             scheme, _, given = request.headers.get('authorization', '').partition(' ')
-            if scheme.lower() != 'bearer' or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            given = given.strip().encode('utf-8', 'replace')
+            matches = [hmac.compare_digest(given, key) for key in keys]   # (every key compared: no early exit)
+            if scheme.lower() != 'bearer' or not any(matches):
                 response = _error(401, 'missing or wrong API key: send the header "Authorization: Bearer <key>" '
-                                       'with the key the server was started with (--api-key)', 'invalid_api_key')
+                                       'with a key the server was started with (--api-key)', 'invalid_api_key')
                 response.headers['WWW-Authenticate'] = 'Bearer'
                 return response
+            request.state.tenant = matches.index(True)   # each key's prefix cache is its own
         return await call_next(request)
 
     @app.middleware('http')
@@ -171,12 +181,21 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
             return _error(404, str(e), 'model_not_found')
         try:
             call = call_of(req, adapter)
+            call.cache_scope = (getattr(request.state, 'tenant', None), req.cache_salt)
+            asked = max(call.logprobs or 0, call.prompt_logprobs or 0)
+            if asked > max_logprobs:
+                raise InputError(f'{asked} alternatives per token asked for (top_logprobs / logprobs); this server '
+                                 f'returns at most {max_logprobs} (--max-logprobs)')
             calls = protocol.choice_calls(call, req.n)
         except (InputError, ValueError) as e:
             return _error(400, str(e))
         streams = [backend.generate(c) for c in calls]
         # ('start', replica) or ('rejected', exception) from each; one refused choice refuses the request.
-        firsts = await asyncio.gather(*(events.__anext__() for events in streams), return_exceptions=True)
+        # The first choice goes first: it alone is checked against the queue's limit, before its siblings
+        # are queued (n choices take one place: more choices than --max-queue still run on an idle server).
+        first = await asyncio.gather(streams[0].__anext__(), return_exceptions=True)
+        firsts = first + list(await asyncio.gather(*(events.__anext__() for events in streams[1:]),
+                                                   return_exceptions=True))
         refused = [first if isinstance(first, BaseException) else first[1] for first in firsts
                    if isinstance(first, BaseException) or first[0] == 'rejected']
         if refused:
@@ -251,6 +270,7 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
             call = protocol.classic_call(req)
         except InputError as e:
             return _error(400, str(e))
+        call.cache_scope = (getattr(request.state, 'tenant', None), None)
         events = backend.generate(call)
         kind, value = await events.__anext__()   # ('start', replica) or ('rejected', exception)
         if kind == 'rejected':
@@ -352,11 +372,13 @@ SHUTDOWN_GRACE_S = 3
 
 def serve(chat: ChatModel, host: str = '127.0.0.1', port: int = 8000, max_body_bytes: int = 1 << 20,
           model_name: Optional[str] = None, api_key: Optional[str] = None, max_queue: int = 100,
-          max_batch: Optional[int] = None, kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None):
+          max_batch: Optional[int] = None, kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None,
+          max_logprobs: int = 20):
     import uvicorn
     # SIGTERM: stop accepting, give open requests SHUTDOWN_GRACE_S, then cancel them (their jobs stop
     # at the next token) and everything still queued.
-    app = create_app(chat, model_name, max_body_bytes, api_key, max_queue, max_batch, kv_cache_bytes, prefill_chunk)
+    app = create_app(chat, model_name, max_body_bytes, api_key, max_queue, max_batch, kv_cache_bytes, prefill_chunk,
+                     max_logprobs)
     uvicorn.run(app, host=host, port=port,
                 log_level='info', timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 
