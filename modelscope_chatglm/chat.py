@@ -8,6 +8,7 @@ engine's prefix cache.
 from __future__ import annotations
 
 import copy
+import gc
 import threading
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
@@ -125,6 +126,7 @@ class ChatModel:
         with self._engine_lock:
             if self._engine is None or (not self._engine.runner.kv.fits(self.model) and not self._engine.busy):
                 # (first use; or the model was cast or moved since: its cached K/V would not do)
+                self._drop_engine()
                 self._engine = self.new_engine(**self._engine_settings)
             return self._engine
 
@@ -135,16 +137,27 @@ class ChatModel:
             if self._engine is not None and (self._engine.busy or self._engine.stepping_in_background):
                 raise RuntimeError('this model is generating or being served; configure its engine before the '
                                    'first request (to serve one checkpoint twice, load it twice)')
-            if self._engine is not None:
-                self._engine.stop()
+            self._drop_engine()
             self._engine_settings = dict(max_batch=max_batch, kv_cache_bytes=kv_cache_bytes, prefill_chunk=prefill_chunk)
             self._engine = self.new_engine(**self._engine_settings)
             return self._engine
 
+    def _drop_engine(self):
+        """Stop the engine and free its K/V pool before another is made: the default pool is sized by the
+        memory free at that moment (on a GPU half of it), which the old pool would still hold."""
+        if self._engine is None:
+            return
+        self._engine.stop()
+        self._engine = None
+        gc.collect()
+        if self.model.device.type == 'cuda':
+            torch.cuda.empty_cache()
+
     def clear_cache(self):
         """Forget every finished conversation's cached K/V (the engine keeps them, up to its KV budget, so
         that a returning conversation prefills only its new turn)."""
-        self.configure_engine(**self._engine_settings)
+        if self._engine is not None:
+            self._engine.clear_prefix_cache()
 
     def new_engine(self, max_batch: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
                    prefill_chunk: Optional[int] = None):

@@ -515,3 +515,24 @@ def test_the_sampler_gives_each_row_of_a_batch_what_it_gives_that_row_alone(glm3
     nan[2, 3] = float('nan')
     tokens, failures = sample(nan, seqs(), vocab)
     assert set(failures) == {2} and 'NaN' in str(failures[2]) and set(tokens) == {0, 1, 3, 4, 5}
+
+
+def test_a_request_that_just_fits_the_pool_runs_and_one_token_more_is_refused(glm2_model):
+    """A request whose prompt and new tokens (but the last, never fed back) fill every usable page was
+    accepted, then never admitted: it waited at the head of the queue forever, and so did everyone
+    behind it."""
+    prompt = glm2_model.build_inputs('hello world')
+    per_token = glm2_model.new_engine(kv_cache_bytes=1 << 20).scheduler.bytes_per_token
+    engine = glm2_model.new_engine(kv_cache_bytes=per_token * (len(prompt) + 12))
+    scheduler = engine.scheduler
+    usable = scheduler.pages.pages - len(scheduler.pages.reserved)
+    fits = usable - len(prompt) + 1
+    seq = engine.submit(prompt, glm2_model.sampling(max_new_tokens=fits, do_sample=False, stop_ids=[]))
+    behind = engine.submit(prompt[:4], glm2_model.sampling(max_new_tokens=2, do_sample=False))
+    for _ in range(10 * fits):
+        if seq.finished and behind.finished:
+            break
+        engine.step()
+    assert seq.finish_reason == 'length' and len(seq.output) == fits and behind.finished
+    with pytest.raises(KVBudgetError, match='kv-cache-gb'):
+        engine.submit(prompt, glm2_model.sampling(max_new_tokens=fits + 1, do_sample=False))

@@ -238,9 +238,15 @@ def test_openai_penalties_count_generated_tokens():
     """frequency_penalty per time a token was generated, presence_penalty once; the prompt's tokens
     (`seen`) do not count; logit_bias is added first."""
     import torch
-    from modelscope_chatglm.engine.sampling import SamplingParams, process_logits
-    params = SamplingParams(do_sample=False, frequency_penalty=0.5, presence_penalty=0.25, logit_bias={7: 2.0})
-    scores = process_logits(torch.zeros(1, 10), torch.tensor([[1, 2]]), params, 10, torch.tensor([[3, 3, 5]]))
+    from modelscope_chatglm.engine.sampling import LOGITS_PROCESSORS, Rows, SamplingParams
+    from modelscope_chatglm.engine.scheduler import Sequence
+    params = SamplingParams(max_new_tokens=4, do_sample=False, frequency_penalty=0.5, presence_penalty=0.25,
+                            logit_bias={7: 2.0})
+    seq = Sequence([1, 2], params)
+    seq.output = [3, 3, 5]
+    scores = torch.zeros(1, 10)
+    for process in LOGITS_PROCESSORS:
+        scores = process(scores, Rows([seq], 10))
     assert scores.tolist() == [[0, 0, 0, -1.25, 0, -0.75, 0, 2.0, 0, 0]]
 
 

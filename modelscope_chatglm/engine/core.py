@@ -54,7 +54,7 @@ class LLMEngine:
 
     def step(self) -> bool:
         """One iteration of the whole batch; -> whether anything ran."""
-        with self._stepping, torch.inference_mode():   # (caches are made in schedule(): no autograd there either)
+        with self._stepping, torch.inference_mode():
             forwards = self.scheduler.schedule()
             done = 0
             try:

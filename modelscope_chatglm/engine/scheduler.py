@@ -18,8 +18,9 @@ one lock, devices or model families. Each step of the engine (engine/core.py) is
   4. puts them in one forward (the weights are streamed once for all rows) where that changes no row's
      bits (torch's matmuls choose their blocking by the shape); otherwise prompt chunks and decode
      tokens are two forwards.
-Attention runs per sequence and every other layer is row-wise, so a sequence's tokens do not depend
-on its neighbours: a greedy or seeded reply is the same alone and in a batch.
+Attention gives each query its own sums over its own keys (models/attention.py) and every other layer is
+row-wise, so a sequence's tokens do not depend on its neighbours: a greedy or seeded reply is the same
+alone and in a batch.
 
 Memory: K/V live in one pool of pages (a page is one position, every layer; `--kv-cache-gb` sizes it),
 handed out by `PagePool` (kv_pages.py). A sequence's page table lists its pages in position order: it
@@ -34,8 +35,8 @@ GROW_TOKENS more positions fit, so a request that omits max_tokens does not hold
 of memory.
 
 The scheduler deals in page ids only; the runner (runner.py) owns the pool's memory and reads the page
-tables. `submit` and `Sequence.cancel` may be called from any thread, the rest from the
-thread that steps. Tokens reach the caller through `on_token(seq, token)`, called in `update`.
+tables. `submit`, `cancel_all`, `snapshot` and `Sequence.cancel` may be called from any thread, the
+rest from the thread that steps (or with the engine's stepping lock held). Tokens reach the caller through `on_token(seq, token)`, called in `update`.
 """
 from __future__ import annotations
 
@@ -238,11 +239,14 @@ class Scheduler:
             raise ValueError('ChatGLM-6B attends its prompt in both directions, so its prompt tokens have no '
                              'left-to-right log-probabilities; ask for the logprobs of generated tokens only')
         seq = Sequence(prompt, params, on_token, on_finish, adapter, logprobs, prompt_logprobs, cache_scope)
-        need = self.kv_bytes(len(seq.prompt) + seq.budget)
-        if need > self.budget:
+        # Pages it may fill: its prompt and every new token but the last (never fed back). The pool's pages
+        # but the reserved ones (the P-tuning prefix, the scratch page) can hold them.
+        need = len(seq.prompt) + max(seq.budget - 1, 0)
+        usable = self.pages.pages - len(self.pages.reserved)
+        if need > usable:
             raise KVBudgetError(
-                f'this request needs {need / 2**20:.1f} MiB of KV cache ({len(seq.prompt)} prompt + '
-                f'{seq.budget} new tokens) but the KV cache holds {self.budget / 2**20:.1f} MiB; ask '
+                f'this request needs {self.kv_bytes(need) / 2**20:.1f} MiB of KV cache ({len(seq.prompt)} prompt + '
+                f'{seq.budget} new tokens) but the KV cache holds {self.kv_bytes(usable) / 2**20:.1f} MiB; ask '
                 f'for fewer new tokens (max_tokens) or give it more memory (--kv-cache-gb)')
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.kv.device).manual_seed(params.seed)
@@ -322,7 +326,7 @@ class Scheduler:
                 # Pages for what it prefills (taken now), and room for GROW_TOKENS more (decode steps take
                 # a page each; when none is left, the newest sequence is preempted).
                 fill = len(seq.fill) - keep
-                headroom = min(self.GROW_TOKENS, len(seq.prompt) + seq.budget - len(seq.fill))
+                headroom = max(0, min(self.GROW_TOKENS, len(seq.prompt) + seq.budget - 1 - len(seq.fill)))
                 if not self._make_room(fill + headroom):
                     if self.prefix_cache is not None:
                         self.prefix_cache.unlock(node)
@@ -397,8 +401,9 @@ class Scheduler:
         return min(n, len(seq.fill) - 1), pages, node
 
     def _adopt_longer_prefix(self, seq: Sequence):
-        """A sequence that has computed nothing of its own yet takes a longer cached prefix if one has
-        appeared since it was admitted (an older sequence prefilled the system prompt they share)."""
+        """A sequence whose table holds only prefix-cache pages (nothing computed of its own, or all of it
+        already handed to the tree) takes a longer cached prefix if one has appeared since (an older
+        sequence prefilled the system prompt they share)."""
         if self.prefix_cache is None or seq.prefilled != seq.cached or len(seq.table) != seq.cached:
             return
         keep, pages, node = self._longest_prefix(seq)

@@ -61,14 +61,16 @@ def gathered(q, k_pool, v_pool, kv, scale, fallback=None) -> torch.Tensor:
     """Part by part: its keys gathered from the pool, then SDPA (or the family's `fallback`)."""
     out = torch.empty_like(q)
     heads, groups = q.shape[1], k_pool.shape[1]
+    keys = kv.host_keys if kv.host_keys is not None else kv.keys.tolist()
+    min_keys = kv.min_keys.tolist() if kv.min_keys is not None else None
     for p in range(kv.parts):
-        r0, r1, n = int(kv.rows[p]), int(kv.rows[p + 1]), int(kv.keys[p])
+        r0, r1, n = int(kv.rows[p]), int(kv.rows[p + 1]), keys[p]
         pages = kv.tables[p, :n].to(dtype=torch.long)
         k, v = (pool.index_select(0, pages).transpose(0, 1)[None] for pool in (k_pool, v_pool))   # [1, G, n, d]
         s = r1 - r0
         visible = causal_mask(s, n - s, q.device)
-        if kv.min_keys is not None:
-            visible[:, :int(kv.min_keys[p])] = True
+        if min_keys is not None:
+            visible[:, :min_keys[p]] = True
         qp = q[r0:r1].transpose(0, 1)[None]                                                     # [1, H, s, d]
         if fallback is not None:
             o = fallback(qp, k, v, visible)

@@ -1,6 +1,6 @@
 """The first-generation ChatGLM-6B (GLM-6B block), in plain PyTorch (formats docs/formats.md §3.1).
 
-Shapes: b = batch, s = new tokens in this call, t = all tokens the cache holds after it,
+Shapes: N = the new tokens of every sequence in one forward (their rows side by side, batch 1),
 H = heads, d = head dim, D = hidden size, alpha = sqrt(2 * 28) (see RESIDUAL_ALPHA).
 
 A block (DeepNorm-style; the residual is the *normalised* input, scaled):
@@ -10,8 +10,9 @@ A block (DeepNorm-style; the residual is the *normalised* input, scaled):
 The prompt is `text [gMASK] <sop>`; the model sees the prefix before <sop> bidirectionally and what
 follows causally. Positions are two-dimensional: the first half of every head is rotated by the token
 position (frozen at the [gMASK] position from <sop> on), the second half by the block position
-(0 before <sop>, then 1, 2, ...). Attention follows the reference numerics: q scaled by
-1/(sqrt(d)*(l+1)), masked scores set to -10000, softmax in fp32 after multiplying back by (l+1).
+(0 before <sop>, then 1, 2, ...). Attention scales q by 1/(sqrt(d)*(l+1)) and the scores back by (l+1)
+before the softmax, as the reference does; the CPU kernel leaves masked keys out, the torch fallback
+(fp16, GPU) sets their scores to -10000 as the reference (the same softmax either way).
 The LM head is the word embedding (tied).
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The ChatGLM2-6B / ChatGLM3-6B transformer, in plain PyTorch (formats docs/formats.md §3.2).
 
-Shapes: b = batch, s = new tokens in this call, t = all tokens the cache holds after it,
+Shapes: N = the new tokens of every sequence in one forward (their rows side by side, batch 1),
 H = query heads, G = key/value groups (multi-query attention), d = head dim, D = hidden size.
-Tensors are batch-first here ([b, s, D]); the reference is sequence-first, which changes nothing.
+Tensors are batch-first here ([1, N, D]); the reference is sequence-first, which changes nothing.
 
 A block is pre-norm:
     x = x + attention(rmsnorm(x))

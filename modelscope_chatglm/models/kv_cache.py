@@ -77,6 +77,7 @@ class PagedKV:
     keys: torch.Tensor                # [P] int32
     tables: torch.Tensor              # [P, W] int32: row p = part p's page table, padded
     min_keys: Optional[torch.Tensor] = None   # [P] int32
+    host_keys: Optional[List[int]] = None     # keys, on the host (the torch fallback reads them without a sync)
 
     @classmethod
     def build(cls, pool: KVPool, tables: List[torch.Tensor], new: List[int],
@@ -89,7 +90,8 @@ class PagedKV:
         write = torch.cat([t[len(t) - n:] for t, n in zip(tables, new)]).to(dtype=torch.long)
         device = pool.device
         return cls(pool, write.to(device), rows, keys.to(device), padded.to(device),
-                   None if min_keys is None else torch.tensor(min_keys, dtype=torch.int32, device=device))
+                   None if min_keys is None else torch.tensor(min_keys, dtype=torch.int32, device=device),
+                   [len(t) for t in tables])
 
     @property
     def parts(self) -> int:
