@@ -7,7 +7,7 @@ setup(
     description='ChatGLM chat models (ChatGLM2/3, ChatGLM-6B) as a ModelScope Tasks.chat pipeline',
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
-    python_requires='>=3.9',
+    python_requires='>=3.10',   # what CI runs (3.11); ModelScope 1.40 needs 3.10
     packages=find_packages(include=['modelscope_chatglm', 'modelscope_chatglm.*']) +
     ['modelscope_chatglm.configuration'],
     # The YAML configurations live at the top of the repository and ship inside the package.
@@ -21,19 +21,21 @@ setup(
         'sentencepiece>=0.1.99',
         'safetensors>=0.4',
         'pyyaml>=6',
-        'numpy',
-        # ModelScope and what its pipeline modules import (the bare wheel does not declare them)
-        'modelscope>=1.9',
+        # ModelScope and what its pipeline modules import (the bare wheel does not declare them); the
+        # plugin patches ModelScope's chat pipeline as 1.40 has it, the version CI tests
+        'modelscope>=1.40,<2',
         'addict', 'datasets', 'pillow', 'simplejson', 'sortedcontainers',
     ],
     extras_require={
-        'serve': ['fastapi>=0.110', 'uvicorn>=0.29', 'sse-starlette>=2'],
-        'web': ['gradio>=5'],
+        'serve': ['fastapi>=0.110', 'uvicorn>=0.29', 'sse-starlette>=2', 'pydantic>=2'],
+        # gradio 6: ChatInterface hands the history as role messages (5.x gave tuples unless told)
+        'web': ['gradio>=6,<7'],
         # Ray Serve: replicas behind one endpoint (serve --ray); 2.60 for late-bound ingress apps and
         # the public request-router API
         'ray': ['ray[serve]>=2.60'],
         # triton: the GPU kernels' tests run it on CPU as an interpreter (CUDA builds of torch ship it)
-        'test': ['pytest>=7', 'httpx', 'openai>=1', 'pexpect', 'playwright', 'triton; platform_system == "Linux"'],
+        'test': ['pytest>=7', 'httpx', 'openai>=1', 'pexpect', 'playwright', 'numpy',
+                 'triton; platform_system == "Linux"'],
     },
     entry_points={'console_scripts': ['modelscope-chatglm=modelscope_chatglm.cli:main']},
     license='Apache-2.0',

@@ -78,7 +78,11 @@ def adapter_argument(values, several: bool):
     named, plain = {}, []
     for value in values:
         name, sep, path = value.partition('=')
-        if sep and name and path and '/' not in name and os.sep not in name and not os.path.exists(value):
+        if sep and not os.path.exists(value) and (not name or not path):
+            raise ValueError(f'--adapter {value!r}: write NAME=PATH, both parts non-empty (or a PATH alone)')
+        if sep and '/' not in name and os.sep not in name and not os.path.exists(value):
+            if name in named:
+                raise ValueError(f'--adapter {name}= is given twice; each adapter needs a name of its own')
             named[name] = path
         else:
             plain.append(value)
@@ -206,32 +210,21 @@ def cmd_configs(args):
         print(f'{name:20s} {spec.model:28s} {spec.description}')
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
-    return value
+def _int_in(low: int, high: float, why: str):
+    """An argparse type: an integer in [low, high], else one line saying `why`."""
+    def parse(text):
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f'{why}, got {value}')
+        return value
+    parse.__name__ = 'integer'   # (argparse names it in "invalid integer value: 'abc'")
+    return parse
 
 
-def _port(text):
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f'a TCP port is 1 to 65535, got {value}')
-    return value
-
-
-def _body_limit(text):
-    value = int(text)
-    if value < 1024:
-        raise argparse.ArgumentTypeError(f'must be at least 1024 (bytes; a request body is JSON), got {value}')
-    return value
-
-
-def _logprob_count(text):
-    value = int(text)
-    if not 0 <= value <= 20:
-        raise argparse.ArgumentTypeError(f'must be 0 to 20 (OpenAI\'s top_logprobs range), got {value}')
-    return value
+_positive_int = _int_in(1, float('inf'), 'must be >= 1')
+_port = _int_in(1, 65535, 'a TCP port is 1 to 65535')
+_body_limit = _int_in(1024, float('inf'), 'must be at least 1024 (bytes; a request body is JSON)')
+_logprob_count = _int_in(0, 20, "must be 0 to 20 (OpenAI's top_logprobs range)")
 
 
 def _positive_float(text):

@@ -74,19 +74,78 @@ def find(spec: str) -> Optional[str]:
     return available().get(spec)
 
 
-def read(path: str) -> Configuration:
+MAX_BYTES = 1 << 20    # a configuration is a few lines
+
+
+def _load(path: str) -> dict:
+    """The file's mapping. Aliases (*name) are refused: a few lines of nested aliases expand to billions of
+    values once anything walks them (44 s and 1.7 GB before a TypeError), and a configuration needs none."""
     import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.events.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise ValueError(f'{path}, line {mark.line + 1}: YAML aliases (*name) are not used in '
+                                 'configurations; write the value out')
+            return super().compose_node(parent, index)
+
+    if os.path.getsize(path) > MAX_BYTES:
+        raise ValueError(f'{path}: {os.path.getsize(path)} bytes; a configuration is a few lines (at most {MAX_BYTES})')
     with open(path, encoding='utf-8') as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.load(f, Loader=NoAliases) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f'{path}: not valid YAML ({e})') from None
     if not isinstance(data, dict):
         raise ValueError(f'{path}: a configuration is a YAML mapping, got {type(data).__name__}')
+    return data
+
+
+def _check(path: str, data: dict):
+    """Each key's type and range, named in the error (a wrong one gave a TypeError deep in loading, or a
+    model that loaded broken)."""
+    def wrong(key, what):
+        raise ValueError(f'{path}: {key} must be {what}, got {data[key]!r}'[:300])
+
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for key in ('name', 'model', 'device', 'description'):
+        if key in data and not isinstance(data[key], str):
+            wrong(key, 'a string')
+    for key in ('revision', 'adapter_revision'):
+        if data.get(key) is not None and not isinstance(data[key], (str, int)):
+            wrong(key, 'a string')
+    if data.get('family') not in (None, 'glm1', 'glm2', 'glm3'):
+        wrong('family', 'glm1, glm2 or glm3')
+    if data.get('context_length') is not None and not (is_int(data['context_length']) and data['context_length'] >= 1):
+        wrong('context_length', 'a whole number of tokens, at least 1')
+    if data.get('quantization_bit') not in (None, 4, 8) or isinstance(data.get('quantization_bit'), bool):
+        wrong('quantization_bit', '4, 8 or null')
+    if data.get('int8_activations') not in (None, True, False):
+        wrong('int8_activations', 'true or false')
+    for key in ('dtype', 'adapter'):
+        value = data.get(key)
+        if value is not None and not isinstance(value, str) and not (
+                isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
+            wrong(key, 'a string, or a mapping of strings')
+    generation = data.get('generation')
+    if generation is not None and not (isinstance(generation, dict) and all(
+            isinstance(k, str) and (isinstance(v, (str, int, float, bool)) or v is None or (
+                isinstance(v, list) and all(isinstance(i, (str, int, float)) for i in v)))
+            for k, v in generation.items())):
+        wrong('generation', 'a mapping of generation options (do_sample, top_p, temperature, ...) to values')
+
+
+def read(path: str) -> Configuration:
+    data = _load(path)
     unknown = sorted(set(data) - set(KEYS))
     if unknown:
         raise ValueError(f'{path}: unknown key(s) {unknown}; valid keys are {list(KEYS)}')
     if 'model' not in data:
         raise ValueError(f'{path}: the key "model" (a hub id or a model directory) is required')
-    if data.get('int8_activations') not in (None, True, False):
-        raise ValueError(f'{path}: int8_activations is true or false, got {data["int8_activations"]!r}')
+    _check(path, data)
     data.setdefault('name', os.path.splitext(os.path.basename(path))[0])
     model = str(data['model'])
     here = os.path.dirname(os.path.abspath(path))

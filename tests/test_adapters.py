@@ -182,7 +182,7 @@ def test_the_multi_adapter_server_answers_each_request_with_its_adapter(lora, gl
         for name, path in (('a', lora['glm2']), ('b', lora['glm2-b']), ('base', None)):
             chat = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32', adapter=path)
             answers[name] = {i: chat.chat(f'question {i}', [], do_sample=False, max_new_tokens=10)[0] for i in range(4)}
-        results, errors = {}, []
+        results, models, errors = {}, {}, []
 
         def ask(name, i):
             try:
@@ -190,6 +190,7 @@ def test_the_multi_adapter_server_answers_each_request_with_its_adapter(lora, gl
                     'model': name, 'messages': [{'role': 'user', 'content': f'question {i}'}], 'temperature': 0,
                     'max_tokens': 10})
                 results[name, i] = r.json()['choices'][0]['message']['content']
+                models[name, i] = r.json()['model']
             except Exception as e:   # reported below
                 errors.append(repr(e))
         threads = [threading.Thread(target=ask, args=(name, i)) for name in ('a', 'b', 'base') for i in range(4)]
@@ -199,6 +200,7 @@ def test_the_multi_adapter_server_answers_each_request_with_its_adapter(lora, gl
             t.join(timeout=300)
         assert not errors, errors[:3]
         assert results == {(name, i): answers[name][i] for name in answers for i in range(4)}
+        assert all(model == name for (name, _), model in models.items())   # a response names what answered
         r = httpx.post(f'{url}/v1/chat/completions', timeout=60, json={
             'model': 'c', 'messages': [{'role': 'user', 'content': 'hi'}]})
         assert r.status_code == 404 and "'base', 'a', 'b'" in r.json()['error']['message']
@@ -306,3 +308,26 @@ def test_fan_in_fan_out_is_ignored_for_linear_layers_as_peft_does(glm2_dir, glm2
     for other in results[1:]:
         torch.testing.assert_close(other, results[0], rtol=0, atol=TOL)
     assert (results[0] - logits_of(glm2_model, prompts)[0]).abs().max() > 100 * TOL
+
+
+@pytest.mark.parametrize('flags,needle', [
+    (['--adapter', 'a=/x', '--adapter', 'a=/y'], 'given twice'),
+    (['--adapter', '=/x'], 'both parts non-empty'),
+    (['--adapter', 'a='], 'both parts non-empty'),
+])
+def test_adapter_flags_that_would_hide_an_adapter_are_refused(flags, needle, capsys):
+    """The same name twice (the first adapter became unreachable) or an empty part are refused, in one
+    line, before anything loads."""
+    from modelscope_chatglm import cli
+    assert cli.main(['serve', '--model', 'unused', *flags]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and 'Traceback' not in err
+
+
+def test_an_adapter_named_like_the_served_model_is_refused(lora, glm2_dir):
+    """A request naming it got the base model: the adapter was unreachable."""
+    pytest.importorskip('fastapi')
+    from modelscope_chatglm.serve.server import create_app
+    chat = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32', adapter={'base': lora['glm2']})
+    with pytest.raises(ValueError, match="adapter name 'base' is the served model's name"):
+        create_app(chat, model_name='base')

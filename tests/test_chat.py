@@ -483,3 +483,28 @@ def test_threads_chatting_at_once_share_the_engine_and_get_their_own_replies(glm
     assert stats['steps'] - steps_before < 4 * 25                 # steps were shared
     engine = glm3_model.engine
     assert not engine.busy and engine.scheduler.snapshot()["kv_reserved_bytes"] == 0
+
+
+def test_tools_that_nest_too_deep_or_hold_too_much_are_refused_before_rendering(glm3_model):
+    """A 2 KB request of tools nested 900 deep was rendered (json.dumps, indent 4) and tokenized before it
+    was refused: 0.8 s and 175 MB each. Bounds on depth and size are checked first."""
+    import time
+    from modelscope_chatglm.errors import InputError
+    deep = {'name': 'f', 'parameters': {}}
+    node = deep['parameters']
+    for _ in range(900):
+        node['x'] = {}
+        node = node['x']
+    start = time.perf_counter()
+    with pytest.raises(InputError, match='levels deep'):
+        glm3_model.prepare('hi', tools=[deep], max_new_tokens=2)
+    with pytest.raises(InputError, match='levels deep'):   # (tools sent back in the history too)
+        glm3_model.prepare('hi', [{'role': 'system', 'content': '', 'tools': [deep]}], max_new_tokens=2)
+    with pytest.raises(InputError, match='values'):
+        glm3_model.prepare('hi', tools=[{'name': 'f', 'parameters': {'enum': list(range(30000))}}], max_new_tokens=2)
+    assert time.perf_counter() - start < 1.0
+    with pytest.raises(InputError, match='list of objects'):
+        glm3_model.prepare('hi', tools=['f'], max_new_tokens=2)
+    ordinary = [{'name': 'get_weather', 'description': 'weather of a city',
+                 'parameters': {'type': 'object', 'properties': {'city': {'type': 'string'}}, 'required': ['city']}}]
+    assert glm3_model.prepare('hi', tools=ordinary, max_new_tokens=2).input_ids

@@ -102,6 +102,33 @@ def test_yaml_configuration_by_path_and_by_name(glm2_dir, glm2_model, tmp_path, 
     assert modelscope_chatglm.load('tiny-chat').context_length == 512
 
 
+@pytest.mark.parametrize('text,needle', [
+    # an alias bomb: a few lines that expand to 9**9 values once walked
+    ('a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nmodel: *b\n', 'aliases'),
+    ('model: m\ncontext_length: abc\n', 'context_length must be a whole number'),
+    ('model: m\ncontext_length: -5\n', 'context_length must be a whole number'),
+    ('model: m\ncontext_length: true\n', 'context_length must be a whole number'),
+    ('model: m\ngeneration: hello\n', 'generation must be a mapping'),
+    ('model: m\ngeneration: {top_p: {deep: 1}}\n', 'generation must be a mapping'),
+    ('model: [1, 2]\n', 'model must be a string'),
+    ('model: m\nquantization_bit: 3\n', 'quantization_bit must be 4, 8 or null'),
+    ('model: m\nfamily: glm9\n', 'family must be glm1, glm2 or glm3'),
+    ('model: m\ndtype: [float16]\n', 'dtype must be a string'),
+    ('model: m\nint8_activations: maybe\n', 'int8_activations must be true or false'),
+    ('model: m\n  bad: [indent\n', 'not valid YAML'),
+])
+def test_a_broken_configuration_is_refused_naming_the_field(tmp_path, text, needle):
+    """Each wrong field is named before anything loads; an alias bomb is refused at once."""
+    import time
+    from modelscope_chatglm import yaml_configs
+    path = tmp_path / 'broken.yaml'
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=needle):
+        yaml_configs.read(str(path))
+    assert time.perf_counter() - start < 1
+
+
 def test_shipped_configurations_are_valid():
     from modelscope_chatglm import yaml_configs
     found = yaml_configs.available()

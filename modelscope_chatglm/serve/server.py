@@ -60,6 +60,14 @@ def _rejected(exc: Exception, accepted: bool = False) -> JSONResponse:
 REPLICA_HEADER = 'x-chatglm-replica'   # which engine served a request (several under Ray Serve)
 
 
+def check_model_names(name: str, adapters) -> None:
+    """A request's `model` picks the base or an adapter by name: an adapter named like the base could never
+    be picked (the request would get the base)."""
+    if name in adapters:
+        raise ValueError(f'the adapter name {name!r} is the served model\'s name; name the adapter otherwise '
+                         '(--adapter NAME=PATH) or the model (--name)')
+
+
 # -- the app ---------------------------------------------------------------------------------------------
 def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20,
                api_key: Optional[str] = None, max_queue: int = 100, max_batch: Optional[int] = None,
@@ -72,6 +80,7 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
     max_queue: requests that may wait for the model; more get a 503 with Retry-After.
     max_logprobs: the most alternatives per token a request may ask logprobs for (vLLM's --max-logprobs).
     max_batch, kv_cache_bytes, prefill_chunk: the settings of the model's engine (engine/scheduler.py)."""
+    check_model_names(model_name or chat.name, list(chat.adapters))   # (before an engine thread starts)
     engine = AsyncEngine(chat, max_queue, max_batch, kv_cache_bytes, prefill_chunk)
     return create_app_over(engine, model_name, max_body_bytes, api_key, max_logprobs)
 
@@ -89,6 +98,7 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
 
     app = FastAPI(title='modelscope-chatglm', version='1', lifespan=lifespan)
     name = model_name or backend.model_name
+    check_model_names(name, backend.adapters)
     app.state.engine = backend
 
     keys = [key.encode() for key in api_keys(api_key)]
@@ -172,9 +182,10 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
                            '(GET /v1/models lists them)')
 
     async def respond(call_of, req, request: Request, whole, chunks):
-        """Run one OpenAI request: call_of(req, adapter) -> ChatCall; whole(cid, created, results) -> the
-        JSON body; chunks(cid, created, index) -> the SSE chunks of one choice (protocol.ChatChunks or
-        TextChunks). Its `n` choices are n generations, streamed side by side."""
+        """Run one OpenAI request: call_of(req, adapter) -> ChatCall; whole(cid, created, model, results) ->
+        the JSON body; chunks(cid, created, model, index) -> the SSE chunks of one choice (protocol.ChatChunks
+        or TextChunks), `model` naming the adapter the request chose (or the base). Its `n` choices are n
+        generations, streamed side by side."""
         try:
             adapter = pick_adapter(req.model)
         except UnknownModel as e:
@@ -201,7 +212,7 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
         if refused:
             await asyncio.gather(*(events.aclose() for events in streams))   # the accepted ones leave
             return _rejected(refused[0])
-        replica = firsts[0][1]
+        replica, model = firsts[0][1], adapter or name
         headers = {REPLICA_HEADER: replica} if replica else {}
         created, cid = int(time.time()), protocol.completion_id('cmpl' if call.completion else 'chatcmpl')
         if not req.stream:
@@ -212,11 +223,11 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
             except Exception as e:   # the request was valid: a failure now is the server's
                 return _rejected(e, accepted=True)
             # Built and serialized in a thread: 8,000 tokens with 20 logprobs each are ~15 MB of JSON.
-            body = await asyncio.to_thread(lambda: json.dumps(whole(cid, created, results), ensure_ascii=False))
+            body = await asyncio.to_thread(lambda: json.dumps(whole(cid, created, model, results), ensure_ascii=False))
             return Response(body, media_type='application/json', headers=headers)
 
         async def stream():
-            shapes = [chunks(cid, created, index) for index in range(len(streams))]
+            shapes = [chunks(cid, created, model, index) for index in range(len(streams))]
             events = _merged(streams)
             results = [None] * len(streams)
             logprobs = [[] for _ in streams]   # per choice, of the tokens since its last chunk: they go with the next
@@ -254,15 +265,17 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
     @app.post('/v1/chat/completions')
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         return await respond(protocol.chat_call, req, request,
-                             lambda cid, created, results: protocol.completion(cid, created, name, results),
-                             lambda cid, created, index: protocol.ChatChunks(cid, created, name, index))
+                             lambda cid, created, model, results: protocol.completion(cid, created, model, results),
+                             lambda cid, created, model, index: protocol.ChatChunks(cid, created, model, index))
 
     @app.post('/v1/completions')
     async def completions(req: TextCompletionRequest, request: Request):
         echo, scored = protocol.echo_text(req), protocol.scores_prompt(req)
         return await respond(protocol.completion_call, req, request,
-                             lambda cid, created, results: protocol.text_completion(cid, created, name, results, echo),
-                             lambda cid, created, index: protocol.TextChunks(cid, created, name, echo, index, scored))
+                             lambda cid, created, model, results: protocol.text_completion(cid, created, model,
+                                                                                          results, echo),
+                             lambda cid, created, model, index: protocol.TextChunks(cid, created, model, echo, index,
+                                                                                    scored))
 
     @app.post('/')
     async def classic(req: ClassicRequest, request: Request):
