@@ -318,6 +318,9 @@ def main(argv=None):
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # Ctrl-C while a model loads (the chat loop handles its own)
+        print('\ninterrupted', file=sys.stderr)
+        return 130
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Optional, Union
 
 import torch
@@ -81,6 +82,9 @@ def resolve_dtype(dtype, device: torch.device, policy=None, quantized: bool = Fa
         raise ValueError(f'unknown dtype {dtype!r}; use one of float32, bfloat16, float16') from None
 
 
+HUB_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')   # one part of a hub id: an owner or a model name
+
+
 def resolve_model_dir(model: str, revision: Optional[str]) -> str:
     """A local directory as it is; a hub id through ModelScope's snapshot_download."""
     if os.path.isdir(model):
@@ -89,13 +93,26 @@ def resolve_model_dir(model: str, revision: Optional[str]) -> str:
         raise CheckpointError(f'{model} is a file; pass the model directory that holds config.json, '
                               'or a YAML configuration (*.yaml)')
     parts = model.split('/')
-    if len(parts) != 2 or not all(parts):
+    if len(parts) != 2 or not all(HUB_NAME.fullmatch(part) and part not in ('.', '..') for part in parts):
+        # (checked before any network: './x' or 'ZhipuAI/..' waited for retries, and '..' reached the URL)
         raise CheckpointError(
             f'{model!r} is neither a local directory, a hub id like "ZhipuAI/chatglm2-6b", nor a known '
             f'configuration ({", ".join(sorted(yaml_configs.available()))})')
     from modelscope.hub.snapshot_download import snapshot_download   # only hub ids need it
-    logger.info('downloading %s (revision %s) from the ModelScope hub', model, revision or 'master')
-    return snapshot_download(model, revision=revision or 'master')
+    revision = revision or 'master'
+    try:
+        return snapshot_download(model, revision=revision, local_files_only=True)   # cached: no network
+    except Exception:   # (not cached, or only in part: download it)
+        pass
+    logger.info('downloading %s (revision %s) from the ModelScope hub', model, revision)
+    try:
+        return snapshot_download(model, revision=revision)
+    except Exception as e:   # offline, a wrong id, a wrong revision: one line, not the hub client's traceback
+        raise CheckpointError(
+            f'{model} (revision {revision}) is not in the ModelScope cache and could not be downloaded '
+            f'({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else "no detail"}). Check the id '
+            f'and the network, download it where there is one (`modelscope download --model {model}`), or '
+            'pass a local directory in the hub layout') from None
 
 
 def load(model: str, revision: Optional[str] = None, device=None, dtype=None,

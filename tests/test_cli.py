@@ -114,3 +114,20 @@ def test_help_shows_what_each_serve_option_does(capsys):
     out = capsys.readouterr().out
     for text in ('default 8000', 'default 127.0.0.1', 'default 1048576', 'hub revision', 'default 20'):
         assert text in out, text
+
+
+def test_hub_ids_fail_in_one_line(tmp_path):
+    """Ids that cannot be hub ids fail at once, before any network ('./x' and 'ZhipuAI/..' waited ~22 s for
+    retries); a real-looking id that is not cached, offline, ends in one line saying what to do, not the
+    hub client's traceback (113 lines)."""
+    import time
+    for model in ('./x', 'ZhipuAI/..', 'a/b/c'):
+        start = time.monotonic()
+        out = run_cli('chat', '--model', model, cache=tmp_path, stdin='', timeout=60)
+        assert out.returncode == 2 and 'is neither a local directory, a hub id' in out.stderr
+        assert time.monotonic() - start < 20 and 'Traceback' not in out.stderr
+    out = run_cli('chat', '--model', 'nobody-here/no-such-model-xyz', cache=tmp_path, stdin='', timeout=120)
+    assert out.returncode == 2 and 'Traceback' not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: nobody-here/no-such-model-xyz') and 'modelscope download' in last
+    assert len(out.stderr.strip().splitlines()) <= 8

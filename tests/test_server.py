@@ -234,6 +234,14 @@ def test_a_busy_server_says_so_and_sigterm_ends_it_within_seconds(glm2_dir, tmp_
         # Idle, a request of more choices than --max-queue runs: its choices take one place in the queue.
         r = httpx.post(url, json=dict(body, max_tokens=2, n=3, temperature=1, seed=1), timeout=120)
         assert r.status_code == 200 and len(r.json()['choices']) == 3, r.text
+        streamed = []
+
+        def stream():   # generating when SIGTERM comes: it must end with an error event and [DONE]
+            with httpx.stream('POST', url, json=dict(body, stream=True), timeout=120) as r:
+                streamed.extend(r.iter_lines())
+        reader = threading.Thread(target=stream)
+        reader.start()
+        time.sleep(1)
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(httpx.post, url, json=body, timeout=120) for _ in range(6)]
             busy, deadline = [], time.time() + 60
@@ -247,11 +255,14 @@ def test_a_busy_server_says_so_and_sigterm_ends_it_within_seconds(glm2_dir, tmp_
             proc.send_signal(signal.SIGTERM)       # one generating, one queued: neither may hold the exit
             proc.wait(timeout=20)
             assert time.time() - start < 10
-            for f in futures:
-                try:
-                    f.result(timeout=20)           # an answer or a dropped connection, never a hang
-                except httpx.HTTPError:
-                    pass
+            for f in futures:                      # each an answer: its reply, or a JSON 503 (busy, or shutting down)
+                r = f.result(timeout=20)
+                assert r.status_code in (200, 503), r.text
+                if r.status_code == 503:
+                    assert r.json()['error']['type'] in ('server_busy', 'server_unavailable')
+            reader.join(timeout=20)
+            lines = [line for line in streamed if line]
+            assert lines[-1] == 'data: [DONE]' and any('shutting down' in line for line in lines), lines[-3:]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -131,6 +131,10 @@ class ReplicaUnavailable(Exception):
     """The process that ran the model went away (a Ray Serve replica died): retry, another one serves."""
 
 
+class ShuttingDown(ReplicaUnavailable):
+    """The server got SIGTERM/SIGINT: what runs ends now, what waits never starts; retry elsewhere."""
+
+
 Event = Tuple[str, object]
 
 
@@ -145,6 +149,9 @@ class AsyncEngine:
         self.engine = chat.configure_engine(max_batch, kv_cache_bytes, prefill_chunk)
         self.scheduler = self.engine.scheduler
         self.started = time.time()
+        self._jobs = {}                   # id -> job, submitted and not finished: told when the server shuts down
+        self._jobs_lock = threading.Lock()
+        self._closing = False
         self._rate = deque(maxlen=1024)   # (time, generated tokens) at recent tokens: tokens/s
         self._rate_lock = threading.Lock()  # (appended on the engine thread, read for /metrics on the loop's)
         self.engine.start_background()
@@ -186,6 +193,8 @@ class AsyncEngine:
     def submit(self, job: Job) -> Job:
         """Raises QueueFull, or KVBudgetError for a request that can never fit. A request's n choices take
         one place in the queue: only its first is checked (the routes submit it before the others)."""
+        if self._closing:
+            raise ShuttingDown('the server is shutting down; retry the request')
         waiting = len(self.scheduler.waiting)
         if job.choice == 0 and waiting >= self.max_queue:
             raise QueueFull(f'the server is busy: {waiting} requests are waiting (--max-queue '
@@ -208,9 +217,23 @@ class AsyncEngine:
         def on_finish(seq):
             self._finish(job, seq)
 
+        with self._jobs_lock:
+            self._jobs[id(job)] = job
         job.seq = self.engine.submit(job.request.input_ids, job.request.params, on_token, on_finish, job.adapter,
                                      job.logprobs, job.prompt_logprobs, job.cache_scope)
         return job
+
+    def shut_down(self):
+        """SIGTERM/SIGINT (on the event loop's thread): every job still running or waiting ends now with an
+        error (a stream then sends its error event and [DONE]; a waiting request gets a 503), and nothing new
+        is taken."""
+        self._closing = True
+        error = ShuttingDown('the server is shutting down; retry the request')
+        with self._jobs_lock:
+            jobs, self._jobs = list(self._jobs.values()), {}
+        for job in jobs:
+            job.emit('error', error)
+            job.cancel()
 
     def stats(self) -> dict:
         snap = self.scheduler.snapshot()
@@ -261,6 +284,8 @@ class AsyncEngine:
         job.emit('prompt_logprobs', job.prompt_entries)
 
     def _finish(self, job: Job, seq):
+        with self._jobs_lock:
+            self._jobs.pop(id(job), None)
         if seq.error is not None:
             job.emit('error', seq.error)
             return

@@ -392,6 +392,14 @@ def serve(chat: ChatModel, host: str = '127.0.0.1', port: int = 8000, max_body_b
     # at the next token) and everything still queued.
     app = create_app(chat, model_name, max_body_bytes, api_key, max_queue, max_batch, kv_cache_bytes, prefill_chunk,
                      max_logprobs)
-    uvicorn.run(app, host=host, port=port,
-                log_level='info', timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # First end every stream with an error event and [DONE] and answer every waiting request with a
+            # 503 (uvicorn only waits for open connections, then cuts them), then stop as uvicorn does.
+            app.state.engine.shut_down()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level='info',
+                          timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
 
