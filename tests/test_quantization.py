@@ -749,6 +749,29 @@ def test_read_only_cache_falls_back_to_a_temp_dir(tmp_path):
     assert 'not writable' in out
 
 
+def test_a_full_disk_under_the_cache_falls_back_to_a_temp_dir(tmp_path):
+    """ENOSPC while writing the library: the build moves to the private dir under $TMPDIR, as for a
+    read-only cache (it gave up, and every start tried again for ~13 s). A real full filesystem: a
+    64 KiB tmpfs."""
+    if os.geteuid() != 0 or not shutil.which('mount'):
+        pytest.skip('mounting a small tmpfs needs root')
+    full = tmp_path / 'full'
+    full.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k,mode=0700', 'tmpfs', str(full)]).returncode:
+        pytest.skip('this machine does not let us mount a tmpfs')
+    try:
+        (full / 'kernels').mkdir(mode=0o700)
+        temp = tmp_path / 'tmp'
+        temp.mkdir()
+        out = probe({'TMPDIR': str(temp)}, full / 'kernels').communicate(timeout=300)[0]
+        assert 'RESULT avx' in out or 'RESULT scalar' in out, out
+        assert 'no room to write the compiled kernels' in out, out
+        assert [f for d in temp.iterdir() for f in os.listdir(d) if f.endswith('.so')]
+        assert not [f for f in os.listdir(full / 'kernels') if f.endswith('.so') or f.startswith('.build-')]
+    finally:
+        subprocess.run(['umount', str(full)])
+
+
 def built_library(cache):
     out = probe({}, cache).communicate(timeout=300)[0]
     assert 'RESULT avx' in out or 'RESULT scalar' in out, out

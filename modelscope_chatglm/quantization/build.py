@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import logging
 import os
@@ -99,20 +100,32 @@ def private_dir(path: str) -> str:
     return path
 
 
-def _writable_dir() -> str:
+def _writable_dirs():
+    """The cache dir, then a private dir under $TMPDIR: each one that is ours and writable, in turn."""
     candidates = (cache_dir(), os.path.join(tempfile.gettempdir(), f'modelscope_chatglm-kernels-{os.getuid()}'))
+    found = False
     for d in candidates:
         try:
             private_dir(d)
             probe = tempfile.NamedTemporaryFile(dir=d, delete=True)
             probe.close()
-            return d
         except PermissionError as e:
             logger.warning('not using %s for the compiled kernels: %s. Remove it, or point '
                            '$MODELSCOPE_CHATGLM_KERNEL_CACHE at a directory of your own (mode 700).', d, e)
+            continue
         except OSError:
             logger.info('kernel cache dir %s is not writable; trying the next one', d)
-    raise OSError(f'no private, writable directory for the compiled kernels among {list(candidates)}')
+            continue
+        found = True
+        yield d
+    if not found:
+        raise OSError(f'no private, writable directory for the compiled kernels among {list(candidates)}')
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether a build failed for want of room to write it (a full or over-quota disk), not for the code."""
+    return (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        'No space left on device' in str(error) or 'Disk quota exceeded' in str(error)
 
 
 def _digest(path: str) -> str:
@@ -212,7 +225,19 @@ def _build_and_load():
         logger.warning('no C compiler found (gcc/cc/clang on PATH, or $CC): quantized layers run on the '
                        'slower pure-torch path. Install gcc (e.g. apt-get install gcc) for the fast CPU kernels.')
         return None
-    directory = _writable_dir()
+    for directory in _writable_dirs():
+        lib = _build_in(cc, directory)
+        if lib is not _FULL:
+            return lib
+        logger.warning('no room to write the compiled kernels in %s (disk full?); building them in a private '
+                       'directory under $TMPDIR instead', directory)
+    return None
+
+
+_FULL = object()   # _build_in's answer when the directory's disk had no room
+
+
+def _build_in(cc: str, directory: str):
     for openmp in (True, False):
         path = library_path(cc, openmp, directory)
         if os.path.exists(path):
@@ -222,6 +247,8 @@ def _build_and_load():
         try:
             _compile(cc, openmp, path)
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            if _disk_full(e):
+                return _FULL
             if openmp:
                 logger.warning('compiling the CPU kernels with OpenMP failed (%s); building them '
                                'single-threaded', _first_error(str(e)))
