@@ -177,7 +177,7 @@ def cmd_serve(args):
     serve(load_from_args(args), host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
           model_name=args.name, api_key=keys or None,
           max_queue=args.max_queue, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
-          max_logprobs=args.max_logprobs,
+          max_logprobs=args.max_logprobs, max_connections=args.max_connections, header_timeout=args.header_timeout,
           kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30))
 
 
@@ -295,6 +295,12 @@ def main(argv=None):
                                 'a response carries at most 131,072 logprobs in all')
             p.add_argument('--max-batch', type=_positive_int, default=None,
                            help='most sequences decoded together (default 16; 1 = one request at a time)')
+            p.add_argument('--max-connections', type=_int_in(16, 10 ** 6, 'must be at least 16'), default=1000,
+                           help='open connections at most; more are closed at once (default 1000)')
+            p.add_argument('--header-timeout', type=_positive_float, default=30.0,
+                           help='seconds a client has to send a request\'s head (line and headers) after it '
+                                'connects or after the previous response; slower ones are disconnected '
+                                '(default 30)')
             p.add_argument('--kv-cache-gb', type=_positive_float, default=None,
                            help='GiB for the K/V of running sequences and the prefix cache (default: a quarter '
                                 'of available RAM up to 16, or half of free GPU memory); a request waits until its '

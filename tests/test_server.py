@@ -269,6 +269,46 @@ def test_a_busy_server_says_so_and_sigterm_ends_it_within_seconds(glm2_dir, tmp_
             proc.wait()
 
 
+def test_idle_slow_and_excess_connections_are_closed_and_the_server_keeps_serving(glm2_dir, tmp_path):
+    """Connections that send nothing, or their headers a byte at a time, were never timed out, and with
+    no connection limit they held the server at its file-descriptor limit (where it stopped accepting and
+    logged a traceback per attempt: 26 MB in 10 s). Now a request's head has --header-timeout seconds and
+    connections past --max-connections are closed at once; real clients are served throughout."""
+    import socket
+    port = free_port()
+    log = tmp_path / 'conn.log'
+    proc = start_service(['serve', '--model', glm2_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port),
+                          '--max-connections', '16', '--header-timeout', '1.5'], f'http://127.0.0.1:{port}/health', log)
+    try:
+        idle = [socket.create_connection(('127.0.0.1', port), timeout=10) for _ in range(40)]
+        slow = socket.create_connection(('127.0.0.1', port), timeout=10)
+        slow.sendall(b'GET /health HTTP/1.1\r\nHost: x\r\n')
+        start = time.monotonic()
+        closed_slow = None
+        while time.monotonic() - start < 6 and closed_slow is None:
+            try:
+                slow.sendall(b'X')                   # one header byte at a time
+                slow.settimeout(0.3)
+                if slow.recv(100) == b'':
+                    closed_slow = time.monotonic() - start
+            except socket.timeout:
+                pass
+            except OSError:
+                closed_slow = time.monotonic() - start
+        assert closed_slow is not None and closed_slow < 4, closed_slow
+        for sock in idle:                            # the excess at once, the rest at the deadline
+            sock.settimeout(5)
+            assert sock.recv(100) == b''
+            sock.close()
+        r = httpx.post(f'http://127.0.0.1:{port}/v1/chat/completions', timeout=60,
+                       json={'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 2, 'temperature': 0})
+        assert r.status_code == 200
+        assert log.stat().st_size < 200_000
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_a_vanishing_temperature_samples_like_greedy(server, glm2_model):
     """temperature 1e-45 used to overflow the logits to NaN (a 500); now it is all but greedy."""
     greedy = expected(glm2_model, '你好', n=8)

@@ -383,10 +383,72 @@ async def _disconnect(request: Request):
 SHUTDOWN_GRACE_S = 3
 
 
+def timed_http_protocol(header_timeout: float, max_connections: int):
+    """uvicorn's HTTP/1.1 protocol with two bounds: a request's head (request line and headers) must arrive
+    within `header_timeout` seconds of the connection, or of the previous response (a client that connects
+    and sends nothing, or its headers a byte at a time, is disconnected), and a connection past
+    `max_connections` open ones is closed at once (idle sockets held the server at its file-descriptor
+    limit, where it stopped accepting and logged a traceback per attempt)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11(H11Protocol):
+        _head_deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.close()
+                return
+            self._expect_head()
+
+        def data_received(self, data):
+            super().data_received(data)
+            if self._head_deadline is not None and self.conn.their_state is not h11.IDLE:
+                self._head_deadline.cancel()   # the head is in: the request runs as long as it needs
+                self._head_deadline = None
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._expect_head()   # (keep-alive: the next request's head has the same deadline)
+
+        def connection_lost(self, exc):
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+                self._head_deadline = None
+            super().connection_lost(exc)
+
+        def _expect_head(self):
+            if self._head_deadline is None:
+                self._head_deadline = self.loop.call_later(header_timeout, self._head_too_slow)
+
+        def _head_too_slow(self):
+            self._head_deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return TimedH11
+
+
+def raise_open_file_limit(wanted: int) -> int:
+    """Let this process hold `wanted` descriptors if the hard limit allows (the soft limit is often 1,024);
+    -> the soft limit now."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):
+        return wanted
+
+
 def serve(chat: ChatModel, host: str = '127.0.0.1', port: int = 8000, max_body_bytes: int = 1 << 20,
           model_name: Optional[str] = None, api_key: Optional[str] = None, max_queue: int = 100,
           max_batch: Optional[int] = None, kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None,
-          max_logprobs: int = 20):
+          max_logprobs: int = 20, max_connections: int = 1000, header_timeout: float = 30.0):
     import uvicorn
     # SIGTERM: stop accepting, give open requests SHUTDOWN_GRACE_S, then cancel them (their jobs stop
     # at the next token) and everything still queued.
@@ -400,6 +462,10 @@ def serve(chat: ChatModel, host: str = '127.0.0.1', port: int = 8000, max_body_b
             app.state.engine.shut_down()
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level='info',
-                          timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
+    # Room for every allowed connection, the model's files and the engine's (the limit binds first).
+    limit = raise_open_file_limit(max_connections + 256)
+    max_connections = min(max_connections, max(16, limit - 256))
+    Server(uvicorn.Config(app, host=host, port=port, log_level='info', timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                          http=timed_http_protocol(header_timeout, max_connections),
+                          limit_concurrency=max_connections)).run()
 
