@@ -119,6 +119,9 @@ def read_message(prompt: str):
 
 def cmd_chat(args):
     model = load_from_args(args)
+    if args.max_new_tokens is not None and args.max_new_tokens >= model.context_length:
+        raise ValueError(f'--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the '
+                         f'{model.context_length}-token context window; ask for fewer')
     print('Type a message (end a line with \\ to continue it); "clear" resets the history, "exit" quits, '
           'Ctrl-C stops a reply.')
     history = []

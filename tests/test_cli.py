@@ -131,3 +131,21 @@ def test_hub_ids_fail_in_one_line(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith('error: nobody-here/no-such-model-xyz') and 'modelscope download' in last
     assert len(out.stderr.strip().splitlines()) <= 8
+
+
+def test_chat_refuses_a_reply_length_the_context_cannot_hold(glm2_dir, tmp_path):
+    """`chat --max-new-tokens 100000` started, then failed on every turn."""
+    out = run_cli('chat', '--model', glm2_dir, '--max-new-tokens', '100000', cache=tmp_path, stdin='hi\n')
+    assert out.returncode == 2 and 'leaves no room for a prompt' in out.stderr and 'Traceback' not in out.stderr
+    assert 'ChatGLM: ' not in out.stdout
+
+
+def test_ctrl_c_while_the_model_loads_exits_without_a_traceback(glm2_dir, tmp_path):
+    env = dict(os.environ, MODELSCOPE_CHATGLM_CACHE=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, '-m', 'modelscope_chatglm.cli', 'chat', '--model', glm2_dir],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stderr.readline()                 # "loading ...": the model is being read now
+    assert 'loading' in line, line
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and 'interrupted' in err and 'Traceback' not in err, err
