@@ -322,15 +322,47 @@ def _write_json(out_dir, name, data):
         json.dump(data, f, indent=2, ensure_ascii=False)
 
 
+def build_lora(out_dir: str, base_dir: str, rank: int = 4, seed: int = 0) -> str:
+    """A random LoRA adapter for the ChatGLM2/3 checkpoint in `base_dir`, as peft writes one (adapter_config.json
+    and adapter_model.safetensors over each block's query_key_value): how to try `--adapter` offline."""
+    import torch
+    from safetensors.torch import save_file
+    with open(os.path.join(base_dir, 'config.json'), encoding='utf-8') as f:
+        cfg = json.load(f)
+    if 'num_layers' not in cfg:
+        raise ValueError(f'{base_dir} is not a ChatGLM2/3 checkpoint (its LoRA targets are another module)')
+    hidden, heads = cfg['hidden_size'], cfg['num_attention_heads']
+    head_dim = cfg.get('kv_channels') or hidden // heads
+    groups = cfg.get('multi_query_group_num', heads) if cfg.get('multi_query_attention') else heads
+    out_features = (heads + 2 * groups) * head_dim
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg['num_layers']):
+        module = f'base_model.model.transformer.encoder.layers.{layer}.self_attention.query_key_value'
+        tensors[f'{module}.lora_A.weight'] = torch.randn(rank, hidden, generator=g) / hidden ** 0.5
+        tensors[f'{module}.lora_B.weight'] = torch.randn(out_features, rank, generator=g) * 0.5
+    os.makedirs(out_dir, exist_ok=True)
+    _write_json(out_dir, 'adapter_config.json', {'peft_type': 'LORA', 'r': rank, 'lora_alpha': 2 * rank,
+                                                  'target_modules': ['query_key_value'], 'lora_dropout': 0.0,
+                                                  'bias': 'none', 'task_type': 'CAUSAL_LM'})
+    save_file(tensors, os.path.join(out_dir, 'adapter_model.safetensors'))
+    return out_dir
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] + ' With --lora-for BASE: a random LoRA '
+                                 'adapter for the tiny checkpoint BASE instead (to try --adapter offline).')
     ap.add_argument('out_dir')
+    ap.add_argument('--lora-for', metavar='BASE', help='write a LoRA adapter for this tiny ChatGLM2/3 checkpoint')
     ap.add_argument('--family', default='glm2', choices=list(FAMILIES))
     ap.add_argument('--format', default='bin', choices=['bin', 'safetensors'])
     ap.add_argument('--shards', type=int, default=2)
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--quantization-bit', type=int, default=0, choices=[0, 4, 8])
     args = ap.parse_args(argv)
+    if args.lora_for:
+        print(build_lora(args.out_dir, args.lora_for, seed=args.seed))
+        return
     print(build(args.out_dir, args.family, args.format, args.shards, args.seed,
                 quantization_bit=args.quantization_bit))
 

@@ -331,3 +331,21 @@ def test_an_adapter_named_like_the_served_model_is_refused(lora, glm2_dir):
     chat = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32', adapter={'base': lora['glm2']})
     with pytest.raises(ValueError, match="adapter name 'base' is the served model's name"):
         create_app(chat, model_name='base')
+
+
+def test_a_tiny_lora_lets_a_user_try_adapters_offline(glm2_dir, glm2_model, tmp_path):
+    """`python -m modelscope_chatglm.tiny OUT --lora-for BASE` writes a LoRA adapter in peft's layout: it
+    loads merged and unmerged alike, and changes the replies."""
+    from modelscope_chatglm import tiny
+    out = str(tmp_path / 'lora')
+    tiny.main([out, '--lora-for', glm2_dir])
+    assert sorted(os.listdir(out)) == ['adapter_config.json', 'adapter_model.safetensors']
+    merged = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32', adapter=out)
+    served = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32', adapter={'tiny': out})
+    greedy = dict(do_sample=False, max_new_tokens=10)
+    reply = merged.chat('你好', [], **greedy)[0]
+    engine = served.new_engine()
+    seq = engine.submit(served.build_inputs('你好'), served.sampling(**greedy), adapter='tiny')
+    engine.run_until_done([seq])
+    assert served.respond(served.prepare('你好', [], **greedy), seq.output)[0] == reply
+    assert reply != glm2_model.chat('你好', [], **greedy)[0]
