@@ -643,7 +643,7 @@ def test_int8_activations_errors(quantized_dirs, tmp_path):
         modelscope_chatglm.load(quantized_dirs['fp16'], device='cpu', int8_activations=True)
     cfg = tmp_path / 'bad.yaml'
     cfg.write_text(f'model: {quantized_dirs[8]}\nint8_activations: "false"\n')
-    with pytest.raises(ValueError, match="int8_activations is true or false, got 'false'"):
+    with pytest.raises(ValueError, match="int8_activations must be true or false, got 'false'"):
         modelscope_chatglm.load(str(cfg))
 
 
