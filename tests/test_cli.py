@@ -149,3 +149,12 @@ def test_ctrl_c_while_the_model_loads_exits_without_a_traceback(glm2_dir, tmp_pa
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and 'interrupted' in err and 'Traceback' not in err, err
+
+
+def test_an_api_key_option_that_holds_no_key_is_refused():
+    """`--api-key ,` would have started a server open to everyone."""
+    from modelscope_chatglm.serve.auth import api_keys
+    for value in (',', ' , ', [',', ' ']):
+        with pytest.raises(ValueError, match='holds no key'):
+            api_keys(value)
+    assert api_keys(None) == [] and api_keys('') == [] and api_keys(['a', 'b,c']) == ['a', 'b', 'c']

@@ -9,6 +9,9 @@ def api_keys(value) -> List[str]:
     be printable ASCII: an HTTP header carries it, and one that is not could never match."""
     values = [] if value is None else [value] if isinstance(value, str) else list(value)
     keys = [key.strip() for v in values for key in v.split(',') if key.strip()]
+    if values and not keys and any(values):   # (',' or ' ': meant to set a key, would serve everyone)
+        raise ValueError(f'--api-key {values[0]!r} holds no key; give the key itself (or leave the option out '
+                         'to serve without one)')
     for key in keys:
         if not (key.isascii() and key.isprintable()) or ' ' in key:
             raise ValueError(f'--api-key {key[:4]!r}...: an API key must be printable ASCII without spaces '
