@@ -183,40 +183,16 @@ class GLM1Model(nn.Module):
         prefix = self.prefix_encoder().view(cfg.pre_seq_len, cfg.num_layers, 2, cfg.num_heads, cfg.head_dim)
         return prefix.permute(1, 2, 3, 0, 4)
 
-    # -- prompt structure ---------------------------------------------------------------------------
-    def _structure(self, input_ids, attention_mask):
-        """Per row: padding mask, <sop> index, [gMASK] position (unpadded), 2D positions."""
-        cfg = self.cfg
-        b, s = input_ids.shape
-        padding = torch.ones(b, s, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
-            else attention_mask.to(input_ids.device).bool()
-        pad_len = (~padding).sum(dim=1)
-        sop_index, mask_position = [], []
-        for row, ids in enumerate(input_ids.tolist()):
-            mask_id = cfg.gmask_token_id if cfg.gmask_token_id in ids else cfg.mask_token_id
-            if cfg.bos_token_id not in ids or mask_id not in ids:
-                raise ValueError('a ChatGLM-6B prompt must contain [gMASK] (or [MASK]) and <sop>; '
-                                 'build it with model.build_inputs() or tokenizer.encode(text) + '
-                                 '[gMASK, <sop>]')
-            sop_index.append(ids.index(cfg.bos_token_id))
-            mask_position.append(ids.index(mask_id) - int(pad_len[row]))
-        sop_index = torch.tensor(sop_index, device=input_ids.device)
-        mask_position = torch.tensor(mask_position, device=input_ids.device)
-        index = torch.arange(s, device=input_ids.device)[None, :]
-        before_sop = index < sop_index[:, None]
-        positions = torch.where(before_sop, index - pad_len[:, None], mask_position[:, None])
-        block_positions = torch.where(before_sop, torch.zeros_like(index), index - sop_index[:, None] + 1)
-        positions = positions.masked_fill(~padding, 0)
-        block_positions = block_positions.masked_fill(~padding, 0)
-        return padding, sop_index, mask_position, positions, block_positions
-
     # -- the engine (engine/runner.py) ----------------------------------------------------------------
     def start(self, prompt) -> PromptShape:
         """Where the prompt's <sop> and [gMASK] are. Its first part in `forward_ragged` must be the whole
         prompt: the prefix before <sop> is attended both ways, so it cannot be prefilled in chunks."""
-        ids = torch.as_tensor([list(prompt)], dtype=torch.long)
-        _, sop_index, mask_position, _, _ = self._structure(ids, None)
-        return PromptShape(int(sop_index[0]), int(mask_position[0]))
+        cfg, ids = self.cfg, list(prompt)
+        mask_id = cfg.gmask_token_id if cfg.gmask_token_id in ids else cfg.mask_token_id
+        if cfg.bos_token_id not in ids or mask_id not in ids:
+            raise ValueError('a ChatGLM-6B prompt must contain [gMASK] (or [MASK]) and <sop>; build it with '
+                             'model.build_inputs() or tokenizer.encode(text) + [gMASK, <sop>]')
+        return PromptShape(ids.index(cfg.bos_token_id), ids.index(mask_id))
 
     def rows_keep_their_bits(self, rows: int) -> bool:
         return linears_keep_row_bits(self.layers, rows, self.word_embeddings.weight.dtype)

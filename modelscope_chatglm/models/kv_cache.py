@@ -56,7 +56,7 @@ class KVPool:
             self.v[layer].index_copy_(0, index, kv[layer, 1].transpose(0, 1).to(self.dtype))
 
     def gather(self, pages: Sequence[int]) -> 'tuple[torch.Tensor, torch.Tensor]':
-        """K, V of `pages`, every layer: [layers, n, G, d] copies (tests and exports; never a forward)."""
+        """K, V of `pages`, every layer: [layers, n, G, d] copies (for inspection; a forward never gathers)."""
         index = torch.as_tensor(list(pages), dtype=torch.long, device=self.device)
         return self.k.index_select(1, index), self.v.index_select(1, index)
 
