@@ -27,7 +27,7 @@ ROOT = os.path.dirname(HERE)
 
 def build_checkpoint(path, family, layers):
     sys.path.insert(0, ROOT)
-    from modelscope_chatglm import tiny
+    from modelscope_chatglm.testing import tiny
     if os.path.exists(os.path.join(path, '.complete')):
         return path
     if family == 'glm1':

@@ -33,7 +33,7 @@ EMBED_PARAMS = 2 * 65024 * 4096                                                #
 
 
 def build(path, layers):
-    from modelscope_chatglm import tiny
+    from modelscope_chatglm.testing import tiny
     if not os.path.exists(os.path.join(path, '.complete')):
         tiny.build(path, family='glm2', fmt='bin', shards=2, hidden_size=4096, num_layers=layers, num_heads=32,
                    kv_channels=128, groups=2, ffn_hidden_size=13696, seq_length=32768, padded_vocab_size=65024,

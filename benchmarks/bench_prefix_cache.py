@@ -36,7 +36,7 @@ import tempfile
 import time
 
 import modelscope_chatglm
-from modelscope_chatglm import tiny
+from modelscope_chatglm.testing import tiny
 
 WORDS = ('river mountain cloud green quiet system model token memory light paper window garden music '
          'number letter silver orange simple future market winter summer street bridge planet forest').split()

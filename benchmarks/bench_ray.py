@@ -61,7 +61,7 @@ def main():
     ap.add_argument('--json', help='write the results here too')
     args = ap.parse_args()
 
-    from modelscope_chatglm import tiny
+    from modelscope_chatglm.testing import tiny
     model_dir = tiny.build(tempfile.mkdtemp(prefix='bench-ray-'), 'glm2', num_layers=args.layers,
                            hidden_size=args.hidden, num_heads=args.hidden // 64, kv_channels=64, groups=2,
                            ffn_hidden_size=args.hidden * 27 // 10, seq_length=4096, torch_dtype='float32')

@@ -218,7 +218,7 @@ def main():
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(',')))
     if args.tiny:
-        from modelscope_chatglm import tiny
+        from modelscope_chatglm.testing import tiny
         model_dir = tiny.build(tempfile.mkdtemp(prefix='bench-serving-'), 'glm2', seq_length=8192)
     else:
         from fullsize import build

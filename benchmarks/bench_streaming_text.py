@@ -17,7 +17,7 @@ import tempfile
 import time
 
 import modelscope_chatglm
-from modelscope_chatglm import tiny
+from modelscope_chatglm.testing import tiny
 from modelscope_chatglm.engine.detokenize import TextDeltas
 from modelscope_chatglm.tokenizer import GLM2Tokenizer
 

@@ -17,7 +17,7 @@ LAYERS_PER_SHARD = 4
 
 def build(path: str, fmt: str = 'bin', device: str = 'cpu', layers: int = LAYERS) -> None:
     """fmt 'bin' (pytorch_model-*.bin) or 'safetensors'; the random numbers are drawn on `device`."""
-    from modelscope_chatglm import tiny
+    from modelscope_chatglm.testing import tiny
     if os.path.exists(os.path.join(path, '.complete')):
         return
     os.makedirs(path, exist_ok=True)

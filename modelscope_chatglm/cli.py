@@ -23,7 +23,7 @@ def cache_dir() -> str:
 
 def demo_checkpoint(family: str) -> str:
     """The demo's tiny checkpoint, built once per cache dir (a marker file says it is complete)."""
-    from . import tiny
+    from .testing import tiny
     path = os.path.join(cache_dir(), f'demo-{family}-tiny')
     if not os.path.exists(os.path.join(path, '.complete')):
         tiny.build(path, family=family, fmt='safetensors', shards=2, seed=0)

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from modelscope_chatglm import tiny
+from modelscope_chatglm.testing import tiny
 from modelscope_chatglm.quantization import build
 from modelscope_chatglm.quantization.build import load_library
 

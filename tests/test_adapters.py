@@ -334,9 +334,9 @@ def test_an_adapter_named_like_the_served_model_is_refused(lora, glm2_dir):
 
 
 def test_a_tiny_lora_lets_a_user_try_adapters_offline(glm2_dir, glm2_model, tmp_path):
-    """`python -m modelscope_chatglm.tiny OUT --lora-for BASE` writes a LoRA adapter in peft's layout: it
+    """`python -m modelscope_chatglm.testing.tiny OUT --lora-for BASE` writes a LoRA adapter in peft's layout: it
     loads merged and unmerged alike, and changes the replies."""
-    from modelscope_chatglm import tiny
+    from modelscope_chatglm.testing import tiny
     out = str(tmp_path / 'lora')
     tiny.main([out, '--lora-for', glm2_dir])
     assert sorted(os.listdir(out)) == ['adapter_config.json', 'adapter_model.safetensors']

@@ -182,7 +182,7 @@ def full_width(tmp_path_factory):
     """Two ChatGLM2-6B-wide layers (hidden 4096, 32 heads, 2 K/V groups, ffn 13696), int4, with int8
     activations: the shapes where fp32 SDPA's sums depended on the chunk."""
     import modelscope_chatglm
-    from modelscope_chatglm import tiny
+    from modelscope_chatglm.testing import tiny
     path = tiny.build(str(tmp_path_factory.mktemp('full-width')), 'glm2', 'safetensors', 1, seed=4, hidden_size=4096,
                       num_layers=2, num_heads=32, kv_channels=128, groups=2, ffn_hidden_size=13696,
                       quantization_bit=4)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import modelscope_chatglm
-from modelscope_chatglm import CheckpointError, tiny
+from modelscope_chatglm import CheckpointError
+from modelscope_chatglm.testing import tiny
 from modelscope_chatglm.checkpoint import weight_files
 from modelscope_chatglm.model_config import detect_family, load_config
 

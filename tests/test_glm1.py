@@ -8,7 +8,8 @@ import torch
 from parity import run_parity
 
 import modelscope_chatglm
-from modelscope_chatglm import CheckpointError, tiny
+from modelscope_chatglm import CheckpointError
+from modelscope_chatglm.testing import tiny
 from modelscope_chatglm.chat_formats import GLM1Format
 
 

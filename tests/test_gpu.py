@@ -205,7 +205,7 @@ PRECISIONS = [('float16', 0), ('bfloat16', 0), ('float16', 8), ('float16', 4), (
 @pytest.mark.parametrize('family,extra', GPU_VARIANTS, ids=lambda v: str(v))
 @pytest.mark.parametrize('dtype,bits', PRECISIONS, ids=lambda v: str(v))
 def test_every_variant_runs_on_the_gpu(tmp_path, family, extra, dtype, bits):
-    from modelscope_chatglm import tiny
+    from modelscope_chatglm.testing import tiny
     path = tiny.build(str(tmp_path / 'ckpt'), family, 'safetensors', shards=2, **extra)
     cpu = modelscope_chatglm.load(path, device='cpu', dtype='float32', quantization_bit=bits or None)
     gpu = modelscope_chatglm.load(path, device='cuda', dtype=dtype, quantization_bit=bits or None)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import modelscope_chatglm
-from modelscope_chatglm import tiny
+from modelscope_chatglm.testing import tiny
 from modelscope_chatglm.checkpoint import iter_checkpoint
 from modelscope_chatglm.quantization import QuantizedLinear, dequantize, pack_int4, quantize, unpack_int4
 from modelscope_chatglm.quantization import build

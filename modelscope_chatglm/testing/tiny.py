@@ -6,7 +6,7 @@ ChatGLM2/3 (glm2/glm3: `tokenizer.model`, one dtype). They feed the offline demo
 tokenizer_config.json, configuration.json), only small. The tokenizer is a real SentencePiece model
 trained on the spot with the settings of the real one (formats docs/formats.md §4.4).
 
-    python -m modelscope_chatglm.tiny /tmp/tiny-glm2 --family glm2
+    python -m modelscope_chatglm.testing.tiny /tmp/tiny-glm2 --family glm2
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .families import FAMILIES, get_family
+from ..families import FAMILIES, get_family
 
 CORPUS = """\
 你好，我是一个人工智能助手。很高兴认识你！
@@ -205,7 +205,7 @@ def glm1_state_dict(cfg: dict, seed: int = 0) -> Dict[str, torch.Tensor]:
 def quantize_state_dict(sd: Dict[str, torch.Tensor], family: str, bits: int) -> Dict[str, torch.Tensor]:
     """The THUDM int8/int4 layout (docs/formats.md §2.2/§2.4): each block's four linears become int8 `weight`
     (int4: packed [out, in/2]) + fp16 `weight_scale` (+ the bias, unchanged); the rest stays float."""
-    from .quantization import quantize
+    from ..quantization import quantize
     suffixes = tuple(f'.{name}.weight' for name in get_family(family).model_class().QUANTIZED_LINEARS)
     out = {}
     for key, tensor in sd.items():
