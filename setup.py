@@ -15,7 +15,7 @@ setup(
     # Every file the code opens at run time (tests/test_install.py checks the wheel against the tree).
     package_data={'modelscope_chatglm.configuration': ['*.yaml'],
                   'modelscope_chatglm.modelscope_plugin': ['configuration.json'],
-                  'modelscope_chatglm.quantization': ['kernels/*.c']},
+                  'modelscope_chatglm.quantization': ['kernels/*.c', 'kernels/*.h']},
     install_requires=[
         'torch>=2.5',            # SDPA with grouped K/V (enable_gqa)
         'sentencepiece>=0.1.99',

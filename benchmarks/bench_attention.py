@@ -5,8 +5,8 @@ keys (causal, lower-right): decode steps (s = 1), the 40-token turn of a returni
 2,000 cached tokens, prefill chunks (128 for the batching server, 512) at growing depth; and a decode
 step of 8 sequences at once (the batching server's). fp32 (the default for quantized models on CPU) and
 bf16. Methods, taken in turns for --rounds rounds:
-  kernel    models/attention.py `compiled`: quant_kernels.c `attend_f32` / `attend_bf16` over page tables
-            (the keys on shuffled pages of a pool, as a server's are), every part in one call;
+  kernel    models/attention.py `compiled`: `attend_f32` / `attend_bf16` (quantization/kernels/attention*.c)
+            over page tables (the keys on shuffled pages of a pool, as a server's are), every part in one call;
   sdpa      what the model ran before for fp32: SDPA per sequence over contiguous K/V (a bool mask and
             `enable_gqa` for chunks, the H/G heads folded into query rows for decode).
 Per shape: median [p10-p90] ms per call, the ratio of the medians of each round, and the kernel's rate

@@ -195,9 +195,9 @@ def lib():
     return library
 
 
-# Every instruction-set branch of quant_kernels.c, whatever this CPU would pick: -march=native (here
-# AVX-512 with VNNI where the CPU has it), AVX-512 without VNNI (x86-64-v4, on CPUs that can run it),
-# AVX2+FMA (x86-64-v3) and the plain scalar code (x86-64).
+# Every instruction-set branch of the kernels (quantization/kernels/), whatever this CPU would pick:
+# -march=native (here AVX-512 with VNNI where the CPU has it), AVX-512 without VNNI (x86-64-v4, on CPUs
+# that can run it), AVX2+FMA (x86-64-v3) and the plain scalar code (x86-64).
 ISA_VARIANTS = {'native': None, 'x86-64-v4': 'avx512', 'x86-64-v3': 'avx2', 'x86-64': 'scalar'}
 
 

@@ -1,6 +1,7 @@
-"""Attention over paged K/V (quant_kernels.c `attend_f32` / `attend_bf16`, models/attention.py): the
-kernels against their definition on every instruction-set build, and a query's bits independent of the
-chunk, the batch and the threads around it, at ChatGLM2's full width (32 heads, 2 groups, d = 128)."""
+"""Attention over paged K/V (`attend_f32` / `attend_bf16`: quantization/kernels/attention.c and
+attention_avx512_bf16.c; models/attention.py): the kernels against their definition on every
+instruction-set build, and a query's bits independent of the chunk, the batch and the threads around it,
+at ChatGLM2's full width (32 heads, 2 groups, d = 128)."""
 import pytest
 import torch
 

@@ -48,6 +48,8 @@ def test_the_wheel_holds_every_file_the_code_opens():
     needed = source_data_files()
     # The files the code opens by path, named here so that the walk above cannot silently miss them.
     assert {'modelscope_chatglm/quantization/kernels/quant_kernels.c',
+            'modelscope_chatglm/quantization/kernels/common.h',   # the parts it #includes: .c and .h
+            'modelscope_chatglm/quantization/kernels/reference.c',
             'modelscope_chatglm/modelscope_plugin/configuration.json',
             'modelscope_chatglm/configuration/chatglm3-6b.yaml'} <= needed
     assert needed - shipped == set(), f'{wheel} lacks files the code opens at run time'

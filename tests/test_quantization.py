@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -717,14 +718,16 @@ def test_without_a_compiler_torch_takes_over_with_one_warning(tmp_path, quantize
 
 def test_a_compiler_without_openmp_gives_single_threaded_kernels_and_names_the_error(tmp_path):
     """A gcc without libgomp's headers (or clang without libomp) fails on -fopenmp: the kernels are
-    built without it, and the warning quotes the compiler's error line, not its trailing caret."""
+    built without it, and the warning quotes the compiler's error line, not the include chain before it
+    or its trailing caret."""
     gcc = shutil.which('gcc') or shutil.which('cc')
     wrapper = tmp_path / 'cc-without-openmp'
     wrapper.write_text(textwrap.dedent(f'''\
         #!/bin/sh
         case "$*" in *-fopenmp*)
-            echo "quant_kernels.c:27:10: fatal error: omp.h: No such file or directory" >&2
-            echo "   27 | #include <omp.h>" >&2
+            echo "In file included from kernels/quant_kernels.c:64:" >&2
+            echo "kernels/common.h:39:10: fatal error: omp.h: No such file or directory" >&2
+            echo "   39 | #include <omp.h>" >&2
             echo "      |          ^~~~~~~" >&2
             exit 1;;
         esac
@@ -733,7 +736,7 @@ def test_a_compiler_without_openmp_gives_single_threaded_kernels_and_names_the_e
     wrapper.chmod(0o755)
     out = probe({'CC': str(wrapper)}, tmp_path / 'kernels').communicate(timeout=300)[0]
     assert 'RESULT avx' in out or 'RESULT scalar' in out, out
-    assert ('compiling the CPU kernels with OpenMP failed (quant_kernels.c:27:10: fatal error: omp.h: No such '
+    assert ('compiling the CPU kernels with OpenMP failed (kernels/common.h:39:10: fatal error: omp.h: No such '
             'file or directory); building them single-threaded') in out, out
 
 
@@ -789,6 +792,41 @@ def test_a_truncated_cached_library_is_rebuilt_not_loaded(tmp_path):
     again, out = built_library(cache)
     assert again == path and 'does not match the size and digest' in out
     assert path.stat().st_size == len(whole)
+
+
+def test_the_unity_file_includes_every_part_of_the_kernels_once():
+    """build.py compiles quant_kernels.c alone; it #includes the other files of kernels/ (setup.py ships
+    kernels/*.c and kernels/*.h, and the library's name hashes them all): a part left out of the
+    #includes, or one included that is not there, would be code that is shipped but never built."""
+    kernels = os.path.dirname(build.SOURCE)
+    with open(build.SOURCE) as f:
+        included = re.findall(r'^#include "([^"]+)"', f.read(), re.M)
+    parts = [name for name in os.listdir(kernels) if name.endswith(('.c', '.h')) and name != 'quant_kernels.c']
+    assert sorted(included) == sorted(parts) and len(set(included)) == len(included), (included, parts)
+
+
+def test_editing_any_part_of_the_kernels_gives_the_library_another_name(tmp_path, monkeypatch):
+    """The cache key covers every .c and .h of kernels/, not only the unity file: a cached library
+    built from the old code of an edited part must not be loaded."""
+    copy = tmp_path / 'kernels'
+    shutil.copytree(os.path.dirname(build.SOURCE), copy)
+    monkeypatch.setattr(build, 'SOURCE', str(copy / 'quant_kernels.c'))
+    cc = build.find_compiler() or 'cc'
+
+    def name():
+        return build.library_path(cc, True, str(tmp_path))
+
+    before = name()
+    parts = sorted(f for f in os.listdir(copy) if f.endswith(('.c', '.h')))
+    assert {'quant_kernels.c', 'common.h', 'reference.c'} <= set(parts)
+    names = set()
+    for part in parts:
+        original = (copy / part).read_bytes()
+        (copy / part).write_bytes(original + b'\n')
+        names.add(name())
+        (copy / part).write_bytes(original)
+    assert before not in names and len(names) == len(parts)
+    assert name() == before
 
 
 def plant(directory, marker):

@@ -2,10 +2,10 @@
 
 Every part of a forward (a prompt chunk, or one decode token, of one sequence) reads its own page table;
 query i of a part of s rows sees its first max(keys - (s - 1 - i), min_keys) keys. Where it runs:
-  - CPU, fp32 or bf16: the compiled kernel (quant_kernels.c `attend_f32` / `attend_bf16`), every part
-    in one call. A query's result depends only on its q and the keys it sees, never on the chunk, the
-    batch or the thread count around it: a greedy reply is the same prefilled whole or in chunks, alone
-    or batched.
+  - CPU, fp32 or bf16: the compiled kernel (`attend_f32` / `attend_bf16`, quantization/kernels/attention.c
+    and attention_avx512_bf16.c), every part in one call. A query's result depends only on its q and the
+    keys it sees, never on the chunk, the batch or the thread count around it: a greedy reply is the same
+    prefilled whole or in chunks, alone or batched.
   - CUDA, a step of decode tokens only: the Triton paged split-K kernel (triton_ops.paged_decode).
   - Anything else (prompt chunks on a GPU, fp16 on a CPU, no compiler): each part's keys gathered from
     the pool and torch's SDPA, or the family's own `fallback(q, k, v, visible)` (ChatGLM-6B's numerics).

@@ -132,11 +132,12 @@ def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden [..., D] -> logits [..., V] through the head weight [V, D] (shared by both architectures).
 
     On CPU with an fp32 or bf16 head, the rows of a decode step (1 to 64: one sequence or a batch) go
-    through the compiled kernel (quant_kernels.c `f32_gemv` / `bf16_gemv`), which sums each row in fp32
-    in the same order whatever the number of rows, as the quantized blocks do: a sequence's logits are
-    bit for bit the same alone or batched. MKL's sgemm changes its summation order with the number of
-    rows (ChatGLM2's 65024 x 4096 head: rows of a 2-row call differ from the 1-row call by ~3e-4), and
-    oneDNN's bf16 GEMM rounds the logits to bf16, where the top two often tie. Those logits are fp32.
+    through the compiled kernel (`f32_gemv` / `bf16_gemv`, quantization/kernels/gemv.c), which sums each
+    row in fp32 in the same order whatever the number of rows, as the quantized blocks do: a sequence's
+    logits are bit for bit the same alone or batched. MKL's sgemm changes its summation order with the
+    number of rows (ChatGLM2's 65024 x 4096 head: rows of a 2-row call differ from the 1-row call by
+    ~3e-4), and oneDNN's bf16 GEMM rounds the logits to bf16, where the top two often tie. Those logits
+    are fp32.
     Whole prompts (3-D hidden) and other devices keep F.linear."""
     rows = hidden.shape[0] if hidden.dim() == 2 else 0
     if (hidden.device.type == 'cpu' and 1 <= rows <= 64 and hidden.dtype == weight.dtype

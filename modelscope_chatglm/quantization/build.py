@@ -2,9 +2,11 @@
 
 - The library is built with the machine's compiler for the machine's CPU (`-O3 -march=native
   -fopenmp`), into a per-user cache dir ($MODELSCOPE_CHATGLM_KERNEL_CACHE, else
-  $XDG_CACHE_HOME/modelscope_chatglm/kernels, else ~/.cache/...). Its file name carries a hash of the
-  source, the flags, the compiler's version and the CPU, so a valid cached library is loaded as is
-  and a changed source, compiler or CPU gets its own build.
+  $XDG_CACHE_HOME/modelscope_chatglm/kernels, else ~/.cache/...). It is one compile of one file,
+  kernels/quant_kernels.c, which #includes the other parts of kernels/ (its top comment is the map).
+  The library's file name carries a hash of every source file there, the flags, the compiler's
+  version and the CPU, so a valid cached library is loaded as is and a changed part, compiler or CPU
+  gets its own build.
 - The compiler writes to a temporary file that is renamed into place: two processes compiling at
   once both succeed, and nobody ever loads a half-written library.
 - Loading a library runs its code, so the cache must be ours alone: a cache dir is created 0700 and
@@ -33,7 +35,7 @@ from typing import List, Optional
 
 logger = logging.getLogger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels', 'quant_kernels.c')
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels', 'quant_kernels.c')   # the unity file
 _lock = threading.Lock()
 _state = {'loaded': False, 'lib': None}
 
@@ -77,10 +79,22 @@ def compile_flags(openmp: bool, march: str = 'native') -> List[str]:
     return flags + ['-lm']   # fmaf: a call into libm where the CPU has no fused multiply-add
 
 
-def library_path(cc: str, openmp: bool, directory: str, march: str = 'native') -> str:
+def _sources() -> bytes:
+    """SOURCE and every other .c and .h beside it (the parts it #includes), names and contents: what the
+    build reads, so that editing any part changes the library's name. FileNotFoundError without SOURCE."""
     with open(SOURCE, 'rb') as f:
-        source = f.read()
-    key = hashlib.sha256(b'\0'.join([source, ' '.join(compile_flags(openmp, march)).encode(),
+        parts = [b'', f.read()]
+    folder = os.path.dirname(SOURCE)
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith(('.c', '.h')) and path != SOURCE and os.path.isfile(path):
+            with open(path, 'rb') as f:
+                parts += [name.encode(), f.read()]
+    return b'\0'.join(parts)
+
+
+def library_path(cc: str, openmp: bool, directory: str, march: str = 'native') -> str:
+    key = hashlib.sha256(b'\0'.join([_sources(), ' '.join(compile_flags(openmp, march)).encode(),
                                      _compiler_version(cc).encode(), _cpu_signature().encode()]))
     suffix = ('' if openmp else '-serial') + ('' if march == 'native' else f'-{march}')
     return os.path.join(directory, f'quant_kernels-{key.hexdigest()[:16]}{suffix}.so')
@@ -284,7 +298,7 @@ def _declare(lib):
         getattr(lib, name + '_ref').argtypes = [p, i, i, p, p, p, i]
         getattr(lib, name + '_ref').restype = None
     lg, f = ctypes.c_long, ctypes.c_float
-    paged = [p, lg, i, p, p, p, p, p, p, p, lg, i, i, i, f, p]   # see quant_kernels.c, "attention over paged K/V"
+    paged = [p, lg, i, p, p, p, p, p, p, p, lg, i, i, i, f, p]   # see kernels/attention.c, "attention over paged K/V"
     for name in ('attend_f32', 'attend_bf16'):
         getattr(lib, name).argtypes = paged + [i]
         getattr(lib, name).restype = ctypes.c_int

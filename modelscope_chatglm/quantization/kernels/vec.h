@@ -1,0 +1,181 @@
+/*
+ * The vector abstraction of the CPU kernels: vf holds VW floats of the instruction set this build targets,
+ * and the kernels of gemv_fp32.c and attention.c are written once on its operations, for AVX-512, AVX2 and
+ * the scalar code alike. Also exp for the softmax (vexp), and the register transposes (transpose16,
+ * transpose8) with which the VNNI and attention kernels pack their operands.
+ * Part of the one translation unit quant_kernels.c (its top comment is the map); not compiled on its own.
+ */
+
+#ifndef QUANT_KERNELS_VEC_H
+#define QUANT_KERNELS_VEC_H
+
+/* ---- one vector type for every instruction set ------------------------------------------------ */
+/* vf holds VW floats: 16 (AVX-512), 8 (AVX2) or 1 (scalar). The kernels of gemv_fp32.c and attention.c are
+ * written once on it. */
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define VW 16
+typedef __m512 vf;
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vhsum(vf v) { return _mm512_reduce_add_ps(v); }
+static inline vf load_q8(const int8_t *w) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
+}
+static inline vf load_bf16(const uint16_t *w) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w)), 16));
+}
+static inline void load_q4(const int8_t *w, vf *hi, vf *lo) {   /* VW bytes -> 2*VW weights */
+    /* Each nibble indexes a table of the 16 values: vpermps reads only an index's low 4 bits, so the
+     * low nibble needs no mask, and the lookup replaces the int -> float conversion (one shift and two
+     * lookups per 32 weights instead of three shifts and two converts; the same floats). */
+    const __m512 value = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)w));
+    *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), value);
+    *lo = _mm512_permutexvar_ps(b, value);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+typedef __m256 vf;
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vhsum(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+static inline vf load_q8(const int8_t *w) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
+}
+static inline vf load_bf16(const uint16_t *w) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
+}
+static inline void load_q4(const int8_t *w, vf *hi, vf *lo) {
+    __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w));
+    *hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
+    *lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
+}
+#else
+#define VW 1
+typedef float vf;
+static inline vf vzero(void) { return 0.0f; }
+static inline vf vload(const float *p) { return *p; }
+static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+static inline float vhsum(vf v) { return v; }
+static inline vf load_q8(const int8_t *w) { return (float)*w; }
+static inline vf load_bf16(const uint16_t *w) { return bf16_to_f32(*w); }
+static inline void load_q4(const int8_t *w, vf *hi, vf *lo) { *hi = (float)int4_high(*w); *lo = (float)int4_low(*w); }
+#endif
+
+/* More of vf, for the attention kernels (attention.c). */
+#if VW == 16
+static inline vf vset1(float x) { return _mm512_set1_ps(x); }
+static inline void vstore(float *p, vf x) { _mm512_storeu_ps(p, x); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline float vhmax(vf x) { return _mm512_reduce_max_ps(x); }
+#elif VW == 8
+static inline vf vset1(float x) { return _mm256_set1_ps(x); }
+static inline void vstore(float *p, vf x) { _mm256_storeu_ps(p, x); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline float vhmax(vf x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+#else
+static inline vf vset1(float x) { return x; }
+static inline void vstore(float *p, vf x) { *p = x; }
+static inline vf vmul(vf a, vf b) { return a * b; }
+static inline vf vadd(vf a, vf b) { return a + b; }
+static inline vf vsub(vf a, vf b) { return a - b; }
+static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+static inline float vhmax(vf x) { return x; }
+#endif
+
+/* exp(x) for the softmax (x <= 0): 2^(x log2 e) = 2^n 2^f, n an integer and |f| <= 1/2, 2^f by a degree-6
+ * polynomial (relative error ~2e-7). NaN stays NaN (max returns its second operand when one is NaN). */
+static inline vf vexp(vf x) {
+#if VW == 1
+    return expf(x);
+#else
+    const vf t = vmul(vmax(vset1(-87.0f), x), vset1(1.44269504088896341f));
+#if VW == 16
+    const vf n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const vf f = _mm512_sub_ps(t, n);
+#else
+    const vf n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const vf f = _mm256_sub_ps(t, n);
+#endif
+    vf p = vset1(1.535336188319500e-4f);
+    p = vfma(p, f, vset1(1.339887440266574e-3f));
+    p = vfma(p, f, vset1(9.618437357674640e-3f));
+    p = vfma(p, f, vset1(5.550332471162809e-2f));
+    p = vfma(p, f, vset1(2.402264791363012e-1f));
+    p = vfma(p, f, vset1(6.931472028550421e-1f));
+    p = vfma(p, f, vset1(1.0f));
+#if VW == 16
+    return _mm512_scalef_ps(p, n);
+#else   /* times 2^n, built in the exponent bits (n >= -126 after the clamp) */
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+#endif
+#endif
+}
+
+#if VW == 16
+/* Transpose 16 x 16 int32 in registers: at s = 8, 4, 2, 1, element (i, j) trades places with (i ^ s, j ^ s)
+ * where bit s of i and of j differ. Each stage is one vpermt2d per register. */
+static inline void transpose16(__m512i r[16]) {
+    static const int32_t index[4][2][16] = {
+        /* s = 8 */ {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                     {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
+        /* s = 4 */ {{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                     {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}},
+        /* s = 2 */ {{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                     {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}},
+        /* s = 1 */ {{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                     {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}}};
+    for (int stage = 0, s = 8; stage < 4; stage++, s /= 2) {
+        const __m512i lo = _mm512_loadu_si512(index[stage][0]), hi = _mm512_loadu_si512(index[stage][1]);
+        for (int i = 0; i < 16; i++)
+            if (!(i & s)) {
+                const __m512i a = r[i], b = r[i + s];
+                r[i] = _mm512_permutex2var_epi32(a, lo, b);
+                r[i + s] = _mm512_permutex2var_epi32(a, hi, b);
+            }
+    }
+}
+
+#endif
+
+#if VW == 8
+/* Transpose 8 x 8 floats in registers. */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+#endif
+
+#endif  /* QUANT_KERNELS_VEC_H */

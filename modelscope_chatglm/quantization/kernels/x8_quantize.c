@@ -1,0 +1,150 @@
+/*
+ * The common ground of the int8-activation kernels: what they compute and why (below), x quantized to int8
+ * per block of QK columns (quantize_x8), a block's exact integer sum (block_isum: the scalar code, and every
+ * build's short last block), and the job that the tiles of x8_avx2.c or the strips of x8_avx512_vnni.c run.
+ * x8.c drives them; gemv_x8_ref (reference.c) is the definition.
+ * Part of the one translation unit quant_kernels.c (its top comment is the map); not compiled on its own.
+ */
+
+/* ---- int8 activations: integer dot products ------------------------------------------------- */
+/*
+ * The exact kernels (gemv_fp32.c) widen every weight to fp32 and multiply-add 8 (AVX2) at a time. Here x
+ * is quantized too, the way ggml's q8_0 does it: each block of QK columns of a row of x gets one scale
+ *
+ *   d[m, b] = max_k |x[m, k]| / 127,   xq[m, k] = round(x[m, k] / d[m, b])   (k in block b, |xq| <= 127)
+ *
+ * and the products are summed exactly in integers, block by block, before one multiply by the scales:
+ *
+ *   y[m, n] = scale[n] * sum_b d[m, b] * isum[m, n, b] + bias[n],   isum = sum_{k in b} xq[m, k] * Q[n, k]
+ *
+ * On AVX2 `vpmaddubsw` does 32 byte products per instruction (4x an fp32 FMA), so int4 decode is no
+ * longer bound by widening nibbles to floats and batched rows cost less multiply work. The price is
+ * the rounding of x to 8 bits (about 0.5% relative error on a layer's output): results are close to,
+ * not equal to, the exact kernels (gemv.c), so this path is a separate choice (`int8_activations`).
+ * Each row of y is still computed the same way whatever the other rows are: batching never changes it.
+ *
+ * vpmaddubsw multiplies UNSIGNED bytes by signed ones, summing pairs into int16:
+ * - int4: the weight nibble n in [-8, 7] is taken as u = n + 8 in [0, 15] and the excess is taken back
+ *   in integers: sum u * xq - 8 * sum xq. The second sum depends on x alone, so it is computed once per
+ *   block of x (`minus8`, per int32 lane of the block sums) and not once per weight row.
+ * - int8: |w| times xq with w's sign (`vpsignb`), as ggml does; |w| <= 128 and |xq| <= 127 keep every
+ *   pair sum inside int16.
+ * For int4 each block of xq is stored as its QK/2 even columns, then its QK/2 odd ones: the order in
+ * which the high and low nibbles of QK/2 weight bytes come out. A last block shorter than QK (K not a
+ * multiple of QK) keeps the natural order and is summed by the scalar code.
+ *
+ * On AVX2 the lanes of a vector hold columns: one weight row's products against one row of x, and each
+ * block's lane sums are converted and scaled before the next block (two more instructions per block and
+ * pair of rows, as many as the products themselves). The AVX-512 builds without VNNI run this code
+ * (x8_avx2.c).
+ *
+ * AVX512-VNNI (see "int8 activations on AVX512-VNNI", x8_avx512_vnni.c) turns it around: the lanes hold
+ * 16 weight rows and one instruction (`vpdpbusd`) adds 4 columns' products of each, so a block's 64
+ * columns are 16 instructions per 16 rows before its one conversion and scaling. Its float sums run block
+ * by block in the reference's order: it gives the scalar reference's bits.
+ */
+#define QK 64
+#define LANES 8   /* int32 sums per block in the SIMD kernels: lane j covers bytes 4j..4j+3 of each half */
+
+/* The order in which a full block of xq stores its QK columns: the order the kernel consumes them. */
+enum x8_order {
+    X8_NATURAL,   /* int8 weights (and the scalar reference's int4) */
+    X8_HALVES,    /* int4 on AVX2: the QK/2 even columns, then the QK/2 odd ones */
+    X8_OCTETS,    /* int4 on AVX512-VNNI: in each 8 columns, the 4 even ones, then the 4 odd ones */
+};
+
+typedef struct {
+    int M, K, nb;      /* nb = ceil(K / QK) blocks per row */
+    int8_t *q;         /* [M, K] */
+    float *d;          /* [M, nb] */
+    int32_t *bsum;     /* [M, nb]: the sum of q over each block */
+    int32_t *minus8;   /* [M, nb, LANES], X8_HALVES only: -8 * sum of q over each lane of a full block */
+} x8_t;
+
+/* v in [-127, 127] to the nearest integer, ties to even (adding and subtracting 1.5 * 2^23 leaves no
+ * fraction bits; no libm call, the same on every build). NaN becomes 0. */
+static inline int8_t round_to_int8(float v) {
+    const float r = (v + 12582912.0f) - 12582912.0f;
+    return r == r ? (int8_t)r : 0;
+}
+
+/* Where slot i of a block of `len` columns comes from (a short last block keeps the natural order). */
+static inline int block_column(enum x8_order order, int len, int i) {
+    if (len < QK || order == X8_NATURAL) return i;
+    if (order == X8_HALVES) return i < QK / 2 ? 2 * i : 2 * (i - QK / 2) + 1;
+    return (i & ~7) + (i % 8 < 4 ? 2 * (i % 8) : 2 * (i % 8 - 4) + 1);   /* X8_OCTETS */
+}
+
+/* Plain C for every instruction set (x is M x K, the weights N x K: this is not where the time goes),
+ * so all builds quantize x identically. */
+static void quantize_x8_row(const float *x, int K, enum x8_order order, int8_t *q, float *d, int32_t *bsum,
+                            int32_t *minus8) {
+    for (int k0 = 0, b = 0; k0 < K; k0 += QK, b++) {
+        const int len = K - k0 < QK ? K - k0 : QK;
+        float amax = 0.0f;
+        int nan = 0;
+        for (int i = 0; i < len; i++) {
+            const float a = x[k0 + i] < 0 ? -x[k0 + i] : x[k0 + i];
+            amax = a > amax ? a : amax;
+            nan |= a != a;
+        }
+        const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+        /* A NaN in x must reach y, as in the exact kernels, not vanish into a rounded 0. */
+        d[b] = nan ? NAN : amax / 127.0f;
+        bsum[b] = 0;
+        for (int i = 0; i < len; i++) {
+            q[k0 + i] = round_to_int8(x[k0 + block_column(order, len, i)] * inv);
+            bsum[b] += q[k0 + i];
+        }
+        for (int j = 0; j < LANES && order == X8_HALVES; j++) {
+            int32_t sum = 0;
+            for (int i = 4 * j; i < 4 * j + 4 && len == QK; i++) sum += q[k0 + i] + q[k0 + QK / 2 + i];
+            minus8[b * LANES + j] = -8 * sum;
+        }
+    }
+}
+
+static x8_t quantize_x8(const float *x, int M, int K, enum x8_order order) {
+    x8_t xq = {M, K, (K + QK - 1) / QK, NULL, NULL, NULL, NULL};
+    xq.q = (int8_t *)malloc((size_t)M * K);
+    xq.d = (float *)malloc(sizeof(float) * (size_t)M * xq.nb);
+    xq.bsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * xq.nb);
+    xq.minus8 = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * xq.nb * LANES);
+    for (int m = 0; m < M; m++)
+        quantize_x8_row(x + (size_t)m * K, K, order, xq.q + (size_t)m * K, xq.d + (size_t)m * xq.nb,
+                        xq.bsum + (size_t)m * xq.nb, xq.minus8 + (size_t)m * xq.nb * LANES);
+    return xq;
+}
+
+static void free_x8(x8_t *xq) {
+    free(xq->q);
+    free(xq->d);
+    free(xq->bsum);
+    free(xq->minus8);
+}
+
+/* The weight of row w at slot i of the block starting at column k0 (in the order xq stores it). */
+static inline int weight_at(const int8_t *w, int bits, enum x8_order order, int k0, int len, int i) {
+    const int col = k0 + block_column(order, len, i);
+    if (bits == 8) return w[col];
+    return col % 2 ? int4_low(w[col / 2]) : int4_high(w[col / 2]);
+}
+
+/* isum of one block, exactly. */
+static inline int32_t block_isum(const int8_t *q, const int8_t *w, int bits, enum x8_order order, int k0, int len) {
+    int32_t s = 0;
+    for (int i = 0; i < len; i++) s += (int32_t)q[k0 + i] * weight_at(w, bits, order, k0, len, i);
+    return s;
+}
+
+typedef struct {
+    const x8_t *xq;
+    int p0, p1, bits;   /* rows [p0, p1) of xq */
+    int lanes;          /* W's full strips are in the lane layout (x8_pack_weights), AVX512-VNNI only */
+    const int8_t *W;
+    const float *scale, *bias;
+    float *y;
+    int N;
+} x8_job;
+
+#define X8_PANEL_BYTES (256 << 10)
