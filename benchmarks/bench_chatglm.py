@@ -135,6 +135,9 @@ def main():
         print(json.dumps(measure(args.child, args.family, args.model_dir, args.dtype, args.prompt, args.new,
                                  args.threads, args.repeats)))
         return
+    sys.path.insert(0, ROOT)
+    from modelscope_chatglm import openmp
+    openmp.set_for_this_process()   # the children (ours and the reference) start with it, as the CLI's would
     name = 'chatglm-6b' if args.family == 'glm1' else 'chatglm2-6b'
     args.model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), f'{name}-shape-{args.layers}L')
     t = time.perf_counter()

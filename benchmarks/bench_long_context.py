@@ -103,6 +103,8 @@ def main():
     ap.add_argument('--dir', default=None)
     ap.add_argument('--child', default=None)
     args = ap.parse_args()
+    from modelscope_chatglm import openmp
+    openmp.set_for_this_process()   # before torch loads here, and the children inherit it (openmp.py)
     args.dir = args.dir or os.path.join(tempfile.gettempdir(), f'chatglm2-6b-32k-shape-{args.layers}L')
     if args.child:
         kind, *rest = args.child.split(':')

@@ -35,8 +35,12 @@ import statistics
 import tempfile
 import time
 
-import modelscope_chatglm
-from modelscope_chatglm.testing import tiny
+from modelscope_chatglm import openmp
+
+openmp.set_for_this_process()   # before torch loads: what the server's process has (openmp.py)
+
+import modelscope_chatglm  # noqa: E402
+from modelscope_chatglm.testing import tiny  # noqa: E402
 
 WORDS = ('river mountain cloud green quiet system model token memory light paper window garden music '
          'number letter silver orange simple future market winter summer street bridge planet forest').split()

@@ -6,7 +6,7 @@
 - shared: the same burst with prompt chunks and decode tokens in one forward (where every row keeps its
   bits: `rows_keep_their_bits`) against two forwards per step, in turns.
 - openmp: one stream's decode step, in turns: on the thread that loaded the model, on a second thread
-  beside the loading thread's idle OpenMP pool, and on a second thread after `release_openmp_threads()`
+  beside the loading thread's idle OpenMP pool, and on a second thread after `release_workers()`
   (what the server's engine does).
 - steps: a decode step of 1 stream against one of --clients streams, two schedulers in one process,
   5 steps of each in turns for 12 rounds: the medians and each round's ratio. One stream is bound by
@@ -76,7 +76,7 @@ def shared(chat, args):
 
 
 def openmp(chat, args):
-    from modelscope_chatglm.engine.core import release_openmp_threads
+    from modelscope_chatglm.openmp import release_workers
     print('\none stream decoding: step ms, median [p10-p90] of 5 steps x 10 rounds, conditions in turns')
     sched = chat.new_engine(max_batch=16)
     rng = random.Random(0)
@@ -96,7 +96,7 @@ def openmp(chat, args):
         while True:
             n = orders.get()
             out = steps(n)
-            release_openmp_threads()     # its own pool goes before the loading thread computes again
+            release_workers()     # its own pool goes before the loading thread computes again
             results.put(out)
     threading.Thread(target=second_thread, daemon=True).start()
 
@@ -108,7 +108,7 @@ def openmp(chat, args):
     for _ in range(10):
         times['loading thread'] += steps(5)            # (re)starts the loading thread's pool
         times['second thread, idle pool'] += on_second_thread(5)
-        release_openmp_threads()
+        release_workers()
         times['second thread, released'] += on_second_thread(5)
     for label, t in times.items():
         t = sorted(t)

@@ -192,10 +192,10 @@ async def shared_preamble(url, encode, preamble_tokens):
 def tokenizer_encode(model_dir):
     """text -> the prompt ids of a one-message conversation, as the server builds them."""
     from modelscope_chatglm.families import get_family
-    from modelscope_chatglm.model_config import load_config
+    from modelscope_chatglm.loading import load_config, load_tokenizer
     cfg = load_config(model_dir)
     family = get_family(cfg.family)
-    tok = family.tokenizer.from_dir(model_dir, cfg)
+    tok = load_tokenizer(model_dir, cfg)
     return lambda text: family.chat_format.encode(tok, [{'role': 'user', 'content': text}])
 
 

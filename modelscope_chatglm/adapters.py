@@ -67,6 +67,31 @@ class PTuning:
     weights: Dict[str, torch.Tensor] = field(repr=False)    # hub keys 'transformer.prefix_encoder.*'
 
 
+def parse_specs(values: Optional[Sequence[str]], several: bool):
+    """`[NAME=]PATH` strings (the CLI's --adapter values, a Ray deployment's `adapter` list) -> load()'s
+    `adapter`: None, one PATH (applied to the model), or {NAME: PATH} (served side by side; several=True,
+    the server only). A value that exists as a path is a PATH even if it holds '='."""
+    if not values:
+        return None
+    named, plain = {}, []
+    for value in values:
+        name, sep, path = value.partition('=')
+        if sep and not os.path.exists(value) and (not name or not path):
+            raise ValueError(f'--adapter {value!r}: write NAME=PATH, both parts non-empty (or a PATH alone)')
+        if sep and '/' not in name and os.sep not in name and not os.path.exists(value):
+            if name in named:
+                raise ValueError(f'--adapter {name}= is given twice; each adapter needs a name of its own')
+            named[name] = path
+        else:
+            plain.append(value)
+    if plain and (named or len(plain) > 1):
+        raise ValueError('give one --adapter PATH (applied to the model), or --adapter NAME=PATH for each of '
+                         'several adapters served side by side')
+    if named and not several:
+        raise ValueError('NAME=PATH adapters are for serve (a request picks one by name); give one --adapter PATH')
+    return plain[0] if plain else named
+
+
 def resolve(path: str, revision: Optional[str] = None) -> str:
     """A local adapter directory as it is; a hub id through ModelScope's snapshot_download."""
     if os.path.isdir(path):

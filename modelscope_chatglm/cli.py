@@ -14,24 +14,11 @@ import os
 import sys
 import time
 
-
-def cache_dir() -> str:
-    root = os.environ.get('MODELSCOPE_CHATGLM_CACHE') or os.path.join(
-        os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'modelscope_chatglm')
-    return root
-
-
-def demo_checkpoint(family: str) -> str:
-    """The demo's tiny checkpoint, built once per cache dir (a marker file says it is complete)."""
-    from .testing import tiny
-    path = os.path.join(cache_dir(), f'demo-{family}-tiny')
-    if not os.path.exists(os.path.join(path, '.complete')):
-        tiny.build(path, family=family, fmt='safetensors', shards=2, seed=0)
-        open(os.path.join(path, '.complete'), 'w').close()
-    return path
+from . import openmp   # (no torch: main() sets the OpenMP environment before anything loads torch)
 
 
 def cmd_demo(args):
+    from .testing.tiny import demo_checkpoint
     t0 = time.time()
     path = demo_checkpoint(args.family)
     import modelscope_chatglm  # noqa: F401  (registers the pipeline)
@@ -58,6 +45,7 @@ def cmd_demo(args):
 
 
 def load_from_args(args):
+    from .adapters import parse_specs
     from .loading import load
     t = time.time()
     print(f'loading {args.config or args.model} ...', file=sys.stderr, flush=True)
@@ -65,33 +53,10 @@ def load_from_args(args):
                  quantization_bit=args.quantize, int8_activations=args.int8_activations or None,
                  progress=progress_bar,
                  cuda_graphs=False if args.no_cuda_graphs else None,
-                 adapter=adapter_argument(args.adapter, several=args.command == 'serve'),
+                 adapter=parse_specs(args.adapter, several=args.command == 'serve'),
                  adapter_revision=args.adapter_revision)
     print(f'loaded {model} in {time.time() - t:.1f}s', file=sys.stderr, flush=True)
     return model
-
-
-def adapter_argument(values, several: bool):
-    """--adapter values -> None, one PATH (merged into the model), or {NAME: PATH} (served side by side)."""
-    if not values:
-        return None
-    named, plain = {}, []
-    for value in values:
-        name, sep, path = value.partition('=')
-        if sep and not os.path.exists(value) and (not name or not path):
-            raise ValueError(f'--adapter {value!r}: write NAME=PATH, both parts non-empty (or a PATH alone)')
-        if sep and '/' not in name and os.sep not in name and not os.path.exists(value):
-            if name in named:
-                raise ValueError(f'--adapter {name}= is given twice; each adapter needs a name of its own')
-            named[name] = path
-        else:
-            plain.append(value)
-    if plain and (named or len(plain) > 1):
-        raise ValueError('give one --adapter PATH (applied to the model), or --adapter NAME=PATH for each of '
-                         'several adapters served side by side')
-    if named and not several:
-        raise ValueError('NAME=PATH adapters are for serve (a request picks one by name); give one --adapter PATH')
-    return plain[0] if plain else named
 
 
 def progress_bar(done: int, total: int, path: str):
@@ -191,10 +156,11 @@ def cmd_serve_ray(args):
         raise RuntimeError(f'serve --ray needs the [ray] extra ({e}); pip install "modelscope-chatglm[ray]"')
     if args.replicas is not None and args.autoscale is not None:
         raise ValueError('give --replicas N or --autoscale MIN:MAX, not both')
+    from .adapters import parse_specs
     from .serve.auth import api_keys
     settings = RaySettings(
         model=args.config or args.model, revision=args.revision, device=args.device, dtype=args.dtype,
-        quantize=args.quantize, int8_activations=args.int8_activations, adapter=adapter_argument(args.adapter, several=True),
+        quantize=args.quantize, int8_activations=args.int8_activations, adapter=parse_specs(args.adapter, several=True),
         adapter_revision=args.adapter_revision, no_cuda_graphs=args.no_cuda_graphs, name=args.name,
         api_key=api_keys(args.api_key or os.environ.get('MODELSCOPE_CHATGLM_API_KEY')) or None,
         max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
@@ -245,6 +211,7 @@ def _nonnegative_float(text):
 
 
 def main(argv=None):
+    openmp.set_for_this_process()   # first: libgomp reads it when torch loads (openmp.py says why)
     from .families import FAMILIES
     ap = argparse.ArgumentParser(prog='modelscope-chatglm', description='ChatGLM chat models for ModelScope')
     sub = ap.add_subparsers(dest='command', required=True)

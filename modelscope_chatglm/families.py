@@ -4,10 +4,14 @@
     glm2  ChatGLM2-6B   multi-query GLM2 blocks, `tokenizer.model` + 5 specials, the same prompt, reworded
     glm3  ChatGLM3-6B   the GLM2 blocks, role tokens, role messages with a system prompt and tools
 
-Everything else asks the record: `load_config` reads config.json with `read_config`, `load()` builds
-`model_class()`, `load_tokenizer` uses `tokenizer`, `ChatModel` encodes and parses with `chat_format`
-and starts from `generation_defaults`. A fourth generation is one more record and the files it names.
-(Which record a directory holds is decided from its files: `model_config.detect_family`.)
+Everything else asks the record: `loading.load_config` reads config.json with `read_config`, `load()`
+builds `model_class()`, `loading.load_tokenizer` uses `tokenizer`, `ChatModel` encodes and parses with
+`chat_format` and starts from `generation_defaults`. A fourth generation is one more record and the
+files it names. (Which record a directory holds is decided from its files: `model_config.detect_family`.)
+
+The records name the pieces (`model_config`'s readers, `tokenizer`'s classes, `chat_formats`' formats),
+so this module sits above them and they never import it: what dispatches on a record (`loading`,
+`chat`, `testing.tiny`) imports this module.
 """
 from __future__ import annotations
 

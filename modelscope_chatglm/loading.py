@@ -21,10 +21,9 @@ from . import adapters, yaml_configs
 from .chat import ChatModel
 from .checkpoint import load_weights
 from .families import get_family
-from .model_config import load_config
+from .model_config import ModelConfig, detect_family, read_json
 from .models.base import CausalLM
 from .errors import CheckpointError
-from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +191,26 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     gen.update(generation or {})
     return ChatModel(net.eval(), tokenizer, config, model_dir,
                      context_length=context_length or spec.context_length, generation=gen, name=spec.name)
+
+
+def load_config(model_dir: str, family: Optional[str] = None) -> ModelConfig:
+    """A hub-layout directory's config.json, read by its family's record (`family`, or the one its files
+    show: `model_config.detect_family`)."""
+    cfg = read_json(os.path.join(model_dir, 'config.json'))
+    record = get_family(family or detect_family(model_dir, cfg))
+    return record.read_config(cfg, record)
+
+
+def load_tokenizer(model_dir: str, config: ModelConfig):
+    """The tokenizer of a hub-layout directory (its class from config.family), checked against the
+    model's embedding size."""
+    tok = get_family(config.family).tokenizer.from_dir(model_dir, config)
+    if tok.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f'{tok.model_file} has {tok.vocab_size} tokens (with specials) but the embedding in '
+            f'{os.path.join(model_dir, "config.json")} has only {config.vocab_size} rows: the tokenizer '
+            'and the config come from different models; use the files of one model revision')
+    return tok
 
 
 def resolve_quantization(model_dir: str, config, requested: Optional[int]) -> int:

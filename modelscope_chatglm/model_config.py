@@ -84,13 +84,6 @@ def detect_family(model_dir: str, cfg: dict) -> str:
     return 'glm2'
 
 
-def load_config(model_dir: str, family: Optional[str] = None) -> ModelConfig:
-    from .families import get_family
-    cfg = read_json(os.path.join(model_dir, 'config.json'))
-    record = get_family(family or detect_family(model_dir, cfg))
-    return record.read_config(cfg, record)
-
-
 def glm2_config(cfg: dict, family) -> ModelConfig:
     """config.json of a ChatGLM2/3 checkpoint; `family` is its `families.Family` record."""
     try:

@@ -18,6 +18,7 @@ from typing import Dict, Iterable, List
 import sentencepiece
 
 from .errors import CheckpointError, InputError
+from .model_config import read_json
 
 
 def _load_sp(path: str) -> sentencepiece.SentencePieceProcessor:
@@ -168,7 +169,6 @@ class GLM1Tokenizer:
         tok_cfg_path = os.path.join(model_dir, 'tokenizer_config.json')
         num_image_tokens = 20000   # the class default of the pre-slim tokenizer (docs/formats.md §1.1)
         if os.path.exists(tok_cfg_path):
-            from .model_config import read_json
             num_image_tokens = int(read_json(tok_cfg_path).get('num_image_tokens', 20000))
         tok = cls(os.path.join(model_dir, 'ice_text.model'), num_image_tokens)
         expect = {'[MASK]': config.mask_token_id, '[gMASK]': config.gmask_token_id,
@@ -249,16 +249,3 @@ class GLM1Tokenizer:
         partial = tail and ('<n>'.startswith(tail) or '<|tab|>'.startswith(tail)
                             or '<|blank_'.startswith(tail) or re.fullmatch(r'<\|blank_\d\d?\|?', tail))
         return max(unfinished_char(text), len(tail) if partial else 0)
-
-
-def load_tokenizer(model_dir: str, config):
-    """The tokenizer of a hub-layout directory (its class from config.family), checked against the
-    model's embedding size."""
-    from .families import get_family
-    tok = get_family(config.family).tokenizer.from_dir(model_dir, config)
-    if tok.vocab_size > config.vocab_size:
-        raise CheckpointError(
-            f'{tok.model_file} has {tok.vocab_size} tokens (with specials) but the embedding in '
-            f'{os.path.join(model_dir, "config.json")} has only {config.vocab_size} rows: the tokenizer '
-            'and the config come from different models; use the files of one model revision')
-    return tok

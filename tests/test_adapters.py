@@ -212,7 +212,7 @@ def test_the_multi_adapter_server_answers_each_request_with_its_adapter(lora, gl
 def test_pipeline_yaml_and_cli_take_an_adapter(lora, glm2_dir, tmp_path):
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
-    from modelscope_chatglm.cli import adapter_argument
+    from modelscope_chatglm.adapters import parse_specs
     tuned = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32', adapter=lora['glm2'])
     want = tuned.chat('你好', [], do_sample=False, max_new_tokens=10)[0]
     plain = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32').chat('你好', [], do_sample=False,
@@ -224,11 +224,11 @@ def test_pipeline_yaml_and_cli_take_an_adapter(lora, glm2_dir, tmp_path):
     (tmp_path / 'tuned.yaml').write_text(f'model: {glm2_dir}\nadapter: ./my-lora\ndtype: float32\ndevice: cpu\n')
     from_yaml = modelscope_chatglm.load(str(tmp_path / 'tuned.yaml'))
     assert from_yaml.chat('你好', [], do_sample=False, max_new_tokens=10)[0] == want
-    assert adapter_argument([lora['glm2']], several=False) == lora['glm2']
-    assert adapter_argument(['a=x', 'b=y'], several=True) == {'a': 'x', 'b': 'y'}
+    assert parse_specs([lora['glm2']], several=False) == lora['glm2']
+    assert parse_specs(['a=x', 'b=y'], several=True) == {'a': 'x', 'b': 'y'}
     for values, several in ((['a=x'], False), (['x', 'y'], True), (['x', 'a=y'], True)):
         with pytest.raises(ValueError):
-            adapter_argument(values, several)
+            parse_specs(values, several)
 
 
 # -- errors name the file, the tensor and the fix ---------------------------------------------------------------

@@ -10,7 +10,8 @@ import modelscope_chatglm
 from modelscope_chatglm import CheckpointError
 from modelscope_chatglm.testing import tiny
 from modelscope_chatglm.checkpoint import weight_files
-from modelscope_chatglm.model_config import detect_family, load_config
+from modelscope_chatglm.loading import load_config
+from modelscope_chatglm.model_config import detect_family
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 """The command line, run as a user runs it (a real subprocess)."""
+import json
 import os
 import signal
 import subprocess
@@ -158,3 +159,37 @@ def test_an_api_key_option_that_holds_no_key_is_refused():
         with pytest.raises(ValueError, match='holds no key'):
             api_keys(value)
     assert api_keys(None) == [] and api_keys('') == [] and api_keys(['a', 'b,c']) == ['a', 'b', 'c']
+
+
+# The installed `modelscope-chatglm` script, run in a fresh process that notes the OpenMP variables at the
+# moment torch is first imported (libgomp reads them as torch loads it, and never again).
+OPENMP_PROBE = '''
+import json, os, runpy, sys
+seen = []
+def note(event, args):
+    if event == 'import' and args[0] == 'torch' and not seen:
+        seen.append({name: os.environ.get(name) for name in ('GOMP_SPINCOUNT', 'OMP_WAIT_POLICY')})
+sys.addaudithook(note)
+sys.argv = ['modelscope-chatglm'] + sys.argv[1:]
+try:
+    runpy.run_path(os.path.join(os.path.dirname(sys.executable), 'modelscope-chatglm'), run_name='__main__')
+except SystemExit:
+    pass
+print(json.dumps(seen))
+'''
+
+
+def test_the_command_sets_the_openmp_spin_before_torch_loads_and_never_over_the_users(tmp_path):
+    """openmp.py: our processes shorten libgomp's idle spinning; a user's own OpenMP setting always wins."""
+    def at_torch_import(**user):
+        env = {k: v for k, v in os.environ.items() if k not in ('GOMP_SPINCOUNT', 'OMP_WAIT_POLICY')}
+        out = subprocess.run([sys.executable, '-c', OPENMP_PROBE, 'chat', '--model', str(tmp_path / 'nowhere')],
+                             env=dict(env, MODELSCOPE_CHATGLM_CACHE=str(tmp_path), **user), capture_output=True,
+                             text=True, timeout=300)
+        assert 'is neither a local directory' in out.stderr, out.stderr[-3000:]   # (it got as far as loading)
+        seen = json.loads(out.stdout.strip().splitlines()[-1])
+        assert len(seen) == 1, 'torch was never imported'
+        return seen[0]
+    assert at_torch_import() == {'GOMP_SPINCOUNT': '10000', 'OMP_WAIT_POLICY': None}
+    assert at_torch_import(GOMP_SPINCOUNT='123') == {'GOMP_SPINCOUNT': '123', 'OMP_WAIT_POLICY': None}
+    assert at_torch_import(OMP_WAIT_POLICY='PASSIVE') == {'GOMP_SPINCOUNT': None, 'OMP_WAIT_POLICY': 'PASSIVE'}

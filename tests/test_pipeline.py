@@ -188,3 +188,15 @@ def test_import_is_light_and_registers_lazily():
             'print(heavy)')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == '[]', out.stdout + out.stderr
+
+
+def test_the_registration_happens_whichever_is_imported_first():
+    """Imported before ModelScope, the package registers when ModelScope is imported (importing it here
+    would import torch); imported after, at once."""
+    check = ('from modelscope.utils.import_utils import LazyImportModule; '
+             'from modelscope.utils.ast_utils import INDEX_KEY, MODULE_KEY; '
+             'print(LazyImportModule.get_ast_index()[INDEX_KEY][("PIPELINES", "chat", "chatglm2_6b-text-generation")]'
+             '[MODULE_KEY])')
+    for first in ('import modelscope_chatglm; import modelscope', 'import modelscope; import modelscope_chatglm'):
+        out = subprocess.run([sys.executable, '-c', f'{first}; {check}'], capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == 'modelscope_chatglm.modelscope_plugin.pipeline', first

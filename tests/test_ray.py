@@ -34,7 +34,10 @@ class Cluster:
         token = os.path.join(root, 'token')
         with open(os.open(token, os.O_WRONLY | os.O_CREAT, 0o600), 'w') as f:
             f.write(secrets.token_hex(32))
-        self.env = dict(os.environ, RAY_AUTH_MODE='token', RAY_AUTH_TOKEN_PATH=token,
+        # Without OpenMP settings (GOMP_SPINCOUNT, OMP_WAIT_POLICY): a replica that has one got it from its
+        # deployment, not from the cluster's environment.
+        self.env = dict({k: v for k, v in os.environ.items() if k not in ('GOMP_SPINCOUNT', 'OMP_WAIT_POLICY')},
+                        RAY_AUTH_MODE='token', RAY_AUTH_TOKEN_PATH=token,
                         RAY_ADDRESS=f'127.0.0.1:{self.gcs_port}', RAY_USAGE_STATS_ENABLED='0')
         self.dashboard = f'http://127.0.0.1:{self.dashboard_port}'
         self.auth = {'Authorization': f'Bearer {open(token).read()}'}
@@ -227,6 +230,18 @@ def test_health_and_models_through_the_ray_proxy(ray_server):
     alone = [httpx.post(f'{ray_server}/v1/chat/completions', json=dict(ask, seed=11 + i), timeout=120).json()
              for i in range(3)]
     assert [c['message']['content'] for c in many['choices']] == [a['choices'][0]['message']['content'] for a in alone]
+
+
+def test_each_replica_process_starts_with_the_openmp_setting(ray_server, cluster):
+    """A replica's worker process starts with the OpenMP setting of the process that built the application
+    (openmp.py): libgomp reads it when torch loads, before any code of ours could set it there."""
+    want = {'GOMP_SPINCOUNT': '10000'}   # (the command and the cluster started without one: Cluster.env)
+    pids = [r['pid'] for r in httpx.get(f'{ray_server}/health').json()['replicas']]
+    assert len(pids) == 2
+    for pid in pids:
+        with open(f'/proc/{pid}/environ', 'rb') as f:   # the environment the process was started with
+            started = dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
+        assert {name: started.get(name.encode(), b'').decode() for name in want} == want, pid
 
 
 def test_a_client_that_hangs_up_is_cancelled_on_its_replica(ray_server):

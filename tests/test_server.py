@@ -13,8 +13,9 @@ openai = pytest.importorskip('openai')
 pytest.importorskip('fastapi')
 
 from modelscope_chatglm.serve.async_engine import Result  # noqa: E402
-from modelscope_chatglm.serve.protocol import (ChatCompletionRequest, TextOffsets, chat_call, message,  # noqa: E402
-                                               to_conversation)
+from modelscope_chatglm.serve.calls import chat_call, to_conversation  # noqa: E402
+from modelscope_chatglm.serve.protocol import ChatCompletionRequest  # noqa: E402
+from modelscope_chatglm.serve.responses import TextOffsets, message  # noqa: E402
 
 GREEDY = dict(temperature=0, max_tokens=8)
 
@@ -1033,7 +1034,7 @@ def test_the_engine_ends_the_openmp_workers_of_the_thread_that_loaded_the_model(
     parallel regions (a decode step was ~40% slower). The engine calls this before its thread starts."""
     import os
     import torch
-    from modelscope_chatglm.engine.core import release_openmp_threads
+    from modelscope_chatglm.openmp import release_workers
     if torch.get_num_threads() < 2:
         pytest.skip('one torch thread: OpenMP starts no workers')
     counts = {}
@@ -1042,7 +1043,7 @@ def test_the_engine_ends_the_openmp_workers_of_the_thread_that_loaded_the_model(
         a = torch.randn(512, 512)
         (a @ a).sum()                      # starts this thread's pool
         counts['before'] = len(os.listdir('/proc/self/task'))
-        counts['released'] = release_openmp_threads()
+        counts['released'] = release_workers()
         counts['after'] = len(os.listdir('/proc/self/task'))
     thread = threading.Thread(target=loader)
     thread.start()

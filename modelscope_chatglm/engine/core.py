@@ -14,7 +14,6 @@ A step is: the scheduler plans (scheduler.py), the runner executes each forward 
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
@@ -23,6 +22,7 @@ from typing import Callable, Iterator, List, Optional
 
 import torch
 
+from .. import openmp
 from .runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import DEFAULT_MAX_BATCH, Scheduler, Sequence, default_kv_budget
@@ -125,7 +125,7 @@ class LLMEngine:
         """Step from an engine thread of its own from now on (a server: the event loop never computes)."""
         if self._thread is not None:
             return
-        release_openmp_threads()          # the engine thread computes from now on; see there
+        openmp.release_workers()          # the engine thread computes from now on; see there
         self._thread = threading.Thread(target=self._work, name='chatglm-engine', daemon=True)
         self._thread.start()
 
@@ -159,26 +159,3 @@ class LLMEngine:
     def stepping_in_background(self) -> bool:
         """Whether an engine thread steps it and is alive (a replica's health check)."""
         return self._thread is not None and self._thread.is_alive()
-
-
-def release_openmp_threads() -> bool:
-    """End the OpenMP worker threads that the calling thread started (loading a model runs parallel
-    torch ops); -> whether a runtime did.
-
-    libgomp keeps one pool of workers per thread that ran a parallel region. Once it manages more
-    threads than there are CPUs (the loading thread's idle pool beside the engine thread's), its workers
-    stop spinning between parallel regions and sleep, and every region waits for them to wake (a
-    ChatGLM2-6B int4 decode step on 2 cores: benchmarks/bench_scheduler.py). Nothing breaks if the
-    thread runs parallel code again: it starts a new pool."""
-    try:   # the libgomp this process has loaded (torch's copy, which the kernels share)
-        with open('/proc/self/maps', encoding='utf-8', errors='replace') as maps:
-            paths = {line.split()[-1] for line in maps if '/libgomp' in line}
-    except OSError:
-        return False
-    released = False
-    for path in paths:
-        try:
-            released |= ctypes.CDLL(path).omp_pause_resource_all(2) == 0   # omp_pause_hard
-        except (OSError, AttributeError):   # a libgomp older than OpenMP 5.0
-            pass
-    return released

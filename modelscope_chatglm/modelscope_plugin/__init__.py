@@ -1,4 +1,4 @@
-"""How `import modelscope_chatglm` plugs into ModelScope without importing ModelScope's pipelines.
+"""How `import modelscope_chatglm` plugs into ModelScope without importing ModelScope (nor torch).
 
 ModelScope finds a model/pipeline/preprocessor class through its AST index: before looking a name
 up in a registry, it imports the module the index names for it (`LazyImportModule.import_module`).
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.abc
-import importlib.machinery
+import importlib.util
 import json
 import os
 import sys
@@ -42,18 +42,34 @@ def signatures():
 
 
 def install() -> bool:
-    """Register with ModelScope (lazily). False when ModelScope is not installed."""
+    """Register with ModelScope: now if ModelScope is imported, else the moment it is (importing it
+    imports torch, a second or more: a program that never uses ModelScope does not pay for it, and the
+    command line can set the OpenMP environment before torch loads). False when ModelScope is not
+    installed."""
+    if 'modelscope' not in sys.modules:
+        try:
+            if importlib.util.find_spec('modelscope') is None:
+                return False
+        except (ImportError, ValueError):
+            return False
+        _after_import('modelscope', lambda module: _register())
+    else:
+        _register()
+    _install_router()
+    return True
+
+
+def _register():
+    """Point the AST index entries of our names at the implementation module."""
     try:
         from modelscope.utils.ast_utils import FILE_NAME_KEY, IMPORT_KEY, INDEX_KEY, MODULE_KEY
         from modelscope.utils.import_utils import LazyImportModule
     except ImportError:
-        return False
+        return
     index = LazyImportModule.get_ast_index()[INDEX_KEY]
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pipeline.py')
     for sig in signatures():
         index[sig] = {FILE_NAME_KEY: here, IMPORT_KEY: [], MODULE_KEY: IMPLEMENTATION}
-    _install_router()
-    return True
 
 
 # -- routing in front of modelscope.pipelines.pipeline -----------------------------------------------
@@ -61,7 +77,7 @@ def _install_router():
     """Wrap `modelscope.pipelines.builder.pipeline` when that module loads (now, if it already has).
 
     Importing `modelscope.pipelines` costs seconds (it imports transformers and datasets), so rather
-    than import it here, a meta-path hook patches the builder module right after it executes; the
+    than import it here, an import hook patches the builder module right after it executes; the
     package then re-exports the wrapped function as `modelscope.pipelines.pipeline`."""
     builder = sys.modules.get('modelscope.pipelines.builder')
     if builder is not None:
@@ -70,23 +86,37 @@ def _install_router():
             module = sys.modules.get(name)
             if module is not None and 'pipeline' in vars(module):
                 module.pipeline = builder.pipeline
-    elif not any(isinstance(f, _WrapBuilderOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _WrapBuilderOnImport())
+    else:
+        _after_import('modelscope.pipelines.builder', _wrap)
 
 
-class _WrapBuilderOnImport(importlib.abc.MetaPathFinder):
+def _after_import(name: str, then):
+    """Call then(module) right after the module `name` is first imported (once its code has run)."""
+    if not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, then))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str, then):
+        self.name, self.then = name, then
+
     def find_spec(self, name, path, target=None):
-        if name != 'modelscope.pipelines.builder':
+        if name != self.name:
             return None
         sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
+        spec = None
+        for finder in list(sys.meta_path):   # as the import system asks them
+            find = getattr(finder, 'find_spec', None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                break
+        if spec is None or spec.loader is None or not hasattr(spec.loader, 'exec_module'):
             return spec
-        execute = spec.loader.exec_module
+        execute, then = spec.loader.exec_module, self.then
 
         def exec_module(module):
             execute(module)
-            _wrap(module)
+            then(module)
         spec.loader.exec_module = exec_module
         return spec
 

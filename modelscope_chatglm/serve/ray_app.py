@@ -33,16 +33,14 @@ from ray.exceptions import RayError, RayTaskError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError
 
+from .. import openmp
 from .async_engine import AsyncEngine, ChatCall, QueueFull, ReplicaUnavailable
+from .ray_roster import ROSTER
 from .ray_routing import ConversationRouter
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = 'chatglm'
-
-# (application, deployment) -> ids of its running replicas, as ConversationRouter in this process last
-# saw them (it writes here); RayBackend.stats_list asks each of them.
-ROSTER = {}
 
 
 @dataclasses.dataclass
@@ -119,14 +117,15 @@ class ChatGLMReplica:
 
     def __init__(self, settings: RaySettings):
         import torch
-        from ..cli import adapter_argument, demo_checkpoint
+        from ..adapters import parse_specs
         from ..loading import load
+        from ..testing.tiny import demo_checkpoint
         if settings.cpus_per_replica >= 1:   # the replica's share of the cores, not all of the machine's
             torch.set_num_threads(int(settings.cpus_per_replica))
         device = settings.device or ('cuda' if settings.gpus_per_replica > 0 else 'cpu')
         adapter = settings.adapter
         if isinstance(adapter, (list, tuple)):   # CLI-style ['NAME=PATH', ...]
-            adapter = adapter_argument(list(adapter), several=True)
+            adapter = parse_specs(list(adapter), several=True)
         chat = load(settings.model or demo_checkpoint('glm2'), revision=settings.revision, device=device,
                     dtype=settings.dtype, quantization_bit=settings.quantize,
                     int8_activations=settings.int8_activations, adapter=adapter,
@@ -265,7 +264,10 @@ def app(args: Optional[dict] = None):
     per_replica = batch + settings.max_queue   # what one replica takes before its engine says it is busy
     scale = settings.autoscale_range()
     replica_options = dict(
-        ray_actor_options={'num_cpus': settings.cpus_per_replica, 'num_gpus': settings.gpus_per_replica},
+        # A replica's worker process starts with the OpenMP setting of the process that builds the
+        # application (openmp.py): this one's, or ours where the user set none.
+        ray_actor_options={'num_cpus': settings.cpus_per_replica, 'num_gpus': settings.gpus_per_replica,
+                           'runtime_env': {'env_vars': openmp.environment()}},
         max_ongoing_requests=per_replica,
         request_router_config=RequestRouterConfig(request_router_class=ConversationRouter,
                                                   request_router_kwargs={'imbalance': batch}),

@@ -41,7 +41,7 @@ class ConversationRouter(RequestRouter):
     def update_replicas(self, replicas: List[RunningReplica]):
         super().update_replicas(replicas)
         # Imported here, not above: this module runs as a copy, the roster must be the real module's.
-        from modelscope_chatglm.serve.ray_app import ROSTER
+        from modelscope_chatglm.serve.ray_roster import ROSTER
         deployment = self._deployment_id
         ROSTER[(deployment.app_name, deployment.name)] = sorted(r.replica_id.unique_id for r in replicas)
 

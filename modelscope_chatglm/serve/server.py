@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP routes (extra `[serve]`: FastAPI, uvicorn, sse-starlette) over an engine: one
 `ChatModel` in this process (`create_app`, `serve`), or Ray Serve replicas (`create_app_over`, used by
-ray_app.py). The request and response bodies are protocol.py's.
+ray_app.py). The request schemas are protocol.py's; a request becomes engine calls in calls.py, and its
+results response bodies in responses.py (errors: errors.py, /metrics: metrics.py).
 
     GET  /health                 {"status": "ok", "model", running/queued sequences, KV cache use, ...}
     GET  /metrics                the same as Prometheus text (running and queued sequences, KV pool
@@ -32,10 +33,13 @@ from starlette.exceptions import HTTPException
 
 from ..chat import ChatModel
 from ..errors import InputError
-from . import protocol
 from .auth import api_keys
 from .async_engine import AsyncEngine, Result
+from .calls import chat_call, choice_calls, classic_call, completion_call, echo_text, scores_prompt
+from .errors import error_body, failure, rejection
+from .metrics import combined, prometheus_text
 from .protocol import ChatCompletionRequest, ClassicRequest, TextCompletionRequest
+from .responses import ChatChunks, TextChunks, completion, completion_id, text_completion, usage
 
 
 def _problem(error: dict) -> str:
@@ -46,7 +50,7 @@ def _problem(error: dict) -> str:
 
 
 def _error(status: int, message: str, kind: str = 'invalid_request_error', retry_after=None) -> JSONResponse:
-    response = JSONResponse(status_code=status, content=protocol.error_body(message, kind))
+    response = JSONResponse(status_code=status, content=error_body(message, kind))
     if retry_after is not None:
         response.headers['Retry-After'] = str(retry_after)
     return response
@@ -54,7 +58,7 @@ def _error(status: int, message: str, kind: str = 'invalid_request_error', retry
 
 def _rejected(exc: Exception, accepted: bool = False) -> JSONResponse:
     """The error response for a request refused before it started, or one that failed after."""
-    return _error(*(protocol.failure(exc) if accepted else protocol.rejection(exc)))
+    return _error(*(failure(exc) if accepted else rejection(exc)))
 
 
 REPLICA_HEADER = 'x-chatglm-replica'   # which engine served a request (several under Ray Serve)
@@ -158,11 +162,11 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
         engines = await backend.stats_list()
         if len(engines) == 1 and not engines[0].get('replica'):
             return {'status': 'ok', 'model': name, **engines[0]}
-        return {'status': 'ok', 'model': name, **protocol.combined(engines), 'replicas': engines}
+        return {'status': 'ok', 'model': name, **combined(engines), 'replicas': engines}
 
     @app.get('/metrics')
     async def metrics():
-        return PlainTextResponse(protocol.prometheus_text(await backend.stats_list(), name),
+        return PlainTextResponse(prometheus_text(await backend.stats_list(), name),
                                  media_type='text/plain; version=0.0.4; charset=utf-8')
 
     @app.get('/v1/models')
@@ -183,7 +187,7 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
 
     async def respond(call_of, req, request: Request, whole, chunks):
         """Run one OpenAI request: call_of(req, adapter) -> ChatCall; whole(cid, created, model, results) ->
-        the JSON body; chunks(cid, created, model, index) -> the SSE chunks of one choice (protocol.ChatChunks
+        the JSON body; chunks(cid, created, model, index) -> the SSE chunks of one choice (ChatChunks
         or TextChunks), `model` naming the adapter the request chose (or the base). Its `n` choices are n
         generations, streamed side by side."""
         try:
@@ -197,7 +201,7 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
             if asked > max_logprobs:
                 raise InputError(f'{asked} alternatives per token asked for (top_logprobs / logprobs); this server '
                                  f'returns at most {max_logprobs} (--max-logprobs)')
-            calls = protocol.choice_calls(call, req.n)
+            calls = choice_calls(call, req.n)
         except (InputError, ValueError) as e:
             return _error(400, str(e))
         streams = [backend.generate(c) for c in calls]
@@ -214,7 +218,7 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
             return _rejected(refused[0])
         replica, model = firsts[0][1], adapter or name
         headers = {REPLICA_HEADER: replica} if replica else {}
-        created, cid = int(time.time()), protocol.completion_id('cmpl' if call.completion else 'chatcmpl')
+        created, cid = int(time.time()), completion_id('cmpl' if call.completion else 'chatcmpl')
         if not req.stream:
             try:
                 results = await _results(streams, request)
@@ -247,7 +251,7 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
                     elif kind == 'done':
                         results[index] = value
                         last = all(results)   # the usage of all choices goes with the last to finish
-                        for chunk in shapes[index].done(value, logprobs[index], protocol.usage(results) if last else None):
+                        for chunk in shapes[index].done(value, logprobs[index], usage(results) if last else None):
                             yield chunk
                         if last:
                             break
@@ -264,23 +268,19 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
 
     @app.post('/v1/chat/completions')
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        return await respond(protocol.chat_call, req, request,
-                             lambda cid, created, model, results: protocol.completion(cid, created, model, results),
-                             lambda cid, created, model, index: protocol.ChatChunks(cid, created, model, index))
+        return await respond(chat_call, req, request, completion, ChatChunks)
 
     @app.post('/v1/completions')
     async def completions(req: TextCompletionRequest, request: Request):
-        echo, scored = protocol.echo_text(req), protocol.scores_prompt(req)
-        return await respond(protocol.completion_call, req, request,
-                             lambda cid, created, model, results: protocol.text_completion(cid, created, model,
-                                                                                          results, echo),
-                             lambda cid, created, model, index: protocol.TextChunks(cid, created, model, echo, index,
-                                                                                    scored))
+        echo, scored = echo_text(req), scores_prompt(req)
+        return await respond(completion_call, req, request,
+                             lambda cid, created, model, results: text_completion(cid, created, model, results, echo),
+                             lambda cid, created, model, index: TextChunks(cid, created, model, echo, index, scored))
 
     @app.post('/')
     async def classic(req: ClassicRequest, request: Request):
         try:
-            call = protocol.classic_call(req)
+            call = classic_call(req)
         except InputError as e:
             return _error(400, str(e))
         call.cache_scope = (getattr(request.state, 'tenant', None), None)
@@ -311,8 +311,8 @@ class UnknownModel(Exception):
 
 def _stream_error(exc: Exception) -> str:
     """An SSE event that ends a stream whose generation failed."""
-    _, message, kind, _ = protocol.failure(exc)
-    return json.dumps(protocol.error_body(message, kind))
+    _, message, kind, _ = failure(exc)
+    return json.dumps(error_body(message, kind))
 
 
 async def _merged(streams) -> AsyncIterator[Tuple[int, str, object]]:

@@ -349,6 +349,22 @@ def build_lora(out_dir: str, base_dir: str, rank: int = 4, seed: int = 0) -> str
     return out_dir
 
 
+def cache_dir() -> str:
+    """Where the demo's checkpoints are kept: $MODELSCOPE_CHATGLM_CACHE, else ~/.cache/modelscope_chatglm."""
+    return os.environ.get('MODELSCOPE_CHATGLM_CACHE') or os.path.join(
+        os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'modelscope_chatglm')
+
+
+def demo_checkpoint(family: str) -> str:
+    """The offline demo's tiny checkpoint (`modelscope-chatglm demo`, a Ray deployment without a model),
+    built once per cache dir (a marker file says it is complete)."""
+    path = os.path.join(cache_dir(), f'demo-{family}-tiny')
+    if not os.path.exists(os.path.join(path, '.complete')):
+        build(path, family=family, fmt='safetensors', shards=2, seed=0)
+        open(os.path.join(path, '.complete'), 'w').close()
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] + ' With --lora-for BASE: a random LoRA '
                                  'adapter for the tiny checkpoint BASE instead (to try --adapter offline).')
