@@ -80,7 +80,7 @@ class ChatModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.word_embeddings.weight.dtype
+        return self.model.dtype
 
     # -- raw model access ---------------------------------------------------------------------------
     def logits(self, input_ids, attention_mask=None) -> torch.Tensor:

@@ -249,6 +249,13 @@ def build_model(config, dtype: torch.dtype, device: torch.device, bits: int = 0)
     Architecture = get_family(config.family).model_class()
     with torch.device('meta'):
         net = Architecture(config).to(dtype)
+        if bits and dtype == torch.float32 and device.type == 'cpu' and config.torch_dtype == 'float16':
+            # The embedding and the LM head stay unquantized, but need not widen to fp32: kept as the
+            # checkpoint's fp16 they are exact (fp16 -> fp32 loses nothing), half the memory, and half
+            # the bytes a decode step reads for its head (lm_head widens them in registers: f16_gemv).
+            for module in (net.word_embeddings, getattr(net, 'output_layer', None)):
+                if module is not None:
+                    module.half()
     assert isinstance(net, CausalLM), f'{Architecture.__name__} does not implement models/base.py CausalLM' 
     if bits:
         from .quantization import quantize_linears

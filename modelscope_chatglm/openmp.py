@@ -3,9 +3,8 @@ own processes start with (idle spinning shortened), and ending a thread's idle w
 
 **The setting.** libgomp keeps an idle thread spinning for 300,000 rounds after each parallel region.
 On a machine where another process is busy, that spinning takes the core from the thread that still has
-work: full-size int4 decode measured 2.2-2.4 tok/s beside one busy process by default, 3.0-3.3 with
-10,000 rounds, and the same speed within noise on an idle machine (benchmarks/bench_quant_e2e.py
---busy 1; benchmarks/README.md, "A shared machine"). libgomp reads the setting once, when it loads with
+work, and decode slows down by about a third; on an idle machine the short spin costs nothing (numbers:
+benchmarks/README.md, "Design choices" and "A shared machine"). libgomp reads the setting once, when it loads with
 torch, so it must be in the environment before `import torch`.
 
 The processes we start set it, before anything imports torch: the `modelscope-chatglm` command (and so

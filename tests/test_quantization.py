@@ -116,14 +116,16 @@ def test_bf16_x_kernels_multiply_bf16_pairs_only_on_avx512_bf16(isa_lib, bits):
         assert torch.equal(paired, widened)
 
 
-@pytest.mark.parametrize('head', ['f32', 'bf16'])
+@pytest.mark.parametrize('head', ['f32', 'bf16', 'f16'])
 @pytest.mark.parametrize('M,K,N', SHAPES)
 def test_head_kernels_equal_scalar_reference_and_torch(isa_lib, M, K, N, head):
-    """f32_gemv / bf16_gemv: the LM head of a decode step (models/base.py lm_head), fp32 x and logits."""
+    """f32_gemv / bf16_gemv / f16_gemv: the LM head of a decode step (models/base.py lm_head), fp32 logits."""
     g = torch.Generator().manual_seed(M + K + N)
     w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
     if head == 'bf16':   # a bf16 model's head: bf16 weights and x, fp32 logits
         w, x = w.bfloat16(), x.bfloat16()
+    if head == 'f16':    # a quantized fp32 model's head, kept as the checkpoint's fp16: fp32 x
+        w = w.half()
     expected = x.double() @ w.double().t()
     fast, ref = torch.empty(M, N), torch.empty(M, N)
     kernel = getattr(isa_lib, f'{head}_gemv')
@@ -137,10 +139,11 @@ def test_head_kernels_equal_scalar_reference_and_torch(isa_lib, M, K, N, head):
         assert torch.equal(alone[0], fast[m])
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
 def test_lm_head_gives_a_row_the_same_logits_in_any_batch(lib, dtype):
     from modelscope_chatglm.models.base import lm_head
-    w, x = torch.randn(3001, 1024).to(dtype), torch.randn(40, 1024).to(dtype)
+    w = torch.randn(3001, 1024).to(dtype)
+    x = torch.randn(40, 1024).to(torch.float32 if dtype == torch.float16 else dtype)   # fp16 head: fp32 x
     alone = torch.cat([lm_head(x[i:i + 1], w) for i in range(40)])
     for M in (2, 3, 8, 17, 40):
         assert torch.equal(lm_head(x[:M], w), alone[:M]), M
@@ -149,6 +152,8 @@ def test_lm_head_gives_a_row_the_same_logits_in_any_batch(lib, dtype):
     assert (alone.double() - x.double() @ w.double().t()).abs().max() < 1e-3
     if dtype == torch.bfloat16:
         assert not torch.equal(alone, alone.bfloat16().float())
+    if dtype == torch.float16:   # the checkpoint's fp16 head widens exactly: the fp32 head's logits
+        assert torch.equal(alone, torch.cat([lm_head(x[i:i + 1], w.float()) for i in range(40)]))
     assert lm_head(x[None], w).shape == (1, 40, 3001)      # a whole prompt: F.linear
 
 
@@ -379,6 +384,7 @@ def kernel_calls(lib, seed=0):
         return call
     calls['f32_gemv'] = head('f32_gemv', x, w)
     calls['bf16_gemv'] = head('bf16_gemv', x.bfloat16(), w.bfloat16())
+    calls['f16_gemv'] = head('f16_gemv', x, w.half())
     from test_attention import paged_call, paged_inputs
     inputs = paged_inputs([(9, 300, None), (1, 77, None), (5, 40, 20)], 32, 2, 128, seed)
 
@@ -550,7 +556,9 @@ def test_prequantized_checkpoint_matches_reference_on_dequantized_weights(quanti
     layer = model.model.layers[0]
     assert isinstance(layer.mlp.dense_h_to_4h, QuantizedLinear) and layer.mlp.dense_h_to_4h.bits == bits
     assert layer.self_attention.query_key_value.weight_scale.dtype == torch.float32    # fp16 in the file
-    assert model.model.word_embeddings.weight.dtype == torch.float32                  # not quantized
+    # not quantized, and kept as the checkpoint's fp16 (widened exactly where used); the blocks compute in fp32
+    assert model.model.word_embeddings.weight.dtype == model.model.output_layer.weight.dtype == torch.float16
+    assert model.dtype == torch.float32
     ref_dir = dequantized_copy(quantized_dirs[bits], str(tmp_path / 'deq'), bits)
     prompt = model.build_inputs('你好，请介绍一下你自己。' + ' The quick brown fox.' * 3)
     ref = reference({'model_dir': ref_dir, 'cases': [
@@ -560,6 +568,26 @@ def test_prequantized_checkpoint_matches_reference_on_dequantized_weights(quanti
     print(f'\n[int{bits}] max |logit diff| vs reference on dequantized weights: {diff:.3g}')
     assert diff < 5e-3
     assert model.generate(prompt, max_new_tokens=16, do_sample=False) == ref['greedy']
+
+
+@pytest.mark.parametrize('family', ['glm2', 'glm1'])
+def test_an_fp16_head_and_embedding_give_the_fp32_ones_logprobs_exactly(glm2_dir, glm1_dir, family):
+    """A quantized fp32 model keeps the checkpoint's fp16 embedding and head (half their memory and of the
+    head's bytes per decode step); widened in registers, they give exactly what fp32 copies give."""
+    model = modelscope_chatglm.load({'glm2': glm2_dir, 'glm1': glm1_dir}[family], device='cpu', dtype='float32',
+                                    quantization_bit=4, int8_activations=False)
+    assert model.model.word_embeddings.weight.dtype == torch.float16
+    prompt = model.build_inputs('你好，请介绍一下你自己。')
+
+    assert len(prompt) < 64   # every position's logits through the head kernels (1-64 rows)
+    fp16 = model.generate(prompt, max_new_tokens=12, do_sample=False, stop_ids=[])
+    fp16_logits = model.logits(prompt)
+    model.model.word_embeddings.float()
+    if family == 'glm2':
+        model.model.output_layer.float()
+    model.clear_cache()
+    assert model.generate(prompt, max_new_tokens=12, do_sample=False, stop_ids=[]) == fp16
+    assert torch.equal(model.logits(prompt), fp16_logits)
 
 
 @pytest.mark.parametrize('bits', [8, 4])

@@ -12,8 +12,8 @@ class TextDeltas:
     """Turn a growing list of token ids into text deltas: never text that a later token could still
     change, and at a cost per token that does not grow with the reply.
 
-    Each push decodes a window of the latest tokens, not the whole reply (that made a token of an
-    8,000-token reply cost 1.8 ms, and of a 32,000-token one 7.5 ms: bench_streaming_text.py). `start` is the window's first token, `sent` the part of
+    Each push decodes a window of the latest tokens, not the whole reply (whose cost per token grows with
+    the reply: bench_streaming_text.py). `start` is the window's first token, `sent` the part of
     the window's text already sent. The end of the text that more tokens could still change is held
     back (`tokenizer.unsettled_chars`: the bytes of an unfinished character, a half-spelled ChatGLM-6B
     placeholder). Once the window has grown to 2 x CONTEXT tokens it moves up to its last CONTEXT:

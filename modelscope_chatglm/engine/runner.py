@@ -35,7 +35,7 @@ class KVAllocator:
         cfg = model.cfg
         self.device = model.device
         self.pre = cfg.pre_seq_len or 0
-        self.dtype = model.word_embeddings.weight.dtype
+        self.dtype = model.dtype
         self.bytes_per_token = cfg.num_layers * 2 * model.kv_heads * cfg.head_dim * self.dtype.itemsize
         # Pages: the P-tuning prefix, a scratch page (the padding rows of a graphed step write there), then
         # the sequences'.
@@ -52,7 +52,7 @@ class KVAllocator:
 
     def fits(self, model) -> bool:
         """Whether the pool made for the model as it was still fits it (`model.to(...)` casts or moves it)."""
-        return model.word_embeddings.weight.dtype == self.dtype and model.device == self.device
+        return model.dtype == self.dtype and model.device == self.device
 
     def start(self, fill):
         """A sequence's family state (models/base.py `start`; nothing runs)."""

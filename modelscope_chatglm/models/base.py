@@ -31,6 +31,11 @@ class CausalLM(Protocol):
     @property
     def device(self) -> torch.device: ...
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the blocks compute in, and the K/V's dtype. The embedding and the head may be stored
+        narrower (a quantized fp32 model keeps the checkpoint's fp16 there: `loading.build_model`)."""
+
     @staticmethod
     def checkpoint_key(key: str) -> Optional[str]:
         """Hub state-dict key -> parameter name; None for keys the forward never reads."""
@@ -81,8 +86,7 @@ def score_whole(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
     real = torch.ones(b, s, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
     rows = [input_ids[i].cpu()[real[i]].tolist() for i in range(b)]
     pre = cfg.pre_seq_len or 0
-    pool = KVPool(cfg.num_layers, model.kv_heads, cfg.head_dim, pre + sum(map(len, rows)),
-                  model.word_embeddings.weight.dtype, device)
+    pool = KVPool(cfg.num_layers, model.kv_heads, cfg.head_dim, pre + sum(map(len, rows)), model.dtype, device)
     if pre:
         pool.hold_prefix(range(pre), model.prefix_kv())
     tables, start, parts = [], pre, [i for i in range(b) if rows[i]]
@@ -135,11 +139,23 @@ def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     through the compiled kernel (`f32_gemv` / `bf16_gemv`, quantization/kernels/gemv.c), which sums each
     row in fp32 in the same order whatever the number of rows, as the quantized blocks do: a sequence's
     logits are bit for bit the same alone or batched. MKL's sgemm changes its summation order with the
-    number of rows (ChatGLM2's 65024 x 4096 head: rows of a 2-row call differ from the 1-row call by
-    ~3e-4), and oneDNN's bf16 GEMM rounds the logits to bf16, where the top two often tie. Those logits
-    are fp32.
-    Whole prompts (3-D hidden) and other devices keep F.linear."""
+    number of rows, and oneDNN's bf16 GEMM rounds the logits to bf16, where the top two often tie. Those
+    logits are fp32. Whole prompts (3-D hidden) and other devices keep F.linear.
+
+    A quantized fp32 model keeps its head as the checkpoint's fp16 (`keep_checkpoint_dtype`): half the
+    bytes a decode step reads, widened to fp32 in registers (`f16_gemv`), so the logits are those of the
+    fp32 head exactly. Every row count takes that kernel: torch has no fp32 x fp16 product."""
     rows = hidden.shape[0] if hidden.dim() == 2 else 0
+    if hidden.device.type == 'cpu' and weight.dtype == torch.float16 and hidden.dtype == torch.float32:
+        from ..quantization.build import load_library
+        lib = load_library()
+        if lib is None:
+            return torch.nn.functional.linear(hidden, weight.float())
+        x = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+        lib.f16_gemv(x.data_ptr(), x.shape[0], x.shape[1], weight.contiguous().data_ptr(), None, out.data_ptr(),
+                     weight.shape[0], torch.get_num_threads())
+        return out.reshape(*hidden.shape[:-1], weight.shape[0])
     if (hidden.device.type == 'cpu' and 1 <= rows <= 64 and hidden.dtype == weight.dtype
             and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()):
         from ..quantization.build import load_library

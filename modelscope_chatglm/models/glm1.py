@@ -170,6 +170,10 @@ class GLM1Model(nn.Module):
     def device(self) -> torch.device:
         return self.word_embeddings.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_layernorm.weight.dtype
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_head(hidden, self.word_embeddings.weight)   # the tied head, as a [V, D] linear
 
@@ -195,7 +199,7 @@ class GLM1Model(nn.Module):
         return PromptShape(ids.index(cfg.bos_token_id), ids.index(mask_id))
 
     def rows_keep_their_bits(self, rows: int) -> bool:
-        return linears_keep_row_bits(self.layers, rows, self.word_embeddings.weight.dtype)
+        return linears_keep_row_bits(self.layers, rows, self.dtype)
 
     def forward_ragged(self, parts, kv, every=()) -> torch.Tensor:
         """New tokens of several sequences in one forward: parts = [(PromptShape, past, ids), ...], each
@@ -222,7 +226,7 @@ class GLM1Model(nn.Module):
         kv.min_keys = torch.tensor(min_keys, dtype=torch.int32)
         device = self.device
         ids = torch.cat([torch.as_tensor(list(ids), dtype=torch.long) for _, _, ids in parts]).to(device)[None]
-        x = self.word_embeddings(ids)
+        x = self.word_embeddings(ids).to(self.dtype)   # stored as the checkpoint's fp16 when quantized
         pos_tables = rotary_tables(torch.cat(positions).to(device)[None], self.rotary_dim)
         block_tables = rotary_tables(torch.cat(blocks).to(device)[None], self.rotary_dim)
         for i, layer in enumerate(self.layers):

@@ -189,7 +189,7 @@ class GLM2Model(nn.Module):
     def forward_tokens(self, ids: torch.Tensor, positions: torch.Tensor, kv) -> torch.Tensor:
         """ids, positions [N] (on the model's device) of a forward's new rows -> the last block's output
         [N, D]. Tensor operations only: with fixed shapes, the step a CUDA graph captures (engine/graphs.py)."""
-        x = self.word_embeddings(ids[None])
+        x = self.word_embeddings(ids[None]).to(self.dtype)   # stored as the checkpoint's fp16 when quantized
         cos, sin = self.rotary(positions[None])
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv.layer(i))
@@ -201,6 +201,10 @@ class GLM2Model(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.word_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_layernorm.weight.dtype
 
     supports_prefix_reuse = True   # causal attention: the K/V of a prefix do not depend on what follows
     cuda_graphs = True             # on CUDA the engine may replay decode steps from graphs (loading.py sets it)
@@ -221,7 +225,7 @@ class GLM2Model(nn.Module):
         return prefix.permute(1, 2, 3, 0, 4)
 
     def rows_keep_their_bits(self, rows: int) -> bool:
-        return linears_keep_row_bits(self.layers, rows, self.word_embeddings.weight.dtype)
+        return linears_keep_row_bits(self.layers, rows, self.dtype)
 
     def full_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits at every position [b, s, V] (fp32) of left-padded prompts, for scoring and parity tests."""

@@ -292,7 +292,7 @@ def _declare(lib):
     for name in ('q8_dequant_rows_f32', 'q8_dequant_rows_bf16', 'q4_dequant_rows_f32', 'q4_dequant_rows_bf16'):
         getattr(lib, name).argtypes = [p, p, i, i, i, p, i]
         getattr(lib, name).restype = None
-    for name in ('f32_gemv', 'bf16_gemv'):
+    for name in ('f32_gemv', 'bf16_gemv', 'f16_gemv'):
         getattr(lib, name).argtypes = [p, i, i, p, p, p, i, i]
         getattr(lib, name).restype = None
         getattr(lib, name + '_ref').argtypes = [p, i, i, p, p, p, i]

@@ -36,8 +36,8 @@ from .build import load_library
 # same bits whatever the other rows are. Longer inputs (prefill) take dequantized tiles + matmul.
 DECODE_ROWS = 64
 # Where bf16 x is multiplied in bf16 pairs (the avx512-vnni-bf16 build), the kernel stays the faster path
-# up to 128 rows, the serving scheduler's prefill chunk on a CPU: one ChatGLM2-6B block at 128 rows took
-# 148 ms in int4 against 197 for tiles, 172 against 189 in int8 (Zen 4; at 256 rows tiles win in int8).
+# up to 128 rows, the serving scheduler's prefill chunk on a CPU (at 256 rows tiles win in int8; numbers in
+# benchmarks/README.md, "Design choices").
 DECODE_ROWS_BF16_PAIRS = 128
 TILE_ELEMENTS = 1 << 22  # dequantised tile size (4M weights: 8 MB in bf16)
 

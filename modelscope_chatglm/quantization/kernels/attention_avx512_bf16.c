@@ -12,8 +12,8 @@
  * query's H/G heads are a small GEMM (ATT_HEADS heads x ATT_BLOCKS blocks of 16 keys per pass, K packed so
  * that one vector holds one pair of dims of 16 keys), then the softmax row by row, then P V (ATT_PV_HEADS
  * heads x 128 dims per pass, V packed so that one vector holds 16 dims of a pair of keys). K and V are
- * packed from the pool once per part and group, for all of its queries. (torch's bf16 SDPA took 12-15 ms
- * per layer for a 40-token chunk over 2,040 cached positions, a fifth of what `vdpbf16ps` does.)
+ * packed from the pool once per part and group, for all of its queries. (torch's bf16 SDPA reaches a
+ * fraction of what `vdpbf16ps` does on these shapes: benchmarks/README.md, "Design choices".)
  */
 #define ATT_HEADS 4      /* heads per pass of the scores: 4 x 4 accumulators, each K vector feeds 4 */
 #define ATT_BLOCKS 4     /* blocks of 16 keys per pass */
@@ -32,7 +32,7 @@ static inline __m512 exp_ps(__m512 x) { return vexp(x); }
 
 /* Block b of 16 keys of group g, K and V, into their packed layouts; keys past the part's keys become
  * zeros. With d a multiple of 32 in vectors: K by 16 x 16 transposes of dim pairs (transpose16, vec.h), V by
- * interleaving two keys' rows. (Scalar loops took 60% of a decode step's attention.) */
+ * interleaving two keys' rows. (Packing with scalar loops took most of a decode step's attention.) */
 static void pack_kv(void *arg, int item0, int item1) {
     const bf16_part *part = (const bf16_part *)arg;
     const paged_job *job = part->job;

@@ -55,6 +55,19 @@ static inline float bf16_to_f32(uint16_t h) {
     return v.f;
 }
 
+/* IEEE half -> float, exact for every value (the checkpoint's fp16 head and embedding, widened). */
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    union { uint32_t u; float f; } v;
+    if (exp == 0x1f) v.u = sign | 0x7f800000u | (man << 13);           /* inf, nan */
+    else if (exp) v.u = sign | ((exp + 112) << 23) | (man << 13);      /* normal: rebias 15 -> 127 */
+    else {                                                             /* zero, subnormal: man x 2^-24 */
+        v.f = (float)man * 5.9604644775390625e-8f;
+        v.u |= sign;
+    }
+    return v.f;
+}
+
 static float *widen_bf16(const uint16_t *x, size_t n) {
     float *f = (float *)malloc(sizeof(float) * n);
     for (size_t i = 0; i < n; i++) f[i] = bf16_to_f32(x[i]);

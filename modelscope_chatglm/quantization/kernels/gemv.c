@@ -1,7 +1,7 @@
 /*
  * The driver of the exact weight-only kernels: blocks of ROW_BLOCK weight rows on the threads (threads.c),
  * each block's sums by the rows of gemv_fp32.c or gemv_avx512_bf16.c, then the scales and the bias; and the
- * exported entry points q8_gemv, q4_gemv, f32_gemv, q8_gemv_xbf16, q4_gemv_xbf16 and bf16_gemv.
+ * exported entry points q8_gemv, q4_gemv, f32_gemv, q8_gemv_xbf16, q4_gemv_xbf16, bf16_gemv and f16_gemv.
  * Part of the one translation unit quant_kernels.c (its top comment is the map); not compiled on its own.
  */
 
@@ -19,10 +19,15 @@
         else fn(x, (size_t)K, mb, w, row_bytes, K, rows, out, __VA_ARGS__);                    \
     } while (0)
 
+/* The LM head's weights, as `bits` of a job: fp32, bf16, or the checkpoint's fp16 (widened in registers) */
+#define ROWS_F32 32
+#define ROWS_BF16 16
+#define ROWS_F16 (-16)
+
 typedef struct {
     const void *x;    /* [M, K], fp32, or bf16 with xbf16 set; for int4 rearranged (interleave_q4*) */
     int xbf16;
-    int M, K, bits;   /* bits: 8 or 4 (quantized rows, times scale[n]), or 32 / 16 (fp32 / bf16 rows: the LM head) */
+    int M, K, bits;   /* bits: 8 or 4 (quantized rows, times scale[n]), or one of the head's ROWS_* above */
     const int8_t *W;
     const float *scale, *bias;
     float *y;
@@ -33,8 +38,8 @@ typedef struct {
 static void gemv_blocks(void *arg, int b0, int b1) {
     const gemv_job *job = (const gemv_job *)arg;
     const int M = job->M, K = job->K, N = job->N, bits = job->bits, KB = bits == 4 ? K / 2 : K;
-    const size_t row_bytes = bits == 32 ? sizeof(float) * (size_t)K : bits == 16 ? sizeof(uint16_t) * (size_t)K
-                                                                                   : (size_t)KB;
+    const size_t row_bytes = bits == ROWS_F32 ? sizeof(float) * (size_t)K
+                             : bits == ROWS_BF16 || bits == ROWS_F16 ? sizeof(uint16_t) * (size_t)K : (size_t)KB;
     const float *scale = job->scale, *bias = job->bias;
     float *d = (float *)malloc(sizeof(float) * (size_t)M * ROW_BLOCK);
 #ifdef XBF16_DP
@@ -62,7 +67,8 @@ static void gemv_blocks(void *arg, int b0, int b1) {
             const float *xm = (const float *)job->x + (size_t)m0 * K;
             if (bits == 4) ROWS_WITH_CONSTANT_SHAPES(rows_q4, xm, 0);
             else if (bits == 8) ROWS_WITH_CONSTANT_SHAPES(rows_wide, xm, W_INT8);
-            else if (bits == 16) ROWS_WITH_CONSTANT_SHAPES(rows_wide, xm, W_BF16);
+            else if (bits == ROWS_BF16) ROWS_WITH_CONSTANT_SHAPES(rows_wide, xm, W_BF16);
+            else if (bits == ROWS_F16) ROWS_WITH_CONSTANT_SHAPES(rows_wide, xm, W_F16);
             else ROWS_WITH_CONSTANT_SHAPES(rows_wide, xm, W_F32);
         }
         for (int m = 0; m < M; m++)
@@ -116,7 +122,7 @@ void q4_gemv(const float *x, int M, int K, const int8_t *W, const float *scale, 
 /* fp32 weights: the LM head of a batched decode step, so that a row's logits do not depend on the
  * other rows either (MKL's sgemm sums in an order that changes with the number of rows). */
 void f32_gemv(const float *x, int M, int K, const float *W, const float *bias, float *y, int N, int nthreads) {
-    gemv(x, 0, M, K, (const int8_t *)W, 32, NULL, bias, y, N, nthreads);
+    gemv(x, 0, M, K, (const int8_t *)W, ROWS_F32, NULL, bias, y, N, nthreads);
 }
 
 void q8_gemv_xbf16(const uint16_t *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
@@ -133,5 +139,11 @@ void q4_gemv_xbf16(const uint16_t *x, int M, int K, const int8_t *W, const float
  * rounding of the logits (two candidates 1 ulp apart in bf16 would tie, and which won would depend
  * on summation order). */
 void bf16_gemv(const uint16_t *x, int M, int K, const uint16_t *W, const float *bias, float *y, int N, int nthreads) {
-    gemv(x, 1, M, K, (const int8_t *)W, 16, NULL, bias, y, N, nthreads);
+    gemv(x, 1, M, K, (const int8_t *)W, ROWS_BF16, NULL, bias, y, N, nthreads);
+}
+
+/* The checkpoint's own fp16 weights and fp32 x (the LM head of a quantized fp32 model), fp32 logits: the
+ * f32_gemv sums exactly (fp16 widens to fp32 without rounding), from half the bytes. */
+void f16_gemv(const float *x, int M, int K, const uint16_t *W, const float *bias, float *y, int N, int nthreads) {
+    gemv(x, 0, M, K, (const int8_t *)W, ROWS_F16, NULL, bias, y, N, nthreads);
 }

@@ -51,8 +51,8 @@ static inline void load_q4_bf16(const int8_t *w, __m512bh *hi, __m512bh *lo) {  
  * reads them from there: vectors wb[((t * ROW_BLOCK + r) * nvec + v) * 32] for step t, weight row r and
  * vector v, then each row's tail columns in natural order. The same values in the same operations: the
  * results do not change. (int4 too could, with nvec = 2 for the high and low nibbles; but its two
- * table lookups are cheaper than reading 4x the bytes back: int4 at 16 rows measured 27 ms a block
- * widened once, 22 widened per pass. So int4 widens per pass.) */
+ * table lookups are cheaper than reading 4x the bytes back, so int4 widens per pass: measured in
+ * benchmarks/README.md, "Design choices".) */
 static void widen_rows_bf16(const int8_t *w, size_t stride, int K, int rows, int bits, uint16_t *wb) {
     const int step = bits == 4 ? 64 : 32, nvec = bits == 4 ? 2 : 1, steps = K / step, tail = K - steps * step;
     for (int t = 0; t < steps; t++)
@@ -85,7 +85,7 @@ static size_t widened_bytes(int K) { return sizeof(uint16_t) * ((size_t)ROW_BLOC
  * Per row of y: one accumulator, 32 (int8, bf16) or 64 (int4: high nibbles, then low) columns a step,
  * then the horizontal sum, then the scalar tail. out[m * ROW_BLOCK + r]. wb: the rows already widened
  * (widen_rows_bf16), or NULL to widen them here. (X_ROWS = 3 here too: 4 or more rows of x per pass
- * measured slower on Zen 4, int4 M = 16: 24-31 ms a block against 21.) */
+ * spill accumulators and were slower on Zen 4; benchmarks/README.md, "Design choices".) */
 static inline __attribute__((always_inline)) void rows_xbf16(const uint16_t *x, size_t ldx, int mb, const int8_t *w,
                                                              size_t stride, int K, int rows, float *out, int bits,
                                                              const uint16_t *wb) {

@@ -38,17 +38,26 @@ static void interleave_q4(const float *x, int K, float *out) {
  * rows, which by then sit in L1/L2: DRAM sees the weights once per call. out[m * ROW_BLOCK + r]. */
 #define X_ROWS 3
 
-/* One weight per column, of type `wt`: int8 (widened in registers), or fp32 or bf16 (the LM head); `stride`
- * in bytes. Inlined with a constant `wt`, so each caller gets its own straight loop. */
-enum weight_type { W_INT8, W_F32, W_BF16 };
+/* One weight per column, of type `wt`: int8 (widened in registers), or fp32, bf16 or fp16 (the LM head);
+ * `stride` in bytes. Inlined with a constant `wt`, so each caller gets its own straight loop. */
+enum weight_type { W_INT8, W_F32, W_BF16, W_F16 };
 
 static inline __attribute__((always_inline)) float widened_weight(const int8_t *wr, int k, enum weight_type wt) {
-    return wt == W_F32 ? ((const float *)wr)[k] : wt == W_BF16 ? bf16_to_f32(((const uint16_t *)wr)[k]) : (float)wr[k];
+    switch (wt) {
+    case W_F32: return ((const float *)wr)[k];
+    case W_BF16: return bf16_to_f32(((const uint16_t *)wr)[k]);
+    case W_F16: return f16_to_f32(((const uint16_t *)wr)[k]);
+    default: return (float)wr[k];
+    }
 }
 
 static inline __attribute__((always_inline)) vf widened_weights(const int8_t *wr, int k, enum weight_type wt) {
-    return wt == W_F32 ? vload((const float *)wr + k) : wt == W_BF16 ? load_bf16((const uint16_t *)wr + k)
-                                                                     : load_q8(wr + k);
+    switch (wt) {
+    case W_F32: return vload((const float *)wr + k);
+    case W_BF16: return load_bf16((const uint16_t *)wr + k);
+    case W_F16: return load_f16((const uint16_t *)wr + k);
+    default: return load_q8(wr + k);
+    }
 }
 
 static inline __attribute__((always_inline)) void rows_wide(const float *x, size_t ldx, int mb, const int8_t *w,

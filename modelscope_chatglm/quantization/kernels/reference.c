@@ -42,6 +42,15 @@ void f32_gemv_ref(const float *x, int M, int K, const float *W, const float *bia
         }
 }
 
+void f16_gemv_ref(const float *x, int M, int K, const uint16_t *W, const float *bias, float *y, int N) {
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            float acc = 0.0f;
+            for (int k = 0; k < K; k++) acc += x[(size_t)m * K + k] * f16_to_f32(W[(size_t)n * K + k]);
+            y[(size_t)m * N + n] = acc + (bias ? bias[n] : 0.0f);
+        }
+}
+
 /* bf16 activations (a bf16 model): the same sums on x widened to fp32. */
 void q8_gemv_xbf16_ref(const uint16_t *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
                        float *y, int N) {

@@ -12,9 +12,9 @@
  * same threads and never compete for the cores between them.
  *
  * Why chunks and not OpenMP's static split: on a machine shared with another busy process, one of our
- * threads is often descheduled. With half the rows each, the other finished its half and waited for it;
- * per-call times went from 2 ms to 6-8 ms (benchmarks/bench_quant_gemv.py --only shared). Now whoever
- * runs takes the next chunk, and a descheduled thread holds back only the chunk it took.
+ * threads is often descheduled. With half the rows each, the other finished its half and waited for it,
+ * and calls took several times longer (benchmarks/README.md, "A shared machine"). Now whoever runs takes
+ * the next chunk, and a descheduled thread holds back only the chunk it took.
  *
  * An OpenMP region also ends only when every thread of it has run at least once. When the other
  * threads took no chunk of a call (another process had their cores), the next few calls run in the
@@ -46,8 +46,8 @@ static _Atomic int serial_calls_left = 0;
  * enough to end before a sleeping helper thread wakes up (attention's, tens of microseconds), so that
  * its caller taking every chunk says nothing about the helpers: it neither starts the serial calls nor
  * counts them down. (Counted, attention's calls put the linears of a server's prefill on one thread:
- * with libgomp's short spin (openmp.py) the helpers sleep between calls, and a 128-token prompt's
- * first token took 3.0-3.7 s instead of 2.1-2.6.) */
+ * with libgomp's short spin (openmp.py) the helpers sleep between calls, and a prompt's first token
+ * came about 1.4x later.) */
 static void parallel_run(int items, int nthreads, range_fn fn, void *ctx, int brief) {
     if (items <= 0) return;
     if (nthreads > items) nthreads = items;

@@ -26,6 +26,7 @@ static inline vf load_q8(const int8_t *w) {
 static inline vf load_bf16(const uint16_t *w) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w)), 16));
 }
+static inline vf load_f16(const uint16_t *w) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)w)); }
 static inline void load_q4(const int8_t *w, vf *hi, vf *lo) {   /* VW bytes -> 2*VW weights */
     /* Each nibble indexes a table of the 16 values: vpermps reads only an index's low 4 bits, so the
      * low nibble needs no mask, and the lookup replaces the int -> float conversion (one shift and two
@@ -53,6 +54,15 @@ static inline vf load_q8(const int8_t *w) {
 static inline vf load_bf16(const uint16_t *w) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
 }
+static inline vf load_f16(const uint16_t *w) {
+#ifdef __F16C__   /* every AVX2 CPU we know has F16C (x86-64-v3 includes it) */
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
+#else
+    float f[8];
+    for (int i = 0; i < 8; i++) f[i] = f16_to_f32(w[i]);
+    return _mm256_loadu_ps(f);
+#endif
+}
 static inline void load_q4(const int8_t *w, vf *hi, vf *lo) {
     __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w));
     *hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
@@ -67,6 +77,7 @@ static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
 static inline float vhsum(vf v) { return v; }
 static inline vf load_q8(const int8_t *w) { return (float)*w; }
 static inline vf load_bf16(const uint16_t *w) { return bf16_to_f32(*w); }
+static inline vf load_f16(const uint16_t *w) { return f16_to_f32(*w); }
 static inline void load_q4(const int8_t *w, vf *hi, vf *lo) { *hi = (float)int4_high(*w); *lo = (float)int4_low(*w); }
 #endif
 

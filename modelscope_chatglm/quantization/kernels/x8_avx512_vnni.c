@@ -25,8 +25,7 @@
  * x8_relayout_weights), with the sign bits already flipped: each strip of 16 G rows (below) is read as it is,
  * one sequential stream, and goes straight into the products. Weights in the hub's layout (and a model's
  * last strip of fewer rows) are transposed per call, 16 x 16 groups at a time in registers, into a buffer
- * that stays in L1/L2 while every row of x passes it; that costs about as much as reading them (int4:
- * 4 ms a block). For int4 a group is 8 columns, the high nibbles the even ones and the low nibbles the
+ * that stays in L1/L2 while every row of x passes it; that costs about as much as reading them. For int4 a group is 8 columns, the high nibbles the even ones and the low nibbles the
  * odd ones, so xq stores each 8 columns as 4 even, then 4 odd (X8_OCTETS). A last block shorter than QK
  * is summed by the scalar code.
  *
@@ -35,11 +34,9 @@
  * broadcast to all lanes (1 instruction, about as costly as a product). A pass takes R rows of x against
  * G vectors of 16 weight rows (a strip of 16 G rows), so a broadcast feeds G products and a split vector
  * 2 R. Of the shapes that fit the 32 registers (R x G int32 and float accumulators), the fastest, in
- * runs taken in turns (2 threads, ChatGLM2's 27392 x 4096):
- * - int4: G = 4, R = 3. Against G = 2, R = 5: 8 rows of x 3.0 against 4.3 ms, 16 rows 6.3 against 7.1,
- *   one row 1.56 against 1.77. (G = 1, R = 8 was slower than both: one broadcast per product.)
- * - int8 (no nibbles to split): G = 2, R = 5. G = 4, R = 3 took 5.6 against 4.5 ms at 8 rows and 4.3
- *   against 3.7 at one.
+ * runs taken in turns (numbers: benchmarks/README.md, "Design choices"):
+ * - int4: G = 4, R = 3: a broadcast feeds 4 products. (G = 1, R = 8: one broadcast per product.)
+ * - int8 (no nibbles to split): G = 2, R = 5, where more rows of x per split matter less.
  * Software prefetches (of the strip ahead, or of the next strip during a strip's later passes) made int4
  * slower or no faster at 1, 8 and 16 rows; int8 was not tried.
  */
