@@ -72,7 +72,15 @@ class ChatModel:
 
     def __repr__(self):
         return (f'ChatModel({self.name!r}, family={self.family}, device={self.device}, '
-                f'dtype={self.dtype}, context_length={self.context_length})')
+                f'dtype={self.dtype}, context_length={self.context_length}{self._quantization()})')
+
+    def _quantization(self) -> str:
+        """', int4 blocks, int8 activations' and the like, for the repr (what the CLI prints when loaded)."""
+        from .quantization import QuantizedLinear
+        linear = next((m for m in self.model.modules() if isinstance(m, QuantizedLinear)), None)
+        if linear is None:
+            return ''
+        return f', int{linear.bits} blocks' + (', int8 activations' if linear.int8_activations else '')
 
     @property
     def device(self) -> torch.device:
@@ -264,10 +272,10 @@ class ChatModel:
             -> Tuple[Union[str, dict], list]:
         """Generated ids -> (post-processed response, history with this turn appended); a completion's
         response is the text its ids add after the prompt (a stop id left out), with no history."""
+        ids = output_ids[:-1] if output_ids and output_ids[-1] in request.params.stops else output_ids
         if isinstance(request, CompletionRequest):
-            ids = output_ids[:-1] if output_ids and output_ids[-1] in request.params.stop_ids else output_ids
             return text_after(self.tokenizer, request.input_ids, ids), []
-        return self.conclude(request, self.format.parse(self.tokenizer, output_ids, request.messages[:-1]))
+        return self.conclude(request, self.format.parse(self.tokenizer, ids, request.messages[:-1]))
 
     def conclude(self, request: 'ChatRequest', reply: Reply) -> Tuple[Union[str, dict], list]:
         """A parsed reply -> (response, history with this turn appended, in the form it was given)."""
@@ -392,7 +400,7 @@ class ReplyDecoder:
         self.deltas = TextDeltas(chat.tokenizer, request.input_ids if self.completion else ())
         self.parser = None if self.completion else chat.format.reply_parser(request.messages[:-1])
         self.stops = StopStrings(stop)
-        self.stop_ids = set(request.params.stop_ids)
+        self.stop_ids = request.params.stops
         self.sent: List[str] = []
 
     def push(self, token: int) -> str:

@@ -44,13 +44,18 @@ def cmd_demo(args):
     print(f'\n\ndone in {time.time() - t0:.1f}s')
 
 
+def int8_activations_from(args):
+    """--exact -> False, --int8-activations -> True, neither -> None (load()'s default)."""
+    return False if args.exact else True if args.int8_activations else None
+
+
 def load_from_args(args):
     from .adapters import parse_specs
     from .loading import load
     t = time.time()
     print(f'loading {args.config or args.model} ...', file=sys.stderr, flush=True)
     model = load(args.config or args.model, revision=args.revision, device=args.device, dtype=args.dtype,
-                 quantization_bit=args.quantize, int8_activations=args.int8_activations or None,
+                 quantization_bit=args.quantize, int8_activations=int8_activations_from(args),
                  progress=progress_bar,
                  cuda_graphs=False if args.no_cuda_graphs else None,
                  adapter=parse_specs(args.adapter, several=args.command == 'serve'),
@@ -146,7 +151,8 @@ def cmd_serve(args):
           model_name=args.name, api_key=keys or None,
           max_queue=args.max_queue, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
           max_logprobs=args.max_logprobs, max_connections=args.max_connections, header_timeout=args.header_timeout,
-          kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30))
+          kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30),
+          allow_unknown_fields=args.allow_unknown_fields)
 
 
 def cmd_serve_ray(args):
@@ -160,11 +166,12 @@ def cmd_serve_ray(args):
     from .serve.auth import api_keys
     settings = RaySettings(
         model=args.config or args.model, revision=args.revision, device=args.device, dtype=args.dtype,
-        quantize=args.quantize, int8_activations=args.int8_activations, adapter=parse_specs(args.adapter, several=True),
+        quantize=args.quantize, int8_activations=int8_activations_from(args),
+        adapter=parse_specs(args.adapter, several=True),
         adapter_revision=args.adapter_revision, no_cuda_graphs=args.no_cuda_graphs, name=args.name,
         api_key=api_keys(args.api_key or os.environ.get('MODELSCOPE_CHATGLM_API_KEY')) or None,
         max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
-        max_logprobs=args.max_logprobs,
+        max_logprobs=args.max_logprobs, allow_unknown_fields=args.allow_unknown_fields,
         kv_cache_gb=args.kv_cache_gb, prefill_chunk=args.prefill_chunk, replicas=args.replicas or 1,
         autoscale=args.autoscale, cpus_per_replica=1 if args.cpus_per_replica is None else args.cpus_per_replica,
         gpus_per_replica=args.gpus_per_replica or 0)
@@ -231,9 +238,14 @@ def main(argv=None):
         p.add_argument('--device', help='auto | cpu | cuda | cuda:N')
         p.add_argument('--dtype', help='float32 | bfloat16 | float16')
         p.add_argument('--quantize', type=int, choices=[4, 8], default=None, help='quantize the blocks on load')
-        p.add_argument('--int8-activations', action='store_true',
-                       help='CPU: the int8/int4 blocks quantize their input to int8 too and use integer dot '
-                            'products (int4 decode ~2x faster; each layer within ~0.5%% of the exact result)')
+        activations = p.add_mutually_exclusive_group()
+        activations.add_argument('--exact', action='store_true',
+                                 help='CPU, int8/int4 models: keep fp32/bf16 activations (the exact kernels, '
+                                      'the reference\'s logits on the same weights) instead of the default int8 '
+                                      'activations (faster; they add at most the weights\' own quantization error)')
+        activations.add_argument('--int8-activations', action='store_true',
+                                 help='CPU, int8/int4 models: int8 activations (the default where the compiled '
+                                      'kernels are; this makes it an error where they cannot run)')
         p.add_argument('--adapter', action='append', metavar='[NAME=]PATH',
                        help='a LoRA (peft, ms-swift) or P-tuning v2 checkpoint directory or hub id on top of '
                             'the model; serve: NAME=PATH, repeated, holds several LoRA adapters over one base '
@@ -263,6 +275,9 @@ def main(argv=None):
             p.add_argument('--max-logprobs', type=_logprob_count, default=20,
                            help='most alternatives per token a request may ask logprobs for, 0-20 (default 20); '
                                 'a response carries at most 131,072 logprobs in all')
+            p.add_argument('--allow-unknown-fields', action='store_true',
+                           help='ignore request fields that are neither OpenAI\'s nor vLLM\'s (default: a 400 that '
+                                'names them, so no option is dropped silently)')
             p.add_argument('--max-batch', type=_positive_int, default=None,
                            help='most sequences decoded together (default 16; 1 = one request at a time)')
             p.add_argument('--max-connections', type=_int_in(16, 10 ** 6, 'must be at least 16'), default=1000,

@@ -131,8 +131,10 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     base, unmerged, selected per request by name (`ChatModel.adapters`).
 
     int8_activations: on CPU, the quantized blocks quantize their input to int8 too (per block of 64
-    columns, as llama.cpp / chatglm.cpp do) and use integer dot products: int4 decode about 2x faster,
-    batches and prompts about 1.3-2x, each layer within ~0.5% of the exact result."""
+    columns, as llama.cpp / chatglm.cpp do) and use integer dot products. The default (None) is on for a
+    quantized model on the CPU wherever the compiled kernels are: the error it adds is at most the
+    weights' own quantization error (docs/quantization.md, "Which activations by default"). False keeps
+    fp32/bf16 activations: the exact kernels, whose logits match the reference on the same weights."""
     cfg_path = yaml_configs.find(model)
     if cfg_path:
         spec = yaml_configs.read(cfg_path)
@@ -145,6 +147,8 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     bits = quantization_bit if quantization_bit is not None else spec.quantization_bit
     bits = resolve_quantization(model_dir, config, bits)
     int8_activations = spec.int8_activations if int8_activations is None else int8_activations
+    if int8_activations is None:
+        int8_activations = default_int8_activations(bits, dev)
     check_int8_activations(bool(int8_activations), bits, dev)
     dt = resolve_dtype(dtype, dev, spec.dtype, quantized=bool(bits))
     tokenizer = load_tokenizer(model_dir, config)
@@ -226,6 +230,16 @@ def resolve_quantization(model_dir: str, config, requested: Optional[int]) -> in
         raise CheckpointError(f'{model_dir} holds int{stored} weights; it cannot be loaded as int{requested} '
                               '(quantize the fp16 checkpoint instead)')
     return stored or requested or 0
+
+
+def default_int8_activations(bits: int, device: torch.device) -> bool:
+    """Int8 activations by default for a quantized model on the CPU with the compiled kernels: measured,
+    they add at most the error the weights' own quantization has (int8: about as much, int4: a fifteenth)
+    and make int4 decode and every prompt faster (benchmarks/README.md). Elsewhere there is no choice."""
+    if not bits or device.type != 'cpu':
+        return False
+    from .quantization.build import load_library
+    return load_library() is not None
 
 
 def check_int8_activations(wanted: bool, bits: int, device: torch.device) -> None:

@@ -8,7 +8,7 @@
     dtype: {cpu: float32, cuda: float16}   # or one dtype for every device
     context_length: 8192              # prompt + reply budget; oldest rounds are dropped beyond it
     quantization_bit: null            # 8 or 4 quantizes the GLM blocks on load
-    int8_activations: false           # CPU: quantized blocks use int8 activations (faster, ~0.5% per layer)
+    int8_activations: false           # CPU, quantized: false = exact kernels (default: int8 activations)
     generation: {do_sample: true, top_p: 0.8, temperature: 0.8}
     adapter: ./my-lora                # optional: a LoRA or P-tuning v2 checkpoint on top (or {name: path})
 

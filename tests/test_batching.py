@@ -18,7 +18,7 @@ QUERIES = ['你好', 'hello world, how are you today?', 'a b c d e f g h i j k l
 def models(glm1_model, glm2_model, glm3_model, make_checkpoint):
     quantized = {f'glm{v}-int{bits}': modelscope_chatglm.load(
         make_checkpoint(f'glm{v}-int{bits}', f'glm{v}', 'safetensors', shards=1, quantization_bit=bits),
-        device='cpu', dtype='float32') for v, bits in ((2, 4), (3, 8))}
+        device='cpu', dtype='float32', int8_activations=False) for v, bits in ((2, 4), (3, 8))}
     x8 = modelscope_chatglm.load(make_checkpoint('glm2-int4', 'glm2', 'safetensors', shards=1, quantization_bit=4),
                                  device='cpu', dtype='float32', int8_activations=True)
     return {'glm1': glm1_model, 'glm2': glm2_model, 'glm3': glm3_model, **quantized, 'glm2-int4-x8': x8}
@@ -141,7 +141,8 @@ def quantized_at(request, make_checkpoint):
     dtype = request.param
     load = modelscope_chatglm.load
     return {f'glm{v}-int{bits}': load(make_checkpoint(f'glm{v}-int{bits}', f'glm{v}', 'safetensors', shards=1,
-                                                      quantization_bit=bits), device='cpu', dtype=dtype)
+                                                      quantization_bit=bits), device='cpu', dtype=dtype,
+                   int8_activations=False)
             for v, bits in ((2, 4), (3, 8), (2, 8), (3, 4))} | {
         'glm2-int4-x8': load(make_checkpoint('glm2-int4', 'glm2', 'safetensors', shards=1, quantization_bit=4),
                              device='cpu', dtype=dtype, int8_activations=True)}

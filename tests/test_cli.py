@@ -36,13 +36,21 @@ def test_chat_reads_stdin_and_handles_clear(glm2_dir, tmp_path):
     assert out.stdout.count('ChatGLM: ') == 2 and '(history cleared)' in out.stdout
 
 
-def test_int8_activations_flag_reaches_the_model(glm2_dir, tmp_path):
+def test_int8_activations_are_the_quantized_default_and_exact_is_one_flag_away(glm2_dir, tmp_path):
     out = run_cli('chat', '--model', glm2_dir, '--device', 'cpu', '--int8-activations', cache=tmp_path, stdin='exit\n')
     assert out.returncode == 2 and 'error: int8_activations applies to the int8/int4 blocks' in out.stderr
-    out = run_cli('chat', '--model', glm2_dir, '--device', 'cpu', '--quantize', '4', '--int8-activations',
-                  '--max-new-tokens', '4', cache=tmp_path, stdin='你好\nexit\n')
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.count('ChatGLM: ') == 1
+    loaded = {}
+    for flag in ('', '--int8-activations', '--exact'):
+        out = run_cli('chat', '--model', glm2_dir, '--device', 'cpu', '--dtype', 'float32', '--quantize', '4',
+                      *filter(None, [flag]), '--max-new-tokens', '4', cache=tmp_path, stdin='你好\nexit\n')
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count('ChatGLM: ') == 1
+        loaded[flag] = next(line for line in out.stderr.splitlines() if line.startswith('loaded ChatModel('))
+    assert loaded[''].endswith(', int4 blocks, int8 activations) in ' + loaded[''].rsplit(' in ', 1)[1])
+    assert ', int4 blocks, int8 activations)' in loaded['--int8-activations']
+    assert ', int4 blocks)' in loaded['--exact'] and 'int8 activations' not in loaded['--exact']
+    out = run_cli('chat', '--model', glm2_dir, '--exact', '--int8-activations', cache=tmp_path)
+    assert out.returncode == 2 and 'not allowed with argument' in out.stderr
 
 
 def test_configs_lists_the_shipped_configurations(tmp_path):

@@ -552,7 +552,7 @@ def dequantized_copy(quant_dir, out_dir, bits):
 
 @pytest.mark.parametrize('bits', [8, 4])
 def test_prequantized_checkpoint_matches_reference_on_dequantized_weights(quantized_dirs, tmp_path, reference, bits):
-    model = modelscope_chatglm.load(quantized_dirs[bits], device='cpu', dtype='float32')
+    model = modelscope_chatglm.load(quantized_dirs[bits], device='cpu', dtype='float32', int8_activations=False)
     layer = model.model.layers[0]
     assert isinstance(layer.mlp.dense_h_to_4h, QuantizedLinear) and layer.mlp.dense_h_to_4h.bits == bits
     assert layer.self_attention.query_key_value.weight_scale.dtype == torch.float32    # fp16 in the file
@@ -635,10 +635,14 @@ def test_bfloat16_quantized_model_runs_prefill_and_decode(quantized_dirs):
 
 @pytest.mark.parametrize('bits', [8, 4])
 def test_int8_activations_model(quantized_dirs, tmp_path, bits):
-    exact = modelscope_chatglm.load(quantized_dirs[bits], device='cpu', dtype='float32')
+    exact = modelscope_chatglm.load(quantized_dirs[bits], device='cpu', dtype='float32', int8_activations=False)
     fast = modelscope_chatglm.load(quantized_dirs[bits], device='cpu', dtype='float32', int8_activations=True)
     linears = [m for m in fast.model.modules() if isinstance(m, QuantizedLinear)]
     assert linears and all(m.int8_activations for m in linears)
+    assert not any(m.int8_activations for m in exact.model.modules() if isinstance(m, QuantizedLinear))
+    # the default, where the compiled kernels are (docs/quantization.md, "Which activations by default")
+    default = modelscope_chatglm.load(quantized_dirs[bits], device='cpu', dtype='float32')
+    assert all(m.int8_activations for m in default.model.modules() if isinstance(m, QuantizedLinear))
     prompt = exact.build_inputs('你好，请介绍一下你自己。' + ' The quick brown fox.' * 3)
     a, b = exact.logits(prompt), fast.logits(prompt)
     assert not torch.equal(a, b)
@@ -647,6 +651,9 @@ def test_int8_activations_model(quantized_dirs, tmp_path, bits):
     cfg = tmp_path / 'x8.yaml'
     cfg.write_text(f'model: {quantized_dirs[bits]}\ndevice: cpu\ndtype: float32\nint8_activations: true\n')
     assert torch.equal(modelscope_chatglm.load(str(cfg)).logits(prompt), b)
+    assert torch.equal(default.logits(prompt), b)
+    cfg.write_text(f'model: {quantized_dirs[bits]}\ndevice: cpu\ndtype: float32\nint8_activations: false\n')
+    assert torch.equal(modelscope_chatglm.load(str(cfg)).logits(prompt), a)
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
     pipe = pipeline(task=Tasks.chat, model=quantized_dirs[bits], device='cpu', int8_activations=True)
@@ -904,7 +911,7 @@ def test_quantization_through_yaml_pipeline_and_defaults(quantized_dirs, tmp_pat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('bits', [8, 4])
 def test_gpu_quantized_model_matches_cpu(quantized_dirs, bits):
-    cpu = modelscope_chatglm.load(quantized_dirs[bits], device='cpu', dtype='float32')
+    cpu = modelscope_chatglm.load(quantized_dirs[bits], device='cpu', dtype='float32', int8_activations=False)
     gpu = modelscope_chatglm.load(quantized_dirs[bits], device='cuda', dtype='float16')
     prompt = cpu.build_inputs('你好，请介绍一下你自己。')
     a, b = cpu.logits(prompt), gpu.logits(prompt).cpu()

@@ -404,7 +404,14 @@ def test_sse_framing(server):
     assert data[-1] == '[DONE]'
     payloads = [json.loads(d) for d in data[:-1]]
     assert all(p['object'] == 'chat.completion.chunk' for p in payloads)
-    assert payloads[-1]['usage']['completion_tokens'] > 0
+    assert not any('usage' in p for p in payloads)   # as OpenAI: no usage unless stream_options asks for it
+    body['stream_options'] = {'include_usage': True}
+    with httpx.stream('POST', f'{server}/v1/chat/completions', json=body, timeout=60) as r:
+        data = [line[len('data: '):] for line in r.iter_lines() if line.startswith('data: ')]
+    assert data[-1] == '[DONE]'
+    payloads = [json.loads(d) for d in data[:-1]]
+    assert [p['choices'] for p in payloads if 'usage' in p] == [[]] and 'usage' in payloads[-1]
+    assert payloads[-1]['usage']['completion_tokens'] > 0 and payloads[-2]['choices'][0]['finish_reason']
 
 
 def test_stop_strings_cut_the_reply(client, glm2_model):
@@ -526,6 +533,18 @@ def test_client_disconnect_cancels_its_generation(server, n):
     *[(json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'logit_bias': {key: 5}}).encode(), 400,
        'ASCII digits') for key in (' 5 ', '1_0', '\u0665', '+5')],
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'cache_salt': ''}).encode(), 422, 'cache_salt'),
+    # a field that is neither OpenAI's nor vLLM's is named, never dropped (--allow-unknown-fields drops it)
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'temprature': 0.5}).encode(), 400,
+     "unknown field(s) ['temprature']"),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'guided_json': {}}).encode(), 400,
+     "unknown field(s) ['guided_json']"),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'skip_special_tokens': False}).encode(), 400,
+     'skip_special_tokens=false is not supported'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'min_tokens': 9, 'max_tokens': 4}).encode(), 400,
+     'min_tokens=9 is more than max_tokens=4'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'min_p': 1.5}).encode(), 422, 'min_p'),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'stream_options': {'include_usage': 'yes'}}).encode(),
+     422, 'stream_options.include_usage'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'presence_penalty': 3}).encode(), 422,
      'presence_penalty'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'max_tokens': 10 ** 12}).encode(), 400, 'no room'),
@@ -745,7 +764,8 @@ def test_n_choices_are_samples_each_reproduced_by_a_request_alone(client):
     assert reply.usage.prompt_tokens == alone[0].usage.prompt_tokens
     assert reply.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
 
-    chunks = list(client.chat.completions.create(**ask, n=3, seed=7, stream=True))
+    chunks = list(client.chat.completions.create(**ask, n=3, seed=7, stream=True,
+                                                 stream_options={'include_usage': True}))
     streamed, finished = ['', '', ''], []
     for chunk in chunks:
         for choice in chunk.choices:
@@ -753,7 +773,7 @@ def test_n_choices_are_samples_each_reproduced_by_a_request_alone(client):
             if choice.finish_reason:
                 finished.append(choice.index)
     assert [text.strip() for text in streamed] == texts and sorted(finished) == [0, 1, 2]
-    assert [c.usage for c in chunks if c.usage] == [chunks[-1].usage]
+    assert [c.usage for c in chunks if c.usage] == [chunks[-1].usage] and chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
     greedy = dict(ask, temperature=0)   # as OpenAI: the greedy reply n times
@@ -804,10 +824,11 @@ def test_completions_continue_a_plain_prompt(client, glm2_model):
     echoed = client.completions.create(model='tiny-glm2', prompt=[prompt], max_tokens=12, temperature=0, echo=True)
     assert echoed.choices[0].text == prompt + expect
     parts = list(client.completions.create(model='tiny-glm2', prompt=prompt, max_tokens=12, temperature=0,
-                                           logprobs=2, stream=True))
+                                           logprobs=2, stream=True, stream_options={'include_usage': True}))
+    usage, parts = parts[-1], parts[:-1]
     assert ''.join(p.choices[0].text for p in parts) == expect and parts[-1].choices[0].finish_reason == 'length'
     streamed = [t for p in parts if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens]
-    assert streamed == choice.logprobs.tokens and parts[-1].usage.completion_tokens == 12
+    assert streamed == choice.logprobs.tokens and usage.choices == [] and usage.usage.completion_tokens == 12
     stop = expect[4:6]
     cut = client.completions.create(model='tiny-glm2', prompt=prompt, max_tokens=12, temperature=0, stop=[stop])
     assert cut.choices[0].text == expect[:expect.index(stop)] and cut.choices[0].finish_reason == 'stop'
@@ -919,14 +940,56 @@ def concurrent_replies(url, queries, max_tokens=24, history=()):
 
 @pytest.fixture(scope='module')
 def serial_server(glm2_dir, tmp_path_factory):
-    """One request at a time, a tiny KV budget, 4-token prefill chunks and at most 2 logprob alternatives."""
+    """One request at a time, a tiny KV budget, 4-token prefill chunks, at most 2 logprob alternatives, and
+    unknown fields ignored."""
     port = free_port()
     proc = start_service(['serve', '--model', glm2_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port),
-                          '--max-batch', '1', '--kv-cache-gb', '0.0002', '--prefill-chunk', '4', '--max-logprobs', '2'],
+                          '--max-batch', '1', '--kv-cache-gb', '0.0002', '--prefill-chunk', '4', '--max-logprobs', '2',
+                          '--allow-unknown-fields'],
                          f'http://127.0.0.1:{port}/health', tmp_path_factory.mktemp('serial') / 'server.log')
     yield f'http://127.0.0.1:{port}'
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def test_vllm_sampling_parameters_do_what_vllm_says(server, glm2_model):
+    """top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos and min_tokens in the body, each
+    checked against what it must change (completions of token ids, so the tokens are known)."""
+    ids = glm2_model.build_inputs('你好')
+    greedy = glm2_model.generate(ids, max_new_tokens=8, do_sample=False, stop_ids=[])
+    text = glm2_model.tokenizer.decode
+
+    def complete(**options):
+        r = httpx.post(f'{server}/v1/completions', timeout=60, json={'prompt': ids, 'max_tokens': 8, **options})
+        assert r.status_code == 200, r.text
+        return r.json()['choices'][0]
+
+    assert complete(temperature=0)['text'] == text(greedy)
+    # top_k 1 / min_p 1 keep only the likeliest token: seeded sampling at temperature 1 becomes greedy
+    for option in ({'top_k': 1}, {'min_p': 1.0}):
+        assert complete(temperature=1.0, seed=3, **option)['text'] == text(greedy), option
+    assert complete(temperature=1.0, seed=3)['text'] != text(greedy)
+    assert complete(temperature=0, repetition_penalty=0.02)['text'] != text(greedy)   # <1: repeat what was seen
+    # stop_token_ids end the reply at that token (left out of the text)
+    stopped = complete(temperature=0, stop_token_ids=[greedy[3]])
+    assert stopped['finish_reason'] == 'stop' and stopped['text'] == text(greedy[:greedy.index(greedy[3])])
+    # min_tokens: the stop ids cannot come before it
+    later = complete(temperature=0, stop_token_ids=[greedy[3]], min_tokens=6)
+    assert later['text'] != stopped['text'] and later['text'].startswith(text(greedy[:3]))
+    # ignore_eos: the model's stop id, forced by logit_bias, no longer ends the reply
+    eos = glm2_model.tokenizer.stop_ids[0]
+    assert complete(temperature=0, logit_bias={str(eos): 100})['finish_reason'] == 'stop'
+    assert complete(temperature=0, logit_bias={str(eos): 100}, ignore_eos=True)['finish_reason'] == 'length'
+
+
+def test_unknown_fields_are_ignored_when_the_server_is_told_to(server, serial_server):
+    body = {'messages': [{'role': 'user', 'content': 'x'}], 'max_tokens': 2, 'temprature': 0.5, 'user_data': [1]}
+    assert httpx.post(f'{server}/v1/chat/completions', json=body, timeout=60).status_code == 400
+    r = httpx.post(f'{serial_server}/v1/chat/completions', json=body, timeout=60)
+    assert r.status_code == 200 and r.json()['usage']['completion_tokens'] <= 2
+    # a wrong type is still an error there
+    r = httpx.post(f'{serial_server}/v1/chat/completions', json=dict(body, max_tokens='2'), timeout=60)
+    assert r.status_code == 422 and 'max_tokens' in r.json()['error']['message']
 
 
 def test_logprobs_are_bounded_per_token_and_per_response(server, serial_server):

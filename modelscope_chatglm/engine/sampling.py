@@ -3,8 +3,9 @@
 `sample(logits, seqs, vocab_limit)` turns a step's logits [n, V] into each sequence's next token. The
 logits go through a list of processors (LOGITS_PROCESSORS), each a function of the whole batch with each
 row's own parameters, in the order transformers uses, so greedy and seeded sampling behave like the
-official `generate`: logit bias, the padded vocabulary masked, repetition penalty, OpenAI's frequency and
-presence penalties, then temperature, top-k, top-p (a grammar's token mask would be one more). A
+official `generate`: logit bias, the padded vocabulary masked, stop ids masked before min_tokens,
+repetition penalty, OpenAI's frequency and presence penalties, then temperature, min-p, top-k, top-p (a
+grammar's token mask would be one more). A
 processor touches only the rows whose parameters ask for it. Greedy rows take the argmax; sampled rows
 draw from their own generator when seeded (a seeded reply is the same alone and in any batch), the
 others in one draw.
@@ -38,8 +39,23 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: Dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
-    stop_ids: Sequence[int] = field(default_factory=tuple)
+    stop_ids: Sequence[int] = field(default_factory=tuple)        # the model's end-of-reply ids
     seed: Optional[int] = None
+    # vLLM's: tokens below min_p x the likeliest token's probability are dropped; stop ids are masked
+    # until min_tokens are generated; ignore_eos generates past the model's stop ids; stop_token_ids
+    # end the reply too.
+    min_p: float = 0.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: Sequence[int] = field(default_factory=tuple)
+
+    @property
+    def stops(self) -> frozenset:
+        """The ids that end a reply: the model's (unless ignore_eos) and stop_token_ids."""
+        cache = self.__dict__.setdefault('_stops', {})   # not a field: replace() starts afresh
+        if 'ids' not in cache:
+            cache['ids'] = frozenset(() if self.ignore_eos else self.stop_ids) | frozenset(self.stop_token_ids)
+        return cache['ids']
 
     @classmethod
     def from_kwargs(cls, defaults: 'SamplingParams', **kwargs) -> 'SamplingParams':
@@ -55,6 +71,7 @@ class SamplingParams:
     def validate(self):
         for name, kind, text in (('max_new_tokens', int, 'an integer'), ('max_length', int, 'an integer'),
                                  ('top_k', int, 'an integer'), ('seed', int, 'an integer'),
+                                 ('min_tokens', int, 'an integer'), ('min_p', (int, float), 'a number'),
                                  ('temperature', (int, float), 'a number'), ('top_p', (int, float), 'a number'),
                                  ('repetition_penalty', (int, float), 'a number'),
                                  ('frequency_penalty', (int, float), 'a number'),
@@ -62,11 +79,21 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
                 raise ValueError(f'{name} must be {text}, got {value!r} ({type(value).__name__})')
-        if not isinstance(self.do_sample, bool):
-            raise ValueError(f'do_sample must be True or False, got {self.do_sample!r}')
-        if not isinstance(self.stop_ids, (list, tuple)) or not all(
-                isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in self.stop_ids):
-            raise ValueError(f'stop_ids must be a list of non-negative token ids, got {self.stop_ids!r}')
+        for name in ('do_sample', 'ignore_eos'):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f'{name} must be True or False, got {getattr(self, name)!r}')
+        for name in ('stop_ids', 'stop_token_ids'):
+            ids = getattr(self, name)
+            if not isinstance(ids, (list, tuple)) or not all(
+                    isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError(f'{name} must be a list of non-negative token ids, got {ids!r}'[:300])
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f'min_p must be in [0, 1], got {self.min_p}')
+        if self.min_tokens < 0:
+            raise ValueError(f'min_tokens must be >= 0, got {self.min_tokens}')
+        if self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
+            raise ValueError(f'min_tokens={self.min_tokens} is more than max_tokens={self.max_new_tokens}; '
+                             'ask for at most as many as the reply may have')
         if self.seed is not None and not 0 <= self.seed < 2 ** 63:
             raise ValueError(f'seed must be in [0, 2**63), got {self.seed}')
         for name in ('temperature', 'top_p', 'repetition_penalty', 'frequency_penalty', 'presence_penalty'):
@@ -144,6 +171,15 @@ def padded_vocabulary(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
     return logits
 
 
+def min_tokens(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """The ids that would end a reply cannot be picked before it has min_tokens tokens."""
+    for row in rows.where(lambda p: p.min_tokens):
+        if len(rows.seqs[row].output) < rows.params[row].min_tokens:
+            ids = [i for i in rows.params[row].stops if i < logits.shape[-1]]
+            logits[row, ids] = float('-inf')
+    return logits
+
+
 def repetition_penalty(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
     """transformers' rule: every token seen so far (prompt and output) has its logit divided by the
     penalty (multiplied when negative)."""
@@ -177,6 +213,20 @@ def temperature(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
     return logits
 
 
+def min_p(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """Sampled rows: drop the tokens less likely than min_p x the likeliest one (after temperature, as
+    transformers' MinPLogitsWarper)."""
+    chosen = rows.where(lambda p: p.sampling and p.min_p > 0)
+    if chosen:
+        index = torch.tensor(chosen, device=logits.device)
+        floor = torch.tensor([math.log(rows.params[r].min_p) for r in chosen], device=logits.device)[:, None]
+        part = logits[index]
+        logprobs = part.log_softmax(dim=-1)
+        best = logprobs.max(dim=-1, keepdim=True).values
+        logits[index] = part.masked_fill(logprobs < best + floor, float('-inf'))
+    return logits
+
+
 def top_k(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
     chosen = rows.where(lambda p: p.sampling and p.top_k > 0)
     if chosen:
@@ -203,7 +253,8 @@ def top_p(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
     return logits
 
 
-LOGITS_PROCESSORS = (logit_bias, padded_vocabulary, repetition_penalty, openai_penalties, temperature, top_k, top_p)
+LOGITS_PROCESSORS = (logit_bias, padded_vocabulary, min_tokens, repetition_penalty, openai_penalties, temperature,
+                     min_p, top_k, top_p)
 
 
 def sample(logits: torch.Tensor, seqs, vocab_limit: int) -> Tuple[Dict[int, int], Dict[int, BaseException]]:

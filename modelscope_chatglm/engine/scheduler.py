@@ -497,7 +497,7 @@ class Scheduler:
                 seq.error = e
                 self._finish(seq, 'error', keep_cache=False)
                 return
-        if stop_here or token in seq.params.stop_ids:
+        if stop_here or token in seq.params.stops:
             self._finish(seq, 'stop')
         elif len(seq.output) >= seq.budget:
             self._finish(seq, 'length')

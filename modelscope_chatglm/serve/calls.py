@@ -113,6 +113,21 @@ def generation_options(req) -> dict:
         options['seed'] = req.seed
     if getattr(req, 'max_length', None) is not None:
         options['max_length'] = req.max_length
+    # vLLM's extra sampling parameters (the classic API has none of them)
+    if getattr(req, 'top_k', None) not in (None, -1, 0):
+        options['top_k'] = req.top_k
+    for name in ('min_p', 'repetition_penalty'):
+        if getattr(req, name, None) is not None:
+            options[name] = getattr(req, name)
+    if getattr(req, 'stop_token_ids', None):
+        options['stop_token_ids'] = tuple(req.stop_token_ids)
+    if getattr(req, 'ignore_eos', False):
+        options['ignore_eos'] = True
+    if getattr(req, 'min_tokens', 0):
+        options['min_tokens'] = req.min_tokens
+    if getattr(req, 'skip_special_tokens', True) is False:
+        raise InputError('skip_special_tokens=false is not supported: replies are text without the model\'s '
+                         'special tokens; leave it out (or true)')
     return options
 
 

@@ -31,55 +31,70 @@ class Message(BaseModel):
     tool_call_id: Optional[str] = None
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra='ignore')
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra='forbid')
+    include_usage: StrictBool = False   # a last chunk with empty choices and the request's usage
+
+
+class OpenAIRequest(BaseModel):
+    """What both OpenAI APIs share, with vLLM's extra sampling parameters. A field that is neither is
+    refused by name (server.py: a 400), unless the server runs with --allow-unknown-fields."""
+    model_config = ConfigDict(extra='forbid')
     model: Optional[str] = None
-    messages: List[Message] = Field(min_length=1)
     stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    max_tokens: Optional[StrictInt] = Field(default=None, ge=1)
-    max_completion_tokens: Optional[StrictInt] = Field(default=None, ge=1)   # the newer name of max_tokens
     stop: Optional[Union[str, List[str]]] = None
     seed: Optional[StrictInt] = None
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     logit_bias: Optional[Dict[str, float]] = None
+    n: StrictInt = Field(default=1, ge=1)
+    user: Optional[str] = None          # OpenAI's end-user id: accepted, not used
+    cache_salt: Optional[str] = Field(default=None, min_length=1, max_length=256)   # vLLM's: a prefix cache of its own
+    # vLLM's extra sampling parameters
+    top_k: Optional[StrictInt] = Field(default=None, ge=-1)          # -1 or 0: off
+    min_p: Optional[float] = Field(default=None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0)
+    stop_token_ids: Optional[List[StrictInt]] = Field(default=None, max_length=1024)
+    ignore_eos: StrictBool = False
+    min_tokens: StrictInt = Field(default=0, ge=0)
+    skip_special_tokens: StrictBool = True
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    messages: List[Message] = Field(min_length=1)
+    max_tokens: Optional[StrictInt] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[StrictInt] = Field(default=None, ge=1)   # the newer name of max_tokens
     tools: Optional[List[Dict[str, Any]]] = None
     tool_choice: Optional[Union[str, Dict[str, Any]]] = None
-    n: StrictInt = Field(default=1, ge=1)
+    parallel_tool_calls: Optional[StrictBool] = None   # honoured: a ChatGLM3 reply makes one call at a time
     logprobs: Optional[StrictBool] = None
     top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
-    cache_salt: Optional[str] = Field(default=None, min_length=1, max_length=256)   # vLLM's: a prefix cache of its own
     # Accepted at their defaults only: a client that asks for more is told so, never silently ignored.
     response_format: Optional[Dict[str, Any]] = None
     functions: Optional[List[Dict[str, Any]]] = None
     function_call: Optional[Union[str, Dict[str, Any]]] = None
 
 
-class TextCompletionRequest(BaseModel):
+class TextCompletionRequest(OpenAIRequest):
     """OpenAI's (legacy) /v1/completions: a plain prompt to continue."""
-    model_config = ConfigDict(extra='ignore')
-    model: Optional[str] = None
     prompt: Union[str, List[str], List[int], List[List[int]]]
-    stream: StrictBool = False
-    temperature: Optional[float] = Field(default=None, ge=0, le=2)
-    top_p: Optional[float] = Field(default=None, gt=0, le=1)
     max_tokens: Optional[StrictInt] = Field(default=16, ge=0)      # OpenAI's default; 0 with echo: score the prompt
-    stop: Optional[Union[str, List[str]]] = None
-    seed: Optional[StrictInt] = None
-    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
-    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
-    logit_bias: Optional[Dict[str, float]] = None
     logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
     echo: StrictBool = False
-    n: StrictInt = Field(default=1, ge=1)
     best_of: Optional[StrictInt] = Field(default=None, ge=1)
     suffix: Optional[str] = None
-    cache_salt: Optional[str] = Field(default=None, min_length=1, max_length=256)
+
+
+def ignoring_unknown_fields(schema):
+    """The schema with unknown fields dropped instead of refused (serve --allow-unknown-fields)."""
+    return type(schema.__name__, (schema,), {'model_config': ConfigDict(extra='ignore'), '__doc__': schema.__doc__})
 
 
 class ClassicRequest(BaseModel):
+    # The classic ChatGLM API (the official api.py): its clients send what they like; it reads its fields.
     model_config = ConfigDict(extra='ignore')
     prompt: str
     history: List[List[str]] = []

@@ -51,7 +51,7 @@ class RaySettings:
     device: Optional[str] = None       # default: cuda when the replica has a GPU, else cpu
     dtype: Optional[str] = None
     quantize: Optional[int] = None
-    int8_activations: bool = False
+    int8_activations: Optional[bool] = None   # None: load()'s default (int8 activations on a quantized CPU model)
     adapter: Union[str, dict, None] = None
     adapter_revision: Optional[str] = None
     no_cuda_graphs: bool = False
@@ -60,6 +60,7 @@ class RaySettings:
     max_body_bytes: int = 1 << 20
     max_queue: int = 100               # per replica
     max_logprobs: int = 20
+    allow_unknown_fields: bool = False
     max_batch: Optional[int] = None
     kv_cache_gb: Optional[float] = None
     prefill_chunk: Optional[int] = None
@@ -252,7 +253,7 @@ class ChatGLMIngress:
         from .server import create_app_over
         s = self.settings
         return create_app_over(RayBackend(self.replicas, self.info), s.name, s.max_body_bytes, s.api_key,
-                               s.max_logprobs)
+                               s.max_logprobs, s.allow_unknown_fields)
 
 
 def app(args: Optional[dict] = None):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import List, Optional
+from typing import List
 
 from .async_engine import Result
 
@@ -69,21 +69,27 @@ def completion(cid: str, created: int, model: str, results: List[Result]) -> dic
             'choices': choices, 'usage': usage(results)}
 
 
-class ChatChunks:
+class _Chunks:
+    """What the chunks of both APIs share: their head, and the usage chunk."""
+    head: dict
+
+    def usage(self, usage_: dict) -> str:
+        """stream_options.include_usage: the last chunk, no choices, the request's usage (as OpenAI's)."""
+        return json.dumps(dict(self.head, choices=[], usage=usage_), ensure_ascii=False)
+
+
+class ChatChunks(_Chunks):
     """The SSE chunks of one choice of a streamed chat completion (chat.completion.chunk)."""
 
     def __init__(self, cid: str, created: int, model: str, index: int = 0):
         self.head = {'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': model}
         self.index = index
 
-    def _chunk(self, delta: dict, finish=None, usage_=None, logprobs=None) -> str:
+    def _chunk(self, delta: dict, finish=None, logprobs=None) -> str:
         choice = {'index': self.index, 'delta': delta, 'finish_reason': finish}
         if logprobs:
             choice['logprobs'] = logprobs_body(logprobs)
-        body = dict(self.head, choices=[choice])
-        if usage_ is not None:
-            body['usage'] = usage_
-        return json.dumps(body, ensure_ascii=False)
+        return json.dumps(dict(self.head, choices=[choice]), ensure_ascii=False)
 
     def start(self) -> List[str]:
         return [self._chunk({'role': 'assistant', 'content': ''})]
@@ -91,12 +97,12 @@ class ChatChunks:
     def delta(self, text: str, logprobs) -> str:
         return self._chunk({'content': text}, logprobs=logprobs)
 
-    def done(self, result: Result, logprobs, usage_: Optional[dict]) -> List[str]:
-        """The choice's last chunks; usage_ goes with the request's last choice to finish."""
+    def done(self, result: Result, logprobs) -> List[str]:
+        """The choice's last chunks."""
         chunks = []
         if result.tool_calls:   # ChatGLM3's: they come whole, once the reply has ended
             chunks.append(self._chunk({'tool_calls': [dict(call, index=i) for i, call in enumerate(tool_calls(result))]}))
-        return chunks + [self._chunk({}, finish_reason(result), usage_, logprobs)]
+        return chunks + [self._chunk({}, finish_reason(result), logprobs)]
 
 
 # -- /v1/completions ---------------------------------------------------------------------------------
@@ -186,7 +192,7 @@ def text_completion(cid: str, created: int, model: str, results: List[Result], e
             'choices': choices, 'usage': usage(results)}
 
 
-class TextChunks:
+class TextChunks(_Chunks):
     """The SSE chunks of one choice of a streamed completion (text_completion objects, as OpenAI
     sends them)."""
 
@@ -196,13 +202,10 @@ class TextChunks:
         self.echo, self.offsets, self.index = echo, TextOffsets(len(echo)), index
         self.scores_prompt = scores_prompt   # the echo waits for its tokens' logprobs (`prompt`)
 
-    def _chunk(self, text: str, logprobs=None, finish=None, usage_=None) -> str:
+    def _chunk(self, text: str, logprobs=None, finish=None) -> str:
         choice = {'index': self.index, 'text': text, 'finish_reason': finish,
                   'logprobs': text_logprobs(logprobs, self.offsets) if logprobs else None}
-        body = dict(self.head, choices=[choice])
-        if usage_ is not None:
-            body['usage'] = usage_
-        return json.dumps(body, ensure_ascii=False)
+        return json.dumps(dict(self.head, choices=[choice]), ensure_ascii=False)
 
     def start(self) -> List[str]:
         return [self._chunk(self.echo)] if self.echo and not self.scores_prompt else []
@@ -215,5 +218,5 @@ class TextChunks:
     def delta(self, text: str, logprobs) -> str:
         return self._chunk(text, logprobs)
 
-    def done(self, result: Result, logprobs, usage_: Optional[dict]) -> List[str]:
-        return [self._chunk('', logprobs, result.finish_reason, usage_)]
+    def done(self, result: Result, logprobs) -> List[str]:
+        return [self._chunk('', logprobs, result.finish_reason)]

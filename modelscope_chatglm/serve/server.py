@@ -38,7 +38,7 @@ from .async_engine import AsyncEngine, Result
 from .calls import chat_call, choice_calls, classic_call, completion_call, echo_text, scores_prompt
 from .errors import error_body, failure, rejection
 from .metrics import combined, prometheus_text
-from .protocol import ChatCompletionRequest, ClassicRequest, TextCompletionRequest
+from .protocol import ChatCompletionRequest, ClassicRequest, TextCompletionRequest, ignoring_unknown_fields
 from .responses import ChatChunks, TextChunks, completion, completion_id, text_completion, usage
 
 
@@ -76,21 +76,23 @@ def check_model_names(name: str, adapters) -> None:
 def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20,
                api_key: Optional[str] = None, max_queue: int = 100, max_batch: Optional[int] = None,
                kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None,
-               max_logprobs: int = 20) -> FastAPI:
+               max_logprobs: int = 20, allow_unknown_fields: bool = False) -> FastAPI:
     """The server over one model in this process.
     api_key: when set (a key, a comma-separated list, or a list), every route but /health and /metrics wants
     `Authorization: Bearer <key>` with one of the keys, and each key's requests share prefix-cache entries
     only with each other (a request's `cache_salt` narrows that to the requests that send the same salt).
     max_queue: requests that may wait for the model; more get a 503 with Retry-After.
     max_logprobs: the most alternatives per token a request may ask logprobs for (vLLM's --max-logprobs).
+    allow_unknown_fields: drop body fields that are neither OpenAI's nor vLLM's instead of answering 400.
     max_batch, kv_cache_bytes, prefill_chunk: the settings of the model's engine (engine/scheduler.py)."""
     check_model_names(model_name or chat.name, list(chat.adapters))   # (before an engine thread starts)
     engine = AsyncEngine(chat, max_queue, max_batch, kv_cache_bytes, prefill_chunk)
-    return create_app_over(engine, model_name, max_body_bytes, api_key, max_logprobs)
+    return create_app_over(engine, model_name, max_body_bytes, api_key, max_logprobs, allow_unknown_fields)
 
 
 def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20,
-                    api_key: Optional[str] = None, max_logprobs: int = 20) -> FastAPI:
+                    api_key: Optional[str] = None, max_logprobs: int = 20,
+                    allow_unknown_fields: bool = False) -> FastAPI:
     """The routes over a backend: an `AsyncEngine` here, or `ray_app.RayBackend` over Ray Serve replicas.
     A backend has model_name, adapters, `generate(ChatCall)` (the event
     stream of async_engine.py), `async stats_list()` (one dict per engine) and `cancel_all()`."""
@@ -142,7 +144,13 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        problems = '; '.join(_problem(e) for e in exc.errors())
+        errors = exc.errors()
+        unknown = [str(e['loc'][-1]) for e in errors if e.get('type') == 'extra_forbidden']
+        if unknown and len(unknown) == len(errors):   # a field we do not implement: never dropped silently
+            return _error(400, f'unknown field(s) {unknown}: not an option of the OpenAI API or of vLLM that this '
+                               'server implements (docs/serving.md lists them); remove them, or start the server '
+                               'with --allow-unknown-fields to ignore them')
+        problems = '; '.join(_problem(e) for e in errors)
         return _error(422, f'invalid request: {problems}')
 
     @app.exception_handler(HTTPException)
@@ -250,10 +258,11 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
                         logprobs[index] = []
                     elif kind == 'done':
                         results[index] = value
-                        last = all(results)   # the usage of all choices goes with the last to finish
-                        for chunk in shapes[index].done(value, logprobs[index], usage(results) if last else None):
+                        for chunk in shapes[index].done(value, logprobs[index]):
                             yield chunk
-                        if last:
+                        if all(results):
+                            if req.stream_options and req.stream_options.include_usage:   # as OpenAI's
+                                yield shapes[index].usage(usage(results))
                             break
                     else:
                         yield _stream_error(value)
@@ -266,16 +275,21 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
 
         return EventSourceResponse(stream(), ping=15, headers=headers)
 
-    @app.post('/v1/chat/completions')
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
+    async def chat_completions(req, request: Request):
         return await respond(chat_call, req, request, completion, ChatChunks)
 
-    @app.post('/v1/completions')
-    async def completions(req: TextCompletionRequest, request: Request):
+    async def completions(req, request: Request):
         echo, scored = echo_text(req), scores_prompt(req)
         return await respond(completion_call, req, request,
                              lambda cid, created, model, results: text_completion(cid, created, model, results, echo),
                              lambda cid, created, model, index: TextChunks(cid, created, model, echo, index, scored))
+
+    # The body's schema is chosen here (strict, or dropping unknown fields), so it is set on the endpoints
+    # as an object: this module's annotations are strings, which FastAPI resolves in its globals.
+    for path, endpoint, schema in (('/v1/chat/completions', chat_completions, ChatCompletionRequest),
+                                   ('/v1/completions', completions, TextCompletionRequest)):
+        endpoint.__annotations__['req'] = ignoring_unknown_fields(schema) if allow_unknown_fields else schema
+        app.post(path)(endpoint)
 
     @app.post('/')
     async def classic(req: ClassicRequest, request: Request):
@@ -448,12 +462,13 @@ def raise_open_file_limit(wanted: int) -> int:
 def serve(chat: ChatModel, host: str = '127.0.0.1', port: int = 8000, max_body_bytes: int = 1 << 20,
           model_name: Optional[str] = None, api_key: Optional[str] = None, max_queue: int = 100,
           max_batch: Optional[int] = None, kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None,
-          max_logprobs: int = 20, max_connections: int = 1000, header_timeout: float = 30.0):
+          max_logprobs: int = 20, max_connections: int = 1000, header_timeout: float = 30.0,
+          allow_unknown_fields: bool = False):
     import uvicorn
     # SIGTERM: stop accepting, give open requests SHUTDOWN_GRACE_S, then cancel them (their jobs stop
     # at the next token) and everything still queued.
     app = create_app(chat, model_name, max_body_bytes, api_key, max_queue, max_batch, kv_cache_bytes, prefill_chunk,
-                     max_logprobs)
+                     max_logprobs, allow_unknown_fields)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
