@@ -197,6 +197,11 @@ def test_forty_concurrent_conversations_on_two_replicas(ray_server, glm2_model):
         assert usage2.prompt_tokens_details.cached_tokens >= usage1.prompt_tokens - 1, (usage1, usage2)
     served = {r[1] for r in results.values()}
     assert served == set(before), (served, set(before))   # both replicas served traffic
+    # /tokenize and /detokenize reach a replica's tokenizer; a refusal there is the caller's 400 here
+    counted = httpx.post(f'{ray_server}/tokenize', json={'messages': [{'role': 'user', 'content': 'conversation 0: hello'}]},
+                         timeout=60).json()
+    assert counted['count'] == results[0][4].prompt_tokens
+    assert httpx.post(f'{ray_server}/detokenize', json={'tokens': [10 ** 9]}, timeout=60).status_code == 400
     after = {r['replica']: r for r in httpx.get(f'{ray_server}/health').json()['replicas']}
     for replica in served:   # each replica's prefix-cache hit counter grew
         assert after[replica]['cached_prompt_tokens'] > before[replica]['cached_prompt_tokens']

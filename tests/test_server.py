@@ -982,6 +982,35 @@ def test_vllm_sampling_parameters_do_what_vllm_says(server, glm2_model):
     assert complete(temperature=0, logit_bias={str(eos): 100}, ignore_eos=True)['finish_reason'] == 'length'
 
 
+def test_tokenize_counts_what_the_request_would_run_and_detokenize_reverses_it(server, glm2_model):
+    """vLLM's /tokenize and /detokenize: with messages, the count is the chat request's
+    usage.prompt_tokens; with a prompt, the completions request's; add_special_tokens=false leaves out the
+    model's [gMASK] sop."""
+    messages = [{'role': 'user', 'content': '你好'}, {'role': 'assistant', 'content': 'hi'},
+                {'role': 'user', 'content': 'tell me more'}]
+    r = httpx.post(f'{server}/tokenize', json={'messages': messages}, timeout=60)
+    assert r.status_code == 200, r.text
+    tokenized = r.json()
+    chat = httpx.post(f'{server}/v1/chat/completions', json={'messages': messages, 'max_tokens': 1}, timeout=60)
+    assert tokenized['count'] == len(tokenized['tokens']) == chat.json()['usage']['prompt_tokens']
+    assert tokenized['max_model_len'] == glm2_model.context_length
+    assert tokenized['tokens'] == glm2_model.build_inputs('tell me more', [('你好', 'hi')])
+    prompt = httpx.post(f'{server}/tokenize', json={'prompt': 'The capital of France is'}, timeout=60).json()
+    completion = httpx.post(f'{server}/v1/completions', json={'prompt': 'The capital of France is', 'max_tokens': 1},
+                            timeout=60).json()
+    assert prompt['count'] == completion['usage']['prompt_tokens']
+    plain = httpx.post(f'{server}/tokenize', json={'prompt': 'The capital of France is', 'add_special_tokens': False},
+                       timeout=60).json()
+    assert plain['tokens'] == glm2_model.tokenizer.encode('The capital of France is') and plain['count'] < prompt['count']
+    back = httpx.post(f'{server}/detokenize', json={'tokens': plain['tokens']}, timeout=60)
+    assert back.status_code == 200 and back.json()['prompt'] == 'The capital of France is'
+    for path, body, needle in (('/tokenize', {}, 'either prompt'),
+                               ('/tokenize', {'prompt': 'x', 'messages': messages}, 'either prompt'),
+                               ('/detokenize', {'tokens': [10 ** 9]}, 'token ids must be in')):
+        r = httpx.post(f'{server}{path}', json=body, timeout=60)
+        assert r.status_code == 400 and needle in r.json()['error']['message'], r.text
+
+
 def test_unknown_fields_are_ignored_when_the_server_is_told_to(server, serial_server):
     body = {'messages': [{'role': 'user', 'content': 'x'}], 'max_tokens': 2, 'temprature': 0.5, 'user_data': [1]}
     assert httpx.post(f'{server}/v1/chat/completions', json=body, timeout=60).status_code == 400

@@ -187,6 +187,23 @@ class AsyncEngine:
                    decoder=ReplyDecoder(self.chat, request, call.stop), prompt_logprobs=call.prompt_logprobs,
                    cache_scope=call.cache_scope, choice=call.choice)
 
+    async def tokenize(self, call: ChatCall, special_tokens: bool = True) -> dict:
+        """/tokenize: the prompt ids the call would run (vLLM's response shape), encoded off the event loop.
+        A completions prompt without special_tokens is the text's own ids."""
+        def encode():
+            if call.completion and not special_tokens:
+                return self.chat.tokenizer.encode(call.query)
+            return self._job(call).request.input_ids
+        ids = list(await asyncio.to_thread(encode))
+        return {'count': len(ids), 'max_model_len': self.chat.context_length, 'tokens': ids}
+
+    async def detokenize(self, ids: List[int]) -> dict:
+        vocab = self.chat.tokenizer.vocab_size
+        wrong = [i for i in ids if not 0 <= i < vocab][:5]
+        if wrong:
+            raise InputError(f'token ids must be in [0, {vocab}), got {wrong}')
+        return {'prompt': await asyncio.to_thread(self.chat.tokenizer.decode, ids)}
+
     async def stats_list(self) -> List[dict]:
         return [self.stats()]
 

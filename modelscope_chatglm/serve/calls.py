@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 
 from ..errors import InputError
 from .async_engine import ChatCall
-from .protocol import ChatCompletionRequest, ClassicRequest, TextCompletionRequest
+from .protocol import ChatCompletionRequest, ClassicRequest, TextCompletionRequest, TokenizeRequest
 
 MAX_STOP_STRINGS = 4      # OpenAI's limit; each is one automaton stepped over every character of the reply
 
@@ -206,6 +206,20 @@ def choice_calls(call: ChatCall, n: int) -> List[ChatCall]:
     if seed is None or not 0 <= seed < 2 ** 63:   # (a seed out of range is refused by name on submission)
         return [replace(call, choice=i, n=n) for i in range(n)]
     return [replace(call, options=dict(call.options, seed=(seed + i) % 2 ** 63), choice=i, n=n) for i in range(n)]
+
+
+def tokenize_call(req: TokenizeRequest) -> ChatCall:
+    """/tokenize: the call whose prompt ids /v1/chat/completions (messages) or /v1/completions (prompt) would
+    run, so its count is that request's usage.prompt_tokens. No generation options: nothing runs."""
+    if (req.prompt is None) == (req.messages is None):
+        raise InputError('send either prompt (as /v1/completions takes it) or messages (as /v1/chat/completions)')
+    if not req.add_generation_prompt:
+        raise InputError('add_generation_prompt=false is not supported: a ChatGLM prompt always ends by opening '
+                         "the assistant's turn; leave it out")
+    if req.prompt is not None:
+        return ChatCall(req.prompt, [], {}, [], None, completion=True)
+    chat = ChatCompletionRequest(messages=req.messages, tools=req.tools)
+    return chat_call(chat, None)
 
 
 def classic_call(req: ClassicRequest) -> ChatCall:

@@ -88,6 +88,24 @@ class TextCompletionRequest(OpenAIRequest):
     suffix: Optional[str] = None
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a completions `prompt`, or chat `messages` (and `tools`) encoded as
+    /v1/chat/completions encodes them."""
+    model_config = ConfigDict(extra='forbid')
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[List[Message]] = Field(default=None, min_length=1)
+    tools: Optional[List[Dict[str, Any]]] = None
+    add_special_tokens: StrictBool = True     # a prompt: the model's [gMASK] sop around the text
+    add_generation_prompt: StrictBool = True  # messages: a ChatGLM prompt always opens the assistant's turn
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra='forbid')
+    model: Optional[str] = None
+    tokens: List[StrictInt] = Field(max_length=1_000_000)
+
+
 def ignoring_unknown_fields(schema):
     """The schema with unknown fields dropped instead of refused (serve --allow-unknown-fields)."""
     return type(schema.__name__, (schema,), {'model_config': ConfigDict(extra='ignore'), '__doc__': schema.__doc__})

@@ -148,6 +148,18 @@ class ChatGLMReplica:
                 value = _portable(value)
             yield kind, value
 
+    async def tokenize(self, call: ChatCall, special_tokens: bool = True) -> dict:
+        try:
+            return await self.engine.tokenize(call, special_tokens)
+        except Exception as e:   # InputError, ContextLengthError: the caller's, carried as they are
+            raise _portable(e) from None
+
+    async def detokenize(self, ids: list) -> dict:
+        try:
+            return await self.engine.detokenize(ids)
+        except Exception as e:
+            raise _portable(e) from None
+
     async def stats(self, replica: Optional[str] = None) -> dict:
         """`replica`: which replica the caller wants (ConversationRouter routes on it)."""
         return dict(self.engine.stats(), pid=os.getpid())
@@ -213,6 +225,18 @@ class RayBackend:
                 continue
             seen[stats['replica']] = stats
         return [seen[k] for k in sorted(seen)]
+
+    async def tokenize(self, call: ChatCall, special_tokens: bool = True) -> dict:
+        try:
+            return await self.handle.tokenize.remote(call, special_tokens)
+        except RayTaskError as e:   # the replica refused it (InputError, ...): the same exception here
+            raise e.cause or e
+
+    async def detokenize(self, ids: list) -> dict:
+        try:
+            return await self.handle.detokenize.remote(ids)
+        except RayTaskError as e:
+            raise e.cause or e
 
     def cancel_all(self):
         pass   # each replica cancels its own work when it shuts down

@@ -35,10 +35,11 @@ from ..chat import ChatModel
 from ..errors import InputError
 from .auth import api_keys
 from .async_engine import AsyncEngine, Result
-from .calls import chat_call, choice_calls, classic_call, completion_call, echo_text, scores_prompt
+from .calls import chat_call, choice_calls, classic_call, completion_call, echo_text, scores_prompt, tokenize_call
 from .errors import error_body, failure, rejection
 from .metrics import combined, prometheus_text
-from .protocol import ChatCompletionRequest, ClassicRequest, TextCompletionRequest, ignoring_unknown_fields
+from .protocol import (ChatCompletionRequest, ClassicRequest, DetokenizeRequest, TextCompletionRequest, TokenizeRequest,
+                       ignoring_unknown_fields)
 from .responses import ChatChunks, TextChunks, completion, completion_id, text_completion, usage
 
 
@@ -94,8 +95,9 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
                     api_key: Optional[str] = None, max_logprobs: int = 20,
                     allow_unknown_fields: bool = False) -> FastAPI:
     """The routes over a backend: an `AsyncEngine` here, or `ray_app.RayBackend` over Ray Serve replicas.
-    A backend has model_name, adapters, `generate(ChatCall)` (the event
-    stream of async_engine.py), `async stats_list()` (one dict per engine) and `cancel_all()`."""
+    A backend has model_name, adapters, `generate(ChatCall)` (the event stream of async_engine.py), `async
+    stats_list()` (one dict per engine), `async tokenize(ChatCall, special_tokens)`, `async detokenize(ids)`
+    and `cancel_all()`."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -290,6 +292,21 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
                                    ('/v1/completions', completions, TextCompletionRequest)):
         endpoint.__annotations__['req'] = ignoring_unknown_fields(schema) if allow_unknown_fields else schema
         app.post(path)(endpoint)
+
+    @app.post('/tokenize')
+    async def tokenize(req: TokenizeRequest):
+        """vLLM's: the prompt ids a chat (`messages`) or completions (`prompt`) request would run."""
+        try:
+            return await backend.tokenize(await asyncio.to_thread(tokenize_call, req), req.add_special_tokens)
+        except Exception as e:
+            return _rejected(e)
+
+    @app.post('/detokenize')
+    async def detokenize(req: DetokenizeRequest):
+        try:
+            return await backend.detokenize(req.tokens)
+        except Exception as e:
+            return _rejected(e)
 
     @app.post('/')
     async def classic(req: ClassicRequest, request: Request):
