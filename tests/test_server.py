@@ -20,13 +20,17 @@ from modelscope_chatglm.serve.responses import TextOffsets, message  # noqa: E40
 GREEDY = dict(temperature=0, max_tokens=8)
 
 
+SERVER_LOGS = {}   # url -> the server's log file
+
+
 @pytest.fixture(scope='module')
 def server(glm2_dir, tmp_path_factory):
     port = free_port()
+    url, log = f'http://127.0.0.1:{port}', tmp_path_factory.mktemp('server') / 'server.log'
     proc = start_service(['serve', '--model', glm2_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port),
-                          '--name', 'tiny-glm2', '--max-body-bytes', '20000'], f'http://127.0.0.1:{port}/health',
-                         tmp_path_factory.mktemp('server') / 'server.log')
-    yield f'http://127.0.0.1:{port}'
+                          '--name', 'tiny-glm2', '--max-body-bytes', '20000'], f'{url}/health', log)
+    SERVER_LOGS[url] = log
+    yield url
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -1009,6 +1013,23 @@ def test_tokenize_counts_what_the_request_would_run_and_detokenize_reverses_it(s
                                ('/detokenize', {'tokens': [10 ** 9]}, 'token ids must be in')):
         r = httpx.post(f'{server}{path}', json=body, timeout=60)
         assert r.status_code == 400 and needle in r.json()['error']['message'], r.text
+
+
+def test_each_request_has_an_id_echoed_and_one_access_log_line(server):
+    r = httpx.post(f'{server}/v1/chat/completions', headers={'X-Request-Id': 'trace-42.a:b'}, timeout=60,
+                   json={'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 1})
+    assert r.status_code == 200 and r.headers['x-request-id'] == 'trace-42.a:b'
+    # an id that could forge log lines (or is just too long) is replaced by a fresh one
+    for hostile in ('a\\n{"forged": 1}', 'x' * 200, ''):
+        r = httpx.get(f'{server}/health', headers={'X-Request-Id': hostile} if hostile else {})
+        assert r.headers['x-request-id'] != hostile and len(r.headers['x-request-id']) == 32
+    r = httpx.post(f'{server}/v1/chat/completions', headers={'X-Request-Id': 'bad-1'}, json={'messages': 'oops'})
+    assert r.status_code == 422 and r.headers['x-request-id'] == 'bad-1'
+    log = SERVER_LOGS[server].read_text()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith('{"request_id"')]
+    mine = [line for line in lines if line['request_id'] in ('trace-42.a:b', 'bad-1')]
+    assert [(m['path'], m['status']) for m in mine] == [('/v1/chat/completions', 200), ('/v1/chat/completions', 422)]
+    assert all(m['ms_to_headers'] >= 0 and m['method'] == 'POST' for m in mine)
 
 
 def test_unknown_fields_are_ignored_when_the_server_is_told_to(server, serial_server):

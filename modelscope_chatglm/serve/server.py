@@ -22,7 +22,10 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
+import re
 import time
+import uuid
 from typing import AsyncIterator, List, Optional, Tuple
 
 from fastapi import FastAPI, Request
@@ -63,6 +66,8 @@ def _rejected(exc: Exception, accepted: bool = False) -> JSONResponse:
 
 
 REPLICA_HEADER = 'x-chatglm-replica'   # which engine served a request (several under Ray Serve)
+REQUEST_ID = re.compile(r'[A-Za-z0-9._:-]{1,128}')   # a client's X-Request-Id that may go into logs as it is
+access_log = logging.getLogger('modelscope_chatglm.access')
 
 
 def check_model_names(name: str, adapters) -> None:
@@ -138,6 +143,20 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
                     return _error(413, f'request body is over the limit of {max_body_bytes} bytes')
             request._body = bytes(body)
         return await call_next(request)
+
+    @app.middleware('http')
+    async def request_id(request: Request, call_next):
+        """Outermost (added last): every response echoes the request's X-Request-Id (the client's, when it is
+        a plain token, else a new one), and every request leaves one JSON line in the access log."""
+        given = request.headers.get('x-request-id', '')
+        rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        start = time.perf_counter()
+        response = await call_next(request)
+        response.headers['X-Request-Id'] = rid
+        access_log.info(json.dumps({'request_id': rid, 'method': request.method, 'path': request.url.path,
+                                    'status': response.status_code, 'client': getattr(request.client, 'host', None),
+                                    'ms_to_headers': round((time.perf_counter() - start) * 1e3, 1)}))
+        return response
 
     @app.exception_handler(Exception)
     async def fault(request: Request, exc: Exception):
@@ -497,7 +516,13 @@ def serve(chat: ChatModel, host: str = '127.0.0.1', port: int = 8000, max_body_b
     # Room for every allowed connection, the model's files and the engine's (the limit binds first).
     limit = raise_open_file_limit(max_connections + 256)
     max_connections = min(max_connections, max(16, limit - 256))
+    if not access_log.handlers:   # one JSON line per request on stderr, in place of uvicorn's access line
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter('%(message)s'))
+        access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)
+        access_log.propagate = False
     Server(uvicorn.Config(app, host=host, port=port, log_level='info', timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-                          http=timed_http_protocol(header_timeout, max_connections),
+                          http=timed_http_protocol(header_timeout, max_connections), access_log=False,
                           limit_concurrency=max_connections)).run()
 
