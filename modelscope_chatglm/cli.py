@@ -242,7 +242,7 @@ def main(argv=None):
         activations.add_argument('--exact', action='store_true',
                                  help='CPU, int8/int4 models: keep fp32/bf16 activations (the exact kernels, '
                                       'the reference\'s logits on the same weights) instead of the default int8 '
-                                      'activations (faster; they add at most the weights\' own quantization error)')
+                                      'activations (faster; they add about the error of int8 weights)')
         activations.add_argument('--int8-activations', action='store_true',
                                  help='CPU, int8/int4 models: int8 activations (the default where the compiled '
                                       'kernels are; this makes it an error where they cannot run)')

@@ -132,8 +132,8 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
 
     int8_activations: on CPU, the quantized blocks quantize their input to int8 too (per block of 64
     columns, as llama.cpp / chatglm.cpp do) and use integer dot products. The default (None) is on for a
-    quantized model on the CPU wherever the compiled kernels are: the error it adds is at most the
-    weights' own quantization error (docs/quantization.md, "Which activations by default"). False keeps
+    quantized model on the CPU wherever the compiled kernels are: the error it adds is about that of int8
+    weights (docs/quantization.md, "Which activations by default"). False keeps
     fp32/bf16 activations: the exact kernels, whose logits match the reference on the same weights."""
     cfg_path = yaml_configs.find(model)
     if cfg_path:
@@ -234,8 +234,9 @@ def resolve_quantization(model_dir: str, config, requested: Optional[int]) -> in
 
 def default_int8_activations(bits: int, device: torch.device) -> bool:
     """Int8 activations by default for a quantized model on the CPU with the compiled kernels: measured,
-    they add at most the error the weights' own quantization has (int8: about as much, int4: a fifteenth)
-    and make int4 decode and every prompt faster (benchmarks/README.md). Elsewhere there is no choice."""
+    they add about the error int8 weights have of their own (0.8-1.1x; an int4 model's own is 16-22x
+    larger) and make int4 decode and every prompt faster (docs/quantization.md). Elsewhere there is no
+    choice."""
     if not bits or device.type != 'cpu':
         return False
     from .quantization.build import load_library

@@ -223,11 +223,11 @@ def test_health_and_models_through_the_ray_proxy(ray_server):
     assert long.status_code == 400 and 'no room' in long.json()['error']['message']   # raised on a replica
     # logprobs and stop strings are worked out on the replica and travel back with the stream
     body = {'messages': [{'role': 'user', 'content': '你好'}], 'max_tokens': 6, 'temperature': 0, 'logprobs': True,
-            'top_logprobs': 2, 'stream': True}
+            'top_logprobs': 2, 'stream': True, 'stream_options': {'include_usage': True}}
     with httpx.stream('POST', f'{ray_server}/v1/chat/completions', json=body, timeout=120) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith('data: {')]
-    tokens = [e for c in chunks for e in (c['choices'][0].get('logprobs') or {}).get('content', [])]
-    assert len(tokens) == chunks[-1]['usage']['completion_tokens'] == 6
+    tokens = [e for c in chunks for choice in c['choices'] for e in (choice.get('logprobs') or {}).get('content', [])]
+    assert len(tokens) == chunks[-1]['usage']['completion_tokens'] == 6 and chunks[-1]['choices'] == []
     assert all(e['top_logprobs'][0]['bytes'] == e['bytes'] for e in tokens)
     # n choices: each one is the reply of a request alone with its seed
     ask = {'messages': [{'role': 'user', 'content': '你好'}], 'max_tokens': 6, 'temperature': 1.0}
