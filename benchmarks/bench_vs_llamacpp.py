@@ -1,0 +1,224 @@
+"""Ours against llama.cpp on the same ChatGLM2-6B shapes, same threads, prompt and decode length, one run.
+
+What it sets up (each once, then reused):
+  - our checkpoint: full-size ChatGLM2-6B shapes, random fp16 weights, hub layout (`fullsize.py`),
+    quantized while loading, as a user loads it (default settings unless `--ours` says otherwise);
+  - llama.cpp's `llama-bench`, built natively (`GGML_NATIVE=ON`) from the llama.cpp that the
+    llama-cpp-python sdist on the package index vendors;
+  - random GGUFs of the same shapes in llama.cpp's `chatglm` architecture (q4_0 and q8_0; the `gguf`
+    package quantizes), with a filler SentencePiece vocabulary of 65,024 pieces.
+Then, in rounds, each engine in a fresh process taking turns: prefill of a `--prompt`-token prompt
+(tokens/s; llama-bench's pp) and `--new` greedy decode tokens after it (tokens/s; llama-bench's tg).
+Random token ids for both; our prompts differ per round, so the prefix cache never serves them.
+
+    pip install gguf cmake   # (cmake: where the system has none)
+    python benchmarks/bench_vs_llamacpp.py [--layers 28] [--threads 2] [--prompt 128] [--new 32] [--rounds 3]
+        [--ours int4,int8] [--llama q4_0,q8_0] [--json benchmarks/results/bench_vs_llamacpp-CPU.json]
+"""
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+from fullsize import FFN, HIDDEN, QKV, VOCAB, build  # noqa: E402
+
+LLAMA_CPP_PYTHON = '0.3.36'
+CACHE = os.path.expanduser('~/.cache/modelscope_chatglm/bench')
+
+
+# -- llama.cpp ------------------------------------------------------------------------------------------
+
+def llama_bench_binary(cache: str) -> str:
+    """llama-bench built from the llama-cpp-python sdist's vendored llama.cpp, native flags."""
+    root = os.path.join(cache, f'llama-cpp-python-{LLAMA_CPP_PYTHON}')
+    binary = os.path.join(root, 'build', 'bin', 'llama-bench')
+    if os.path.exists(binary):
+        return binary
+    os.makedirs(cache, exist_ok=True)
+    subprocess.run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--no-binary', ':all:',
+                    f'llama-cpp-python=={LLAMA_CPP_PYTHON}', '-d', cache], check=True)
+    with tarfile.open(glob.glob(os.path.join(cache, f'llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz'))[0]) as tar:
+        tar.extractall(cache, filter='data')
+    src = os.path.join(cache, f'llama_cpp_python-{LLAMA_CPP_PYTHON}', 'vendor', 'llama.cpp')
+    subprocess.run(['cmake', '-S', src, '-B', os.path.join(root, 'build'), '-DCMAKE_BUILD_TYPE=Release',
+                    '-DGGML_NATIVE=ON', '-DLLAMA_CURL=OFF', '-DLLAMA_OPENSSL=OFF', '-DLLAMA_BUILD_TESTS=OFF',
+                    '-DLLAMA_BUILD_EXAMPLES=OFF', '-DLLAMA_BUILD_SERVER=OFF', '-DLLAMA_BUILD_TOOLS=ON'],
+                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(['cmake', '--build', os.path.join(root, 'build'), '--target', 'llama-bench',
+                    f'-j{os.cpu_count()}'], check=True, stdout=subprocess.DEVNULL)
+    return binary
+
+
+def write_gguf(path: str, qtype: str, layers: int, seed: int = 0) -> str:
+    """A random ChatGLM2-6B-shaped GGUF (`chatglm` architecture): blocks in `qtype`, the embedding and
+    norms in f32 and the output layer in `qtype` as llama.cpp's converter writes them."""
+    if os.path.exists(path + '.complete'):
+        return path
+    import numpy as np
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    q = {'q4_0': Q.Q4_0, 'q8_0': Q.Q8_0}[qtype]
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(path, 'chatglm')
+    writer.add_context_length(32768)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(FFN)
+    writer.add_block_count(layers)
+    writer.add_head_count(32)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(64)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_add_bos_token(False)
+    writer.add_file_type({'q4_0': gguf.LlamaFileType.MOSTLY_Q4_0, 'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+    # A filler SentencePiece vocabulary: llama-bench feeds random ids and never tokenizes text.
+    pieces = [b'<unk>', b'<bos>', b'<eos>'] + [f'<0x{b:02X}>'.encode() for b in range(256)]
+    pieces += [f'p{i}'.encode() for i in range(VOCAB - len(pieces))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (VOCAB - 259)
+    writer.add_tokenizer_model('llama')
+    writer.add_tokenizer_pre('chatglm-spm')
+    writer.add_token_list(pieces)
+    writer.add_token_scores([0.0] * VOCAB)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+    def make(kind, shape):
+        if kind == 'ones':
+            return np.ones(shape, np.float32)
+        if kind == 'zeros':
+            return np.zeros(shape, np.float32)
+        return (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])).astype(np.float32)
+
+    # (name, shape, kind, quantized?): llama.cpp's converter keeps the embedding, norms and biases in f32
+    tensors = [('token_embd.weight', (VOCAB, HIDDEN), 'rand', False)]
+    for i in range(layers):
+        b = f'blk.{i}.'
+        tensors += [(b + 'attn_norm.weight', (HIDDEN,), 'ones', False),
+                    (b + 'attn_qkv.weight', (QKV, HIDDEN), 'rand', True),
+                    (b + 'attn_qkv.bias', (QKV,), 'zeros', False),
+                    (b + 'attn_output.weight', (HIDDEN, HIDDEN), 'rand', True),
+                    (b + 'ffn_norm.weight', (HIDDEN,), 'ones', False),
+                    (b + 'ffn_up.weight', (2 * FFN, HIDDEN), 'rand', True),
+                    (b + 'ffn_down.weight', (HIDDEN, FFN), 'rand', True)]
+    tensors += [('output_norm.weight', (HIDDEN,), 'ones', False), ('output.weight', (VOCAB, HIDDEN), 'rand', True)]
+    block, type_size = gguf.GGML_QUANT_SIZES[q]
+    # Every tensor's info comes before the data: the sizes first, then one tensor at a time, so the whole
+    # model is never in memory.
+    for name, shape, kind, quantized in tensors:
+        if quantized:
+            byte_shape = (shape[0], shape[1] // block * type_size)
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), byte_shape[0] * byte_shape[1], raw_dtype=q)
+        else:
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, shape, kind, quantized in tensors:
+        array = make(kind, shape)
+        writer.write_tensor_data(gguf.quants.quantize(array, q) if quantized else array)
+    writer.close()
+    open(path + '.complete', 'w').close()
+    return path
+
+
+def run_llama(binary: str, model: str, threads: int, prompt: int, new: int) -> dict:
+    out = subprocess.run([binary, '-m', model, '-t', str(threads), '-p', str(prompt), '-n', str(new),
+                          '-r', '1', '-o', 'json'], check=True, capture_output=True, text=True).stdout
+    rows = json.loads(out)
+    rate = {('prefill' if r['n_prompt'] else 'decode'): r['avg_ts'] for r in rows}
+    return {'prefill_tok_s': rate['prefill'], 'decode_tok_s': rate['decode']}
+
+
+# -- ours -----------------------------------------------------------------------------------------------
+
+def child(path: str, bits: int, threads: int, prompt: int, new: int, seed: int, extra: dict) -> dict:
+    import torch
+    import modelscope_chatglm
+    torch.set_num_threads(threads)
+    chat = modelscope_chatglm.load(path, device='cpu', quantization_bit=bits, **extra)
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(100, 60000, (n,), generator=g).tolist()  # noqa: E731
+    for _ in chat.stream_tokens(ids(16), max_new_tokens=2, do_sample=False, stop_ids=[]):
+        pass                                    # warm-up, as llama-bench does
+    times, start = [], time.perf_counter()
+    for _ in chat.stream_tokens(ids(prompt), max_new_tokens=new + 1, do_sample=False, stop_ids=[]):
+        times.append(time.perf_counter() - start)
+    return {'prefill_tok_s': prompt / times[0], 'decode_tok_s': new / (times[-1] - times[0]),
+            'dtype': str(next(chat.model.parameters()).dtype).replace('torch.', '')}
+
+
+def run_ours(path: str, mode: str, threads: int, prompt: int, new: int, seed: int) -> dict:
+    bits, _, option = mode.removeprefix('int').partition('-')
+    extra = {'exact': {'int8_activations': False}, 'x8': {'int8_activations': True}, '': {}}[option]
+    code = (f'import json, sys; sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r}); '
+            f'from bench_vs_llamacpp import child; '
+            f'print(json.dumps(child({path!r}, {int(bits)}, {threads}, {prompt}, {new}, {seed}, {extra!r})))')
+    out = subprocess.run([sys.executable, '-c', code], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--dir', default='/var/tmp/chatglm2-6b-random', help='our checkpoint (built if missing)')
+    ap.add_argument('--gguf-dir', default='/var/tmp/chatglm2-6b-gguf')
+    ap.add_argument('--layers', type=int, default=28)
+    ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--prompt', type=int, default=128)
+    ap.add_argument('--new', type=int, default=32)
+    ap.add_argument('--rounds', type=int, default=3)
+    ap.add_argument('--ours', default='int4,int8',
+                    help='comma list of int4|int8, each optionally -exact or -x8 (default: our defaults)')
+    ap.add_argument('--llama', default='q4_0,q8_0')
+    ap.add_argument('--json', help='write every round here')
+    args = ap.parse_args()
+
+    build(args.dir, layers=args.layers)
+    binary = llama_bench_binary(CACHE)
+    os.makedirs(args.gguf_dir, exist_ok=True)
+    ggufs = {q: write_gguf(os.path.join(args.gguf_dir, f'chatglm2-{args.layers}l-{q}.gguf'), q, args.layers)
+             for q in args.llama.split(',') if q}
+    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')), '?')
+    flags = next((line.split(':', 1)[1].split() for line in open('/proc/cpuinfo') if line.startswith('flags')), [])
+    isa = [f for f in ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_int8', 'asimddp') if f in flags]
+    print(f'CPU: {cpu} ({", ".join(isa)}); {args.threads} threads; {args.layers} layers; '
+          f'prompt {args.prompt}, decode {args.new}', flush=True)
+
+    runs = {**{f'ours {m}': m for m in args.ours.split(',') if m}, **{f'llama.cpp {q}': q for q in ggufs}}
+    results = {name: [] for name in runs}
+    for r in range(args.rounds):
+        for name, what in runs.items():
+            if name.startswith('ours'):
+                res = run_ours(args.dir, what, args.threads, args.prompt, args.new, seed=r)
+            else:
+                res = run_llama(binary, ggufs[what], args.threads, args.prompt, args.new)
+            results[name].append(res)
+            print(f'round {r + 1}: {name:<20} prefill {res["prefill_tok_s"]:7.2f} tok/s   '
+                  f'decode {res["decode_tok_s"]:6.2f} tok/s', flush=True)
+
+    def summary(values):
+        return f'{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]'
+    print(f'\n| engine | prefill {args.prompt} tok/s | decode tok/s |\n|---|---|---|')
+    for name, rows in results.items():
+        print(f'| {name} | {summary([x["prefill_tok_s"] for x in rows])} | '
+              f'{summary([x["decode_tok_s"] for x in rows])} |')
+    med = {name: {k: statistics.median(x[k] for x in rows) for k in ('prefill_tok_s', 'decode_tok_s')}
+           for name, rows in results.items()}
+    for ours, theirs in (('ours int4', 'llama.cpp q4_0'), ('ours int8', 'llama.cpp q8_0')):
+        if ours in med and theirs in med:
+            print(f'{ours} / {theirs}: decode {med[ours]["decode_tok_s"] / med[theirs]["decode_tok_s"]:.2f}x, '
+                  f'prefill {med[ours]["prefill_tok_s"] / med[theirs]["prefill_tok_s"]:.2f}x')
+    if args.json:
+        json.dump({'cpu': cpu, 'isa': isa, 'args': vars(args), 'results': results}, open(args.json, 'w'), indent=1)
+
+
+if __name__ == '__main__':
+    main()
