@@ -154,7 +154,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--dir', default='/var/tmp/chatglm2-6b-random', help='full-size checkpoint (built if missing)')
     ap.add_argument('--bits', type=int, choices=[4, 8], default=4)
-    ap.add_argument('--int8-activations', action='store_true')
+    ap.add_argument('--int8-activations', action='store_true', help='int8 activations (the default)')
+    ap.add_argument('--exact', action='store_true', help='fp32/bf16 activations (int8_activations=False)')
     ap.add_argument('--clients', type=int, default=8)
     ap.add_argument('--prompt-tokens', type=int, default=128)
     ap.add_argument('--new-tokens', type=int, default=64)
@@ -166,9 +167,8 @@ def main():
     from fullsize import build
     build(args.dir)
     chat = modelscope_chatglm.load(args.dir, device='cpu', quantization_bit=args.bits,
-                                   int8_activations=args.int8_activations or None)
-    print(f'int{args.bits}{" int8 activations" if args.int8_activations else ""}, {chat.dtype}, '
-          f'{torch.get_num_threads()} threads')
+                                   int8_activations=False if args.exact else args.int8_activations or None)
+    print(f'{chat} (the mode measured), {torch.get_num_threads()} threads')
     for name, fn in (('chunks', chunks), ('shared', shared), ('openmp', openmp), ('steps', steps)):
         if args.only in (None, name):
             fn(chat, args)

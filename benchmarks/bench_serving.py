@@ -80,7 +80,8 @@ def start_serve(args, port, log_path, env=None, minutes=30):
 async def stream_chat(client, url, messages, max_tokens, started=None):
     """One streaming request: -> dict(start, first, last, tokens, times, prompt_tokens, cached_tokens);
     `started` (an asyncio.Event) is set at its first token."""
-    body = {'messages': messages, 'max_tokens': max_tokens, 'temperature': 0, 'stream': True}
+    body = {'messages': messages, 'max_tokens': max_tokens, 'temperature': 0, 'stream': True,
+            'stream_options': {'include_usage': True}}   # the token counts come in a last chunk
     out = {'start': time.perf_counter(), 'first': None, 'times': [], 'tokens': 0}
     async with client.stream('POST', f'{url}/v1/chat/completions', json=body) as response:
         if response.status_code != 200:
@@ -213,7 +214,9 @@ def main():
     ap.add_argument('--preamble-tokens', type=int, default=1000)
     ap.add_argument('--returning-turns', type=int, default=5, help='returning-conversation requests, one after the other')
     ap.add_argument('--skip', default='', help='comma list of: serial, returning, preamble')
-    ap.add_argument('--int8-activations', action='store_true', help='serve with --int8-activations')
+    ap.add_argument('--exact', action='store_true',
+                    help='serve with --exact (fp32/bf16 activations; the default is int8 activations)')
+    ap.add_argument('--int8-activations', action='store_true', help='serve with --int8-activations (the default)')
     ap.add_argument('--json', help='write the results here too')
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(',')))
@@ -229,7 +232,7 @@ def main():
 
     def prompts(n):
         return [prompt_text(args.prompt_tokens, encode, seed=next(fresh)) for _ in range(n)]
-    results = {'model_dir': model_dir, 'bits': args.bits, 'int8_activations': args.int8_activations,
+    results = {'model_dir': model_dir, 'bits': args.bits, 'int8_activations': bool(args.bits) and not args.exact,
                'prompt_tokens': args.prompt_tokens,
                'new_tokens': args.new_tokens, 'cpus': os.cpu_count(), 'runs': []}
     settings = [(args.max_batch, args.clients)] + ([] if 'serial' in skip else [(1, args.serial_clients)])
@@ -238,7 +241,7 @@ def main():
         log = tempfile.mktemp(prefix=f'serve-b{max_batch}-', suffix='.log')
         t = time.perf_counter()
         proc = start_server(model_dir, args.bits, max_batch, port, log,
-                            extra=['--int8-activations'] if args.int8_activations else [])
+                            extra=['--exact'] if args.exact else ['--int8-activations'] if args.int8_activations else [])
         url = f'http://127.0.0.1:{port}'
         print(f'\n--max-batch {max_batch}: server up in {time.perf_counter() - t:.0f} s (log {log})', flush=True)
         try:

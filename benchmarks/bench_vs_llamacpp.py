@@ -141,6 +141,8 @@ def run_llama(binary: str, model: str, threads: int, prompt: int, new: int) -> d
 # -- ours -----------------------------------------------------------------------------------------------
 
 def child(path: str, bits: int, threads: int, prompt: int, new: int, seed: int, extra: dict) -> dict:
+    from modelscope_chatglm import openmp
+    openmp.set_for_this_process()   # what the modelscope-chatglm command starts with (before torch loads)
     import torch
     import modelscope_chatglm
     torch.set_num_threads(threads)
@@ -153,7 +155,7 @@ def child(path: str, bits: int, threads: int, prompt: int, new: int, seed: int, 
     for _ in chat.stream_tokens(ids(prompt), max_new_tokens=new + 1, do_sample=False, stop_ids=[]):
         times.append(time.perf_counter() - start)
     return {'prefill_tok_s': prompt / times[0], 'decode_tok_s': new / (times[-1] - times[0]),
-            'dtype': str(next(chat.model.parameters()).dtype).replace('torch.', '')}
+            'model': repr(chat)}   # dtype, blocks and activations as loaded
 
 
 def run_ours(path: str, mode: str, threads: int, prompt: int, new: int, seed: int) -> dict:

@@ -102,10 +102,11 @@ class ChatModel:
 
     def sampling(self, **gen) -> SamplingParams:
         params = SamplingParams.from_kwargs(self.defaults, **gen)
-        beyond = sorted(t for t in params.logit_bias if t >= self.tokenizer.vocab_size)
-        if beyond:
-            raise ValueError(f'logit_bias names token ids {beyond[:5]} beyond the vocabulary '
-                             f'({self.tokenizer.vocab_size} tokens)')
+        for name, ids in (('logit_bias', params.logit_bias), ('stop_token_ids', params.stop_token_ids)):
+            beyond = sorted(t for t in ids if t >= self.tokenizer.vocab_size)
+            if beyond:
+                raise ValueError(f'{name} names token ids {beyond[:5]} beyond the vocabulary '
+                                 f'({self.tokenizer.vocab_size} tokens)')
         return params
 
     def generate(self, input_ids, max_new_tokens: Optional[int] = None, **gen) -> List[int]:

@@ -245,7 +245,7 @@ def main(argv=None):
                                       'activations (faster; they add about the error of int8 weights)')
         activations.add_argument('--int8-activations', action='store_true',
                                  help='CPU, int8/int4 models: int8 activations (the default where the compiled '
-                                      'kernels are; this makes it an error where they cannot run)')
+                                      'kernels are; asked for on a GPU or an unquantized model it is an error)')
         p.add_argument('--adapter', action='append', metavar='[NAME=]PATH',
                        help='a LoRA (peft, ms-swift) or P-tuning v2 checkpoint directory or hub id on top of '
                             'the model; serve: NAME=PATH, repeated, holds several LoRA adapters over one base '

@@ -234,7 +234,7 @@ def resolve_quantization(model_dir: str, config, requested: Optional[int]) -> in
 
 def default_int8_activations(bits: int, device: torch.device) -> bool:
     """Int8 activations by default for a quantized model on the CPU with the compiled kernels: measured,
-    they add about the error int8 weights have of their own (0.8-1.1x; an int4 model's own is 16-22x
+    they add about the error int8 weights have of their own (0.8-1.3x; an int4 model's own is 16-22x
     larger) and make int4 decode and every prompt faster (docs/quantization.md). Elsewhere there is no
     choice."""
     if not bits or device.type != 'cpu':
@@ -265,12 +265,15 @@ def build_model(config, dtype: torch.dtype, device: torch.device, bits: int = 0)
     with torch.device('meta'):
         net = Architecture(config).to(dtype)
         if bits and dtype == torch.float32 and device.type == 'cpu' and config.torch_dtype == 'float16':
-            # The embedding and the LM head stay unquantized, but need not widen to fp32: kept as the
-            # checkpoint's fp16 they are exact (fp16 -> fp32 loses nothing), half the memory, and half
-            # the bytes a decode step reads for its head (lm_head widens them in registers: f16_gemv).
-            for module in (net.word_embeddings, getattr(net, 'output_layer', None)):
-                if module is not None:
-                    module.half()
+            from .quantization.build import load_library
+            if load_library() is not None:
+                # The embedding and the LM head stay unquantized, but need not widen to fp32: kept as the
+                # checkpoint's fp16 they are exact (fp16 -> fp32 loses nothing), half the memory, and half
+                # the bytes a decode step reads for its head (lm_head widens them in registers: f16_gemv;
+                # without the compiled kernels they stay fp32, as torch has no fp32 x fp16 product).
+                for module in (net.word_embeddings, getattr(net, 'output_layer', None)):
+                    if module is not None:
+                        module.half()
     assert isinstance(net, CausalLM), f'{Architecture.__name__} does not implement models/base.py CausalLM' 
     if bits:
         from .quantization import quantize_linears

@@ -40,7 +40,7 @@ class ModelConfig:
     pre_seq_len: Optional[int] = None
     prefix_projection: bool = False
     quantization_bit: int = 0
-    torch_dtype: str = 'float16'
+    torch_dtype: str = ''          # config.json's, '' when it does not say
     eos_token_id: Optional[int] = None
     pad_token_id: Optional[int] = None
     # glm1 only
@@ -106,7 +106,7 @@ def glm2_config(cfg: dict, family) -> ModelConfig:
             pre_seq_len=cfg.get('pre_seq_len'),
             prefix_projection=bool(cfg.get('prefix_projection', False)),
             quantization_bit=int(cfg.get('quantization_bit') or 0),
-            torch_dtype=str(cfg.get('torch_dtype', 'float16')),
+            torch_dtype=str(cfg.get('torch_dtype', '')),   # '' when the file does not say
             eos_token_id=_first(cfg.get('eos_token_id', 2)),
             pad_token_id=cfg.get('pad_token_id', 0),
             raw=cfg,
@@ -134,7 +134,7 @@ def glm1_config(cfg: dict, family) -> ModelConfig:
             pre_seq_len=cfg.get('pre_seq_len'),
             prefix_projection=bool(cfg.get('prefix_projection', False)),
             quantization_bit=int(cfg.get('quantization_bit') or 0),
-            torch_dtype=str(cfg.get('torch_dtype', 'float16')),
+            torch_dtype=str(cfg.get('torch_dtype', '')),   # '' when the file does not say
             # The config class defaults are the pre-slim ids (150xxx); only config.json is trusted.
             eos_token_id=cfg['eos_token_id'],
             bos_token_id=cfg['bos_token_id'],

@@ -542,6 +542,12 @@ def test_client_disconnect_cancels_its_generation(server, n):
      "unknown field(s) ['temprature']"),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'guided_json': {}}).encode(), 400,
      "unknown field(s) ['guided_json']"),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'stream': True,
+                 'stream_options': {'include_usage': True, 'usage_every': 1}}).encode(), 400,
+     "unknown field(s) ['stream_options.usage_every']: not an option of the OpenAI API or of vLLM that this server "
+     "implements (docs/serving.md lists them); remove them"),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'stop_token_ids': [10 ** 7]}).encode(), 400,
+     'stop_token_ids names token ids [10000000] beyond the vocabulary'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'skip_special_tokens': False}).encode(), 400,
      'skip_special_tokens=false is not supported'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'min_tokens': 9, 'max_tokens': 4}).encode(), 400,
@@ -973,6 +979,8 @@ def test_vllm_sampling_parameters_do_what_vllm_says(server, glm2_model):
     for option in ({'top_k': 1}, {'min_p': 1.0}):
         assert complete(temperature=1.0, seed=3, **option)['text'] == text(greedy), option
     assert complete(temperature=1.0, seed=3)['text'] != text(greedy)
+    for off in (-1, 0):   # vLLM's "off", even where the model's defaults set a top_k
+        assert complete(temperature=1.0, seed=3, top_k=off)['text'] == complete(temperature=1.0, seed=3)['text']
     assert complete(temperature=0, repetition_penalty=0.02)['text'] != text(greedy)   # <1: repeat what was seen
     # stop_token_ids end the reply at that token (left out of the text)
     stopped = complete(temperature=0, stop_token_ids=[greedy[3]])
@@ -1008,6 +1016,8 @@ def test_tokenize_counts_what_the_request_would_run_and_detokenize_reverses_it(s
     assert plain['tokens'] == glm2_model.tokenizer.encode('The capital of France is') and plain['count'] < prompt['count']
     back = httpx.post(f'{server}/detokenize', json={'tokens': plain['tokens']}, timeout=60)
     assert back.status_code == 200 and back.json()['prompt'] == 'The capital of France is'
+    long = httpx.post(f'{server}/tokenize', json={'prompt': 'a b ' * 2400}, timeout=60)
+    assert long.status_code == 400 and 'tokens' in long.json()['error']['message']   # as the request would be
     for path, body, needle in (('/tokenize', {}, 'either prompt'),
                                ('/tokenize', {'prompt': 'x', 'messages': messages}, 'either prompt'),
                                ('/detokenize', {'tokens': [10 ** 9]}, 'token ids must be in')):
@@ -1030,6 +1040,22 @@ def test_each_request_has_an_id_echoed_and_one_access_log_line(server):
     mine = [line for line in lines if line['request_id'] in ('trace-42.a:b', 'bad-1')]
     assert [(m['path'], m['status']) for m in mine] == [('/v1/chat/completions', 200), ('/v1/chat/completions', 422)]
     assert all(m['ms_to_headers'] >= 0 and m['method'] == 'POST' for m in mine)
+
+
+def test_a_fault_in_a_route_is_a_500_with_its_request_id(glm2_model):
+    """Starlette answers an unhandled exception outside every middleware: the request-id middleware
+    answers it itself, so a 500 still carries X-Request-Id and leaves its access-log line."""
+    from fastapi.testclient import TestClient
+    from modelscope_chatglm.serve.server import create_app
+    app = create_app(glm2_model, 'tiny')
+
+    async def broken():
+        raise RuntimeError('a fault injected into the backend')
+    app.state.engine.stats_list = broken
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get('/health', headers={'X-Request-Id': 'fault-1'})
+    assert r.status_code == 500 and r.headers['x-request-id'] == 'fault-1'
+    assert 'a fault injected' in r.json()['error']['message']
 
 
 def test_unknown_fields_are_ignored_when_the_server_is_told_to(server, serial_server):

@@ -140,11 +140,11 @@ def lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     row in fp32 in the same order whatever the number of rows, as the quantized blocks do: a sequence's
     logits are bit for bit the same alone or batched. MKL's sgemm changes its summation order with the
     number of rows, and oneDNN's bf16 GEMM rounds the logits to bf16, where the top two often tie. Those
-    logits are fp32. Whole prompts (3-D hidden) and other devices keep F.linear.
+    logits are fp32. Other shapes and devices keep F.linear.
 
-    A quantized fp32 model keeps its head as the checkpoint's fp16 (`keep_checkpoint_dtype`): half the
-    bytes a decode step reads, widened to fp32 in registers (`f16_gemv`), so the logits are those of the
-    fp32 head exactly. Every row count takes that kernel: torch has no fp32 x fp16 product."""
+    A quantized fp32 model on the CPU keeps its head as the checkpoint's fp16 (`loading.build_model`):
+    half the bytes a decode step reads, widened to fp32 in registers (`f16_gemv`), so the logits are
+    those of the fp32 head exactly. Every row count takes that kernel: torch has no fp32 x fp16 product."""
     rows = hidden.shape[0] if hidden.dim() == 2 else 0
     if hidden.device.type == 'cpu' and weight.dtype == torch.float16 and hidden.dtype == torch.float32:
         from ..quantization.build import load_library

@@ -18,6 +18,7 @@ import functools
 import importlib.abc
 import importlib.util
 import json
+import logging
 import os
 import sys
 
@@ -66,7 +67,12 @@ def _register():
         from modelscope.utils.import_utils import LazyImportModule
     except ImportError:
         return
-    index = LazyImportModule.get_ast_index()[INDEX_KEY]
+    try:
+        index = LazyImportModule.get_ast_index()[INDEX_KEY]
+    except Exception as e:   # this runs inside the user's `import modelscope`: never break it
+        logging.getLogger(__name__).warning('could not register the ChatGLM pipelines with ModelScope (%s: %s); '
+                                            'pipeline(Tasks.chat, ...) will not find them', type(e).__name__, e)
+        return
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pipeline.py')
     for sig in signatures():
         index[sig] = {FILE_NAME_KEY: here, IMPORT_KEY: [], MODULE_KEY: IMPLEMENTATION}

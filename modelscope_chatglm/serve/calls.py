@@ -114,8 +114,8 @@ def generation_options(req) -> dict:
     if getattr(req, 'max_length', None) is not None:
         options['max_length'] = req.max_length
     # vLLM's extra sampling parameters (the classic API has none of them)
-    if getattr(req, 'top_k', None) not in (None, -1, 0):
-        options['top_k'] = req.top_k
+    if getattr(req, 'top_k', None) is not None:
+        options['top_k'] = max(req.top_k, 0)   # vLLM's -1 and 0 both mean off (our 0)
     for name in ('min_p', 'repetition_penalty'):
         if getattr(req, name, None) is not None:
             options[name] = getattr(req, name)

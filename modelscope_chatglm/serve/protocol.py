@@ -34,6 +34,7 @@ class Message(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra='forbid')
     include_usage: StrictBool = False   # a last chunk with empty choices and the request's usage
+    continuous_usage_stats: Literal[False] = False   # vLLM's usage in every chunk: not done here
 
 
 class OpenAIRequest(BaseModel):

@@ -10,6 +10,7 @@ results response bodies in responses.py (errors: errors.py, /metrics: metrics.py
     POST /v1/chat/completions    OpenAI chat completions, with `stream: true` as SSE chunks + [DONE];
                                  ChatGLM3 tools map to `tools` / `tool_calls`
     POST /v1/completions         OpenAI (legacy) completions: a plain prompt continued, no chat template
+    POST /tokenize, /detokenize  vLLM's: the prompt ids a request would run (its count), and ids -> text
     POST /                       the classic ChatGLM API: {prompt, history, max_length, top_p,
                                  temperature} -> {response, history, status, time}
 
@@ -151,7 +152,10 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
         given = request.headers.get('x-request-id', '')
         rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         start = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as e:   # Starlette's 500 handler sits outside every middleware: answer it here
+            response = _error(500, f'internal error ({type(e).__name__}: {e})', 'server_error')
         response.headers['X-Request-Id'] = rid
         access_log.info(json.dumps({'request_id': rid, 'method': request.method, 'path': request.url.path,
                                     'status': response.status_code, 'client': getattr(request.client, 'host', None),
@@ -166,11 +170,12 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        unknown = [str(e['loc'][-1]) for e in errors if e.get('type') == 'extra_forbidden']
+        unknown = ['.'.join(map(str, e['loc'][1:])) for e in errors if e.get('type') == 'extra_forbidden']
         if unknown and len(unknown) == len(errors):   # a field we do not implement: never dropped silently
+            top = all('.' not in u for u in unknown)
             return _error(400, f'unknown field(s) {unknown}: not an option of the OpenAI API or of vLLM that this '
-                               'server implements (docs/serving.md lists them); remove them, or start the server '
-                               'with --allow-unknown-fields to ignore them')
+                               'server implements (docs/serving.md lists them); remove them' +
+                               (', or start the server with --allow-unknown-fields to ignore them' if top else ''))
         problems = '; '.join(_problem(e) for e in errors)
         return _error(422, f'invalid request: {problems}')
 
@@ -296,6 +301,21 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
 
         return EventSourceResponse(stream(), ping=15, headers=headers)
 
+    async def tokenize(req, request: Request):
+        """vLLM's: the prompt ids a chat (`messages`) or completions (`prompt`) request would run."""
+        try:
+            result = await backend.tokenize(await asyncio.to_thread(tokenize_call, req), req.add_special_tokens)
+        except (InputError, ValueError) as e:   # (ContextLengthError is one: the request could not run either)
+            return _error(400, str(e))
+        return Response(await asyncio.to_thread(json.dumps, result), media_type='application/json')
+
+    async def detokenize(req, request: Request):
+        try:
+            result = await backend.detokenize(req.tokens)
+        except (InputError, ValueError) as e:
+            return _error(400, str(e))
+        return Response(await asyncio.to_thread(json.dumps, result, ensure_ascii=False), media_type='application/json')
+
     async def chat_completions(req, request: Request):
         return await respond(chat_call, req, request, completion, ChatChunks)
 
@@ -308,24 +328,10 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
     # The body's schema is chosen here (strict, or dropping unknown fields), so it is set on the endpoints
     # as an object: this module's annotations are strings, which FastAPI resolves in its globals.
     for path, endpoint, schema in (('/v1/chat/completions', chat_completions, ChatCompletionRequest),
-                                   ('/v1/completions', completions, TextCompletionRequest)):
+                                   ('/v1/completions', completions, TextCompletionRequest),
+                                   ('/tokenize', tokenize, TokenizeRequest), ('/detokenize', detokenize, DetokenizeRequest)):
         endpoint.__annotations__['req'] = ignoring_unknown_fields(schema) if allow_unknown_fields else schema
         app.post(path)(endpoint)
-
-    @app.post('/tokenize')
-    async def tokenize(req: TokenizeRequest):
-        """vLLM's: the prompt ids a chat (`messages`) or completions (`prompt`) request would run."""
-        try:
-            return await backend.tokenize(await asyncio.to_thread(tokenize_call, req), req.add_special_tokens)
-        except Exception as e:
-            return _rejected(e)
-
-    @app.post('/detokenize')
-    async def detokenize(req: DetokenizeRequest):
-        try:
-            return await backend.detokenize(req.tokens)
-        except Exception as e:
-            return _rejected(e)
 
     @app.post('/')
     async def classic(req: ClassicRequest, request: Request):

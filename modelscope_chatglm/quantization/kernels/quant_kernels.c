@@ -26,7 +26,7 @@
  * `f32_gemv` (fp32 x and weights) and `bf16_gemv` (bf16 x and weights) are the same loops for the LM head
  * of a decode step (models/base.py): fp32 logits, summed in the same order for any number of rows.
  *
- * `*_gemv_x8` are the opt-in int8-activation kernels (x8_quantize.c says how): x is quantized to
+ * `*_gemv_x8` are the int8-activation kernels (the CPU default for quantized models) (x8_quantize.c says how): x is quantized to
  * int8 too and the dot products are exact integer sums (AVX512-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, or
  * the scalar code); they take every row of x, prompt or decode.
  *
