@@ -4,7 +4,7 @@
 logits go through a list of processors (LOGITS_PROCESSORS), each a function of the whole batch with each
 row's own parameters, in the order transformers uses, so greedy and seeded sampling behave like the
 official `generate`: logit bias, the padded vocabulary masked, stop ids masked before min_tokens,
-repetition penalty, OpenAI's frequency and presence penalties, then temperature, min-p, top-k, top-p (a
+repetition penalty, OpenAI's frequency and presence penalties, then temperature, top-k, top-p, min-p (a
 grammar's token mask would be one more). A
 processor touches only the rows whose parameters ask for it. Greedy rows take the argmax; sampled rows
 draw from their own generator when seeded (a seeded reply is the same alone and in any batch), the
@@ -214,8 +214,8 @@ def temperature(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
 
 
 def min_p(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
-    """Sampled rows: drop the tokens less likely than min_p x the likeliest one (after temperature, as
-    transformers' MinPLogitsWarper)."""
+    """Sampled rows: drop the tokens less likely than min_p x the likeliest one (after temperature, top-k and
+    top-p, as transformers' MinPLogitsWarper and vLLM order them)."""
     chosen = rows.where(lambda p: p.sampling and p.min_p > 0)
     if chosen:
         index = torch.tensor(chosen, device=logits.device)
@@ -254,7 +254,7 @@ def top_p(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
 
 
 LOGITS_PROCESSORS = (logit_bias, padded_vocabulary, min_tokens, repetition_penalty, openai_penalties, temperature,
-                     min_p, top_k, top_p)
+                     top_k, top_p, min_p)
 
 
 def sample(logits: torch.Tensor, seqs, vocab_limit: int) -> Tuple[Dict[int, int], Dict[int, BaseException]]:
