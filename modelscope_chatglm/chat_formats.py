@@ -416,9 +416,8 @@ class ChatFormat(abc.ABC):
         return text_reply(text, with_metadata=self.supports_system)
 
     def parse(self, tokenizer, output_ids: List[int], messages: List[Message]) -> Reply:
-        """A whole reply: generated ids (a final stop id is left out) -> Reply."""
-        if output_ids and output_ids[-1] in tokenizer.stop_ids:
-            output_ids = output_ids[:-1]
+        """A whole reply: generated ids, without the id that ended it (ChatModel.respond leaves out the
+        request's stop id) -> Reply."""
         return self.parse_text(tokenizer.decode(output_ids), messages)
 
     def parse_text(self, text: str, messages: List[Message]) -> Reply:

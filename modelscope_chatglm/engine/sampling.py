@@ -51,11 +51,9 @@ class SamplingParams:
 
     @property
     def stops(self) -> frozenset:
-        """The ids that end a reply: the model's (unless ignore_eos) and stop_token_ids."""
-        cache = self.__dict__.setdefault('_stops', {})   # not a field: replace() starts afresh
-        if 'ids' not in cache:
-            cache['ids'] = frozenset(() if self.ignore_eos else self.stop_ids) | frozenset(self.stop_token_ids)
-        return cache['ids']
+        """The ids that end a reply: the model's (unless ignore_eos) and stop_token_ids. (A handful of ids:
+        derived at each look, so no copy of the parameters can hold a stale set.)"""
+        return frozenset(() if self.ignore_eos else self.stop_ids) | frozenset(self.stop_token_ids)
 
     @classmethod
     def from_kwargs(cls, defaults: 'SamplingParams', **kwargs) -> 'SamplingParams':

@@ -174,13 +174,16 @@ class AsyncEngine:
         finally:
             job.cancel()   # the consumer is gone (or the stream ended): leave the batch
 
+    def _request(self, call: ChatCall):
+        """The call's prompt ids and sampling parameters (ChatModel.prepare*), validated."""
+        if call.completion:
+            return self.chat.prepare_completion(call.query, **call.options)
+        return self.chat.prepare(call.query, call.history, **call.options)
+
     def _job(self, call: ChatCall) -> Job:
         """Validate and encode a call (in a worker thread: a long conversation, or 1 MB of stop
         strings to index, takes real time)."""
-        if call.completion:
-            request = self.chat.prepare_completion(call.query, **call.options)
-        else:
-            request = self.chat.prepare(call.query, call.history, **call.options)
+        request = self._request(call)
         check_logprob_entries(call, request)
         # (StopStrings indexes the stop strings here, off the event loop: 1 MB of them takes real time)
         return Job(request, call.stop, adapter=call.adapter, logprobs=call.logprobs,
@@ -193,7 +196,7 @@ class AsyncEngine:
         def encode():
             if call.completion and not special_tokens:
                 return self.chat.tokenizer.encode(call.query)
-            return self._job(call).request.input_ids
+            return self._request(call).input_ids
         ids = list(await asyncio.to_thread(encode))
         return {'count': len(ids), 'max_model_len': self.chat.context_length, 'tokens': ids}
 
