@@ -27,14 +27,19 @@ setup(
         'addict', 'datasets', 'pillow', 'simplejson', 'sortedcontainers',
     ],
     extras_require={
-        'serve': ['fastapi>=0.110', 'uvicorn>=0.29', 'sse-starlette>=2', 'pydantic>=2'],
+        # structured output (response_format, forced tool calls): llguidance's grammars, no dependencies of its own
+        'structured': ['llguidance>=1.9,<2'],
+        'serve': ['fastapi>=0.110', 'uvicorn>=0.29', 'sse-starlette>=2', 'pydantic>=2', 'llguidance>=1.9,<2',
+                  'prometheus_client>=0.20'],   # /metrics (imported only by the server's app)
         # gradio 6: ChatInterface hands the history as role messages (5.x gave tuples unless told)
         'web': ['gradio>=6,<7'],
         # Ray Serve: replicas behind one endpoint (serve --ray); 2.60 for late-bound ingress apps and
         # the public request-router API
         'ray': ['ray[serve]>=2.60'],
+        # export --gguf: llama.cpp's GGUF writer, its tensor names and quantization (imported only by it)
+        'export': ['gguf>=0.19'],
         # triton: the GPU kernels' tests run it on CPU as an interpreter (CUDA builds of torch ship it)
-        'test': ['pytest>=7', 'httpx', 'openai>=1', 'pexpect', 'playwright', 'numpy',
+        'test': ['pytest>=7', 'httpx', 'openai>=1', 'pexpect', 'playwright', 'numpy', 'jsonschema',
                  'triton; platform_system == "Linux"'],
     },
     entry_points={'console_scripts': ['modelscope-chatglm=modelscope_chatglm.cli:main']},

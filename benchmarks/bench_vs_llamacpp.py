@@ -5,13 +5,14 @@ What it sets up (each once, then reused):
     quantized while loading, as a user loads it (default settings unless `--ours` says otherwise);
   - llama.cpp's `llama-bench`, built natively (`GGML_NATIVE=ON`) from the llama.cpp that the
     llama-cpp-python sdist on the package index vendors;
-  - random GGUFs of the same shapes in llama.cpp's `chatglm` architecture (q4_0 and q8_0; the `gguf`
-    package quantizes), with a filler SentencePiece vocabulary of 65,024 pieces.
+  - the same checkpoint as GGUFs in llama.cpp's `chatglm` architecture (q4_0 and q8_0), written by the
+    package's exporter (`modelscope_chatglm.export.export_gguf`, extra [export]: every matrix quantized
+    as llama.cpp's converter does, norms and biases f32); loading the checkpoint for it takes 12.5 GB.
 Then, in rounds, each engine in a fresh process taking turns: prefill of a `--prompt`-token prompt
 (tokens/s; llama-bench's pp) and `--new` greedy decode tokens after it (tokens/s; llama-bench's tg).
 Random token ids for both; our prompts differ per round, so the prefix cache never serves them.
 
-    pip install gguf cmake   # (cmake: where the system has none)
+    pip install ".[export]" cmake   # (cmake: where the system has none)
     python benchmarks/bench_vs_llamacpp.py [--layers 28] [--threads 2] [--prompt 128] [--new 32] [--rounds 3]
         [--ours int4,int8] [--llama q4_0,q8_0] [--json benchmarks/results/bench_vs_llamacpp-CPU.json]
 """
@@ -27,7 +28,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-from fullsize import FFN, HIDDEN, QKV, VOCAB, build  # noqa: E402
+from fullsize import build  # noqa: E402
 
 LLAMA_CPP_PYTHON = '0.3.36'
 CACHE = os.path.expanduser('~/.cache/modelscope_chatglm/bench')
@@ -56,77 +57,11 @@ def llama_bench_binary(cache: str) -> str:
     return binary
 
 
-def write_gguf(path: str, qtype: str, layers: int, seed: int = 0) -> str:
-    """A random ChatGLM2-6B-shaped GGUF (`chatglm` architecture): blocks in `qtype`, the embedding and
-    norms in f32 and the output layer in `qtype` as llama.cpp's converter writes them."""
-    if os.path.exists(path + '.complete'):
-        return path
-    import numpy as np
-    import gguf
-    from gguf import GGMLQuantizationType as Q
-    q = {'q4_0': Q.Q4_0, 'q8_0': Q.Q8_0}[qtype]
-    rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(path, 'chatglm')
-    writer.add_context_length(32768)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(FFN)
-    writer.add_block_count(layers)
-    writer.add_head_count(32)
-    writer.add_head_count_kv(2)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(64)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_add_bos_token(False)
-    writer.add_file_type({'q4_0': gguf.LlamaFileType.MOSTLY_Q4_0, 'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
-    # A filler SentencePiece vocabulary: llama-bench feeds random ids and never tokenizes text.
-    pieces = [b'<unk>', b'<bos>', b'<eos>'] + [f'<0x{b:02X}>'.encode() for b in range(256)]
-    pieces += [f'p{i}'.encode() for i in range(VOCAB - len(pieces))]
-    types = [2, 3, 3] + [6] * 256 + [1] * (VOCAB - 259)
-    writer.add_tokenizer_model('llama')
-    writer.add_tokenizer_pre('chatglm-spm')
-    writer.add_token_list(pieces)
-    writer.add_token_scores([0.0] * VOCAB)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-
-    def make(kind, shape):
-        if kind == 'ones':
-            return np.ones(shape, np.float32)
-        if kind == 'zeros':
-            return np.zeros(shape, np.float32)
-        return (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])).astype(np.float32)
-
-    # (name, shape, kind, quantized?): llama.cpp's converter keeps the embedding, norms and biases in f32
-    tensors = [('token_embd.weight', (VOCAB, HIDDEN), 'rand', False)]
-    for i in range(layers):
-        b = f'blk.{i}.'
-        tensors += [(b + 'attn_norm.weight', (HIDDEN,), 'ones', False),
-                    (b + 'attn_qkv.weight', (QKV, HIDDEN), 'rand', True),
-                    (b + 'attn_qkv.bias', (QKV,), 'zeros', False),
-                    (b + 'attn_output.weight', (HIDDEN, HIDDEN), 'rand', True),
-                    (b + 'ffn_norm.weight', (HIDDEN,), 'ones', False),
-                    (b + 'ffn_up.weight', (2 * FFN, HIDDEN), 'rand', True),
-                    (b + 'ffn_down.weight', (HIDDEN, FFN), 'rand', True)]
-    tensors += [('output_norm.weight', (HIDDEN,), 'ones', False), ('output.weight', (VOCAB, HIDDEN), 'rand', True)]
-    block, type_size = gguf.GGML_QUANT_SIZES[q]
-    # Every tensor's info comes before the data: the sizes first, then one tensor at a time, so the whole
-    # model is never in memory.
-    for name, shape, kind, quantized in tensors:
-        if quantized:
-            byte_shape = (shape[0], shape[1] // block * type_size)
-            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), byte_shape[0] * byte_shape[1], raw_dtype=q)
-        else:
-            writer.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for name, shape, kind, quantized in tensors:
-        array = make(kind, shape)
-        writer.write_tensor_data(gguf.quants.quantize(array, q) if quantized else array)
-    writer.close()
-    open(path + '.complete', 'w').close()
+def gguf_of(checkpoint: str, path: str, qtype: str) -> str:
+    """The checkpoint we benchmark, exported once as a `qtype` GGUF (export_gguf writes it whole or not at all)."""
+    if not os.path.exists(path):
+        from modelscope_chatglm.export import export_gguf
+        export_gguf(checkpoint, path, gguf_type=qtype)
     return path
 
 
@@ -186,7 +121,7 @@ def main():
     build(args.dir, layers=args.layers)
     binary = llama_bench_binary(CACHE)
     os.makedirs(args.gguf_dir, exist_ok=True)
-    ggufs = {q: write_gguf(os.path.join(args.gguf_dir, f'chatglm2-{args.layers}l-{q}.gguf'), q, args.layers)
+    ggufs = {q: gguf_of(args.dir, os.path.join(args.gguf_dir, f'chatglm2-{args.layers}l-{q}-export.gguf'), q)
              for q in args.llama.split(',') if q}
     cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')), '?')
     flags = next((line.split(':', 1)[1].split() for line in open('/proc/cpuinfo') if line.startswith('flags')), [])

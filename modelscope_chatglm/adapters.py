@@ -16,7 +16,8 @@ warning, and so do we:
   dtype or quantized, so quantize-on-load quantizes the fine-tuned weights;
 - unmerged (`LoRALinear`): y = base(x) + scaling * (x @ A^T) @ B^T next to the base linear, for a
   pre-quantized base and for serving several adapters over one base, where each row of a batch takes
-  its own sequence's adapter (`rows`).
+  its own sequence's adapter (`rows`). A server may add and remove these while it serves
+  (`read_to_add`, then `attach` / `detach`, which only the engine calls: between two steps).
 """
 from __future__ import annotations
 
@@ -92,6 +93,10 @@ def parse_specs(values: Optional[Sequence[str]], several: bool):
     return plain[0] if plain else named
 
 
+class AdapterNotFound(CheckpointError):
+    """No adapter directory at that path (nor a hub repository of that id)."""
+
+
 def resolve(path: str, revision: Optional[str] = None) -> str:
     """A local adapter directory as it is; a hub id through ModelScope's snapshot_download."""
     if os.path.isdir(path):
@@ -100,12 +105,12 @@ def resolve(path: str, revision: Optional[str] = None) -> str:
         raise CheckpointError(f'adapter {path} is a file; pass the directory that holds adapter_config.json '
                               '(LoRA) or config.json + pytorch_model.bin (P-tuning checkpoint-N)')
     if path.count('/') != 1 or path.startswith(('/', '.')):
-        raise CheckpointError(f'adapter {path!r}: no such directory (and not a hub id like "OWNER/NAME")')
+        raise AdapterNotFound(f'adapter {path!r}: no such directory (and not a hub id like "OWNER/NAME")')
     from modelscope.hub.snapshot_download import snapshot_download
     try:
         return snapshot_download(path, revision=revision or 'master')
     except Exception as e:   # offline, a typo in a local path, a private repo...
-        raise CheckpointError(f'adapter {path!r} is not a local directory, and fetching it as a hub id failed '
+        raise AdapterNotFound(f'adapter {path!r} is not a local directory, and fetching it as a hub id failed '
                               f'({type(e).__name__}: {e}); check the path') from e
 
 
@@ -128,6 +133,18 @@ def read(path: str, model) -> LoRA:
             f'{path} is not an adapter: expected adapter_config.json + adapter_model.safetensors|.bin (LoRA from '
             'peft or ms-swift) or config.json with pre_seq_len + pytorch_model.bin (a P-tuning v2 checkpoint-N)')
     return _read_lora(path, model)
+
+
+def read_to_add(path: str, model, revision: Optional[str] = None) -> LoRA:
+    """The LoRA adapter at `path` (a directory or a hub id), read and checked as load() reads one, to add
+    beside a model that is already serving (`LLMEngine.add_adapter`). A P-tuning checkpoint cannot be added
+    so: its learned prefix opens every sequence's K/V, so it changes the whole model, not a side path."""
+    local = resolve(path, revision)
+    if is_ptuning(local):
+        raise CheckpointError(f'{path} is a P-tuning v2 checkpoint: its prefix changes the whole model (every '
+                              'sequence starts with it), so it cannot be added beside the running one; load it at '
+                              'start instead (--adapter PATH), or add a LoRA adapter')
+    return read(local, model)
 
 
 def _read_lora(path: str, model) -> LoRA:
@@ -334,6 +351,14 @@ def attach(model, lora: LoRA, name: str, dtype: torch.dtype, device, default: bo
         layer.add(name, weights, dtype, device)
         if default:
             layer.default = name
+
+
+def detach(model, name: str) -> None:
+    """Take the adapter `name` away from the model's linears (the wrappers stay: other adapters may share
+    them, and without adapters a wrapper is the base linear alone)."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.adapters.pop(name, None)
 
 
 def adapter_names(model) -> List[str]:

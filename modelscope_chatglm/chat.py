@@ -15,7 +15,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import chat_formats
+from . import chat_formats, structured
 from .chat_formats import Reply
 from .engine.detokenize import StopStrings, TextDeltas, text_after
 from .engine.sampling import SamplingParams
@@ -66,6 +66,7 @@ class ChatModel:
         self.defaults = SamplingParams.from_kwargs(defaults, **(generation or {}))
         from .adapters import adapter_names
         self.adapters = adapter_names(model)   # LoRA adapters held unmerged, selectable per request
+        self._grammars = None                # compiled structured-output grammars (made on first use)
         self._engine = None                  # made on first use (or by configure_engine)
         self._engine_settings: dict = {}
         self._engine_lock = threading.Lock()
@@ -108,6 +109,14 @@ class ChatModel:
                 raise ValueError(f'{name} names token ids {beyond[:5]} beyond the vocabulary '
                                  f'({self.tokenizer.vocab_size} tokens)')
         return params
+
+    def grammar(self, text: str):
+        """A grammar (llguidance Lark) compiled over this model's vocabulary, for SamplingParams.grammar;
+        compiled once per text and cached. structured.py writes them for response_format and tool_choice."""
+        if self._grammars is None:
+            from .engine.grammar import Grammars
+            self._grammars = Grammars(self.tokenizer, self.model.cfg.vocab_size)
+        return self._grammars.compile(text)
 
     def generate(self, input_ids, max_new_tokens: Optional[int] = None, **gen) -> List[int]:
         """New token ids of one sequence (the stop id included when reached)."""
@@ -232,12 +241,22 @@ class ChatModel:
         return ChatTurn(self, self.prepare(query, history, **kwargs))
 
     def prepare(self, query: str, history=None, role: str = 'user', system: Optional[str] = None,
-                tools: Optional[list] = None, truncate_query: bool = False, **gen) -> 'ChatRequest':
+                tools: Optional[list] = None, truncate_query: bool = False, response_format: Optional[dict] = None,
+                tool_choice=None, **gen) -> 'ChatRequest':
         """Validate a turn, build its prompt ids (dropping the oldest rounds that do not fit) and
         resolve its sampling parameters. `respond` turns the generated ids into the reply.
-        A query that alone does not fit is an error, or with truncate_query=True loses its beginning."""
+        A query that alone does not fit is an error, or with truncate_query=True loses its beginning.
+        response_format ({'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'schema': ...}})
+        and tool_choice ('auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}) are
+        OpenAI's: the reply is held to them by a grammar (structured.py)."""
+        if tool_choice == 'none':
+            tools = None   # as OpenAI: the model is not offered the tools
         messages, as_pairs = self._conversation(query, history, role, system, tools)
-        ids, params = self._fit(messages, self.sampling(**gen), truncate_query)
+        params = self.sampling(**gen)
+        text = structured.reply_grammar(self.format, response_format, tools, tool_choice)
+        if text is not None:
+            params = replace(params, grammar=self.grammar(text))
+        ids, params = self._fit(messages, params, truncate_query)
         return ChatRequest(ids, params, messages, as_pairs, history)
 
     def prepare_completion(self, prompt: Union[str, Sequence[int]], **gen) -> 'CompletionRequest':
@@ -276,7 +295,8 @@ class ChatModel:
         ids = output_ids[:-1] if output_ids and output_ids[-1] in request.params.stops else output_ids
         if isinstance(request, CompletionRequest):
             return text_after(self.tokenizer, request.input_ids, ids), []
-        return self.conclude(request, self.format.parse(self.tokenizer, ids, request.messages[:-1]))
+        return self.conclude(request, self.format.parse(self.tokenizer, ids, request.messages[:-1],
+                                                        request.params.grammar is not None))
 
     def conclude(self, request: 'ChatRequest', reply: Reply) -> Tuple[Union[str, dict], list]:
         """A parsed reply -> (response, history with this turn appended, in the form it was given)."""
@@ -399,7 +419,8 @@ class ReplyDecoder:
         self.completion = isinstance(request, CompletionRequest)
         # A completion's text continues its prompt; a chat reply starts a text of its own.
         self.deltas = TextDeltas(chat.tokenizer, request.input_ids if self.completion else ())
-        self.parser = None if self.completion else chat.format.reply_parser(request.messages[:-1])
+        self.parser = None if self.completion else chat.format.reply_parser(request.messages[:-1],
+                                                                             request.params.grammar is not None)
         self.stops = StopStrings(stop)
         self.stop_ids = request.params.stops
         self.sent: List[str] = []

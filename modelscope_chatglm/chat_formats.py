@@ -127,8 +127,8 @@ def glm3_ids(tokenizer, messages: List[Message]) -> List[int]:
 
 
 def parse_tool_call(code: str):
-    """`tool_call(a=1, b="x")` -> {'a': 1, 'b': 'x'}, with JSON-able literals only; None if it is
-    anything else.
+    """`tool_call(a=1, b="x")` -> {'a': 1, 'b': 'x'}, with JSON-able literals only (Python's, and JSON's
+    true/false/null, which a call forced to follow a JSON schema writes); None if it is anything else.
 
     The official code `eval`s this text, which runs whatever the model wrote. We parse it, and treat it
     as hostile: the model's output can be steered by whatever the prompt contains.
@@ -139,11 +139,22 @@ def parse_tool_call(code: str):
         if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == 'tool_call'
                 and not call.args):
             return None
-        params = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
+        params = {kw.arg: ast.literal_eval(_python_literals(kw.value)) for kw in call.keywords if kw.arg is not None}
         json.dumps(params)   # sets, complex numbers, bytes, non-str keys: not a tool call we can pass on
         return params
     except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
         return None
+
+
+_JSON_WORDS = {'true': True, 'false': False, 'null': None}
+
+
+def _python_literals(node: ast.AST) -> ast.AST:
+    """The expression with JSON's true/false/null read as Python's True/False/None."""
+    class Words(ast.NodeTransformer):
+        def visit_Name(self, name):
+            return ast.Constant(_JSON_WORDS[name.id]) if name.id in _JSON_WORDS else name
+    return Words().visit(node)
 
 
 # -- replies, read as they are generated ----------------------------------------------------------------
@@ -399,6 +410,8 @@ class ChatFormat(abc.ABC):
     """How one generation turns a conversation into prompt ids and generated text into a reply."""
     title = ''                            # the generation's name, for messages
     supports_system = False               # system prompt, tools, tool results (the observation role)
+    # How a text reply opens, as a grammar (structured.py): a word-boundary space SentencePiece may put first
+    text_opening = '" "?'
 
     @abc.abstractmethod
     def encode(self, tokenizer, messages: List[Message]) -> List[int]: ...
@@ -408,21 +421,22 @@ class ChatFormat(abc.ABC):
         return tokenizer.prefix_ids + ids      # [gMASK] sop text
 
     @abc.abstractmethod
-    def reply_parser(self, messages: List[Message]) -> ReplyParser:
-        """A parser for the reply to `messages` (the conversation before the reply's query)."""
+    def reply_parser(self, messages: List[Message], structured: bool = False) -> ReplyParser:
+        """A parser for the reply to `messages` (the conversation before the reply's query); structured: the
+        reply follows a grammar, and its text must reach the caller as the grammar had it."""
 
     def text_reply(self, text: str) -> Reply:
         """A reply that is this text alone (a reply cut at a stop string, or one still streaming)."""
         return text_reply(text, with_metadata=self.supports_system)
 
-    def parse(self, tokenizer, output_ids: List[int], messages: List[Message]) -> Reply:
+    def parse(self, tokenizer, output_ids: List[int], messages: List[Message], structured: bool = False) -> Reply:
         """A whole reply: generated ids, without the id that ended it (ChatModel.respond leaves out the
         request's stop id) -> Reply."""
-        return self.parse_text(tokenizer.decode(output_ids), messages)
+        return self.parse_text(tokenizer.decode(output_ids), messages, structured)
 
-    def parse_text(self, text: str, messages: List[Message]) -> Reply:
+    def parse_text(self, text: str, messages: List[Message], structured: bool = False) -> Reply:
         """A whole reply's text -> Reply: the stream parser, given the text in one piece."""
-        parser = self.reply_parser(messages)
+        parser = self.reply_parser(messages, structured)
         parser.push(text)
         parser.finish()
         return parser.reply()
@@ -437,7 +451,7 @@ class _PairsFormat(ChatFormat):
         query = pairs.pop()[0]
         return self.wrap(tokenizer, tokenizer.encode(self.prompt(query, pairs)))
 
-    def reply_parser(self, messages):
+    def reply_parser(self, messages, structured=False):
         return _PlainReplyParser(_text_stages())
 
 
@@ -448,8 +462,9 @@ class GLM1Format(_PairsFormat):
     def wrap(self, tokenizer, ids):
         return ids + tokenizer.suffix_ids      # text [gMASK] <sop>
 
-    def reply_parser(self, messages):
-        return _PlainReplyParser(_text_stages(_WidePunctuation()))
+    def reply_parser(self, messages, structured=False):
+        # (full-width punctuation would break JSON: '"名字",' is not '"名字"，')
+        return _PlainReplyParser(_text_stages() if structured else _text_stages(_WidePunctuation()))
 
 
 class GLM2Format(_PairsFormat):
@@ -459,10 +474,11 @@ class GLM2Format(_PairsFormat):
 class GLM3Format(ChatFormat):
     title = 'ChatGLM3-6B'
     supports_system = True
+    text_opening = '" "? "\\n"'   # an empty metadata line ('▁' then '\n', as the prompt encodes one)
 
     def encode(self, tokenizer, messages):
         return glm3_ids(tokenizer, messages)
 
-    def reply_parser(self, messages):
+    def reply_parser(self, messages, structured=False):
         has_tools = bool(messages) and messages[0]['role'] == 'system' and bool(messages[0].get('tools'))
         return GLM3ReplyParser(has_tools)

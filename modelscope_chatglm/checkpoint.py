@@ -1,4 +1,4 @@
-"""Read the weights of a hub-layout model directory, one shard at a time (docs/formats.md §2).
+"""Read (and write) the weights of a hub-layout model directory, one shard at a time (docs/formats.md §2).
 
 Layouts understood, in order of preference:
     model.safetensors.index.json + model-0000i-of-0000n.safetensors
@@ -8,7 +8,8 @@ Layouts understood, in order of preference:
 
 `load_weights` copies each tensor straight into an already-allocated parameter of the target dtype
 and device, so peak memory is the final model plus one (memory-mapped) shard. Pickles are opened
-with `weights_only=True`. Every failure names the file and what to do about it.
+with `weights_only=True`. Every failure names the file and what to do about it. `write_weights` writes
+the same layouts (the tiny test checkpoints, `export`).
 """
 from __future__ import annotations
 
@@ -28,11 +29,21 @@ from .errors import CheckpointError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# The hub's weight files, by format: (single file, shard name pattern, index), in the order we read them.
+WEIGHT_LAYOUTS = {
+    'safetensors': ('model.safetensors', 'model-{:05d}-of-{:05d}.safetensors', 'model.safetensors.index.json'),
+    'bin': ('pytorch_model.bin', 'pytorch_model-{:05d}-of-{:05d}.bin', 'pytorch_model.bin.index.json'),
+}
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether a file name is one of the weight files or indexes of WEIGHT_LAYOUTS."""
+    return name.endswith(('.safetensors', '.bin', '.safetensors.index.json', '.bin.index.json'))
+
 
 def weight_files(model_dir: str) -> Tuple[List[str], Dict[str, str]]:
     """The shard paths of a model directory and the index's key -> file map ({} without an index)."""
-    for index_name, single_name in (('model.safetensors.index.json', 'model.safetensors'),
-                                    ('pytorch_model.bin.index.json', 'pytorch_model.bin')):
+    for single_name, _, index_name in WEIGHT_LAYOUTS.values():
         index_path = os.path.join(model_dir, index_name)
         if os.path.exists(index_path):
             try:
@@ -189,3 +200,58 @@ def _check_tensor(path: str, key: str, tensor: torch.Tensor, param: torch.Tensor
     if param.dtype == torch.int8 and tensor.dtype != torch.int8:
         raise CheckpointError(f'{path}: {key} is stored as {tensor.dtype}, expected quantized int8 weights '
                               '(config.json says quantization_bit); the checkpoint is not pre-quantized')
+
+
+# -- writing the same layouts --------------------------------------------------------------------------------
+def split_shards(sizes: Dict[str, int], max_shard_bytes: int) -> List[List[str]]:
+    """Keys in their order, cut into shards of at most `max_shard_bytes` (sizes: key -> bytes; a tensor
+    larger than the limit is a shard of its own)."""
+    shards, current, filled = [], [], 0
+    for key, size in sizes.items():
+        if current and filled + size > max_shard_bytes:
+            shards.append(current)
+            current, filled = [], 0
+        current.append(key)
+        filled += size
+    return shards + [current] if current else shards
+
+
+def write_weights(out_dir: str, shards: List[List[str]], tensor: Callable[[str], torch.Tensor],
+                  fmt: str = 'safetensors') -> List[str]:
+    """Write the keys of `shards` (lists of keys; `tensor(key)` gives each, asked for one shard at a time) as the
+    hub does: one shard is the single file (model.safetensors / pytorch_model.bin), several are numbered
+    files plus the index that maps each key to its file. -> the file names written."""
+    if fmt not in WEIGHT_LAYOUTS:
+        raise ValueError(f'unknown weight format {fmt!r}; use one of {list(WEIGHT_LAYOUTS)}')
+    single, pattern, index_name = WEIGHT_LAYOUTS[fmt]
+    names = [single] if len(shards) == 1 else [pattern.format(n, len(shards)) for n in range(1, len(shards) + 1)]
+    weight_map, total = {}, 0
+    for name, keys in zip(names, shards):
+        tensors, storages = {}, set()
+        for key in keys:
+            t = _standalone(tensor(key))
+            if t.untyped_storage().data_ptr() in storages:   # the same tensor under two keys (a tied copy)
+                t = t.clone()
+            storages.add(t.untyped_storage().data_ptr())
+            tensors[key] = t
+        path = os.path.join(out_dir, name)
+        if fmt == 'safetensors':
+            from safetensors.torch import save_file
+            save_file(tensors, path, metadata={'format': 'pt'})   # (transformers asks for the 'format')
+        else:
+            torch.save(tensors, path)
+        weight_map.update(dict.fromkeys(keys, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    if len(shards) > 1:
+        with open(os.path.join(out_dir, index_name), 'w', encoding='utf-8') as f:
+            json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
+        names.append(index_name)
+    return names
+
+
+def _standalone(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor that owns its storage: torch.save writes a view's whole storage (and safetensors
+    refuses tensors that share one)."""
+    t = t.detach().contiguous()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()

@@ -6,6 +6,7 @@
     modelscope-chatglm serve --ray --replicas 2 ... the same on Ray Serve, several replicas (extra [ray])
     modelscope-chatglm web --config chatglm3-6b   chat page in the browser (extra [web])
     modelscope-chatglm configs                   the YAML configurations this install knows
+    modelscope-chatglm export --model M --out DIR a hub-layout checkpoint (adapter merged, quantized) or --gguf
 """
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ def cmd_serve(args):
           max_queue=args.max_queue, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
           max_logprobs=args.max_logprobs, max_connections=args.max_connections, header_timeout=args.header_timeout,
           kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30),
-          allow_unknown_fields=args.allow_unknown_fields)
+          allow_unknown_fields=args.allow_unknown_fields, allow_runtime_adapters=args.allow_runtime_adapters)
 
 
 def cmd_serve_ray(args):
@@ -172,6 +173,7 @@ def cmd_serve_ray(args):
         api_key=api_keys(args.api_key or os.environ.get('MODELSCOPE_CHATGLM_API_KEY')) or None,
         max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
         max_logprobs=args.max_logprobs, allow_unknown_fields=args.allow_unknown_fields,
+        allow_runtime_adapters=args.allow_runtime_adapters,
         kv_cache_gb=args.kv_cache_gb, prefill_chunk=args.prefill_chunk, replicas=args.replicas or 1,
         autoscale=args.autoscale, cpus_per_replica=1 if args.cpus_per_replica is None else args.cpus_per_replica,
         gpus_per_replica=args.gpus_per_replica or 0)
@@ -184,6 +186,44 @@ def cmd_configs(args):
     for name, path in sorted(yaml_configs.available().items()):
         spec = yaml_configs.read(path)
         print(f'{name:20s} {spec.model:28s} {spec.description}')
+
+
+def cmd_export(args):
+    """The arguments of export(): the work and its checks are modelscope_chatglm/export/."""
+    from .adapters import parse_specs
+    from .export import export, export_gguf
+    hub_only = [flag for flag, value in (('--quantize', args.quantize), ('--format', args.format),
+                                         ('--max-shard-size', args.max_shard_size)) if value is not None]
+    if args.gguf and hub_only:
+        raise ValueError(f'{", ".join(hub_only)} shape a hub-layout export (--out DIR); a GGUF\'s quantization is '
+                         '--gguf-type q8_0 or q4_0')
+    if args.out and args.gguf_type is not None:
+        raise ValueError('--gguf-type is for --gguf FILE; a hub-layout export quantizes with --quantize 4|8')
+    model, t = args.config or args.model, time.time()
+    common = dict(adapter=parse_specs(args.adapter, several=False), revision=args.revision,
+                  adapter_revision=args.adapter_revision, force=args.force)
+    print(f'exporting {model} ...', file=sys.stderr, flush=True)
+    if args.gguf:
+        path = export_gguf(model, args.gguf, gguf_type=args.gguf_type or 'f16', **common)
+    else:
+        given = {name: value for name, value in (('quantization_bit', args.quantize), ('weights_format', args.format),
+                                                 ('max_shard_bytes', args.max_shard_size)) if value is not None}
+        path = export(model, args.out, **given, **common)
+    print(f'wrote {path} in {time.time() - t:.1f}s', file=sys.stderr, flush=True)
+
+
+def _byte_size(text):
+    """'2GB', '500MB', '1GiB' or a number of bytes -> bytes (an argparse type)."""
+    units = {'': 1, 'B': 1, 'KB': 10 ** 3, 'MB': 10 ** 6, 'GB': 10 ** 9, 'KIB': 2 ** 10, 'MIB': 2 ** 20, 'GIB': 2 ** 30}
+    number = text.strip().upper().rstrip('BKMGI')
+    unit = text.strip().upper()[len(number):]
+    try:
+        value = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f'a size like 2GB, 500MB or 1GiB, got {text!r}') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be positive, got {text!r}')
+    return value
 
 
 def _int_in(low: int, high: float, why: str):
@@ -278,6 +318,10 @@ def main(argv=None):
             p.add_argument('--allow-unknown-fields', action='store_true',
                            help='ignore request fields that are neither OpenAI\'s nor vLLM\'s (default: a 400 that '
                                 'names them, so no option is dropped silently)')
+            p.add_argument('--allow-runtime-adapters', action='store_true',
+                           help='POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM\'s) load and unload LoRA '
+                                'adapters while serving; any client may then read adapter paths on this machine '
+                                '(default: off, they answer 404)')
             p.add_argument('--max-batch', type=_positive_int, default=None,
                            help='most sequences decoded together (default 16; 1 = one request at a time)')
             p.add_argument('--max-connections', type=_int_in(16, 10 ** 6, 'must be at least 16'), default=1000,
@@ -303,6 +347,29 @@ def main(argv=None):
                              help='GPUs for each replica (default 0; > 0 runs the replica on cuda)')
     p = sub.add_parser('configs', help='list the YAML configurations')
     p.set_defaults(func=cmd_configs)
+    p = sub.add_parser('export', help='write the model as load() builds it (adapter merged, quantized) as a '
+                                      'hub-layout checkpoint, or as a GGUF for llama.cpp (docs/export.md)')
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument('--config', help='a configuration name or YAML path')
+    src.add_argument('--model', help='a hub id or a model directory')
+    p.add_argument('--revision', help='hub revision of --model (default: the newest)')
+    p.add_argument('--adapter', action='append', metavar='PATH',
+                   help='a LoRA (merged into the weights) or P-tuning v2 checkpoint directory or hub id')
+    p.add_argument('--adapter-revision', help='revision of a hub-id adapter')
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument('--out', metavar='DIR', help='write a hub-layout checkpoint directory')
+    dest.add_argument('--gguf', metavar='FILE', help='write a GGUF file (ChatGLM2/3; extra [export])')
+    p.add_argument('--quantize', type=int, choices=[4, 8], default=None,
+                   help='--out: THUDM\'s int4/int8 blocks, as chatglm2-6b-int4 ships them')
+    p.add_argument('--format', choices=['safetensors', 'bin'], default=None,
+                   help='--out: the weight files (default safetensors; bin: pytorch_model-*.bin as the hub has them)')
+    p.add_argument('--max-shard-size', type=_byte_size, default=None, metavar='SIZE',
+                   help='--out: the largest weight file, e.g. 2GB (the default) or 500MB')
+    p.add_argument('--gguf-type', choices=['f32', 'f16', 'q8_0', 'q4_0'], default=None,
+                   help='--gguf: the blocks\' and head\'s type (default f16; norms and biases are f32)')
+    p.add_argument('--force', action='store_true',
+                   help='replace an existing --out model directory or --gguf file')
+    p.set_defaults(func=cmd_export)
     args = ap.parse_args(argv)
     try:
         args.func(args)

@@ -11,3 +11,7 @@ class ContextLengthError(ValueError):
 
 class InputError(ValueError):
     """A chat request is malformed (wrong keys, wrong history shape, wrong types)."""
+
+
+class ExportError(ValueError):
+    """An export cannot be written as asked: its destination exists, or the format cannot hold the model."""

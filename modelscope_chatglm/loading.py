@@ -135,13 +135,7 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     quantized model on the CPU wherever the compiled kernels are: the error it adds is about that of int8
     weights (docs/quantization.md, "Which activations by default"). False keeps
     fp32/bf16 activations: the exact kernels, whose logits match the reference on the same weights."""
-    cfg_path = yaml_configs.find(model)
-    if cfg_path:
-        spec = yaml_configs.read(cfg_path)
-    else:   # named after the hub id, or after the directory
-        name = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
-        spec = yaml_configs.Configuration(name=name, model=model)
-    model_dir = resolve_model_dir(spec.model, revision or spec.revision)
+    spec, model_dir = resolve_source(model, revision)
     dev = resolve_device(device or spec.device)
     config = load_config(model_dir, family or spec.family)
     bits = quantization_bit if quantization_bit is not None else spec.quantization_bit
@@ -195,6 +189,18 @@ def load(model: str, revision: Optional[str] = None, device=None, dtype=None,
     gen.update(generation or {})
     return ChatModel(net.eval(), tokenizer, config, model_dir,
                      context_length=context_length or spec.context_length, generation=gen, name=spec.name)
+
+
+def resolve_source(model: str, revision: Optional[str] = None):
+    """What `load()` is given -> (its configuration, the model directory): a YAML configuration as it says, a
+    hub id or a directory as a configuration of its own, named after it."""
+    cfg_path = yaml_configs.find(model)
+    if cfg_path:
+        spec = yaml_configs.read(cfg_path)
+    else:   # named after the hub id, or after the directory
+        name = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+        spec = yaml_configs.Configuration(name=name, model=model)
+    return spec, resolve_model_dir(spec.model, revision or spec.revision)
 
 
 def load_config(model_dir: str, family: Optional[str] = None) -> ModelConfig:

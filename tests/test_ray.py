@@ -209,6 +209,30 @@ def test_forty_concurrent_conversations_on_two_replicas(ray_server, glm2_model):
     assert all(f'replica="{r}"' in metrics for r in served)
 
 
+def test_metrics_sum_the_replicas_request_histograms(ray_server):
+    """Each replica observes its own requests; the ingress's /metrics shows the histograms summed over the
+    replicas (no replica label) and the engines' series one per replica."""
+    from test_metrics import change, scrape, value
+    before = scrape(ray_server)
+    served, usages = [], []
+    while len(set(served)) < 2 or len(served) < 6:   # distinct conversations: both replicas get some
+        assert len(served) < 40, f'the router sent every conversation to one replica: {served}'
+        r = httpx.post(f'{ray_server}/v1/chat/completions', timeout=60, json={
+            'messages': [{'role': 'user', 'content': f'metrics {len(served)}'}], 'max_tokens': 4, 'temperature': 0})
+        served.append(r.headers['x-chatglm-replica'])
+        usages.append(r.json()['usage'])
+    after = scrape(ray_server)
+    assert change(before, after, 'e2e_request_latency_seconds')['count'] == len(served)
+    assert change(before, after, 'time_to_first_token_seconds')['count'] == len(served)
+    assert change(before, after, 'request_prompt_tokens')['sum'] == sum(u['prompt_tokens'] for u in usages)
+    assert change(before, after, 'inter_token_latency_seconds')['count'] == sum(u['completion_tokens'] - 1 for u in usages)
+    assert not any('replica' in dict(labels) for name, labels in after if name.startswith('vllm:e2e_request'))
+    for replica in set(served):   # each replica's own counter saw its share
+        completed = [value(s, 'chatglm_completed_total', replica=replica) for s in (before, after)]
+        assert completed[1] - completed[0] == served.count(replica)
+        assert value(after, 'vllm:num_requests_running', replica=replica) == 0
+
+
 def test_health_and_models_through_the_ray_proxy(ray_server):
     health = httpx.get(f'{ray_server}/health').json()
     assert health['status'] == 'ok' and len(health['replicas']) == 2
@@ -235,6 +259,12 @@ def test_health_and_models_through_the_ray_proxy(ray_server):
     alone = [httpx.post(f'{ray_server}/v1/chat/completions', json=dict(ask, seed=11 + i), timeout=120).json()
              for i in range(3)]
     assert [c['message']['content'] for c in many['choices']] == [a['choices'][0]['message']['content'] for a in alone]
+    # structured output: the grammar is compiled and applied on the replica
+    schema = {'type': 'object', 'required': ['ok'], 'additionalProperties': False, 'properties': {'ok': {'type': 'boolean'}}}
+    fmt = {'type': 'json_schema', 'json_schema': {'name': 'ok', 'schema': schema}}
+    shaped = httpx.post(f'{ray_server}/v1/chat/completions', json=dict(ask, n=2, seed=5, response_format=fmt,
+                                                                       max_tokens=30), timeout=120).json()
+    assert [set(json.loads(c['message']['content'])) for c in shaped['choices']] == [{'ok'}, {'ok'}], shaped
 
 
 def test_each_replica_process_starts_with_the_openmp_setting(ray_server, cluster):

@@ -516,10 +516,12 @@ def test_client_disconnect_cancels_its_generation(server, n):
      'top_logprobs needs logprobs: true'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'logprobs': True, 'top_logprobs': 21}).encode(), 422,
      'top_logprobs'),
-    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'response_format': {'type': 'json_object'}}).encode(),
-     400, "response_format 'json_object' is not supported"),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'response_format': {'type': 'xml'}}).encode(),
+     400, "response_format type 'xml' is not one of"),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'response_format': {'type': 'json_schema'}}).encode(),
+     400, 'the schema (a JSON object) is missing'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'tool_choice': 'required'}).encode(), 400,
-     'tool_choice'),
+     "tool_choice 'required' needs tools"),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'functions': [{'name': 'f'}]}).encode(), 400,
      'send `tools`'),
     (json.dumps({'messages': [{'role': 'user', 'content': [
@@ -546,6 +548,8 @@ def test_client_disconnect_cancels_its_generation(server, n):
                  'stream_options': {'include_usage': True, 'usage_every': 1}}).encode(), 400,
      "unknown field(s) ['stream_options.usage_every']: not an option of the OpenAI API or of vLLM that this server "
      "implements (docs/serving.md lists them); remove them"),
+    (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'stream_options': {'include_usage': True}}).encode(),
+     400, 'stream_options needs stream: true'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'stop_token_ids': [10 ** 7]}).encode(), 400,
      'stop_token_ids names token ids [10000000] beyond the vocabulary'),
     (json.dumps({'messages': [{'role': 'user', 'content': 'x'}], 'skip_special_tokens': False}).encode(), 400,
@@ -873,11 +877,15 @@ def test_bad_completion_requests_are_400s(server, body, needle):
     assert r.status_code == 400 and needle in r.json()['error']['message'], r.text
 
 
-def test_tool_choice_none_offers_no_tools():
+def test_tool_choice_none_offers_no_tools(glm3_model):
     tools = [{'type': 'function', 'function': {'name': 'get_weather', 'parameters': {}}}]
     body = {'messages': [{'role': 'user', 'content': '北京天气?'}], 'tools': tools}
-    assert chat_call(ChatCompletionRequest(**body), None).options['tools'] == [tools[0]['function']]
-    assert chat_call(ChatCompletionRequest(**body, tool_choice='none'), None).options['tools'] is None
+    offered = chat_call(ChatCompletionRequest(**body), None).options
+    assert offered['tools'] == [tools[0]['function']]
+    hidden = chat_call(ChatCompletionRequest(**body, tool_choice='none'), None).options
+    plain = glm3_model.prepare('北京天气?').input_ids
+    assert glm3_model.prepare('北京天气?', **{k: v for k, v in offered.items() if k != 'role'}).input_ids != plain
+    assert glm3_model.prepare('北京天气?', **{k: v for k, v in hidden.items() if k != 'role'}).input_ids == plain
 
 
 def test_chatglm3_tools_map_to_openai_tool_calls():

@@ -6,7 +6,9 @@ class and its server share one engine. A single user's turn is a batch of one; t
 conversation takes its history's K/V from the prefix cache, whoever asked.
 
 A step is: the scheduler plans (scheduler.py), the runner executes each forward of the plan and samples
-(runner.py), the scheduler applies what came back. One thread steps at a time (`_stepping`). Who steps:
+(runner.py), the scheduler applies what came back. One thread steps at a time (`_stepping`). The model
+itself changes only between two steps: a LoRA adapter added or removed while serving (`add_adapter`,
+`remove_adapter`) is applied at the start of a step, or by its caller while no step runs. Who steps:
 - in a process that serves (`start_background()`), one engine thread, woken by new work;
 - otherwise the callers themselves: a thread waiting for its sequences steps the engine, and every
   sequence in the batch advances, whoever submitted it (vLLM's `LLM.generate` drives its engine the
@@ -14,15 +16,17 @@ A step is: the scheduler plans (scheduler.py), the runner executes each forward 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import deque
-from typing import Callable, Iterator, List, Optional
+from concurrent.futures import Future
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
-from .. import openmp
+from .. import adapters, openmp
 from .runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import DEFAULT_MAX_BATCH, Scheduler, Sequence, default_kv_budget
@@ -30,6 +34,14 @@ from .scheduler import DEFAULT_MAX_BATCH, Scheduler, Sequence, default_kv_budget
 logger = logging.getLogger(__name__)
 
 IDLE_STEPS = 100     # steps in a row that ran nothing while work was queued: a bug, logged, then slowed
+
+
+class AdapterExists(ValueError):
+    """The model holds an adapter of that name already (or is still removing one of that name)."""
+
+
+class NoSuchAdapter(LookupError):
+    """The model holds no adapter of that name."""
 
 
 class LLMEngine:
@@ -44,17 +56,27 @@ class LLMEngine:
         self._thread: Optional[threading.Thread] = None
         self._stopped = False
         self._idle_steps = 0
+        # Changes to the model (adapters added or removed), each with the future its caller waits on: run
+        # between two steps (`_between_steps`).
+        self._changes: List[Tuple[Callable[[], bool], Future]] = []
+        self._changes_lock = threading.Lock()
+        # Which adapters a request may pick (scheduler.adapters) changes under this lock, and every submit
+        # holds it: a sequence is either queued before its adapter leaves (and finishes first), or refused.
+        self._roster = threading.Lock()
+        self._leaving = set()      # adapters no request may pick any more, whose sequences still run
 
     def submit(self, prompt: List[int], params: SamplingParams, on_token: Optional[Callable] = None,
                on_finish: Optional[Callable] = None, adapter: Optional[str] = None,
                logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None, cache_scope=None) -> Sequence:
         """Queue a sequence (see Scheduler.submit); it advances as the engine steps."""
-        return self.scheduler.submit(prompt, params, on_token, on_finish, adapter, logprobs, prompt_logprobs,
-                                     cache_scope)
+        with self._roster:
+            return self.scheduler.submit(prompt, params, on_token, on_finish, adapter, logprobs, prompt_logprobs,
+                                         cache_scope)
 
     def step(self) -> bool:
         """One iteration of the whole batch; -> whether anything ran."""
         with self._stepping, torch.inference_mode():
+            self._apply_changes()
             forwards = self.scheduler.schedule()
             done = 0
             try:
@@ -150,6 +172,101 @@ class LLMEngine:
         """Forget the prefix cache's entries (those no running sequence uses); -> K/V bytes freed."""
         with self._stepping:
             return self.scheduler.clear_prefix_cache() * self.scheduler.bytes_per_token
+
+    # -- LoRA adapters added and removed while the engine serves ------------------------------------------
+    @property
+    def adapters(self) -> List[str]:
+        """The LoRA adapters a request may pick by name."""
+        return list(self.scheduler.adapters)
+
+    def add_adapter(self, name: str, lora: 'adapters.LoRA'):
+        """Hold `lora` (adapters.read_to_add) beside the model's linears under `name`, unmerged: requests
+        may pick it once this returns. The model changes between two steps, never under a forward, and
+        whatever the prefix cache kept under that name before is dropped. Raises AdapterExists."""
+        model = self.runner.model
+
+        def attach() -> bool:
+            with self._roster:
+                if name in self.scheduler.adapters or name in self._leaving:
+                    raise AdapterExists(f'the model holds an adapter named {name!r} already' +
+                                        (' (it is being removed; add it again once that is done)'
+                                         if name in self._leaving else ''))
+                try:
+                    adapters.attach(model, lora, name, model.dtype, model.device, default=False)
+                except BaseException:   # (out of memory halfway): no layer keeps a part of it
+                    adapters.detach(model, name)
+                    raise
+                self._forget_cached(name)
+                self.runner.adapters_changed()
+                self.scheduler.adapters = sorted(self.scheduler.adapters + [name])
+            return True
+        self._between_steps(attach)
+
+    def remove_adapter(self, name: str):
+        """Refuse new requests for the adapter `name` at once; once the sequences queued with it before have
+        finished, drop its weights and the prefix cache's K/V computed with them (between two steps).
+        Blocks until then. Raises NoSuchAdapter."""
+        with self._roster:
+            if name not in self.scheduler.adapters:
+                raise NoSuchAdapter(f'no adapter named {name!r}; this model holds {self.scheduler.adapters or "none"}')
+            self.scheduler.adapters = [a for a in self.scheduler.adapters if a != name]
+            self._leaving.add(name)
+
+        def detach() -> bool:
+            self.scheduler.drop_cancelled()    # (a cancelled sequence no longer counts)
+            with self.scheduler.lock:
+                if any(seq.adapter == name for seq in itertools.chain(self.scheduler.waiting, self.scheduler.running)):
+                    return False               # not yet: tried again at the next step
+            adapters.detach(self.runner.model, name)
+            self._forget_cached(name)
+            self.runner.adapters_changed()
+            with self._roster:
+                self._leaving.discard(name)
+            return True
+        self._between_steps(detach)
+
+    def _forget_cached(self, adapter: str):
+        """Drop the prefix cache's K/V computed with `adapter` (a sequence's namespace is (adapter, cache
+        scope): Sequence.namespace)."""
+        if self.scheduler.prefix_cache is not None:
+            self.scheduler.prefix_cache.drop(lambda namespace: namespace[0] == adapter)
+
+    def _between_steps(self, change: Callable[[], bool]):
+        """Run `change()` while no step runs, as often as it returns False (not yet: after the next step
+        again); raise what it raises. It may change the model's modules, which a forward must never see
+        half-changed. The thread that steps runs it at the start of its next step (so a busy engine thread
+        cannot starve it); while no step runs, this thread does."""
+        done = Future()
+        with self._changes_lock:
+            self._changes.append((change, done))
+        while not done.done():
+            if self._stepping.acquire(blocking=False):
+                try:
+                    self._apply_changes()
+                finally:
+                    self._stepping.release()
+            if not done.done():
+                with self._stepped:
+                    self._stepped.wait(0.05)
+        done.result()
+
+    def _apply_changes(self):
+        """(Holding the stepping lock.) Run the queued changes; one that is not done yet stays queued."""
+        with self._changes_lock:
+            pending, self._changes = self._changes, []
+        later = []
+        with torch.inference_mode():
+            for change, done in pending:
+                try:
+                    if change():
+                        done.set_result(None)
+                    else:
+                        later.append((change, done))
+                except BaseException as e:
+                    done.set_exception(e)
+        if later:
+            with self._changes_lock:
+                self._changes[:0] = later
 
     @property
     def busy(self) -> bool:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 from .kv_pages import PagePool
 
@@ -175,6 +175,31 @@ class PrefixCache:
     def clear(self) -> int:
         """Evict every unlocked page; -> pages given back."""
         return self.evict(self.pages)
+
+    def drop(self, which: Callable[[Hashable], bool]) -> int:
+        """Forget the whole tree of every namespace for which `which(namespace)` is true and give its pages
+        back (a LoRA adapter was removed: K/V its weights computed must never be reused, not even by an
+        adapter of the same name loaded later); -> pages given back. No running sequence may hold a node
+        of them: its page table would keep pages the pool hands out again."""
+        gone = [namespace for namespace in self._roots if which(namespace)]
+        nodes, stack = [], [child for namespace in gone for child in self._roots[namespace].children.values()]
+        while stack:
+            node = stack.pop()
+            nodes.append(node)
+            stack.extend(node.children.values())
+        if any(node.lock_ref for node in nodes):
+            raise RuntimeError('a running sequence holds K/V of a prefix-cache namespace being dropped')
+        for namespace in gone:
+            del self._roots[namespace]
+        freed = 0
+        for node in nodes:
+            node.in_tree = False          # (its entries left in the eviction heap are skipped)
+            self._leaves.pop(id(node), None)
+            self.pool.give_back(node.pages)
+            freed += len(node.pages)
+        self.nodes -= len(nodes)
+        self.pages -= freed
+        return freed
 
     def _use(self, node: Node, now: int):
         node.last_used = now

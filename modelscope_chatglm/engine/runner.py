@@ -7,7 +7,8 @@ part whose sequence is due one, and scores the prompt positions a request asked 
 `ForwardResult`; applying it to the sequences is the scheduler's (`Scheduler.update`).
 
 On CUDA, a forward of decode tokens only is replayed from a CUDA graph captured for its batch bucket
-(graphs.py); prompt chunks run eagerly.
+(graphs.py); prompt chunks run eagerly, and so does every forward while the model holds LoRA adapters
+(`adapters_changed`).
 
 `KVAllocator` is the runner's side of memory: the K/V pool (models/kv_cache.py) whose pages the scheduler
 hands out by number, so the scheduler never touches a tensor.
@@ -77,6 +78,17 @@ class ModelRunner:
         graphable = hasattr(model, 'forward_tokens') and getattr(model, 'cuda_graphs', False) and not self.kv.adapters
         self.graphs = (GraphRunner(model, self.kv.pool, max_batch, self.kv.scratch_page)
                        if graphable and model.device.type == 'cuda' else None)
+        self._graphs_set_aside = None   # while adapters added at run time are held
+
+    def adapters_changed(self):
+        """The engine added or removed a LoRA adapter (between two steps). A graph would freeze which adapter
+        each row takes, so decode steps run eagerly while the model holds any; once none is left, the graphs
+        set aside replay again (they were captured on the same base weights, which an adapter never changes)."""
+        self.kv.adapters = adapters.adapter_names(self.model)
+        if self.kv.adapters and self.graphs is not None:
+            self._graphs_set_aside, self.graphs = self.graphs, None
+        elif not self.kv.adapters and self._graphs_set_aside is not None:
+            self.graphs, self._graphs_set_aside = self._graphs_set_aside, None
 
     def execute(self, forward: Forward) -> ForwardResult:
         parts, scored = forward.parts, forward.scored

@@ -3,10 +3,10 @@
 `sample(logits, seqs, vocab_limit)` turns a step's logits [n, V] into each sequence's next token. The
 logits go through a list of processors (LOGITS_PROCESSORS), each a function of the whole batch with each
 row's own parameters, in the order transformers uses, so greedy and seeded sampling behave like the
-official `generate`: logit bias, the padded vocabulary masked, stop ids masked before min_tokens,
-repetition penalty, OpenAI's frequency and presence penalties, then temperature, top-k, top-p, min-p (a
-grammar's token mask would be one more). A
-processor touches only the rows whose parameters ask for it. Greedy rows take the argmax; sampled rows
+official `generate`: logit bias, the padded vocabulary masked, a grammar's token mask (structured output,
+grammar.py), stop ids masked before min_tokens, repetition penalty, OpenAI's frequency and presence
+penalties, then temperature, top-k, top-p, min-p. A processor touches only the rows whose parameters ask
+for it. Greedy rows take the argmax; sampled rows
 draw from their own generator when seeded (a seeded reply is the same alone and in any batch), the
 others in one draw.
 """
@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .grammar import Grammar, mask_logits
 
 # A temperature below this samples greedily (vLLM's rule). Sampling at it already picks the best token
 # unless another is within ~1e-4 of it; dividing float32 logits by 1e-300 gives 0 / 0 = NaN.
@@ -48,6 +49,8 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
+    # Structured output: a compiled grammar (grammar.py) the reply must follow; each sequence gets a matcher
+    grammar: Optional[Grammar] = None
 
     @property
     def stops(self) -> frozenset:
@@ -77,6 +80,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
                 raise ValueError(f'{name} must be {text}, got {value!r} ({type(value).__name__})')
+        if self.grammar is not None and not isinstance(self.grammar, Grammar):
+            raise ValueError(f'grammar must be a compiled Grammar (ChatModel.grammar(text)), got {type(self.grammar).__name__}')
         for name in ('do_sample', 'ignore_eos'):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f'{name} must be True or False, got {getattr(self, name)!r}')
@@ -151,6 +156,7 @@ class Rows:
     def __init__(self, seqs, vocab_limit: int):
         self.seqs, self.params = seqs, [seq.params for seq in seqs]
         self.vocab_limit = vocab_limit
+        self.failures: Dict[int, BaseException] = {}   # rows a processor found no token for
 
     def where(self, wanted) -> List[int]:
         return [row for row, params in enumerate(self.params) if wanted(params)]
@@ -166,6 +172,15 @@ def logit_bias(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
 
 def padded_vocabulary(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
     logits[:, rows.vocab_limit:] = float('-inf')   # padded embedding rows are not tokens
+    return logits
+
+
+def structured_output(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """Rows with a grammar: only the tokens it allows next (and once the reply is complete, its stop ids)."""
+    chosen = rows.where(lambda p: p.grammar is not None)
+    if chosen:
+        rows.failures.update(mask_logits(logits, chosen, [rows.seqs[r].matcher for r in chosen],
+                                         [rows.params[r].stops for r in chosen]))
     return logits
 
 
@@ -251,8 +266,8 @@ def top_p(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
     return logits
 
 
-LOGITS_PROCESSORS = (logit_bias, padded_vocabulary, min_tokens, repetition_penalty, openai_penalties, temperature,
-                     top_k, top_p, min_p)
+LOGITS_PROCESSORS = (logit_bias, padded_vocabulary, structured_output, min_tokens, repetition_penalty,
+                     openai_penalties, temperature, top_k, top_p, min_p)
 
 
 def sample(logits: torch.Tensor, seqs, vocab_limit: int) -> Tuple[Dict[int, int], Dict[int, BaseException]]:
@@ -268,6 +283,7 @@ def sample(logits: torch.Tensor, seqs, vocab_limit: int) -> Tuple[Dict[int, int]
     scores = logits.float().clone()
     for process in LOGITS_PROCESSORS:
         scores = process(scores, rows)
+    failures.update({row: e for row, e in rows.failures.items() if row not in failures})
     tokens = dict(enumerate(scores.argmax(dim=-1).tolist()))   # greedy rows' tokens (the others' are replaced)
     sampled = [row for row in rows.where(lambda p: p.sampling) if row not in failures]
     if sampled:

@@ -51,6 +51,7 @@ from typing import Callable, Dict, List, Optional, Sequence as Seq, Tuple
 import torch
 
 from ..errors import ContextLengthError
+from . import grammar
 from .kv_pages import PagePool, PageTable
 from .prefix_cache import PrefixCache, common_prefix
 from .sampling import SamplingParams
@@ -102,8 +103,17 @@ class Sequence:
         self.pending: List[int] = []   # pages taken at admission for the rest of `fill`, in position order
         self.node = None            # the prefix-cache node its table's first `cached` positions lead to (locked)
         self.cached = 0             # leading positions of its table that the prefix cache holds
+        # When it came, joined the running batch (the first time), got its first and latest tokens, and
+        # finished: time.monotonic(), None until then. A server's latency metrics read them (serve/metrics.py).
         self.arrival = time.monotonic()
+        self.admitted: Optional[float] = None
+        self.first_token_at: Optional[float] = None
+        self.previous_token_at: Optional[float] = None   # the token before the latest (inter-token latency)
+        self.last_token_at: Optional[float] = None
+        self.finished_at: Optional[float] = None
         self.generator = None
+        # Structured output: where the reply stands in its grammar (grammar.py), fed every drawn token
+        self.matcher = params.grammar.matcher() if params.grammar is not None else None
         self._cancelled = False
         self._ids, self._ids_filled = None, 0   # prompt + output as a tensor, for the penalties
 
@@ -274,10 +284,15 @@ class Scheduler:
     def snapshot(self) -> Dict[str, float]:
         """Counters and gauges for /health and /metrics."""
         cached = self.prefix_cache.pages if self.prefix_cache else 0
-        running = self.pages.pages - len(self.pages.reserved) - self.pages.free - cached
+        usable = self.pages.pages - len(self.pages.reserved)
+        running = usable - self.pages.free - cached
+        # Pages that running sequences hold, their shared prefix-cache pages included; what the cache
+        # could evict counts as free (vLLM's kv_cache_usage). (Read from another thread: clamped.)
+        in_use = running + (self.prefix_cache.locked if self.prefix_cache else 0)
         prompt = self.stats['prompt_tokens']
         return dict(self.stats, running=len(self.running), waiting=len(self.waiting), max_batch=self.max_batch,
                     kv_budget_bytes=self.budget, kv_reserved_bytes=running * self.bytes_per_token,
+                    kv_cache_usage=min(max(in_use / usable, 0.0), 1.0) if usable else 0.0,
                     kv_prefix_cache_bytes=cached * self.bytes_per_token,
                     prefix_cache_entries=self.prefix_cache.nodes if self.prefix_cache else 0,
                     prefix_cache_hit_rate=self.stats['cached_prompt_tokens'] / prompt if prompt else 0.0)
@@ -368,6 +383,8 @@ class Scheduler:
             self.waiting.appendleft(seq)
 
     def _start(self, seq: Sequence, keep: int, pages: List[int], node):
+        if seq.admitted is None:
+            seq.admitted = time.monotonic()
         if seq.fill is seq.prompt:    # (a preempted sequence coming back is not new)
             self.stats['prompt_tokens'] += len(seq.prompt)
             self.stats['cached_prompt_tokens'] += keep
@@ -485,14 +502,25 @@ class Scheduler:
                 self._append(seq, result.tokens[row], result.logprobs.get(row))
 
     def _append(self, seq: Sequence, token: int, logprob):
+        now = time.monotonic()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        seq.previous_token_at, seq.last_token_at = seq.last_token_at, now
         seq.output.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
         self.stats['generated_tokens'] += 1
         stop_here = False
+        if seq.matcher is not None:
+            try:
+                stop_here = grammar.advance(seq.matcher, token, seq.params.stops)   # complete: nothing may follow
+            except RuntimeError as e:
+                seq.error = e
+                self._finish(seq, 'error', keep_cache=False)
+                return
         if seq.on_token is not None:
             try:
-                stop_here = seq.on_token(seq, token)
+                stop_here = seq.on_token(seq, token) or stop_here
             except Exception as e:   # the consumer failed: end this sequence only
                 seq.error = e
                 self._finish(seq, 'error', keep_cache=False)
@@ -506,6 +534,7 @@ class Scheduler:
         if seq.finished:
             return
         seq.finish_reason = reason
+        seq.finished_at = time.monotonic()
         if seq.running:
             self._release(seq, keep_cache)
         key = {'stop': 'completed', 'length': 'completed', 'cancelled': 'cancelled', 'error': 'failed'}[reason]

@@ -40,6 +40,10 @@ class CausalLM(Protocol):
     def checkpoint_key(key: str) -> Optional[str]:
         """Hub state-dict key -> parameter name; None for keys the forward never reads."""
 
+    @staticmethod
+    def hub_key(name: str) -> str:
+        """Parameter name -> hub state-dict key, the inverse of checkpoint_key (what `export` writes)."""
+
     @property
     def kv_heads(self) -> int:
         """K/V heads per position (the pool's G)."""

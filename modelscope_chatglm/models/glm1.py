@@ -166,6 +166,11 @@ class GLM1Model(nn.Module):
             return None       # tied to the word embedding (transformers ties them on load)
         return key[len('transformer.'):] if key.startswith('transformer.') else key
 
+    @staticmethod
+    def hub_key(name: str) -> str:
+        """Our parameter name -> the hub's state-dict key: the inverse of `checkpoint_key` (export)."""
+        return 'transformer.' + name
+
     @property
     def device(self) -> torch.device:
         return self.word_embeddings.weight.device

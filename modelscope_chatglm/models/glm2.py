@@ -173,6 +173,15 @@ class GLM2Model(nn.Module):
                 return key[len(prefix):]
         return key
 
+    @staticmethod
+    def hub_key(name: str) -> str:
+        """Our parameter name -> the hub's state-dict key: the inverse of `checkpoint_key` (export)."""
+        if name.startswith('word_embeddings.'):
+            return 'transformer.embedding.' + name
+        if name.startswith(('layers.', 'final_layernorm.')):
+            return 'transformer.encoder.' + name
+        return 'transformer.' + name      # output_layer, prefix_encoder
+
     # -- forward -----------------------------------------------------------------------------------
     def forward_ragged(self, parts, kv, every=()) -> torch.Tensor:
         """New tokens of several sequences in one forward: parts = [(state, past, ids), ...], each part's

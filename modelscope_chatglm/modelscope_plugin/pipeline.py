@@ -30,7 +30,7 @@ from ..engine.sampling import SamplingParams
 from . import BUILTIN_MODELS, BUILTIN_PIPELINES, MODEL_NAME, PIPELINE_NAME, PREPROCESSOR_NAME, TASKS
 
 GENERATION_KEYS = tuple(SamplingParams.__dataclass_fields__)
-TURN_KEYS = ('system', 'tools', 'role')
+TURN_KEYS = ('system', 'tools', 'role', 'response_format', 'tool_choice')
 INPUT_KEYS = ('text', 'history', 'messages') + TURN_KEYS
 # ModelScope's built-in pipeline also read these from the input dict; accept them there too.
 LEGACY_INPUT_KEYS = ('max_length', 'temperature', 'top_p', 'do_sample', 'num_beams')

@@ -79,6 +79,34 @@ def compile_flags(openmp: bool, march: str = 'native') -> List[str]:
     return flags + ['-lm']   # fmaf: a call into libm where the CPU has no fused multiply-add
 
 
+# The aarch64 builds, by -march: the KERNEL_ISA each gives (kernels/common.h). An Arm machine needs none of
+# this: its -march=native build is one of them (dotprod where the CPU has it). The tests cross-compile both
+# to run them under qemu on x86 (tests/test_kernels_arm.py).
+ARM_VARIANTS = {'armv8.2-a+dotprod': 'neon-dotprod', 'armv8-a': 'neon'}
+
+
+def find_cross_compiler(triple: str = 'aarch64-linux-gnu') -> Optional[str]:
+    """`<triple>-gcc` on PATH (Debian: apt-get install gcc-aarch64-linux-gnu), or None."""
+    return shutil.which(f'{triple}-gcc')
+
+
+def harness_flags(openmp: bool, march: str) -> List[str]:
+    """The library's flags (compile_flags) for a program that #includes the kernels, linked statically: the
+    same code generation (-O3, -march, and -std=c11, which keeps GCC from fusing a * b + c on its own), so
+    it runs the code the library would; static, so that qemu-user needs no libraries of the target."""
+    return [f for f in compile_flags(openmp, march) if f not in ('-fPIC', '-shared')] + ['-static']
+
+
+def build_harness(source: str, target: str, march: str, cc: str, openmp: bool = True) -> None:
+    """Compile `source`, a C program that #includes "quant_kernels.c", into the executable `target` with `cc`
+    (a cross compiler too): how the tests run the kernels of an instruction set this machine lacks.
+    RuntimeError with the compiler's message when it fails."""
+    proc = subprocess.run([cc, source, '-I', os.path.dirname(SOURCE), *harness_flags(openmp, march), '-o', target],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip()[-2000:] or f'{cc} exited with {proc.returncode}')
+
+
 def _sources() -> bytes:
     """SOURCE and every other .c and .h beside it (the parts it #includes), names and contents: what the
     build reads, so that editing any part changes the library's name. FileNotFoundError without SOURCE."""

@@ -25,8 +25,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, List, Optional, Tuple, Union
 
+from ..adapters import read_to_add
 from ..chat import ChatModel, ChatRequest, CompletionRequest, ReplyDecoder
+from ..engine.core import AdapterExists
 from ..errors import InputError
+from .metrics import REQUEST_METRICS, RequestMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +138,21 @@ class ShuttingDown(ReplicaUnavailable):
     """The server got SIGTERM/SIGINT: what runs ends now, what waits never starts; retry elsewhere."""
 
 
+def already_loaded(name: str) -> AdapterExists:
+    """vLLM's answer to loading a name twice."""
+    return AdapterExists(f"The lora adapter '{name}' has already been loaded; unload it first to load other "
+                         'weights under that name')
+
+
+class AdapterFixed(ValueError):
+    """An adapter the server was started with (--adapter NAME=PATH) cannot be unloaded while it serves."""
+
+    @classmethod
+    def named(cls, name: str) -> 'AdapterFixed':
+        return cls(f'the adapter {name!r} was given at start (--adapter {name}=PATH); it is served until the server '
+                   'restarts without it (only adapters loaded through /v1/load_lora_adapter can be unloaded)')
+
+
 Event = Tuple[str, object]
 
 
@@ -144,7 +162,9 @@ class AsyncEngine:
         self.chat = chat
         self.replica = replica            # a name for this engine among several (Ray Serve replicas)
         self.model_name = chat.name
-        self.adapters = list(chat.adapters)
+        self.fixed_adapters = frozenset(chat.adapters)   # given at start: served until the server stops
+        self.adapter_paths = {}           # name -> path of each adapter loaded while serving (load_adapter)
+        self._adapter_changes = asyncio.Lock()   # one load or unload at a time
         self.max_queue = max_queue
         self.engine = chat.configure_engine(max_batch, kv_cache_bytes, prefill_chunk)
         self.scheduler = self.engine.scheduler
@@ -154,6 +174,7 @@ class AsyncEngine:
         self._closing = False
         self._rate = deque(maxlen=1024)   # (time, generated tokens) at recent tokens: tokens/s
         self._rate_lock = threading.Lock()  # (appended on the engine thread, read for /metrics on the loop's)
+        self.request_metrics = RequestMetrics(chat.context_length)   # latency histograms, finish reasons
         self.engine.start_background()
 
     async def generate(self, call: ChatCall) -> AsyncIterator[Event]:
@@ -224,6 +245,7 @@ class AsyncEngine:
         job.decoder = job.decoder or ReplyDecoder(self.chat, job.request, job.stop)
 
         def on_token(seq, token):
+            self.request_metrics.token(seq)
             self._send_prompt_logprobs(job, seq)
             if token in job.decoder.stop_ids:
                 return False
@@ -235,7 +257,7 @@ class AsyncEngine:
             return job.decoder.stopped
 
         def on_finish(seq):
-            self._finish(job, seq)
+            self.request_metrics.finished(seq, self._finish(job, seq))
 
         with self._jobs_lock:
             self._jobs[id(job)] = job
@@ -259,6 +281,7 @@ class AsyncEngine:
         snap = self.scheduler.snapshot()
         snap.update(queued=snap['waiting'], active=snap['running'], tokens_per_second=self.tokens_per_second(),
                     uptime_seconds=time.time() - self.started, replica=self.replica)
+        snap[REQUEST_METRICS] = self.request_metrics.snapshot()   # (plain data: it travels from a Ray replica)
         return snap
 
     def tokens_per_second(self) -> float:
@@ -274,6 +297,37 @@ class AsyncEngine:
     def cancel_all(self):
         """Shutting down: running sequences stop at the next step, queued ones never start."""
         self.scheduler.cancel_all()
+
+    # -- LoRA adapters loaded and unloaded while serving (serve --allow-runtime-adapters) --------------------
+    @property
+    def adapters(self) -> List[str]:
+        """The LoRA adapters a request's `model` may name now."""
+        return self.engine.adapters
+
+    async def load_adapter(self, name: str, path: str):
+        """Read the LoRA adapter at `path` in a worker thread (seconds for a big one; never on the event
+        loop) and have the engine hold it under `name` from its next step on. Raises AdapterExists,
+        adapters.AdapterNotFound, CheckpointError (not a LoRA, made for another base, a P-tuning checkpoint)."""
+        async with self._adapter_changes:
+            await asyncio.to_thread(self.load_adapter_sync, name, path)
+
+    def load_adapter_sync(self, name: str, path: str):
+        """load_adapter, blocking (a Ray replica's constructor, taking the adapters loaded before it started)."""
+        if name in self.adapters:   # (before reading: a clash is told at once)
+            raise already_loaded(name)
+        self.engine.add_adapter(name, read_to_add(path, self.chat.model))
+        self.adapter_paths[name] = path
+        self.chat.adapters = self.adapters
+
+    async def unload_adapter(self, name: str):
+        """New requests for the adapter get a 404 at once; those already accepted finish with it; then its
+        weights and cached K/V go. Returns when they have. Raises AdapterFixed, engine.core.NoSuchAdapter."""
+        if name in self.fixed_adapters:
+            raise AdapterFixed.named(name)
+        async with self._adapter_changes:
+            await asyncio.to_thread(self.engine.remove_adapter, name)
+            self.adapter_paths.pop(name, None)
+            self.chat.adapters = self.adapters
 
     # -- on the engine thread -------------------------------------------------------------------------
     def _send(self, job: Job, text: str):
@@ -303,12 +357,14 @@ class AsyncEngine:
             for p in range(getattr(job.request, 'text_start', 0), len(prompt))]
         job.emit('prompt_logprobs', job.prompt_entries)
 
-    def _finish(self, job: Job, seq):
+    def _finish(self, job: Job, seq) -> str:
+        """Send the job's last events; -> how it ended, as its client is told ('stop' | 'length' |
+        'cancelled' | 'error')."""
         with self._jobs_lock:
             self._jobs.pop(id(job), None)
         if seq.error is not None:
             job.emit('error', seq.error)
-            return
+            return 'error'
         self._send_prompt_logprobs(job, seq)   # (a prompt only scored: no token came)
         try:
             if seq.finish_reason != 'cancelled':
@@ -320,10 +376,11 @@ class AsyncEngine:
                 reply, (response, history) = None, job.decoder.result()
         except Exception as e:   # parsing the model's output must never take the engine down
             job.emit('error', e)
-            return
+            return 'error'
         finish = 'stop' if job.decoder.stopped else seq.finish_reason
         self._send_logprobs(job)
         job.emit('done', Result(response, history, len(job.request.input_ids), len(seq.output), finish,
                                 seq.reused, job.token_logprobs if job.logprobs is not None else None,
                                 job.prompt_entries, ''.join(job.decoder.sent),
                                 reply.tool_calls if reply is not None else []))
+        return finish

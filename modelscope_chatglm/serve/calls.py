@@ -75,16 +75,9 @@ def _unsupported(req: ChatCompletionRequest):
     """InputError for an OpenAI option that asks for something this server does not do."""
     if req.top_logprobs is not None and not req.logprobs:
         raise InputError('top_logprobs needs logprobs: true (as in the OpenAI API)')
-    kind = (req.response_format or {}).get('type', 'text')
-    if kind != 'text':
-        raise InputError(f'response_format {kind!r} is not supported: replies are not constrained to JSON '
-                         'here; leave out response_format and ask for JSON in the prompt')
     if req.functions or req.function_call:
         raise InputError('functions/function_call are the deprecated form of tools: send `tools` (ChatGLM3 '
                          'models call them)')
-    if req.tool_choice not in (None, 'auto', 'none'):
-        raise InputError(f'tool_choice {req.tool_choice!r} is not supported: a ChatGLM3 model decides itself '
-                         'whether to call a tool; send "auto" or "none" (no tools offered)')
 
 
 def generation_options(req) -> dict:
@@ -131,6 +124,12 @@ def generation_options(req) -> dict:
     return options
 
 
+def _check_stream_options(req):
+    if req.stream_options is not None and not req.stream:
+        raise InputError('stream_options needs stream: true (as in the OpenAI API); leave it out of a request '
+                         'that is not streamed')
+
+
 def _stops(req) -> List[str]:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOP_STRINGS:
@@ -142,11 +141,15 @@ def _stops(req) -> List[str]:
 def chat_call(req: ChatCompletionRequest, adapter: Optional[str]) -> ChatCall:
     """An OpenAI request as one ChatGLM turn. Raises InputError for what the protocol rejects."""
     _unsupported(req)
+    _check_stream_options(req)
     stops = _stops(req)
     query, history, role, system, tools = to_conversation(req)
-    if req.tool_choice == 'none':
-        tools = None   # as OpenAI: the model is not offered the tools
     options = dict(generation_options(req), role=role, system=system, tools=tools)
+    # Structured output (ChatModel.prepare holds the reply to them with a grammar; "none" hides the tools)
+    if req.response_format is not None:
+        options['response_format'] = req.response_format
+    if req.tool_choice is not None:
+        options['tool_choice'] = req.tool_choice
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     return ChatCall(query, history, options, stops, adapter, logprobs)
 
@@ -177,6 +180,7 @@ def scores_prompt(req: TextCompletionRequest) -> bool:
 
 def completion_call(req: TextCompletionRequest, adapter: Optional[str]) -> ChatCall:
     """An OpenAI completions request: its one prompt (text or token ids) to continue as it is."""
+    _check_stream_options(req)
     stops = _stops(req)
     prompt = _one_prompt(req)
     if req.suffix:

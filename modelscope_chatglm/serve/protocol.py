@@ -107,6 +107,20 @@ class DetokenizeRequest(BaseModel):
     tokens: List[StrictInt] = Field(max_length=1_000_000)
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter (serve --allow-runtime-adapters)."""
+    model_config = ConfigDict(extra='forbid')
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter."""
+    model_config = ConfigDict(extra='forbid')
+    lora_name: str
+    lora_int_id: Optional[StrictInt] = None   # vLLM's, accepted and not used: adapters go by name here
+
+
 def ignoring_unknown_fields(schema):
     """The schema with unknown fields dropped instead of refused (serve --allow-unknown-fields)."""
     return type(schema.__name__, (schema,), {'model_config': ConfigDict(extra='ignore'), '__doc__': schema.__doc__})

@@ -5,7 +5,9 @@
          -> ChatGLMReplica x N (one model each, running an AsyncEngine)
 
 Each replica streams `AsyncEngine.generate`'s events back to the ingress, so the routes, errors and
-protocol are server.py's. A replica that dies takes only its in-flight requests with it: those get a
+protocol are server.py's. With `allow_runtime_adapters`, LoRA adapters loaded while serving go to every
+replica, and a small `RuntimeAdapters` deployment keeps their list for replicas that start later
+(autoscaling, a restart). A replica that dies takes only its in-flight requests with it: those get a
 503 (or an error event that ends their stream) within seconds, the router stops sending it work, and
 Ray Serve starts a new one.
 
@@ -34,7 +36,8 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError
 
 from .. import openmp
-from .async_engine import AsyncEngine, ChatCall, QueueFull, ReplicaUnavailable
+from ..engine.core import NoSuchAdapter
+from .async_engine import AdapterFixed, AsyncEngine, ChatCall, QueueFull, ReplicaUnavailable, already_loaded
 from .ray_roster import ROSTER
 from .ray_routing import ConversationRouter
 
@@ -61,6 +64,7 @@ class RaySettings:
     max_queue: int = 100               # per replica
     max_logprobs: int = 20
     allow_unknown_fields: bool = False
+    allow_runtime_adapters: bool = False   # /v1/load_lora_adapter and /v1/unload_lora_adapter
     max_batch: Optional[int] = None
     kv_cache_gb: Optional[float] = None
     prefill_chunk: Optional[int] = None
@@ -116,7 +120,7 @@ class RaySettings:
 class ChatGLMReplica:
     """One model and its batching engine. Ray Serve runs as many as `replicas` asks."""
 
-    def __init__(self, settings: RaySettings):
+    async def __init__(self, settings: RaySettings, runtime_adapters=None):
         import torch
         from ..adapters import parse_specs
         from ..loading import load
@@ -135,14 +139,62 @@ class ChatGLMReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.engine = AsyncEngine(chat, settings.max_queue, settings.max_batch, settings.kv_cache_bytes(),
                              settings.prefill_chunk, replica=self.replica)
+        self.runtime_adapters = runtime_adapters
+        self._following = asyncio.Lock()   # one change to this replica's adapters at a time
+        if runtime_adapters is not None:   # the adapters loaded while serving, before this replica started
+            for name, path in (await runtime_adapters.get.remote()).items():
+                try:
+                    self.engine.load_adapter_sync(name, path)
+                except Exception as e:   # (no replica, rather than one refusing what the others serve)
+                    raise RuntimeError(f'the adapter {name!r} loaded at run time cannot be loaded from {path} ({e}); '
+                                       'restore its files on this node, or unload it (POST /v1/unload_lora_adapter)') \
+                        from None
         logger.info('replica %s (pid %d) serves %s', self.replica, os.getpid(), chat)
 
     def info(self) -> dict:
         e = self.engine
-        return {'model_name': e.model_name, 'adapters': e.adapters}
+        return {'model_name': e.model_name, 'adapters': e.adapters, 'fixed_adapters': sorted(e.fixed_adapters)}
+
+    async def load_adapter(self, name: str, path: str, replica: Optional[str] = None) -> str:
+        """Hold the adapter loaded at run time (RayBackend.load_adapter calls each replica, `replica` pinning
+        the call); -> this replica's id. A replica that has it from that path already (it started since, and
+        read RuntimeAdapters) keeps it; one that has it from another path (it missed an unload while it
+        started) takes the new one."""
+        async with self._following:
+            try:
+                if self.engine.adapter_paths.get(name) != path:
+                    if name in self.engine.adapter_paths:
+                        await self.engine.unload_adapter(name)
+                    await self.engine.load_adapter(name, path)
+            except Exception as e:
+                raise _portable(e) from None
+        return self.replica
+
+    async def unload_adapter(self, name: str, replica: Optional[str] = None) -> str:
+        """Drop an adapter loaded at run time, once its requests here have finished; -> this replica's id."""
+        async with self._following:
+            try:
+                if name in self.engine.adapter_paths:
+                    await self.engine.unload_adapter(name)
+            except Exception as e:
+                raise _portable(e) from None
+        return self.replica
+
+    async def _catch_up(self, name: str):
+        """A request for an adapter this replica does not hold, which RuntimeAdapters has: loaded while this
+        replica started, after it read the list and before the HTTP front knew of it. Load it now; if that
+        fails, the request is refused as for any adapter the replica does not hold."""
+        path = (await self.runtime_adapters.get.remote()).get(name)
+        if path is not None:
+            try:
+                await self.load_adapter(name, path)
+            except Exception:
+                logger.exception('replica %s could not load the adapter %r from %s', self.replica, name, path)
 
     async def generate(self, call: ChatCall):
         """AsyncEngine.generate's events; exceptions travel as portable copies."""
+        if call.adapter is not None and call.adapter not in self.engine.adapters and self.runtime_adapters is not None:
+            await self._catch_up(call.adapter)
         async for kind, value in self.engine.generate(call):
             if kind in ('rejected', 'error'):
                 value = _portable(value)
@@ -187,10 +239,15 @@ class RayBackend:
     """What server.py's routes need of a model, over the replicas' deployment handle."""
     STATS_TIMEOUT_S = 5
 
-    def __init__(self, handle, info: dict):
+    def __init__(self, handle, info: dict, runtime_adapters=None, loaded: Optional[dict] = None):
         self.handle = handle
         self.model_name = info['model_name']
-        self.adapters = info['adapters']
+        self.fixed_adapters = list(info.get('fixed_adapters', info['adapters']))
+        # What a request's `model` may name: the adapters given at start, and those loaded while serving (the
+        # RuntimeAdapters deployment keeps them; this ingress changes them).
+        self.adapters = self.fixed_adapters + sorted(set(loaded or {}) - set(self.fixed_adapters))
+        self.runtime_adapters = runtime_adapters
+        self._adapter_changes = asyncio.Lock()
 
     async def generate(self, call: ChatCall):
         with _own_routing_id():
@@ -241,6 +298,74 @@ class RayBackend:
     def cancel_all(self):
         pass   # each replica cancels its own work when it shuts down
 
+    async def load_adapter(self, name: str, path: str):
+        """Every running replica loads it, all at once. RuntimeAdapters has it first, so a replica that starts
+        meanwhile or later loads it too. If any replica cannot, none keeps it, and its error is the answer."""
+        async with self._adapter_changes:
+            if name in self.adapters:
+                raise already_loaded(name)
+            await self.runtime_adapters.add.remote(name, path)
+            try:
+                await self._on_every_replica('load_adapter', name, path)
+            except BaseException:
+                await self.runtime_adapters.remove.remote(name)
+                try:
+                    await self._on_every_replica('unload_adapter', name)
+                except Exception:
+                    logger.exception('the adapter %r failed to load; unloading it from the replicas failed too', name)
+                raise
+            self.adapters = self.adapters + [name]
+
+    async def unload_adapter(self, name: str):
+        """New requests for it get a 404 at once; each replica drops it once its requests there have finished."""
+        async with self._adapter_changes:
+            if name in self.fixed_adapters:
+                raise AdapterFixed.named(name)
+            if name not in self.adapters:
+                raise NoSuchAdapter(f'no adapter named {name!r}; this server holds {self.adapters or "none"}')
+            self.adapters = [a for a in self.adapters if a != name]
+            await self.runtime_adapters.remove.remote(name)
+            await self._on_every_replica('unload_adapter', name)
+
+    async def _on_every_replica(self, method: str, *args):
+        """Call `method` on every running replica (as the router last saw them) at once, each call pinned to
+        its replica; raise the first failure once all have answered."""
+        ids = list(ROSTER.get((self.handle.app_name, self.handle.deployment_name), ())) or [None]
+
+        async def call(replica):
+            with _own_routing_id():   # (calls routed at once need ids of their own)
+                response = getattr(self.handle, method).remote(*args, replica=replica)
+            try:
+                return await response
+            except RayTaskError as e:   # the replica refused it (CheckpointError, ...): the same exception here
+                raise (e.cause or e) from None
+            except RayError as e:
+                raise ReplicaUnavailable(f'a replica stopped while changing its adapters ({type(e).__name__}); '
+                                         'retry') from None
+        outcomes = await asyncio.gather(*(call(replica) for replica in ids), return_exceptions=True)
+        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if failures:
+            raise failures[0]
+
+
+@serve.deployment(ray_actor_options={'num_cpus': 0})
+class RuntimeAdapters:
+    """The LoRA adapters loaded while serving ({name: path}): RayBackend changes it before it tells the
+    replicas, and each model replica loads what it holds when it starts (autoscaling, a restart). It lives as
+    long as the application; if this replica itself were restarted, the list would start empty again."""
+
+    def __init__(self):
+        self.adapters = {}
+
+    def get(self) -> dict:
+        return dict(self.adapters)
+
+    def add(self, name: str, path: str):
+        self.adapters[name] = path
+
+    def remove(self, name: str):
+        self.adapters.pop(name, None)
+
 
 @contextlib.contextmanager
 def _own_routing_id():
@@ -269,15 +394,18 @@ def _own_routing_id():
 class ChatGLMIngress:
     """Ray Serve's HTTP entry: server.py's routes over RayBackend. Holds no model."""
 
-    async def __init__(self, replicas, settings: RaySettings):
-        self.replicas, self.settings = replicas, settings
+    async def __init__(self, replicas, settings: RaySettings, runtime_adapters=None):
+        self.replicas, self.settings, self.runtime_adapters = replicas, settings, runtime_adapters
         self.info = await replicas.info.remote()   # waits until a model replica is up
+        # (an ingress that restarts takes the adapters loaded while serving from there)
+        self.loaded = await runtime_adapters.get.remote() if runtime_adapters is not None else {}
 
     async def __serve_build_asgi_app__(self):
         from .server import create_app_over
         s = self.settings
-        return create_app_over(RayBackend(self.replicas, self.info), s.name, s.max_body_bytes, s.api_key,
-                               s.max_logprobs, s.allow_unknown_fields)
+        return create_app_over(RayBackend(self.replicas, self.info, self.runtime_adapters, self.loaded), s.name,
+                               s.max_body_bytes, s.api_key, s.max_logprobs, s.allow_unknown_fields,
+                               s.allow_runtime_adapters)
 
 
 def app(args: Optional[dict] = None):
@@ -304,10 +432,12 @@ def app(args: Optional[dict] = None):
                                                  'target_ongoing_requests': batch}
     else:
         replica_options['num_replicas'] = settings.replicas
-    replicas = ChatGLMReplica.options(**replica_options).bind(settings)
+    # Adapters loaded while serving: their list, for replicas that start later (none without the setting).
+    runtime_adapters = RuntimeAdapters.bind() if settings.allow_runtime_adapters else None
+    replicas = ChatGLMReplica.options(**replica_options).bind(settings, runtime_adapters)
     most = scale[1] if scale else settings.replicas
     return ChatGLMIngress.options(ray_actor_options={'num_cpus': 0}, max_ongoing_requests=most * per_replica * 2,
-                                  ).bind(replicas, settings)
+                                  ).bind(replicas, settings, runtime_adapters)
 
 
 def _deployment_errors() -> str:

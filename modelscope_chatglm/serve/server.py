@@ -4,13 +4,17 @@ ray_app.py). The request schemas are protocol.py's; a request becomes engine cal
 results response bodies in responses.py (errors: errors.py, /metrics: metrics.py).
 
     GET  /health                 {"status": "ok", "model", running/queued sequences, KV cache use, ...}
-    GET  /metrics                the same as Prometheus text (running and queued sequences, KV pool
-                                 use, prefix-cache hit rate, tokens and tokens/s)
+    GET  /metrics                the same as Prometheus text, and per-request histograms (time to first
+                                 token, inter-token and end-to-end latency, queue time, lengths) and
+                                 finish reasons, also under vLLM's names (metrics.py)
     GET  /v1/models              the served model and the LoRA adapters it holds (`model` picks one)
     POST /v1/chat/completions    OpenAI chat completions, with `stream: true` as SSE chunks + [DONE];
                                  ChatGLM3 tools map to `tools` / `tool_calls`
     POST /v1/completions         OpenAI (legacy) completions: a plain prompt continued, no chat template
     POST /tokenize, /detokenize  vLLM's: the prompt ids a request would run (its count), and ids -> text
+    POST /v1/load_lora_adapter   vLLM's: {"lora_name", "lora_path"}: a LoRA adapter served from now on;
+    POST /v1/unload_lora_adapter {"lora_name"}: gone once the requests already using it have finished
+                                 (both need --allow-runtime-adapters; without it they answer 404 naming it)
     POST /                       the classic ChatGLM API: {prompt, history, max_length, top_p,
                                  temperature} -> {response, history, status, time}
 
@@ -35,15 +39,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
+from ..adapters import AdapterNotFound
 from ..chat import ChatModel
+from ..engine.core import NoSuchAdapter
 from ..errors import InputError
 from .auth import api_keys
 from .async_engine import AsyncEngine, Result
 from .calls import chat_call, choice_calls, classic_call, completion_call, echo_text, scores_prompt, tokenize_call
 from .errors import error_body, failure, rejection
-from .metrics import combined, prometheus_text
-from .protocol import (ChatCompletionRequest, ClassicRequest, DetokenizeRequest, TextCompletionRequest, TokenizeRequest,
-                       ignoring_unknown_fields)
+from .metrics import MetricsExporter, combined, without_request_metrics
+from .protocol import (ChatCompletionRequest, ClassicRequest, DetokenizeRequest, LoadLoRAAdapterRequest,
+                       TextCompletionRequest, TokenizeRequest, UnloadLoRAAdapterRequest, ignoring_unknown_fields)
 from .responses import ChatChunks, TextChunks, completion, completion_id, text_completion, usage
 
 
@@ -76,14 +82,25 @@ def check_model_names(name: str, adapters) -> None:
     be picked (the request would get the base)."""
     if name in adapters:
         raise ValueError(f'the adapter name {name!r} is the served model\'s name; name the adapter otherwise '
-                         '(--adapter NAME=PATH) or the model (--name)')
+                         '(--adapter NAME=PATH, or lora_name of /v1/load_lora_adapter) or the model (--name)')
+
+
+def _adapter_change_refused(exc: Exception) -> JSONResponse:
+    """A load or unload of an adapter that did not happen: no such adapter or directory is a 404, a bad
+    name or adapter (not a LoRA, made for another base, a P-tuning checkpoint, loaded already) a 400."""
+    if isinstance(exc, (NoSuchAdapter, AdapterNotFound)):
+        return _error(404, str(exc), 'not_found_error')
+    if isinstance(exc, ValueError):   # InputError, CheckpointError, AdapterExists, AdapterFixed
+        return _error(400, str(exc))
+    return _rejected(exc, accepted=True)   # a replica that went away (503), or our fault (500)
 
 
 # -- the app ---------------------------------------------------------------------------------------------
 def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20,
                api_key: Optional[str] = None, max_queue: int = 100, max_batch: Optional[int] = None,
                kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None,
-               max_logprobs: int = 20, allow_unknown_fields: bool = False) -> FastAPI:
+               max_logprobs: int = 20, allow_unknown_fields: bool = False,
+               allow_runtime_adapters: bool = False) -> FastAPI:
     """The server over one model in this process.
     api_key: when set (a key, a comma-separated list, or a list), every route but /health and /metrics wants
     `Authorization: Bearer <key>` with one of the keys, and each key's requests share prefix-cache entries
@@ -91,19 +108,22 @@ def create_app(chat: ChatModel, model_name: Optional[str] = None, max_body_bytes
     max_queue: requests that may wait for the model; more get a 503 with Retry-After.
     max_logprobs: the most alternatives per token a request may ask logprobs for (vLLM's --max-logprobs).
     allow_unknown_fields: drop body fields that are neither OpenAI's nor vLLM's instead of answering 400.
-    max_batch, kv_cache_bytes, prefill_chunk: the settings of the model's engine (engine/scheduler.py)."""
+    max_batch, kv_cache_bytes, prefill_chunk: the settings of the model's engine (engine/scheduler.py).
+    allow_runtime_adapters: vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING); with it, a request's `model` must name the base or an adapter."""
     check_model_names(model_name or chat.name, list(chat.adapters))   # (before an engine thread starts)
     engine = AsyncEngine(chat, max_queue, max_batch, kv_cache_bytes, prefill_chunk)
-    return create_app_over(engine, model_name, max_body_bytes, api_key, max_logprobs, allow_unknown_fields)
+    return create_app_over(engine, model_name, max_body_bytes, api_key, max_logprobs, allow_unknown_fields,
+                           allow_runtime_adapters)
 
 
 def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: int = 1 << 20,
                     api_key: Optional[str] = None, max_logprobs: int = 20,
-                    allow_unknown_fields: bool = False) -> FastAPI:
+                    allow_unknown_fields: bool = False, allow_runtime_adapters: bool = False) -> FastAPI:
     """The routes over a backend: an `AsyncEngine` here, or `ray_app.RayBackend` over Ray Serve replicas.
     A backend has model_name, adapters, `generate(ChatCall)` (the event stream of async_engine.py), `async
-    stats_list()` (one dict per engine), `async tokenize(ChatCall, special_tokens)`, `async detokenize(ids)`
-    and `cancel_all()`."""
+    stats_list()` (one dict per engine), `async tokenize(ChatCall, special_tokens)`, `async detokenize(ids)`,
+    `async load_adapter(name, path)`, `async unload_adapter(name)` and `cancel_all()`."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -193,15 +213,16 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
 
     @app.get('/health')
     async def health():
-        engines = await backend.stats_list()
+        engines = [without_request_metrics(stats) for stats in await backend.stats_list()]
         if len(engines) == 1 and not engines[0].get('replica'):
             return {'status': 'ok', 'model': name, **engines[0]}
         return {'status': 'ok', 'model': name, **combined(engines), 'replicas': engines}
 
+    exporter = MetricsExporter(name)   # (a registry of this app's own: several apps may share a process)
+
     @app.get('/metrics')
     async def metrics():
-        return PlainTextResponse(prometheus_text(await backend.stats_list(), name),
-                                 media_type='text/plain; version=0.0.4; charset=utf-8')
+        return Response(exporter.render(await backend.stats_list()), media_type=exporter.content_type)
 
     @app.get('/v1/models')
     async def models():
@@ -211,8 +232,10 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
 
     def pick_adapter(requested: Optional[str]) -> Optional[str]:
         """The adapter a request's `model` names; None = the base. Without adapters any name is the base
-        (clients often send a fixed model name); with them, an unknown name is an error, not the base."""
-        if not backend.adapters or requested in (None, '', name):
+        (clients often send a fixed model name); with them, an unknown name is an error, not the base. So it
+        is on a server that loads adapters while it serves, even while it holds none: a request for one not
+        loaded yet, or unloaded, must not get the base model's reply."""
+        if (not backend.adapters and not allow_runtime_adapters) or requested in (None, '', name):
             return None
         if requested in backend.adapters:
             return requested
@@ -304,6 +327,10 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
     async def tokenize(req, request: Request):
         """vLLM's: the prompt ids a chat (`messages`) or completions (`prompt`) request would run."""
         try:
+            pick_adapter(req.model)   # (a name this server does not serve is the same 404 as a generation's)
+        except UnknownModel as e:
+            return _error(404, str(e), 'model_not_found')
+        try:
             result = await backend.tokenize(await asyncio.to_thread(tokenize_call, req), req.add_special_tokens)
         except (InputError, ValueError) as e:   # (ContextLengthError is one: the request could not run either)
             return _error(400, str(e))
@@ -332,6 +359,45 @@ def create_app_over(backend, model_name: Optional[str] = None, max_body_bytes: i
                                    ('/tokenize', tokenize, TokenizeRequest), ('/detokenize', detokenize, DetokenizeRequest)):
         endpoint.__annotations__['req'] = ignoring_unknown_fields(schema) if allow_unknown_fields else schema
         app.post(path)(endpoint)
+
+    # -- adapters loaded and unloaded while serving: vLLM's routes, request and response shapes -------------
+    def adapter_name(value: str) -> str:
+        if not value.strip():
+            raise InputError('lora_name must not be empty: it is the "model" requests send to pick the adapter')
+        return value
+
+    async def load_lora_adapter(req, request: Request):
+        try:
+            lora_name = adapter_name(req.lora_name)
+            check_model_names(name, [lora_name])
+            if not req.lora_path.strip():
+                raise InputError('lora_path must name the adapter\'s directory (adapter_config.json and its weights)')
+            # Shielded: a client that hangs up does not stop a load halfway (the lock of the next waits for it).
+            await asyncio.shield(backend.load_adapter(lora_name, req.lora_path))
+        except Exception as e:
+            return _adapter_change_refused(e)
+        return PlainTextResponse(f"Success: LoRA adapter '{lora_name}' added successfully.")
+
+    async def unload_lora_adapter(req, request: Request):
+        try:
+            lora_name = adapter_name(req.lora_name)
+            if lora_name == name:
+                raise InputError(f'{name!r} is the served model, not an adapter; it cannot be unloaded')
+            await asyncio.shield(backend.unload_adapter(lora_name))
+        except Exception as e:
+            return _adapter_change_refused(e)
+        return PlainTextResponse(f"Success: LoRA adapter '{lora_name}' removed successfully.")
+
+    async def runtime_adapters_off(request: Request):
+        return _error(404, f'{request.url.path} is off on this server: start it with --allow-runtime-adapters (Ray '
+                           'Serve settings: allow_runtime_adapters) to load and unload LoRA adapters while it serves',
+                      'not_found_error')
+
+    for path, endpoint, schema in (('/v1/load_lora_adapter', load_lora_adapter, LoadLoRAAdapterRequest),
+                                   ('/v1/unload_lora_adapter', unload_lora_adapter, UnloadLoRAAdapterRequest)):
+        if allow_runtime_adapters:
+            endpoint.__annotations__['req'] = ignoring_unknown_fields(schema) if allow_unknown_fields else schema
+        app.post(path)(endpoint if allow_runtime_adapters else runtime_adapters_off)
 
     @app.post('/')
     async def classic(req: ClassicRequest, request: Request):
@@ -505,12 +571,16 @@ def serve(chat: ChatModel, host: str = '127.0.0.1', port: int = 8000, max_body_b
           model_name: Optional[str] = None, api_key: Optional[str] = None, max_queue: int = 100,
           max_batch: Optional[int] = None, kv_cache_bytes: Optional[int] = None, prefill_chunk: Optional[int] = None,
           max_logprobs: int = 20, max_connections: int = 1000, header_timeout: float = 30.0,
-          allow_unknown_fields: bool = False):
+          allow_unknown_fields: bool = False, allow_runtime_adapters: bool = False):
     import uvicorn
     # SIGTERM: stop accepting, give open requests SHUTDOWN_GRACE_S, then cancel them (their jobs stop
     # at the next token) and everything still queued.
     app = create_app(chat, model_name, max_body_bytes, api_key, max_queue, max_batch, kv_cache_bytes, prefill_chunk,
-                     max_logprobs, allow_unknown_fields)
+                     max_logprobs, allow_unknown_fields, allow_runtime_adapters)
+    if allow_runtime_adapters:   # (as vLLM warns: any client that may send requests may load files from this machine)
+        logging.getLogger(__name__).warning(
+            'serving with --allow-runtime-adapters: every client with access (and an API key, if set) can load '
+            'adapters from paths on this machine and unload them for everyone; use it where clients are trusted')
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

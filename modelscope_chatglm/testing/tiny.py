@@ -219,35 +219,10 @@ def quantize_state_dict(sd: Dict[str, torch.Tensor], family: str, bits: int) -> 
 
 def save_shards(state_dict: Dict[str, torch.Tensor], out_dir: str, fmt: str = 'bin', shards: int = 2):
     """Write `state_dict` as the hub does: `shards` files plus an index (1 shard = a single file)."""
+    from ..checkpoint import write_weights
     keys = list(state_dict)
     per = math.ceil(len(keys) / shards)
-    groups = [keys[i:i + per] for i in range(0, len(keys), per)]
-    if fmt == 'safetensors':
-        from safetensors.torch import save_file
-        single, pattern, index_name = 'model.safetensors', 'model-{:05d}-of-{:05d}.safetensors', \
-            'model.safetensors.index.json'
-
-        def write(tensors, path):
-            save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={'format': 'pt'})
-    elif fmt == 'bin':
-        single, pattern, index_name = 'pytorch_model.bin', 'pytorch_model-{:05d}-of-{:05d}.bin', \
-            'pytorch_model.bin.index.json'
-
-        def write(tensors, path):
-            torch.save(tensors, path)
-    else:
-        raise ValueError(f'unknown weight format {fmt!r}; use "bin" or "safetensors"')
-    if len(groups) == 1:
-        write(state_dict, os.path.join(out_dir, single))
-        return
-    weight_map = {}
-    for n, group in enumerate(groups, start=1):
-        name = pattern.format(n, len(groups))
-        write({k: state_dict[k] for k in group}, os.path.join(out_dir, name))
-        weight_map.update({k: name for k in group})
-    total = sum(v.numel() * v.element_size() for v in state_dict.values())
-    with open(os.path.join(out_dir, index_name), 'w') as f:
-        json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
+    write_weights(out_dir, [keys[i:i + per] for i in range(0, len(keys), per)], state_dict.__getitem__, fmt)
 
 
 def build(out_dir: str, family: str = 'glm2', fmt: str = 'bin', shards: int = 2, seed: int = 0,
@@ -322,28 +297,34 @@ def _write_json(out_dir, name, data):
         json.dump(data, f, indent=2, ensure_ascii=False)
 
 
-def build_lora(out_dir: str, base_dir: str, rank: int = 4, seed: int = 0) -> str:
+def build_lora(out_dir: str, base_dir: str, rank: int = 4, seed: int = 0,
+               targets=('query_key_value',)) -> str:
     """A random LoRA adapter for the ChatGLM2/3 checkpoint in `base_dir`, as peft writes one (adapter_config.json
-    and adapter_model.safetensors over each block's query_key_value): how to try `--adapter` offline."""
+    and adapter_model.safetensors over each block's `targets`, by default query_key_value, peft's default for
+    ChatGLM): how to try `--adapter` offline."""
     import torch
     from safetensors.torch import save_file
     with open(os.path.join(base_dir, 'config.json'), encoding='utf-8') as f:
         cfg = json.load(f)
     if 'num_layers' not in cfg:
         raise ValueError(f'{base_dir} is not a ChatGLM2/3 checkpoint (its LoRA targets are another module)')
-    hidden, heads = cfg['hidden_size'], cfg['num_attention_heads']
+    hidden, heads, ffn = cfg['hidden_size'], cfg['num_attention_heads'], cfg['ffn_hidden_size']
     head_dim = cfg.get('kv_channels') or hidden // heads
     groups = cfg.get('multi_query_group_num', heads) if cfg.get('multi_query_attention') else heads
-    out_features = (heads + 2 * groups) * head_dim
+    shapes = {'query_key_value': ('self_attention', (heads + 2 * groups) * head_dim, hidden),   # (parent, out, in)
+              'dense': ('self_attention', hidden, heads * head_dim),
+              'dense_h_to_4h': ('mlp', 2 * ffn, hidden), 'dense_4h_to_h': ('mlp', hidden, ffn)}
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(cfg['num_layers']):
-        module = f'base_model.model.transformer.encoder.layers.{layer}.self_attention.query_key_value'
-        tensors[f'{module}.lora_A.weight'] = torch.randn(rank, hidden, generator=g) / hidden ** 0.5
-        tensors[f'{module}.lora_B.weight'] = torch.randn(out_features, rank, generator=g) * 0.5
+        for target in targets:
+            parent, out_features, in_features = shapes[target]
+            module = f'base_model.model.transformer.encoder.layers.{layer}.{parent}.{target}'
+            tensors[f'{module}.lora_A.weight'] = torch.randn(rank, in_features, generator=g) / in_features ** 0.5
+            tensors[f'{module}.lora_B.weight'] = torch.randn(out_features, rank, generator=g) * 0.5
     os.makedirs(out_dir, exist_ok=True)
     _write_json(out_dir, 'adapter_config.json', {'peft_type': 'LORA', 'r': rank, 'lora_alpha': 2 * rank,
-                                                  'target_modules': ['query_key_value'], 'lora_dropout': 0.0,
+                                                  'target_modules': list(targets), 'lora_dropout': 0.0,
                                                   'bias': 'none', 'task_type': 'CAUSAL_LM'})
     save_file(tensors, os.path.join(out_dir, 'adapter_model.safetensors'))
     return out_dir

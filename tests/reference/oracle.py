@@ -4,7 +4,9 @@ This script runs in the side venv (transformers==4.40.2 + modelscope + CPU torch
     python oracle.py JOB.json OUT.pt
 
 JOB.json: {"model_dir": ..., "family": "glm1"|"glm2", "rope": "divide"|"base", "cases": [...]}.
-glm1 runs `modelscope/models/nlp/chatglm`, glm2 (also for ChatGLM3 checkpoints) `.../chatglm2`.
+glm1 runs `modelscope/models/nlp/chatglm`, glm2 (also for ChatGLM3 checkpoints) `.../chatglm2`; an
+int8/int4 directory (config.json's quantization_bit) without a GPU as THUDM's int4 repositories run on the
+CPU (`run_quantized_on_the_cpu`).
 Each case is one of
     {"kind": "logits", "name": ..., "prompts": [[ids], ...]}      left-padded as the tokenizer pads
     {"kind": "greedy", "name": ..., "prompt": [ids], "max_new_tokens": n}
@@ -26,7 +28,29 @@ import sys
 import torch
 
 
+def run_quantized_on_the_cpu():
+    """The reference builds an int8/int4 model for CUDA only: its `quantize()` moves every weight to
+    torch.cuda.current_device(), and cpm_kernels' fatbin unpacks int4. THUDM's int4/int8 repositories run
+    on the CPU by dequantizing to fp32 (`extract_int4_weight_to_float` in their quantization_kernels.c:
+    per byte, the high nibble is the even column, both nibbles sign-extended, times the row's scale).
+    Where there is no GPU, do that in the reference's place; the rest is the reference's own code."""
+    import modelscope.models.nlp.chatglm.quantization as v1
+    import modelscope.models.nlp.chatglm2.quantization as v2
+    torch.cuda.current_device = lambda: 'cpu'
+
+    def extract_weight(weight, scale, bits):
+        if bits == 4:
+            byte = weight.to(torch.int16)                  # the signed byte, widened
+            high, low = byte >> 4, ((byte & 0xF) ^ 8) - 8   # both nibbles, sign-extended
+            weight = torch.stack([high, low], dim=-1).flatten(-2)
+        return weight.float() * scale.float()[:, None]
+
+    v1.extract_weight_to_half = v2.extract_weight_to_half = extract_weight
+
+
 def load(model_dir, family, rope):
+    if json.load(open(f'{model_dir}/config.json')).get('quantization_bit') and not torch.cuda.is_available():
+        run_quantized_on_the_cpu()
     if family == 'glm1':
         from modelscope.models.nlp.chatglm.text_generation import ChatGLMForConditionalGeneration
         model = ChatGLMForConditionalGeneration._instantiate(model_dir=model_dir, torch_dtype=torch.float32)

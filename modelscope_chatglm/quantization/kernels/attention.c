@@ -94,7 +94,7 @@ static inline float element(const void *base, size_t i, int bf16) {
     float scale, void *out
 #define PAGED_JOB {q, ldq, nparts, rows, keys, min_keys, slots, key_start, k, v, ld_slot, H, G, d, scale, out, 0, 0}
 
-/* -- on the vector type of this build (vf: 16, 8 or 1 lanes) ---------------------------------------- */
+/* -- on the vector type of this build (vf: 16, 8, 4 or 1 lanes) ------------------------------------- */
 /* fp32, and bf16 on builds without bf16 dot products (widened to fp32 as they are read; p and the output
  * rounded to bf16 as the definition says). */
 
@@ -169,8 +169,10 @@ static void pack_keys(const paged_job *job, int p, int g, int j0, int n, float *
                 r[l] = l >= live ? vzero() : job->bf16 ? load_bf16(row16[l] + c) : vload(row[l] + c);
 #if VW == 16
             transpose16((__m512i *)r);
-#else
+#elif VW == 8
             transpose8(r);
+#else
+            transpose4(r);
 #endif
             for (int i = 0; i < VW; i++) vstore(kb + (size_t)(c + i) * VW, r[i]);
         }

@@ -1,6 +1,6 @@
 /*
  * The common ground of the CPU kernels: the headers, the instruction set this build targets (chosen by the
- * compiler's -march: KERNEL_ISA, and the switches X8_VNNI and XBF16_DP that later parts test), OpenMP,
+ * compiler's -march: KERNEL_ISA, and the switches X8_VNNI, XBF16_DP and KERNEL_NEON that later parts test), OpenMP,
  * and the scalar helpers every part uses: int4 nibbles, bf16 <-> fp32.
  * Part of the one translation unit quant_kernels.c (its top comment is the map), the first; not compiled
  * on its own.
@@ -31,6 +31,14 @@
 #elif defined(__AVX2__) && defined(__FMA__)
 #define KERNEL_ISA "avx2"
 #include <immintrin.h>
+#elif defined(__aarch64__) && defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+#define KERNEL_ISA "neon-dotprod"   /* -march=armv8.2-a+dotprod and later: Neoverse N1/V1, Graviton 2+, Apple M */
+#define KERNEL_NEON 1   /* vf on 4 lanes (vec.h), the int8-activation tiles of x8_neon.c */
+#include <arm_neon.h>
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define KERNEL_ISA "neon"           /* plain Armv8-A (Cortex-A53/A72, Graviton 1): no sdot, x8_neon.c widens */
+#define KERNEL_NEON 1
+#include <arm_neon.h>
 #else
 #define KERNEL_ISA "scalar"
 #endif

@@ -14,9 +14,9 @@
  * result. For each kernel there is a plain scalar reference (`*_ref`, reference.c); the test suite checks
  * that they agree, on every instruction set the build can target here.
  *
- * The SIMD path is chosen when this file is compiled (-march=native): AVX-512 (F+BW), else AVX2+FMA,
- * else the scalar code (common.h). Rows are split across `nthreads` OpenMP threads (torch's setting) in
- * chunks (threads.c).
+ * The SIMD path is chosen when this file is compiled (-march=native): AVX-512 (F+BW), else AVX2+FMA; on
+ * aarch64 NEON, with dotprod or without; else the scalar code (common.h). Rows are split across `nthreads`
+ * OpenMP threads (torch's setting) in chunks (threads.c).
  * Prefill (many rows of x) uses `*_dequant_rows_*` on row tiles and a matrix multiply in torch.
  *
  * `*_gemv_xbf16` take a bf16 model's x in bf16: on AVX512-BF16 they multiply bf16 pairs (`vdpbf16ps`,
@@ -27,8 +27,8 @@
  * of a decode step (models/base.py): fp32 logits, summed in the same order for any number of rows.
  *
  * `*_gemv_x8` are the int8-activation kernels (the CPU default for quantized models) (x8_quantize.c says how): x is quantized to
- * int8 too and the dot products are exact integer sums (AVX512-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, or
- * the scalar code); they take every row of x, prompt or decode.
+ * int8 too and the dot products are exact integer sums (AVX512-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, NEON
+ * `sdot` or widening multiplies, or the scalar code); they take every row of x, prompt or decode.
  *
  * `attend_f32` and `attend_bf16` are the attention of every new row of a forward (prompt chunks and decode
  * tokens of many sequences) over their keys in the paged K/V pool, one call per layer (attention.c).
@@ -40,10 +40,10 @@
  * part uses what the parts above it define; none is compiled on its own. The library's cache key
  * (build.py) covers every .c and .h here, so editing any part rebuilds it.
  *
- *   common.h                 headers, this build's instruction set (KERNEL_ISA; X8_VNNI, XBF16_DP), OpenMP,
- *                            int4 nibbles, bf16 <-> fp32
- *   vec.h                    vf, one vector type for every instruction set (AVX-512, AVX2, scalar), exp,
- *                            register transposes
+ *   common.h                 headers, this build's instruction set (KERNEL_ISA; X8_VNNI, XBF16_DP,
+ *                            KERNEL_NEON), OpenMP, int4 nibbles, bf16 <-> fp32
+ *   vec.h                    vf, one vector type for every instruction set (AVX-512, AVX2, NEON, scalar),
+ *                            exp, register transposes
  *   threads.c                parallel_run / parallel_for on OpenMP's threads, forked children, per-thread
  *                            scratch buffers
  *   gemv_fp32.c              the exact weight-only kernels: up to ROW_BLOCK weight rows widened to fp32 in
@@ -54,6 +54,8 @@
  *   x8_avx2.c                int8-activation tiles by vpmaddubsw (AVX2, AVX-512 without VNNI; plain C on
  *                            the scalar build)
  *   x8_avx512_vnni.c         int8-activation strips by vpdpbusd (AVX512-VNNI builds)
+ *   x8_neon.c                int8-activation tiles by sdot, or widening multiplies without dotprod (aarch64
+ *                            NEON builds; the scalar reference's bits)
  *   x8.c                     their driver and entry points: q8_gemv_x8, q4_gemv_x8, and the `_lanes` pair
  *   relayout.c               weights into other layouts: the VNNI lane layout (x8_relayout_weights) and
  *                            dequantised row tiles for prefill (*_dequant_rows_*)
@@ -75,6 +77,7 @@ int kernel_openmp(void) { return KERNEL_OPENMP; }
 #include "x8_quantize.c"
 #include "x8_avx2.c"
 #include "x8_avx512_vnni.c"
+#include "x8_neon.c"
 #include "x8.c"
 #include "relayout.c"
 #include "attention.c"

@@ -1,8 +1,8 @@
 /*
  * The vector abstraction of the CPU kernels: vf holds VW floats of the instruction set this build targets,
- * and the kernels of gemv_fp32.c and attention.c are written once on its operations, for AVX-512, AVX2 and
- * the scalar code alike. Also exp for the softmax (vexp), and the register transposes (transpose16,
- * transpose8) with which the VNNI and attention kernels pack their operands.
+ * and the kernels of gemv_fp32.c and attention.c are written once on its operations, for AVX-512, AVX2,
+ * Arm NEON and the scalar code alike. Also exp for the softmax (vexp), and the register transposes
+ * (transpose16, transpose8, transpose4) with which the VNNI and attention kernels pack their operands.
  * Part of the one translation unit quant_kernels.c (its top comment is the map); not compiled on its own.
  */
 
@@ -10,8 +10,8 @@
 #define QUANT_KERNELS_VEC_H
 
 /* ---- one vector type for every instruction set ------------------------------------------------ */
-/* vf holds VW floats: 16 (AVX-512), 8 (AVX2) or 1 (scalar). The kernels of gemv_fp32.c and attention.c are
- * written once on it. */
+/* vf holds VW floats: 16 (AVX-512), 8 (AVX2), 4 (NEON) or 1 (scalar). The kernels of gemv_fp32.c and
+ * attention.c are written once on it. */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define VW 16
@@ -68,6 +68,30 @@ static inline void load_q4(const int8_t *w, vf *hi, vf *lo) {
     *hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
     *lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
 }
+#elif defined(KERNEL_NEON)
+/* aarch64 NEON, 128 bits: the AVX2 code at half the width. The weights widen exactly as there: int8 and
+ * int4 through int32, bf16 by a shift, fp16 by `fcvtl` (exact for every value, subnormals included: Linux
+ * starts processes with flush-to-zero off). Each vector holds 4 consecutive columns, so the sums run in
+ * the order gemv_fp32.c describes with VW = 4. */
+#define VW 4
+typedef float32x4_t vf;
+static inline vf vzero(void) { return vdupq_n_f32(0.0f); }
+static inline vf vload(const float *p) { return vld1q_f32(p); }
+static inline vf vfma(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }   /* c + a * b, fused */
+static inline float vhsum(vf v) { return vaddvq_f32(v); }                 /* (v0 + v1) + (v2 + v3) */
+static inline int32x4_t load4_s8_s32(const int8_t *w) {                   /* 4 bytes, sign-extended */
+    int32_t v;
+    memcpy(&v, w, 4);
+    return vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(v)))));
+}
+static inline vf load_q8(const int8_t *w) { return vcvtq_f32_s32(load4_s8_s32(w)); }
+static inline vf load_bf16(const uint16_t *w) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(w), 16)); }
+static inline vf load_f16(const uint16_t *w) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(w))); }
+static inline void load_q4(const int8_t *w, vf *hi, vf *lo) {
+    const int32x4_t b = load4_s8_s32(w);
+    *hi = vcvtq_f32_s32(vshrq_n_s32(b, 4));
+    *lo = vcvtq_f32_s32(vshrq_n_s32(vshlq_n_s32(b, 28), 28));
+}
 #else
 #define VW 1
 typedef float vf;
@@ -102,6 +126,14 @@ static inline float vhmax(vf x) {
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
 }
+#elif VW == 4
+static inline vf vset1(float x) { return vdupq_n_f32(x); }
+static inline void vstore(float *p, vf x) { vst1q_f32(p, x); }
+static inline vf vmul(vf a, vf b) { return vmulq_f32(a, b); }
+static inline vf vadd(vf a, vf b) { return vaddq_f32(a, b); }
+static inline vf vsub(vf a, vf b) { return vsubq_f32(a, b); }
+static inline vf vmax(vf a, vf b) { return vmaxq_f32(a, b); }   /* `fmax`: NaN if either is NaN */
+static inline float vhmax(vf x) { return vmaxvq_f32(x); }
 #else
 static inline vf vset1(float x) { return x; }
 static inline void vstore(float *p, vf x) { *p = x; }
@@ -113,7 +145,8 @@ static inline float vhmax(vf x) { return x; }
 #endif
 
 /* exp(x) for the softmax (x <= 0): 2^(x log2 e) = 2^n 2^f, n an integer and |f| <= 1/2, 2^f by a degree-6
- * polynomial (relative error ~2e-7). NaN stays NaN (max returns its second operand when one is NaN). */
+ * polynomial (relative error ~2e-7). NaN stays NaN (x86's max returns its second operand when one is NaN,
+ * NEON's returns NaN). */
 static inline vf vexp(vf x) {
 #if VW == 1
     return expf(x);
@@ -122,9 +155,12 @@ static inline vf vexp(vf x) {
 #if VW == 16
     const vf n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const vf f = _mm512_sub_ps(t, n);
-#else
+#elif VW == 8
     const vf n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const vf f = _mm256_sub_ps(t, n);
+#else
+    const vf n = vrndnq_f32(t);   /* to nearest, ties to even, as x86's */
+    const vf f = vsubq_f32(t, n);
 #endif
     vf p = vset1(1.535336188319500e-4f);
     p = vfma(p, f, vset1(1.339887440266574e-3f));
@@ -135,9 +171,12 @@ static inline vf vexp(vf x) {
     p = vfma(p, f, vset1(1.0f));
 #if VW == 16
     return _mm512_scalef_ps(p, n);
-#else   /* times 2^n, built in the exponent bits (n >= -126 after the clamp) */
+#elif VW == 8   /* times 2^n, built in the exponent bits (n >= -126 after the clamp) */
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+#else           /* the same on NEON (n is an integer: truncating it is exact) */
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(e));
 #endif
 #endif
 }
@@ -186,6 +225,18 @@ static inline void transpose8(__m256 r[8]) {
         r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
         r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
     }
+}
+#endif
+
+#if VW == 4
+/* Transpose 4 x 4 floats in registers: rows interleaved in pairs (trn on 32-bit lanes), then 64-bit halves swapped. */
+static inline void transpose4(float32x4_t r[4]) {
+    const float64x2_t t0 = vreinterpretq_f64_f32(vtrn1q_f32(r[0], r[1])), t1 = vreinterpretq_f64_f32(vtrn2q_f32(r[0], r[1]));
+    const float64x2_t t2 = vreinterpretq_f64_f32(vtrn1q_f32(r[2], r[3])), t3 = vreinterpretq_f64_f32(vtrn2q_f32(r[2], r[3]));
+    r[0] = vreinterpretq_f32_f64(vtrn1q_f64(t0, t2));
+    r[1] = vreinterpretq_f32_f64(vtrn1q_f64(t1, t3));
+    r[2] = vreinterpretq_f32_f64(vtrn2q_f64(t0, t2));
+    r[3] = vreinterpretq_f32_f64(vtrn2q_f64(t1, t3));
 }
 #endif
 

@@ -1,12 +1,12 @@
 /*
  * int8 activations on AVX2: register tiles of X8_WROWS weight rows against X8_ROWS rows of xq, the products
- * by `vpmaddubsw`. Compiled where the build has no AVX512-VNNI (X8_VNNI, common.h): the AVX2 and AVX-512
- * (F+BW) builds run the vector code, the scalar build the plain C in tile_x8's #else. The X8_* macros at
- * the end tell x8.c how to run the tiles.
+ * by `vpmaddubsw`. Compiled where the build has no AVX512-VNNI (X8_VNNI, common.h) and is not NEON (those
+ * have x8_neon.c): the AVX2 and AVX-512 (F+BW) builds run the vector code, the scalar build the plain C in
+ * tile_x8's #else. The X8_* macros at the end tell x8.c how to run the tiles.
  * Part of the one translation unit quant_kernels.c (its top comment is the map); not compiled on its own.
  */
 
-#ifndef X8_VNNI
+#if !defined(X8_VNNI) && !defined(KERNEL_NEON)
 /* ---- int8 activations on AVX2 (and the scalar code) ------------------------------------------ */
 
 /* A register tile: X8_WROWS weight rows against up to X8_ROWS rows of xq. For each block of columns,
@@ -135,4 +135,4 @@ static void tiles_x8(void *arg, int t0, int t1) {
 #define X8_TILE_ROWS(bits) X8_WROWS   /* weight rows per work item */
 #define X8_TILE_XROWS(bits) X8_ROWS   /* rows of x per pass */
 #define X8_TILES tiles_x8
-#endif  /* !X8_VNNI */
+#endif  /* !X8_VNNI && !KERNEL_NEON */
