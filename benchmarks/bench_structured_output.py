@@ -4,8 +4,9 @@ outlines-core, on the same 64K SentencePiece vocabulary, the same schemas and th
 What it times, per engine and schema:
 - compile: the grammar (JSON schema, or any JSON object) made ready for this vocabulary, cold;
 - mask: computing which tokens may come next, for a batch of 1 and of 16 replies, at every token of a
-  reply (the batch advanced in step); ours includes turning the bitmask into the bool mask the sampler
-  applies.
+  reply (the batch advanced in step). The engines fill a bitmask (one bit per token); "llguidance (ours)"
+  also turns it into the penalty tensor the sampler adds to the logits (engine/grammar.py), all of what
+  a step pays.
 
 The vocabulary: ChatGLM's tokenizer cannot be downloaded here, so a SentencePiece BPE model of the same
 size (64,794 pieces, byte fallback, plus ChatGLM2's 5 specials: 64,799 ids in a 65,024-wide logits row)
@@ -113,6 +114,14 @@ class Ours:
             m.advance(token)
 
 
+class OursBitmask(Ours):
+    """The same, the bitmask alone (what the other engines' rows time): the penalty tensor is the rest."""
+    name = 'llguidance bitmask'
+
+    def mask(self, matchers):
+        grammar.token_bitmask(matchers)
+
+
 class XGrammar:
     name = 'xgrammar'
 
@@ -193,7 +202,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--batches', default='1,16')
-    parser.add_argument('--engines', default='ours,xgrammar,outlines-core')
+    parser.add_argument('--engines', default='ours,llguidance-bitmask,xgrammar,outlines-core')
     parser.add_argument('--cache', default=os.path.expanduser('~/.cache/modelscope_chatglm/bench'))
     parser.add_argument('--json', help='write the results here too')
     args = parser.parse_args()
@@ -201,7 +210,7 @@ def main():
     torch.set_num_threads(2)
     tokenizer = GLM2Tokenizer(sentencepiece_model(args.cache))
     print(f'vocabulary: {tokenizer.vocab_size} ids, logits width {WIDTH}; threads: 2; {time.strftime("%Y-%m-%d")}')
-    makers = {'ours': Ours, 'xgrammar': XGrammar, 'outlines-core': OutlinesCore}
+    makers = {'ours': Ours, 'llguidance-bitmask': OursBitmask, 'xgrammar': XGrammar, 'outlines-core': OutlinesCore}
     engines = [makers[name](tokenizer) for name in args.engines.split(',')]
     reference = engines[0] if isinstance(engines[0], Ours) else Ours(tokenizer)
     document = {'json_object': json.dumps(DOCUMENT, ensure_ascii=False).encode(),
