@@ -23,31 +23,37 @@ from .errors import ContextLengthError, InputError
 from .families import get_family
 
 
-# Tools are rendered into the prompt (json.dumps with indentation) and then tokenized: a 2 KB request of
-# tools nested 900 deep cost 0.8 s and 175 MB before it was refused. Real function schemas nest a few
-# levels and hold tens of values; these bounds are checked before anything is rendered.
-MAX_TOOLS_DEPTH = 32
-MAX_TOOLS_VALUES = 20_000
+# Tools are rendered into the prompt (json.dumps with indentation) and then tokenized, and schemas (tools',
+# response_format's) are rendered into grammars: a 2 KB request of tools nested 900 deep cost 0.8 s and
+# 175 MB before it was refused. Real schemas nest a few levels and hold tens of values; these bounds are
+# checked before anything is rendered.
+MAX_SCHEMA_DEPTH = 32
+MAX_SCHEMA_VALUES = 20_000
 
 
-def check_tools(tools):
-    """Refuse tools that are not a list of objects, nest deeper than MAX_TOOLS_DEPTH or hold more than
-    MAX_TOOLS_VALUES values (keys and values of every object, items of every list), without recursion."""
-    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
-        raise InputError('tools must be a list of objects (function definitions)')
-    stack, values = [(tool, 1) for tool in tools], 0
+def check_json_size(value, what: str, fix: str):
+    """Refuse JSON that nests deeper than MAX_SCHEMA_DEPTH or holds more than MAX_SCHEMA_VALUES values (keys
+    and values of every object, items of every list), without recursion."""
+    stack, values = [(value, 1)], 0
     while stack:
         value, depth = stack.pop()
         values += 1
-        if depth > MAX_TOOLS_DEPTH:
-            raise InputError(f'tools nest more than {MAX_TOOLS_DEPTH} levels deep; flatten the function schemas')
-        if values > MAX_TOOLS_VALUES:
-            raise InputError(f'tools hold more than {MAX_TOOLS_VALUES} values; send fewer or smaller functions')
+        if depth > MAX_SCHEMA_DEPTH:
+            raise InputError(f'{what} nest more than {MAX_SCHEMA_DEPTH} levels deep; {fix}')
+        if values > MAX_SCHEMA_VALUES:
+            raise InputError(f'{what} hold more than {MAX_SCHEMA_VALUES} values; {fix}')
         if isinstance(value, dict):
             values += len(value)
             stack.extend((item, depth + 1) for item in value.values())
         elif isinstance(value, list):
             stack.extend((item, depth + 1) for item in value)
+
+
+def check_tools(tools):
+    """Refuse tools that are not a list of objects, or too deep or too big (check_json_size)."""
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise InputError('tools must be a list of objects (function definitions)')
+    check_json_size(tools, 'tools', 'send fewer or smaller functions, or flatten their schemas')
 
 
 class ChatModel:
@@ -253,6 +259,7 @@ class ChatModel:
             tools = None   # as OpenAI: the model is not offered the tools
         messages, as_pairs = self._conversation(query, history, role, system, tools)
         params = self.sampling(**gen)
+        check_json_size(response_format, 'response_format schemas', 'flatten or shorten the schema')
         text = structured.reply_grammar(self.format, response_format, tools, tool_choice)
         if text is not None:
             params = replace(params, grammar=self.grammar(text))

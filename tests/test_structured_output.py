@@ -138,6 +138,17 @@ def test_bad_structured_requests_are_refused_by_name(glm3_model, kwargs, needle)
         glm3_model.prepare('x', **kwargs)
 
 
+def test_schemas_too_deep_or_too_big_are_refused_before_anything_is_compiled(glm2_model):
+    deep = {'type': 'string'}
+    for _ in range(40):
+        deep = {'type': 'object', 'properties': {'a': deep}}
+    with pytest.raises(InputError, match='nest more than 32 levels'):
+        glm2_model.prepare('x', response_format={'type': 'json_schema', 'json_schema': {'schema': deep}})
+    wide = {'type': 'object', 'properties': {f'p{i}': {'type': 'integer'} for i in range(12000)}}
+    with pytest.raises(InputError, match='hold more than 20000 values'):
+        glm2_model.prepare('x', response_format={'type': 'json_schema', 'json_schema': {'schema': wide}})
+
+
 def test_tool_choice_needs_chatglm3(glm2_model):
     with pytest.raises(InputError, match='ChatGLM3'):
         glm2_model.prepare('x', tools=[WEATHER], tool_choice='required')

@@ -32,7 +32,7 @@
  *
  * The tile: 4 weight rows (one float lane each) against 4 rows of x for int8 and 3 for int4, chosen so
  * that the 4 x R int32 accumulators, the weight vectors (int4: split into 2 x 4) and R float sums fit the
- * 32 registers. Not measured on Arm hardware (none was at hand): benchmarks/README.md says so.
+ * 32 registers, not timed: no Arm machine was at hand (docs/quantization.md, "Instruction sets").
  */
 #define X8N_WROWS 4   /* weight rows per tile: the lanes of one float vector of sums per row of x */
 #define X8N_MAX_R 4
