@@ -4,6 +4,7 @@ The reference (ModelScope's `models/nlp/chatglm2`, transformers 4.40.2) runs in 
 subprocess. Its python is $CHATGLM_REFERENCE_PYTHON, else .venv-ref/bin/python in the repository.
 Without it the parity tests skip, unless $CHATGLM_REQUIRE_REFERENCE=1 (CI sets it) makes that a failure.
 """
+import contextlib
 import json
 import os
 import platform
@@ -158,6 +159,19 @@ def start_service(args, url, log_path, env=None, timeout=180):
             break
     proc.kill()
     pytest.fail(f'{" ".join(args[:1])} did not start:\n{open(log_path).read()[-4000:]}')
+
+
+@contextlib.contextmanager
+def serving(model_dir: str, log_dir, *flags, env=None):
+    """`serve --model model_dir` (CPU, float32) on a free port of 127.0.0.1 -> its URL; stopped after."""
+    port = free_port()
+    proc = start_service(['serve', '--model', model_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port),
+                          *flags], f'http://127.0.0.1:{port}/health', os.path.join(log_dir, 'server.log'), env=env)
+    try:
+        yield f'http://127.0.0.1:{port}'
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def post_and_hang_up(base, path, body, running=1, timeout=30):

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import free_port, start_service
+from conftest import serving
 
 httpx = pytest.importorskip('httpx')
 pytest.importorskip('fastapi')
@@ -64,13 +64,8 @@ def chat(url, content, **options):
 @pytest.fixture(scope='module')
 def server(glm2_dir, tmp_path_factory):
     """One sequence at a time (--max-batch 1): a second request waits behind the first."""
-    port = free_port()
-    proc = start_service(['serve', '--model', glm2_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port),
-                          '--name', 'tiny-glm2', '--max-batch', '1'],
-                         f'http://127.0.0.1:{port}/health', tmp_path_factory.mktemp('metrics') / 'server.log')
-    yield f'http://127.0.0.1:{port}'
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(glm2_dir, tmp_path_factory.mktemp('metrics'), '--name', 'tiny-glm2', '--max-batch', '1') as url:
+        yield url
 
 
 def test_histograms_count_every_request_and_agree_with_its_usage(server):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import free_port, missing_optional, start_service
+from conftest import missing_optional, serving, start_service
 
 import modelscope_chatglm
 from modelscope_chatglm.adapters import read_to_add
@@ -42,33 +42,19 @@ def loras(glm2_dir, tmp_path_factory):
     return made
 
 
-def start_server(glm2_dir, log, *flags):
-    port = free_port()
-    proc = start_service(['serve', '--model', glm2_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port),
-                          '--name', 'base', *flags], f'http://127.0.0.1:{port}/health', log)
-    return proc, f'http://127.0.0.1:{port}'
-
-
-def stop(proc):
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
 @pytest.fixture(scope='module')
 def live(glm2_dir, tmp_path_factory):
     """A server that may load adapters and starts with none."""
-    proc, url = start_server(glm2_dir, tmp_path_factory.mktemp('live') / 'server.log', '--allow-runtime-adapters')
-    yield url
-    stop(proc)
+    with serving(glm2_dir, tmp_path_factory.mktemp('live'), '--name', 'base', '--allow-runtime-adapters') as url:
+        yield url
 
 
 @pytest.fixture(scope='module')
 def started(glm2_dir, loras, tmp_path_factory):
     """The same with LoRA a given at start (`--adapter a=PATH`): the reference a runtime load must equal."""
-    proc, url = start_server(glm2_dir, tmp_path_factory.mktemp('started') / 'server.log', '--allow-runtime-adapters',
-                             '--adapter', f'a={loras["a"]}')
-    yield url
-    stop(proc)
+    with serving(glm2_dir, tmp_path_factory.mktemp('started'), '--name', 'base', '--allow-runtime-adapters',
+                 '--adapter', f'a={loras["a"]}') as url:
+        yield url
 
 
 def load(url, name, path, **extra):
@@ -265,16 +251,13 @@ def test_bad_names_and_paths_are_refused_with_what_to_do(live, started, loras, g
 
 
 def test_without_the_flag_the_routes_are_refused_and_name_it(glm2_dir, loras, tmp_path):
-    proc, url = start_server(glm2_dir, tmp_path / 'server.log')
-    try:
+    with serving(glm2_dir, tmp_path, '--name', 'base') as url:
         for path, body in (('/v1/load_lora_adapter', {'lora_name': 'x', 'lora_path': loras['a']}),
                            ('/v1/unload_lora_adapter', {'lora_name': 'x'}), ('/v1/load_lora_adapter', {})):
             r = httpx.post(url + path, json=body, timeout=60)
             assert r.status_code == 404 and '--allow-runtime-adapters' in r.json()['error']['message'], r.text
         assert models(url) == ['base']
         assert ask(url, 'any-name').status_code == 200   # without adapters, as before: any name is the base
-    finally:
-        stop(proc)
 
 
 # -- the engine underneath ----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import free_port, start_service
+from conftest import serving
 
 llguidance = pytest.importorskip('llguidance')
 jsonschema = pytest.importorskip('jsonschema')
@@ -204,12 +204,8 @@ def test_the_pipeline_takes_response_format(glm2_dir):
 # -- over HTTP, through the openai client --------------------------------------------------------------
 @pytest.fixture(scope='module')
 def glm3_url(glm3_dir, tmp_path_factory):
-    port = free_port()
-    proc = start_service(['serve', '--model', glm3_dir, '--device', 'cpu', '--dtype', 'float32', '--port', str(port)],
-                         f'http://127.0.0.1:{port}/health', tmp_path_factory.mktemp('structured') / 'server.log')
-    yield f'http://127.0.0.1:{port}'
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(glm3_dir, tmp_path_factory.mktemp('structured')) as url:
+        yield url
 
 
 @pytest.fixture(scope='module')

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 from bisect import bisect_left
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List
 
 logger = logging.getLogger(__name__)
 
