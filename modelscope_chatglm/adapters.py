@@ -144,7 +144,12 @@ def read_to_add(path: str, model, revision: Optional[str] = None) -> LoRA:
         raise CheckpointError(f'{path} is a P-tuning v2 checkpoint: its prefix changes the whole model (every '
                               'sequence starts with it), so it cannot be added beside the running one; load it at '
                               'start instead (--adapter PATH), or add a LoRA adapter')
-    return read(local, model)
+    lora = read(local, model)
+    # In the model's dtype and on its device here, in the caller's (worker) thread: attaching then only
+    # links tensors, under the lock every new request takes.
+    for w in lora.modules.values():
+        w.A, w.B = (t.to(model.device, model.dtype).contiguous() for t in (w.A, w.B))
+    return lora
 
 
 def _read_lora(path: str, model) -> LoRA:

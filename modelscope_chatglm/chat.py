@@ -17,7 +17,7 @@ import torch
 
 from . import chat_formats, structured
 from .chat_formats import Reply
-from .engine.detokenize import StopStrings, TextDeltas, text_after
+from .engine.detokenize import ByteDeltas, StopStrings, TextDeltas, text_after
 from .engine.sampling import SamplingParams
 from .errors import ContextLengthError, InputError
 from .families import get_family
@@ -424,8 +424,12 @@ class ReplyDecoder:
     def __init__(self, chat: ChatModel, request: Union['ChatRequest', 'CompletionRequest'], stop: Sequence[str] = ()):
         self.chat, self.request = chat, request
         self.completion = isinstance(request, CompletionRequest)
-        # A completion's text continues its prompt; a chat reply starts a text of its own.
-        self.deltas = TextDeltas(chat.tokenizer, request.input_ids if self.completion else ())
+        # A completion's text continues its prompt; a chat reply starts a text of its own; a structured
+        # reply is the bytes its grammar matched.
+        if request.params.grammar is not None:
+            self.deltas = ByteDeltas(chat.tokenizer)
+        else:
+            self.deltas = TextDeltas(chat.tokenizer, request.input_ids if self.completion else ())
         self.parser = None if self.completion else chat.format.reply_parser(request.messages[:-1],
                                                                              request.params.grammar is not None)
         self.stops = StopStrings(stop)

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from .engine.detokenize import structured_text
 from .errors import InputError
 
 Message = Dict[str, Any]
@@ -140,7 +141,8 @@ def parse_tool_call(code: str):
                 and not call.args):
             return None
         params = {kw.arg: ast.literal_eval(_python_literals(kw.value)) for kw in call.keywords if kw.arg is not None}
-        json.dumps(params)   # sets, complex numbers, bytes, non-str keys: not a tool call we can pass on
+        # sets, complex numbers, bytes, non-str keys, inf and NaN (1E400 reads as inf): not a call to pass on
+        json.dumps(params, allow_nan=False)
         return params
     except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
         return None
@@ -324,8 +326,10 @@ class GLM3ReplyParser(ReplyParser):
 
     SEPARATOR = '<|assistant|>'
 
-    def __init__(self, has_tools: bool):
-        self.has_tools = has_tools
+    def __init__(self, has_tools: bool, structured: bool = False):
+        # structured: one message whose text is what its grammar matched, kept as it is (no clean-ups, and
+        # '<|assistant|>' spelled inside a JSON string is text, not a separator)
+        self.has_tools, self.structured = has_tools, structured
         self.held = ''            # an end of the text that may begin SEPARATOR
         self.messages: List[Message] = []
         self.texts: List[str] = []
@@ -340,6 +344,8 @@ class GLM3ReplyParser(ReplyParser):
         self.showed = False                    # whether any of it was text
 
     def push(self, text: str) -> str:
+        if self.structured:
+            return self._feed(text)
         text = self.held + text
         out = []
         while True:
@@ -368,9 +374,11 @@ class GLM3ReplyParser(ReplyParser):
             if '\n' not in text:
                 return ''
             self.metadata, _, text = ''.join(self.raw).partition('\n')
+            if self.structured:   # (its bytes keep the word-boundary space that decoding drops)
+                self.metadata = self.metadata.lstrip(' ')
             self.raw = []
             if not self.metadata.strip():
-                self.cleaner = _text_stages()
+                self.cleaner = _Stages(_Strip()) if self.structured else _text_stages()
         self.raw.append(text)
         return self._show(self.cleaner.push(text)) if self.cleaner else ''
 
@@ -385,7 +393,7 @@ class GLM3ReplyParser(ReplyParser):
 
     def _end_segment(self) -> str:
         if self.metadata is None:   # the first line never ended: the whole segment is text
-            self.metadata, self.cleaner = '', _text_stages()
+            self.metadata, self.cleaner = '', _Stages(_Strip()) if self.structured else _text_stages()
             out = self._show(self.cleaner.push(''.join(self.raw)))
         else:
             out = ''
@@ -412,6 +420,7 @@ class ChatFormat(abc.ABC):
     supports_system = False               # system prompt, tools, tool results (the observation role)
     # How a text reply opens, as a grammar (structured.py): a word-boundary space SentencePiece may put first
     text_opening = '" "?'
+    tool_opening = None   # how a tool call's code follows its name (ChatGLM3 only)
 
     @abc.abstractmethod
     def encode(self, tokenizer, messages: List[Message]) -> List[int]: ...
@@ -431,8 +440,9 @@ class ChatFormat(abc.ABC):
 
     def parse(self, tokenizer, output_ids: List[int], messages: List[Message], structured: bool = False) -> Reply:
         """A whole reply: generated ids, without the id that ended it (ChatModel.respond leaves out the
-        request's stop id) -> Reply."""
-        return self.parse_text(tokenizer.decode(output_ids), messages, structured)
+        request's stop id) -> Reply. A structured reply's text is the bytes its grammar matched."""
+        text = structured_text(tokenizer, output_ids) if structured else tokenizer.decode(output_ids)
+        return self.parse_text(text, messages, structured)
 
     def parse_text(self, text: str, messages: List[Message], structured: bool = False) -> Reply:
         """A whole reply's text -> Reply: the stream parser, given the text in one piece."""
@@ -452,7 +462,7 @@ class _PairsFormat(ChatFormat):
         return self.wrap(tokenizer, tokenizer.encode(self.prompt(query, pairs)))
 
     def reply_parser(self, messages, structured=False):
-        return _PlainReplyParser(_text_stages())
+        return _PlainReplyParser(_Stages(_Strip()) if structured else _text_stages())
 
 
 class GLM1Format(_PairsFormat):
@@ -463,8 +473,7 @@ class GLM1Format(_PairsFormat):
         return ids + tokenizer.suffix_ids      # text [gMASK] <sop>
 
     def reply_parser(self, messages, structured=False):
-        # (full-width punctuation would break JSON: '"名字",' is not '"名字"，')
-        return _PlainReplyParser(_text_stages() if structured else _text_stages(_WidePunctuation()))
+        return _PlainReplyParser(_Stages(_Strip()) if structured else _text_stages(_WidePunctuation()))
 
 
 class GLM2Format(_PairsFormat):
@@ -474,11 +483,14 @@ class GLM2Format(_PairsFormat):
 class GLM3Format(ChatFormat):
     title = 'ChatGLM3-6B'
     supports_system = True
-    text_opening = '" "? "\\n"'   # an empty metadata line ('▁' then '\n', as the prompt encodes one)
+    # an empty metadata line, then the content: '▁' '\n' '▁' as the prompt encodes a message (metadata and
+    # content each start a SentencePiece text)
+    text_opening = '" "? "\\n" " "?'
+    tool_opening = '"\\n" " "?'   # after a tool's name: the same line break
 
     def encode(self, tokenizer, messages):
         return glm3_ids(tokenizer, messages)
 
     def reply_parser(self, messages, structured=False):
         has_tools = bool(messages) and messages[0]['role'] == 'system' and bool(messages[0].get('tools'))
-        return GLM3ReplyParser(has_tools)
+        return GLM3ReplyParser(has_tools, structured)

@@ -69,8 +69,13 @@ def response_schema(response_format) -> Optional[dict]:
     raise InputError(f'response_format type {kind!r} is not one of "text", "json_object", "json_schema"')
 
 
-def _tool_function(tool: dict) -> dict:
-    return tool.get('function', tool) if isinstance(tool, dict) else {}
+def _tool_function(tool) -> dict:
+    """A tool's function definition: OpenAI's {"type": "function", "function": {...}} or the bare function."""
+    function = tool.get('function', tool) if isinstance(tool, dict) else None
+    if not isinstance(function, dict):
+        raise InputError(f'each tool is {{"type": "function", "function": {{"name": ..., "parameters": {{...}}}}}}, got '
+                         f'{tool!r}'[:300])
+    return function
 
 
 def forced_tools(tools: Optional[list], tool_choice) -> Optional[List[dict]]:
@@ -83,7 +88,8 @@ def forced_tools(tools: Optional[list], tool_choice) -> Optional[List[dict]]:
     functions = [_tool_function(t) for t in tools]
     if tool_choice == 'required':
         return functions
-    name = tool_choice.get('function', {}).get('name') if isinstance(tool_choice, dict) else None
+    function = tool_choice.get('function') if isinstance(tool_choice, dict) else None
+    name = function.get('name') if isinstance(function, dict) else None
     if not (isinstance(tool_choice, dict) and tool_choice.get('type') == 'function' and isinstance(name, str)):
         raise InputError('tool_choice must be "auto", "none", "required" or {"type": "function", "function": '
                          f'{{"name": ...}}}}, got {tool_choice!r}'[:300])
@@ -100,16 +106,26 @@ def _arguments(function: dict) -> str:
     params = function.get('parameters') or {}
     if not isinstance(params, dict):
         raise InputError(f'tool {function.get("name")!r}: parameters must be a JSON schema object')
+    tool = function.get('name')
     properties = params.get('properties') or {}
     if not isinstance(properties, dict):
-        raise InputError(f'tool {function.get("name")!r}: parameters.properties must be an object')
-    required = set(params.get('required') or ())
+        raise InputError(f'tool {tool!r}: parameters.properties must be an object')
+    required = params.get('required') or []
+    if not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
+        raise InputError(f'tool {tool!r}: parameters.required must be a list of property names, got {required!r}'[:300])
+    missing = [r for r in required if r not in properties]
+    if missing:
+        raise InputError(f'tool {tool!r}: parameters.required names {missing} that are not among its properties; '
+                         'describe them under properties to force this tool'[:300])
     for name in properties:
         if not name.isidentifier() or keyword.iskeyword(name):
-            raise InputError(f'tool {function.get("name")!r}: the parameter {name!r} cannot be a keyword argument of a '
+            raise InputError(f'tool {tool!r}: the parameter {name!r} cannot be a keyword argument of a '
                              'ChatGLM3 tool call (it is not a Python identifier); rename it to force this tool')
-    items = [(f'{_literal(name + "=")} ({_json(schema if isinstance(schema, dict) else {})})', name in required)
-             for name, schema in properties.items()]
+    # Each argument is checked against its property's schema alone: it takes the definitions that
+    # "$ref"s point to with it (pydantic writes nested models as {"$ref": "#/$defs/City"}).
+    definitions = {key: params[key] for key in ('$defs', 'definitions') if isinstance(params.get(key), dict)}
+    items = [(f'{_literal(name + "=")} ({_json(dict(schema, **definitions) if isinstance(schema, dict) else {})})',
+              name in required) for name, schema in properties.items()]
     return _ordered(items)
 
 
@@ -148,5 +164,6 @@ def reply_grammar(chat_format, response_format=None, tools=None, tool_choice=Non
         name = function.get('name')
         if not (isinstance(name, str) and TOOL_NAME.fullmatch(name)):
             raise InputError(f'tool names must match [A-Za-z0-9_-]{{1,64}} (as in the OpenAI API), got {name!r}'[:200])
-        branches.append(f'" "? {_literal(name)} "\\n```python\\ntool_call(" {_arguments(function)} ")\\n```"')
+        branches.append(f'" "? {_literal(name)} {chat_format.tool_opening} "```python\\ntool_call(" '
+                        f'{_arguments(function)} ")\\n```"')
     return 'start: ' + ' | '.join(f'({b})' for b in branches) + '\n'

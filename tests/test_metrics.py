@@ -177,7 +177,8 @@ def test_queue_time_is_the_wait_behind_a_full_batch(server):
     assert value(after, 'vllm:num_requests_waiting', model_name='tiny-glm2') == 0
 
 
-def test_each_app_has_its_own_registry_and_replica_sums_never_go_down():
+def test_each_app_has_its_own_registry_and_replica_sums_never_go_down(monkeypatch):
+    from modelscope_chatglm.serve import metrics
     from modelscope_chatglm.serve.metrics import METRICS, VLLM_ENGINE_METRICS, MetricsExporter, RequestMetrics
 
     class Seq:   # what RequestMetrics reads of an engine sequence
@@ -207,6 +208,12 @@ def test_each_app_has_its_own_registry_and_replica_sums_never_go_down():
     later = read(one.render([stats('a', 4)]))
     assert histogram(later, 'e2e_request_latency_seconds')['count'] == 7
     assert {dict(ls)['replica'] for (n, ls) in later if n == 'vllm:num_requests_running'} == {'a'}
+    # replicas replaced again and again: the oldest are folded into one sum, which still counts them
+    monkeypatch.setattr(metrics, 'MAX_REPLICAS_KEPT', 2)
+    for i in range(5):
+        churn = read(one.render([stats(f'new-{i}', 1)]))
+    assert histogram(churn, 'e2e_request_latency_seconds')['count'] == 7 + 5
+    assert len(one._requests) == 2
 
 
 def test_only_the_http_app_imports_prometheus_client():

@@ -2,6 +2,7 @@
 /v1/unload_lora_adapter behind `serve --allow-runtime-adapters`. Real servers on 127.0.0.1 over a tiny
 checkpoint and tiny LoRAs (`testing/tiny.py`), the engine underneath (changes between steps, CUDA graphs set
 aside, the prefix cache dropped), and one test on a local Ray cluster with two replicas."""
+import asyncio
 import json
 import os
 import signal
@@ -363,3 +364,21 @@ def test_an_adapter_loaded_through_ray_answers_from_every_replica_and_a_restarte
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_adapters_loaded_at_run_time_are_bounded(glm2_dir, loras, monkeypatch):
+    """Each holds its weights: a client that loads without unloading is told to unload one first."""
+    from modelscope_chatglm.serve import async_engine
+    monkeypatch.setattr(async_engine, 'MAX_RUNTIME_ADAPTERS', 2)
+    served = async_engine.AsyncEngine(modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32'))
+    try:
+        served.load_adapter_sync('one', loras['a'])
+        served.load_adapter_sync('two', loras['b'])
+        with pytest.raises(ValueError, match=r"2 adapters are loaded at run time already.*unload one first"):
+            served.load_adapter_sync('three', loras['a'])
+        assert served.adapters == ['one', 'two']
+        asyncio.run(served.unload_adapter('one'))
+        served.load_adapter_sync('three', loras['a'])   # room again
+        assert sorted(served.adapters) == ['three', 'two']
+    finally:
+        served.engine.stop()

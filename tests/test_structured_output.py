@@ -132,6 +132,14 @@ def test_auto_with_a_response_format_answers_in_json_or_calls_a_tool(glm3_model)
     (dict(response_format={'type': 'json_schema', 'json_schema': {'schema': {'type': 'string', 'pattern': '('}}}),
      'cannot be used'),
     (dict(response_format='json'), 'must be an object'),
+    (dict(tools=[WEATHER], tool_choice={'type': 'function', 'function': 'get_weather'}), 'tool_choice must be'),
+    (dict(tools=[{'type': 'function', 'function': 'x'}], tool_choice='required'), 'each tool is'),
+    (dict(tools=[{'name': 'f', 'parameters': {'properties': {'a': {}}, 'required': [['a']]}}], tool_choice='required'),
+     'must be a list of property names'),
+    (dict(tools=[{'name': 'f', 'parameters': {'properties': {'a': {}}, 'required': 'a'}}], tool_choice='required'),
+     'must be a list of property names'),
+    (dict(tools=[{'name': 'f', 'parameters': {'properties': {'a': {}}, 'required': ['b']}}], tool_choice='required'),
+     r"names \['b'\] that are not among its properties"),
 ])
 def test_bad_structured_requests_are_refused_by_name(glm3_model, kwargs, needle):
     with pytest.raises(InputError, match=needle):
@@ -147,6 +155,63 @@ def test_schemas_too_deep_or_too_big_are_refused_before_anything_is_compiled(glm
     wide = {'type': 'object', 'properties': {f'p{i}': {'type': 'integer'} for i in range(12000)}}
     with pytest.raises(InputError, match='hold more than 20000 values'):
         glm2_model.prepare('x', response_format={'type': 'json_schema', 'json_schema': {'schema': wide}})
+
+
+@pytest.mark.parametrize('family', ['glm2', 'glm3'])
+def test_a_structured_reply_is_the_text_its_grammar_matched(request, family):
+    """No chat-format clean-up touches it: ChatGLM3's message separator spelled inside a string, the
+    training-date placeholder the official post-processing fills in."""
+    model = request.getfixturevalue(f'{family}_model')
+    text = 'x<|assistant|>y [[训练时间]]'
+    response, history = model.chat('x', response_format={'type': 'json_schema', 'json_schema': {
+        'schema': {'enum': [text]}}}, max_new_tokens=60)
+    assert json.loads(response) == text
+    assert history == [('x', response)]   # one reply, not split at the separator
+
+
+def test_chatglm6b_placeholders_spelled_in_a_structured_reply_stay_text(glm1_model):
+    """ChatGLM-6B's decoding turns '<n>' spelled piece by piece into a newline (which JSON strings may not
+    hold raw): a structured reply is the bytes the grammar saw instead, and full-width punctuation stays."""
+    text = '<n>a, 好,'
+    for stream in (False, True):
+        turn = glm1_model.turn('x', response_format={'type': 'json_schema', 'json_schema': {'schema': {'enum': [text]}}},
+                               max_new_tokens=60)
+        streamed = ''.join(turn)
+        assert json.loads(turn.response) == text and streamed == turn.response
+
+
+def test_forced_calls_follow_schemas_with_definitions(glm3_model):
+    """pydantic (LangChain, Instructor) writes nested models as $refs into $defs."""
+    tool = {'name': 'book', 'parameters': {
+        '$defs': {'City': {'type': 'object', 'required': ['name'], 'additionalProperties': False,
+                           'properties': {'name': {'type': 'string', 'maxLength': 6}}}},
+        'type': 'object', 'required': ['city'], 'properties': {'city': {'$ref': '#/$defs/City'}}}}
+    for seed in range(3):
+        call, _ = glm3_model.chat('book', tools=[tool], tool_choice='required', do_sample=True, seed=seed,
+                                  max_new_tokens=80)
+        assert call['name'] == 'book'
+        jsonschema.validate(call['parameters'], tool['parameters'])
+
+
+def test_stop_token_ids_cannot_cut_a_structured_reply(glm2_model):
+    """A stop id that is also text (',') is held back until the reply is complete: never a reply cut in
+    the middle of its JSON with finish_reason stop."""
+    tok = glm2_model.tokenizer
+    comma = [i for i in range(tok.vocab_size) if tok.token_bytes(i) == b',' and not tok.sp.IsByte(i)]
+    schema = {'type': 'string', 'pattern': '^[a,]{4}$'}
+    commas = 0
+    for seed in range(4):
+        turn = glm2_model.turn('x', response_format={'type': 'json_schema', 'json_schema': {'schema': schema}},
+                               stop_token_ids=comma, do_sample=True, seed=seed, max_new_tokens=60)
+        text = ''.join(turn)
+        assert turn.finish_reason == 'stop' and len(json.loads(text)) == 4, text   # (',' spelled by its byte piece)
+        commas += text.count(',')
+    assert commas
+    # where the grammar forces the very token a stop id takes, the request fails, saying why
+    with pytest.raises(InputError, match='stop_token_ids take it'):
+        glm2_model.chat('x', response_format={'type': 'json_schema', 'json_schema': {'schema': {
+            'type': 'array', 'items': {'enum': ['a']}, 'minItems': 2, 'maxItems': 2}}},
+            stop_token_ids=[i for i in range(tok.vocab_size) if tok.token_bytes(i) == b','])
 
 
 def test_tool_choice_needs_chatglm3(glm2_model):
@@ -184,6 +249,7 @@ def test_tool_call_arguments_read_json_literals():
         'a': True, 'b': None, 'c': [False, {'d': 1.5}], 'e': 'x'}
     assert parse_tool_call('tool_call(a=True, b=None)') == {'a': True, 'b': None}
     assert parse_tool_call('tool_call(a=undefined)') is None
+    assert parse_tool_call('tool_call(a=1E400)') is None   # JSON allows it, but it reads as inf: no JSON arguments
 
 
 def test_chatglm6b_punctuation_is_left_alone_in_structured_replies():
@@ -247,11 +313,19 @@ def test_openai_forced_tool_call(client):
     assert r.choices[0].finish_reason == 'tool_calls' and len(r.choices[0].message.tool_calls) == 1
 
 
-def test_a_schema_the_grammar_engine_refuses_is_a_400(glm3_url):
+def test_a_schema_the_grammar_engine_refuses_is_a_400(glm3_url, glm3_model):
     import httpx
     bad = {'type': 'json_schema', 'json_schema': {'name': 'x', 'schema': {'type': 'string', 'pattern': '(('}}}
     r = httpx.post(f'{glm3_url}/v1/chat/completions', json={'messages': [{'role': 'user', 'content': 'x'}],
                                                           'response_format': bad}, timeout=60)
     assert r.status_code == 400 and 'grammar cannot be used' in r.json()['error']['message'], r.text
+    # a grammar that can go no further once the request runs is the client's to fix too (not a 500)
+    tok = glm3_model.tokenizer
+    dead_end = {'type': 'json_schema', 'json_schema': {'name': 'x', 'schema': {
+        'type': 'array', 'items': {'enum': ['a']}, 'minItems': 2, 'maxItems': 2}}}
+    r = httpx.post(f'{glm3_url}/v1/chat/completions', timeout=60, json={
+        'messages': [{'role': 'user', 'content': 'x'}], 'response_format': dead_end,
+        'stop_token_ids': [i for i in range(tok.vocab_size) if tok.token_bytes(i) == b',']})
+    assert r.status_code == 400 and 'stop_token_ids take it' in r.json()['error']['message'], r.text
     ok = httpx.get(f'{glm3_url}/health', timeout=10)
     assert ok.status_code == 200

@@ -8,6 +8,28 @@ from typing import List, Sequence
 logger = logging.getLogger(__name__)
 
 
+class ByteDeltas:
+    """A structured reply's text: exactly the bytes its grammar matched (`tokenizer.token_bytes` of each
+    token), as UTF-8. Decoding would differ where the grammar cannot see it (ChatGLM-6B turns '<n>' spelled
+    piece by piece into a newline); the text a client parses as JSON must be what the grammar allowed."""
+
+    def __init__(self, tokenizer):
+        import codecs
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder('utf-8')('replace')
+
+    def push(self, token: int) -> str:
+        return self.decoder.decode(self.tokenizer.token_bytes(token))
+
+    def flush(self) -> str:
+        return self.decoder.decode(b'', final=True)
+
+
+def structured_text(tokenizer, ids: Sequence[int]) -> str:
+    """The whole text of a structured reply's ids (ByteDeltas, in one piece)."""
+    return b''.join(tokenizer.token_bytes(i) for i in ids).decode('utf-8', 'replace')
+
+
 class TextDeltas:
     """Turn a growing list of token ids into text deltas: never text that a later token could still
     change, and at a cost per token that does not grow with the reply.

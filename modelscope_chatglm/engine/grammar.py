@@ -29,6 +29,12 @@ import torch
 from ..errors import InputError
 
 MAX_GRAMMARS = 64   # compiled grammars kept (each a few hundred KB for a typical schema)
+TRIAL_TOKENS = 8    # tokens a new grammar is walked through when compiled (Grammar)
+
+
+class GrammarError(InputError):
+    """The grammar engine cannot go on with a request's schema (its limits, or a way the vocabulary cannot
+    spell): the client's to simplify, even once the request runs."""
 
 
 def _llguidance():
@@ -48,7 +54,7 @@ class GrammarVocabulary:
         llg = _llguidance()
         tokens: List[bytes] = []
         special: List[int] = []
-        specials = set(getattr(tokenizer, 'special_tokens', {})) | {
+        specials = set(getattr(tokenizer, 'special_tokens', {})) | set(tokenizer.special_ids.values()) | {
             tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
         for i in range(vocab_width):   # (ids past the tokenizer's: padded embedding rows, never text)
             text = tokenizer.token_bytes(i) if i < tokenizer.vocab_size else b''
@@ -93,6 +99,16 @@ class Grammar:
         self._start = llg.LLMatcher(vocabulary.tokenizer, text, log_level=0)
         if self._start.is_error():
             raise InputError(f'the grammar cannot be used: {self._start.get_error()[:300]}')
+        # Some limits (items per parser row) only show once tokens come: walk a few now, so that such a
+        # schema is refused with its request instead of failing once it runs (Matcher.advance says so then).
+        trial = self.matcher()
+        for _ in range(TRIAL_TOKENS):
+            if trial.finished:
+                break
+            allowed = allowed_tokens([trial], 'cpu')[0].nonzero()
+            if not len(allowed) or not trial.matcher.consume_token(int(allowed[0])):
+                why = trial.matcher.get_error()[:300] or 'no token can start it'
+                raise GrammarError(f'the grammar engine cannot follow this schema: {why}; simplify it')
 
     def matcher(self) -> 'Matcher':
         return Matcher(self._start.deep_copy(), self.vocabulary)
@@ -109,9 +125,9 @@ class Matcher:
 
     def advance(self, token: int):
         """Feed the token the sampler drew (always one the mask allowed)."""
-        if not self.matcher.consume_token(token):
-            raise RuntimeError(f'the grammar refused token {token}, which its own mask allowed: '
-                               f'{self.matcher.get_error()[:200]}')
+        if not self.matcher.consume_token(token):   # (its mask allowed the token: the engine hit a limit)
+            raise GrammarError(f'the grammar engine cannot go on with this schema: {self.matcher.get_error()[:200]}; '
+                               'simplify it')
 
     @property
     def accepting(self) -> bool:
@@ -215,9 +231,11 @@ def mask_logits(logits: torch.Tensor, rows: List[int], matchers: List[Matcher],
         if matcher.accepting:   # a complete reply may end with the request's own stop ids (and only those)
             penalty[i, matcher.vocabulary.eos] = float('-inf')
             penalty[i, ends] = 0.0
-        if not (anything[i] or (matcher.accepting and ends)):
-            failures[row] = InputError('the grammar allows no token here (the vocabulary cannot spell what it '
-                                       'requires next); simplify the schema')
+        else:                   # an unfinished one may not: a stop_token_ids entry that is text (',') waits
+            penalty[i, ends] = float('-inf')
+        if not bool(torch.isfinite(penalty[i]).any()):
+            failures[row] = GrammarError('the grammar allows no token here (the vocabulary cannot spell what it '
+                                         'requires next, or stop_token_ids take it); simplify the schema')
     index = torch.tensor(rows, device=logits.device)
     logits.index_add_(0, index, penalty)
     return failures

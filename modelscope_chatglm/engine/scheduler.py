@@ -514,7 +514,7 @@ class Scheduler:
         if seq.matcher is not None:
             try:
                 stop_here = grammar.advance(seq.matcher, token, seq.params.stops)   # complete: nothing may follow
-            except RuntimeError as e:
+            except grammar.GrammarError as e:
                 seq.error = e
                 self._finish(seq, 'error', keep_cache=False)
                 return

@@ -176,6 +176,15 @@ class _replacing:
 
 
 def _umask() -> int:
+    """The process's umask. Read from /proc where it is there: os.umask reads it only by setting it, and
+    for that moment files other threads create would get mode 0o666/0o777."""
+    try:
+        with open('/proc/self/status', encoding='ascii') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

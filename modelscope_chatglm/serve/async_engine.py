@@ -138,6 +138,11 @@ class ShuttingDown(ReplicaUnavailable):
     """The server got SIGTERM/SIGINT: what runs ends now, what waits never starts; retry elsewhere."""
 
 
+# LoRA adapters loaded while serving, at most: each holds its weights in memory (vLLM bounds them too,
+# --max-cpu-loras); a client that loads without unloading must not grow the server without bound.
+MAX_RUNTIME_ADAPTERS = 32
+
+
 def already_loaded(name: str) -> AdapterExists:
     """vLLM's answer to loading a name twice."""
     return AdapterExists(f"The lora adapter '{name}' has already been loaded; unload it first to load other "
@@ -315,6 +320,9 @@ class AsyncEngine:
         """load_adapter, blocking (a Ray replica's constructor, taking the adapters loaded before it started)."""
         if name in self.adapters:   # (before reading: a clash is told at once)
             raise already_loaded(name)
+        if len(self.adapter_paths) >= MAX_RUNTIME_ADAPTERS:
+            raise ValueError(f'{MAX_RUNTIME_ADAPTERS} adapters are loaded at run time already, the most this server '
+                             f'holds ({sorted(self.adapter_paths)}); unload one first')
         self.engine.add_adapter(name, read_to_add(path, self.chat.model))
         self.adapter_paths[name] = path
         self.chat.adapters = self.adapters

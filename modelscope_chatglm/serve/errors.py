@@ -3,6 +3,7 @@ engine's exceptions to (HTTP status, message, error type, Retry-After).
 """
 from __future__ import annotations
 
+from ..engine.grammar import GrammarError
 from ..engine.scheduler import KVBudgetError
 from ..errors import ContextLengthError, InputError
 from .async_engine import QueueFull, ReplicaUnavailable
@@ -29,8 +30,9 @@ def rejection(exc: Exception):
 
 
 def failure(exc: Exception):
-    """Like `rejection`, for a request that was accepted and then failed: never the client's fault."""
+    """Like `rejection`, for a request that was accepted and then failed: the server's fault, but for a
+    schema the grammar engine could not follow to the end (the client's to simplify)."""
     status, message_, kind, retry_after = rejection(exc)
-    if status < 500:
+    if status < 500 and not isinstance(exc, GrammarError):
         return 500, f'{type(exc).__name__}: {exc}', 'server_error', None
     return status, message_, kind, retry_after

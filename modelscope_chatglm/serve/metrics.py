@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 from bisect import bisect_left
+from collections import OrderedDict
 from typing import Dict, Iterable, List
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,9 @@ def summed(snapshots: Iterable[dict]) -> dict:
     return total
 
 
+MAX_REPLICAS_KEPT = 64   # replicas whose snapshots are kept apart; older ones are folded into one sum
+
+
 class MetricsExporter:
     """The Prometheus text of one app's /metrics, from its own CollectorRegistry (several apps may live in
     one process). `render(engines)` takes the engines' stats as `backend.stats_list()` gave them.
@@ -186,14 +190,20 @@ class MetricsExporter:
         self.content_type = CONTENT_TYPE_LATEST
         self._generate = generate_latest
         self._engines: List[dict] = []
-        self._requests: Dict[str, dict] = {}   # replica id ('' for the one engine of a process) -> its snapshot
+        # replica id ('' for the one engine of a process) -> its latest snapshot, the least recently seen first
+        self._requests: 'OrderedDict[str, dict]' = OrderedDict()
+        self._retired = summed([])   # the replicas seen longest ago, folded into one (their number stays bounded)
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
     def render(self, engines: List[dict]) -> bytes:
         self._engines = engines   # (read by collect(), called by the line below: no await in between)
         for stats in engines:
-            self._requests[stats.get('replica') or ''] = stats[REQUEST_METRICS]
+            replica = stats.get('replica') or ''
+            self._requests[replica] = stats[REQUEST_METRICS]
+            self._requests.move_to_end(replica)
+        while len(self._requests) > MAX_REPLICAS_KEPT:   # (Ray replaced replicas again and again)
+            self._retired = summed([self._retired, self._requests.popitem(last=False)[1]])
         return self._generate(self.registry)
 
     def collect(self):
@@ -215,7 +225,7 @@ class MetricsExporter:
         for name, (kind, key, text) in VLLM_ENGINE_METRICS.items():
             yield engine_family(name, kind, key, text, 'model_name')
 
-        requests = summed(self._requests.values())
+        requests = summed([self._retired, *self._requests.values()])
         finished = CounterMetricFamily('vllm:request_success', 'finished requests, by how they ended '
                                        '(abort: cancelled, the client gone or shutdown)',
                                        labels=['model_name', 'finished_reason'])
