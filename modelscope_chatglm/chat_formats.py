@@ -19,7 +19,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from .engine.detokenize import structured_text
 from .errors import InputError
 
 Message = Dict[str, Any]
@@ -441,7 +440,11 @@ class ChatFormat(abc.ABC):
     def parse(self, tokenizer, output_ids: List[int], messages: List[Message], structured: bool = False) -> Reply:
         """A whole reply: generated ids, without the id that ended it (ChatModel.respond leaves out the
         request's stop id) -> Reply. A structured reply's text is the bytes its grammar matched."""
-        text = structured_text(tokenizer, output_ids) if structured else tokenizer.decode(output_ids)
+        if structured:
+            from .engine.detokenize import structured_text   # (here: the engine package imports torch)
+            text = structured_text(tokenizer, output_ids)
+        else:
+            text = tokenizer.decode(output_ids)
         return self.parse_text(text, messages, structured)
 
     def parse_text(self, text: str, messages: List[Message], structured: bool = False) -> Reply:
