@@ -434,12 +434,16 @@ class ReplyDecoder:
                                                                              request.params.grammar is not None)
         self.stops = StopStrings(stop)
         self.stop_ids = request.params.stops
+        # vLLM's min_tokens: stop strings are looked for in the text from the min_tokens-th token on
+        self.unchecked = request.params.min_tokens
+        self.tokens = 0
         self.sent: List[str] = []
 
     def push(self, token: int) -> str:
         """The visible text this token adds (often '': held back, or not text)."""
         if token in self.stop_ids or self.stops.hit:
             return ''
+        self.tokens += 1
         return self._through(self.deltas.push(token))
 
     def finish(self) -> str:
@@ -447,7 +451,7 @@ class ReplyDecoder:
         text = self.deltas.flush() if not self.stops.hit else ''
         if self.parser is not None:
             text = self.parser.push(text) + self.parser.finish()
-        out = self.stops.push(text) + self.stops.flush()
+        out = self.stops.push(text) + self.stops.flush() if self.tokens >= self.unchecked else text
         self.sent.append(out)
         return out
 
@@ -459,7 +463,7 @@ class ReplyDecoder:
     def _through(self, text: str) -> str:
         if self.parser is not None:
             text = self.parser.push(text)
-        out = self.stops.push(text)
+        out = self.stops.push(text) if self.tokens >= self.unchecked else text
         self.sent.append(out)
         return out
 

@@ -1,5 +1,6 @@
 """Chat formats, truncation, tool calls, streaming and generation through the engine on tiny real models."""
 import json
+import threading
 
 import pytest
 import torch
@@ -508,3 +509,22 @@ def test_tools_that_nest_too_deep_or_hold_too_much_are_refused_before_rendering(
     ordinary = [{'name': 'get_weather', 'description': 'weather of a city',
                  'parameters': {'type': 'object', 'properties': {'city': {'type': 'string'}}, 'required': ['city']}}]
     assert glm3_model.prepare('hi', tools=ordinary, max_new_tokens=2).input_ids
+
+
+def test_callers_step_the_engine_when_its_thread_is_gone(glm2_dir):
+    """A served model's engine thread that has ended (stopped, or killed by an error it could not catch)
+    steps nothing: callers waiting on it step the engine themselves instead of waiting forever."""
+    chat = modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32')
+    ids = chat.build_inputs('你好')
+    want = chat.generate(ids, max_new_tokens=4, do_sample=False)
+    engine = chat.engine
+    engine.start_background()
+    engine._stopped = True
+    engine._thread.join(timeout=10)
+    assert not engine.stepping_in_background and engine._thread is not None
+    done = []
+    worker = threading.Thread(target=lambda: done.append(chat.generate(ids, max_new_tokens=4, do_sample=False)),
+                              daemon=True)   # (if it hangs, the test fails instead of pytest hanging)
+    worker.start()
+    worker.join(timeout=60)
+    assert done == [want]

@@ -16,6 +16,7 @@ from modelscope_chatglm.serve.async_engine import Result  # noqa: E402
 from modelscope_chatglm.serve.calls import chat_call, to_conversation  # noqa: E402
 from modelscope_chatglm.serve.protocol import ChatCompletionRequest  # noqa: E402
 from modelscope_chatglm.serve.responses import TextOffsets, message  # noqa: E402
+import modelscope_chatglm  # noqa: E402
 
 GREEDY = dict(temperature=0, max_tokens=8)
 
@@ -996,6 +997,11 @@ def test_vllm_sampling_parameters_do_what_vllm_says(server, glm2_model):
     # min_tokens: the stop ids cannot come before it
     later = complete(temperature=0, stop_token_ids=[greedy[3]], min_tokens=6)
     assert later['text'] != stopped['text'] and later['text'].startswith(text(greedy[:3]))
+    # ... nor stop strings (looked for from the min_tokens-th token on, as vLLM does)
+    first = text(greedy[:1]).strip()[:1]
+    assert complete(temperature=0, stop=[first])['text'] == ''
+    held = complete(temperature=0, stop=[first], min_tokens=4)
+    assert held['text'].startswith(text(greedy[:3])) and len(held['text']) > len(text(greedy[:3]))
     # ignore_eos: the model's stop id, forced by logit_bias, no longer ends the reply
     eos = glm2_model.tokenizer.stop_ids[0]
     assert complete(temperature=0, logit_bias={str(eos): 100})['finish_reason'] == 'stop'
@@ -1050,12 +1056,13 @@ def test_each_request_has_an_id_echoed_and_one_access_log_line(server):
     assert all(m['ms_to_headers'] >= 0 and m['method'] == 'POST' for m in mine)
 
 
-def test_a_fault_in_a_route_is_a_500_with_its_request_id(glm2_model):
+def test_a_fault_in_a_route_is_a_500_with_its_request_id(glm2_dir):
     """Starlette answers an unhandled exception outside every middleware: the request-id middleware
     answers it itself, so a 500 still carries X-Request-Id and leaves its access-log line."""
     from fastapi.testclient import TestClient
     from modelscope_chatglm.serve.server import create_app
-    app = create_app(glm2_model, 'tiny')
+    # (a model of its own: serving one gives it an engine thread, which the shared fixture must not get)
+    app = create_app(modelscope_chatglm.load(glm2_dir, device='cpu', dtype='float32'), 'tiny')
 
     async def broken():
         raise RuntimeError('a fault injected into the backend')

@@ -99,8 +99,9 @@ class LLMEngine:
         return bool(forwards)
 
     def advance(self):
-        """Let the batch make progress once: step it, or with a background engine, wait for its next step."""
-        if self._thread is not None:
+        """Let the batch make progress once: step it, or with a background engine, wait for its next step.
+        (An engine thread that has died no longer steps: then the caller does, instead of waiting forever.)"""
+        if self.stepping_in_background:
             with self._stepped:
                 self._stepped.wait(0.05)
         else:
