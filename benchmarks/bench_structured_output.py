@@ -187,9 +187,8 @@ class OutlinesCore:
 
 
 def vocabulary_bytes(tokenizer):
-    specials = set(tokenizer.special_tokens) | {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
-    return [b'\xff' if i in specials or not tokenizer.token_bytes(i) else tokenizer.token_bytes(i)
-            for i in range(tokenizer.vocab_size)]
+    """Bytes per token id as our engine gives them to llguidance (specials start with 0xFF), for the others."""
+    return grammar.GrammarVocabulary(tokenizer, WIDTH).tokens[:tokenizer.vocab_size]
 
 
 def quantiles(values):

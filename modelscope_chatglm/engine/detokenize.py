@@ -27,7 +27,8 @@ class ByteDeltas:
 
 def structured_text(tokenizer, ids: Sequence[int]) -> str:
     """The whole text of a structured reply's ids (ByteDeltas, in one piece)."""
-    return b''.join(tokenizer.token_bytes(i) for i in ids).decode('utf-8', 'replace')
+    deltas = ByteDeltas(tokenizer)
+    return ''.join(map(deltas.push, ids)) + deltas.flush()
 
 
 class TextDeltas:
