@@ -14,7 +14,7 @@ Random token ids for both; our prompts differ per round, so the prefix cache nev
 
     pip install ".[export]" cmake   # (cmake: where the system has none)
     python benchmarks/bench_vs_llamacpp.py [--layers 28] [--threads 2] [--prompt 128] [--new 32] [--rounds 3]
-        [--ours int4,int8] [--llama q4_0,q8_0] [--json benchmarks/results/bench_vs_llamacpp-CPU.json]
+        [--ours int4,int8] [--llama q4_0,q8_0] [--isa native|avx2] [--json benchmarks/results/bench_vs_llamacpp-CPU.json]
 """
 import argparse
 import glob
@@ -36,24 +36,37 @@ CACHE = os.path.expanduser('~/.cache/modelscope_chatglm/bench')
 
 # -- llama.cpp ------------------------------------------------------------------------------------------
 
-def llama_bench_binary(cache: str) -> str:
-    """llama-bench built from the llama-cpp-python sdist's vendored llama.cpp, native flags."""
+# What each engine is built for. 'avx2' stands in for an AVX2-only CPU on a newer one: llama.cpp without
+# its AVX-512 paths, our kernels for x86-64-v3 (AVX2, FMA, F16C) in an fp32 model (the default where the
+# CPU has no bf16 units). The memory and clocks stay this machine's.
+LLAMA_FLAGS = {'native': ['-DGGML_NATIVE=ON'],
+               'avx2': ['-DGGML_NATIVE=OFF', '-DGGML_AVX=ON', '-DGGML_AVX2=ON', '-DGGML_FMA=ON', '-DGGML_F16C=ON',
+                        '-DGGML_BMI2=ON', '-DGGML_AVX512=OFF', '-DGGML_AVX512_VBMI=OFF', '-DGGML_AVX512_VNNI=OFF',
+                        '-DGGML_AVX512_BF16=OFF', '-DGGML_AVX_VNNI=OFF', '-DGGML_AMX_TILE=OFF',
+                        '-DGGML_AMX_INT8=OFF', '-DGGML_AMX_BF16=OFF']}
+OUR_MARCH = {'native': None, 'avx2': 'x86-64-v3'}
+
+
+def llama_bench_binary(cache: str, isa: str = 'native') -> str:
+    """llama-bench built from the llama-cpp-python sdist's vendored llama.cpp, for `isa` (LLAMA_FLAGS)."""
     root = os.path.join(cache, f'llama-cpp-python-{LLAMA_CPP_PYTHON}')
-    binary = os.path.join(root, 'build', 'bin', 'llama-bench')
+    build_dir = os.path.join(root, 'build' if isa == 'native' else f'build-{isa}')
+    binary = os.path.join(build_dir, 'bin', 'llama-bench')
     if os.path.exists(binary):
         return binary
-    os.makedirs(cache, exist_ok=True)
-    subprocess.run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--no-binary', ':all:',
-                    f'llama-cpp-python=={LLAMA_CPP_PYTHON}', '-d', cache], check=True)
-    with tarfile.open(glob.glob(os.path.join(cache, f'llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz'))[0]) as tar:
-        tar.extractall(cache, filter='data')
     src = os.path.join(cache, f'llama_cpp_python-{LLAMA_CPP_PYTHON}', 'vendor', 'llama.cpp')
-    subprocess.run(['cmake', '-S', src, '-B', os.path.join(root, 'build'), '-DCMAKE_BUILD_TYPE=Release',
-                    '-DGGML_NATIVE=ON', '-DLLAMA_CURL=OFF', '-DLLAMA_OPENSSL=OFF', '-DLLAMA_BUILD_TESTS=OFF',
+    if not os.path.isdir(src):
+        os.makedirs(cache, exist_ok=True)
+        subprocess.run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--no-binary', ':all:',
+                        f'llama-cpp-python=={LLAMA_CPP_PYTHON}', '-d', cache], check=True)
+        with tarfile.open(glob.glob(os.path.join(cache, f'llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz'))[0]) as tar:
+            tar.extractall(cache, filter='data')
+    subprocess.run(['cmake', '-S', src, '-B', build_dir, '-DCMAKE_BUILD_TYPE=Release', *LLAMA_FLAGS[isa],
+                    '-DLLAMA_CURL=OFF', '-DLLAMA_OPENSSL=OFF', '-DLLAMA_BUILD_TESTS=OFF',
                     '-DLLAMA_BUILD_EXAMPLES=OFF', '-DLLAMA_BUILD_SERVER=OFF', '-DLLAMA_BUILD_TOOLS=ON'],
                    check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(['cmake', '--build', os.path.join(root, 'build'), '--target', 'llama-bench',
-                    f'-j{os.cpu_count()}'], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(['cmake', '--build', build_dir, '--target', 'llama-bench', f'-j{os.cpu_count()}'],
+                   check=True, stdout=subprocess.DEVNULL)
     return binary
 
 
@@ -75,12 +88,19 @@ def run_llama(binary: str, model: str, threads: int, prompt: int, new: int) -> d
 
 # -- ours -----------------------------------------------------------------------------------------------
 
-def child(path: str, bits: int, threads: int, prompt: int, new: int, seed: int, extra: dict) -> dict:
+def child(path: str, bits: int, threads: int, prompt: int, new: int, seed: int, extra: dict,
+          march: str = None) -> dict:
     from modelscope_chatglm import openmp
     openmp.set_for_this_process()   # what the modelscope-chatglm command starts with (before torch loads)
     import torch
     import modelscope_chatglm
     torch.set_num_threads(threads)
+    if march:   # the kernels built for another instruction set, in place of this CPU's own build
+        import tempfile
+        from modelscope_chatglm.quantization import build
+        build._state.update(lib=build.build_variant(march, os.path.join(tempfile.gettempdir(), 'bench-kernels')),
+                            loaded=True)   # what load_library() returns from now on
+        extra = {'dtype': 'float32', **extra}
     chat = modelscope_chatglm.load(path, device='cpu', quantization_bit=bits, **extra)
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(100, 60000, (n,), generator=g).tolist()  # noqa: E731
@@ -89,16 +109,17 @@ def child(path: str, bits: int, threads: int, prompt: int, new: int, seed: int, 
     times, start = [], time.perf_counter()
     for _ in chat.stream_tokens(ids(prompt), max_new_tokens=new + 1, do_sample=False, stop_ids=[]):
         times.append(time.perf_counter() - start)
+    from modelscope_chatglm.quantization.build import load_library
     return {'prefill_tok_s': prompt / times[0], 'decode_tok_s': new / (times[-1] - times[0]),
-            'model': repr(chat)}   # dtype, blocks and activations as loaded
+            'model': repr(chat), 'kernels': load_library().isa}   # dtype, blocks and activations as loaded
 
 
-def run_ours(path: str, mode: str, threads: int, prompt: int, new: int, seed: int) -> dict:
+def run_ours(path: str, mode: str, threads: int, prompt: int, new: int, seed: int, march: str = None) -> dict:
     bits, _, option = mode.removeprefix('int').partition('-')
     extra = {'exact': {'int8_activations': False}, 'x8': {'int8_activations': True}, '': {}}[option]
     code = (f'import json, sys; sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r}); '
             f'from bench_vs_llamacpp import child; '
-            f'print(json.dumps(child({path!r}, {int(bits)}, {threads}, {prompt}, {new}, {seed}, {extra!r})))')
+            f'print(json.dumps(child({path!r}, {int(bits)}, {threads}, {prompt}, {new}, {seed}, {extra!r}, {march!r})))')
     out = subprocess.run([sys.executable, '-c', code], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -115,18 +136,20 @@ def main():
     ap.add_argument('--ours', default='int4,int8',
                     help='comma list of int4|int8, each optionally -exact or -x8 (default: our defaults)')
     ap.add_argument('--llama', default='q4_0,q8_0')
+    ap.add_argument('--isa', choices=list(LLAMA_FLAGS), default='native',
+                    help='avx2: both engines built without AVX-512, as on an AVX2-only CPU (see LLAMA_FLAGS)')
     ap.add_argument('--json', help='write every round here')
     args = ap.parse_args()
 
     build(args.dir, layers=args.layers)
-    binary = llama_bench_binary(CACHE)
+    binary = llama_bench_binary(CACHE, args.isa)
     os.makedirs(args.gguf_dir, exist_ok=True)
     ggufs = {q: gguf_of(args.dir, os.path.join(args.gguf_dir, f'chatglm2-{args.layers}l-{q}-export.gguf'), q)
              for q in args.llama.split(',') if q}
     cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')), '?')
     flags = next((line.split(':', 1)[1].split() for line in open('/proc/cpuinfo') if line.startswith('flags')), [])
     isa = [f for f in ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_int8', 'asimddp') if f in flags]
-    print(f'CPU: {cpu} ({", ".join(isa)}); {args.threads} threads; {args.layers} layers; '
+    print(f'CPU: {cpu} ({", ".join(isa)}); engines built for: {args.isa}; {args.threads} threads; {args.layers} layers; '
           f'prompt {args.prompt}, decode {args.new}', flush=True)
 
     runs = {**{f'ours {m}': m for m in args.ours.split(',') if m}, **{f'llama.cpp {q}': q for q in ggufs}}
@@ -134,7 +157,7 @@ def main():
     for r in range(args.rounds):
         for name, what in runs.items():
             if name.startswith('ours'):
-                res = run_ours(args.dir, what, args.threads, args.prompt, args.new, seed=r)
+                res = run_ours(args.dir, what, args.threads, args.prompt, args.new, seed=r, march=OUR_MARCH[args.isa])
             else:
                 res = run_llama(binary, ggufs[what], args.threads, args.prompt, args.new)
             results[name].append(res)

@@ -1,6 +1,7 @@
 """The command line, run as a user runs it (a real subprocess)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,8 +151,15 @@ def test_chat_refuses_a_reply_length_the_context_cannot_hold(glm2_dir, tmp_path)
 
 
 def test_ctrl_c_while_the_model_loads_exits_without_a_traceback(glm2_dir, tmp_path):
+    # The last shard is a FIFO nobody writes: loading waits there until the signal comes, however slow
+    # this machine is (a tiny model otherwise loaded before a busy test sent it, and the chat began).
+    checkpoint = tmp_path / 'checkpoint'
+    shutil.copytree(glm2_dir, checkpoint)
+    last = sorted(checkpoint.glob('pytorch_model-*.bin'))[-1]
+    last.unlink()
+    os.mkfifo(last)
     env = dict(os.environ, MODELSCOPE_CHATGLM_CACHE=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, '-m', 'modelscope_chatglm.cli', 'chat', '--model', glm2_dir],
+    proc = subprocess.Popen([sys.executable, '-m', 'modelscope_chatglm.cli', 'chat', '--model', str(checkpoint)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stderr.readline()                 # "loading ...": the model is being read now
     assert 'loading' in line, line

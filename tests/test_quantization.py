@@ -351,9 +351,9 @@ def kernel_calls(lib, seed=0):
     g = torch.Generator().manual_seed(seed)
     calls = {}
 
-    def gemv(name, x, q, scale, n):
+    def gemv(name, x, q, scale, n, out=torch.float32):
         def call(threads):
-            y = torch.empty(x.shape[0], n)
+            y = torch.empty(x.shape[0], n, dtype=out)
             getattr(lib, name)(x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(), scale.data_ptr(), None,
                                y.data_ptr(), n, threads)
             return y
@@ -372,6 +372,8 @@ def kernel_calls(lib, seed=0):
         for name in (f'q{bits}_gemv', f'q{bits}_gemv_x8'):
             calls[name] = gemv(name, x, q, scale.float(), 301)
         calls[f'q{bits}_gemv_xbf16'] = gemv(f'q{bits}_gemv_xbf16', x.bfloat16(), q, scale.float(), 301)
+        calls[f'q{bits}_gemv_x8_bf16'] = gemv(f'q{bits}_gemv_x8_bf16', x.bfloat16(), q, scale.float(), 301,
+                                                torch.bfloat16)
         for suffix, dtype in (('f32', torch.float32), ('bf16', torch.bfloat16)):
             calls[f'q{bits}_dequant_rows_{suffix}'] = dequant(f'q{bits}_dequant_rows_{suffix}', q, scale.float(), dtype)
     w, x = torch.randn(301, 1088, generator=g), torch.randn(5, 1088, generator=g)
@@ -398,6 +400,18 @@ def kernel_calls(lib, seed=0):
         return call
     calls['attend_f32'] = attention('attend_f32', torch.float32)
     calls['attend_bf16'] = attention('attend_bf16', torch.bfloat16)
+    rows = torch.randn(40, 1088, generator=g)   # past the 16 rows from which rms_norm uses the threads
+
+    def norm(name, dtype):
+        x, w = rows.to(dtype), torch.randn(1088, generator=g).to(dtype)
+
+        def call(threads):
+            y = torch.empty_like(x)
+            getattr(lib, name)(x.data_ptr(), 1088, 40, 1088, w.data_ptr(), 1e-5, y.data_ptr(), 1088, threads)
+            return y
+        return call
+    calls['rms_norm_f32'] = norm('rms_norm_f32', torch.float32)
+    calls['rms_norm_bf16'] = norm('rms_norm_bf16', torch.bfloat16)
     return calls
 
 

@@ -48,10 +48,9 @@ def compiled(q, k_pool, v_pool, kv, scale) -> Optional[torch.Tensor]:
     kernel = lib.attend_f32 if q.dtype == torch.float32 else lib.attend_bf16
     out = torch.empty(n, heads, d, dtype=q.dtype)
     tables = kv.tables.contiguous()
-    key_start = torch.arange(kv.parts, dtype=torch.int64) * tables.shape[1]   # row p of the padded tables
     min_keys = kv.min_keys.data_ptr() if kv.min_keys is not None else None
     if not kernel(q.data_ptr(), q.stride(0), kv.parts, kv.rows.data_ptr(), kv.keys.data_ptr(), min_keys,
-                  tables.data_ptr(), key_start.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), groups * d,
+                  tables.data_ptr(), kv.key_start.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), groups * d,
                   heads, groups, d, scale, out.data_ptr(), torch.get_num_threads()):
         return None
     return out

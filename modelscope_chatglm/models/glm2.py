@@ -24,7 +24,17 @@ from torch import nn
 
 from ..model_config import ModelConfig
 from ..triton_support import optional
+from . import cpu_ops
 from .base import linears_keep_row_bits, lm_head, ragged_logits, score_whole
+
+
+def fused_ops(*tensors: torch.Tensor):
+    """RMSNorm and RoPE as one call each for the tensors' device: Triton kernels on CUDA (triton_ops.py),
+    the compiled kernels on the CPU (cpu_ops.py); None where neither applies, and the torch code below runs.
+    A decode step is mostly these small ops between the linears: one call each instead of a dozen."""
+    if tensors[0].is_cuda:
+        return optional('models.triton_ops')
+    return cpu_ops if cpu_ops.applies(*tensors) else None
 
 
 class RMSNorm(nn.Module):
@@ -34,7 +44,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and (ops := optional('models.triton_ops')) is not None:
+        if (ops := fused_ops(x, self.weight)) is not None:
             return ops.rms_norm(x, self.weight, self.eps)     # the same math, one kernel
         return rms_norm(x, self.weight, self.eps)
 
@@ -88,8 +98,9 @@ class SelfAttention(nn.Module):
         """x [1, N, D]: the new rows of every part of a forward; kv: this layer's handle on the K/V pool."""
         b, n, _ = x.shape
         qkv = self.query_key_value(x)
-        if qkv.is_cuda and (ops := optional('models.triton_ops')) is not None:
+        if (ops := fused_ops(qkv)) is not None:
             # Q and K heads are adjacent in each row: rotate them all in place, in one kernel.
+            qkv = qkv.contiguous()
             ops.rotary_qk_(qkv, cos, sin, self.num_heads + self.num_kv_heads, self.head_dim)
             q, k, v = (t.view(n, -1, self.head_dim) for t in qkv[0].split(self.split_sizes, dim=-1))
         else:

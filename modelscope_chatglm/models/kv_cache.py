@@ -18,6 +18,7 @@ page table starts with.
 """
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 from dataclasses import dataclass
@@ -92,6 +93,11 @@ class PagedKV:
         return cls(pool, write.to(device), rows, keys.to(device), padded.to(device),
                    None if min_keys is None else torch.tensor(min_keys, dtype=torch.int32, device=device),
                    [len(t) for t in tables])
+
+    @functools.cached_property
+    def key_start(self) -> torch.Tensor:
+        """[P] int64: where row p of `tables` starts (the CPU kernel's offsets; one tensor for all layers)."""
+        return torch.arange(self.parts, dtype=torch.int64) * self.tables.shape[1]
 
     @property
     def parts(self) -> int:

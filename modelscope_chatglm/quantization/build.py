@@ -309,7 +309,8 @@ def _declare(lib):
     """argtypes for every exported function (ctypes then converts ints and pointers for us)."""
     p, i = ctypes.c_void_p, ctypes.c_int
     variants = ('', '_x8', '_xbf16')   # fp32 x, int8-quantized x, bf16 x
-    for name in [f'q{bits}_gemv{v}' for bits in (8, 4) for v in variants + ('_x8_lanes',)]:
+    for name in [f'q{bits}_gemv{v}' for bits in (8, 4)
+                 for v in variants + ('_x8_lanes', '_x8_bf16', '_x8_lanes_bf16')]:
         getattr(lib, name).argtypes = [p, i, i, p, p, p, p, i, i]
         getattr(lib, name).restype = None
     lib.x8_relayout_weights.argtypes = [p, i, i, i, i, i]
@@ -332,6 +333,12 @@ def _declare(lib):
         getattr(lib, name).restype = ctypes.c_int
         getattr(lib, name + '_ref').argtypes = paged
         getattr(lib, name + '_ref').restype = ctypes.c_int
+    for name in ('rms_norm_f32', 'rms_norm_bf16'):   # kernels/block_ops.c
+        getattr(lib, name).argtypes = [p, lg, i, i, p, f, p, lg, i]
+        getattr(lib, name).restype = None
+    for name in ('rotary_f32', 'rotary_bf16'):
+        getattr(lib, name).argtypes = [p, lg, i, i, i, p, p, i]
+        getattr(lib, name).restype = None
     lib.kernel_isa.restype = ctypes.c_char_p
     lib.kernel_openmp.restype = ctypes.c_int
     lib.isa = lib.kernel_isa().decode()   # the SIMD branch compiled in: 'avx512-vnni-bf16', ..., 'scalar'

@@ -82,10 +82,12 @@ static float *widen_bf16(const uint16_t *x, size_t n) {
     return f;
 }
 
-/* fp32 -> bf16, rounded to nearest even. */
+/* fp32 -> bf16, rounded to nearest even; a NaN stays a NaN (0x7FC0, as torch writes it: rounding a NaN whose
+ * payload is all in the low half would carry into the exponent and give inf). */
 static inline uint16_t to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
+    if (f != f) return 0x7FC0;
     u += 0x7FFF + ((u >> 16) & 1);
     return (uint16_t)(u >> 16);
 }

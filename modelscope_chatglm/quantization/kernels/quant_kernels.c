@@ -30,6 +30,8 @@
  * int8 too and the dot products are exact integer sums (AVX512-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, NEON
  * `sdot` or widening multiplies, or the scalar code); they take every row of x, prompt or decode.
  *
+ * `rms_norm_*` and `rotary_*` are the RMSNorm and RoPE of a GLM2/3 block, one call per layer (block_ops.c).
+ *
  * `attend_f32` and `attend_bf16` are the attention of every new row of a forward (prompt chunks and decode
  * tokens of many sequences) over their keys in the paged K/V pool, one call per layer (attention.c).
  *
@@ -61,6 +63,7 @@
  *                            dequantised row tiles for prefill (*_dequant_rows_*)
  *   attention.c              attention over paged K/V: the job, the kernel on vf, attend_f32
  *   attention_avx512_bf16.c  attend_bf16: bf16 pair products (AVX512-BF16 builds), else attention.c's kernel
+ *   block_ops.c              the per-row ops around a block's linears: rms_norm_*, rotary_* (fp32, bf16)
  *   reference.c              the scalar references (`*_ref`) that the tests hold every build to
  */
 #include "common.h"
@@ -82,4 +85,5 @@ int kernel_openmp(void) { return KERNEL_OPENMP; }
 #include "relayout.c"
 #include "attention.c"
 #include "attention_avx512_bf16.c"
+#include "block_ops.c"
 #include "reference.c"

@@ -2,7 +2,7 @@
  * The driver of the int8-activation kernels: x quantized once (x8_quantize.c), then panels of its rows
  * against every weight row on the threads, by the tiles of x8_avx2.c or the strips of x8_avx512_vnni.c
  * (X8_TILES: whichever this build has); and the exported entry points q8_gemv_x8, q4_gemv_x8,
- * q8_gemv_x8_lanes and q4_gemv_x8_lanes.
+ * q8_gemv_x8_lanes and q4_gemv_x8_lanes, and their bf16-in, bf16-out twins (`*_bf16`).
  * Part of the one translation unit quant_kernels.c (its top comment is the map); not compiled on its own.
  */
 
@@ -41,4 +41,37 @@ void q8_gemv_x8_lanes(const float *x, int M, int K, const int8_t *W, const float
 void q4_gemv_x8_lanes(const float *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
                       float *y, int N, int nthreads) {
     gemv_x8(x, M, K, W, 4, 1, scale, bias, y, N, nthreads);
+}
+
+/* A bf16 model's rows, bf16 in and out: x widened exactly (then quantized as above), y rounded once to
+ * nearest even, as torch's .to(torch.bfloat16) rounds the fp32 result. The same numbers as converting
+ * around the fp32 entry points, without the two conversions per linear that cost a decode step more
+ * dispatch than arithmetic. */
+static void gemv_x8_bf16(const uint16_t *x, int M, int K, const int8_t *W, int bits, int lanes, const float *scale,
+                         const float *bias, uint16_t *y, int N, int nthreads) {
+    float *xf = widen_bf16(x, (size_t)M * K), *yf = (float *)malloc(sizeof(float) * (size_t)M * N);
+    gemv_x8(xf, M, K, W, bits, lanes, scale, bias, yf, N, nthreads);
+    for (size_t i = 0; i < (size_t)M * N; i++) y[i] = to_bf16(yf[i]);
+    free(xf);
+    free(yf);
+}
+
+void q8_gemv_x8_bf16(const uint16_t *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
+                     uint16_t *y, int N, int nthreads) {
+    gemv_x8_bf16(x, M, K, W, 8, 0, scale, bias, y, N, nthreads);
+}
+
+void q4_gemv_x8_bf16(const uint16_t *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
+                     uint16_t *y, int N, int nthreads) {
+    gemv_x8_bf16(x, M, K, W, 4, 0, scale, bias, y, N, nthreads);
+}
+
+void q8_gemv_x8_lanes_bf16(const uint16_t *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
+                           uint16_t *y, int N, int nthreads) {
+    gemv_x8_bf16(x, M, K, W, 8, 1, scale, bias, y, N, nthreads);
+}
+
+void q4_gemv_x8_lanes_bf16(const uint16_t *x, int M, int K, const int8_t *W, const float *scale, const float *bias,
+                           uint16_t *y, int N, int nthreads) {
+    gemv_x8_bf16(x, M, K, W, 4, 1, scale, bias, y, N, nthreads);
 }

@@ -1,0 +1,131 @@
+"""The per-row ops of a GLM2/3 block in C (quantization/kernels/block_ops.c, models/cpu_ops.py) against
+glm2.py's torch code, on every instruction-set build; and the bf16-in, bf16-out int8-activation linears."""
+import pytest
+import torch
+
+import modelscope_chatglm
+from modelscope_chatglm.models import cpu_ops, glm2
+from modelscope_chatglm.quantization import QuantizedLinear, quantize
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+
+
+def rms_norm(lib, x, w, eps=1e-5, threads=2):
+    """The kernel on x [M, K] (any row stride) -> [M, K]."""
+    y = torch.empty(x.shape, dtype=x.dtype)
+    kernel = lib.rms_norm_bf16 if x.dtype == torch.bfloat16 else lib.rms_norm_f32
+    kernel(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], w.data_ptr(), eps, y.data_ptr(), x.shape[1], threads)
+    return y
+
+
+@pytest.mark.parametrize('dtype', list(DTYPES))
+@pytest.mark.parametrize('K', [64, 100, 4096])   # a tiny model's width, a width that is no multiple of 16, the 6B's
+def test_rms_norm_is_torchs_up_to_the_order_of_its_sum(isa_lib, dtype, K):
+    g = torch.Generator().manual_seed(K)
+    x = (torch.randn(40, K, generator=g) * 3).to(DTYPES[dtype])
+    w = (1 + 0.2 * torch.randn(K, generator=g)).to(DTYPES[dtype])
+    ours, theirs = rms_norm(isa_lib, x, w), glm2.rms_norm(x, w, 1e-5)
+    if dtype == 'fp32':
+        assert ((ours - theirs).abs() / theirs.abs().clamp_min(1e-6)).max().item() < 1e-6
+    else:   # the same fp32 value rounded once; a last-bit change in the row's scale moves a rare rounding
+        ulp = 2.0 ** (torch.frexp(theirs.float())[1] - 8).float()
+        assert ((ours.float() - theirs.float()).abs() <= ulp).all()
+        assert (ours == theirs).float().mean().item() > 0.99
+    # a row's result is its own: alone, in a batch on the threads, or read with another row stride
+    alone = torch.cat([rms_norm(isa_lib, x[m:m + 1], w, threads=1) for m in range(40)])
+    assert torch.equal(ours, alone)
+    wide = torch.zeros(40, K + 24, dtype=x.dtype)
+    wide[:, 5:5 + K] = x
+    assert torch.equal(rms_norm(isa_lib, wide[:, 5:5 + K], w), ours)
+
+
+def test_rms_norm_lets_a_nan_through_its_own_row_only(isa_lib):
+    x, w = torch.randn(20, 256), torch.ones(256)
+    x[3, 7] = float('nan')
+    y = rms_norm(isa_lib, x, w)
+    assert y[3].isnan().all() and not y[torch.arange(20) != 3].isnan().any()
+    yb = rms_norm(isa_lib, x.bfloat16(), w.bfloat16())
+    assert yb[3].isnan().all() and not yb[torch.arange(20) != 3].isnan().any()
+
+
+@pytest.mark.parametrize('dtype', list(DTYPES))
+@pytest.mark.parametrize('heads,groups,d,n', [(32, 2, 128, 5), (3, 1, 8, 1), (4, 2, 16, 17)])
+def test_rotary_is_torchs_bit_for_bit(isa_lib, dtype, heads, groups, d, n, monkeypatch):
+    monkeypatch.setattr(cpu_ops, 'load_library', lambda: isa_lib)
+    g = torch.Generator().manual_seed(d)
+    qkv = torch.randn(1, n, (heads + 2 * groups) * d, generator=g).to(DTYPES[dtype])
+    cos, sin = glm2.RotaryEmbedding(d // 2, 10000.0, 1.0)(torch.arange(300, 300 + n)[None])
+    q_end, k_end = heads * d, (heads + groups) * d
+    expected_q = glm2.apply_rotary(qkv[..., :q_end].reshape(1, n, heads, d), cos, sin).flatten(2)
+    expected_k = glm2.apply_rotary(qkv[..., q_end:k_end].reshape(1, n, groups, d), cos, sin).flatten(2)
+    ours = qkv.clone()
+    cpu_ops.rotary_qk_(ours, cos, sin, heads + groups, d)
+    assert torch.equal(ours[..., :q_end], expected_q)
+    assert torch.equal(ours[..., q_end:k_end], expected_k)
+    assert torch.equal(ours[..., k_end:], qkv[..., k_end:])     # V is never rotated
+    assert not torch.equal(ours, qkv)
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_int8_activation_kernels_take_and_give_bf16_as_torch_converts(isa_lib, bits):
+    """`*_x8_bf16`: bf16 x in, bf16 y out; the bits of the fp32 entry point with torch's conversions around it."""
+    g = torch.Generator().manual_seed(bits)
+    q, scale = quantize(torch.randn(77, 1000, generator=g), bits)
+    x, bias = torch.randn(9, 1000, generator=g).bfloat16(), torch.randn(77, generator=g)
+    xf, scale = x.float(), scale.float()   # (held in names: a temporary's memory is freed before the call)
+    y32, y16 = torch.empty(9, 77), torch.empty(9, 77, dtype=torch.bfloat16)
+    getattr(isa_lib, f'q{bits}_gemv_x8')(xf.data_ptr(), 9, 1000, q.data_ptr(), scale.data_ptr(), bias.data_ptr(),
+                                         y32.data_ptr(), 77, 2)
+    getattr(isa_lib, f'q{bits}_gemv_x8_bf16')(x.data_ptr(), 9, 1000, q.data_ptr(), scale.data_ptr(),
+                                              bias.data_ptr(), y16.data_ptr(), 77, 2)
+    assert torch.equal(y16, y32.bfloat16())
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_a_bf16_linear_with_int8_activations_rounds_once(lib, bits):
+    """Through QuantizedLinear (the lane layout where the build has it): the bf16 entry point gives what
+    the fp32 one gives, rounded to bf16 once."""
+    layer = QuantizedLinear(4096, 300, bits, bias=True, dtype=torch.bfloat16, scale_dtype=torch.float32)
+    layer.load_float_weight(torch.randn(300, 4096))
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(300))
+    layer.int8_activations = True
+    x = torch.randn(3, 4096).bfloat16()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    expected, xf, bias = torch.empty(3, 300), x.float(), layer.bias.detach().float()
+    name = f'q{bits}_gemv_x8' + ('_lanes' if layer.lane_layout else '')
+    getattr(lib, name)(xf.data_ptr(), 3, 4096, layer.weight.data_ptr(), layer.weight_scale.data_ptr(),
+                       bias.data_ptr(), expected.data_ptr(), 300, 2)
+    assert torch.equal(y, expected.bfloat16())
+
+
+def test_the_cpu_ops_take_fp32_and_bf16_without_autograd_only():
+    x = torch.randn(2, 64)
+    assert glm2.fused_ops(x) is cpu_ops and glm2.fused_ops(x.bfloat16()) is cpu_ops
+    assert glm2.fused_ops(x.half()) is None                       # torch's code for what the C does not take
+    assert glm2.fused_ops(x, torch.ones(64).bfloat16()) is None   # mixed dtypes: torch promotes, so does glm2.py
+    w = torch.ones(64, requires_grad=True)
+    assert glm2.fused_ops(x, w) is None                           # training records the torch ops
+    with torch.no_grad():
+        assert glm2.fused_ops(x, w) is cpu_ops
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_a_glm2_model_replies_alike_through_the_cpu_ops_and_torch(glm2_dir, dtype, monkeypatch):
+    """The whole model: logits close to those of glm2.py's torch code, and the same greedy reply."""
+    chat = modelscope_chatglm.load(glm2_dir, device='cpu', dtype=dtype)
+    calls = []
+    real = cpu_ops.rms_norm
+    monkeypatch.setattr(cpu_ops, 'rms_norm', lambda *a: calls.append(1) or real(*a))
+    ids = torch.tensor([[5, 17, 33, 99, 120, 7, 64, 3]])
+    fused = chat.model.full_logits(ids, None)
+    reply = chat.chat('hello there', max_new_tokens=12, do_sample=False)[0]
+    assert calls                                                  # the C ops ran
+    monkeypatch.setattr(cpu_ops, 'applies', lambda *tensors: False)
+    calls.clear()
+    plain = chat.model.full_logits(ids, None)
+    assert not calls
+    tolerance = 1e-4 if dtype == 'float32' else 5e-2
+    assert (fused - plain).abs().max().item() < tolerance * max(1.0, plain.abs().max().item())
+    assert chat.chat('hello there', max_new_tokens=12, do_sample=False)[0] == reply
