@@ -118,14 +118,16 @@ def test_a_glm2_model_replies_alike_through_the_cpu_ops_and_torch(glm2_dir, dtyp
     calls = []
     real = cpu_ops.rms_norm
     monkeypatch.setattr(cpu_ops, 'rms_norm', lambda *a: calls.append(1) or real(*a))
-    ids = torch.tensor([[5, 17, 33, 99, 120, 7, 64, 3]])
-    fused = chat.model.full_logits(ids, None)
-    reply = chat.chat('hello there', max_new_tokens=12, do_sample=False)[0]
+    ids = [5, 17, 33, 99, 120, 7, 64, 3]
+    fused = chat.logits(ids)                                      # (in inference mode, as every surface runs)
     assert calls                                                  # the C ops ran
+    reply = chat.chat('hello there', max_new_tokens=12, do_sample=False)[0]
+    chat.clear_cache()                                            # the next reply prefills its prompt again
     monkeypatch.setattr(cpu_ops, 'applies', lambda *tensors: False)
     calls.clear()
-    plain = chat.model.full_logits(ids, None)
+    plain = chat.logits(ids)
     assert not calls
     tolerance = 1e-4 if dtype == 'float32' else 5e-2
     assert (fused - plain).abs().max().item() < tolerance * max(1.0, plain.abs().max().item())
     assert chat.chat('hello there', max_new_tokens=12, do_sample=False)[0] == reply
+    assert not calls

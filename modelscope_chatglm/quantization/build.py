@@ -73,7 +73,9 @@ def _compiler_version(cc: str) -> str:
 
 
 def compile_flags(openmp: bool, march: str = 'native') -> List[str]:
-    flags = ['-O3', f'-march={march}', '-fPIC', '-shared', '-std=c11']
+    # -ffp-contract=off: a * b + c stays two roundings, as torch computes it (GCC's -std=c11 already
+    # implies it; clang, macOS's cc, fuses by default).
+    flags = ['-O3', f'-march={march}', '-fPIC', '-shared', '-std=c11', '-ffp-contract=off']
     if openmp:
         flags += ['-Xpreprocessor', '-fopenmp', '-lomp'] if sys.platform == 'darwin' else ['-fopenmp']
     return flags + ['-lm']   # fmaf: a call into libm where the CPU has no fused multiply-add
@@ -92,7 +94,7 @@ def find_cross_compiler(triple: str = 'aarch64-linux-gnu') -> Optional[str]:
 
 def harness_flags(openmp: bool, march: str) -> List[str]:
     """The library's flags (compile_flags) for a program that #includes the kernels, linked statically: the
-    same code generation (-O3, -march, and -std=c11, which keeps GCC from fusing a * b + c on its own), so
+    same code generation (-O3, -march, and -ffp-contract=off, which keeps the compiler from fusing a * b + c), so
     it runs the code the library would; static, so that qemu-user needs no libraries of the target."""
     return [f for f in compile_flags(openmp, march) if f not in ('-fPIC', '-shared')] + ['-static']
 

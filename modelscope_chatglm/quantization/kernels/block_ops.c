@@ -15,7 +15,7 @@
  * rounded to nearest even once, as torch's .to(torch.bfloat16) rounds):
  *   rms_norm: y = w * (x * (1 / sqrt(sum(x^2) / K + eps)))
  *   rotary:   (x0, x1) -> (x0 * cos - x1 * sin, x1 * cos + x0 * sin) for the first `pairs` pairs of each head
- * The products and sums are separate roundings (-std=c11 keeps GCC from fusing them), so RoPE gives torch's
+ * The products and sums are separate roundings (build.py compiles with -ffp-contract=off), so RoPE gives torch's
  * bits. The sum of squares runs in 16 partial sums (a vector's lanes) then pairwise: torch sums in its
  * own order, so rms_norm can differ from torch in the last bit of a row's scale (tests/test_block_ops.py
  * bounds it). Each row is computed alone, in the same order whatever the other rows are.

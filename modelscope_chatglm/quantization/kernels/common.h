@@ -78,7 +78,7 @@ static inline float f16_to_f32(uint16_t h) {
 
 static float *widen_bf16(const uint16_t *x, size_t n) {
     float *f = (float *)malloc(sizeof(float) * n);
-    for (size_t i = 0; i < n; i++) f[i] = bf16_to_f32(x[i]);
+    for (size_t i = 0; f && i < n; i++) f[i] = bf16_to_f32(x[i]);
     return f;
 }
 

@@ -50,8 +50,9 @@ void q4_gemv_x8_lanes(const float *x, int M, int K, const int8_t *W, const float
 static void gemv_x8_bf16(const uint16_t *x, int M, int K, const int8_t *W, int bits, int lanes, const float *scale,
                          const float *bias, uint16_t *y, int N, int nthreads) {
     float *xf = widen_bf16(x, (size_t)M * K), *yf = (float *)malloc(sizeof(float) * (size_t)M * N);
-    gemv_x8(xf, M, K, W, bits, lanes, scale, bias, yf, N, nthreads);
-    for (size_t i = 0; i < (size_t)M * N; i++) y[i] = to_bf16(yf[i]);
+    if (xf && yf) gemv_x8(xf, M, K, W, bits, lanes, scale, bias, yf, N, nthreads);
+    /* Out of memory: NaN, which the sampler reports as a failed sequence, rather than a crash. */
+    for (size_t i = 0; i < (size_t)M * N; i++) y[i] = xf && yf ? to_bf16(yf[i]) : 0x7FC0;
     free(xf);
     free(yf);
 }
