@@ -3,8 +3,8 @@
 same signatures, for fp32 and bf16 rows.
 
 In torch, RMSNorm is eight small ops and RoPE about fifteen for q and k; a decode step pays microseconds
-of dispatch for each, 28 layers over. As one call each, the time a ChatGLM2-6B int4 decode step spends
-outside the kernels halved (benchmarks/README.md, "Zen 4, after the block ops").
+of dispatch for each, 28 layers over, with their code and data cold after the weights streamed through
+the caches (measured: benchmarks/README.md, "Zen 4, after the block ops").
 The math is glm2.py's (`rms_norm`, `apply_rotary`), which tests/test_block_ops.py holds these to: RoPE
 bit for bit, RMSNorm up to the order of its sum of squares.
 """

@@ -8,8 +8,8 @@
 /*
  * Why in C: a decode step moves one row per sequence through these, and in torch they are a dozen small
  * ops each (RMSNorm eight, RoPE about fifteen for q and k), each costing microseconds of dispatch for
- * nanoseconds of work. Here each is one call per layer; the time a ChatGLM2-6B int4 decode step spends
- * outside the kernels halved (benchmarks/README.md, "Zen 4, after the block ops").
+ * nanoseconds of work, and a decode step's weights streaming through the caches leave each op cold.
+ * Here each is one call per layer (measured: benchmarks/README.md, "Zen 4, after the block ops").
  *
  * The math is glm2.py's, in fp32, the row's dtype read and written at the ends (bf16 widened exactly,
  * rounded to nearest even once, as torch's .to(torch.bfloat16) rounds):
