@@ -6,6 +6,8 @@ each, a few hundred per token); a greedy reply of --new tokens after a short pro
 the rest is the difference. Printed per round, then the kernels of the last round.
 
     python benchmarks/profile_decode.py --dir /var/tmp/chatglm2-6b-random --bits 4 [--rounds 5] [--new 32]
+        [--march x86-64-v3]   # the kernels built for another instruction set, in an fp32 model (as --isa avx2
+                              # of bench_vs_llamacpp.py; run it with ATEN_CPU_CAPABILITY=avx2 for torch's ops)
 """
 import argparse
 import collections
@@ -23,6 +25,8 @@ def main():
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--rounds', type=int, default=5)
     ap.add_argument('--new', type=int, default=32)
+    ap.add_argument('--march', help="build the kernels with gcc's -march=MARCH in place of this CPU's own build, "
+                                    'and load the model in fp32 (what a CPU without bf16 units gets)')
     args = ap.parse_args()
 
     from modelscope_chatglm import openmp
@@ -31,7 +35,13 @@ def main():
     import modelscope_chatglm
     from modelscope_chatglm.quantization import build
     torch.set_num_threads(args.threads)
-    chat = modelscope_chatglm.load(args.dir, device='cpu', quantization_bit=args.bits or None)
+    extra = {}
+    if args.march:
+        import tempfile
+        build._state.update(lib=build.build_variant(args.march, os.path.join(tempfile.gettempdir(), 'bench-kernels')),
+                            loaded=True)
+        extra = {'dtype': 'float32'}
+    chat = modelscope_chatglm.load(args.dir, device='cpu', quantization_bit=args.bits or None, **extra)
     print(repr(chat), build.load_library().isa)
 
     seconds, calls = collections.defaultdict(float), collections.Counter()

@@ -225,30 +225,45 @@ def test_int8_activations_give_a_row_the_same_bits_whatever_else_is_in_the_call(
 
 @pytest.mark.parametrize('bits', [8, 4])
 @pytest.mark.parametrize('K', [4160, 4100])
-def test_int8_activations_give_the_same_bits_on_builds_that_add_alike(isa_builds, bits, K):
-    """The integer sums are exact on every build; the blocks' scaled sums are added in one of two orders.
-    AVX2 and AVX-512 without VNNI keep 8 lanes per weight row, scaled block by block and added across at
-    the end: those builds give each other's bits (a machine moved between such CPUs answers the same).
-    AVX512-VNNI keeps one lane per weight row and adds the blocks in order, as the scalar reference does:
-    it gives the reference's bits. K = 4100 ends in a short block; 77 rows are 64 in full strips (one
-    of 64 rows for int4, two of 32 for int8) and a part; 70 rows of x are two panels of passes of up to
-    3 (int4) or 5 (int8) rows; for int4, 4160 columns are 520 groups of 8, not a multiple of the 16 the
-    kernel transposes at once."""
-    isa = {march: lib.kernel_isa().decode() for march, lib in isa_builds.items()}
-    lanes = {march: lib for march, lib in isa_builds.items() if isa[march] in ('avx2', 'avx512')}
-    vnni = {march: lib for march, lib in isa_builds.items() if 'vnni' in isa[march]}
-    if len(lanes) < 2 and not vnni:
-        pytest.skip('needs two lane builds (AVX2 and AVX-512) or an AVX512-VNNI CPU')
+def test_int8_activations_give_the_scalar_references_bits_on_every_build(isa_builds, bits, K):
+    """The integer sums are exact on every build, and every build adds the blocks' scaled sums in the
+    reference's order (one weight row per lane on x86, lanes added across per block on NEON): a model
+    answers the same on every CPU. K = 4100 ends in a short block; 77 rows are 64 in full strips (AVX2:
+    two of 32 for int4, four of 16 for int8; AVX-512: one of 64, two of 32) and a part; 70 rows of x are
+    two panels of passes of up to 2 to 5 rows; for int4, 4160 columns are 520 groups of 8, not a
+    multiple of the 8 or 16 the kernels transpose at once."""
     g = torch.Generator().manual_seed(bits + K)
     q, scale = quantize(torch.randn(77, K, generator=g), bits)
     x = torch.randn(70, K, generator=g) * 3
     bias = torch.randn(77, generator=g)
-    results = {march: run(lib, f'q{bits}_gemv_x8', x, q, scale.float(), bias, 77) for march, lib in lanes.items()}
-    for march, y in results.items():
-        assert torch.equal(y, next(iter(results.values()))), march
-    for march, lib in vnni.items():
+    for march, lib in isa_builds.items():
         ref = run(lib, f'q{bits}_gemv_x8_ref', x, q, scale.float(), bias, 77)
         assert torch.equal(run(lib, f'q{bits}_gemv_x8', x, q, scale.float(), bias, 77), ref), march
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+@pytest.mark.parametrize('N,K', [(4608, 4096), (4096, 13696)])
+def test_int8_activations_at_full_width_give_the_reference_bits_on_every_build(isa_builds, bits, N, K):
+    """ChatGLM2-6B's qkv and 4h_to_h shapes, on every instruction-set build, in the hub layout and in the
+    lane layout, on 1, 2 and 5 threads: 3 rows of x together, and each alone, give gemv_x8_ref's bits."""
+    g = torch.Generator().manual_seed(bits + N)
+    q, scale = quantize(torch.randn(N, K, generator=g) * 0.02, bits)
+    scale = scale.float()
+    x = torch.randn(3, K, generator=g)
+    ref = run(isa_builds['native'], f'q{bits}_gemv_x8_ref', x, q, scale, None, N)
+
+    def call(lib, name, rows, w, threads):
+        y = torch.empty(rows.shape[0], N)
+        getattr(lib, name)(rows.data_ptr(), rows.shape[0], K, w.data_ptr(), scale.data_ptr(), None, y.data_ptr(), N, threads)
+        return y
+    for march, lib in isa_builds.items():
+        lanes = q.clone()
+        lane_layout = lib.x8_relayout_weights(lanes.data_ptr(), N, K, bits, 1, 2) == 0
+        assert lane_layout == lib.kernel_isa().decode().startswith(('avx2', 'avx512')), march
+        for name, w in [(f'q{bits}_gemv_x8', q)] + ([(f'q{bits}_gemv_x8_lanes', lanes)] if lane_layout else []):
+            for threads in (1, 2, 5):
+                assert torch.equal(call(lib, name, x, w, threads), ref), (march, name, threads)
+                assert torch.equal(call(lib, name, x[1:2], w, threads), ref[1:2]), (march, name, threads)
 
 
 @pytest.mark.parametrize('bits', [8, 4])
@@ -278,12 +293,12 @@ def test_bf16_prompts_of_up_to_128_rows_take_the_kernel_where_it_multiplies_bf16
 
 
 @pytest.mark.parametrize('bits', [8, 4])
-def test_int8_activations_rearrange_the_weights_for_vnni_and_give_them_back(lib, bits):
-    """On AVX512-VNNI, int8 activations put the weights in the lane layout once (no per-call
+def test_int8_activations_rearrange_the_weights_into_strips_and_give_them_back(lib, bits):
+    """On x86 (AVX2, AVX-512), int8 activations put the weights in the lane layout once (no per-call
     transposes), with the same results as the hub layout; the state dict, and clearing the option, give
-    the hub's bytes back. 77 rows: 64 in full strips in the lane layout (int4: one of 64, int8: two of
-    32) and a part strip left in rows; 4100 columns end in a short block. Other builds keep the hub
-    layout."""
+    the hub's bytes back. 77 rows: 64 in full strips in the lane layout (strips of 16 to 64 rows) and a
+    part strip left in rows; 4100 columns end in a short block. The other builds (NEON, scalar) keep the
+    hub layout."""
     layer = QuantizedLinear(4100, 77, bits, bias=True, dtype=torch.float32, scale_dtype=torch.float32)
     layer.load_float_weight(torch.randn(77, 4100))
     with torch.no_grad():
@@ -292,9 +307,9 @@ def test_int8_activations_rearrange_the_weights_for_vnni_and_give_them_back(lib,
     x = torch.randn(9, 4100)
     expected = run(lib, f'q{bits}_gemv_x8', x, hub, layer.weight_scale, layer.bias.detach(), 77)
     layer.int8_activations = True
-    vnni = 'vnni' in lib.kernel_isa().decode()
-    assert layer.lane_layout == vnni
-    assert torch.equal(layer.weight[:64], hub[:64]) != vnni       # the full strips moved, on VNNI only
+    strips = lib.kernel_isa().decode().startswith(('avx2', 'avx512'))
+    assert layer.lane_layout == strips
+    assert torch.equal(layer.weight[:64], hub[:64]) != strips     # the full strips moved, on x86 only
     assert torch.equal(layer.weight[64:], hub[64:])                # the part strip never does
     with torch.no_grad():
         assert torch.equal(layer(x), expected)
@@ -310,7 +325,7 @@ def test_int8_activations_rearrange_the_weights_for_vnni_and_give_them_back(lib,
     handed = []
     other._apply(lambda t: handed.append(t.clone()) or t)
     assert torch.equal(handed[0], hub)
-    assert other.lane_layout == vnni
+    assert other.lane_layout == strips
     with torch.no_grad():
         assert torch.equal(other(x), expected)
     layer.int8_activations = False

@@ -67,9 +67,9 @@ class QuantizedLinear(nn.Module):
     @property
     def int8_activations(self) -> bool:
         """Quantize x to int8 too (see the module docstring); set for the whole model by
-        loading.load(int8_activations=True). On AVX512-VNNI, setting it rearranges `weight` in place for
-        that kernel (`lane_layout`: strips of 64 rows for int4, 32 for int8, their groups of 4 bytes side by
-        side and sign bits flipped, so that no call transposes them); clearing it restores the hub's layout, and the state dict always holds the hub's layout."""
+        loading.load(int8_activations=True). On x86 (AVX2, AVX-512), setting it rearranges `weight` in place
+        for that kernel (`lane_layout`: strips of 16 to 64 rows, their groups of 4 bytes side by side and
+        sign bits flipped where the kernel wants them, so that no call transposes them); clearing it restores the hub's layout, and the state dict always holds the hub's layout."""
         return self._int8_activations
 
     @int8_activations.setter
@@ -83,7 +83,7 @@ class QuantizedLinear(nn.Module):
 
     def _relayout(self, weight: torch.Tensor, lanes: bool) -> bool:
         """Rearrange `weight` in place to (lanes) or from the lane layout; False where the build keeps the
-        hub layout (no AVX512-VNNI, or no compiled kernels)."""
+        hub layout (NEON and scalar builds, or no compiled kernels)."""
         lib = load_library()
         return lib is not None and lib.x8_relayout_weights(weight.data_ptr(), self.out_features, self.in_features,
                                                            self.bits, int(lanes), torch.get_num_threads()) == 0

@@ -18,18 +18,22 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 #define KERNEL_ISA "avx512-vnni-bf16"
-#define X8_VNNI 1     /* the int8-activation kernel's dot products in one instruction (x8_avx512_vnni.c) */
+#define X8_VNNI 1     /* the int8-activation kernel's dot products in one instruction (x8_strips.c) */
 #define XBF16_DP 1    /* bf16 activations: bf16 pair products in one instruction (gemv_avx512_bf16.c) */
+#define X8_STRIPS 1   /* the int8-activation kernel's weight rows in lanes (x8_strips.c): every x86 SIMD build */
 #include <immintrin.h>
 #elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define KERNEL_ISA "avx512-vnni"
 #define X8_VNNI 1
+#define X8_STRIPS 1
 #include <immintrin.h>
 #elif defined(__AVX512F__) && defined(__AVX512BW__)
 #define KERNEL_ISA "avx512"
+#define X8_STRIPS 1
 #include <immintrin.h>
 #elif defined(__AVX2__) && defined(__FMA__)
 #define KERNEL_ISA "avx2"
+#define X8_STRIPS 1
 #include <immintrin.h>
 #elif defined(__aarch64__) && defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
 #define KERNEL_ISA "neon-dotprod"   /* -march=armv8.2-a+dotprod and later: Neoverse N1/V1, Graviton 2+, Apple M */

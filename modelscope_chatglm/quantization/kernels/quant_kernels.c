@@ -28,7 +28,8 @@
  *
  * `*_gemv_x8` are the int8-activation kernels (the CPU default for quantized models) (x8_quantize.c says how): x is quantized to
  * int8 too and the dot products are exact integer sums (AVX512-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, NEON
- * `sdot` or widening multiplies, or the scalar code); they take every row of x, prompt or decode.
+ * `sdot` or widening multiplies, or the scalar code), the same bits on every build; they take every row of
+ * x, prompt or decode.
  *
  * `rms_norm_*` and `rotary_*` are the RMSNorm and RoPE of a GLM2/3 block, one call per layer (block_ops.c).
  *
@@ -53,13 +54,13 @@
  *   gemv_avx512_bf16.c       the same on bf16 x with bf16 pair products (AVX512-BF16 builds)
  *   gemv.c                   their driver and entry points: q8_gemv, q4_gemv, f32_gemv, *_xbf16, bf16_gemv
  *   x8_quantize.c            int8 activations: x quantized per block of QK columns, exact block sums, the job
- *   x8_avx2.c                int8-activation tiles by vpmaddubsw (AVX2, AVX-512 without VNNI; plain C on
- *                            the scalar build)
- *   x8_avx512_vnni.c         int8-activation strips by vpdpbusd (AVX512-VNNI builds)
+ *   x8_strips.c              int8-activation strips, weight rows in lanes: vpdpbusd (AVX512-VNNI) or
+ *                            vpmaddubsw (AVX2, AVX-512 without VNNI)
  *   x8_neon.c                int8-activation tiles by sdot, or widening multiplies without dotprod (aarch64
- *                            NEON builds; the scalar reference's bits)
+ *                            NEON builds)
+ *   x8_scalar.c              int8 activations on the scalar build: the definition's loop on the threads
  *   x8.c                     their driver and entry points: q8_gemv_x8, q4_gemv_x8, and the `_lanes` pair
- *   relayout.c               weights into other layouts: the VNNI lane layout (x8_relayout_weights) and
+ *   relayout.c               weights into other layouts: the strips' lane layout (x8_relayout_weights) and
  *                            dequantised row tiles for prefill (*_dequant_rows_*)
  *   attention.c              attention over paged K/V: the job, the kernel on vf, attend_f32
  *   attention_avx512_bf16.c  attend_bf16: bf16 pair products (AVX512-BF16 builds), else attention.c's kernel
@@ -78,9 +79,9 @@ int kernel_openmp(void) { return KERNEL_OPENMP; }
 #include "gemv_avx512_bf16.c"
 #include "gemv.c"
 #include "x8_quantize.c"
-#include "x8_avx2.c"
-#include "x8_avx512_vnni.c"
+#include "x8_strips.c"
 #include "x8_neon.c"
+#include "x8_scalar.c"
 #include "x8.c"
 #include "relayout.c"
 #include "attention.c"

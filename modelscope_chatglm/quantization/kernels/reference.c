@@ -76,7 +76,7 @@ void bf16_gemv_ref(const uint16_t *x, int M, int K, const uint16_t *W, const flo
         }
 }
 
-/* -- int8 activations (x8_quantize.c, x8_avx2.c, x8_avx512_vnni.c, x8.c) ----------------------- */
+/* -- int8 activations (x8_quantize.c, x8_strips.c, x8_neon.c, x8_scalar.c, x8.c) ---------------- */
 
 /* Scalar reference: quantize, then sum the blocks in order. */
 static void gemv_x8_ref(const float *x, int M, int K, const int8_t *W, int bits, const float *scale,
@@ -84,15 +84,8 @@ static void gemv_x8_ref(const float *x, int M, int K, const int8_t *W, int bits,
     const int KB = bits == 4 ? K / 2 : K;
     x8_t xq = quantize_x8(x, M, K, X8_NATURAL);
     for (int m = 0; m < M; m++)
-        for (int n = 0; n < N; n++) {
-            float acc = 0.0f;
-            for (int b = 0; b < xq.nb; b++) {
-                const int k0 = b * QK, len = K - k0 < QK ? K - k0 : QK;
-                acc = fmaf(xq.d[(size_t)m * xq.nb + b],
-                           (float)block_isum(xq.q + (size_t)m * K, W + (size_t)n * KB, bits, X8_NATURAL, k0, len), acc);
-            }
-            y[(size_t)m * N + n] = acc * scale[n] + (bias ? bias[n] : 0.0f);
-        }
+        for (int n = 0; n < N; n++)
+            y[(size_t)m * N + n] = row_x8(&xq, m, W + (size_t)n * KB, bits) * scale[n] + (bias ? bias[n] : 0.0f);
     free_x8(&xq);
 }
 

@@ -1,17 +1,17 @@
 /*
- * Weights into other layouts: the lane layout of the AVX512-VNNI int8-activation kernel (x8_avx512_vnni.c),
+ * Weights into other layouts: the lane layout of the x86 int8-activation strips (x8_strips.c),
  * into which a model's weights are rearranged once (x8_relayout_weights), and dequantised row tiles in fp32
  * or bf16 for a prompt's matrix multiply in torch (`*_dequant_rows_*`).
  * Part of the one translation unit quant_kernels.c (its top comment is the map); not compiled on its own.
  */
 
-/* ---- the lane layout of int8 activations on AVX512-VNNI -------------------------------------- */
+/* ---- the lane layout of the int8-activation strips -------------------------------------------- */
 /*
- * The lane layout: each full strip of 16 G rows holds, in its own bytes, its groups as pack_strip
+ * The lane layout: each full strip of SL G rows holds, in its own bytes, its groups as pack_strip
  * writes them, then each row's short last block (as in the hub layout). A last strip of fewer rows keeps
  * the hub's row layout (it is transposed per call). to_lanes = 0 restores the hub layout.
- * -> 0, or -1 on builds without this kernel (the weights keep the hub layout there).
- * Why the layout: "int8 activations on AVX512-VNNI" (x8_avx512_vnni.c).
+ * -> 0, or -1 on builds without the strips (the weights keep the hub layout there).
+ * Why the layout: "int8 activations in strips" (x8_strips.c).
  */
 #ifdef X8_LANES
 typedef struct {
@@ -24,7 +24,7 @@ static void relayout_strips(void *arg, int s0, int s1) {
     const int groups = full_groups(job->K, job->bits);
     const int32_t flip = sign_bits(job->bits);
     const size_t KB = job->bits == 4 ? (size_t)job->K / 2 : (size_t)job->K, full_bytes = 4 * (size_t)groups;
-    const int G = vnni_groups(job->bits), strip_rows = 16 * G;
+    const int G = strip_groups(job->bits), strip_rows = SL * G;
     const size_t tail = KB - full_bytes, strip_bytes = KB * strip_rows;
     int8_t *copy = (int8_t *)malloc(strip_bytes);
     for (int s = s0; s < s1; s++) {
@@ -37,7 +37,7 @@ static void relayout_strips(void *arg, int s0, int s1) {
             const int32_t *packed = (const int32_t *)copy;
             for (int r = 0; r < strip_rows; r++) {
                 for (int c = 0; c < groups; c++) {
-                    const int32_t v = packed[((size_t)c * G + r / 16) * 16 + r % 16] ^ flip;
+                    const int32_t v = packed[((size_t)c * G + r / SL) * SL + r % SL] ^ flip;
                     memcpy(strip + r * KB + 4 * (size_t)c, &v, 4);
                 }
                 memcpy(strip + r * KB + full_bytes, copy + full_bytes * strip_rows + r * tail, tail);
@@ -49,7 +49,7 @@ static void relayout_strips(void *arg, int s0, int s1) {
 
 int x8_relayout_weights(int8_t *W, int N, int K, int bits, int to_lanes, int nthreads) {
     relayout_job job = {W, K, bits, to_lanes};
-    parallel_for(N / (16 * vnni_groups(bits)), nthreads, relayout_strips, &job);
+    parallel_for(N / (SL * strip_groups(bits)), nthreads, relayout_strips, &job);
     return 0;
 }
 #else

@@ -1,7 +1,7 @@
 /*
  * The driver of the int8-activation kernels: x quantized once (x8_quantize.c), then panels of its rows
- * against every weight row on the threads, by the tiles of x8_avx2.c or the strips of x8_avx512_vnni.c
- * (X8_TILES: whichever this build has); and the exported entry points q8_gemv_x8, q4_gemv_x8,
+ * against every weight row on the threads, by the strips of x8_strips.c, the tiles of x8_neon.c or the rows
+ * of x8_scalar.c (X8_TILES: whichever this build has); and the exported entry points q8_gemv_x8, q4_gemv_x8,
  * q8_gemv_x8_lanes and q4_gemv_x8_lanes, and their bf16-in, bf16-out twins (`*_bf16`).
  * Part of the one translation unit quant_kernels.c (its top comment is the map); not compiled on its own.
  */

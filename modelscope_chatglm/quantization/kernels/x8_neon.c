@@ -1,7 +1,7 @@
 /*
  * int8 activations on Arm NEON (aarch64): register tiles of X8N_WROWS weight rows against up to
  * x8n_rows(bits) rows of xq, the products by `sdot` (Armv8.2 dotprod) or, on plain Armv8-A, by widening
- * multiplies. Compiled where the build is NEON (KERNEL_NEON, common.h); x8_avx2.c is not. The X8_* macros
+ * multiplies. Compiled where the build is NEON (KERNEL_NEON, common.h). The X8_* macros
  * at the end tell x8.c how to run the tiles. It must equal gemv_x8_ref (reference.c) bit for bit.
  * Part of the one translation unit quant_kernels.c (its top comment is the map); not compiled on its own.
  */
@@ -13,18 +13,16 @@
  * per instruction), so the unsigned operands of x86 (|w| and signs, nibble + 8 and its excess) are not
  * needed: int8 weights go in as they are, int4 nibbles are sign-extended by shifts (high: >> 4; low:
  * << 4 then >> 4, arithmetic). For int4 xq stores each block's 32 even columns, then its 32 odd ones
- * (X8_HALVES, as on AVX2; its minus8 sums go unused here): 16 weight bytes of a block hold the high
- * nibbles of 16 even columns, slots h .. h + 15 of xq, and the low nibbles of the 16 odd columns beside
- * them, slots 32 + h .. 32 + h + 15.
+ * (X8_HALVES): 16 weight bytes of a block hold the high nibbles of 16 even columns, slots h .. h + 15 of
+ * xq, and the low nibbles of the 16 odd columns beside them, slots 32 + h .. 32 + h + 15.
  *
  * The integer sums are exact on every build; only the float sums could differ, and here they do not.
  * At the end of each block the 4 int32 lanes of each (row of x, weight row) are added across (`addp`,
  * exact in integers), 4 weight rows into one vector, converted (exact below 2^24), and multiply-added
  * into that row of x's float sums: acc = fma(isum, d[m, b], acc), lane r for weight row r, block after
  * block. That is fmaf(d[m, b], isum, acc) of gemv_x8_ref in its order: NEON builds give the scalar
- * reference's bits, as AVX512-VNNI does (AVX2 keeps lanes of columns and adds them at the end). It
- * costs 3 pairwise adds, a conversion and an fma per block, 4 weight rows and row of x, beside 16 (int8)
- * or 8 (int4) `sdot`.
+ * reference's bits, as the x86 strips do. It costs 3 pairwise adds, a conversion and an fma per block, 4
+ * weight rows and row of x, beside 16 (int8) or 8 (int4) `sdot`.
  *
  * Without dotprod: `smull` / `smlal2` multiply 8 byte pairs into int16 lanes (two products of |w| <= 128
  * and |xq| <= 127 fit in one: 2 x 16256 < 32768) and `sadalp` adds neighbouring lanes into int32: three

@@ -1,8 +1,9 @@
 /*
  * The common ground of the int8-activation kernels: what they compute and why (below), x quantized to int8
  * per block of QK columns (quantize_x8), a block's exact integer sum (block_isum: the scalar code, and every
- * build's short last block), and the job that the tiles of x8_avx2.c or the strips of x8_avx512_vnni.c run.
- * x8.c drives them; gemv_x8_ref (reference.c) is the definition.
+ * build's short last block), a row's sum as defined (row_x8), and the job that the strips of x8_strips.c, the
+ * tiles of x8_neon.c or the rows of x8_scalar.c run. x8.c drives them; gemv_x8_ref (reference.c) is the
+ * definition.
  * Part of the one translation unit quant_kernels.c (its top comment is the map); not compiled on its own.
  */
 
@@ -17,40 +18,26 @@
  *
  *   y[m, n] = scale[n] * sum_b d[m, b] * isum[m, n, b] + bias[n],   isum = sum_{k in b} xq[m, k] * Q[n, k]
  *
- * On AVX2 `vpmaddubsw` does 32 byte products per instruction (4x an fp32 FMA), so int4 decode is no
- * longer bound by widening nibbles to floats and batched rows cost less multiply work. The price is
- * the rounding of x to 8 bits (about 0.5% relative error on a layer's output): results are close to,
- * not equal to, the exact kernels (gemv.c), so this path is a separate choice (`int8_activations`).
- * Each row of y is still computed the same way whatever the other rows are: batching never changes it.
+ * On x86 `vpmaddubsw` (AVX2) and `vpdpbusd` (AVX512-VNNI) do 32 or 64 byte products per instruction,
+ * and NEON's `sdot` 16: int4 decode is no longer bound by widening nibbles to floats, and batched rows
+ * cost less multiply work. The price is the rounding of x to 8 bits (about 0.5% relative error on a
+ * layer's output): results are close to, not equal to, the exact kernels (gemv.c), which stay one flag
+ * away (`int8_activations=False`; the default for quantized CPU models is this path). Each row of y is still computed the same way whatever the other
+ * rows are: batching never changes it.
  *
- * vpmaddubsw multiplies UNSIGNED bytes by signed ones, summing pairs into int16:
- * - int4: the weight nibble n in [-8, 7] is taken as u = n + 8 in [0, 15] and the excess is taken back
- *   in integers: sum u * xq - 8 * sum xq. The second sum depends on x alone, so it is computed once per
- *   block of x (`minus8`, per int32 lane of the block sums) and not once per weight row.
- * - int8: |w| times xq with w's sign (`vpsignb`), as ggml does; |w| <= 128 and |xq| <= 127 keep every
- *   pair sum inside int16.
- * For int4 each block of xq is stored as its QK/2 even columns, then its QK/2 odd ones: the order in
- * which the high and low nibbles of QK/2 weight bytes come out. A last block shorter than QK (K not a
- * multiple of QK) keeps the natural order and is summed by the scalar code.
- *
- * On AVX2 the lanes of a vector hold columns: one weight row's products against one row of x, and each
- * block's lane sums are converted and scaled before the next block (two more instructions per block and
- * pair of rows, as many as the products themselves). The AVX-512 builds without VNNI run this code
- * (x8_avx2.c).
- *
- * AVX512-VNNI (see "int8 activations on AVX512-VNNI", x8_avx512_vnni.c) turns it around: the lanes hold
- * 16 weight rows and one instruction (`vpdpbusd`) adds 4 columns' products of each, so a block's 64
- * columns are 16 instructions per 16 rows before its one conversion and scaling. Its float sums run block
- * by block in the reference's order: it gives the scalar reference's bits.
+ * Every build sums the blocks as the definition does (row_x8, below): each block's exact integer sum,
+ * converted, times d[m, b], added block after block in fp32. The x86 builds keep one weight row per
+ * lane (x8_strips.c), NEON adds its lanes across at each block's end (x8_neon.c), the scalar build runs
+ * row_x8 itself (x8_scalar.c): all give gemv_x8_ref's bits, so a model answers the same on every CPU.
+ * The order in which xq stores a block's columns is the one its kernel consumes them in (x8_order).
  */
 #define QK 64
-#define LANES 8   /* int32 sums per block in the SIMD kernels: lane j covers bytes 4j..4j+3 of each half */
 
 /* The order in which a full block of xq stores its QK columns: the order the kernel consumes them. */
 enum x8_order {
     X8_NATURAL,   /* int8 weights (and the scalar reference's int4) */
-    X8_HALVES,    /* int4 on AVX2: the QK/2 even columns, then the QK/2 odd ones */
-    X8_OCTETS,    /* int4 on AVX512-VNNI: in each 8 columns, the 4 even ones, then the 4 odd ones */
+    X8_HALVES,    /* int4 on NEON: the QK/2 even columns, then the QK/2 odd ones */
+    X8_OCTETS,    /* int4 on x86: in each 8 columns, the 4 even ones, then the 4 odd ones */
 };
 
 typedef struct {
@@ -58,7 +45,6 @@ typedef struct {
     int8_t *q;         /* [M, K] */
     float *d;          /* [M, nb] */
     int32_t *bsum;     /* [M, nb]: the sum of q over each block */
-    int32_t *minus8;   /* [M, nb, LANES], X8_HALVES only: -8 * sum of q over each lane of a full block */
 } x8_t;
 
 /* v in [-127, 127] to the nearest integer, ties to even (adding and subtracting 1.5 * 2^23 leaves no
@@ -77,8 +63,7 @@ static inline int block_column(enum x8_order order, int len, int i) {
 
 /* Plain C for every instruction set (x is M x K, the weights N x K: this is not where the time goes),
  * so all builds quantize x identically. */
-static void quantize_x8_row(const float *x, int K, enum x8_order order, int8_t *q, float *d, int32_t *bsum,
-                            int32_t *minus8) {
+static void quantize_x8_row(const float *x, int K, enum x8_order order, int8_t *q, float *d, int32_t *bsum) {
     for (int k0 = 0, b = 0; k0 < K; k0 += QK, b++) {
         const int len = K - k0 < QK ? K - k0 : QK;
         float amax = 0.0f;
@@ -96,23 +81,17 @@ static void quantize_x8_row(const float *x, int K, enum x8_order order, int8_t *
             q[k0 + i] = round_to_int8(x[k0 + block_column(order, len, i)] * inv);
             bsum[b] += q[k0 + i];
         }
-        for (int j = 0; j < LANES && order == X8_HALVES; j++) {
-            int32_t sum = 0;
-            for (int i = 4 * j; i < 4 * j + 4 && len == QK; i++) sum += q[k0 + i] + q[k0 + QK / 2 + i];
-            minus8[b * LANES + j] = -8 * sum;
-        }
     }
 }
 
 static x8_t quantize_x8(const float *x, int M, int K, enum x8_order order) {
-    x8_t xq = {M, K, (K + QK - 1) / QK, NULL, NULL, NULL, NULL};
+    x8_t xq = {M, K, (K + QK - 1) / QK, NULL, NULL, NULL};
     xq.q = (int8_t *)malloc((size_t)M * K);
     xq.d = (float *)malloc(sizeof(float) * (size_t)M * xq.nb);
     xq.bsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * xq.nb);
-    xq.minus8 = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * xq.nb * LANES);
     for (int m = 0; m < M; m++)
         quantize_x8_row(x + (size_t)m * K, K, order, xq.q + (size_t)m * K, xq.d + (size_t)m * xq.nb,
-                        xq.bsum + (size_t)m * xq.nb, xq.minus8 + (size_t)m * xq.nb * LANES);
+                        xq.bsum + (size_t)m * xq.nb);
     return xq;
 }
 
@@ -120,7 +99,6 @@ static void free_x8(x8_t *xq) {
     free(xq->q);
     free(xq->d);
     free(xq->bsum);
-    free(xq->minus8);
 }
 
 /* The weight of row w at slot i of the block starting at column k0 (in the order xq stores it). */
@@ -137,10 +115,22 @@ static inline int32_t block_isum(const int8_t *q, const int8_t *w, int bits, enu
     return s;
 }
 
+/* Row m of xq against one weight row in the hub's layout: each block's isum times d[m, b], added block after
+ * block (the definition: gemv_x8_ref sums so, and every SIMD build gives its bits). */
+static float row_x8(const x8_t *xq, int m, const int8_t *w, int bits) {
+    const int K = xq->K, nb = xq->nb;
+    float acc = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const int k0 = b * QK, len = K - k0 < QK ? K - k0 : QK;
+        acc = fmaf(xq->d[(size_t)m * nb + b], (float)block_isum(xq->q + (size_t)m * K, w, bits, X8_NATURAL, k0, len), acc);
+    }
+    return acc;
+}
+
 typedef struct {
     const x8_t *xq;
     int p0, p1, bits;   /* rows [p0, p1) of xq */
-    int lanes;          /* W's full strips are in the lane layout (x8_pack_weights), AVX512-VNNI only */
+    int lanes;          /* W's full strips are in the lane layout (x8_relayout_weights), x86 builds only */
     const int8_t *W;
     const float *scale, *bias;
     float *y;
