@@ -98,8 +98,7 @@ def child(path: str, bits: int, threads: int, prompt: int, new: int, seed: int, 
     if march:   # the kernels built for another instruction set, in place of this CPU's own build
         import tempfile
         from modelscope_chatglm.quantization import build
-        build._state.update(lib=build.build_variant(march, os.path.join(tempfile.gettempdir(), 'bench-kernels')),
-                            loaded=True)   # what load_library() returns from now on
+        build.use_variant(march, os.path.join(tempfile.gettempdir(), 'bench-kernels'))
         extra = {'dtype': 'float32', **extra}
     chat = modelscope_chatglm.load(path, device='cpu', quantization_bit=bits, **extra)
     g = torch.Generator().manual_seed(seed)

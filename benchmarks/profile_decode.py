@@ -38,8 +38,7 @@ def main():
     extra = {}
     if args.march:
         import tempfile
-        build._state.update(lib=build.build_variant(args.march, os.path.join(tempfile.gettempdir(), 'bench-kernels')),
-                            loaded=True)
+        build.use_variant(args.march, os.path.join(tempfile.gettempdir(), 'bench-kernels'))
         extra = {'dtype': 'float32'}
     chat = modelscope_chatglm.load(args.dir, device='cpu', quantization_bit=args.bits or None, **extra)
     print(repr(chat), build.load_library().isa)

@@ -1,8 +1,11 @@
 /*
  * The int8-activation kernels alone, without Python: q4/q8_gemv_x8 (hub layout) or *_x8_lanes (weights put
  * in the strips' lane layout first) on random weights, N x 4096, M rows of x, timed over `reps` calls,
- * three times. GB/s counts the weight bytes a call reads; Gop/s the integer multiply-adds. Built like the
- * library (benchmarks/README.md, "Design choices", has the runs), for any -march:
+ * three times. GB/s counts the weight bytes a call reads; Gop/s the integer multiply-adds. Where
+ * bench_quant_gemv.py times the library this CPU builds, through torch, on ChatGLM2-6B's shapes, this
+ * times the kernel code alone, for any -march (the AVX2 build on an AVX-512 CPU), with weights small
+ * enough to stay in L2 if asked: what choosing a kernel's shape needs (benchmarks/README.md, "Design
+ * choices", has the runs). Built like the library:
  *
  *   K=modelscope_chatglm/quantization/kernels
  *   gcc -O3 -march=x86-64-v3 -std=c11 -ffp-contract=off -fopenmp -I$K benchmarks/x8_harness.c -o /tmp/x8 -lm

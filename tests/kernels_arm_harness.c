@@ -5,8 +5,8 @@
  * It #includes the kernels as the library is built (one translation unit), so it reaches the vector
  * primitives of vec.h too. The contract it holds a build to, as tests/test_quantization.py and
  * tests/test_attention.py hold the x86 builds:
- * - int8 activations (`*_gemv_x8`): the scalar reference's bits (NEON, like AVX512-VNNI and the scalar build;
- *   AVX2 within fp32 rounding of it);
+ * - int8 activations (`*_gemv_x8`): the scalar reference's bits (NEON, like every x86 build and the scalar
+ *   build);
  * - the exact kernels, the LM-head kernels and attention: within fp32 rounding of the reference and of
  *   float64 (their vectors sum in another order), and bf16 x gives the bits of x widened to fp32 on
  *   builds without bf16 pair products;
@@ -19,14 +19,6 @@
 #include <stdio.h>
 
 #include "quant_kernels.c"
-
-/* Builds whose int8-activation kernels add the blocks in the reference's order (the rest, AVX2 and AVX-512
- * without VNNI, add lanes of columns: within fp32 rounding of it). */
-#if defined(KERNEL_NEON) || defined(X8_VNNI) || VW == 1
-#define X8_REFERENCE_BITS 1
-#else
-#define X8_REFERENCE_BITS 0
-#endif
 
 /* ---- checks ---------------------------------------------------------------------------------------- */
 static int checks = 0, failed = 0;
@@ -227,16 +219,7 @@ static void gemv_equals_reference(const kernel_t *kn, int M, int K, int N) {
     kn->ref(x_of(kn, &p, 0), M, K, p.W, p.scale, p.bias, ref, N);
     double *exact = exact_product(kn, &p);
     if (kn->x8) {
-        if (X8_REFERENCE_BITS)
-            check(same_bits(fast, ref, (size_t)M * N), "%s M=%d K=%d N=%d: the reference's bits", kn->name, M, K, N);
-        else {
-            double worst = 0, big = 0;
-            for (size_t i = 0; i < (size_t)M * N; i++) {
-                worst = fabs((double)fast[i] - ref[i]) > worst ? fabs((double)fast[i] - ref[i]) : worst;
-                big = fabs(ref[i]) > big ? fabs(ref[i]) : big;
-            }
-            check(worst < 1e-5 * (1 + big), "%s M=%d K=%d N=%d: |kernel - ref| %.2g", kn->name, M, K, N, worst);
-        }
+        check(same_bits(fast, ref, (size_t)M * N), "%s M=%d K=%d N=%d: the reference's bits", kn->name, M, K, N);
         /* ... and what rounding x to int8 costs against the exact product: about 0.5% of the output */
         double num = 0, den = 0;
         for (int m = 0; m < M; m++)
@@ -315,7 +298,7 @@ static void gemv_lets_nan_through(const kernel_t *kn, float bad) {
             if (m == 1) ok &= bad != bad ? f != f && r != r : !isfinite(f) && !isfinite(r);
             else ok &= isfinite(f) && isfinite(r);
         }
-    if (kn->x8 && X8_REFERENCE_BITS) ok &= same_bits(fast, ref, (size_t)M * N);
+    if (kn->x8) ok &= same_bits(fast, ref, (size_t)M * N);
     check(ok, "%s: %s in row 1 of x reaches row 1 of y only", kn->name, bad != bad ? "NaN" : "inf");
     free(fast), free(ref);
     free_problem(&p);

@@ -203,7 +203,7 @@ def test_int8_activation_kernel_equals_its_definition_and_scalar_reference(isa_l
     ref = run(isa_lib, f'q{bits}_gemv_x8_ref', x, q, scale, bias, N)
     tol = 1e-5 * (1 + spec.abs().max().item())             # float32 summation order only
     assert (ref.double() - spec).abs().max() < tol
-    assert (fast.double() - spec).abs().max() < tol
+    assert torch.equal(fast, ref)                            # every build adds the blocks in the reference's order
     # ... and what quantizing x costs against the exact product: about 0.5% of the output's size.
     exact = x.double() @ dequantize(q, scale, bits, torch.float64).t() + bias.double()
     rel = ((fast.double() - exact).norm() / (exact - bias.double()).norm()).item()
@@ -230,8 +230,8 @@ def test_int8_activations_give_the_scalar_references_bits_on_every_build(isa_bui
     reference's order (one weight row per lane on x86, lanes added across per block on NEON): a model
     answers the same on every CPU. K = 4100 ends in a short block; 77 rows are 64 in full strips (AVX2:
     two of 32 for int4, four of 16 for int8; AVX-512: one of 64, two of 32) and a part; 70 rows of x are
-    two panels of passes of up to 2 to 5 rows; for int4, 4160 columns are 520 groups of 8, not a
-    multiple of the 8 or 16 the kernels transpose at once."""
+    two panels of passes of up to 2 to 5 rows; for int4, 4160 columns are 65 blocks, 520 groups of 8
+    columns: AVX-512 transposes 16 at a time and leaves the last 8 to its scalar loop."""
     g = torch.Generator().manual_seed(bits + K)
     q, scale = quantize(torch.randn(77, K, generator=g), bits)
     x = torch.randn(70, K, generator=g) * 3
@@ -239,6 +239,55 @@ def test_int8_activations_give_the_scalar_references_bits_on_every_build(isa_bui
     for march, lib in isa_builds.items():
         ref = run(lib, f'q{bits}_gemv_x8_ref', x, q, scale.float(), bias, 77)
         assert torch.equal(run(lib, f'q{bits}_gemv_x8', x, q, scale.float(), bias, 77), ref), march
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_int8_activations_at_the_extremes_give_the_reference_bits_on_every_build(isa_builds, bits):
+    """The largest products the integer sums can hold: weights at the ends of their range (int4 nibbles
+    7 and -8, int8 127 and -128, which a checkpoint may hold though our quantizer never writes -128)
+    against rows of x that quantize to +-127 everywhere. On AVX2 an int4 run adds 4 groups' products in
+    int16 (16 x 15 x 127 = 30480): a fifth, or a saturating step, would change the bits. A row of x so
+    small that 127 / max|x| overflows quantizes to +-127 too, not to an undefined conversion."""
+    K, N = 1024, 64
+    g = torch.Generator().manual_seed(bits)
+    if bits == 4:
+        codes = torch.tensor([0x77, 0x88, 0x78, 0x87], dtype=torch.uint8).view(torch.int8)
+        q = codes[torch.randint(0, 4, (N, K // 2), generator=g)]
+        q[:8] = codes[0]                                     # rows of all 7 ...
+        q[8:16] = codes[1]                                   # ... and of all -8
+    else:
+        q = torch.where(torch.rand(N, K, generator=g) < 0.5, 127, -128).to(torch.int8)
+        q[:8], q[8:16] = 127, -128
+    scale = torch.rand(N, generator=g) + 0.5
+    x = torch.ones(5, K)
+    x[1] = -1.0
+    x[2] = torch.where(torch.rand(K, generator=g) < 0.5, 1.0, -1.0)
+    x[3] = 1e-38 * x[2]                                      # 127 / max|x| is inf in fp32
+    x[4] = torch.randn(K, generator=g)
+    for march, lib in isa_builds.items():
+        ref = run(lib, f'q{bits}_gemv_x8_ref', x, q, scale, None, N)
+        assert ref[:4].isfinite().all(), march
+        lanes = q.clone()
+        layouts = [(f'q{bits}_gemv_x8', q)]
+        if lib.x8_relayout_weights(lanes.data_ptr(), N, K, bits, 1, 2) == 0:
+            layouts.append((f'q{bits}_gemv_x8_lanes', lanes))
+        for name, w in layouts:
+            assert torch.equal(run(lib, name, x, w, scale, None, N), ref), (march, name)
+    # All 7 (int4) or 127 against xq = 127: each block's sum is exactly 64 x 7 x 127 (or 64 x 127 x 127).
+    top = 7 if bits == 4 else 127
+    assert torch.equal(ref[0, :8], (K * top * scale[:8]).float())
+
+
+def test_the_lane_layout_leaves_the_weights_alone_when_its_buffers_cannot_be_allocated(lib):
+    """Each thread moves strips through its own copy, allocated before any strip moves: when that fails
+    (here: a copy for each of 2^30 threads), the call says so and no strip has moved."""
+    if not lib.kernel_isa().decode().startswith(('avx2', 'avx512')):
+        pytest.skip('only the x86 builds have the lane layout')
+    q, _ = quantize(torch.randn(128, 4096), 4)
+    w = q.clone()
+    assert lib.x8_relayout_weights(w.data_ptr(), 128, 4096, 4, 1, 1 << 30) == -2
+    assert torch.equal(w, q)
+    assert lib.x8_relayout_weights(w.data_ptr(), 128, 4096, 4, 1, 2) == 0 and not torch.equal(w, q)
 
 
 @pytest.mark.parametrize('bits', [8, 4])

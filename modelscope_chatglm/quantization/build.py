@@ -261,6 +261,15 @@ def build_variant(march: str, directory: str, openmp: bool = True):
     return _declare(ctypes.CDLL(path))
 
 
+def use_variant(march: str, directory: str):
+    """From now on, load_library() in this process returns the kernels built for `march` (build_variant):
+    how the benchmarks run another instruction set's code on this CPU (`--march`, `--isa avx2`)."""
+    lib = build_variant(march, directory)
+    with _lock:
+        _state.update(lib=lib, loaded=True)
+    return lib
+
+
 def _build_and_load():
     if os.environ.get('MODELSCOPE_CHATGLM_NO_KERNELS') == '1':
         return None

@@ -69,7 +69,8 @@ class QuantizedLinear(nn.Module):
         """Quantize x to int8 too (see the module docstring); set for the whole model by
         loading.load(int8_activations=True). On x86 (AVX2, AVX-512), setting it rearranges `weight` in place
         for that kernel (`lane_layout`: strips of 16 to 64 rows, their groups of 4 bytes side by side and
-        sign bits flipped where the kernel wants them, so that no call transposes them); clearing it restores the hub's layout, and the state dict always holds the hub's layout."""
+        sign bits flipped where the kernel wants them, so that no call transposes them); clearing it
+        restores the hub's layout, and the state dict always holds the hub's layout."""
         return self._int8_activations
 
     @int8_activations.setter

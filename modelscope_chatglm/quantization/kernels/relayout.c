@@ -10,14 +10,28 @@
  * The lane layout: each full strip of SL G rows holds, in its own bytes, its groups as pack_strip
  * writes them, then each row's short last block (as in the hub layout). A last strip of fewer rows keeps
  * the hub's row layout (it is transposed per call). to_lanes = 0 restores the hub layout.
- * -> 0, or -1 on builds without the strips (the weights keep the hub layout there).
+ * -> 0; -1 on builds without the strips, -2 when the buffers for the move cannot be allocated (the weights
+ * are left as they were in both cases). Each thread moves a strip through its own copy, allocated before
+ * any strip moves, so a failure never leaves some strips moved.
  * Why the layout: "int8 activations in strips" (x8_strips.c).
  */
 #ifdef X8_LANES
 typedef struct {
     int8_t *W;
-    int K, bits, to_lanes;
+    int K, bits, to_lanes, nthreads;
+    int8_t *copies;   /* nthreads strips: thread t's copy at t x strip bytes */
 } relayout_job;
+
+/* The thread's number in the running team: 0 .. nthreads - 1, or 0 outside one (parallel_run's serial path). */
+static int team_thread(int nthreads) {
+#ifdef _OPENMP
+    const int t = omp_get_thread_num();
+    return t < nthreads ? t : 0;   /* called serially from inside someone else's team: we are alone */
+#else
+    (void)nthreads;
+    return 0;
+#endif
+}
 
 static void relayout_strips(void *arg, int s0, int s1) {
     const relayout_job *job = (const relayout_job *)arg;
@@ -26,13 +40,14 @@ static void relayout_strips(void *arg, int s0, int s1) {
     const size_t KB = job->bits == 4 ? (size_t)job->K / 2 : (size_t)job->K, full_bytes = 4 * (size_t)groups;
     const int G = strip_groups(job->bits), strip_rows = SL * G;
     const size_t tail = KB - full_bytes, strip_bytes = KB * strip_rows;
-    int8_t *copy = (int8_t *)malloc(strip_bytes);
+    int8_t *copy = job->copies + strip_bytes * team_thread(job->nthreads);
     for (int s = s0; s < s1; s++) {
         int8_t *strip = job->W + (size_t)s * strip_bytes;
         memcpy(copy, strip, strip_bytes);
         if (job->to_lanes) {
             pack_strip(copy, KB, strip_rows, groups, G, flip, (int32_t *)strip);
-            for (int r = 0; r < strip_rows; r++) memcpy(strip + full_bytes * strip_rows + r * tail, copy + r * KB + full_bytes, tail);
+            for (int r = 0; r < strip_rows; r++)
+                memcpy(strip + full_bytes * strip_rows + r * tail, copy + r * KB + full_bytes, tail);
         } else {
             const int32_t *packed = (const int32_t *)copy;
             for (int r = 0; r < strip_rows; r++) {
@@ -44,12 +59,15 @@ static void relayout_strips(void *arg, int s0, int s1) {
             }
         }
     }
-    free(copy);
 }
 
 int x8_relayout_weights(int8_t *W, int N, int K, int bits, int to_lanes, int nthreads) {
-    relayout_job job = {W, K, bits, to_lanes};
+    const size_t strip_bytes = (bits == 4 ? (size_t)K / 2 : (size_t)K) * SL * strip_groups(bits);
+    nthreads = nthreads < 1 ? 1 : nthreads;
+    relayout_job job = {W, K, bits, to_lanes, nthreads, (int8_t *)malloc(strip_bytes * nthreads)};
+    if (!job.copies) return -2;
     parallel_for(N / (SL * strip_groups(bits)), nthreads, relayout_strips, &job);
+    free(job.copies);
     return 0;
 }
 #else

@@ -2,7 +2,8 @@
  * The vector abstraction of the CPU kernels: vf holds VW floats of the instruction set this build targets,
  * and the kernels of gemv_fp32.c and attention.c are written once on its operations, for AVX-512, AVX2,
  * Arm NEON and the scalar code alike. Also exp for the softmax (vexp), and the register transposes
- * (transpose16, transpose8, transpose4) with which the VNNI and attention kernels pack their operands.
+ * (transpose16, transpose8, transpose4) with which the x86 int8-activation strips and the attention kernels
+ * pack their operands.
  * Part of the one translation unit quant_kernels.c (its top comment is the map); not compiled on its own.
  */
 

@@ -18,12 +18,12 @@
  *
  *   y[m, n] = scale[n] * sum_b d[m, b] * isum[m, n, b] + bias[n],   isum = sum_{k in b} xq[m, k] * Q[n, k]
  *
- * On x86 `vpmaddubsw` (AVX2) and `vpdpbusd` (AVX512-VNNI) do 32 or 64 byte products per instruction,
- * and NEON's `sdot` 16: int4 decode is no longer bound by widening nibbles to floats, and batched rows
- * cost less multiply work. The price is the rounding of x to 8 bits (about 0.5% relative error on a
+ * On x86 `vpmaddubsw` (AVX2) and `vpdpbusd` (AVX512-VNNI) do 32 or 64 byte products per
+ * instruction, and NEON's `sdot` 16: int4 decode is no longer bound by widening nibbles to floats,
+ * and batched rows cost less multiply work. The price is the rounding of x to 8 bits (about 0.5% relative error on a
  * layer's output): results are close to, not equal to, the exact kernels (gemv.c), which stay one flag
- * away (`int8_activations=False`; the default for quantized CPU models is this path). Each row of y is still computed the same way whatever the other
- * rows are: batching never changes it.
+ * away (`int8_activations=False`; the default for quantized CPU models is this path). Each row of y is
+ * still computed the same way whatever the other rows are: batching never changes it.
  *
  * Every build sums the blocks as the definition does (row_x8, below): each block's exact integer sum,
  * converted, times d[m, b], added block after block in fp32. The x86 builds keep one weight row per
@@ -47,11 +47,13 @@ typedef struct {
     int32_t *bsum;     /* [M, nb]: the sum of q over each block */
 } x8_t;
 
-/* v in [-127, 127] to the nearest integer, ties to even (adding and subtracting 1.5 * 2^23 leaves no
- * fraction bits; no libm call, the same on every build). NaN becomes 0. */
+/* v to the nearest integer in [-127, 127], ties to even (adding and subtracting 1.5 * 2^23 leaves no
+ * fraction bits; no libm call, the same on every build). NaN becomes 0. v is in range but for a block
+ * whose largest |x| is so small that 127 / it overflows to inf: clamped, never -128 (the kernels'
+ * int16 bounds assume |xq| <= 127) and never an undefined conversion. */
 static inline int8_t round_to_int8(float v) {
     const float r = (v + 12582912.0f) - 12582912.0f;
-    return r == r ? (int8_t)r : 0;
+    return r != r ? 0 : r > 127.0f ? 127 : r < -127.0f ? -127 : (int8_t)r;
 }
 
 /* Where slot i of a block of `len` columns comes from (a short last block keeps the natural order). */

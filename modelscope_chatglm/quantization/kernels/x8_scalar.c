@@ -1,6 +1,7 @@
 /*
  * int8 activations on a build without SIMD (KERNEL_ISA "scalar": neither x86 SIMD, whose builds have
- * x8_strips.c, nor NEON, x8_neon.c): each output is row_x8, the definition, on the threads. The X8_* macros at the end tell x8.c how to run it.
+ * x8_strips.c, nor NEON, x8_neon.c): each output is row_x8, the definition, on the threads. The X8_*
+ * macros at the end tell x8.c how to run it.
  * Part of the one translation unit quant_kernels.c (its top comment is the map); not compiled on its own.
  */
 

@@ -15,16 +15,17 @@
  * multiply-added into the row's float sum, acc = fma(d[m, b], isum, acc), block after block: the scalar
  * reference's order, so every build here gives gemv_x8_ref's bits.
  *
- * The step (dot_bytes, dot_nibbles below), per instruction set:
+ * The step (dot_bytes for int8, run_nibbles for int4, below), per instruction set:
  * - AVX512-VNNI: `vpdpbusd`, 4 products of unsigned bytes by signed ones into each int32 lane, one
  *   instruction. The weights are the unsigned side: u = nibble + 8 (int4) or w + 128 (int8), one XOR of
  *   the sign bit, and each block's sums start at -8 (or -128) times its sum of xq (bsum) to take the
  *   excess back, exactly.
  * - AVX2 and AVX-512 without VNNI: `vpmaddubsw` (pairs of the same products into saturating int16), then
- *   `vpmaddwd` by ones (pairs of int16 into int32), then an add. int4: both nibbles' pair sums are added
- *   in int16 first (each <= 2 x 15 x 127, their sum fits), so 8 columns take 2 + 3 instructions. int8: u
- *   = w + 128 would saturate int16 (2 x 255 x 127), so, as ggml does, |w| multiplies xq carrying w's sign
- *   (2 x 128 x 127 fits) and int8 weights keep their sign bits (no XOR, no excess).
+ *   `vpmaddwd` by ones (pairs of int16 into int32), then an add. int4: the pair sums of NIBBLE_RUN groups
+ *   (both nibbles of each) are added up in int16 first and widened once, so a group of 8 columns takes
+ *   2 `vpmaddubsw` and 2 `vpaddw`, and each run one `vpmaddwd` and one `vpaddd`. int8: u = w + 128 would
+ *   saturate int16 (2 x 255 x 127), so, as ggml does, |w| multiplies xq carrying w's sign (2 x 128 x 127
+ *   fits; |-128| read unsigned is 128) and int8 weights keep their sign bits (no XOR, no excess).
  *
  * For int4 a 4-byte group is 8 columns, the high nibbles the even ones and the low nibbles the odd ones, so
  * xq stores each 8 columns as 4 even, then 4 odd (X8_OCTETS). A last block shorter than QK is summed by
@@ -39,11 +40,17 @@
  *
  * The shape of a pass: R rows of x against G vectors of SL weight rows (a strip of SL G rows). Each 4
  * columns of a row of x are broadcast to all lanes once per pass and feed G steps; an int4 weight vector
- * is split into its nibbles (3 instructions) once and feeds R. The R x G int32 sums and R x G float sums
- * want registers (32 on AVX-512, 16 on AVX2); the shapes below are the fastest of those tried, in runs
- * taken in turns (benchmarks/README.md, "Design choices"). Software prefetches made VNNI int4 slower or
- * no faster.
+ * is split into its nibbles (3 instructions) once and feeds R. The R x G int32 sums, R x G float sums
+ * and (int4 without VNNI) R x G int16 run sums want registers (32 on AVX-512, 16 on AVX2, where the
+ * chosen shapes spill some of them); the shapes below are the fastest of those tried, in runs taken in
+ * turns (benchmarks/README.md, "Design choices"). Software prefetches made VNNI int4 slower or no faster.
  */
+/* int4 groups whose pair sums add up in int16 without vpmaddwd: each group adds 2 x 2 products of a
+ * nibble + 8 (<= 15) and an xq (|xq| <= 127) to a lane's int16, so 4 groups reach 16 x 15 x 127 = 30480,
+ * under 2^15 (5 would not be). It must divide QK / 8, the groups of a block. */
+#define RUN_IN_INT16 4
+_Static_assert(RUN_IN_INT16 * 4 * 15 * 127 < 32768 && QK / 8 % RUN_IN_INT16 == 0, "int4 run sums must fit int16");
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define SL 16   /* int32 lanes, weight rows per vector */
 typedef __m512i vi;
@@ -56,7 +63,7 @@ static inline void vi_transpose(vi r[SL]) { transpose16(r); }
 static inline vi high_nibbles(vi u) { return _mm512_and_si512(_mm512_srli_epi16(u, 4), _mm512_set1_epi8(0x0F)); }
 static inline vi low_nibbles(vi u) { return _mm512_and_si512(u, _mm512_set1_epi8(0x0F)); }
 #ifdef X8_VNNI
-#define NIBBLE_RUN 8   /* a whole block: the run sums are int32 */
+#define NIBBLE_RUN 8   /* groups per run: a whole block (the run sums are the int32 sums themselves) */
 static inline vi dot_bytes(vi acc, vi u, vi x) { return _mm512_dpbusd_epi32(acc, u, x); }
 static inline vi run_nibbles(vi run, vi hi, vi lo, vi x0, vi x1) {
     return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(run, hi, x0), lo, x1);
@@ -64,7 +71,7 @@ static inline vi run_nibbles(vi run, vi hi, vi lo, vi x0, vi x1) {
 static inline vi run_start(vi acc) { return acc; }
 static inline vi run_end(vi acc, vi run) { (void)acc; return run; }
 #else
-#define NIBBLE_RUN 4
+#define NIBBLE_RUN RUN_IN_INT16
 static inline vi dot_bytes(vi acc, vi w, vi x) {   /* x negated where w < 0 (AVX-512 has no vpsignb) */
     const vi xs = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(w), xs), _mm512_set1_epi16(1)));
@@ -91,7 +98,7 @@ static inline void vi_transpose(vi r[SL]) {   /* as 8 x 8 floats: the same 32-bi
 }
 static inline vi high_nibbles(vi u) { return _mm256_and_si256(_mm256_srli_epi16(u, 4), _mm256_set1_epi8(0x0F)); }
 static inline vi low_nibbles(vi u) { return _mm256_and_si256(u, _mm256_set1_epi8(0x0F)); }
-#define NIBBLE_RUN 4
+#define NIBBLE_RUN RUN_IN_INT16
 static inline vi dot_bytes(vi acc, vi w, vi x) {
     const vi pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
@@ -112,17 +119,27 @@ static inline vi broadcast4(const int8_t *x) {
 
 /* G (vectors of SL weight rows per strip) and R (rows of x per pass), per build and bits. */
 #if defined(X8_VNNI)
-static inline int strip_groups(int bits) { return bits == 4 ? 4 : 2; }
-static inline int strip_rows_of_x(int bits) { return bits == 4 ? 3 : 5; }
+#define STRIP_G4 4
+#define STRIP_R4 3
+#define STRIP_G8 2
+#define STRIP_R8 5
 #elif SL == 16
-static inline int strip_groups(int bits) { return bits == 4 ? 4 : 2; }
-static inline int strip_rows_of_x(int bits) { return bits == 4 ? 3 : 4; }
+#define STRIP_G4 4
+#define STRIP_R4 3
+#define STRIP_G8 2
+#define STRIP_R8 4
 #else
-static inline int strip_groups(int bits) { return bits == 4 ? 4 : 2; }
-static inline int strip_rows_of_x(int bits) { return bits == 4 ? 2 : 3; }
+#define STRIP_G4 4
+#define STRIP_R4 2
+#define STRIP_G8 2
+#define STRIP_R8 3
 #endif
 #define STRIP_MAX_G 4
 #define STRIP_MAX_R 5
+_Static_assert(STRIP_G4 <= STRIP_MAX_G && STRIP_G8 <= STRIP_MAX_G && STRIP_R4 <= STRIP_MAX_R && STRIP_R8 <= STRIP_MAX_R,
+               "the sums of a pass are arrays of STRIP_MAX_R x STRIP_MAX_G vectors");
+static inline int strip_groups(int bits) { return bits == 4 ? STRIP_G4 : STRIP_G8; }
+static inline int strip_rows_of_x(int bits) { return bits == 4 ? STRIP_R4 : STRIP_R8; }
 
 /* The sign bits the step wants flipped in every weight of a 4-byte group, and the excess that flipping
  * adds to each product (the sums start at excess x bsum): int4 always; int8 where vpdpbusd takes it. */
@@ -136,7 +153,9 @@ static inline int excess(int bits) { return bits == 4 ? -8 : 0; }
 
 /* Groups [0, groups) of `rows` weight rows (row_bytes apart) of a strip of SL G, lanes side by side, XOR
  * `flip`: out[(c * G + g) * SL + i] = (group c of row SL g + i) ^ flip. Lanes past `rows` hold flip
- * (their sums are never used). The same XOR again gives the weights back. */
+ * (their sums are never used). The same XOR again gives the weights back. Groups go SL at a time through
+ * a register transpose; a row's full blocks hold 8 (int4) or 16 (int8) groups each, so only AVX-512's
+ * int4 with an odd number of blocks leaves the last 8 groups to the scalar loop. */
 static void pack_strip(const int8_t *W, size_t row_bytes, int rows, int groups, int G, int32_t flip, int32_t *out) {
     const vi f = vi_set1(flip);
     for (int g = 0; g < G; g++) {
@@ -209,11 +228,13 @@ static inline __attribute__((always_inline)) void strip_x8(const int32_t *packed
         for (int g = 0; g < G; g++) vstore(out + (m * G + g) * SL, accf[m][g]);
 }
 
-/* One pass with bits and mb constants (mb: 1 to strip_rows_of_x(bits)). */
+/* One pass with bits and mb constants (mb: 1 to strip_rows_of_x(bits); a case past it is never compiled). */
 static void strip_pass(const int32_t *packed, const x8_t *xq, int m0, int mb, int bits, float *out) {
-#define PASS(n, B) case n: strip_x8(packed, xq, m0, n, B, out); break;
-    if (bits == 4) switch (mb) { PASS(1, 4) PASS(2, 4) PASS(3, 4) PASS(4, 4) PASS(5, 4) }
-    else switch (mb) { PASS(1, 8) PASS(2, 8) PASS(3, 8) PASS(4, 8) PASS(5, 8) }
+#define PASS(n, B, R) case n: if (n <= R) strip_x8(packed, xq, m0, n, B, out); break;
+#define PASSES(B, R) switch (mb) { PASS(1, B, R) PASS(2, B, R) PASS(3, B, R) PASS(4, B, R) PASS(5, B, R) }
+    if (bits == 4) PASSES(4, STRIP_R4)
+    else PASSES(8, STRIP_R8)
+#undef PASSES
 #undef PASS
 }
 
@@ -234,6 +255,11 @@ static void strips_x8(void *arg, int s0, int s1) {
         const int8_t *w = job->W + (size_t)n0 * KB;
         const int ready = job->lanes && rows == strip_rows;   /* a full strip already in the lane layout */
         const int32_t *packed = ready ? (const int32_t *)w : scratch;
+        if (!ready && !scratch) {   /* out of memory: NaN, which the sampler reports as a failed sequence */
+            for (int m = job->p0; m < job->p1; m++)
+                for (int r = 0; r < rows; r++) job->y[(size_t)m * N + n0 + r] = NAN;
+            continue;
+        }
         if (!ready) pack_strip(w, KB, rows, groups, G, sign_bits(bits), scratch);
         for (int m0 = job->p0, mb; m0 < job->p1; m0 += mb) {
             /* As few passes as R allows, of near-equal rows: 4 rows are 2 + 2, not 3 + 1 (a pass of one
@@ -250,7 +276,8 @@ static void strips_x8(void *arg, int s0, int s1) {
                                    (float)block_isum(xq->q + (size_t)(m0 + m) * K + full * QK, wt, bits, X8_NATURAL, 0,
                                                      K - full * QK), sum);
                     }
-                    job->y[(size_t)(m0 + m) * N + n0 + r] = sum * job->scale[n0 + r] + (job->bias ? job->bias[n0 + r] : 0.0f);
+                    job->y[(size_t)(m0 + m) * N + n0 + r] =
+                        sum * job->scale[n0 + r] + (job->bias ? job->bias[n0 + r] : 0.0f);
                 }
         }
     }
