@@ -98,7 +98,7 @@ def child(path: str, bits: int, threads: int, prompt: int, new: int, seed: int, 
     if march:   # the kernels built for another instruction set, in place of this CPU's own build
         import tempfile
         from modelscope_chatglm.quantization import build
-        build.use_variant(march, os.path.join(tempfile.gettempdir(), 'bench-kernels'))
+        build.use_library(build.build_variant(march, os.path.join(tempfile.gettempdir(), 'bench-kernels')))
         extra = {'dtype': 'float32', **extra}
     chat = modelscope_chatglm.load(path, device='cpu', quantization_bit=bits, **extra)
     g = torch.Generator().manual_seed(seed)

@@ -38,7 +38,7 @@ def main():
     extra = {}
     if args.march:
         import tempfile
-        build.use_variant(args.march, os.path.join(tempfile.gettempdir(), 'bench-kernels'))
+        build.use_library(build.build_variant(args.march, os.path.join(tempfile.gettempdir(), 'bench-kernels')))
         extra = {'dtype': 'float32'}
     chat = modelscope_chatglm.load(args.dir, device='cpu', quantization_bit=args.bits or None, **extra)
     print(repr(chat), build.load_library().isa)
@@ -62,7 +62,7 @@ def main():
                     seconds[name] += time.perf_counter() - t
                     calls[name] += 1
             return timed
-    build._state.update(lib=Timed(build.load_library()))   # what load_library() returns from now on
+    build.use_library(Timed(build.load_library()))
 
     g = torch.Generator().manual_seed(0)
     vocab = chat.model.cfg.vocab_size

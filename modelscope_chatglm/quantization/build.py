@@ -261,13 +261,11 @@ def build_variant(march: str, directory: str, openmp: bool = True):
     return _declare(ctypes.CDLL(path))
 
 
-def use_variant(march: str, directory: str):
-    """From now on, load_library() in this process returns the kernels built for `march` (build_variant):
-    how the benchmarks run another instruction set's code on this CPU (`--march`, `--isa avx2`)."""
-    lib = build_variant(march, directory)
+def use_library(lib) -> None:
+    """From now on, load_library() in this process returns `lib`: how the benchmarks run another
+    instruction set's build (build_variant) on this CPU, or the library with its calls timed."""
     with _lock:
         _state.update(lib=lib, loaded=True)
-    return lib
 
 
 def _build_and_load():
