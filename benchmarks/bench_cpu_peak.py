@@ -7,6 +7,11 @@ Compiles a register-only loop of 12 independent accumulators (no loads, no store
 with gcc -O2 -march=native, and runs each on 1 and on all cores at once (one process per core).
 Prints instructions/s and multiply-adds/s per core and in all, median of --repeats runs [min-max].
 
+And the ceiling a decode step is measured against: the memory read bandwidth (`memory_read_gbs`), one
+pass over a 1 GiB buffer at a time, each thread summing its own contiguous part (as each kernel thread
+streams its own weight rows), on 1 thread and on all cores' threads. bench_vs_llamacpp.py runs it
+between the engines, so that each round's decode speeds sit beside the bandwidth of that moment.
+
     python benchmarks/bench_cpu_peak.py [--repeats 5]
 """
 import argparse
@@ -67,6 +72,58 @@ int main(int argc, char **argv) {
 '''
 
 
+# Read-only streaming with vector loads (GCC's vector extension: the build's widest registers), 4
+# independent sums so that the adds never wait on one another; OpenMP threads each take one contiguous part.
+MEMORY_SOURCE = r'''
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+typedef long long v4 __attribute__((vector_size(32)));
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+int main(int argc, char **argv) {
+    const size_t bytes = (size_t)1 << 30, n = bytes / sizeof(v4);
+    const int passes = atoi(argv[1]);
+    v4 *a = aligned_alloc(64, bytes);
+    memset(a, 1, bytes);
+    for (int p = 0; p < passes; p++) {
+        long long total = 0;
+        const double t = now();
+#pragma omp parallel reduction(+ : total)
+        {
+            const size_t part = n / omp_get_num_threads(), start = part * omp_get_thread_num();
+            v4 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+            for (size_t i = start; i + 4 <= start + part; i += 4) {
+                s0 += a[i]; s1 += a[i + 1]; s2 += a[i + 2]; s3 += a[i + 3];
+            }
+            const v4 s = s0 + s1 + s2 + s3;
+            total += s[0] + s[1] + s[2] + s[3];
+        }
+        printf("%.3f %lld\n", bytes / (now() - t) / 1e9, total);
+    }
+    return 0;
+}
+'''
+
+
+def memory_read_gbs(threads: int, passes: int = 5) -> list:
+    """GB/s of each of `passes` read passes over 1 GiB on `threads` threads (built once per process)."""
+    global _memory_exe
+    if _memory_exe is None:
+        work = tempfile.mkdtemp(prefix='memory-read-')
+        src, _memory_exe = os.path.join(work, 'read.c'), os.path.join(work, 'read')
+        with open(src, 'w') as f:
+            f.write(MEMORY_SOURCE)
+        subprocess.run(['gcc', '-O2', '-march=native', '-fopenmp', src, '-o', _memory_exe], check=True)
+    out = subprocess.run([_memory_exe, str(passes)], check=True, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_PROC_BIND='false')).stdout
+    return [float(line.split()[0]) for line in out.splitlines()]
+
+
+_memory_exe = None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--repeats', type=int, default=5)
@@ -97,6 +154,10 @@ def main():
             print(f'{kind:>10s} {n:5d} {med:10.2f} [{min(per_core):.2f}-{max(per_core):.2f}]       '
                   f'{med * macs * n:10.0f} [{min(per_core) * macs * n:.0f}-{max(per_core) * macs * n:.0f}]',
                   flush=True)
+    print(f'\nmemory read, 1 GiB passes; median of {args.repeats} [min-max]')
+    for n in (1, cores):
+        rates = memory_read_gbs(n, args.repeats)
+        print(f'{n} thread(s): {statistics.median(rates):.1f} GB/s [{min(rates):.1f}-{max(rates):.1f}]', flush=True)
 
 
 if __name__ == '__main__':

@@ -11,6 +11,10 @@ What it sets up (each once, then reused):
 Then, in rounds, each engine in a fresh process taking turns: prefill of a `--prompt`-token prompt
 (tokens/s; llama-bench's pp) and `--new` greedy decode tokens after it (tokens/s; llama-bench's tg).
 Random token ids for both; our prompts differ per round, so the prefix cache never serves them.
+Each round also measures the machine's memory read bandwidth (bench_cpu_peak.memory_read_gbs, the same
+threads), and each engine's decode is also given as the GB/s of weights it streams: the bytes a decode
+step reads (every weight but the token embedding, of which it reads one row) times tokens/s. A decode
+step at memory speed is bound by those bytes, whichever engine runs it.
 
     pip install ".[export]" cmake   # (cmake: where the system has none)
     python benchmarks/bench_vs_llamacpp.py [--layers 28] [--threads 2] [--prompt 128] [--new 32] [--rounds 3]
@@ -28,6 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+from bench_cpu_peak import memory_read_gbs  # noqa: E402
 from fullsize import build  # noqa: E402
 
 LLAMA_CPP_PYTHON = '0.3.36'
@@ -83,24 +88,22 @@ def run_llama(binary: str, model: str, threads: int, prompt: int, new: int) -> d
                           '-r', '1', '-o', 'json'], check=True, capture_output=True, text=True).stdout
     rows = json.loads(out)
     rate = {('prefill' if r['n_prompt'] else 'decode'): r['avg_ts'] for r in rows}
-    return {'prefill_tok_s': rate['prefill'], 'decode_tok_s': rate['decode']}
+    return {'prefill_tok_s': rate['prefill'], 'decode_tok_s': rate['decode'], 'decode_bytes': gguf_decode_bytes(model)}
+
+
+def gguf_decode_bytes(path: str) -> int:
+    """Bytes of a GGUF's tensors that a decode step reads: all but the token embedding."""
+    from gguf import GGUFReader
+    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors if t.name != 'token_embd.weight')
 
 
 # -- ours -----------------------------------------------------------------------------------------------
 
 def child(path: str, bits: int, threads: int, prompt: int, new: int, seed: int, extra: dict,
           march: str = None) -> dict:
-    from modelscope_chatglm import openmp
-    openmp.set_for_this_process()   # what the modelscope-chatglm command starts with (before torch loads)
+    from cpu_model import load
+    chat = load(path, bits, threads, march, **extra)   # (march: the kernels for another instruction set)
     import torch
-    import modelscope_chatglm
-    torch.set_num_threads(threads)
-    if march:   # the kernels built for another instruction set, in place of this CPU's own build
-        import tempfile
-        from modelscope_chatglm.quantization import build
-        build.use_library(build.build_variant(march, os.path.join(tempfile.gettempdir(), 'bench-kernels')))
-        extra = {'dtype': 'float32', **extra}
-    chat = modelscope_chatglm.load(path, device='cpu', quantization_bit=bits, **extra)
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(100, 60000, (n,), generator=g).tolist()  # noqa: E731
     for _ in chat.stream_tokens(ids(16), max_new_tokens=2, do_sample=False, stop_ids=[]):
@@ -109,7 +112,10 @@ def child(path: str, bits: int, threads: int, prompt: int, new: int, seed: int, 
     for _ in chat.stream_tokens(ids(prompt), max_new_tokens=new + 1, do_sample=False, stop_ids=[]):
         times.append(time.perf_counter() - start)
     from modelscope_chatglm.quantization.build import load_library
+    decode_bytes = sum(p.numel() * p.element_size() for name, p in chat.model.named_parameters()
+                       if 'word_embeddings' not in name)
     return {'prefill_tok_s': prompt / times[0], 'decode_tok_s': new / (times[-1] - times[0]),
+            'decode_bytes': decode_bytes,
             'model': repr(chat), 'kernels': load_library().isa}   # dtype, blocks and activations as loaded
 
 
@@ -121,6 +127,10 @@ def run_ours(path: str, mode: str, threads: int, prompt: int, new: int, seed: in
             f'print(json.dumps(child({path!r}, {int(bits)}, {threads}, {prompt}, {new}, {seed}, {extra!r}, {march!r})))')
     # torch's own ops (the few small ones a step has besides ours) on AVX2 too, where the kernels are
     env = dict(os.environ, **({'ATEN_CPU_CAPABILITY': 'avx2'} if march else {}))
+    # libgomp's setting as the modelscope-chatglm command starts with it: in the environment before the
+    # child imports torch (this module imports it, through fullsize.py, before child() runs)
+    from modelscope_chatglm import openmp
+    env.update(openmp.environment())
     out = subprocess.run([sys.executable, '-c', code], check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -155,7 +165,10 @@ def main():
 
     runs = {**{f'ours {m}': m for m in args.ours.split(',') if m}, **{f'llama.cpp {q}': q for q in ggufs}}
     results = {name: [] for name in runs}
+    memory = []   # the memory read bandwidth, each round (median of its passes)
     for r in range(args.rounds):
+        memory.append(statistics.median(memory_read_gbs(args.threads)))
+        print(f'round {r + 1}: memory read {memory[-1]:.1f} GB/s', flush=True)
         for name, what in runs.items():
             if name.startswith('ours'):
                 res = run_ours(args.dir, what, args.threads, args.prompt, args.new, seed=r, march=OUR_MARCH[args.isa])
@@ -163,14 +176,17 @@ def main():
                 res = run_llama(binary, ggufs[what], args.threads, args.prompt, args.new)
             results[name].append(res)
             print(f'round {r + 1}: {name:<20} prefill {res["prefill_tok_s"]:7.2f} tok/s   '
-                  f'decode {res["decode_tok_s"]:6.2f} tok/s', flush=True)
+                  f'decode {res["decode_tok_s"]:6.2f} tok/s ({gbs(res):.1f} GB/s of weights)', flush=True)
 
     def summary(values):
         return f'{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]'
-    print(f'\n| engine | prefill {args.prompt} tok/s | decode tok/s |\n|---|---|---|')
+    print(f'\nmemory read ({args.threads} threads), per round: {summary(memory)} GB/s')
+    print(f'| engine | prefill {args.prompt} tok/s | decode tok/s | GB a decode step reads | decode GB/s |\n'
+          f'|---|---|---|---|---|')
     for name, rows in results.items():
         print(f'| {name} | {summary([x["prefill_tok_s"] for x in rows])} | '
-              f'{summary([x["decode_tok_s"] for x in rows])} |')
+              f'{summary([x["decode_tok_s"] for x in rows])} | {rows[0]["decode_bytes"] / 1e9:.2f} | '
+              f'{summary([gbs(x) for x in rows])} |')
     med = {name: {k: statistics.median(x[k] for x in rows) for k in ('prefill_tok_s', 'decode_tok_s')}
            for name, rows in results.items()}
     for ours, theirs in (('ours int4', 'llama.cpp q4_0'), ('ours int8', 'llama.cpp q8_0')):
@@ -178,7 +194,13 @@ def main():
             print(f'{ours} / {theirs}: decode {med[ours]["decode_tok_s"] / med[theirs]["decode_tok_s"]:.2f}x, '
                   f'prefill {med[ours]["prefill_tok_s"] / med[theirs]["prefill_tok_s"]:.2f}x')
     if args.json:
-        json.dump({'cpu': cpu, 'isa': isa, 'args': vars(args), 'results': results}, open(args.json, 'w'), indent=1)
+        json.dump({'cpu': cpu, 'isa': isa, 'args': vars(args), 'memory_read_gbs': memory, 'results': results},
+                  open(args.json, 'w'), indent=1)
+
+
+def gbs(result: dict) -> float:
+    """GB/s of weights a decode streams: the bytes of a step times steps a second."""
+    return result['decode_bytes'] * result['decode_tok_s'] / 1e9
 
 
 if __name__ == '__main__':

@@ -16,6 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main():
@@ -29,18 +30,10 @@ def main():
                                     'and load the model in fp32 (what a CPU without bf16 units gets)')
     args = ap.parse_args()
 
-    from modelscope_chatglm import openmp
-    openmp.set_for_this_process()
+    from cpu_model import load
+    chat = load(args.dir, args.bits, args.threads, args.march)
     import torch
-    import modelscope_chatglm
     from modelscope_chatglm.quantization import build
-    torch.set_num_threads(args.threads)
-    extra = {}
-    if args.march:
-        import tempfile
-        build.use_library(build.build_variant(args.march, os.path.join(tempfile.gettempdir(), 'bench-kernels')))
-        extra = {'dtype': 'float32'}
-    chat = modelscope_chatglm.load(args.dir, device='cpu', quantization_bit=args.bits or None, **extra)
     print(repr(chat), build.load_library().isa)
 
     seconds, calls = collections.defaultdict(float), collections.Counter()

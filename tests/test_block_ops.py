@@ -1,10 +1,13 @@
 """The per-row ops of a GLM2/3 block in C (quantization/kernels/block_ops.c, models/cpu_ops.py) against
-glm2.py's torch code, on every instruction-set build; and the bf16-in, bf16-out int8-activation linears."""
+glm2.py's torch code, on every instruction-set build; the bf16-in, bf16-out int8-activation linears; and a
+whole block in two calls (cpu_ops.glm2_block) against the block's modules one by one."""
 import pytest
 import torch
 
 import modelscope_chatglm
+from modelscope_chatglm.model_config import ModelConfig
 from modelscope_chatglm.models import cpu_ops, glm2
+from modelscope_chatglm.models.kv_cache import KVPool, PagedKV
 from modelscope_chatglm.quantization import QuantizedLinear, quantize
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
@@ -131,3 +134,111 @@ def test_a_glm2_model_replies_alike_through_the_cpu_ops_and_torch(glm2_dir, dtyp
     assert (fused - plain).abs().max().item() < tolerance * max(1.0, plain.abs().max().item())
     assert chat.chat('hello there', max_new_tokens=12, do_sample=False)[0] == reply
     assert not calls
+
+
+# -- a whole block in two calls (cpu_ops.glm2_block) ---------------------------------------------------------
+
+def quantized_block(cfg, bits, dtype, seed):
+    """A GLMBlock of random weights, its four linears QuantizedLinear with int8 activations."""
+    torch.manual_seed(seed)
+    block = glm2.GLMBlock(cfg).to(dtype)
+    for norm in (block.input_layernorm, block.post_attention_layernorm):
+        norm.weight.data.uniform_(0.5, 1.5)
+    for path in glm2.GLM2Model.QUANTIZED_LINEARS:
+        parent_name, _, name = path.rpartition('.')
+        parent, old = block.get_submodule(parent_name), block.get_submodule(path)
+        new = QuantizedLinear(old.in_features, old.out_features, bits, old.bias is not None, dtype=dtype,
+                              scale_dtype=torch.float32)
+        new.load_float_weight(torch.randn(old.out_features, old.in_features) * old.in_features ** -0.5)
+        if old.bias is not None:
+            with torch.no_grad():
+                new.bias.copy_(torch.randn(old.out_features) * 0.1)
+        new.int8_activations = True     # (the lane layout of the library in use)
+        setattr(parent, name, new)
+    return block
+
+
+def two_sequences(cfg, dtype, cached=7, chunk=5):
+    """A forward of a 5-row prompt chunk after 7 cached positions (sequence A) and one decode row of
+    sequence B (3 positions before it), over a pool of random K/V: its PagedKV and x [1, 6, D]."""
+    pool = KVPool(1, cfg.num_kv_heads, cfg.head_dim, 64, dtype, 'cpu')
+    pool.k.copy_(torch.randn(pool.k.shape))
+    pool.v.copy_(torch.randn(pool.v.shape))
+    a = torch.arange(20, 20 + cached + chunk, dtype=torch.int32)
+    b = torch.tensor([40, 3, 41, 50], dtype=torch.int32)       # pages need not be adjacent
+    kv = PagedKV.build(pool, [a, b], [chunk, 1])
+    positions = torch.cat([torch.arange(cached, cached + chunk), torch.tensor([3])])
+    cos, sin = glm2.RotaryEmbedding(cfg.head_dim // 2, cfg.rope_base, 1.0)(positions[None])
+    return pool, kv, (torch.randn(1, chunk + 1, cfg.hidden_size) * 2).to(dtype), cos, sin
+
+
+@pytest.fixture
+def library(isa_lib):
+    """The kernels of one instruction-set build, for everything in this test (restored after)."""
+    from modelscope_chatglm.quantization import build
+    real = build.load_library()
+    build.use_library(isa_lib)
+    yield isa_lib
+    build.use_library(real)
+
+
+FULL_WIDTH = ModelConfig('glm2', 1, 4096, 32, 128, 2, 13696, 64, 64)     # ChatGLM2-6B's layer
+NARROW = ModelConfig('glm2', 1, 192, 3, 64, 1, 320, 64, 64)              # a width no strip or block divides
+
+
+@pytest.mark.parametrize('dtype', list(DTYPES))
+@pytest.mark.parametrize('bits', [4, 8])
+@pytest.mark.parametrize('cfg', [FULL_WIDTH, NARROW], ids=['full-width', 'narrow'])
+def test_a_whole_block_in_two_calls_gives_its_modules_bits(library, cfg, bits, dtype):
+    """glm2_attention_half + torch's SwiGLU + glm2_mlp_half: bit for bit what the modules give, one by one,
+    the K/V written to the same pool slots, on every instruction-set build."""
+    block = quantized_block(cfg, bits, DTYPES[dtype], seed=bits)
+    pool, kv, x, cos, sin = two_sequences(cfg, DTYPES[dtype])
+    with torch.inference_mode():
+        fused = cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0))
+        fused_k, fused_v = pool.k.clone(), pool.v.clone()
+        for cache in (pool.k, pool.v):  # the new rows' slots forgotten: each path must write them
+            cache[0, kv.write] = torch.randn(len(kv.write), cfg.num_kv_heads, cfg.head_dim).to(cache.dtype)
+        modules = block.forward_modules(x, cos, sin, kv.layer(0))
+    assert fused is not None and fused.shape == x.shape and fused.dtype == x.dtype
+    assert torch.equal(fused, modules)
+    assert torch.equal(pool.k, fused_k) and torch.equal(pool.v, fused_v)
+    assert not torch.equal(fused, x)
+
+
+def test_a_whole_block_in_two_calls_only_where_its_kernels_apply(lib):
+    cfg = NARROW
+    block = quantized_block(cfg, 4, torch.float32, seed=0)
+    pool, kv, x, cos, sin = two_sequences(cfg, torch.float32)
+    with torch.inference_mode():
+        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is not None
+        assert cpu_ops.glm2_block(block, x.bfloat16(), cos, sin, kv.layer(0)) is None    # the pool holds fp32
+        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0, attend_fallback=lambda *a: None)) is None
+        block.mlp.dense_4h_to_h.int8_activations = False                                   # the exact kernels
+        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is None
+        block.mlp.dense_4h_to_h.int8_activations = True
+        real = block.mlp.dense_4h_to_h
+        block.mlp.dense_4h_to_h = torch.nn.Sequential(real)       # a wrapper (as an adapter's) runs the modules
+        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is None
+        block.mlp.dense_4h_to_h = real
+    x.requires_grad_(True)
+    with torch.enable_grad():
+        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is None                # autograd records torch's ops
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_a_quantized_model_replies_alike_with_whole_blocks_and_module_by_module(glm2_dir, dtype, monkeypatch):
+    """The whole model, int4 with int8 activations (the CPU default): the same logits, bit for bit, and
+    the same greedy reply, whether each block runs in two calls or module by module."""
+    chat = modelscope_chatglm.load(glm2_dir, device='cpu', dtype=dtype, quantization_bit=4)
+    results = []
+    real = cpu_ops.glm2_block
+    monkeypatch.setattr(cpu_ops, 'glm2_block', lambda *a: results.append(y := real(*a)) or y)
+    ids = [5, 17, 33, 99, 120, 7, 64, 3]
+    whole = chat.logits(ids)
+    reply = chat.chat('hello there', max_new_tokens=12, do_sample=False)[0]
+    assert results and all(y is not None for y in results)     # every block of every forward ran in two calls
+    chat.clear_cache()
+    monkeypatch.setattr(cpu_ops, 'glm2_block', lambda *a: None)
+    assert torch.equal(chat.logits(ids), whole)
+    assert chat.chat('hello there', max_new_tokens=12, do_sample=False)[0] == reply

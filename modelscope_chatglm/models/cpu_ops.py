@@ -1,6 +1,6 @@
 """The per-row ops of a GLM2/3 block on the CPU, one call each into the compiled kernels
 (quantization/kernels/block_ops.c): the CPU twins of triton_ops.py's `rms_norm` and `rotary_qk_`, with the
-same signatures, for fp32 and bf16 rows.
+same signatures, for fp32 and bf16 rows; and `glm2_block`, a whole block with int8 activations in two calls.
 
 In torch, RMSNorm is eight small ops and RoPE about fifteen for q and k; a decode step pays microseconds
 of dispatch for each, 28 layers over, with their code and data cold after the weights streamed through
@@ -10,19 +10,25 @@ bit for bit, RMSNorm up to the order of its sum of squares.
 """
 from __future__ import annotations
 
-import torch
+import ctypes
+from typing import Optional
 
-from ..quantization.build import load_library
+import torch
+import torch.nn.functional as F
+
+from ..quantization.build import GLM2Layer, X8Linear, load_library
+from ..quantization.linear import QuantizedLinear
 
 
 def applies(*tensors: torch.Tensor) -> bool:
     """Whether these CPU kernels take the tensors: fp32 or bf16 alike, on the CPU, no autograd to record,
     and a compiled library (else glm2.py runs its torch code)."""
     dtype = tensors[0].dtype
-    if dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != dtype or t.device.type != 'cpu' for t in tensors):
+    if dtype not in (torch.float32, torch.bfloat16):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
+    for t in tensors:   # a loop, not any(...): a decode step asks this ~90 times a token
+        if t.dtype != dtype or not t.is_cpu or (t.requires_grad and torch.is_grad_enabled()):
+            return False
     return load_library() is not None
 
 
@@ -50,3 +56,54 @@ def rotary_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: i
     lib = load_library()
     kernel = lib.rotary_bf16 if qkv.dtype == torch.bfloat16 else lib.rotary_f32
     kernel(qkv.data_ptr(), width, b * s, heads, head_dim, cos.data_ptr(), sin.data_ptr(), pairs)
+
+
+def glm2_block(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv) -> Optional[torch.Tensor]:
+    """x [1, N, D] through a whole GLMBlock (glm2.py) in two calls, glm2_attention_half and glm2_mlp_half
+    (block_ops.c: the same kernels in the same order as the block's modules, so the same bits), with
+    torch's silu(gate) * up between them, as MLP computes it. None where they do not apply, and the block
+    runs its modules one by one: its four linears must be QuantizedLinear with int8 activations (not an
+    adapter's wrapper), x fp32 or bf16 on the CPU with no autograd, the K/V pool of x's dtype and the
+    attention GLM2's own (kv: the layer's _LayerKV handle). Why: benchmarks/README.md, "One call per
+    half block"."""
+    attn, mlp = block.self_attention, block.mlp
+    linears = (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+    forward, pool = kv.kv, kv.kv.pool
+    norm1, norm2 = block.input_layernorm, block.post_attention_layernorm
+    if (kv.attend_fallback is not None or pool.dtype != x.dtype or pool.device.type != 'cpu'
+            or not applies(x, norm1.weight, norm2.weight)
+            or not all(type(lin) is QuantizedLinear and lin.int8_activations and lin.weight.is_cpu
+                       and lin.bits == linears[0].bits for lin in linears)):
+        return None
+    keep = []   # the fp32 scales and biases the call reads, alive until it returns
+
+    def operands(lin):
+        scale = lin.weight_scale if lin.weight_scale.dtype == torch.float32 else lin.weight_scale.float()
+        bias = None if lin.bias is None else lin.bias.float()
+        keep.extend((scale, bias))
+        return X8Linear(lin.weight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                        lin.out_features, lin.in_features, int(lin.lane_layout))
+    layer = GLM2Layer(linears[0].bits, int(x.dtype == torch.bfloat16), attn.num_heads, attn.num_kv_heads,
+                      attn.head_dim, norm1.eps, norm2.eps, attn.head_dim ** -0.5, norm1.weight.data_ptr(),
+                      norm2.weight.data_ptr(), *map(operands, linears))
+    n, width = x.shape[1], x.shape[2]
+    pairs = cos.shape[-1]
+    x0 = x.reshape(n, width).contiguous()
+    cos, sin = cos.reshape(n, pairs).contiguous(), sin.reshape(n, pairs).contiguous()
+    tables = forward.tables.contiguous()
+    x1 = torch.empty_like(x0)
+    gu = torch.empty(n, linears[2].out_features, dtype=x.dtype)
+    lib, threads = load_library(), torch.get_num_threads()
+    if not lib.glm2_attention_half(ctypes.byref(layer), x0.data_ptr(), n, cos.data_ptr(), sin.data_ptr(), pairs,
+                                   forward.parts, forward.rows.data_ptr(), forward.keys.data_ptr(),
+                                   None if forward.min_keys is None else forward.min_keys.data_ptr(),
+                                   tables.data_ptr(), forward.key_start.data_ptr(), pool.k[kv.index].data_ptr(),
+                                   pool.v[kv.index].data_ptr(), forward.write.data_ptr(), x1.data_ptr(),
+                                   gu.data_ptr(), threads):
+        return None
+    gate, up = gu.chunk(2, dim=-1)
+    s = F.silu(gate) * up
+    y = torch.empty_like(x0)
+    if not lib.glm2_mlp_half(ctypes.byref(layer), s.data_ptr(), x1.data_ptr(), n, y.data_ptr(), threads):
+        return None
+    return y.view(1, n, width)

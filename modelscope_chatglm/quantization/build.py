@@ -314,6 +314,20 @@ def _build_in(cc: str, directory: str):
     return None
 
 
+class X8Linear(ctypes.Structure):
+    """kernels/block_ops.c's x8_linear: one QuantizedLinear with int8 activations."""
+    _fields_ = [('w', ctypes.c_void_p), ('scale', ctypes.c_void_p), ('bias', ctypes.c_void_p),
+                ('out', ctypes.c_int), ('in_', ctypes.c_int), ('lanes', ctypes.c_int)]
+
+
+class GLM2Layer(ctypes.Structure):
+    """kernels/block_ops.c's glm2_layer: what glm2_attention_half and glm2_mlp_half read of a GLMBlock."""
+    _fields_ = [('bits', ctypes.c_int), ('bf16', ctypes.c_int), ('heads', ctypes.c_int), ('kv_heads', ctypes.c_int),
+                ('head_dim', ctypes.c_int), ('eps1', ctypes.c_float), ('eps2', ctypes.c_float),
+                ('scale', ctypes.c_float), ('norm1', ctypes.c_void_p), ('norm2', ctypes.c_void_p),
+                ('qkv', X8Linear), ('dense', X8Linear), ('up', X8Linear), ('down', X8Linear)]
+
+
 def _declare(lib):
     """argtypes for every exported function (ctypes then converts ints and pointers for us)."""
     p, i = ctypes.c_void_p, ctypes.c_int
@@ -348,6 +362,11 @@ def _declare(lib):
     for name in ('rotary_f32', 'rotary_bf16'):
         getattr(lib, name).argtypes = [p, lg, i, i, i, p, p, i]
         getattr(lib, name).restype = None
+    half = ctypes.POINTER(GLM2Layer)   # a whole block in two calls (block_ops.c)
+    lib.glm2_attention_half.argtypes = [half, p, i, p, p, i, i, p, p, p, p, p, p, p, p, p, p, i]
+    lib.glm2_attention_half.restype = ctypes.c_int
+    lib.glm2_mlp_half.argtypes = [half, p, p, i, p, i]
+    lib.glm2_mlp_half.restype = ctypes.c_int
     lib.kernel_isa.restype = ctypes.c_char_p
     lib.kernel_openmp.restype = ctypes.c_int
     lib.isa = lib.kernel_isa().decode()   # the SIMD branch compiled in: 'avx512-vnni-bf16', ..., 'scalar'

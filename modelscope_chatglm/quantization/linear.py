@@ -130,29 +130,28 @@ class QuantizedLinear(nn.Module):
             self.weight_scale.copy_(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
+        # A decode step calls this 4 times a layer, and at one row of x the kernel takes a few microseconds:
+        # each check here is paid 112 times a token (ChatGLM2-6B), so every branch is decided once.
         x2 = x.reshape(-1, self.in_features)
-        kernels = optional('quantization.triton_kernels') if x.is_cuda else None
-        if kernels is not None:
+        if x.is_cuda and (kernels := optional('quantization.triton_kernels')) is not None:
             y = kernels.quantized_linear(x2, self.weight, self.weight_scale, self.bias, self.bits)
-            return y.reshape(*shape[:-1], self.out_features)
-        lib = load_library() if x.device.type == 'cpu' else None
-        if lib is not None and self.kernel_takes(x2.shape[0], x2.dtype):
+        elif x.is_cpu and (lib := load_library()) is not None and self.weight.is_cpu and (
+                self._int8_activations or x2.shape[0] <= kernel_rows(lib, x2.dtype)):
             y = self._gemv(lib, x2)
         else:
-            y = self._tiled_matmul(lib, x2)
-        return y.reshape(*shape[:-1], self.out_features)
+            y = self._tiled_matmul(load_library() if x.is_cpu else None, x2)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def kernel_takes(self, rows: int, dtype: torch.dtype) -> bool:
         """Whether `rows` rows of x in `dtype` go through the compiled CPU kernel, which sums each row in
         one order whatever the other rows are (so each row gets the bits it gets alone); the others take
-        dequantized tiles + matmul, or the GPU kernels."""
-        lib = load_library() if self.weight.device.type == 'cpu' else None
-        return lib is not None and (self.int8_activations or rows <= kernel_rows(lib, dtype))
+        dequantized tiles + matmul, or the GPU kernels. (`forward` decides the same, inline.)"""
+        lib = load_library() if self.weight.is_cpu else None
+        return lib is not None and (self._int8_activations or rows <= kernel_rows(lib, dtype))
 
     def _gemv(self, lib, x2):
-        rows, threads = x2.shape[0], torch.get_num_threads()
-        if x2.dtype == torch.bfloat16 and not self.int8_activations:
+        rows, threads, bf16 = x2.shape[0], torch.get_num_threads(), x2.dtype == torch.bfloat16
+        if bf16 and not self._int8_activations:
             # bf16 x as it is (AVX512-BF16 multiplies bf16 pairs). A bf16 model's prefill tiles round
             # x @ q to bf16 before the scales multiply it (oneDNN writes bf16): the kernel's sums are
             # rounded at the same point, so a prompt prefilled cold and one continued from the prefix
@@ -163,19 +162,18 @@ class QuantizedLinear(nn.Module):
                                                      None, None, y.data_ptr(), self.out_features, threads)
             return self._scale_and_bias(y.to(torch.bfloat16)).to(x2.dtype)
         scale = self.weight_scale if self.weight_scale.dtype == torch.float32 else self.weight_scale.float()
-        bias = None if self.bias is None else self.bias.float().contiguous()
-        name = f'q{self.bits}_gemv' + ('_x8' if self.int8_activations else '') + ('_lanes' if self.lane_layout else '')
-
-        def run(kernel, x, y):
-            kernel(x.data_ptr(), rows, self.in_features, self.weight.data_ptr(), scale.data_ptr(),
-                   None if bias is None else bias.data_ptr(), y.data_ptr(), self.out_features, threads)
-            return y
-        if self.int8_activations and x2.dtype == torch.bfloat16:
+        bias = None if self.bias is None else self.bias.float()
+        name = f'q{self.bits}_gemv' + ('_x8' if self._int8_activations else '') + ('_lanes' if self.lane_layout else '')
+        if self._int8_activations and bf16:
             # bf16 in and out of the kernel, which widens and rounds exactly as the conversions around
             # the fp32 entry point would: two torch ops fewer per linear in a decode step.
-            return run(getattr(lib, name + '_bf16'), x2.contiguous(),
-                       torch.empty(rows, self.out_features, dtype=torch.bfloat16))
-        y = run(getattr(lib, name), x2.float().contiguous(), torch.empty(rows, self.out_features, dtype=torch.float32))
+            kernel, x, y = getattr(lib, name + '_bf16'), x2.contiguous(), torch.empty(rows, self.out_features,
+                                                                                       dtype=torch.bfloat16)
+        else:
+            kernel, x, y = getattr(lib, name), x2.float().contiguous(), torch.empty(rows, self.out_features,
+                                                                                     dtype=torch.float32)
+        kernel(x.data_ptr(), rows, self.in_features, self.weight.data_ptr(), scale.data_ptr(),
+               None if bias is None else bias.data_ptr(), y.data_ptr(), self.out_features, threads)
         return y.to(x2.dtype)
 
     def _scale_and_bias(self, out):

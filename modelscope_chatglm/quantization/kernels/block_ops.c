@@ -104,3 +104,96 @@ void rotary_f32(float *x, long ld, int N, int heads, int d, const float *cos, co
 void rotary_bf16(uint16_t *x, long ld, int N, int heads, int d, const float *cos, const float *sin, int pairs) {
     rotary(x, ld, N, heads, d, cos, sin, pairs, 1);
 }
+
+/* ---- a whole GLM2/3 block with int8 activations, in two calls ---------------------------------------- */
+/*
+ * Why: a full-width decode step spent a tenth to a sixth of its time outside the kernels, in the Python
+ * and torch code between about 25 calls a layer, each finding that code and its data cold after the
+ * layer's weights streamed through the caches. Two calls a layer took 3-6% off a step (benchmarks/README.md,
+ * "One call per half block"). They run the same kernels in glm2.py's order, so every row gets the bits
+ * the module-by-module path gives it (tests/test_block_ops.py holds them to that), for a block whose four
+ * linears are QuantizedLinear with int8 activations:
+ *
+ *   glm2_attention_half:  x1 = x + dense(attend(rope(qkv(rms_norm1(x)))));  gu = h_to_4h(rms_norm2(x1))
+ *   glm2_mlp_half:        y  = x1 + 4h_to_h(s)
+ *
+ * and torch computes s = silu(gate) * up from gu in between (its exp, so the bits stay torch's). The new
+ * rows' K and V are written to their pool slots before the attention reads them, as _LayerKV.attend does.
+ * Rows are fp32 or bf16 (`bf16`), the weights in the hub's layout or the lane layout (`lanes`, per linear).
+ */
+typedef struct {
+    const int8_t *w;
+    const float *scale, *bias;   /* fp32; bias may be NULL */
+    int out, in, lanes;
+} x8_linear;
+
+typedef struct {
+    int bits, bf16, heads, kv_heads, head_dim;
+    float eps1, eps2, scale;     /* the two RMSNorms' eps; attention's 1 / sqrt(head_dim) */
+    const void *norm1, *norm2;   /* [D], the rows' dtype */
+    x8_linear qkv, dense, up, down;
+} glm2_layer;
+
+/* y = linear(x), M rows, the rows' dtype in and out: QuantizedLinear's int8-activation path. */
+static void x8_linear_rows(const x8_linear *L, int bits, int bf16, const void *x, int M, void *y, int nthreads) {
+    if (bf16) gemv_x8_bf16((const uint16_t *)x, M, L->in, L->w, bits, L->lanes, L->scale, L->bias, (uint16_t *)y, L->out, nthreads);
+    else gemv_x8((const float *)x, M, L->in, L->w, bits, L->lanes, L->scale, L->bias, (float *)y, L->out, nthreads);
+}
+
+/* y = a + b, n elements, each sum rounded once to the rows' dtype (torch's bf16 add). */
+static void add_rows(const void *a, const void *b, void *y, size_t n, int bf16) {
+    for (size_t i = 0; i < n; i++) store_elem(y, bf16, i, load_elem(a, bf16, i) + load_elem(b, bf16, i));
+}
+
+/* x [N, D] -> x1 [N, D] and gu [N, up.out]. The attention's arguments are attend_f32's (attention.c) for
+ * q = the rotated QKV rows; write[r]: the pool slot of new row r's K and V (k_pool, v_pool: this layer's
+ * [slots, G, d]). -> 1 when computed; 0 when the attention refused its shapes or memory ran out, and
+ * then x1 and gu are unwritten (the K/V slots may hold the new rows: the path that runs instead writes
+ * the same values). */
+int glm2_attention_half(const glm2_layer *L, const void *x, int N, const float *cos, const float *sin, int pairs,
+                        int nparts, const int *rows, const int *keys, const int *min_keys, const int32_t *slots,
+                        const long *key_start, void *k_pool, void *v_pool, const long *write, void *x1, void *gu,
+                        int nthreads) {
+    const int D = L->dense.out, H = L->heads, G = L->kv_heads, d = L->head_dim, QKV = L->qkv.out, bf16 = L->bf16;
+    const size_t es = bf16 ? sizeof(uint16_t) : sizeof(float);
+    char *h = (char *)malloc(es * (size_t)N * D), *qkv = (char *)malloc(es * (size_t)N * QKV),
+         *att = (char *)malloc(es * (size_t)N * H * d), *o = (char *)malloc(es * (size_t)N * D);
+    int ok = h && qkv && att && o;
+    if (ok) {
+        rms_norm(x, D, N, D, L->norm1, L->eps1, h, D, bf16, nthreads);
+        x8_linear_rows(&L->qkv, L->bits, bf16, h, N, qkv, nthreads);
+        rotary(qkv, QKV, N, H + G, d, cos, sin, pairs, bf16);      /* the Q and K heads, adjacent in each row */
+        const size_t kv = es * (size_t)G * d;
+        for (int r = 0; r < N; r++) {
+            const char *row = qkv + es * (size_t)r * QKV + es * (size_t)H * d;
+            memcpy((char *)k_pool + kv * (size_t)write[r], row, kv);
+            memcpy((char *)v_pool + kv * (size_t)write[r], row + kv, kv);
+        }
+        ok = bf16 ? attend_bf16(qkv, QKV, nparts, rows, keys, min_keys, slots, key_start, k_pool, v_pool,
+                                (long)G * d, H, G, d, L->scale, att, nthreads)
+                  : attend_f32(qkv, QKV, nparts, rows, keys, min_keys, slots, key_start, k_pool, v_pool,
+                               (long)G * d, H, G, d, L->scale, att, nthreads);
+    }
+    if (ok) {
+        x8_linear_rows(&L->dense, L->bits, bf16, att, N, o, nthreads);
+        add_rows(x, o, x1, (size_t)N * D, bf16);
+        rms_norm(x1, D, N, D, L->norm2, L->eps2, h, D, bf16, nthreads);
+        x8_linear_rows(&L->up, L->bits, bf16, h, N, gu, nthreads);
+    }
+    free(h);
+    free(qkv);
+    free(att);
+    free(o);
+    return ok;
+}
+
+/* y = x1 + 4h_to_h(s): s [N, down.in], x1 and y [N, D]. -> 0 when memory ran out (y unwritten). */
+int glm2_mlp_half(const glm2_layer *L, const void *s, const void *x1, int N, void *y, int nthreads) {
+    const size_t n = (size_t)N * L->down.out;
+    void *o = malloc((L->bf16 ? sizeof(uint16_t) : sizeof(float)) * n);
+    if (!o) return 0;
+    x8_linear_rows(&L->down, L->bits, L->bf16, s, N, o, nthreads);
+    add_rows(x1, o, y, n, L->bf16);
+    free(o);
+    return 1;
+}
