@@ -80,7 +80,7 @@ MEMORY_SOURCE = r'''
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-typedef long long v4 __attribute__((vector_size(32)));
+typedef unsigned long long v4 __attribute__((vector_size(32)));   /* unsigned: the sums wrap, defined */
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
 int main(int argc, char **argv) {
     const size_t bytes = (size_t)1 << 30, n = bytes / sizeof(v4);
@@ -88,7 +88,7 @@ int main(int argc, char **argv) {
     v4 *a = aligned_alloc(64, bytes);
     memset(a, 1, bytes);
     for (int p = 0; p < passes; p++) {
-        long long total = 0;
+        unsigned long long total = 0;
         const double t = now();
 #pragma omp parallel reduction(+ : total)
         {
@@ -100,7 +100,7 @@ int main(int argc, char **argv) {
             const v4 s = s0 + s1 + s2 + s3;
             total += s[0] + s[1] + s[2] + s[3];
         }
-        printf("%.3f %lld\n", bytes / (now() - t) / 1e9, total);
+        printf("%.3f %llu\n", bytes / (now() - t) / 1e9, total);
     }
     return 0;
 }

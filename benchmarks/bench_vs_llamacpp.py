@@ -85,10 +85,19 @@ def gguf_of(checkpoint: str, path: str, qtype: str) -> str:
 
 def run_llama(binary: str, model: str, threads: int, prompt: int, new: int) -> dict:
     out = subprocess.run([binary, '-m', model, '-t', str(threads), '-p', str(prompt), '-n', str(new),
-                          '-r', '1', '-o', 'json'], check=True, capture_output=True, text=True).stdout
+                          '-r', '1', '-o', 'json'], check=True, capture_output=True, text=True,
+                         env=openmp_environment()).stdout
     rows = json.loads(out)
     rate = {('prefill' if r['n_prompt'] else 'decode'): r['avg_ts'] for r in rows}
     return {'prefill_tok_s': rate['prefill'], 'decode_tok_s': rate['decode'], 'decode_bytes': gguf_decode_bytes(model)}
+
+
+def openmp_environment() -> dict:
+    """The environment both engines run in: libgomp's setting as the modelscope-chatglm command starts
+    with it (llama.cpp's threads are libgomp's too). Ours must have it before the child imports torch,
+    which this module does (through fullsize.py) before child() runs."""
+    from modelscope_chatglm import openmp
+    return dict(os.environ, **openmp.environment())
 
 
 def gguf_decode_bytes(path: str) -> int:
@@ -127,10 +136,7 @@ def run_ours(path: str, mode: str, threads: int, prompt: int, new: int, seed: in
             f'print(json.dumps(child({path!r}, {int(bits)}, {threads}, {prompt}, {new}, {seed}, {extra!r}, {march!r})))')
     # torch's own ops (the few small ones a step has besides ours) on AVX2 too, where the kernels are
     env = dict(os.environ, **({'ATEN_CPU_CAPABILITY': 'avx2'} if march else {}))
-    # libgomp's setting as the modelscope-chatglm command starts with it: in the environment before the
-    # child imports torch (this module imports it, through fullsize.py, before child() runs)
-    from modelscope_chatglm import openmp
-    env.update(openmp.environment())
+    env.update(openmp_environment())
     out = subprocess.run([sys.executable, '-c', code], check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 

@@ -45,8 +45,8 @@ def main():
 
     ms_a_token()   # warm-up
     times = {'two calls a block': [], 'modules one by one': []}
-    for _ in range(args.rounds):
-        for way in times:
+    for r in range(args.rounds):
+        for way in (list(times) if r % 2 == 0 else list(times)[::-1]):   # each way first in every other round
             cpu_ops.glm2_block = two_calls if way == 'two calls a block' else (lambda *a: None)
             times[way].append(ms_a_token())
     cpu_ops.glm2_block = two_calls

@@ -1,6 +1,8 @@
 """The per-row ops of a GLM2/3 block in C (quantization/kernels/block_ops.c, models/cpu_ops.py) against
 glm2.py's torch code, on every instruction-set build; the bf16-in, bf16-out int8-activation linears; and a
 whole block in two calls (cpu_ops.glm2_block) against the block's modules one by one."""
+import ctypes
+
 import pytest
 import torch
 
@@ -159,12 +161,12 @@ def quantized_block(cfg, bits, dtype, seed):
 
 
 def two_sequences(cfg, dtype, cached=7, chunk=5):
-    """A forward of a 5-row prompt chunk after 7 cached positions (sequence A) and one decode row of
-    sequence B (3 positions before it), over a pool of random K/V: its PagedKV and x [1, 6, D]."""
+    """A forward of a `chunk`-row prompt chunk after 7 cached positions (sequence A) and one decode row of
+    sequence B (3 positions before it), over a pool of random K/V: its PagedKV and x [1, chunk + 1, D]."""
     pool = KVPool(1, cfg.num_kv_heads, cfg.head_dim, 64, dtype, 'cpu')
     pool.k.copy_(torch.randn(pool.k.shape))
     pool.v.copy_(torch.randn(pool.v.shape))
-    a = torch.arange(20, 20 + cached + chunk, dtype=torch.int32)
+    a = torch.arange(10, 10 + cached + chunk, dtype=torch.int32)
     b = torch.tensor([40, 3, 41, 50], dtype=torch.int32)       # pages need not be adjacent
     kv = PagedKV.build(pool, [a, b], [chunk, 1])
     positions = torch.cat([torch.arange(cached, cached + chunk), torch.tensor([3])])
@@ -183,17 +185,18 @@ def library(isa_lib):
 
 
 FULL_WIDTH = ModelConfig('glm2', 1, 4096, 32, 128, 2, 13696, 64, 64)     # ChatGLM2-6B's layer
-NARROW = ModelConfig('glm2', 1, 192, 3, 64, 1, 320, 64, 64)              # a width no strip or block divides
+# Widths that leave part strips (QKV 240 rows) and short last blocks of 64 columns (200, 144, 336).
+NARROW = ModelConfig('glm2', 1, 200, 3, 48, 1, 336, 64, 64)
 
 
 @pytest.mark.parametrize('dtype', list(DTYPES))
 @pytest.mark.parametrize('bits', [4, 8])
-@pytest.mark.parametrize('cfg', [FULL_WIDTH, NARROW], ids=['full-width', 'narrow'])
-def test_a_whole_block_in_two_calls_gives_its_modules_bits(library, cfg, bits, dtype):
+@pytest.mark.parametrize('cfg,chunk', [(FULL_WIDTH, 5), (NARROW, 17)], ids=['full-width', 'narrow-18-rows'])
+def test_a_whole_block_in_two_calls_gives_its_modules_bits(library, cfg, chunk, bits, dtype):
     """glm2_attention_half + torch's SwiGLU + glm2_mlp_half: bit for bit what the modules give, one by one,
-    the K/V written to the same pool slots, on every instruction-set build."""
+    the K/V written to the same pool slots, on every instruction-set build (18 rows: RMSNorm on threads)."""
     block = quantized_block(cfg, bits, DTYPES[dtype], seed=bits)
-    pool, kv, x, cos, sin = two_sequences(cfg, DTYPES[dtype])
+    pool, kv, x, cos, sin = two_sequences(cfg, DTYPES[dtype], chunk=chunk)
     with torch.inference_mode():
         fused = cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0))
         fused_k, fused_v = pool.k.clone(), pool.v.clone()
@@ -203,27 +206,56 @@ def test_a_whole_block_in_two_calls_gives_its_modules_bits(library, cfg, bits, d
     assert fused is not None and fused.shape == x.shape and fused.dtype == x.dtype
     assert torch.equal(fused, modules)
     assert torch.equal(pool.k, fused_k) and torch.equal(pool.v, fused_v)
-    assert not torch.equal(fused, x)
+
+
+def test_the_two_calls_read_the_layout_python_writes(lib):
+    from modelscope_chatglm.quantization.build import GLM2Layer
+    assert ctypes.sizeof(GLM2Layer) == lib.glm2_layer_bytes()
 
 
 def test_a_whole_block_in_two_calls_only_where_its_kernels_apply(lib):
     cfg = NARROW
-    block = quantized_block(cfg, 4, torch.float32, seed=0)
+    block = quantized_block(cfg, 4, torch.float32, seed=0).requires_grad_(False)
     pool, kv, x, cos, sin = two_sequences(cfg, torch.float32)
     with torch.inference_mode():
         assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is not None
-        assert cpu_ops.glm2_block(block, x.bfloat16(), cos, sin, kv.layer(0)) is None    # the pool holds fp32
+        bf16_block = quantized_block(cfg, 4, torch.bfloat16, seed=0)
+        assert cpu_ops.glm2_block(bf16_block, x.bfloat16(), cos, sin, kv.layer(0)) is None   # the pool holds fp32
         assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0, attend_fallback=lambda *a: None)) is None
-        block.mlp.dense_4h_to_h.int8_activations = False                                   # the exact kernels
+        block.mlp.dense_4h_to_h.int8_activations = False                                       # the exact kernels
         assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is None
         block.mlp.dense_4h_to_h.int8_activations = True
         real = block.mlp.dense_4h_to_h
         block.mlp.dense_4h_to_h = torch.nn.Sequential(real)       # a wrapper (as an adapter's) runs the modules
         assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is None
         block.mlp.dense_4h_to_h = real
+        seen = []
+        hook = block.self_attention.dense.register_forward_hook(lambda *a: seen.append(1))
+        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is None    # a hook must see its module run
+        block(x, cos, sin, kv.layer(0))
+        assert seen
+        hook.remove()
+        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is not None
     x.requires_grad_(True)
-    with torch.enable_grad():
-        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is None                # autograd records torch's ops
+    with torch.enable_grad():   # autograd records torch's ops (the weights take no grad here: x alone decides)
+        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is None
+    with torch.no_grad():
+        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is not None
+
+
+def test_a_write_slot_outside_the_pool_is_refused_as_the_modules_refuse_it(lib):
+    """The C writes nothing and declines; the modules then raise torch's index error, as without it."""
+    cfg = NARROW
+    block = quantized_block(cfg, 8, torch.float32, seed=1)
+    pool = KVPool(1, cfg.num_kv_heads, cfg.head_dim, 16, torch.float32, 'cpu')
+    kv = PagedKV.build(pool, [torch.tensor([0, 1, 2, 40], dtype=torch.int32)], [1])   # slot 40 of 16
+    cos, sin = glm2.RotaryEmbedding(cfg.head_dim // 2, cfg.rope_base, 1.0)(torch.tensor([[3]]))
+    x = torch.randn(1, 1, cfg.hidden_size)
+    with torch.inference_mode():
+        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is None
+        assert not pool.k.any() and not pool.v.any()
+        with pytest.raises(IndexError):
+            block(x, cos, sin, kv.layer(0))
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])

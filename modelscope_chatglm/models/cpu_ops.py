@@ -63,17 +63,25 @@ def glm2_block(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv)
     (block_ops.c: the same kernels in the same order as the block's modules, so the same bits), with
     torch's silu(gate) * up between them, as MLP computes it. None where they do not apply, and the block
     runs its modules one by one: its four linears must be QuantizedLinear with int8 activations (not an
-    adapter's wrapper), x fp32 or bf16 on the CPU with no autograd, the K/V pool of x's dtype and the
-    attention GLM2's own (kv: the layer's _LayerKV handle). Why: benchmarks/README.md, "One call per
-    half block"."""
+    adapter's wrapper), no module of the block may have hooks (they would not run), x fp32 or bf16 on
+    the CPU with no autograd, the K/V pool of x's dtype and the attention GLM2's own (kv: the layer's
+    _LayerKV handle). Why: benchmarks/README.md, "One call per half block"."""
     attn, mlp = block.self_attention, block.mlp
     linears = (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
-    forward, pool = kv.kv, kv.kv.pool
+    if not all(type(lin) is QuantizedLinear and lin.int8_activations and lin.weight.is_cpu
+               and lin.bits == linears[0].bits for lin in linears):
+        return None     # (first: a float model leaves here)
     norm1, norm2 = block.input_layernorm, block.post_attention_layernorm
+    paged, pool = kv.kv, kv.kv.pool
+    heads, groups, d, width = attn.num_heads, attn.num_kv_heads, attn.head_dim, x.shape[-1]
     if (kv.attend_fallback is not None or pool.dtype != x.dtype or pool.device.type != 'cpu'
             or not applies(x, norm1.weight, norm2.weight)
-            or not all(type(lin) is QuantizedLinear and lin.int8_activations and lin.weight.is_cpu
-                       and lin.bits == linears[0].bits for lin in linears)):
+            or any(m._forward_hooks or m._forward_pre_hooks for m in (block, attn, mlp, norm1, norm2, *linears))
+            # the shapes the C reads from the struct, as the modules would check them by failing
+            or linears[0].in_features != width or linears[0].out_features != (heads + 2 * groups) * d
+            or linears[1].in_features != heads * d or linears[1].out_features != width
+            or linears[2].in_features != width or linears[2].out_features != 2 * linears[3].in_features
+            or linears[3].out_features != width):
         return None
     keep = []   # the fp32 scales and biases the call reads, alive until it returns
 
@@ -83,22 +91,21 @@ def glm2_block(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv)
         keep.extend((scale, bias))
         return X8Linear(lin.weight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
                         lin.out_features, lin.in_features, int(lin.lane_layout))
-    layer = GLM2Layer(linears[0].bits, int(x.dtype == torch.bfloat16), attn.num_heads, attn.num_kv_heads,
-                      attn.head_dim, norm1.eps, norm2.eps, attn.head_dim ** -0.5, norm1.weight.data_ptr(),
-                      norm2.weight.data_ptr(), *map(operands, linears))
-    n, width = x.shape[1], x.shape[2]
-    pairs = cos.shape[-1]
+    layer = GLM2Layer(linears[0].bits, int(x.dtype == torch.bfloat16), heads, groups, d, norm1.eps, norm2.eps,
+                      d ** -0.5, norm1.weight.data_ptr(), norm2.weight.data_ptr(), *map(operands, linears))
+    n, pairs = x.shape[1], cos.shape[-1]
     x0 = x.reshape(n, width).contiguous()
     cos, sin = cos.reshape(n, pairs).contiguous(), sin.reshape(n, pairs).contiguous()
-    tables = forward.tables.contiguous()
+    tables = paged.tables.contiguous()
+    k_pool, v_pool = pool.k[kv.index], pool.v[kv.index]     # [slots, G, d], contiguous
     x1 = torch.empty_like(x0)
     gu = torch.empty(n, linears[2].out_features, dtype=x.dtype)
     lib, threads = load_library(), torch.get_num_threads()
     if not lib.glm2_attention_half(ctypes.byref(layer), x0.data_ptr(), n, cos.data_ptr(), sin.data_ptr(), pairs,
-                                   forward.parts, forward.rows.data_ptr(), forward.keys.data_ptr(),
-                                   None if forward.min_keys is None else forward.min_keys.data_ptr(),
-                                   tables.data_ptr(), forward.key_start.data_ptr(), pool.k[kv.index].data_ptr(),
-                                   pool.v[kv.index].data_ptr(), forward.write.data_ptr(), x1.data_ptr(),
+                                   paged.parts, paged.rows.data_ptr(), paged.keys.data_ptr(),
+                                   None if paged.min_keys is None else paged.min_keys.data_ptr(),
+                                   tables.data_ptr(), paged.key_start.data_ptr(), k_pool.data_ptr(),
+                                   v_pool.data_ptr(), k_pool.shape[0], paged.write.data_ptr(), x1.data_ptr(),
                                    gu.data_ptr(), threads):
         return None
     gate, up = gu.chunk(2, dim=-1)

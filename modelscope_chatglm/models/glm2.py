@@ -140,6 +140,8 @@ class GLMBlock(nn.Module):
         return self.forward_modules(x, cos, sin, kv)
 
     def forward_modules(self, x, cos, sin, kv):
+        # The definition. block_ops.c's glm2_attention_half / glm2_mlp_half run these modules' kernels in
+        # this order (tests/test_block_ops.py holds them to its bits): a change here is a change there.
         x = x + self.self_attention(self.input_layernorm(x), cos, sin, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 

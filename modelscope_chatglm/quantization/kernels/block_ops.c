@@ -145,17 +145,22 @@ static void add_rows(const void *a, const void *b, void *y, size_t n, int bf16) 
     for (size_t i = 0; i < n; i++) store_elem(y, bf16, i, load_elem(a, bf16, i) + load_elem(b, bf16, i));
 }
 
+/* The size of glm2_layer, for the test that holds build.py's ctypes mirror of it to this layout. */
+size_t glm2_layer_bytes(void) { return sizeof(glm2_layer); }
+
 /* x [N, D] -> x1 [N, D] and gu [N, up.out]. The attention's arguments are attend_f32's (attention.c) for
  * q = the rotated QKV rows; write[r]: the pool slot of new row r's K and V (k_pool, v_pool: this layer's
- * [slots, G, d]). -> 1 when computed; 0 when the attention refused its shapes or memory ran out, and
- * then x1 and gu are unwritten (the K/V slots may hold the new rows: the path that runs instead writes
- * the same values). */
+ * [pool_slots, G, d]). -> 1 when computed; 0 when a write slot is outside the pool (nothing written), the
+ * attention refused its shapes or memory ran out, and then x1 and gu are unwritten (the K/V slots may
+ * hold the new rows: the path that runs instead writes the same values, or raises on a bad slot). */
 int glm2_attention_half(const glm2_layer *L, const void *x, int N, const float *cos, const float *sin, int pairs,
                         int nparts, const int *rows, const int *keys, const int *min_keys, const int32_t *slots,
-                        const long *key_start, void *k_pool, void *v_pool, const long *write, void *x1, void *gu,
-                        int nthreads) {
+                        const long *key_start, void *k_pool, void *v_pool, long pool_slots, const long *write,
+                        void *x1, void *gu, int nthreads) {
     const int D = L->dense.out, H = L->heads, G = L->kv_heads, d = L->head_dim, QKV = L->qkv.out, bf16 = L->bf16;
     const size_t es = bf16 ? sizeof(uint16_t) : sizeof(float);
+    for (int r = 0; r < N; r++)
+        if (write[r] < 0 || write[r] >= pool_slots) return 0;
     char *h = (char *)malloc(es * (size_t)N * D), *qkv = (char *)malloc(es * (size_t)N * QKV),
          *att = (char *)malloc(es * (size_t)N * H * d), *o = (char *)malloc(es * (size_t)N * D);
     int ok = h && qkv && att && o;
