@@ -109,7 +109,8 @@ void rotary_bf16(uint16_t *x, long ld, int N, int heads, int d, const float *cos
 /*
  * Why: a full-width decode step spent a tenth to a sixth of its time outside the kernels, in the Python
  * and torch code between about 25 calls a layer, each finding that code and its data cold after the
- * layer's weights streamed through the caches. Two calls a layer took 2-8% off a step (benchmarks/README.md,
+ * layer's weights streamed through the caches. Two calls a layer took 5-8% off a step of the AVX2 build's
+ * fp32 model, 1-2% on the native build (benchmarks/README.md,
  * "One call per half block"). They run the same kernels in glm2.py's order, so every row gets the bits
  * the module-by-module path gives it (tests/test_block_ops.py holds them to that), for a block whose four
  * linears are QuantizedLinear with int8 activations:
