@@ -47,10 +47,8 @@ def compiled(q, k_pool, v_pool, kv, scale) -> Optional[torch.Tensor]:
         return None
     kernel = lib.attend_f32 if q.dtype == torch.float32 else lib.attend_bf16
     out = torch.empty(n, heads, d, dtype=q.dtype)
-    tables = kv.tables.contiguous()
-    min_keys = kv.min_keys.data_ptr() if kv.min_keys is not None else None
-    if not kernel(q.data_ptr(), q.stride(0), kv.parts, kv.rows.data_ptr(), kv.keys.data_ptr(), min_keys,
-                  tables.data_ptr(), kv.key_start.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), groups * d,
+    tables, pages = kv.kernel_tables()
+    if not kernel(q.data_ptr(), q.stride(0), *pages, k_pool.data_ptr(), v_pool.data_ptr(), groups * d,
                   heads, groups, d, scale, out.data_ptr(), torch.get_num_threads()):
         return None
     return out

@@ -86,8 +86,7 @@ def glm2_block(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv)
     keep = []   # the fp32 scales and biases the call reads, alive until it returns
 
     def operands(lin):
-        scale = lin.weight_scale if lin.weight_scale.dtype == torch.float32 else lin.weight_scale.float()
-        bias = None if lin.bias is None else lin.bias.float()
+        scale, bias = lin.fp32_scale_and_bias()
         keep.extend((scale, bias))
         return X8Linear(lin.weight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
                         lin.out_features, lin.in_features, int(lin.lane_layout))
@@ -96,17 +95,14 @@ def glm2_block(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv)
     n, pairs = x.shape[1], cos.shape[-1]
     x0 = x.reshape(n, width).contiguous()
     cos, sin = cos.reshape(n, pairs).contiguous(), sin.reshape(n, pairs).contiguous()
-    tables = paged.tables.contiguous()
+    tables, pages = paged.kernel_tables()
     k_pool, v_pool = pool.k[kv.index], pool.v[kv.index]     # [slots, G, d], contiguous
     x1 = torch.empty_like(x0)
     gu = torch.empty(n, linears[2].out_features, dtype=x.dtype)
     lib, threads = load_library(), torch.get_num_threads()
     if not lib.glm2_attention_half(ctypes.byref(layer), x0.data_ptr(), n, cos.data_ptr(), sin.data_ptr(), pairs,
-                                   paged.parts, paged.rows.data_ptr(), paged.keys.data_ptr(),
-                                   None if paged.min_keys is None else paged.min_keys.data_ptr(),
-                                   tables.data_ptr(), paged.key_start.data_ptr(), k_pool.data_ptr(),
-                                   v_pool.data_ptr(), k_pool.shape[0], paged.write.data_ptr(), x1.data_ptr(),
-                                   gu.data_ptr(), threads):
+                                   *pages, k_pool.data_ptr(), v_pool.data_ptr(), k_pool.shape[0],
+                                   paged.write.data_ptr(), x1.data_ptr(), gu.data_ptr(), threads):
         return None
     gate, up = gu.chunk(2, dim=-1)
     s = F.silu(gate) * up

@@ -99,6 +99,14 @@ class PagedKV:
         """[P] int64: where row p of `tables` starts (the CPU kernel's offsets; one tensor for all layers)."""
         return torch.arange(self.parts, dtype=torch.int64) * self.tables.shape[1]
 
+    def kernel_tables(self):
+        """The page tables as the CPU attention kernel reads them (attention.c's nparts, rows, keys,
+        min_keys, slots, key_start) -> (tables, those arguments): hold `tables` until the call returns."""
+        tables = self.tables.contiguous()
+        min_keys = None if self.min_keys is None else self.min_keys.data_ptr()
+        return tables, (self.parts, self.rows.data_ptr(), self.keys.data_ptr(), min_keys, tables.data_ptr(),
+                        self.key_start.data_ptr())
+
     @property
     def parts(self) -> int:
         return self.keys.shape[0]

@@ -130,14 +130,11 @@ class QuantizedLinear(nn.Module):
             self.weight_scale.copy_(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A decode step calls this 4 times a layer, and at one row of x the kernel takes a few microseconds:
-        # each check here is paid 112 times a token (ChatGLM2-6B), so every branch is decided once.
         x2 = x.reshape(-1, self.in_features)
         if x.is_cuda and (kernels := optional('quantization.triton_kernels')) is not None:
             y = kernels.quantized_linear(x2, self.weight, self.weight_scale, self.bias, self.bits)
-        elif x.is_cpu and (lib := load_library()) is not None and self.weight.is_cpu and (
-                self._int8_activations or x2.shape[0] <= kernel_rows(lib, x2.dtype)):
-            y = self._gemv(lib, x2)
+        elif x.is_cpu and self.kernel_takes(x2.shape[0], x2.dtype):
+            y = self._gemv(load_library(), x2)
         else:
             y = self._tiled_matmul(load_library() if x.is_cpu else None, x2)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -145,7 +142,7 @@ class QuantizedLinear(nn.Module):
     def kernel_takes(self, rows: int, dtype: torch.dtype) -> bool:
         """Whether `rows` rows of x in `dtype` go through the compiled CPU kernel, which sums each row in
         one order whatever the other rows are (so each row gets the bits it gets alone); the others take
-        dequantized tiles + matmul, or the GPU kernels. (`forward` decides the same, inline.)"""
+        dequantized tiles + matmul, or the GPU kernels."""
         lib = load_library() if self.weight.is_cpu else None
         return lib is not None and (self._int8_activations or rows <= kernel_rows(lib, dtype))
 
@@ -161,8 +158,7 @@ class QuantizedLinear(nn.Module):
             getattr(lib, f'q{self.bits}_gemv_xbf16')(xb.data_ptr(), rows, self.in_features, self.weight.data_ptr(),
                                                      None, None, y.data_ptr(), self.out_features, threads)
             return self._scale_and_bias(y.to(torch.bfloat16)).to(x2.dtype)
-        scale = self.weight_scale if self.weight_scale.dtype == torch.float32 else self.weight_scale.float()
-        bias = None if self.bias is None else self.bias.float()
+        scale, bias = self.fp32_scale_and_bias()
         name = f'q{self.bits}_gemv' + ('_x8' if self._int8_activations else '') + ('_lanes' if self.lane_layout else '')
         if self._int8_activations and bf16:
             # bf16 in and out of the kernel, which widens and rounds exactly as the conversions around
@@ -175,6 +171,12 @@ class QuantizedLinear(nn.Module):
         kernel(x.data_ptr(), rows, self.in_features, self.weight.data_ptr(), scale.data_ptr(),
                None if bias is None else bias.data_ptr(), y.data_ptr(), self.out_features, threads)
         return y.to(x2.dtype)
+
+    def fp32_scale_and_bias(self):
+        """The scales and the bias (None if none) in fp32, what the int8-activation kernels read (the
+        CPU keeps the scales in fp32 already; a bf16 model's bias is converted)."""
+        scale = self.weight_scale if self.weight_scale.dtype == torch.float32 else self.weight_scale.float()
+        return scale, None if self.bias is None else self.bias.float().contiguous()
 
     def _scale_and_bias(self, out):
         """x @ q (any float dtype) -> (x @ q) * scale + bias in fp32."""
