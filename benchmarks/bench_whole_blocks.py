@@ -1,9 +1,9 @@
-"""A decode step with each GLM2/3 block in two C calls (cpu_ops.glm2_block) against the same model running
+"""A decode step with every GLM2/3 block in one C call (cpu_ops.glm2_layers) against the same model running
 its modules one by one, in one process, taking turns: this VM's memory bandwidth drifts by tens of
 percent within minutes, so only turns a few seconds apart compare.
 
 Each turn is a greedy reply of --new tokens after a short prompt (ms a token, from the first token on);
-printed: both medians [min-max] and the paired ratio (modules / two calls) of each round.
+printed: both medians [min-max] and the paired ratio (modules / one call) of each round.
 
     python benchmarks/bench_whole_blocks.py --dir /var/tmp/chatglm2-6b-random [--bits 4] [--rounds 12]
         [--march x86-64-v3]   # the kernels for AVX2 in an fp32 model, as bench_vs_llamacpp.py --isa avx2
@@ -34,7 +34,7 @@ def main():
     from modelscope_chatglm.models import cpu_ops
     from modelscope_chatglm.quantization import build
     print(repr(chat), build.load_library().isa)
-    two_calls = cpu_ops.glm2_block
+    one_call = cpu_ops.glm2_layers
     ids = list(range(100, 108))
 
     def ms_a_token():
@@ -44,16 +44,16 @@ def main():
         return (stamps[-1] - stamps[0]) / args.new * 1e3
 
     ms_a_token()   # warm-up
-    times = {'two calls a block': [], 'modules one by one': []}
+    times = {'one call': [], 'modules one by one': []}
     for r in range(args.rounds):
         for way in (list(times) if r % 2 == 0 else list(times)[::-1]):   # each way first in every other round
-            cpu_ops.glm2_block = two_calls if way == 'two calls a block' else (lambda *a: None)
+            cpu_ops.glm2_layers = one_call if way == 'one call' else (lambda *a: None)
             times[way].append(ms_a_token())
-    cpu_ops.glm2_block = two_calls
+    cpu_ops.glm2_layers = one_call
     for way, values in times.items():
         print(f'{way}: {statistics.median(values):.1f} ms a token [{min(values):.1f}-{max(values):.1f}]')
-    ratios = [m / t for m, t in zip(times['modules one by one'], times['two calls a block'])]
-    print(f'modules / two calls, paired by round: median {statistics.median(ratios):.3f} '
+    ratios = [m / t for m, t in zip(times['modules one by one'], times['one call'])]
+    print(f'modules / one call, paired by round: median {statistics.median(ratios):.3f} '
           f'[{min(ratios):.3f}-{max(ratios):.3f}]')
 
 

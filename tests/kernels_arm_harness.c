@@ -574,6 +574,33 @@ static void attention_lets_nan_through(void) {
             }
 }
 
+/* ---- SwiGLU (block_ops.c): vexp's lanes and exp_poly give the reference's bits ---------------------- */
+static void swiglu_equals_reference(void) {
+    static const int widths[] = {1, 37, 64, 13696};   /* all tail, vectors and a tail, vectors only, ChatGLM2-6B's */
+    for (size_t w = 0; w < sizeof(widths) / sizeof(widths[0]); w++) {
+        const int N = 3, F = widths[w];
+        float *gu = (float *)alloc(sizeof(float) * N * 2 * F), *s = (float *)alloc(sizeof(float) * N * F),
+              *e = (float *)alloc(sizeof(float) * N * F);
+        uint16_t *gu16 = (uint16_t *)alloc(2 * (size_t)N * 2 * F), *s16 = (uint16_t *)alloc(2 * (size_t)N * F),
+                 *e16 = (uint16_t *)alloc(2 * (size_t)N * F);
+        seed(9 + F);
+        for (int i = 0; i < N * 2 * F; i++) gu[i] = 4.0f * gauss();
+        const float special[] = {0.0f, -0.0f, 90.0f, -90.0f, -200.0f, 200.0f, NAN, INFINITY};
+        for (int i = 0; i < 8 && i < F; i++) gu[i] = special[i];   /* past exp's clamps, NaN, inf */
+        for (int i = 0; i < N * 2 * F; i++) gu16[i] = to_bf16(gu[i]);
+        swiglu_f32(gu, N, F, s);
+        swiglu_f32_ref(gu, N, F, e);
+        swiglu_bf16(gu16, N, F, s16);
+        swiglu_bf16_ref(gu16, N, F, e16);
+        int same = 1;   /* bit for bit, a NaN for a NaN (whose sign and payload the two paths may set apart) */
+        for (int i = 0; i < N * F; i++) same &= (s[i] != s[i] && e[i] != e[i]) || memcmp(&s[i], &e[i], 4) == 0;
+        const int nan_through = F <= 6 || s[6] != s[6];   /* gate NaN: NaN */
+        check(same && nan_through, "swiglu_f32: the reference's bits, F = %d", F);
+        check(memcmp(s16, e16, 2 * (size_t)N * F) == 0, "swiglu_bf16: the reference's bits, F = %d", F);
+        free(gu), free(s), free(e), free(gu16), free(s16), free(e16);
+    }
+}
+
 /* ---- the rest: dequantised tiles (plain C, compiled for this target), the lane layout --------------- */
 static void dequant_tiles(void) {
     const int N = 70, K = 96, n0 = 20, n1 = 50;
@@ -649,6 +676,7 @@ int main(void) {
     attention_chunks(0);
     attention_chunks(1);
     attention_lets_nan_through();
+    swiglu_equals_reference();
     dequant_tiles();
     printf("%s %d of %d checks\n", failed ? "FAILED" : "passed", checks - failed, checks);
     return failed ? 1 : 0;

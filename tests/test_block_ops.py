@@ -1,6 +1,7 @@
 """The per-row ops of a GLM2/3 block in C (quantization/kernels/block_ops.c, models/cpu_ops.py) against
 glm2.py's torch code, on every instruction-set build; the bf16-in, bf16-out int8-activation linears; and a
-whole block in two calls (cpu_ops.glm2_block) against the block's modules one by one."""
+the MLP's SwiGLU; and every block of a forward in one call (cpu_ops.glm2_layers) against the blocks' modules
+one by one."""
 import ctypes
 
 import pytest
@@ -138,7 +139,42 @@ def test_a_glm2_model_replies_alike_through_the_cpu_ops_and_torch(glm2_dir, dtyp
     assert not calls
 
 
-# -- a whole block in two calls (cpu_ops.glm2_block) ---------------------------------------------------------
+def swiglu(lib, h, ref=''):
+    s = torch.empty(h.shape[0], h.shape[1] // 2, dtype=h.dtype)
+    kernel = getattr(lib, ('swiglu_bf16' if h.dtype == torch.bfloat16 else 'swiglu_f32') + ref)
+    kernel(h.data_ptr(), h.shape[0], h.shape[1] // 2, s.data_ptr())
+    return s
+
+
+@pytest.mark.parametrize('dtype', list(DTYPES))
+@pytest.mark.parametrize('F', [13696, 37])   # ChatGLM2-6B's, and one that leaves part vectors on every build
+def test_swiglu_is_torchs_up_to_its_exp_and_its_references_bits_on_every_build(isa_lib, isa_builds, dtype, F):
+    g = torch.Generator().manual_seed(F)
+    h = (torch.randn(3, 2 * F, generator=g) * 4).to(DTYPES[dtype])
+    h[0, :6] = torch.tensor([0.0, -0.0, 90.0, -90.0, -200.0, 200.0])   # past exp's clamps: still silu's values
+    ours = swiglu(isa_lib, h)
+    gate, up = h.float().chunk(2, dim=-1)
+    if dtype == 'fp32':
+        expected = torch.nn.functional.silu(gate) * up
+        assert ((ours - expected).abs() <= 4e-7 * expected.abs() + 1e-30).all()
+    else:   # silu rounded to bf16, then the product rounded: torch's two ops, a rare last-bit difference
+        expected = (torch.nn.functional.silu(h[:, :F]) * h[:, F:]).float()
+        ulp = 2.0 ** (torch.frexp(expected)[1] - 8).float()
+        assert ((ours.float() - expected).abs() <= ulp).all()
+        assert (ours[1:].float() == expected[1:]).float().mean().item() > 0.98   # (row 0 holds the clamped)
+    # every build gives the reference's bits: vec.h's exp on full vectors, its scalar twin on the rest
+    assert torch.equal(ours, swiglu(isa_lib, h, ref='_ref'))
+    if 'x86-64' in isa_builds:
+        assert torch.equal(ours, swiglu(isa_builds['x86-64'], h))
+
+
+def test_swiglu_lets_nan_and_inf_through_as_silu_does(lib):
+    h = torch.tensor([[float('nan'), float('inf'), 1.0, 2.0, 3.0, 4.0]])
+    s = swiglu(lib, h)
+    assert s[0, 0].isnan() and s[0, 1] == float('inf') and s[0, 2] > 0
+
+
+# -- every block in one call (cpu_ops.glm2_layers) ------------------------------------------------------
 
 def quantized_block(cfg, bits, dtype, seed):
     """A GLMBlock of random weights, its four linears QuantizedLinear with int8 activations."""
@@ -160,10 +196,14 @@ def quantized_block(cfg, bits, dtype, seed):
     return block
 
 
-def two_sequences(cfg, dtype, cached=7, chunk=5):
+def quantized_blocks(cfg, bits, dtype, count=2):
+    return torch.nn.ModuleList(quantized_block(cfg, bits, dtype, seed=bits + 10 * i) for i in range(count))
+
+
+def two_sequences(cfg, dtype, layers=2, cached=7, chunk=5):
     """A forward of a `chunk`-row prompt chunk after 7 cached positions (sequence A) and one decode row of
     sequence B (3 positions before it), over a pool of random K/V: its PagedKV and x [1, chunk + 1, D]."""
-    pool = KVPool(1, cfg.num_kv_heads, cfg.head_dim, 64, dtype, 'cpu')
+    pool = KVPool(layers, cfg.num_kv_heads, cfg.head_dim, 64, dtype, 'cpu')
     pool.k.copy_(torch.randn(pool.k.shape))
     pool.v.copy_(torch.randn(pool.v.shape))
     a = torch.arange(10, 10 + cached + chunk, dtype=torch.int32)
@@ -172,6 +212,12 @@ def two_sequences(cfg, dtype, cached=7, chunk=5):
     positions = torch.cat([torch.arange(cached, cached + chunk), torch.tensor([3])])
     cos, sin = glm2.RotaryEmbedding(cfg.head_dim // 2, cfg.rope_base, 1.0)(positions[None])
     return pool, kv, (torch.randn(1, chunk + 1, cfg.hidden_size) * 2).to(dtype), cos, sin
+
+
+def module_by_module(blocks, x, cos, sin, kv):
+    for i, block in enumerate(blocks):
+        x = block(x, cos, sin, kv.layer(i))
+    return x
 
 
 @pytest.fixture
@@ -192,85 +238,88 @@ NARROW = ModelConfig('glm2', 1, 200, 3, 48, 1, 336, 64, 64)
 @pytest.mark.parametrize('dtype', list(DTYPES))
 @pytest.mark.parametrize('bits', [4, 8])
 @pytest.mark.parametrize('cfg,chunk', [(FULL_WIDTH, 5), (NARROW, 17)], ids=['full-width', 'narrow-18-rows'])
-def test_a_whole_block_in_two_calls_gives_its_modules_bits(library, cfg, chunk, bits, dtype):
-    """glm2_attention_half + torch's SwiGLU + glm2_mlp_half: bit for bit what the modules give, one by one,
-    the K/V written to the same pool slots, on every instruction-set build (18 rows: RMSNorm on threads)."""
-    block = quantized_block(cfg, bits, DTYPES[dtype], seed=bits)
+def test_every_block_in_one_call_gives_the_modules_bits(library, cfg, chunk, bits, dtype):
+    """glm2_layers over two blocks: bit for bit what their modules give, one by one, each layer's K/V written
+    to the same pool slots, on every instruction-set build (18 rows: RMSNorm on threads)."""
+    blocks = quantized_blocks(cfg, bits, DTYPES[dtype])
     pool, kv, x, cos, sin = two_sequences(cfg, DTYPES[dtype], chunk=chunk)
     with torch.inference_mode():
-        fused = cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0))
+        fused = cpu_ops.glm2_layers(blocks, x, cos, sin, kv)
         fused_k, fused_v = pool.k.clone(), pool.v.clone()
         for cache in (pool.k, pool.v):  # the new rows' slots forgotten: each path must write them
-            cache[0, kv.write] = torch.randn(len(kv.write), cfg.num_kv_heads, cfg.head_dim).to(cache.dtype)
-        modules = block.forward_modules(x, cos, sin, kv.layer(0))
+            cache[:, kv.write] = torch.randn(2, len(kv.write), cfg.num_kv_heads, cfg.head_dim).to(cache.dtype)
+        modules = module_by_module(blocks, x, cos, sin, kv)
+        first = blocks[0](x, cos, sin, kv.layer(0))
     assert fused is not None and fused.shape == x.shape and fused.dtype == x.dtype
     assert torch.equal(fused, modules)
+    assert not torch.equal(fused, first)    # the second block ran, on the first one's output
     assert torch.equal(pool.k, fused_k) and torch.equal(pool.v, fused_v)
 
 
-def test_the_two_calls_read_the_layout_python_writes(lib):
+def test_the_call_reads_the_layout_python_writes(lib):
     from modelscope_chatglm.quantization.build import GLM2Layer
     assert ctypes.sizeof(GLM2Layer) == lib.glm2_layer_bytes()
 
 
-def test_a_whole_block_in_two_calls_only_where_its_kernels_apply(lib):
+def test_every_block_in_one_call_only_where_its_kernels_apply(lib):
     cfg = NARROW
-    block = quantized_block(cfg, 4, torch.float32, seed=0).requires_grad_(False)
+    blocks = quantized_blocks(cfg, 4, torch.float32).requires_grad_(False)
     pool, kv, x, cos, sin = two_sequences(cfg, torch.float32)
     with torch.inference_mode():
-        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is not None
-        bf16_block = quantized_block(cfg, 4, torch.bfloat16, seed=0)
-        assert cpu_ops.glm2_block(bf16_block, x.bfloat16(), cos, sin, kv.layer(0)) is None   # the pool holds fp32
-        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0, attend_fallback=lambda *a: None)) is None
-        block.mlp.dense_4h_to_h.int8_activations = False                                       # the exact kernels
-        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is None
-        block.mlp.dense_4h_to_h.int8_activations = True
-        real = block.mlp.dense_4h_to_h
-        block.mlp.dense_4h_to_h = torch.nn.Sequential(real)       # a wrapper (as an adapter's) runs the modules
-        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is None
-        block.mlp.dense_4h_to_h = real
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is not None
+        bf16_blocks = quantized_blocks(cfg, 4, torch.bfloat16)
+        assert cpu_ops.glm2_layers(bf16_blocks, x.bfloat16(), cos, sin, kv) is None   # the pool holds fp32
+        three = torch.nn.ModuleList([*blocks, quantized_block(cfg, 4, torch.float32, seed=5)])
+        assert cpu_ops.glm2_layers(three, x, cos, sin, kv) is None                  # the pool has 2 layers
+        down = blocks[1].mlp.dense_4h_to_h
+        down.int8_activations = False                                               # the exact kernels
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is None
+        down.int8_activations = True
+        blocks[1].mlp.dense_4h_to_h = torch.nn.Sequential(down)   # a wrapper (as an adapter's) runs the modules
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is None
+        blocks[1].mlp.dense_4h_to_h = down
         seen = []
-        hook = block.self_attention.dense.register_forward_hook(lambda *a: seen.append(1))
-        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is None    # a hook must see its module run
-        block(x, cos, sin, kv.layer(0))
+        hook = blocks[1].self_attention.dense.register_forward_hook(lambda *a: seen.append(1))
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is None    # a hook must see its module run
+        module_by_module(blocks, x, cos, sin, kv)
         assert seen
         hook.remove()
-        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is not None
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is not None
     x.requires_grad_(True)
     with torch.enable_grad():   # autograd records torch's ops (the weights take no grad here: x alone decides)
-        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is None
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is None
     with torch.no_grad():
-        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is not None
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is not None
 
 
 def test_a_write_slot_outside_the_pool_is_refused_as_the_modules_refuse_it(lib):
     """The C writes nothing and declines; the modules then raise torch's index error, as without it."""
     cfg = NARROW
-    block = quantized_block(cfg, 8, torch.float32, seed=1)
-    pool = KVPool(1, cfg.num_kv_heads, cfg.head_dim, 16, torch.float32, 'cpu')
+    blocks = quantized_blocks(cfg, 8, torch.float32)
+    pool = KVPool(2, cfg.num_kv_heads, cfg.head_dim, 16, torch.float32, 'cpu')
     kv = PagedKV.build(pool, [torch.tensor([0, 1, 2, 40], dtype=torch.int32)], [1])   # slot 40 of 16
     cos, sin = glm2.RotaryEmbedding(cfg.head_dim // 2, cfg.rope_base, 1.0)(torch.tensor([[3]]))
     x = torch.randn(1, 1, cfg.hidden_size)
     with torch.inference_mode():
-        assert cpu_ops.glm2_block(block, x, cos, sin, kv.layer(0)) is None
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is None
         assert not pool.k.any() and not pool.v.any()
         with pytest.raises(IndexError):
-            block(x, cos, sin, kv.layer(0))
+            module_by_module(blocks, x, cos, sin, kv)
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_a_quantized_model_replies_alike_with_whole_blocks_and_module_by_module(glm2_dir, dtype, monkeypatch):
+def test_a_quantized_model_replies_alike_with_one_call_and_module_by_module(glm2_dir, dtype, monkeypatch):
     """The whole model, int4 with int8 activations (the CPU default): the same logits, bit for bit, and
-    the same greedy reply, whether each block runs in two calls or module by module."""
+    the same greedy reply, whether its blocks run in one call or module by module."""
     chat = modelscope_chatglm.load(glm2_dir, device='cpu', dtype=dtype, quantization_bit=4)
     results = []
-    real = cpu_ops.glm2_block
-    monkeypatch.setattr(cpu_ops, 'glm2_block', lambda *a: results.append(y := real(*a)) or y)
+    real = cpu_ops.glm2_layers
+    monkeypatch.setattr(cpu_ops, 'glm2_layers', lambda *a: results.append(y := real(*a)) or y)
     ids = [5, 17, 33, 99, 120, 7, 64, 3]
     whole = chat.logits(ids)
     reply = chat.chat('hello there', max_new_tokens=12, do_sample=False)[0]
-    assert results and all(y is not None for y in results)     # every block of every forward ran in two calls
+    assert results and all(y is not None for y in results)     # every forward ran in one call
     chat.clear_cache()
-    monkeypatch.setattr(cpu_ops, 'glm2_block', lambda *a: None)
+    monkeypatch.setattr(cpu_ops, 'glm2_layers', lambda *a: None)
     assert torch.equal(chat.logits(ids), whole)
     assert chat.chat('hello there', max_new_tokens=12, do_sample=False)[0] == reply

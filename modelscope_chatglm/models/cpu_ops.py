@@ -1,20 +1,19 @@
 """The per-row ops of a GLM2/3 block on the CPU, one call each into the compiled kernels
 (quantization/kernels/block_ops.c): the CPU twins of triton_ops.py's `rms_norm` and `rotary_qk_`, with the
-same signatures, for fp32 and bf16 rows; and `glm2_block`, a whole block with int8 activations in two calls.
+same signatures, for fp32 and bf16 rows; `swiglu`, the MLP's silu(gate) * up; and `glm2_layers`, every
+block of a forward with int8 activations in one call.
 
 In torch, RMSNorm is eight small ops and RoPE about fifteen for q and k; a decode step pays microseconds
 of dispatch for each, 28 layers over, with their code and data cold after the weights streamed through
 the caches (measured: benchmarks/README.md, "Zen 4, after the block ops").
-The math is glm2.py's (`rms_norm`, `apply_rotary`), which tests/test_block_ops.py holds these to: RoPE
-bit for bit, RMSNorm up to the order of its sum of squares.
+The math is glm2.py's (`rms_norm`, `apply_rotary`, MLP's silu(gate) * up), which tests/test_block_ops.py
+holds these to: RoPE bit for bit, RMSNorm up to the order of its sum of squares, SwiGLU up to its exp.
 """
 from __future__ import annotations
 
-import ctypes
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..quantization.build import GLM2Layer, X8Linear, load_library
 from ..quantization.linear import QuantizedLinear
@@ -58,55 +57,73 @@ def rotary_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: i
     kernel(qkv.data_ptr(), width, b * s, heads, head_dim, cos.data_ptr(), sin.data_ptr(), pairs)
 
 
-def glm2_block(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv) -> Optional[torch.Tensor]:
-    """x [1, N, D] through a whole GLMBlock (glm2.py) in two calls, glm2_attention_half and glm2_mlp_half
-    (block_ops.c: the same kernels in the same order as the block's modules, so the same bits), with
-    torch's silu(gate) * up between them, as MLP computes it. None where they do not apply, and the block
-    runs its modules one by one: its four linears must be QuantizedLinear with int8 activations (not an
-    adapter's wrapper), no module of the block may have hooks (they would not run), x fp32 or bf16 on
-    the CPU with no autograd, the K/V pool of x's dtype and the attention GLM2's own (kv: the layer's
-    _LayerKV handle). Why: benchmarks/README.md, "One call per half block"."""
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of h [..., 2F] (gate the first half) -> [..., F]: glm2.py's MLP, in one call
+    (block_ops.c's swiglu; its exp is ours, so the last bit can differ from torch's)."""
+    shape, width = h.shape, h.shape[-1]
+    h2 = h.reshape(-1, width).contiguous()
+    s = torch.empty(h2.shape[0], width // 2, dtype=h.dtype)
+    lib = load_library()
+    (lib.swiglu_bf16 if h.dtype == torch.bfloat16 else lib.swiglu_f32)(h2.data_ptr(), h2.shape[0], width // 2,
+                                                                       s.data_ptr())
+    return s.view(*shape[:-1], width // 2)
+
+
+def _takes(block, x: torch.Tensor, pool) -> bool:
+    """Whether glm2_layers can run this GLMBlock (glm2.py) for rows x: its four linears QuantizedLinear with
+    int8 activations (not an adapter's wrapper), no module of the block with hooks (they would not run),
+    the pool of x's dtype on the CPU, and the shapes the C reads from the struct, as the modules would
+    check them by failing."""
     attn, mlp = block.self_attention, block.mlp
     linears = (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
     if not all(type(lin) is QuantizedLinear and lin.int8_activations and lin.weight.is_cpu
                and lin.bits == linears[0].bits for lin in linears):
-        return None     # (first: a float model leaves here)
+        return False    # (first: a float model leaves here)
     norm1, norm2 = block.input_layernorm, block.post_attention_layernorm
-    paged, pool = kv.kv, kv.kv.pool
     heads, groups, d, width = attn.num_heads, attn.num_kv_heads, attn.head_dim, x.shape[-1]
-    if (kv.attend_fallback is not None or pool.dtype != x.dtype or pool.device.type != 'cpu'
-            or not applies(x, norm1.weight, norm2.weight)
-            or any(m._forward_hooks or m._forward_pre_hooks for m in (block, attn, mlp, norm1, norm2, *linears))
-            # the shapes the C reads from the struct, as the modules would check them by failing
-            or linears[0].in_features != width or linears[0].out_features != (heads + 2 * groups) * d
-            or linears[1].in_features != heads * d or linears[1].out_features != width
-            or linears[2].in_features != width or linears[2].out_features != 2 * linears[3].in_features
-            or linears[3].out_features != width):
-        return None
-    keep = []   # the fp32 scales and biases the call reads, alive until it returns
+    return not (pool.dtype != x.dtype or pool.device.type != 'cpu' or not applies(x, norm1.weight, norm2.weight)
+                or any(m._forward_hooks or m._forward_pre_hooks for m in (block, attn, mlp, norm1, norm2, *linears))
+                or linears[0].in_features != width or linears[0].out_features != (heads + 2 * groups) * d
+                or linears[1].in_features != heads * d or linears[1].out_features != width
+                or linears[2].in_features != width or linears[2].out_features != 2 * linears[3].in_features
+                or linears[3].out_features != width or pool.k.shape[2:] != (groups, d))
+
+
+def _layer(block, dtype: torch.dtype, keep: list) -> GLM2Layer:
+    """The C's view of a block (build.py's GLM2Layer); `keep` holds the fp32 scales and biases it points to."""
+    attn, mlp = block.self_attention, block.mlp
+    norm1, norm2 = block.input_layernorm, block.post_attention_layernorm
 
     def operands(lin):
         scale, bias = lin.fp32_scale_and_bias()
         keep.extend((scale, bias))
         return X8Linear(lin.weight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
                         lin.out_features, lin.in_features, int(lin.lane_layout))
-    layer = GLM2Layer(linears[0].bits, int(x.dtype == torch.bfloat16), heads, groups, d, norm1.eps, norm2.eps,
-                      d ** -0.5, norm1.weight.data_ptr(), norm2.weight.data_ptr(), *map(operands, linears))
-    n, pairs = x.shape[1], cos.shape[-1]
+    linears = (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+    return GLM2Layer(linears[0].bits, int(dtype == torch.bfloat16), attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                     norm1.eps, norm2.eps, attn.head_dim ** -0.5, norm1.weight.data_ptr(), norm2.weight.data_ptr(),
+                     *map(operands, linears))
+
+
+def glm2_layers(blocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv) -> Optional[torch.Tensor]:
+    """x [1, N, D] through every GLMBlock of `blocks` (glm2.py; block i holds layer i of the K/V pool) in
+    one call, glm2_layers (block_ops.c: the same kernels in the same order as the blocks' modules, so the
+    same bits); kv: the forward's PagedKV. None where it does not apply to every block (_takes) or the C
+    declines, and the blocks run their modules one by one. Why: benchmarks/README.md, "All blocks in one
+    call"."""
+    pool = kv.pool
+    if not all(_takes(block, x, pool) for block in blocks) or pool.k.shape[0] < len(blocks):
+        return None
+    keep = []   # the fp32 scales and biases the call reads, alive until it returns
+    layers = (GLM2Layer * len(blocks))(*(_layer(block, x.dtype, keep) for block in blocks))
+    n, width, pairs = x.shape[1], x.shape[-1], cos.shape[-1]
     x0 = x.reshape(n, width).contiguous()
     cos, sin = cos.reshape(n, pairs).contiguous(), sin.reshape(n, pairs).contiguous()
-    tables, pages = paged.kernel_tables()
-    k_pool, v_pool = pool.k[kv.index], pool.v[kv.index]     # [slots, G, d], contiguous
-    x1 = torch.empty_like(x0)
-    gu = torch.empty(n, linears[2].out_features, dtype=x.dtype)
-    lib, threads = load_library(), torch.get_num_threads()
-    if not lib.glm2_attention_half(ctypes.byref(layer), x0.data_ptr(), n, cos.data_ptr(), sin.data_ptr(), pairs,
-                                   *pages, k_pool.data_ptr(), v_pool.data_ptr(), k_pool.shape[0],
-                                   paged.write.data_ptr(), x1.data_ptr(), gu.data_ptr(), threads):
-        return None
-    gate, up = gu.chunk(2, dim=-1)
-    s = F.silu(gate) * up
+    tables, pages = kv.kernel_tables()
     y = torch.empty_like(x0)
-    if not lib.glm2_mlp_half(ctypes.byref(layer), s.data_ptr(), x1.data_ptr(), n, y.data_ptr(), threads):
+    lib = load_library()
+    if not lib.glm2_layers(layers, len(blocks), x0.data_ptr(), n, cos.data_ptr(), sin.data_ptr(), pairs, *pages,
+                           pool.k.data_ptr(), pool.v.data_ptr(), pool.k.shape[1], pool.k.stride(0),
+                           kv.write.data_ptr(), y.data_ptr(), torch.get_num_threads()):
         return None
     return y.view(1, n, width)

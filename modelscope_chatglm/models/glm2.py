@@ -122,7 +122,10 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        h = self.dense_h_to_4h(x)
+        if h.is_cpu and cpu_ops.applies(h):
+            return self.dense_4h_to_h(cpu_ops.swiglu(h))   # the same math, one kernel
+        gate, up = h.chunk(2, dim=-1)
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 
@@ -135,13 +138,8 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, kv):
-        if x.is_cpu and (y := cpu_ops.glm2_block(self, x, cos, sin, kv)) is not None:
-            return y   # the modules' kernels in their order, two calls instead of about 25 (cpu_ops.py)
-        return self.forward_modules(x, cos, sin, kv)
-
-    def forward_modules(self, x, cos, sin, kv):
-        # The definition. block_ops.c's glm2_attention_half / glm2_mlp_half run these modules' kernels in
-        # this order (tests/test_block_ops.py holds them to its bits): a change here is a change there.
+        # The definition. block_ops.c's glm2_layers runs these modules' kernels in this order (GLM2Model.
+        # forward_tokens; tests/test_block_ops.py holds it to their bits): a change here is a change there.
         x = x + self.self_attention(self.input_layernorm(x), cos, sin, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -218,6 +216,8 @@ class GLM2Model(nn.Module):
         [N, D]. Tensor operations only: with fixed shapes, the step a CUDA graph captures (engine/graphs.py)."""
         x = self.word_embeddings(ids[None]).to(self.dtype)   # stored as the checkpoint's fp16 when quantized
         cos, sin = self.rotary(positions[None])
+        if x.is_cpu and (y := cpu_ops.glm2_layers(self.layers, x, cos, sin, kv)) is not None:
+            return y[0]   # every block in one call: the modules' kernels in their order (cpu_ops.py)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv.layer(i))
         return x[0]

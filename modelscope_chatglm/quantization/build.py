@@ -321,7 +321,7 @@ class X8Linear(ctypes.Structure):
 
 
 class GLM2Layer(ctypes.Structure):
-    """kernels/block_ops.c's glm2_layer: what glm2_attention_half and glm2_mlp_half read of a GLMBlock.
+    """kernels/block_ops.c's glm2_layer: what glm2_layers reads of a GLMBlock.
     (The same fields in the same order; tests/test_block_ops.py compares the sizes.)"""
     _fields_ = [('bits', ctypes.c_int), ('bf16', ctypes.c_int), ('heads', ctypes.c_int), ('kv_heads', ctypes.c_int),
                 ('head_dim', ctypes.c_int), ('eps1', ctypes.c_float), ('eps2', ctypes.c_float),
@@ -363,11 +363,12 @@ def _declare(lib):
     for name in ('rotary_f32', 'rotary_bf16'):
         getattr(lib, name).argtypes = [p, lg, i, i, i, p, p, i]
         getattr(lib, name).restype = None
-    half = ctypes.POINTER(GLM2Layer)   # a whole block in two calls (block_ops.c)
-    lib.glm2_attention_half.argtypes = [half, p, i, p, p, i, i, p, p, p, p, p, p, p, lg, p, p, p, i]
-    lib.glm2_attention_half.restype = ctypes.c_int
-    lib.glm2_mlp_half.argtypes = [half, p, p, i, p, i]
-    lib.glm2_mlp_half.restype = ctypes.c_int
+    for name in ('swiglu_f32', 'swiglu_bf16', 'swiglu_f32_ref', 'swiglu_bf16_ref'):
+        getattr(lib, name).argtypes = [p, i, i, p]
+        getattr(lib, name).restype = None
+    # every GLM2/3 block of a forward in one call (block_ops.c)
+    lib.glm2_layers.argtypes = [ctypes.POINTER(GLM2Layer), i, p, i, p, p, i, i, p, p, p, p, p, p, p, lg, lg, p, p, i]
+    lib.glm2_layers.restype = ctypes.c_int
     lib.glm2_layer_bytes.restype = ctypes.c_size_t
     lib.kernel_isa.restype = ctypes.c_char_p
     lib.kernel_openmp.restype = ctypes.c_int

@@ -1,6 +1,7 @@
 /*
  * The per-row ops of a GLM2/3 block around its linears, for fp32 and bf16 rows: RMSNorm and RoPE (the CPU
- * twins of models/triton_ops.py's `rms_norm` and `rotary_qk_`), called from models/cpu_ops.py.
+ * twins of models/triton_ops.py's `rms_norm` and `rotary_qk_`) and SwiGLU; and glm2_layers, every block of
+ * a forward with int8 activations in one call. Called from models/cpu_ops.py.
  * Part of the one translation unit quant_kernels.c (its top comment is the map); not compiled on its own.
  */
 
@@ -105,22 +106,64 @@ void rotary_bf16(uint16_t *x, long ld, int N, int heads, int d, const float *cos
     rotary(x, ld, N, heads, d, cos, sin, pairs, 1);
 }
 
-/* ---- a whole GLM2/3 block with int8 activations, in two calls ---------------------------------------- */
+/* ---- SwiGLU ----------------------------------------------------------------------------------------- */
 /*
- * Why: a full-width decode step spent a tenth to a sixth of its time outside the kernels, in the Python
- * and torch code between about 25 calls a layer, each finding that code and its data cold after the
- * layer's weights streamed through the caches. Two calls a layer took 5-8% off a step of the AVX2 build's
- * fp32 model, 1-2% on the native build (benchmarks/README.md,
- * "One call per half block"). They run the same kernels in glm2.py's order, so every row gets the bits
- * the module-by-module path gives it (tests/test_block_ops.py holds them to that), for a block whose four
- * linears are QuantizedLinear with int8 activations:
+ * s = silu(gate) * up, gate and up the two halves of each row of dense_h_to_4h's output, with
+ * silu(g) = g / (1 + exp(-g)) in fp32 (glm2.py's MLP; torch's formula, with vec.h's exp in place of
+ * torch's, so the last bit can differ from torch's: tests/test_block_ops.py bounds it). For bf16 rows silu
+ * is rounded to bf16 before the product, which is rounded again, as torch's two ops round. Every build
+ * gives the same bits: vexp on full vectors, its scalar twin exp_poly on the rest (swiglu_one, which the
+ * reference swiglu_*_ref runs on every element).
+ */
+static inline float swiglu_one(float g, float up, int bf16) {
+    const float silu = g / (1.0f + exp_poly(-g));
+    return (bf16 ? bf16_to_f32(to_bf16(silu)) : silu) * up;
+}
+
+/* gu [N, 2F] -> s [N, F], the rows' dtype. */
+static void swiglu(const void *gu, int N, int F, int bf16, void *s) {
+    for (int r = 0; r < N; r++) {
+        const size_t in = (size_t)r * 2 * F, out = (size_t)r * F;
+        int j = 0;
+#if VW > 1
+        float silu[VW];
+        for (; j + VW <= F; j += VW) {
+            if (bf16) {
+                const uint16_t *g = (const uint16_t *)gu + in + j;
+                vstore(silu, vdiv(load_bf16(g), vadd(vset1(1.0f), vexp(vsub(vzero(), load_bf16(g))))));
+                for (int i = 0; i < VW; i++)
+                    ((uint16_t *)s)[out + j + i] =
+                        to_bf16(bf16_to_f32(to_bf16(silu[i])) * bf16_to_f32(((const uint16_t *)gu)[in + F + j + i]));
+            } else {
+                const float *g = (const float *)gu + in + j;
+                const vf v = vdiv(vload(g), vadd(vset1(1.0f), vexp(vsub(vzero(), vload(g)))));
+                vstore((float *)s + out + j, vmul(v, vload(g + F)));
+            }
+        }
+#endif
+        for (; j < F; j++)
+            store_elem(s, bf16, out + j, swiglu_one(load_elem(gu, bf16, in + j), load_elem(gu, bf16, in + F + j), bf16));
+    }
+}
+
+void swiglu_f32(const float *gu, int N, int F, float *s) { swiglu(gu, N, F, 0, s); }
+void swiglu_bf16(const uint16_t *gu, int N, int F, uint16_t *s) { swiglu(gu, N, F, 1, s); }
+
+/* ---- GLM2/3 blocks with int8 activations, in one call ---------------------------------------------------- */
+/*
+ * Why: a full-width decode step spent a tenth of its time outside the kernels, in the Python and torch
+ * code between the calls of each layer (about 25 a layer, then 3), each finding that code and its data
+ * cold after the layer's weights streamed through the caches (benchmarks/README.md, "All blocks in one
+ * call"). glm2_layers runs every block of a forward in one call, with the same kernels in glm2.py's order,
+ * so every row gets the bits the module-by-module path gives it (tests/test_block_ops.py holds them to
+ * that), for blocks whose four linears are QuantizedLinear with int8 activations. Per block:
  *
- *   glm2_attention_half:  x1 = x + dense(attend(rope(qkv(rms_norm1(x)))));  gu = h_to_4h(rms_norm2(x1))
- *   glm2_mlp_half:        y  = x1 + 4h_to_h(s)
+ *   x1 = x + dense(attend(rope(qkv(rms_norm1(x)))))
+ *   y  = x1 + 4h_to_h(swiglu(h_to_4h(rms_norm2(x1))))
  *
- * and torch computes s = silu(gate) * up from gu in between (its exp, so the bits stay torch's). The new
- * rows' K and V are written to their pool slots before the attention reads them, as _LayerKV.attend does.
- * Rows are fp32 or bf16 (`bf16`), the weights in the hub's layout or the lane layout (`lanes`, per linear).
+ * The new rows' K and V are written to their pool slots before the attention reads them, as
+ * _LayerKV.attend does. Rows are fp32 or bf16 (`bf16`), the weights in the hub's layout or the lane layout
+ * (`lanes`, per linear).
  */
 typedef struct {
     const int8_t *w;
@@ -135,6 +178,9 @@ typedef struct {
     x8_linear qkv, dense, up, down;
 } glm2_layer;
 
+/* The size of glm2_layer, for the test that holds build.py's ctypes mirror of it to this layout. */
+size_t glm2_layer_bytes(void) { return sizeof(glm2_layer); }
+
 /* y = linear(x), M rows, the rows' dtype in and out: QuantizedLinear's int8-activation path. */
 static void x8_linear_rows(const x8_linear *L, int bits, int bf16, const void *x, int M, void *y, int nthreads) {
     if (bf16) gemv_x8_bf16((const uint16_t *)x, M, L->in, L->w, bits, L->lanes, L->scale, L->bias, (uint16_t *)y, L->out, nthreads);
@@ -146,60 +192,77 @@ static void add_rows(const void *a, const void *b, void *y, size_t n, int bf16) 
     for (size_t i = 0; i < n; i++) store_elem(y, bf16, i, load_elem(a, bf16, i) + load_elem(b, bf16, i));
 }
 
-/* The size of glm2_layer, for the test that holds build.py's ctypes mirror of it to this layout. */
-size_t glm2_layer_bytes(void) { return sizeof(glm2_layer); }
+/* The attention's arguments of one forward (attend_f32's, attention.c), and where the new rows' K/V go. */
+typedef struct {
+    int nparts;
+    const int *rows, *keys, *min_keys;
+    const int32_t *slots;
+    const long *key_start;
+    const long *write;           /* [N]: new row r's pool slot */
+} glm2_pages;
 
-/* x [N, D] -> x1 [N, D] and gu [N, up.out]. The attention's arguments are attend_f32's (attention.c) for
- * q = the rotated QKV rows; write[r]: the pool slot of new row r's K and V (k_pool, v_pool: this layer's
- * [pool_slots, G, d]). -> 1 when computed; 0 when a write slot is outside the pool (nothing written), the
- * attention refused its shapes or memory ran out, and then x1 and gu are unwritten (the K/V slots may
- * hold the new rows: the path that runs instead writes the same values, or raises on a bad slot). */
-int glm2_attention_half(const glm2_layer *L, const void *x, int N, const float *cos, const float *sin, int pairs,
-                        int nparts, const int *rows, const int *keys, const int *min_keys, const int32_t *slots,
-                        const long *key_start, void *k_pool, void *v_pool, long pool_slots, const long *write,
-                        void *x1, void *gu, int nthreads) {
+/* One forward's working rows, sized for the widest block. */
+typedef struct {
+    char *h, *qkv, *att, *o, *x1, *gu, *s;
+} glm2_rows;
+
+/* One block: x [N, D] -> y [N, D] (y may be x). k_pool, v_pool: this layer's [pool slots, G, d]. -> 0 where
+ * the attention refused its shapes or memory ran out (y unwritten). */
+static int glm2_block(const glm2_layer *L, const void *x, int N, const float *cos, const float *sin, int pairs,
+                      const glm2_pages *P, void *k_pool, void *v_pool, const glm2_rows *B, void *y, int nthreads) {
     const int D = L->dense.out, H = L->heads, G = L->kv_heads, d = L->head_dim, QKV = L->qkv.out, bf16 = L->bf16;
-    const size_t es = bf16 ? sizeof(uint16_t) : sizeof(float);
-    for (int r = 0; r < N; r++)
-        if (write[r] < 0 || write[r] >= pool_slots) return 0;
-    char *h = (char *)malloc(es * (size_t)N * D), *qkv = (char *)malloc(es * (size_t)N * QKV),
-         *att = (char *)malloc(es * (size_t)N * H * d), *o = (char *)malloc(es * (size_t)N * D);
-    int ok = h && qkv && att && o;
-    if (ok) {
-        rms_norm(x, D, N, D, L->norm1, L->eps1, h, D, bf16, nthreads);
-        x8_linear_rows(&L->qkv, L->bits, bf16, h, N, qkv, nthreads);
-        rotary(qkv, QKV, N, H + G, d, cos, sin, pairs, bf16);      /* the Q and K heads, adjacent in each row */
-        const size_t kv = es * (size_t)G * d;
-        for (int r = 0; r < N; r++) {
-            const char *row = qkv + es * (size_t)r * QKV + es * (size_t)H * d;
-            memcpy((char *)k_pool + kv * (size_t)write[r], row, kv);
-            memcpy((char *)v_pool + kv * (size_t)write[r], row + kv, kv);
-        }
-        ok = bf16 ? attend_bf16(qkv, QKV, nparts, rows, keys, min_keys, slots, key_start, k_pool, v_pool,
-                                (long)G * d, H, G, d, L->scale, att, nthreads)
-                  : attend_f32(qkv, QKV, nparts, rows, keys, min_keys, slots, key_start, k_pool, v_pool,
-                               (long)G * d, H, G, d, L->scale, att, nthreads);
+    const size_t es = bf16 ? sizeof(uint16_t) : sizeof(float), kv = es * (size_t)G * d;
+    rms_norm(x, D, N, D, L->norm1, L->eps1, B->h, D, bf16, nthreads);
+    x8_linear_rows(&L->qkv, L->bits, bf16, B->h, N, B->qkv, nthreads);
+    rotary(B->qkv, QKV, N, H + G, d, cos, sin, pairs, bf16);      /* the Q and K heads, adjacent in each row */
+    for (int r = 0; r < N; r++) {
+        const char *row = B->qkv + es * (size_t)r * QKV + es * (size_t)H * d;
+        memcpy((char *)k_pool + kv * (size_t)P->write[r], row, kv);
+        memcpy((char *)v_pool + kv * (size_t)P->write[r], row + kv, kv);
     }
-    if (ok) {
-        x8_linear_rows(&L->dense, L->bits, bf16, att, N, o, nthreads);
-        add_rows(x, o, x1, (size_t)N * D, bf16);
-        rms_norm(x1, D, N, D, L->norm2, L->eps2, h, D, bf16, nthreads);
-        x8_linear_rows(&L->up, L->bits, bf16, h, N, gu, nthreads);
-    }
-    free(h);
-    free(qkv);
-    free(att);
-    free(o);
-    return ok;
+    const int ok = (bf16 ? attend_bf16 : attend_f32)(B->qkv, QKV, P->nparts, P->rows, P->keys, P->min_keys, P->slots,
+                                                     P->key_start, k_pool, v_pool, (long)G * d, H, G, d, L->scale,
+                                                     B->att, nthreads);
+    if (!ok) return 0;
+    x8_linear_rows(&L->dense, L->bits, bf16, B->att, N, B->o, nthreads);
+    add_rows(x, B->o, B->x1, (size_t)N * D, bf16);
+    rms_norm(B->x1, D, N, D, L->norm2, L->eps2, B->h, D, bf16, nthreads);
+    x8_linear_rows(&L->up, L->bits, bf16, B->h, N, B->gu, nthreads);
+    swiglu(B->gu, N, L->down.in, bf16, B->s);
+    x8_linear_rows(&L->down, L->bits, bf16, B->s, N, B->o, nthreads);
+    add_rows(B->x1, B->o, y, (size_t)N * D, bf16);
+    return 1;
 }
 
-/* y = x1 + 4h_to_h(s): s [N, down.in], x1 and y [N, D]. -> 0 when memory ran out (y unwritten). */
-int glm2_mlp_half(const glm2_layer *L, const void *s, const void *x1, int N, void *y, int nthreads) {
-    const size_t n = (size_t)N * L->down.out;
-    void *o = malloc((L->bf16 ? sizeof(uint16_t) : sizeof(float)) * n);
-    if (!o) return 0;
-    x8_linear_rows(&L->down, L->bits, L->bf16, s, N, o, nthreads);
-    add_rows(x1, o, y, n, L->bf16);
-    free(o);
-    return 1;
+/* x [N, D] through `count` blocks -> y [N, D]. Block i's K/V pool is k_pool, v_pool plus i * layer_elems
+ * elements ([pool_slots, G, d] each: KVPool's [layers, slots, G, d]); the rest are attend_f32's arguments
+ * and write[r], new row r's pool slot. -> 1 when computed; 0 when a write slot is outside the pool
+ * (nothing written), an attention refused its shapes or memory ran out, and then y is unwritten (the K/V
+ * slots may hold some layers' new rows: the path that runs instead writes the same values, or raises on
+ * a bad slot). */
+int glm2_layers(const glm2_layer *layers, int count, const void *x, int N, const float *cos, const float *sin,
+                int pairs, int nparts, const int *rows, const int *keys, const int *min_keys, const int32_t *slots,
+                const long *key_start, void *k_pool, void *v_pool, long pool_slots, long layer_elems,
+                const long *write, void *y, int nthreads) {
+    for (int r = 0; r < N; r++)
+        if (write[r] < 0 || write[r] >= pool_slots) return 0;
+    size_t wide[7] = {0};   /* per row: h, qkv, att, o, x1, gu, s */
+    for (int i = 0; i < count; i++) {
+        const glm2_layer *L = &layers[i];
+        const size_t w[7] = {L->dense.out, L->qkv.out, (size_t)L->heads * L->head_dim, L->dense.out, L->dense.out,
+                             L->up.out, L->down.in};
+        for (int j = 0; j < 7; j++) wide[j] = w[j] > wide[j] ? w[j] : wide[j];
+    }
+    const size_t es = count > 0 && layers[0].bf16 ? sizeof(uint16_t) : sizeof(float);
+    char *buf[7];
+    int ok = 1;
+    for (int j = 0; j < 7; j++) ok &= (buf[j] = (char *)malloc(es * (size_t)N * wide[j] + 1)) != NULL;
+    const glm2_pages P = {nparts, rows, keys, min_keys, slots, key_start, write};
+    const glm2_rows B = {buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6]};
+    for (int i = 0; ok && i < count; i++)
+        ok = glm2_block(&layers[i], i == 0 ? x : y, N, cos, sin, pairs, &P,
+                        (char *)k_pool + es * (size_t)layer_elems * i, (char *)v_pool + es * (size_t)layer_elems * i,
+                        &B, y, nthreads);
+    for (int j = 0; j < 7; j++) free(buf[j]);
+    return ok;
 }

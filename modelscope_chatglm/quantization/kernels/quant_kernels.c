@@ -31,7 +31,8 @@
  * `sdot` or widening multiplies, or the scalar code), the same bits on every build; they take every row of
  * x, prompt or decode.
  *
- * `rms_norm_*` and `rotary_*` are the RMSNorm and RoPE of a GLM2/3 block, one call per layer (block_ops.c).
+ * `rms_norm_*`, `rotary_*` and `swiglu_*` are the RMSNorm, RoPE and SwiGLU of a GLM2/3 block, one call per layer,
+ * and `glm2_layers` every block of a forward with int8 activations in one call (block_ops.c).
  *
  * `attend_f32` and `attend_bf16` are the attention of every new row of a forward (prompt chunks and decode
  * tokens of many sequences) over their keys in the paged K/V pool, one call per layer (attention.c).
@@ -64,7 +65,8 @@
  *                            dequantised row tiles for prefill (*_dequant_rows_*)
  *   attention.c              attention over paged K/V: the job, the kernel on vf, attend_f32
  *   attention_avx512_bf16.c  attend_bf16: bf16 pair products (AVX512-BF16 builds), else attention.c's kernel
- *   block_ops.c              the per-row ops around a block's linears: rms_norm_*, rotary_* (fp32, bf16)
+ *   block_ops.c              the per-row ops around a block's linears: rms_norm_*, rotary_*, swiglu_* (fp32,
+ *                            bf16); glm2_layers, every int8-activation block of a forward in one call
  *   reference.c              the scalar references (`*_ref`) that the tests hold every build to
  */
 #include "common.h"

@@ -154,3 +154,15 @@ int attend_bf16_ref(PAGED_ARGS) {
     paged_job job = PAGED_JOB;
     return attend_paged_ref(&job, 1);
 }
+
+/* -- SwiGLU (block_ops.c) ----------------------------------------------------------------------------- */
+
+static void swiglu_ref(const void *gu, int N, int F, int bf16, void *s) {
+    for (int r = 0; r < N; r++)
+        for (int j = 0; j < F; j++)
+            store_elem(s, bf16, (size_t)r * F + j, swiglu_one(load_elem(gu, bf16, (size_t)r * 2 * F + j),
+                                                              load_elem(gu, bf16, (size_t)r * 2 * F + F + j), bf16));
+}
+
+void swiglu_f32_ref(const float *gu, int N, int F, float *s) { swiglu_ref(gu, N, F, 0, s); }
+void swiglu_bf16_ref(const uint16_t *gu, int N, int F, uint16_t *s) { swiglu_ref(gu, N, F, 1, s); }

@@ -106,7 +106,7 @@ static inline vf load_f16(const uint16_t *w) { return f16_to_f32(*w); }
 static inline void load_q4(const int8_t *w, vf *hi, vf *lo) { *hi = (float)int4_high(*w); *lo = (float)int4_low(*w); }
 #endif
 
-/* More of vf, for the attention kernels (attention.c). */
+/* More of vf, for the attention kernels (attention.c) and SwiGLU (block_ops.c). */
 #if VW == 16
 static inline vf vset1(float x) { return _mm512_set1_ps(x); }
 static inline void vstore(float *p, vf x) { _mm512_storeu_ps(p, x); }
@@ -114,6 +114,8 @@ static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
 static inline float vhmax(vf x) { return _mm512_reduce_max_ps(x); }
 #elif VW == 8
 static inline vf vset1(float x) { return _mm256_set1_ps(x); }
@@ -122,6 +124,8 @@ static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
 static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
 static inline float vhmax(vf x) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -134,6 +138,8 @@ static inline vf vmul(vf a, vf b) { return vmulq_f32(a, b); }
 static inline vf vadd(vf a, vf b) { return vaddq_f32(a, b); }
 static inline vf vsub(vf a, vf b) { return vsubq_f32(a, b); }
 static inline vf vmax(vf a, vf b) { return vmaxq_f32(a, b); }   /* `fmax`: NaN if either is NaN */
+static inline vf vmin(vf a, vf b) { return vminq_f32(a, b); }
+static inline vf vdiv(vf a, vf b) { return vdivq_f32(a, b); }
 static inline float vhmax(vf x) { return vmaxvq_f32(x); }
 #else
 static inline vf vset1(float x) { return x; }
@@ -142,37 +148,41 @@ static inline vf vmul(vf a, vf b) { return a * b; }
 static inline vf vadd(vf a, vf b) { return a + b; }
 static inline vf vsub(vf a, vf b) { return a - b; }
 static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+static inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+static inline vf vdiv(vf a, vf b) { return a / b; }
 static inline float vhmax(vf x) { return x; }
 #endif
 
-/* exp(x) for the softmax (x <= 0): 2^(x log2 e) = 2^n 2^f, n an integer and |f| <= 1/2, 2^f by a degree-6
- * polynomial (relative error ~2e-7). NaN stays NaN (x86's max returns its second operand when one is NaN,
- * NEON's returns NaN). */
+/* exp(x), for the softmax (x <= 0) and SiLU (block_ops.c): e^x = 2^n e^r with n = round(x / ln 2) and
+ * r = x - n ln 2 (|r| <= ln 2 / 2), taken in two parts (ln 2's high part has trailing zero bits, so n times
+ * it is exact: Cody and Waite's reduction), e^r by its Taylor polynomial to r^7 (truncation under 1e-8;
+ * about 1 ulp in all). x is clamped to [-87, 88] first, so that 2^n is a normal float (exp(-87) ~ 1.6e-38
+ * stands in for anything smaller, exp(88) ~ 1.7e38 for anything larger). NaN stays NaN (x86's min and max
+ * return their second operand when one is NaN, NEON's return NaN). exp_poly, below, is the same
+ * arithmetic on one float: the same bits as a lane of vexp. */
+#define EXP_LN2_HI 0.693145751953125f          /* ln 2 to 16 bits */
+#define EXP_LN2_LO 1.428606765330187045e-06f   /* ln 2 - EXP_LN2_HI */
+static const float exp_taylor[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+
 static inline vf vexp(vf x) {
 #if VW == 1
     return expf(x);
 #else
-    const vf t = vmul(vmax(vset1(-87.0f), x), vset1(1.44269504088896341f));
+    x = vmin(vset1(88.0f), vmax(vset1(-87.0f), x));
+    const vf t = vmul(x, vset1(1.44269504088896341f));
 #if VW == 16
     const vf n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const vf f = _mm512_sub_ps(t, n);
 #elif VW == 8
     const vf n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const vf f = _mm256_sub_ps(t, n);
 #else
     const vf n = vrndnq_f32(t);   /* to nearest, ties to even, as x86's */
-    const vf f = vsubq_f32(t, n);
 #endif
-    vf p = vset1(1.535336188319500e-4f);
-    p = vfma(p, f, vset1(1.339887440266574e-3f));
-    p = vfma(p, f, vset1(9.618437357674640e-3f));
-    p = vfma(p, f, vset1(5.550332471162809e-2f));
-    p = vfma(p, f, vset1(2.402264791363012e-1f));
-    p = vfma(p, f, vset1(6.931472028550421e-1f));
-    p = vfma(p, f, vset1(1.0f));
+    const vf r = vfma(n, vset1(-EXP_LN2_LO), vfma(n, vset1(-EXP_LN2_HI), x));
+    vf p = vset1(exp_taylor[0]);
+    for (int i = 1; i < 8; i++) p = vfma(p, r, vset1(exp_taylor[i]));
 #if VW == 16
     return _mm512_scalef_ps(p, n);
-#elif VW == 8   /* times 2^n, built in the exponent bits (n >= -126 after the clamp) */
+#elif VW == 8   /* times 2^n, built in the exponent bits (-126 <= n <= 127 after the clamp) */
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 #else           /* the same on NEON (n is an integer: truncating it is exact) */
@@ -180,6 +190,19 @@ static inline vf vexp(vf x) {
     return vmulq_f32(p, vreinterpretq_f32_s32(e));
 #endif
 #endif
+}
+
+/* vexp's arithmetic on one float, on every build (the scalar build's vexp is libm's expf): for the
+ * elements past a row's last full vector, with the same bits as a lane of vexp. */
+static inline float exp_poly(float x) {
+    if (x != x) return x;
+    x = x > 88.0f ? 88.0f : x < -87.0f ? -87.0f : x;
+    const float n = nearbyintf(x * 1.44269504088896341f);   /* to nearest, ties to even (the default mode) */
+    const float r = fmaf(n, -EXP_LN2_LO, fmaf(n, -EXP_LN2_HI, x));
+    float p = exp_taylor[0];
+    for (int i = 1; i < 8; i++) p = fmaf(p, r, exp_taylor[i]);
+    union { uint32_t u; float f; } two_n = {(uint32_t)((int32_t)n + 127) << 23};
+    return p * two_n.f;
 }
 
 #if VW == 16
