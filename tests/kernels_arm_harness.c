@@ -5,8 +5,8 @@
  * It #includes the kernels as the library is built (one translation unit), so it reaches the vector
  * primitives of vec.h too. The contract it holds a build to, as tests/test_quantization.py and
  * tests/test_attention.py hold the x86 builds:
- * - int8 activations (`*_gemv_x8`): the scalar reference's bits (NEON, like every x86 build and the scalar
- *   build);
+ * - int8 activations (`*_gemv_x8`) and SwiGLU (`swiglu_*`): the scalar reference's bits (NEON, like every
+ *   x86 build and the scalar build);
  * - the exact kernels, the LM-head kernels and attention: within fp32 rounding of the reference and of
  *   float64 (their vectors sum in another order), and bf16 x gives the bits of x widened to fp32 on
  *   builds without bf16 pair products;
@@ -578,7 +578,7 @@ static void attention_lets_nan_through(void) {
 static void swiglu_equals_reference(void) {
     static const int widths[] = {1, 37, 64, 13696};   /* all tail, vectors and a tail, vectors only, ChatGLM2-6B's */
     for (size_t w = 0; w < sizeof(widths) / sizeof(widths[0]); w++) {
-        const int N = 3, F = widths[w];
+        const int N = 20, F = widths[w];   /* 20 rows: on the threads */
         float *gu = (float *)alloc(sizeof(float) * N * 2 * F), *s = (float *)alloc(sizeof(float) * N * F),
               *e = (float *)alloc(sizeof(float) * N * F);
         uint16_t *gu16 = (uint16_t *)alloc(2 * (size_t)N * 2 * F), *s16 = (uint16_t *)alloc(2 * (size_t)N * F),
@@ -588,9 +588,9 @@ static void swiglu_equals_reference(void) {
         const float special[] = {0.0f, -0.0f, 90.0f, -90.0f, -200.0f, 200.0f, NAN, INFINITY};
         for (int i = 0; i < 8 && i < F; i++) gu[i] = special[i];   /* past exp's clamps, NaN, inf */
         for (int i = 0; i < N * 2 * F; i++) gu16[i] = to_bf16(gu[i]);
-        swiglu_f32(gu, N, F, s);
+        swiglu_f32(gu, N, F, s, 2);
         swiglu_f32_ref(gu, N, F, e);
-        swiglu_bf16(gu16, N, F, s16);
+        swiglu_bf16(gu16, N, F, s16, 2);
         swiglu_bf16_ref(gu16, N, F, e16);
         int same = 1;   /* bit for bit, a NaN for a NaN (whose sign and payload the two paths may set apart) */
         for (int i = 0; i < N * F; i++) same &= (s[i] != s[i] && e[i] != e[i]) || memcmp(&s[i], &e[i], 4) == 0;

@@ -1,7 +1,7 @@
-"""The per-row ops of a GLM2/3 block in C (quantization/kernels/block_ops.c, models/cpu_ops.py) against
-glm2.py's torch code, on every instruction-set build; the bf16-in, bf16-out int8-activation linears; and a
-the MLP's SwiGLU; and every block of a forward in one call (cpu_ops.glm2_layers) against the blocks' modules
-one by one."""
+"""The per-row ops of a GLM2/3 block in C (quantization/kernels/block_ops.c, models/cpu_ops.py: RMSNorm, RoPE,
+the MLP's SwiGLU) against glm2.py's torch code, on every instruction-set build; the bf16-in, bf16-out
+int8-activation linears; and every block of a forward in one call (cpu_ops.glm2_layers) against the blocks'
+modules one by one."""
 import ctypes
 
 import pytest
@@ -142,15 +142,16 @@ def test_a_glm2_model_replies_alike_through_the_cpu_ops_and_torch(glm2_dir, dtyp
 def swiglu(lib, h, ref=''):
     s = torch.empty(h.shape[0], h.shape[1] // 2, dtype=h.dtype)
     kernel = getattr(lib, ('swiglu_bf16' if h.dtype == torch.bfloat16 else 'swiglu_f32') + ref)
-    kernel(h.data_ptr(), h.shape[0], h.shape[1] // 2, s.data_ptr())
+    kernel(h.data_ptr(), h.shape[0], h.shape[1] // 2, s.data_ptr(), *([] if ref else [2]))
     return s
 
 
 @pytest.mark.parametrize('dtype', list(DTYPES))
 @pytest.mark.parametrize('F', [13696, 37])   # ChatGLM2-6B's, and one that leaves part vectors on every build
-def test_swiglu_is_torchs_up_to_its_exp_and_its_references_bits_on_every_build(isa_lib, isa_builds, dtype, F):
+@pytest.mark.parametrize('rows', [3, 20])   # 20: on the threads
+def test_swiglu_is_torchs_up_to_its_exp_and_its_references_bits_on_every_build(isa_lib, isa_builds, dtype, F, rows):
     g = torch.Generator().manual_seed(F)
-    h = (torch.randn(3, 2 * F, generator=g) * 4).to(DTYPES[dtype])
+    h = (torch.randn(rows, 2 * F, generator=g) * 4).to(DTYPES[dtype])
     h[0, :6] = torch.tensor([0.0, -0.0, 90.0, -90.0, -200.0, 200.0])   # past exp's clamps: still silu's values
     ours = swiglu(isa_lib, h)
     gate, up = h.float().chunk(2, dim=-1)
@@ -168,10 +169,25 @@ def test_swiglu_is_torchs_up_to_its_exp_and_its_references_bits_on_every_build(i
         assert torch.equal(ours, swiglu(isa_builds['x86-64'], h))
 
 
-def test_swiglu_lets_nan_and_inf_through_as_silu_does(lib):
-    h = torch.tensor([[float('nan'), float('inf'), 1.0, 2.0, 3.0, 4.0]])
-    s = swiglu(lib, h)
-    assert s[0, 0].isnan() and s[0, 1] == float('inf') and s[0, 2] > 0
+@pytest.mark.parametrize('dtype', list(DTYPES))
+def test_swiglu_gives_silus_values_at_the_edges_in_vector_lanes_and_the_tail(isa_lib, dtype):
+    """NaN, infinities and gates past exp's range, both in full vectors and past the last one (F = 37 on
+    every build): what torch's silu gives, and the reference's bits (a NaN for a NaN)."""
+    edges = torch.tensor([float('nan'), float('inf'), -float('inf'), -90.0, -200.0, 90.0, 89.0, -88.5, 0.0, -0.0])
+    F = 37
+    h = torch.ones(2, 2 * F)
+    h[0, :len(edges)] = edges                 # lanes of the first vectors
+    h[1, F - len(edges):F] = edges            # the last ones: the scalar tail on every build
+    h = h.to(DTYPES[dtype])
+    ours, ref = swiglu(isa_lib, h).float(), swiglu(isa_lib, h, ref='_ref').float()
+    expected = torch.nn.functional.silu(h[:, :F].float())
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0, equal_nan=True)
+    for row, cols in ((0, slice(0, len(edges))), (1, slice(F - len(edges), F))):
+        got, want = ours[row, cols], expected[row, cols]
+        assert torch.equal(got.isnan(), want.isnan())    # NaN and -inf give NaN, as torch's
+        finite = ~want.isnan()
+        assert torch.allclose(got[finite], want[finite], rtol=1e-2 if dtype == 'bf16' else 1e-6, atol=0)
+        assert torch.equal(got[finite].signbit(), want[finite].signbit())   # -0 for a very negative gate
 
 
 # -- every block in one call (cpu_ops.glm2_layers) ------------------------------------------------------
@@ -284,6 +300,35 @@ def test_every_block_in_one_call_only_where_its_kernels_apply(lib):
         module_by_module(blocks, x, cos, sin, kv)
         assert seen
         hook.remove()
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is not None
+        hook = blocks[0].register_forward_pre_hook(lambda *a: seen.append(2))        # on a block itself
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is None
+        hook.remove()
+        hook = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)  # on every module
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is None
+        hook.remove()
+        blocks[1].mlp.forward = lambda h: h                                           # a forward replaced
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is None
+        del blocks[1].mlp.forward
+
+        class Changed(glm2.GLMBlock):                                                 # a subclass
+            pass
+        blocks[0].__class__ = Changed
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is None
+        blocks[0].__class__ = glm2.GLMBlock
+        norm = blocks[0].input_layernorm
+        blocks[0].input_layernorm = torch.nn.LayerNorm(cfg.hidden_size, eps=norm.eps)  # another norm, same fields
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is None
+        blocks[0].input_layernorm = norm
+        assert cpu_ops.glm2_layers(torch.nn.ModuleList(), x, cos, sin, kv) is None   # no blocks: the modules' x
+        k = pool.k
+        pool.k = torch.zeros(k.shape[0], 2 * k.shape[1], *k.shape[2:])[:, ::2]         # a pool with gaps
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is None
+        pool.k = k
+        write = kv.write
+        kv.write = write.int()                                                        # slots the C reads as int64
+        assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is None
+        kv.write = write
         assert cpu_ops.glm2_layers(blocks, x, cos, sin, kv) is not None
     x.requires_grad_(True)
     with torch.enable_grad():   # autograd records torch's ops (the weights take no grad here: x alone decides)

@@ -65,41 +65,68 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     s = torch.empty(h2.shape[0], width // 2, dtype=h.dtype)
     lib = load_library()
     (lib.swiglu_bf16 if h.dtype == torch.bfloat16 else lib.swiglu_f32)(h2.data_ptr(), h2.shape[0], width // 2,
-                                                                       s.data_ptr())
+                                                                       s.data_ptr(), torch.get_num_threads())
     return s.view(*shape[:-1], width // 2)
 
 
-def _takes(block, x: torch.Tensor, pool) -> bool:
-    """Whether glm2_layers can run this GLMBlock (glm2.py) for rows x: its four linears QuantizedLinear with
-    int8 activations (not an adapter's wrapper), no module of the block with hooks (they would not run),
-    the pool of x's dtype on the CPU, and the shapes the C reads from the struct, as the modules would
-    check them by failing."""
+def _linears(block) -> tuple:
+    """A GLMBlock's four linears, in the order of build.py's GLM2Layer."""
     attn, mlp = block.self_attention, block.mlp
-    linears = (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+    return attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h
+
+
+def _takes(block, x: torch.Tensor) -> bool:
+    """Whether glm2_layers can run this block for rows x as its modules would: glm2.py's own classes (no
+    subclass, no module replaced, no forward replaced on an instance, no hooks: they would not run), its
+    four linears QuantizedLinear with int8 activations (not an adapter's wrapper), and the shapes and
+    layouts the C reads, as the modules would check them by failing."""
+    from .glm2 import MLP, GLMBlock, RMSNorm, SelfAttention   # (glm2.py imports this module)
+    linears = _linears(block)
     if not all(type(lin) is QuantizedLinear and lin.int8_activations and lin.weight.is_cpu
                and lin.bits == linears[0].bits for lin in linears):
         return False    # (first: a float model leaves here)
-    norm1, norm2 = block.input_layernorm, block.post_attention_layernorm
+    attn, mlp, norm1, norm2 = block.self_attention, block.mlp, block.input_layernorm, block.post_attention_layernorm
+    if not (type(block) is GLMBlock and type(attn) is SelfAttention and type(mlp) is MLP
+            and type(norm1) is RMSNorm and type(norm2) is RMSNorm):
+        return False
+    if any(m._forward_hooks or m._forward_pre_hooks or 'forward' in vars(m)
+           for m in (block, attn, mlp, norm1, norm2, *linears)):
+        return False
     heads, groups, d, width = attn.num_heads, attn.num_kv_heads, attn.head_dim, x.shape[-1]
-    return not (pool.dtype != x.dtype or pool.device.type != 'cpu' or not applies(x, norm1.weight, norm2.weight)
-                or any(m._forward_hooks or m._forward_pre_hooks for m in (block, attn, mlp, norm1, norm2, *linears))
-                or linears[0].in_features != width or linears[0].out_features != (heads + 2 * groups) * d
-                or linears[1].in_features != heads * d or linears[1].out_features != width
-                or linears[2].in_features != width or linears[2].out_features != 2 * linears[3].in_features
-                or linears[3].out_features != width or pool.k.shape[2:] != (groups, d))
+    return (applies(x, norm1.weight, norm2.weight)
+            and all(n.weight.shape == (width,) and n.weight.is_contiguous() for n in (norm1, norm2))
+            and linears[0].in_features == width and linears[0].out_features == (heads + 2 * groups) * d
+            and linears[1].in_features == heads * d and linears[1].out_features == width
+            and linears[2].in_features == width and linears[2].out_features == 2 * linears[3].in_features
+            and linears[3].out_features == width)
+
+
+def _pool_takes(kv, x: torch.Tensor, blocks) -> bool:
+    """Whether the C can read and write the forward's K/V as the modules would: KVPool's [layers, slots, G, d]
+    for K and V alike, contiguous, x's dtype, on the CPU, a layer per block; a write slot (int64) per row."""
+    pool, attn, n = kv.pool, blocks[0].self_attention, x.shape[1]
+    return (pool.k.dtype == pool.v.dtype == x.dtype and pool.k.device.type == pool.v.device.type == 'cpu'
+            and pool.k.shape == pool.v.shape and pool.k.is_contiguous() and pool.v.is_contiguous()
+            and pool.k.shape[0] >= len(blocks) and pool.k.shape[2:] == (attn.num_kv_heads, attn.head_dim)
+            and kv.write.dtype == torch.int64 and kv.write.is_contiguous() and kv.write.shape == (n,))
+
+
+def _no_global_hooks() -> bool:
+    """No forward hook registered for every module (torch.nn.modules.module.register_module_forward_hook)."""
+    module = torch.nn.modules.module
+    return not (getattr(module, '_global_forward_hooks', None) or getattr(module, '_global_forward_pre_hooks', None))
 
 
 def _layer(block, dtype: torch.dtype, keep: list) -> GLM2Layer:
     """The C's view of a block (build.py's GLM2Layer); `keep` holds the fp32 scales and biases it points to."""
-    attn, mlp = block.self_attention, block.mlp
-    norm1, norm2 = block.input_layernorm, block.post_attention_layernorm
+    attn, norm1, norm2 = block.self_attention, block.input_layernorm, block.post_attention_layernorm
 
     def operands(lin):
         scale, bias = lin.fp32_scale_and_bias()
         keep.extend((scale, bias))
         return X8Linear(lin.weight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
                         lin.out_features, lin.in_features, int(lin.lane_layout))
-    linears = (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+    linears = _linears(block)
     return GLM2Layer(linears[0].bits, int(dtype == torch.bfloat16), attn.num_heads, attn.num_kv_heads, attn.head_dim,
                      norm1.eps, norm2.eps, attn.head_dim ** -0.5, norm1.weight.data_ptr(), norm2.weight.data_ptr(),
                      *map(operands, linears))
@@ -111,9 +138,10 @@ def glm2_layers(blocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k
     same bits); kv: the forward's PagedKV. None where it does not apply to every block (_takes) or the C
     declines, and the blocks run their modules one by one. Why: benchmarks/README.md, "All blocks in one
     call"."""
-    pool = kv.pool
-    if not all(_takes(block, x, pool) for block in blocks) or pool.k.shape[0] < len(blocks):
+    if not (len(blocks) and all(_takes(block, x) for block in blocks) and _pool_takes(kv, x, blocks)
+            and _no_global_hooks()):
         return None
+    pool = kv.pool
     keep = []   # the fp32 scales and biases the call reads, alive until it returns
     layers = (GLM2Layer * len(blocks))(*(_layer(block, x.dtype, keep) for block in blocks))
     n, width, pairs = x.shape[1], x.shape[-1], cos.shape[-1]

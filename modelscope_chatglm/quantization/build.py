@@ -363,9 +363,11 @@ def _declare(lib):
     for name in ('rotary_f32', 'rotary_bf16'):
         getattr(lib, name).argtypes = [p, lg, i, i, i, p, p, i]
         getattr(lib, name).restype = None
-    for name in ('swiglu_f32', 'swiglu_bf16', 'swiglu_f32_ref', 'swiglu_bf16_ref'):
-        getattr(lib, name).argtypes = [p, i, i, p]
+    for name in ('swiglu_f32', 'swiglu_bf16'):
+        getattr(lib, name).argtypes = [p, i, i, p, i]
         getattr(lib, name).restype = None
+        getattr(lib, name + '_ref').argtypes = [p, i, i, p]
+        getattr(lib, name + '_ref').restype = None
     # every GLM2/3 block of a forward in one call (block_ops.c)
     lib.glm2_layers.argtypes = [ctypes.POINTER(GLM2Layer), i, p, i, p, p, i, i, p, p, p, p, p, p, p, lg, lg, p, p, i]
     lib.glm2_layers.restype = ctypes.c_int

@@ -109,45 +109,60 @@ void rotary_bf16(uint16_t *x, long ld, int N, int heads, int d, const float *cos
 /* ---- SwiGLU ----------------------------------------------------------------------------------------- */
 /*
  * s = silu(gate) * up, gate and up the two halves of each row of dense_h_to_4h's output, with
- * silu(g) = g / (1 + exp(-g)) in fp32 (glm2.py's MLP; torch's formula, with vec.h's exp in place of
- * torch's, so the last bit can differ from torch's: tests/test_block_ops.py bounds it). For bf16 rows silu
- * is rounded to bf16 before the product, which is rounded again, as torch's two ops round. Every build
- * gives the same bits: vexp on full vectors, its scalar twin exp_poly on the rest (swiglu_one, which the
- * reference swiglu_*_ref runs on every element).
+ * silu(g) = g / (1 + exp(-g)) in fp32: glm2.py's MLP, torch's formula, with vec.h's exp in place of
+ * torch's. Measured against the exact value it is as accurate as torch's (tests/test_block_ops.py bounds
+ * it), and equal to torch's in most but not all last bits; like torch's it gives -0 for a very negative
+ * gate (exp overflows to inf) and NaN for -inf. For bf16 rows silu is rounded to bf16 before the product,
+ * which is rounded again, as torch's two ops round. Every build gives the same bits: vexp on full vectors,
+ * its scalar twin exp_poly on the rest (swiglu_one, which the reference swiglu_*_ref runs on every element).
  */
-static inline float swiglu_one(float g, float up, int bf16) {
-    const float silu = g / (1.0f + exp_poly(-g));
+static inline float swiglu_product(float silu, float up, int bf16) {
     return (bf16 ? bf16_to_f32(to_bf16(silu)) : silu) * up;
 }
 
-/* gu [N, 2F] -> s [N, F], the rows' dtype. */
-static void swiglu(const void *gu, int N, int F, int bf16, void *s) {
-    for (int r = 0; r < N; r++) {
+static inline float swiglu_one(float g, float up, int bf16) {
+    return swiglu_product(g / (1.0f + exp_poly(-g)), up, bf16);
+}
+
+typedef struct {
+    const void *gu;
+    void *s;
+    int F, bf16;
+} swiglu_job;
+
+static void swiglu_rows(void *arg, int r0, int r1) {
+    const swiglu_job *job = (const swiglu_job *)arg;
+    const int F = job->F, bf16 = job->bf16;
+    for (int r = r0; r < r1; r++) {
         const size_t in = (size_t)r * 2 * F, out = (size_t)r * F;
         int j = 0;
 #if VW > 1
         float silu[VW];
         for (; j + VW <= F; j += VW) {
+            const vf g = bf16 ? load_bf16((const uint16_t *)job->gu + in + j) : vload((const float *)job->gu + in + j);
+            const vf v = vdiv(g, vadd(vset1(1.0f), vexp(vsub(vzero(), g))));
             if (bf16) {
-                const uint16_t *g = (const uint16_t *)gu + in + j;
-                vstore(silu, vdiv(load_bf16(g), vadd(vset1(1.0f), vexp(vsub(vzero(), load_bf16(g))))));
+                vstore(silu, v);
                 for (int i = 0; i < VW; i++)
-                    ((uint16_t *)s)[out + j + i] =
-                        to_bf16(bf16_to_f32(to_bf16(silu[i])) * bf16_to_f32(((const uint16_t *)gu)[in + F + j + i]));
-            } else {
-                const float *g = (const float *)gu + in + j;
-                const vf v = vdiv(vload(g), vadd(vset1(1.0f), vexp(vsub(vzero(), vload(g)))));
-                vstore((float *)s + out + j, vmul(v, vload(g + F)));
-            }
+                    ((uint16_t *)job->s)[out + j + i] = to_bf16(swiglu_product(silu[i], load_elem(job->gu, 1, in + F + j + i), 1));
+            } else
+                vstore((float *)job->s + out + j, vmul(v, vload((const float *)job->gu + in + F + j)));
         }
 #endif
         for (; j < F; j++)
-            store_elem(s, bf16, out + j, swiglu_one(load_elem(gu, bf16, in + j), load_elem(gu, bf16, in + F + j), bf16));
+            store_elem(job->s, bf16, out + j, swiglu_one(load_elem(job->gu, bf16, in + j), load_elem(job->gu, bf16, in + F + j), bf16));
     }
 }
 
-void swiglu_f32(const float *gu, int N, int F, float *s) { swiglu(gu, N, F, 0, s); }
-void swiglu_bf16(const uint16_t *gu, int N, int F, uint16_t *s) { swiglu(gu, N, F, 1, s); }
+/* gu [N, 2F] -> s [N, F], the rows' dtype. */
+static void swiglu(const void *gu, int N, int F, int bf16, void *s, int nthreads) {
+    swiglu_job job = {gu, s, F, bf16};
+    /* A decode step's few rows are microseconds of work: waking the other threads would cost more. */
+    parallel_run(N, N >= 16 ? nthreads : 1, swiglu_rows, &job, 1);
+}
+
+void swiglu_f32(const float *gu, int N, int F, float *s, int nthreads) { swiglu(gu, N, F, 0, s, nthreads); }
+void swiglu_bf16(const uint16_t *gu, int N, int F, uint16_t *s, int nthreads) { swiglu(gu, N, F, 1, s, nthreads); }
 
 /* ---- GLM2/3 blocks with int8 activations, in one call ---------------------------------------------------- */
 /*
@@ -228,7 +243,7 @@ static int glm2_block(const glm2_layer *L, const void *x, int N, const float *co
     add_rows(x, B->o, B->x1, (size_t)N * D, bf16);
     rms_norm(B->x1, D, N, D, L->norm2, L->eps2, B->h, D, bf16, nthreads);
     x8_linear_rows(&L->up, L->bits, bf16, B->h, N, B->gu, nthreads);
-    swiglu(B->gu, N, L->down.in, bf16, B->s);
+    swiglu(B->gu, N, L->down.in, bf16, B->s, nthreads);
     x8_linear_rows(&L->down, L->bits, bf16, B->s, N, B->o, nthreads);
     add_rows(B->x1, B->o, y, (size_t)N * D, bf16);
     return 1;

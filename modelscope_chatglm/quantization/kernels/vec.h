@@ -1,7 +1,8 @@
 /*
  * The vector abstraction of the CPU kernels: vf holds VW floats of the instruction set this build targets,
  * and the kernels of gemv_fp32.c and attention.c are written once on its operations, for AVX-512, AVX2,
- * Arm NEON and the scalar code alike. Also exp for the softmax (vexp), and the register transposes
+ * Arm NEON and the scalar code alike. Also exp for the softmax and SiLU (vexp, and exp_poly, its scalar
+ * twin), and the register transposes
  * (transpose16, transpose8, transpose4) with which the x86 int8-activation strips and the attention kernels
  * pack their operands.
  * Part of the one translation unit quant_kernels.c (its top comment is the map); not compiled on its own.
@@ -156,10 +157,14 @@ static inline float vhmax(vf x) { return x; }
 /* exp(x), for the softmax (x <= 0) and SiLU (block_ops.c): e^x = 2^n e^r with n = round(x / ln 2) and
  * r = x - n ln 2 (|r| <= ln 2 / 2), taken in two parts (ln 2's high part has trailing zero bits, so n times
  * it is exact: Cody and Waite's reduction), e^r by its Taylor polynomial to r^7 (truncation under 1e-8;
- * about 1 ulp in all). x is clamped to [-87, 88] first, so that 2^n is a normal float (exp(-87) ~ 1.6e-38
- * stands in for anything smaller, exp(88) ~ 1.7e38 for anything larger). NaN stays NaN (x86's min and max
- * return their second operand when one is NaN, NEON's return NaN). exp_poly, below, is the same
- * arithmetic on one float: the same bits as a lane of vexp. */
+ * about 1 ulp in all), then times 2^n in one rounding: AVX-512's scalef, elsewhere two factors 2^(n/2)
+ * built in exponent bits (the first product exact), so that the result overflows to inf, and goes
+ * subnormal and to 0, where e^x does. x is clamped to [EXP_MIN, EXP_MAX] first, past which e^x is 0 or
+ * inf anyway, to keep n in range. NaN stays NaN (x86's min and max return their second operand when one
+ * is NaN, NEON's return NaN). exp_poly, below, is the same arithmetic on one float: a lane's bits. */
+#define EXP_MIN -104.0f                        /* e^x < 2^-150: rounds to 0 */
+#define EXP_MAX 89.0f                          /* e^x > FLT_MAX: inf */
+#define EXP_LOG2E 1.44269504088896341f
 #define EXP_LN2_HI 0.693145751953125f          /* ln 2 to 16 bits */
 #define EXP_LN2_LO 1.428606765330187045e-06f   /* ln 2 - EXP_LN2_HI */
 static const float exp_taylor[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
@@ -168,8 +173,8 @@ static inline vf vexp(vf x) {
 #if VW == 1
     return expf(x);
 #else
-    x = vmin(vset1(88.0f), vmax(vset1(-87.0f), x));
-    const vf t = vmul(x, vset1(1.44269504088896341f));
+    x = vmin(vset1(EXP_MAX), vmax(vset1(EXP_MIN), x));
+    const vf t = vmul(x, vset1(EXP_LOG2E));
 #if VW == 16
     const vf n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #elif VW == 8
@@ -182,27 +187,35 @@ static inline vf vexp(vf x) {
     for (int i = 1; i < 8; i++) p = vfma(p, r, vset1(exp_taylor[i]));
 #if VW == 16
     return _mm512_scalef_ps(p, n);
-#elif VW == 8   /* times 2^n, built in the exponent bits (-126 <= n <= 127 after the clamp) */
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+#elif VW == 8   /* 2^n1 2^n2, n1 = floor(n / 2), n2 = n - n1: both in [-75, 64], normal floats */
+    const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+    const __m256 e2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, e1), e2);
 #else           /* the same on NEON (n is an integer: truncating it is exact) */
-    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
-    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+    const int32x4_t ni = vcvtq_s32_f32(n), n1 = vshrq_n_s32(ni, 1), n2 = vsubq_s32(ni, n1);
+    const int32x4_t bias = vdupq_n_s32(127);
+    const float32x4_t e1 = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(n1, bias), 23));
+    const float32x4_t e2 = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(n2, bias), 23));
+    return vmulq_f32(vmulq_f32(p, e1), e2);
 #endif
 #endif
 }
 
-/* vexp's arithmetic on one float, on every build (the scalar build's vexp is libm's expf): for the
- * elements past a row's last full vector, with the same bits as a lane of vexp. */
+/* vexp's arithmetic on one float, on every build (the scalar build's vexp is libm's expf): the bits of a
+ * lane of vexp, for the elements past a row's last full vector. (A signalling NaN comes back as it came;
+ * a lane would quiet it. No caller can tell.) */
 static inline float exp_poly(float x) {
     if (x != x) return x;
-    x = x > 88.0f ? 88.0f : x < -87.0f ? -87.0f : x;
-    const float n = nearbyintf(x * 1.44269504088896341f);   /* to nearest, ties to even (the default mode) */
+    x = x > EXP_MAX ? EXP_MAX : x < EXP_MIN ? EXP_MIN : x;
+    const float n = nearbyintf(x * EXP_LOG2E);   /* to nearest, ties to even (the default mode) */
     const float r = fmaf(n, -EXP_LN2_LO, fmaf(n, -EXP_LN2_HI, x));
     float p = exp_taylor[0];
     for (int i = 1; i < 8; i++) p = fmaf(p, r, exp_taylor[i]);
-    union { uint32_t u; float f; } two_n = {(uint32_t)((int32_t)n + 127) << 23};
-    return p * two_n.f;
+    const int32_t ni = (int32_t)n, n1 = ni >> 1, n2 = ni - n1;   /* (>> of a negative int: arithmetic in GCC) */
+    union { uint32_t u; float f; } e1 = {(uint32_t)(n1 + 127) << 23}, e2 = {(uint32_t)(n2 + 127) << 23};
+    return p * e1.f * e2.f;
 }
 
 #if VW == 16
