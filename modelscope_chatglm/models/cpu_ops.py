@@ -76,22 +76,17 @@ def _linears(block) -> tuple:
 
 
 def _takes(block, x: torch.Tensor) -> bool:
-    """Whether glm2_layers can run this block for rows x as its modules would: glm2.py's own classes (no
-    subclass, no module replaced, no forward replaced on an instance, no hooks: they would not run), its
-    four linears QuantizedLinear with int8 activations (not an adapter's wrapper), and the shapes and
-    layouts the C reads, as the modules would check them by failing."""
-    from .glm2 import MLP, GLMBlock, RMSNorm, SelfAttention   # (glm2.py imports this module)
+    """Whether glm2_layers can run this GLMBlock for rows x as its modules would: the block as glm2.py
+    writes it (GLMBlock.runs_as_written: no subclass, no module or forward replaced, no hooks, which would
+    not run), its four linears QuantizedLinear with int8 activations (not an adapter's wrapper), and the
+    shapes and layouts the C reads, as the modules would check them by failing."""
     linears = _linears(block)
     if not all(type(lin) is QuantizedLinear and lin.int8_activations and lin.weight.is_cpu
                and lin.bits == linears[0].bits for lin in linears):
         return False    # (first: a float model leaves here)
-    attn, mlp, norm1, norm2 = block.self_attention, block.mlp, block.input_layernorm, block.post_attention_layernorm
-    if not (type(block) is GLMBlock and type(attn) is SelfAttention and type(mlp) is MLP
-            and type(norm1) is RMSNorm and type(norm2) is RMSNorm):
+    if not block.runs_as_written():
         return False
-    if any(m._forward_hooks or m._forward_pre_hooks or 'forward' in vars(m)
-           for m in (block, attn, mlp, norm1, norm2, *linears)):
-        return False
+    attn, norm1, norm2 = block.self_attention, block.input_layernorm, block.post_attention_layernorm
     heads, groups, d, width = attn.num_heads, attn.num_kv_heads, attn.head_dim, x.shape[-1]
     return (applies(x, norm1.weight, norm2.weight)
             and all(n.weight.shape == (width,) and n.weight.is_contiguous() for n in (norm1, norm2))

@@ -137,6 +137,15 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
         self.mlp = MLP(cfg)
 
+    def runs_as_written(self) -> bool:
+        """Whether this block computes what this file writes: its own classes (no subclass, no module
+        replaced), no forward replaced on an instance, no hooks. cpu_ops.glm2_layers, which runs the same
+        math in C and would skip all of those, asks."""
+        if not (type(self) is GLMBlock and type(self.self_attention) is SelfAttention and type(self.mlp) is MLP
+                and type(self.input_layernorm) is RMSNorm and type(self.post_attention_layernorm) is RMSNorm):
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks or 'forward' in vars(m) for m in self.modules())
+
     def forward(self, x, cos, sin, kv):
         # The definition. block_ops.c's glm2_layers runs these modules' kernels in this order (GLM2Model.
         # forward_tokens; tests/test_block_ops.py holds it to their bits): a change here is a change there.
