@@ -29,8 +29,8 @@ from .base import linears_keep_row_bits, lm_head, ragged_logits, score_whole
 
 
 def fused_ops(*tensors: torch.Tensor):
-    """RMSNorm and RoPE as one call each for the tensors' device: Triton kernels on CUDA (triton_ops.py),
-    the compiled kernels on the CPU (cpu_ops.py); None where neither applies, and the torch code below runs.
+    """RMSNorm and RoPE (and on the CPU SwiGLU) as one call each for the tensors' device: Triton kernels on
+    CUDA (triton_ops.py), the compiled kernels on the CPU (cpu_ops.py); None where neither applies, and the torch code below runs.
     A decode step is mostly these small ops between the linears: one call each instead of a dozen."""
     if tensors[0].is_cuda:
         return optional('models.triton_ops')
@@ -123,8 +123,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.dense_h_to_4h(x)
-        if h.is_cpu and cpu_ops.applies(h):
-            return self.dense_4h_to_h(cpu_ops.swiglu(h))   # the same math, one kernel
+        if (ops := fused_ops(h)) is not None and hasattr(ops, 'swiglu'):   # (the CPU's; Triton has none)
+            return self.dense_4h_to_h(ops.swiglu(h))   # the same math, one kernel
         gate, up = h.chunk(2, dim=-1)
         return self.dense_4h_to_h(F.silu(gate) * up)
 
@@ -222,7 +222,8 @@ class GLM2Model(nn.Module):
 
     def forward_tokens(self, ids: torch.Tensor, positions: torch.Tensor, kv) -> torch.Tensor:
         """ids, positions [N] (on the model's device) of a forward's new rows -> the last block's output
-        [N, D]. Tensor operations only: with fixed shapes, the step a CUDA graph captures (engine/graphs.py)."""
+        [N, D]. Tensor operations only on a GPU: with fixed shapes, the step a CUDA graph captures
+        (engine/graphs.py). On the CPU, quantized blocks may all run in one C call (cpu_ops.glm2_layers)."""
         x = self.word_embeddings(ids[None]).to(self.dtype)   # stored as the checkpoint's fp16 when quantized
         cos, sin = self.rotary(positions[None])
         if x.is_cpu and (y := cpu_ops.glm2_layers(self.layers, x, cos, sin, kv)) is not None:
